@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# onnxruntime-gpu where an NVIDIA driver is present, else the CPU build (never both).
+ORT    ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test bench mosquitto clean
+
+$(VENV)/.installed-%: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(ORT),$(subst +,$(comma),$*)]"
+	touch $@
+
+comma := ,
+
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends mosquitto strace >/dev/null; }
+	@command -v strace >/dev/null 2>&1 || DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq strace >/dev/null || true
+
+demo: mosquitto $(VENV)/.installed-demo
+	$(VENV)/bin/tillsight demo
+
+test: mosquitto $(VENV)/.installed-dev+train+demo
+	$(VENV)/bin/pytest
+
+bench: $(VENV)/.installed-dev+train+demo
+	$(PY) benchmarks/replay_fps.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

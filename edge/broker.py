@@ -1,0 +1,81 @@
+"""A local Mosquitto broker for the demo and the tests: a real `mosquitto`
+process on a free loopback port, with its own config file, no persistence."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+MOSQUITTO_PATHS = ("mosquitto", "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
+
+class BrokerError(Exception):
+    pass
+
+
+def find_mosquitto() -> str | None:
+    for candidate in MOSQUITTO_PATHS:
+        found = shutil.which(candidate)
+        if found:
+            return found
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalBroker:
+    """`with LocalBroker() as broker:` ... `broker.port`; `stop()`/`start()` to simulate an outage."""
+
+    def __init__(self, port: int | None = None):
+        self.binary = find_mosquitto()
+        if self.binary is None:
+            raise BrokerError("mosquitto not found: install the Debian package 'mosquitto' (make demo and make test do)")
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="tillsight-mosquitto-"))
+        self.config = self.dir / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "log_dest stderr\nlog_type error\nlog_type warning\n"
+        )
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "LocalBroker":
+        self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                error = self.process.stderr.read().decode(errors="replace").strip().splitlines()
+                raise BrokerError(f"mosquitto exited at start: {error[-1] if error else 'no message'}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"mosquitto did not listen on port {self.port} within 10 s")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> "LocalBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,137 @@
+"""Capture: one reader thread per camera, with OpenCV.
+
+Live sources (a USB device index, an RTSP or HTTP stream) are read as fast
+as they deliver, so that OpenCV's buffer never holds stale frames; frames are
+passed on at most `fps_limit` per second, and when the pipeline falls behind
+the oldest waiting frame is dropped (a till wants the newest face, not a
+backlog). When a source fails or ends, the reader reconnects with
+exponential backoff. In replay mode a file is read frame by frame with no
+drops, paced by its own timestamps if asked, and ends the stream when the
+file ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import cv2
+
+from edge.config import CameraConfig
+from edge.types import CameraStatus, Frame
+
+log = logging.getLogger(__name__)
+
+END_OF_STREAM = None  # put on the queue when a replayed file has ended
+OPEN_TIMEOUT_MS = 5000
+BACKOFF_START_S = 1.0
+BACKOFF_MAX_S = 30.0
+
+
+def open_source(source: int | str) -> cv2.VideoCapture:
+    """Open a device index, stream URL or file; the caller checks isOpened()."""
+    params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, OPEN_TIMEOUT_MS]
+    if isinstance(source, int):
+        return cv2.VideoCapture(source, cv2.CAP_ANY, params)
+    return cv2.VideoCapture(source, cv2.CAP_FFMPEG, params)
+
+
+class CameraReader(threading.Thread):
+    def __init__(self, camera: CameraConfig, frames: queue.Queue, stop: threading.Event,
+                 replay: bool = False, realtime: bool = False):
+        super().__init__(name=f"capture-{camera.id}", daemon=True)
+        self.camera = camera
+        self.frames = frames
+        self.stop_event = stop
+        self.replay = replay
+        self.realtime = realtime
+        self.fps_limit = camera.fps_limit
+        self.status = CameraStatus(camera.id)
+        self._backoff = BACKOFF_START_S
+
+    def _set_state(self, state: str, error: str | None = None) -> None:
+        if state != self.status.state:
+            level = logging.WARNING if state in ("reconnecting", "failed") else logging.INFO
+            log.log(level, "camera %s", state, extra={"camera": self.camera.id, "error": error})
+        self.status.state = state
+        if error is not None:
+            self.status.last_error = error
+
+    def run(self) -> None:
+        try:
+            while not self.stop_event.is_set():
+                capture = open_source(self.camera.source)
+                if not capture.isOpened():
+                    if self._give_up(f"cannot open source {self.camera.source!r}"):
+                        return
+                    continue
+                ended = self._read(capture)
+                capture.release()
+                if ended:
+                    return
+                if self._give_up(f"source {self.camera.source!r} stopped delivering frames"):
+                    return
+        finally:
+            if self.replay:
+                self._put(END_OF_STREAM)
+
+    def _give_up(self, error: str) -> bool:
+        """After a failure: True to stop for good (replay), else wait and retry."""
+        if self.replay:
+            self._set_state("failed", error)
+            return True
+        self._set_state("reconnecting", error)
+        self.status.reconnects += 1
+        self.stop_event.wait(self._backoff)
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+        return self.stop_event.is_set()
+
+    def _read(self, capture: cv2.VideoCapture) -> bool:
+        """Read until the source fails; True if it ended cleanly (replayed file)."""
+        started = time.time()
+        last_emitted = None
+        index = 0
+        while not self.stop_event.is_set():
+            ok, image = capture.read()
+            if not ok or image is None:
+                if self.replay and index > 0:
+                    self._set_state("ended")
+                    return True
+                return False
+            if index == 0:
+                self._set_state("online")
+                self._backoff = BACKOFF_START_S
+            media_t = (capture.get(cv2.CAP_PROP_POS_MSEC) / 1000.0) if self.camera.is_file else None
+            now = started + media_t if media_t is not None and self.replay else time.time()
+            index += 1
+            if self.fps_limit and last_emitted is not None and now - last_emitted < 0.999 / self.fps_limit:
+                continue
+            last_emitted = now
+            if self.realtime and media_t is not None:
+                delay = started + media_t - time.time()
+                if delay > 0:
+                    self.stop_event.wait(delay)
+            self.status.frames += 1
+            self._put(Frame(self.camera.id, index - 1, now, image))
+        return True
+
+    def _put(self, item: Frame | None) -> None:
+        if self.replay:  # every frame matters: wait for the pipeline
+            while True:
+                try:
+                    self.frames.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    if self.stop_event.is_set():
+                        return
+        try:
+            self.frames.put_nowait(item)
+        except queue.Full:  # live: the newest frame wins
+            try:
+                self.frames.get_nowait()
+                self.status.extra["dropped"] = self.status.extra.get("dropped", 0) + 1
+            except queue.Empty:
+                pass
+            self.frames.put_nowait(item)

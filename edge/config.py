@@ -1,0 +1,245 @@
+"""The daemon's configuration: one TOML file validated into one typed schema.
+
+`load_config` raises ConfigError carrying every problem as a line
+`path.to.key: what is wrong`, which `tillsight config check` prints.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal, Union
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edge.detect import DEFAULT_VARIANT, VARIANTS
+
+SHIPPED_AGE_MODEL = Path(__file__).parent / "models" / "age.onnx"
+URL_SCHEMES = ("rtsp", "rtsps", "http", "https")
+NAME = r"^[A-Za-z0-9_-]{1,64}$"  # ids become MQTT topic levels: no '/', '+', '#'
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+
+class CameraConfig(Strict):
+    id: Annotated[str, Field(pattern=NAME)]
+    source: Union[Annotated[int, Field(ge=0, strict=True)], str]
+    fps_limit: Annotated[float, Field(gt=0, le=120)] | None = 5.0  # None: every frame
+
+    @field_validator("source")
+    @classmethod
+    def check_source(cls, value: int | str) -> int | str:
+        if isinstance(value, int):
+            return value
+        if "://" in value:
+            url = urlsplit(value)
+            if url.scheme.lower() not in URL_SCHEMES:
+                raise ValueError(f"URL scheme {url.scheme!r} not supported (use {', '.join(URL_SCHEMES)})")
+            if not url.hostname:
+                raise ValueError(f"URL {value!r} has no host")
+            return value
+        if not Path(value).is_file():
+            raise ValueError(f"video file {value!r} not found (a device is an integer index, a stream an rtsp:// or http:// URL)")
+        return value
+
+    @property
+    def is_file(self) -> bool:
+        return isinstance(self.source, str) and "://" not in self.source
+
+
+class TlsConfig(Strict):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False  # skip hostname check; for test brokers only
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {str(value)!r} not found")
+        return value
+
+
+class MqttConfig(Strict):
+    host: Annotated[str, Field(min_length=1)] = "localhost"
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    tls: TlsConfig | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    client_id: Annotated[str, Field(pattern=NAME)] | None = None
+    qos: Literal[0, 1, 2] = 1
+    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = "tillsight"
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    max_queued_messages: Annotated[int, Field(ge=100)] = 100_000
+
+    @field_validator("password_file")
+    @classmethod
+    def password_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"file {str(value)!r} not found")
+        return value
+
+    @model_validator(mode="after")
+    def password_needs_user(self) -> "MqttConfig":
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file is set but username is not")
+        return self
+
+
+class ModelsConfig(Strict):
+    detector: Path | None = None  # None: the converted BlazeFace that ships in edge/models
+    detector_variant: Literal[tuple(VARIANTS)] = DEFAULT_VARIANT  # type: ignore[valid-type]
+    detector_score: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    min_face_px: Annotated[float, Field(ge=0)] = 24.0
+    age_model: Path | None = None  # None: the model that ships in edge/models, if any
+    providers: list[Literal["cuda", "tensorrt", "cpu"]] = ["cuda", "cpu"]
+    max_batch: Annotated[int, Field(ge=1, le=256)] = 32
+    max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 10.0
+
+    @field_validator("detector", "age_model")
+    @classmethod
+    def model_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"model file {str(value)!r} not found")
+        return value
+
+    @property
+    def age_model_path(self) -> Path:
+        return self.age_model or SHIPPED_AGE_MODEL
+
+
+class PolicyConfig(Strict):
+    challenge_age: Annotated[float, Field(gt=0, le=100)] = 25.0
+    min_samples: Annotated[int, Field(ge=1, le=1000)] = 3  # per-frame ages before a track is judged
+
+
+class TrackingConfig(Strict):
+    iou_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    lost_after_s: Annotated[float, Field(gt=0)] = 1.5  # a track unseen this long has left the till
+    max_samples: Annotated[int, Field(ge=1)] = 100
+    estimate_interval_s: Annotated[float, Field(ge=0)] = 1.0  # at most one estimate message per track per interval
+
+
+class LoggingConfig(Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class Config(Strict):
+    store_id: Annotated[str, Field(pattern=NAME)]
+    daemon_id: Annotated[str, Field(pattern=NAME)] | None = None  # default: the host name
+    cameras: Annotated[list[CameraConfig], Field(min_length=1)]
+    mqtt: MqttConfig = MqttConfig()
+    models: ModelsConfig = ModelsConfig()
+    policy: PolicyConfig = PolicyConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    logging: LoggingConfig = LoggingConfig()
+    status_interval_s: Annotated[float, Field(gt=0)] = 30.0
+
+    @field_validator("cameras")
+    @classmethod
+    def unique_ids(cls, cameras: list[CameraConfig]) -> list[CameraConfig]:
+        ids = [c.id for c in cameras]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"camera ids must be unique, repeated: {', '.join(duplicates)}")
+        return cameras
+
+
+_UNION_TAGS = {"int", "str", "constrained-int", "constrained-str"}
+
+
+def _where(loc: tuple) -> str:
+    # Drop pydantic's union-branch names (e.g. 'int', 'str', 'function-after[...]').
+    parts = [str(p) for p in loc if not (isinstance(p, str) and p in _UNION_TAGS or str(p).startswith("function-"))]
+    return ".".join(parts) or "(top level)"
+
+
+def _message(error: dict) -> str:
+    msg = error["msg"]
+    msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    if error["type"] == "missing":
+        return "required key is missing"
+    if error["type"] == "string_pattern_mismatch" and error["ctx"]["pattern"] == NAME:
+        return "must be 1 to 64 letters, digits, '_' or '-' (it becomes an MQTT topic level)"
+    if len(msg) > 1 and msg[1].islower():
+        msg = msg[0].lower() + msg[1:]
+    return msg
+
+
+def problems_from(exc: ValidationError) -> list[str]:
+    lines: dict[str, None] = {}
+    errors = exc.errors()
+    # A union (camera source) reports one error per branch: keep the most specific.
+    for error in errors:
+        if error["type"] in ("int_type", "string_type") and any(
+            e["loc"][: len(error["loc"]) - 1] == error["loc"][:-1] and e is not error for e in errors
+        ):
+            continue
+        lines[f"{_where(error['loc'])}: {_message(error)}"] = None
+    return list(lines)
+
+
+def parse_config(data: dict, base_dir: Path | None = None) -> Config:
+    """Validate a TOML document; relative paths are taken from base_dir."""
+    if base_dir is not None:
+        data = _resolve_paths(data, base_dir)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(problems_from(exc)) from None
+
+
+def load_config(path: Path | str, cameras: list[dict] | None = None) -> Config:
+    """Read and validate a config file; `cameras` replaces its cameras (replay)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: config file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read config file ({exc})"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    if cameras is not None:
+        data["cameras"] = cameras
+    return parse_config(data, path.parent)
+
+
+_PATH_KEYS = {("models", "detector"), ("models", "age_model"), ("mqtt", "password_file"),
+              ("mqtt", "tls", "ca_file"), ("mqtt", "tls", "cert_file"), ("mqtt", "tls", "key_file")}
+
+
+def _resolve_paths(data: dict, base_dir: Path) -> dict:
+    """Relative file paths in a config file are relative to that file, not to the cwd."""
+    return _resolve(data, base_dir, ())
+
+
+def _resolve(node, base_dir: Path, where: tuple):
+    if isinstance(node, dict):
+        return {k: _resolve(v, base_dir, where + (k,)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve(v, base_dir, where + (str(i),)) for i, v in enumerate(node)]
+    if isinstance(node, str) and node and (where in _PATH_KEYS or _is_camera_file(where, node)):
+        path = Path(node).expanduser()
+        return str(path if path.is_absolute() else base_dir / path)
+    return node
+
+
+def _is_camera_file(where: tuple, value: str) -> bool:
+    return len(where) == 3 and where[0] == "cameras" and where[2] == "source" and "://" not in value

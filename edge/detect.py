@@ -1,0 +1,181 @@
+"""Face detection: MediaPipe BlazeFace converted to ONNX, run with ONNX Runtime.
+
+The network gives, per SSD anchor, a box (centre, size) and six keypoints as
+offsets in input pixels, plus one logit. We letterbox the frame into the
+square input, decode against the anchors, keep scores above a threshold,
+merge overlapping boxes with MediaPipe's weighted NMS and map back to frame
+pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge.runtime import open_session
+from edge.types import Face
+
+MODELS_DIR = Path(__file__).parent / "models"
+
+
+@dataclass(frozen=True)
+class BlazeFaceVariant:
+    """Anchor layout of one BlazeFace model (MediaPipe's ssd_anchors options)."""
+
+    name: str
+    tflite_name: str
+    input_size: int
+    strides: tuple[int, ...]
+    anchors_per_cell: tuple[int, ...]  # per distinct stride, in order
+
+    @property
+    def onnx_path(self) -> Path:
+        return MODELS_DIR / f"blazeface_{self.name}.onnx"
+
+
+# From mediapipe/modules/face_detection/*.pbtxt. The full-range model has one
+# dense stride-4 layer (48x48 anchors), made for faces further from the camera.
+VARIANTS = {
+    "short_range": BlazeFaceVariant("short_range", "face_detection_short_range.tflite", 128, (8, 16), (2, 6)),
+    "full_range": BlazeFaceVariant("full_range", "face_detection_full_range.tflite", 192, (4,), (1,)),
+    "back": BlazeFaceVariant("back", "face_detection_back.tflite", 256, (16, 32), (2, 6)),
+}
+DEFAULT_VARIANT = "full_range"
+
+# MediaPipe clips logits at +-100; 80 keeps exp() finite in float32.
+_RAW_SCORE_LIMIT = 80.0
+
+
+def generate_anchors(variant: BlazeFaceVariant) -> np.ndarray:
+    """Anchor centres, (N, 2) normalised to [0, 1], in the network's output order."""
+    centres = []
+    for stride, repeats in zip(variant.strides, variant.anchors_per_cell):
+        cells = variant.input_size // stride
+        ys, xs = np.mgrid[0:cells, 0:cells]
+        grid = np.stack([(xs + 0.5) / cells, (ys + 0.5) / cells], axis=-1).reshape(-1, 2)
+        centres.append(np.repeat(grid, repeats, axis=0))
+    return np.concatenate(centres).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How a frame was fitted into the square network input."""
+
+    scale: float
+    pad_x: float
+    pad_y: float
+
+
+def letterbox(image_bgr: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
+    """Resize keeping aspect ratio, pad to size x size, RGB float in [-1, 1]."""
+    h, w = image_bgr.shape[:2]
+    scale = min(size / w, size / h)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    resized = cv2.resize(image_bgr, (new_w, new_h), interpolation=cv2.INTER_AREA)
+    pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
+    canvas = np.zeros((size, size, 3), np.uint8)
+    canvas[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = resized
+    rgb = cv2.cvtColor(canvas, cv2.COLOR_BGR2RGB).astype(np.float32)
+    return rgb / 127.5 - 1.0, Letterbox(scale, pad_x, pad_y)
+
+
+def decode(raw_boxes: np.ndarray, raw_scores: np.ndarray, anchors: np.ndarray, input_size: int):
+    """Raw outputs (N, 16) and (N,) -> boxes (N, 4) x0y0x1y1, keypoints (N, 6, 2), scores (N,).
+
+    Coordinates are in network-input pixels.
+    """
+    points = raw_boxes.reshape(-1, 8, 2).astype(np.float32)
+    anchor_px = anchors * input_size
+    centre = points[:, 0] + anchor_px
+    half = points[:, 1] / 2
+    boxes = np.concatenate([centre - half, centre + half], axis=1)
+    keypoints = points[:, 2:] + anchor_px[:, None, :]
+    scores = 1.0 / (1.0 + np.exp(-np.clip(raw_scores.reshape(-1), -_RAW_SCORE_LIMIT, _RAW_SCORE_LIMIT)))
+    return boxes, keypoints, scores
+
+
+def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one x0y0x1y1 box against many."""
+    x0 = np.maximum(box[0], boxes[:, 0])
+    y0 = np.maximum(box[1], boxes[:, 1])
+    x1 = np.minimum(box[2], boxes[:, 2])
+    y1 = np.minimum(box[3], boxes[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / np.maximum(area + areas - inter, 1e-9)
+
+
+def weighted_nms(boxes, keypoints, scores, iou_threshold: float):
+    """MediaPipe's weighted NMS: each cluster of overlapping candidates becomes
+    one detection whose box and keypoints are the score-weighted mean of the
+    cluster and whose score is the best in it. More stable frame to frame than
+    plain NMS, which the tracker and the eye alignment both like."""
+    order = np.argsort(-scores)
+    boxes, keypoints, scores = boxes[order], keypoints[order], scores[order]
+    remaining = np.ones(len(scores), bool)
+    kept = []
+    for i in range(len(scores)):
+        if not remaining[i]:
+            continue
+        cluster = remaining & (iou(boxes[i], boxes) > iou_threshold)
+        cluster[i] = True
+        weights = scores[cluster][:, None]
+        box = (boxes[cluster] * weights).sum(0) / weights.sum()
+        kps = (keypoints[cluster] * weights[:, :, None]).sum(0) / weights.sum()
+        kept.append((box, kps, float(scores[i])))
+        remaining &= ~cluster
+    return kept
+
+
+class FaceDetector:
+    """BlazeFace through ONNX Runtime; call it with a BGR frame."""
+
+    def __init__(
+        self,
+        model_path: Path | None = None,
+        variant: str = DEFAULT_VARIANT,
+        score_threshold: float = 0.5,
+        iou_threshold: float = 0.3,
+        min_face_px: float = 20.0,
+        providers: list[str] | None = None,
+    ):
+        self.variant = VARIANTS[variant]
+        self.session = open_session(model_path or self.variant.onnx_path, providers, "face detector")
+        self.input_name = self.session.get_inputs()[0].name
+        self.anchors = generate_anchors(self.variant)
+        outputs = self.session.get_outputs()
+        if outputs[0].shape[1] != len(self.anchors):
+            raise ValueError(
+                f"face detector {model_path}: {outputs[0].shape[1]} anchors in the model, "
+                f"{len(self.anchors)} expected for variant {variant}"
+            )
+        self.score_threshold = score_threshold
+        self.iou_threshold = iou_threshold
+        self.min_face_px = min_face_px
+
+    def __call__(self, image_bgr: np.ndarray) -> list[Face]:
+        size = self.variant.input_size
+        tensor, lb = letterbox(image_bgr, size)
+        raw_boxes, raw_scores = self.session.run(None, {self.input_name: tensor[None]})
+        boxes, keypoints, scores = decode(raw_boxes[0], raw_scores[0], self.anchors, size)
+        keep = (scores >= self.score_threshold) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        faces = []
+        for box, kps, score in weighted_nms(boxes[keep], keypoints[keep], scores[keep], self.iou_threshold):
+            face = _to_frame_pixels(box, kps, score, lb, image_bgr.shape)
+            if min(face.width, face.height) >= self.min_face_px:
+                faces.append(face)
+        return faces
+
+
+def _to_frame_pixels(box, keypoints, score, lb: Letterbox, shape) -> Face:
+    h, w = shape[:2]
+    offset = np.array([lb.pad_x, lb.pad_y], np.float32)
+    (x0, y0), (x1, y1) = (box[:2] - offset) / lb.scale, (box[2:] - offset) / lb.scale
+    eyes = (keypoints[:2] - offset) / lb.scale
+    left, right = sorted(map(tuple, eyes.tolist()))  # by x: image left first
+    clipped = (max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1))
+    return Face(tuple(float(v) for v in clipped), score, left, right)

@@ -1,0 +1,141 @@
+"""Age inference: one ONNX Runtime session, fed in batches gathered from all cameras.
+
+Every camera pipeline submits the crops of one frame and waits on a Future.
+One worker thread gathers requests into a batch until it is full
+(`max_batch` crops), every registered camera has a request waiting, or
+`max_wait_ms` has passed since the first one, then runs a single session
+call. Batching is what makes a GPU worth having at a multi-till site.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge.contract import SPREAD_OUTPUT, AgeModelInfo, ContractError, read_contract
+from edge.runtime import ModelError, open_session
+from edge.types import AgeEstimate
+
+log = logging.getLogger(__name__)
+
+
+class AgeModel:
+    """An ONNX age model that follows `edge.contract`."""
+
+    def __init__(self, path: Path | str, providers: list[str] | None = None):
+        self.path = Path(path)
+        self.session = open_session(self.path, providers, "age")
+        try:
+            self.info: AgeModelInfo = read_contract(self.session)
+        except ContractError as exc:
+            raise ModelError(f"age model {self.path} breaks the model contract: {exc}") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [self.session.get_outputs()[0].name] + ([SPREAD_OUTPUT] if self.info.has_spread else [])
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers ONNX Runtime really uses, not the ones we asked for."""
+        return self.session.get_providers()
+
+    def predict(self, crops: np.ndarray) -> list[AgeEstimate]:
+        """crops: uint8 or float [N, S, S, 3] RGB."""
+        if len(crops) == 0:
+            return []
+        step = self.info.fixed_batch or len(crops)
+        results: list[AgeEstimate] = []
+        for start in range(0, len(crops), step):
+            chunk = crops[start : start + step].astype(np.float32)
+            if self.info.fixed_batch and len(chunk) < step:  # pad a fixed-batch model's last call
+                chunk = np.concatenate([chunk, np.zeros((step - len(chunk),) + chunk.shape[1:], np.float32)])
+            outputs = self.session.run(self.output_names, {self.input_name: chunk})
+            ages = np.asarray(outputs[0], np.float32).reshape(len(chunk), -1)[:, 0]
+            spreads = np.asarray(outputs[1], np.float32).reshape(len(chunk), -1)[:, 0] if len(outputs) > 1 else None
+            n = min(step, len(crops) - start)
+            for i in range(n):
+                results.append(AgeEstimate(float(ages[i]), None if spreads is None else float(spreads[i])))
+        return results
+
+
+@dataclass
+class _Request:
+    crops: np.ndarray
+    future: Future
+    submitted: float
+
+
+@dataclass
+class BatchStats:
+    calls: int = 0
+    crops: int = 0
+    max_batch_seen: int = 0
+
+
+class AgeBatcher:
+    """Gathers crops from several camera threads into batched `AgeModel` calls."""
+
+    def __init__(self, model: AgeModel, max_batch: int = 32, max_wait_ms: float = 10.0, producers: int = 1):
+        self.model = model
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000
+        self.producers = max(1, producers)
+        self.stats = BatchStats()
+        self._requests: queue.Queue[_Request | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="age-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, crops: np.ndarray) -> Future:
+        future: Future = Future()
+        if len(crops) == 0:
+            future.set_result([])
+        else:
+            self._requests.put(_Request(crops, future, time.monotonic()))
+        return future
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._thread.join(timeout=10)
+
+    def _gather(self, first: _Request) -> tuple[list[_Request], bool]:
+        batch, count = [first], len(first.crops)
+        deadline = first.submitted + self.max_wait_s
+        while count < self.max_batch and len(batch) < self.producers:
+            try:
+                request = self._requests.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if request is None:
+                return batch, True
+            batch.append(request)
+            count += len(request.crops)
+        return batch, False
+
+    def _run(self) -> None:
+        closing = False
+        while not closing:
+            first = self._requests.get()
+            if first is None:
+                break
+            batch, closing = self._gather(first)
+            crops = np.concatenate([r.crops for r in batch])
+            try:
+                estimates = [e for s in range(0, len(crops), self.max_batch)
+                             for e in self.model.predict(crops[s : s + self.max_batch])]
+            except Exception as exc:  # a failing model must not hang the cameras waiting on it
+                log.error("age inference failed", extra={"error": str(exc).splitlines()[0]})
+                for r in batch:
+                    r.future.set_exception(exc)
+                continue
+            self.stats.calls += 1
+            self.stats.crops += len(crops)
+            self.stats.max_batch_seen = max(self.stats.max_batch_seen, min(len(crops), self.max_batch))
+            start = 0
+            for r in batch:
+                r.future.set_result(estimates[start : start + len(r.crops)])
+                start += len(r.crops)

@@ -1,0 +1,184 @@
+"""MQTT publishing with paho-mqtt 2.x (callback API v2).
+
+Topics, under `<prefix>/<store_id>/`:
+    <daemon_id>/status      retained, QoS 1; last will {"state": "offline"}
+    <camera_id>/estimate    one per track: updates, then a final one
+    <camera_id>/alert       QoS 1: the customer needs an ID check
+Payloads are JSON with "schema": 1 and never any image data.
+
+paho keeps QoS>0 messages queued while the broker is away and re-sends them
+on reconnect, so a broker restart loses nothing as long as the queue
+(`max_queued_messages`) does not overflow; overflow is counted and logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import threading
+import time
+from datetime import datetime, timezone
+
+import paho.mqtt.client as mqtt
+
+from edge import __version__
+from edge.config import MqttConfig
+from edge.types import TrackEstimate
+
+log = logging.getLogger(__name__)
+SCHEMA = 1
+
+
+def utc_iso(timestamp: float | None = None) -> str:
+    moment = datetime.fromtimestamp(time.time() if timestamp is None else timestamp, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def estimate_payload(store_id: str, est: TrackEstimate, final: bool) -> dict:
+    return {
+        "schema": SCHEMA,
+        "store": store_id,
+        "camera": est.camera_id,
+        "track": est.track_id,
+        "age": round(est.age, 1),
+        "spread": round(est.spread, 1),
+        "samples": est.samples,
+        "final": final,
+        "first_seen": utc_iso(est.first_seen),
+        "last_seen": utc_iso(est.last_seen),
+        "face": {"box": [round(v) for v in est.box], "score": round(est.face_score, 3)},
+    }
+
+
+def alert_payload(store_id: str, est: TrackEstimate, challenge_age: float) -> dict:
+    return {
+        "schema": SCHEMA,
+        "store": store_id,
+        "camera": est.camera_id,
+        "track": est.track_id,
+        "alert": "age_check",
+        "challenge_age": challenge_age,
+        "age": round(est.age, 1),
+        "spread": round(est.spread, 1),
+        "samples": est.samples,
+        "time": utc_iso(est.last_seen),
+    }
+
+
+class Publisher:
+    def __init__(self, cfg: MqttConfig, store_id: str, daemon_id: str):
+        self.cfg = cfg
+        self.store_id = store_id
+        self.daemon_id = daemon_id
+        self.base = f"{cfg.topic_prefix}/{store_id}"
+        self.status_topic = f"{self.base}/{daemon_id}/status"
+        self.connected = threading.Event()
+        self.dropped = 0
+        self._pending: set[int] = set()  # mids of QoS>0 messages the broker has not acknowledged
+        self._acked_early: set[int] = set()  # acks that raced ahead of publish() returning
+        self._lock = threading.Lock()
+        self._status: dict = {"state": "online"}
+        self.client = self._make_client()
+
+    def _make_client(self) -> mqtt.Client:
+        cfg = self.cfg
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cfg.client_id or f"tillsight-{self.daemon_id}",
+                             protocol=mqtt.MQTTv311)
+        client.max_queued_messages_set(cfg.max_queued_messages)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.will_set(self.status_topic, json.dumps(self._status_body("offline")), qos=1, retain=True)
+        if cfg.username is not None:
+            password = cfg.password_file.read_text().strip() if cfg.password_file else None
+            client.username_pw_set(cfg.username, password)
+        if cfg.tls is not None:
+            client.tls_set(ca_certs=_s(cfg.tls.ca_file), certfile=_s(cfg.tls.cert_file),
+                           keyfile=_s(cfg.tls.key_file), cert_reqs=ssl.CERT_REQUIRED)
+            client.tls_insecure_set(cfg.tls.insecure)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        return client
+
+    def start(self) -> None:
+        # connect_async + loop_start: the daemon runs (and queues) while the broker is down.
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        self.client.loop_start()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("MQTT broker refused connection", extra={"reason": str(reason_code)})
+            return
+        log.info("MQTT connected", extra={"host": self.cfg.host, "port": self.cfg.port})
+        self.connected.set()
+        # The will may have fired while we were away: say we are back.
+        self.publish_status(self._status)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if reason_code != 0:
+            log.warning("MQTT connection lost, reconnecting", extra={"reason": str(reason_code)})
+
+    def _status_body(self, state: str, **fields) -> dict:
+        return {"schema": SCHEMA, "store": self.store_id, "daemon": self.daemon_id, "state": state,
+                "version": __version__, **fields}
+
+    def publish_status(self, status: dict) -> None:
+        """Publish now if connected; otherwise on_connect publishes the latest status."""
+        self._status = status
+        if not self.connected.is_set():
+            return
+        body = self._status_body(status.get("state", "online"), **{k: v for k, v in status.items() if k != "state"})
+        body["time"] = utc_iso()
+        self._publish(self.status_topic, body, qos=1, retain=True)
+
+    def publish_estimate(self, est: TrackEstimate, final: bool) -> None:
+        self._publish(f"{self.base}/{est.camera_id}/estimate", estimate_payload(self.store_id, est, final), self.cfg.qos)
+
+    def publish_alert(self, est: TrackEstimate, challenge_age: float) -> None:
+        self._publish(f"{self.base}/{est.camera_id}/alert", alert_payload(self.store_id, est, challenge_age), qos=1)
+
+    def _publish(self, topic: str, body: dict, qos: int, retain: bool = False) -> None:
+        info = self.client.publish(topic, json.dumps(body, separators=(",", ":")), qos=qos, retain=retain)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            self.dropped += 1
+            log.error("MQTT queue full, message dropped", extra={"topic": topic, "dropped": self.dropped})
+            return
+        if qos > 0:  # queued even while disconnected (rc NO_CONN): paho sends it on reconnect
+            with self._lock:
+                if info.mid in self._acked_early:
+                    self._acked_early.discard(info.mid)
+                else:
+                    self._pending.add(info.mid)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._lock:
+            if mid in self._pending:
+                self._pending.discard(mid)
+            else:
+                self._acked_early.add(mid)
+
+    def unacknowledged(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def wait_for_delivery(self, timeout_s: float) -> bool:
+        """Wait until the broker has acknowledged every QoS>0 message."""
+        deadline = time.monotonic() + timeout_s
+        while self.unacknowledged():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def stop(self, final_status: dict, timeout_s: float = 10.0) -> bool:
+        """Clean shutdown: retained 'offline' status, wait for acks, disconnect."""
+        self.publish_status({**final_status, "state": "offline"})
+        delivered = self.wait_for_delivery(timeout_s)
+        self.client.disconnect()
+        self.client.loop_stop()
+        return delivered
+
+
+def _s(path) -> str | None:
+    return None if path is None else str(path)

@@ -1,0 +1,187 @@
+"""The service: wires capture -> detect -> crop -> batched age -> track -> policy -> publish.
+
+Per camera: a reader thread (edge.capture) and a pipeline thread (here).
+All pipelines share one detector session and one `AgeBatcher`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge.capture import END_OF_STREAM, CameraReader
+from edge.config import CameraConfig, Config
+from edge.crop import crop_face
+from edge.detect import FaceDetector
+from edge.infer import AgeBatcher, AgeModel
+from edge.policy import needs_id_check
+from edge.publish import Publisher
+from edge.track import FaceTracker, Track
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineStats:
+    frames: int = 0
+    frames_with_faces: int = 0
+    faces: int = 0
+    tracks: int = 0
+    estimates: int = 0
+    alerts: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+class CameraPipeline(threading.Thread):
+    """Frames of one camera through detection, age, tracking, policy and publishing."""
+
+    def __init__(self, camera: CameraConfig, config: Config, frames: queue.Queue, detector: FaceDetector,
+                 detector_lock: threading.Lock, batcher: AgeBatcher, publisher: Publisher, stop: threading.Event):
+        super().__init__(name=f"pipeline-{camera.id}", daemon=True)
+        self.camera = camera
+        self.config = config
+        self.frames = frames
+        self.detector = detector
+        self.detector_lock = detector_lock
+        self.batcher = batcher
+        self.publisher = publisher
+        self.stop_event = stop
+        self.tracker = FaceTracker(camera.id, config.tracking.iou_threshold, config.tracking.lost_after_s,
+                                   config.tracking.max_samples)
+        self.stats = PipelineStats()
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    frame = self.frames.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if frame is END_OF_STREAM:
+                    break
+                self._process(frame)
+            self._finish_tracks(self.tracker.end_all())
+        except Exception as exc:  # keep the daemon's other cameras alive, and say why this one stopped
+            self.stats.errors.append(f"{type(exc).__name__}: {exc}")
+            log.exception("camera pipeline failed", extra={"camera": self.camera.id})
+        finally:
+            self.finished.set()
+
+    def _process(self, frame) -> None:
+        with self.detector_lock:  # one ONNX session; calls from several threads would serialise anyway
+            faces = self.detector(frame.image)
+        self.stats.frames += 1
+        if faces:
+            self.stats.frames_with_faces += 1
+            self.stats.faces += len(faces)
+        model_info = self.batcher.model.info
+        crops = np.stack([crop_face(frame.image, f, model_info.input_size, model_info.crop_margin) for f in faces]) \
+            if faces else np.empty((0,))
+        ages = self.batcher.submit(crops).result(timeout=60) if faces else []
+        ended = self.tracker.update(frame.timestamp, list(zip(faces, ages)))
+        for track in self.tracker.tracks:
+            self._judge(track, frame.timestamp)
+        self._finish_tracks(ended)
+
+    def _judge(self, track: Track, now: float) -> None:
+        if len(track.ages) < self.config.policy.min_samples:
+            return
+        estimate = track.estimate()
+        if not track.alerted and needs_id_check(estimate, self.config.policy.challenge_age,
+                                                self.config.policy.min_samples):
+            track.alerted = True
+            self.stats.alerts += 1
+            self.publisher.publish_alert(estimate, self.config.policy.challenge_age)
+        interval = self.config.tracking.estimate_interval_s
+        if track.last_published is None or now - track.last_published >= interval:
+            track.last_published = now
+            self.stats.estimates += 1
+            self.publisher.publish_estimate(estimate, final=False)
+
+    def _finish_tracks(self, ended: list[Track]) -> None:
+        for track in ended:
+            if len(track.ages) < self.config.policy.min_samples:
+                continue  # a glimpse, not a customer
+            self._judge(track, track.last_seen)
+            self.stats.tracks += 1
+            self.stats.estimates += 1
+            self.publisher.publish_estimate(track.estimate(), final=True)
+
+
+class Service:
+    """Everything the daemon runs; `replay` mode ends when every file source has ended."""
+
+    def __init__(self, config: Config, replay: bool = False, realtime: bool = False):
+        self.config = config
+        self.replay = replay
+        self.stop_event = threading.Event()
+        self.daemon_id = config.daemon_id or _hostname_id()
+        models = config.models
+        self.detector = FaceDetector(models.detector, models.detector_variant, models.detector_score,
+                                     min_face_px=models.min_face_px, providers=models.providers)
+        self.age_model = AgeModel(models.age_model_path, models.providers)
+        log.info("execution providers", extra={"age_model": self.age_model.providers,
+                                               "detector": self.detector.session.get_providers()})
+        self.batcher = AgeBatcher(self.age_model, models.max_batch, models.max_wait_ms, producers=len(config.cameras))
+        self.publisher = Publisher(config.mqtt, config.store_id, self.daemon_id)
+        detector_lock = threading.Lock()
+        self.readers, self.pipelines = [], []
+        for camera in config.cameras:
+            frames: queue.Queue = queue.Queue(maxsize=8 if replay else 2)
+            self.readers.append(CameraReader(camera, frames, self.stop_event, replay, realtime))
+            self.pipelines.append(CameraPipeline(camera, config, frames, self.detector, detector_lock,
+                                                 self.batcher, self.publisher, self.stop_event))
+
+    def status(self) -> dict:
+        return {
+            "state": "online",
+            "provider": self.age_model.providers[0],
+            "cameras": {r.camera.id: {"state": r.status.state, "frames": r.status.frames,
+                                      "reconnects": r.status.reconnects, "last_error": r.status.last_error}
+                        for r in self.readers},
+        }
+
+    def start(self) -> None:
+        self.publisher.publish_status(self.status())  # sent by on_connect once the broker is there
+        self.publisher.start()
+        for thread in self.pipelines + self.readers:
+            thread.start()
+
+    def run_until_stopped(self) -> None:
+        """Publish status periodically until stop() is called (or, in replay, the files end)."""
+        last_status = time.monotonic()
+        while not self.stop_event.is_set():
+            if self.replay and all(p.finished.is_set() for p in self.pipelines):
+                break
+            self.stop_event.wait(0.1)
+            if time.monotonic() - last_status >= self.config.status_interval_s:
+                last_status = time.monotonic()
+                self.publisher.publish_status(self.status())
+
+    def stop(self, delivery_timeout_s: float = 10.0) -> bool:
+        """Stop threads, publish the retained offline status, wait for acks. True if all delivered."""
+        self.stop_event.set()
+        for thread in self.readers + self.pipelines:
+            thread.join(timeout=5)
+        self.batcher.close()
+        return self.publisher.stop(self.status(), delivery_timeout_s)
+
+    def stats(self) -> dict:
+        totals = PipelineStats()
+        for p in self.pipelines:
+            for key in ("frames", "frames_with_faces", "faces", "tracks", "estimates", "alerts"):
+                setattr(totals, key, getattr(totals, key) + getattr(p.stats, key))
+            totals.errors += p.stats.errors
+        return totals.__dict__
+
+
+def _hostname_id() -> str:
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:64]
+    return name or "tillsight"

@@ -1,0 +1,68 @@
+"""The small typed records that flow between the pipeline stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded BGR frame from a camera (OpenCV's channel order)."""
+
+    camera_id: str
+    index: int
+    timestamp: float  # seconds; wall clock for live sources, media time for files
+    image: np.ndarray
+
+
+@dataclass(frozen=True)
+class Face:
+    """A detected face in frame pixel coordinates."""
+
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1
+    score: float
+    left_eye: tuple[float, float]  # the eye on the left of the image
+    right_eye: tuple[float, float]
+
+    @property
+    def width(self) -> float:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height(self) -> float:
+        return self.box[3] - self.box[1]
+
+
+@dataclass(frozen=True)
+class AgeEstimate:
+    """What the age model said about one crop."""
+
+    age: float
+    spread: float | None = None  # model's own standard deviation, if it gives one
+
+
+@dataclass
+class TrackEstimate:
+    """A track's fused age: what is published per customer."""
+
+    camera_id: str
+    track_id: int
+    age: float
+    spread: float
+    samples: int
+    first_seen: float
+    last_seen: float
+    box: tuple[float, float, float, float]
+    face_score: float
+
+
+@dataclass
+class CameraStatus:
+    camera_id: str
+    state: str = "starting"  # starting | online | reconnecting | ended | failed
+    frames: int = 0
+    reconnects: int = 0
+    last_error: str | None = None
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,89 @@
+import cv2
+import numpy as np
+import pytest
+
+from edge.detect import VARIANTS, FaceDetector, decode, generate_anchors, iou, letterbox, weighted_nms
+
+
+@pytest.mark.parametrize("variant, count", [("short_range", 896), ("full_range", 2304), ("back", 896)])
+def test_anchor_counts_match_mediapipe(variant, count):
+    anchors = generate_anchors(VARIANTS[variant])
+    assert anchors.shape == (count, 2)
+    assert anchors.min() > 0 and anchors.max() < 1
+
+
+def test_full_range_anchor_grid_is_stride_4():
+    anchors = generate_anchors(VARIANTS["full_range"])
+    assert anchors[0] == pytest.approx([0.5 / 48, 0.5 / 48])
+    assert anchors[1] == pytest.approx([1.5 / 48, 0.5 / 48])  # x varies fastest
+    assert anchors[48] == pytest.approx([0.5 / 48, 1.5 / 48])
+
+
+def test_decode_offsets_are_relative_to_the_anchor():
+    anchors = np.array([[0.25, 0.5]], np.float32)
+    raw = np.zeros((1, 16), np.float32)
+    raw[0, :4] = [2, -3, 20, 10]  # centre offset (2, -3) px, size 20 x 10 px
+    raw[0, 4:6] = [-5, -2]  # first keypoint offset
+    boxes, keypoints, scores = decode(raw, np.array([0.0]), anchors, input_size=100)
+    assert boxes[0] == pytest.approx([27 - 10, 47 - 5, 27 + 10, 47 + 5])
+    assert keypoints[0, 0] == pytest.approx([20, 48])
+    assert scores[0] == pytest.approx(0.5)
+
+
+def test_decode_clips_huge_logits_without_overflow():
+    anchors = np.zeros((2, 2), np.float32)
+    with np.errstate(over="raise"):
+        _, _, scores = decode(np.zeros((2, 16)), np.array([1e6, -1e6]), anchors, 10)
+    assert scores[0] == pytest.approx(1.0) and scores[1] == pytest.approx(0.0)
+
+
+def test_weighted_nms_merges_overlaps_and_keeps_separate_faces():
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [50, 50, 60, 60]], np.float32)
+    keypoints = np.zeros((3, 6, 2), np.float32)
+    scores = np.array([0.9, 0.6, 0.8], np.float32)
+    kept = weighted_nms(boxes, keypoints, scores, iou_threshold=0.3)
+    assert len(kept) == 2
+    merged_box, _, merged_score = kept[0]
+    assert merged_score == pytest.approx(0.9)
+    assert merged_box == pytest.approx([0.4, 0.4, 10.4, 10.4])  # score-weighted mean
+    assert kept[1][0] == pytest.approx([50, 50, 60, 60])
+
+
+def test_iou():
+    assert iou(np.array([0, 0, 10, 10.0]), np.array([[0, 0, 10, 10.0], [5, 0, 15, 10], [20, 20, 30, 30]])) == \
+        pytest.approx([1.0, 1 / 3, 0.0])
+
+
+def test_letterbox_keeps_aspect_and_scales_to_minus_one_one():
+    image = np.full((90, 160, 3), 255, np.uint8)
+    tensor, lb = letterbox(image, 192)
+    assert tensor.shape == (192, 192, 3)
+    assert lb.scale == pytest.approx(1.2) and lb.pad_x == 0 and lb.pad_y == 42
+    assert tensor[100, 100] == pytest.approx([1, 1, 1]) and tensor[0, 0] == pytest.approx([-1, -1, -1])
+
+
+def test_detector_finds_both_faces_in_the_shared_photo(two_people_photo):
+    faces = FaceDetector()(cv2.imread(str(two_people_photo)))
+    assert len(faces) == 2
+    for face in faces:
+        assert face.score > 0.5
+        x0, y0, x1, y1 = face.box
+        assert x0 <= face.left_eye[0] < face.right_eye[0] <= x1  # eyes inside the box, left first
+        assert y0 <= face.left_eye[1] <= y1
+
+
+def test_detector_finds_nothing_in_a_blank_frame():
+    assert FaceDetector()(np.full((360, 640, 3), 128, np.uint8)) == []
+
+
+def test_detector_finds_the_face_in_every_carphone_frame(carphone_clip):
+    detector = FaceDetector()
+    capture = cv2.VideoCapture(str(carphone_clip))
+    found = frames = 0
+    while frames < 30:
+        ok, image = capture.read()
+        if not ok:
+            break
+        frames += 1
+        found += len(detector(image)) == 1
+    assert frames == 30 and found == 30

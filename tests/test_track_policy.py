@@ -1,0 +1,59 @@
+import pytest
+
+from edge.policy import needs_id_check
+from edge.track import FaceTracker, fuse_ages
+from edge.types import AgeEstimate, Face, TrackEstimate
+
+
+def test_fuse_ages_ignores_a_wild_frame():
+    age, spread = fuse_ages([30, 31, 29, 30, 32, 28, 75])
+    assert age == pytest.approx(30.0)
+    assert 1.0 < spread < 3.0
+
+
+def test_fuse_ages_of_identical_samples_has_no_spread():
+    assert fuse_ages([16, 16, 16]) == (16.0, 0.0)
+
+
+def test_fuse_ages_needs_samples():
+    with pytest.raises(ValueError):
+        fuse_ages([])
+
+
+def face(x, y, size=50):
+    return Face((x, y, x + size, y + size), 0.9, (x + 15, y + 20), (x + 35, y + 20))
+
+
+def test_tracker_follows_a_moving_face_and_separates_two():
+    tracker = FaceTracker("till", iou_threshold=0.2, lost_after_s=1.0)
+    for step in range(5):
+        t = step * 0.1
+        tracker.update(t, [(face(100 + 3 * step, 100), AgeEstimate(30)), (face(300, 100 - 2 * step), AgeEstimate(50))])
+    assert [(tr.track_id, len(tr.ages)) for tr in tracker.tracks] == [(1, 5), (2, 5)]
+    assert tracker.tracks[0].estimate().age == 30 and tracker.tracks[1].estimate().age == 50
+
+
+def test_track_ends_after_it_is_lost_and_a_return_is_a_new_customer():
+    tracker = FaceTracker("till", lost_after_s=1.0)
+    tracker.update(0.0, [(face(100, 100), AgeEstimate(30))])
+    assert tracker.update(0.9, []) == []
+    ended = tracker.update(1.2, [])
+    assert [t.track_id for t in ended] == [1] and tracker.tracks == []
+    tracker.update(1.3, [(face(100, 100), AgeEstimate(30))])
+    assert [t.track_id for t in tracker.tracks] == [2]
+
+
+def test_end_all_returns_open_tracks():
+    tracker = FaceTracker("till")
+    tracker.update(0.0, [(face(0, 0), AgeEstimate(20)), (face(200, 0), AgeEstimate(20))])
+    assert len(tracker.end_all()) == 2 and tracker.tracks == []
+
+
+def estimate(age, samples):
+    return TrackEstimate("till", 1, age, 0.0, samples, 0.0, 1.0, (0, 0, 1, 1), 0.9)
+
+
+@pytest.mark.parametrize("age, samples, expected", [
+    (16.0, 3, True), (24.9, 5, True), (25.0, 5, False), (40.0, 10, False), (16.0, 2, False)])
+def test_challenge_25(age, samples, expected):
+    assert needs_id_check(estimate(age, samples), challenge_age=25, min_samples=3) is expected
