@@ -53,7 +53,8 @@ class CameraReader(threading.Thread):
 
     def _set_state(self, state: str, error: str | None = None) -> None:
         if state != self.status.state:
-            level = logging.WARNING if state in ("reconnecting", "failed") else logging.INFO
+            # In replay a failure ends the run and the CLI reports it: no second, louder line.
+            level = logging.WARNING if state in ("reconnecting", "failed") and not self.replay else logging.INFO
             log.log(level, "camera %s", state, extra={"camera": self.camera.id, "error": error})
         self.status.state = state
         if error is not None:

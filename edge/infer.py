@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.config import SHIPPED_AGE_MODEL
 from edge.contract import SPREAD_OUTPUT, AgeModelInfo, ContractError, read_contract
 from edge.runtime import ModelError, open_session
 from edge.types import AgeEstimate
@@ -31,6 +32,9 @@ class AgeModel:
 
     def __init__(self, path: Path | str, providers: list[str] | None = None):
         self.path = Path(path)
+        if self.path == SHIPPED_AGE_MODEL and not self.path.is_file():
+            raise ModelError("no trained age model ships with this version yet: set models.age_model "
+                             "(or --age-model) to an ONNX model that follows edge/contract.py")
         self.session = open_session(self.path, providers, "age")
         try:
             self.info: AgeModelInfo = read_contract(self.session)

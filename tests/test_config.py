@@ -1,0 +1,101 @@
+from pathlib import Path
+
+import pytest
+
+from edge.config import ConfigError, load_config, parse_config
+from tskit import tillsight, write_config
+
+
+def problems(data: dict) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    return caught.value.problems
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path):
+    video = tmp_path / "till.mp4"
+    video.write_bytes(b"")
+    config = load_config(write_config(tmp_path / "c.toml", store_id="store-7",
+                                      cameras=[{"id": "till-1", "source": "till.mp4"}]))
+    assert config.cameras[0].source == str(tmp_path / "till.mp4")  # relative to the config file
+    assert config.policy.challenge_age == 25
+    assert config.mqtt.qos == 1 and config.mqtt.topic_prefix == "tillsight" and config.mqtt.port == 1883
+    assert config.models.providers == ["cuda", "cpu"]
+    assert config.cameras[0].fps_limit == 5
+
+
+def test_sources_device_index_and_urls_are_accepted():
+    config = parse_config({"store_id": "s", "cameras": [
+        {"id": "usb", "source": 0}, {"id": "ip", "source": "rtsp://cam.local:554/stream1"},
+        {"id": "web", "source": "http://10.0.0.5/video.mjpg"}]})
+    assert [c.source for c in config.cameras] == [0, "rtsp://cam.local:554/stream1", "http://10.0.0.5/video.mjpg"]
+
+
+def test_every_problem_is_reported_with_its_path():
+    assert problems({
+        "store_id": "s/1",
+        "cameras": [{"id": "a", "source": "nope.mp4"}, {"id": "b", "source": "ftp://x/y"},
+                    {"id": "c", "source": "rtsp://"}, {"id": "d", "source": -1, "fps_limit": 0}],
+        "mqtt": {"port": "x", "qos": 3, "colour": "red"},
+        "policy": {"challenge_age": "old"},
+    }) == [
+        "store_id: must be 1 to 64 letters, digits, '_' or '-' (it becomes an MQTT topic level)",
+        "cameras.0.source: video file 'nope.mp4' not found (a device is an integer index, a stream an rtsp:// or http:// URL)",
+        "cameras.1.source: URL scheme 'ftp' not supported (use rtsp, rtsps, http, https)",
+        "cameras.2.source: URL 'rtsp://' has no host",
+        "cameras.3.source: input should be greater than or equal to 0",
+        "cameras.3.fps_limit: input should be greater than 0",
+        "mqtt.port: input should be a valid integer, unable to parse string as an integer",
+        "mqtt.qos: input should be 0, 1 or 2",
+        "mqtt.colour: unknown key",
+        "policy.challenge_age: input should be a valid number, unable to parse string as a number",
+    ]
+
+
+def test_missing_keys_and_files():
+    assert problems({}) == ["store_id: required key is missing", "cameras: required key is missing"]
+    assert problems({"store_id": "s", "cameras": [{"id": "a", "source": 0}],
+                     "models": {"age_model": "/no/such/model.onnx"},
+                     "mqtt": {"password_file": "/no/secret"}}) == [
+        "mqtt.password_file: file '/no/secret' not found",
+        "models.age_model: model file '/no/such/model.onnx' not found",
+    ]
+
+
+def test_duplicate_camera_ids_and_empty_camera_list():
+    assert problems({"store_id": "s", "cameras": [{"id": "a", "source": 0}, {"id": "a", "source": 1}]}) == [
+        "cameras: camera ids must be unique, repeated: a"]
+    assert problems({"store_id": "s", "cameras": []}) == [
+        "cameras: list should have at least 1 item after validation, not 0"]
+
+
+def test_config_check_cli_prints_each_problem_and_exits_2(tmp_path):
+    path = write_config(tmp_path / "bad.toml", store_id="s", mqtt={"port": 70000},
+                        cameras=[{"id": "a", "source": 0, "fps": 5}])
+    result = tillsight("config", "check", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["cameras.0.fps: unknown key",
+                                          "mqtt.port: input should be less than or equal to 65535"]
+    assert "Traceback" not in result.stderr
+
+
+def test_config_check_ok(tmp_path):
+    path = write_config(tmp_path / "ok.toml", store_id="s", cameras=[{"id": "a", "source": 0}])
+    result = tillsight("config", "check", str(path))
+    assert (result.returncode, result.stdout.strip()) == (0, f"{path}: OK")
+
+
+def test_invalid_toml_and_missing_file_are_one_line(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("store_id = \n")
+    result = tillsight("config", "check", str(path))
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"{path}: not valid TOML: ")
+    result = tillsight("config", "check", str(tmp_path / "absent.toml"))
+    assert (result.returncode, result.stderr.strip()) == (2, f"{tmp_path / 'absent.toml'}: config file not found")
+
+
+def test_example_config_in_the_repository_is_valid():
+    example = Path(__file__).resolve().parents[1] / "systemd" / "tillsight.example.toml"
+    config = load_config(example)
+    assert config.cameras and config.policy.challenge_age == 25

@@ -1,0 +1,143 @@
+"""Recorded video through the real daemon code, against a real mosquitto."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edge.broker import LocalBroker, free_port
+from tskit import REPO, Subscriber, tillsight, write_config
+
+ESTIMATE_KEYS = {"schema": int, "store": str, "camera": str, "track": int, "age": float, "spread": float,
+                 "samples": int, "final": bool, "first_seen": str, "last_seen": str, "face": dict}
+ALERT_KEYS = {"schema": int, "store": str, "camera": str, "track": int, "alert": str, "challenge_age": float,
+              "age": float, "spread": float, "samples": int, "time": str}
+
+
+def assert_schema(body: dict, keys: dict) -> None:
+    assert set(body) == set(keys), body
+    for key, kind in keys.items():
+        assert isinstance(body[key], (int, float) if kind is float else kind), (key, body)
+    assert body["schema"] == 1
+
+
+def replay_config(tmp_path, port, age_model, **extra):
+    return write_config(tmp_path / "replay.toml", store_id="store-1", daemon_id="till-pc",
+                        cameras=[{"id": "unused", "source": 0}],
+                        mqtt={"host": "127.0.0.1", "port": port},
+                        models={"age_model": str(age_model)}, logging={"level": "warning"}, **extra)
+
+
+def replay(video, config, *more):
+    result = tillsight("replay", str(video), "--config", str(config), *more)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("clip, min_share", [("hamilton_clip", 0.85), ("carphone_clip", 0.99)])
+def test_replay_publishes_documented_estimates_and_no_alert_for_adults(
+        request, clip, min_share, tmp_path, broker, subscriber, age_models):
+    video = request.getfixturevalue(clip)
+    summary = replay(video, replay_config(tmp_path, broker.port, age_models[40]))
+    print(clip, summary)
+    assert summary["frames"] == {"hamilton_clip": 275, "carphone_clip": 120}[clip]
+    assert summary["frames_with_faces"] >= min_share * summary["frames"]
+    assert summary["tracks"] >= 1 and summary["alerts"] == 0
+    assert subscriber.wait_for(lambda s: any(b["final"] for b in s.json("/estimate")))
+    estimates = subscriber.json("store-1/replay/estimate")
+    assert len(estimates) == summary["estimates"]
+    for body in estimates:
+        assert_schema(body, ESTIMATE_KEYS)
+        assert body["age"] == 40.0 and body["camera"] == "replay"
+    assert len([b for b in estimates if b["final"]]) == summary["tracks"]
+    statuses = subscriber.json("store-1/till-pc/status")
+    assert statuses[0]["state"] == "online" and statuses[-1]["state"] == "offline"
+    assert statuses[-1]["cameras"]["replay"]["state"] == "ended"
+    assert subscriber.json("/alert") == []
+    assert all(b"jpg" not in p and len(p) < 2000 for _, p, _ in subscriber.messages)  # no image data
+
+
+def test_a_minor_raises_one_alert_per_track(tmp_path, broker, subscriber, age_models, hamilton_clip):
+    summary = replay(hamilton_clip, replay_config(tmp_path, broker.port, age_models[16]))
+    assert summary["tracks"] >= 1 and summary["alerts"] == summary["tracks"]
+    assert subscriber.wait_for(lambda s: len(s.json("/alert")) == summary["alerts"])
+    alerts = subscriber.json("/alert")
+    for body in alerts:
+        assert_schema(body, ALERT_KEYS)
+        assert body["alert"] == "age_check" and body["age"] == 16.0 and body["challenge_age"] == 25
+    assert len({b["track"] for b in alerts}) == len(alerts)  # one per track
+    alert_qos = [m for m in subscriber.messages if m[0].endswith("/alert")]
+    assert len(alert_qos) == len(alerts)
+
+
+def test_daemon_goes_online_and_the_broker_publishes_its_will_after_kill_9(
+        tmp_path, broker, subscriber, age_models, carphone_clip):
+    config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc",
+                          cameras=[{"id": "till-1", "source": str(carphone_clip), "fps_limit": 10}],
+                          mqtt={"host": "127.0.0.1", "port": broker.port, "keepalive_s": 5},
+                          models={"age_model": str(age_models[40])})
+    daemon = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert subscriber.wait_for(lambda s: any(b["state"] == "online" for b in s.json("till-pc/status")), 30)
+        assert subscriber.wait_for(lambda s: len(s.json("till-1/estimate")) >= 1, 30)
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(10)
+        assert subscriber.wait_for(lambda s: s.json("till-pc/status")[-1]["state"] == "offline", 15)
+        will = [(t, p, r) for t, p, r in subscriber.messages if t.endswith("till-pc/status")][-1]
+        assert json.loads(will[1]) == {"schema": 1, "store": "store-1", "daemon": "till-pc", "state": "offline",
+                                       "version": "0.1.0"}
+    finally:
+        daemon.kill()
+        daemon.wait()
+    # retained: a POS that connects later still learns the daemon is offline
+    late = Subscriber(broker.port, "tillsight/store-1/till-pc/status")
+    assert late.wait_for(lambda s: s.messages and s.messages[-1][2], 5)
+    assert json.loads(late.messages[-1][1])["state"] == "offline"
+    late.close()
+
+
+def test_daemon_started_before_the_broker_delivers_once_it_is_up(tmp_path, age_models, carphone_clip):
+    port = free_port()
+    config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc",
+                          cameras=[{"id": "till-1", "source": str(carphone_clip), "fps_limit": 10}],
+                          mqtt={"host": "127.0.0.1", "port": port},
+                          models={"age_model": str(age_models[40])})
+    daemon = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(3)  # the daemon runs, tracks and queues with no broker
+        assert daemon.poll() is None
+        with LocalBroker(port=port) as broker:
+            sub = Subscriber(broker.port)
+            assert sub.wait_for(lambda s: len(s.json("till-1/estimate")) >= 2, 40)
+            assert sub.wait_for(lambda s: any(b["state"] == "online" for b in s.json("till-pc/status")), 10)
+            sub.close()
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(20) == 0, daemon.stderr.read()
+    finally:
+        daemon.kill()
+        daemon.wait()
+
+
+def test_replay_with_no_broker_fails_in_one_line_instead_of_losing_messages(tmp_path, age_models, carphone_clip):
+    port = free_port()
+    result = tillsight("replay", str(carphone_clip), "--config",
+                       str(replay_config(tmp_path, port, age_models[40])), "--ack-timeout", "2")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert lines[0].startswith("tillsight: error: ") and f"not acknowledged by the MQTT broker at 127.0.0.1:{port}" in lines[0]
+
+
+def test_corrupt_video_is_one_line(tmp_path, broker, age_models):
+    video = tmp_path / "broken.mp4"
+    video.write_bytes(os.urandom(4096))
+    result = tillsight("replay", str(video), "--config", str(replay_config(tmp_path, broker.port, age_models[40])))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"tillsight: error: camera replay: cannot open source '{video}'"
