@@ -11,4 +11,9 @@ import os
 os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
 os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "0")  # AV_LOG_PANIC: FFmpeg's own error lines too
 
+# ONNX Runtime >= 1.29 ships POSIX telemetry: an uploader, a device id and an
+# offline cache under ~/.cache/Microsoft. A till must not phone home nor write
+# files we did not ask for; the opt-out only works if set before ORT loads.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 __version__ = "0.1.0"

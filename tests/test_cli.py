@@ -1,0 +1,97 @@
+"""User mistakes get one line and a non-zero exit, never a traceback."""
+
+import json
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+
+import pytest
+
+from edge.runtime import ModelError, check_single_onnxruntime
+from tskit import REPO, tillsight, write_config
+
+
+def one_line_error(result, code=1) -> str:
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_predict_prints_faces_and_ages_as_json_lines(two_people_photo, age_models):
+    result = tillsight("predict", str(two_people_photo), "--age-model", str(age_models[40]))
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    body = json.loads(line)
+    assert body["image"] == str(two_people_photo) and len(body["faces"]) == 2
+    for face in body["faces"]:
+        assert face["age"] == 40.0 and 0.5 < face["score"] <= 1 and len(face["box"]) == 4
+
+
+def test_predict_reports_an_unreadable_image_and_goes_on(tmp_path, two_people_photo, age_models):
+    bad = tmp_path / "not-an-image.jpg"
+    bad.write_text("hello")
+    result = tillsight("predict", str(bad), str(two_people_photo), "--age-model", str(age_models[40]))
+    assert one_line_error(result) == f"tillsight: error: cannot read image {bad}"
+    assert len(result.stdout.splitlines()) == 1  # the good image was still done
+
+
+def test_missing_age_model(tmp_path, two_people_photo):
+    result = tillsight("predict", str(two_people_photo), "--age-model", str(tmp_path / "none.onnx"))
+    assert one_line_error(result) == f"tillsight: error: age model not found: {tmp_path / 'none.onnx'}"
+
+
+def test_no_shipped_age_model_yet_says_what_to_do(two_people_photo):
+    result = tillsight("predict", str(two_people_photo))
+    assert "set models.age_model" in one_line_error(result)
+
+
+def test_corrupt_detector_in_config(tmp_path, age_models, carphone_clip):
+    detector = tmp_path / "detector.onnx"
+    detector.write_bytes(b"\x00" * 1000)
+    config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "a", "source": 0}],
+                          models={"detector": str(detector), "age_model": str(age_models[40])})
+    line = one_line_error(tillsight("replay", str(carphone_clip), "--config", str(config)))
+    assert line.startswith(f"tillsight: error: face detector model {detector} cannot be loaded: ")
+
+
+def test_run_with_a_bad_config_exits_2(tmp_path):
+    config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "a", "source": "rtsp//x"}])
+    line = one_line_error(tillsight("run", "--config", str(config)), code=2)
+    # relative paths are taken from the config file's folder, and the message says where it looked
+    assert line.startswith(f"cameras.0.source: video file '{tmp_path / 'rtsp/x'}' not found")
+
+
+def test_replay_of_a_missing_video(tmp_path):
+    line = one_line_error(tillsight("replay", str(tmp_path / "nope.mp4")), code=2)
+    assert line == f"cameras.0.source: video file '{tmp_path / 'nope.mp4'}' not found " \
+                   "(a device is an integer index, a stream an rtsp:// or http:// URL)"
+
+
+def test_edge_install_needs_no_tensorflow():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    edge_requirements = project["dependencies"] + project["optional-dependencies"]["cpu"] + \
+        project["optional-dependencies"]["gpu"]
+    assert not [r for r in edge_requirements if "tensorflow" in r or "tf2onnx" in r]
+    code = ("import sys, edge.cli, edge.service, edge.demo, edge.publish; "
+            "edge.cli.build_parser(); print('tensorflow' in sys.modules or 'keras' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO).stdout.strip() == "False"
+
+
+def test_both_onnxruntime_builds_installed_is_refused(monkeypatch):
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version",
+                        lambda name: "1.31.1" if name in ("onnxruntime", "onnxruntime-gpu") else real_version(name))
+    with pytest.raises(ModelError, match="both onnxruntime 1.31.1 and onnxruntime-gpu 1.31.1 are installed"):
+        check_single_onnxruntime()
+
+
+def test_demo_runs_with_a_local_broker():
+    result = tillsight("demo", timeout=240)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "PLACEHOLDER" in out  # honest while no trained model ships
+    assert "tillsight/demo-store/till-1/estimate  track 1 age 30.0" in out
+    assert "(100 frames, final)" in out and "1 customer(s)" in out
