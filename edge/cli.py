@@ -76,11 +76,55 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path)
     check.set_defaults(handler=cmd_config_check)
 
-    export = commands.add_parser("export", help="convert models to ONNX (needs the train extra)")
-    export.add_argument("target", choices=["detector"])
-    export.add_argument("--variant", default="full_range")
-    export.add_argument("--out", type=Path, required=True)
+    export = commands.add_parser("export", help="age checkpoint (or 'detector') to ONNX (needs the train extra)")
+    export.add_argument("target", help="a Keras checkpoint (.keras), or 'detector' for the face detector")
+    export.add_argument("--out", type=Path, required=True, help="folder (checkpoint) or file (detector)")
+    export.add_argument("--fp16", action="store_true", help="also write age_fp16.onnx (for GPUs)")
+    export.add_argument("--int8", action="store_true", help="also write age_int8.onnx (for CPUs)")
+    export.add_argument("--calibration", type=Path, help="face photos to calibrate int8 on")
+    export.add_argument("--crop-margin", type=float, help="when the checkpoint has no run.json beside it")
+    export.add_argument("--variant", default="full_range", help="detector variant")
     export.set_defaults(handler=cmd_export)
+
+    data = commands.add_parser("data", help="training data tools (train extra)")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    inspect = data_commands.add_parser("inspect", help="counts, age distribution and sample faces of a folder")
+    inspect.add_argument("dir", type=Path)
+    inspect.add_argument("--labels", type=Path)
+    inspect.add_argument("--out", type=Path, default=Path("runs/inspect"))
+    inspect.add_argument("--limit", type=int, help="a deterministic subset of this many images")
+    inspect.add_argument("--val-fraction", type=float, default=0.1)
+    inspect.set_defaults(handler=cmd_inspect)
+
+    train = commands.add_parser("train", help="train the ResNet50 age model (train extra)")
+    train.add_argument("--data", type=Path, required=True)
+    train.add_argument("--labels", type=Path)
+    train.add_argument("--out", type=Path, required=True, help="run folder")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--input-size", type=int, default=224)
+    train.add_argument("--crop-margin", type=float, default=0.3)
+    train.add_argument("--head", choices=["distribution", "regression"], default="distribution")
+    train.add_argument("--weights", default="none", help="none (default), imagenet, or a weights file")
+    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--val-fraction", type=float, default=0.1)
+    train.add_argument("--limit", type=int, help="a deterministic subset of this many images")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--mixed-precision", choices=["auto", "on", "off"], default="auto")
+    train.add_argument("--data-parallel", action="store_true", help="all local GPUs (JAX backend)")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="the full edge pipeline over a labelled folder (train extra)")
+    evaluate.add_argument("--model", type=Path, help="ONNX age model (default: the shipped one)")
+    evaluate.add_argument("--data", type=Path, required=True)
+    evaluate.add_argument("--labels", type=Path)
+    evaluate.add_argument("--split", choices=["all", "train", "val"], default="all")
+    evaluate.add_argument("--val-fraction", type=float, default=0.1)
+    evaluate.add_argument("--limit", type=int)
+    evaluate.add_argument("--out", type=Path, help="folder for eval.json and the PNG plots")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(handler=cmd_eval)
     return parser
 
 
@@ -186,7 +230,79 @@ def cmd_demo(args) -> int:
     return run_demo(args.video, args.age_model)
 
 
+def _training_imports(keras_needed: bool = True):
+    """The train extra's modules, with TensorFlow quiet; one line if they are missing."""
+    import importlib
+    import os
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        for module in ("matplotlib", "rich") + (("keras",) if keras_needed else ()):
+            importlib.import_module(module)
+    except ImportError as exc:
+        raise UserError(f"this command needs the train extra ({exc.name} missing): pip install 'tillsight[train,dev]'")
+
+
+def _data_errors():
+    from export.age import ExportError
+    from training.data import DataError
+    from training.train import TrainError
+    errors = (DataError, TrainError, ExportError)
+    if "keras" in sys.modules:  # training.model imports keras: only when it is loaded anyway
+        from training.model import WeightsError
+        errors += (WeightsError,)
+    return errors
+
+
+def cmd_inspect(args) -> int:
+    _training_imports(keras_needed=False)
+    from training.inspect import inspect, print_report
+    try:
+        report = inspect(args.dir, args.labels, args.out, args.limit, args.val_fraction)
+    except _data_errors() as exc:
+        raise UserError(str(exc)) from None
+    print_report(report)
+    return 0
+
+
+def cmd_train(args) -> int:
+    _training_imports()
+    from training.train import TrainOptions, train
+    opts = TrainOptions(data=str(args.data), labels=str(args.labels) if args.labels else None, out=str(args.out),
+                        input_size=args.input_size, crop_margin=args.crop_margin, head=args.head,
+                        weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
+                        learning_rate=args.learning_rate, val_fraction=args.val_fraction, limit=args.limit,
+                        seed=args.seed, mixed_precision=args.mixed_precision, data_parallel=args.data_parallel)
+    if not args.resume and not args.data.is_dir():
+        raise UserError(f"data folder not found: {args.data}", EXIT_USAGE)
+    try:
+        summary = train(opts, resume=args.resume)
+    except _data_errors() as exc:
+        raise UserError(str(exc)) from None
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    _training_imports(keras_needed=False)
+    from edge.config import SHIPPED_AGE_MODEL
+    from training.evaluate import evaluate, print_eval
+    if not args.data.is_dir():
+        raise UserError(f"data folder not found: {args.data}", EXIT_USAGE)
+    try:
+        report = evaluate(args.model or SHIPPED_AGE_MODEL, args.data, args.labels, args.split, args.val_fraction,
+                          args.limit, args.out, progress=not args.json)
+    except _data_errors() as exc:
+        raise UserError(str(exc)) from None
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_eval(report)
+    return 0
+
+
 def cmd_export(args) -> int:
+    if args.target != "detector":
+        return cmd_export_age(args)
     from edge.detect import VARIANTS
     if args.variant not in VARIANTS:
         raise UserError(f"unknown detector variant {args.variant!r} (choose from {', '.join(VARIANTS)})", EXIT_USAGE)
@@ -196,6 +312,25 @@ def cmd_export(args) -> int:
     except ExportError as exc:
         raise UserError(str(exc)) from None
     print(out)
+    return 0
+
+
+def cmd_export_age(args) -> int:
+    _training_imports()
+    from export.age import export_age_model
+    try:
+        report = export_age_model(Path(args.target), args.out, args.fp16, args.int8, args.calibration, args.crop_margin)
+    except _data_errors() as exc:
+        raise UserError(str(exc)) from None
+    fp32 = report["fp32"]
+    print(f"{fp32['path']}: parity on {report['parity_crops']} real crops, max |Keras - ONNX| "
+          f"{fp32['max_abs_diff']:.4f} years, mean {fp32['mean_abs_diff']:.4f}")
+    for kind in ("fp16", "int8"):
+        if kind in report:
+            row = report[kind]
+            change = f", MAE change {row['mae_change_vs_fp32']:+.3f} years" if "mae_change_vs_fp32" in row else ""
+            print(f"{row['path']}: max |{kind} - fp32| {row['max_abs_diff_vs_fp32']:.3f} years{change}, "
+                  f"{row['size_bytes'] / 1e6:.1f} MB")
     return 0
 
 

@@ -1,0 +1,226 @@
+"""`tillsight export CHECKPOINT --out DIR [--fp16] [--int8 --calibration DIR]`.
+
+Keras checkpoint (TensorFlow backend) -> ONNX with tf2onnx, following the
+contract in edge/contract.py: input `crops` float32 [N, S, S, 3] RGB 0..255
+(dynamic batch, preprocessing inside the graph), outputs `age` and, for the
+distribution head, `age_spread`; opset 17. Then a parity check on real face
+crops, and the faster variants:
+    age.onnx        fp32, checked: |Keras - ONNX Runtime| < 0.05 years
+    age_fp16.onnx   fp16 weights and maths, fp32 inputs/outputs (for GPUs)
+    age_int8.onnx   static int8 (QDQ), calibrated on real crops (for CPUs)
+    export.json     parity and MAE figures
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from edge import __version__
+from edge.contract import contract_metadata
+
+OPSET = 17
+PARITY_TOLERANCE_YEARS = 0.05
+
+
+class ExportError(Exception):
+    pass
+
+
+def _keras_tensorflow():
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        import keras
+        import tensorflow as tf
+        import tf2onnx
+    except ImportError as exc:
+        raise ExportError(f"export needs the train extra ({exc.name} missing): pip install 'tillsight[train]'") from None
+    if keras.backend.backend() != "tensorflow":
+        raise ExportError(f"export needs KERAS_BACKEND=tensorflow (tf2onnx), not {keras.backend.backend()}")
+    return keras, tf, tf2onnx
+
+
+def load_checkpoint(path: Path):
+    keras, _, _ = _keras_tensorflow()
+    import training.model  # noqa: F401  registers tillsight's custom layers and losses
+    if not path.is_file():
+        raise ExportError(f"checkpoint not found: {path}")
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as exc:
+        raise ExportError(f"checkpoint {path} cannot be loaded: {str(exc).strip().splitlines()[0][:200]}") from None
+    shape = tuple(model.input.shape[1:])
+    if len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3:
+        raise ExportError(f"checkpoint {path} is not an age model: input shape {shape}, expected (S, S, 3)")
+    return model
+
+
+def run_info(checkpoint: Path) -> dict:
+    """The training run's options and outcome, from the run folder around the checkpoint."""
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    info = {"run_dir": run_dir}
+    for name in ("run.json", "summary.json", "state.json"):
+        path = run_dir / name
+        if path.is_file():
+            info[name] = json.loads(path.read_text())
+    return info
+
+
+def to_onnx(model, input_size: int):
+    keras, tf, tf2onnx = _keras_tensorflow()
+    from training.model import serving_model
+    serving = serving_model(model)
+    spec = (tf.TensorSpec((None, input_size, input_size, 3), tf.float32, name="crops"),)
+    onnx_model, _ = tf2onnx.convert.from_keras(serving, input_signature=spec, opset=OPSET)
+    names = [o.name for o in onnx_model.graph.output]
+    if names[0] != "age":  # the contract: the age is output 0
+        order = sorted(onnx_model.graph.output, key=lambda o: o.name != "age")
+        del onnx_model.graph.output[:]
+        onnx_model.graph.output.extend(order)
+    return serving, onnx_model
+
+
+def parity_crops(info: dict, calibration: Path | None, size: int, margin: float, limit: int = 64):
+    """Real face crops (and ages if known) for the parity and MAE checks."""
+    faces_file = info["run_dir"] / "faces.npz"
+    if faces_file.is_file():
+        stored = np.load(faces_file, allow_pickle=False)
+        if int(stored["input_size"]) == size:
+            from training.data import split_of
+            fraction = info.get("run.json", {}).get("options", {}).get("val_fraction", 0.1)
+            val = np.array([split_of(str(n), fraction) == "val" for n in stored["names"]])
+            index = np.flatnonzero(val)[:limit] if val.any() else np.arange(min(limit, len(val)))
+            return stored["crops"][index], stored["ages"][index]
+    if calibration is not None:
+        return calibration_crops(calibration, size, margin, limit), None
+    raise ExportError("no real face crops for the parity check: keep the run's faces.npz beside the checkpoint "
+                      "or pass --calibration DIR")
+
+
+def calibration_crops(folder: Path, size: int, margin: float, limit: int = 200) -> np.ndarray:
+    from training.data import IMAGE_SUFFIXES, Label, load_faces
+    if not folder.is_dir():
+        raise ExportError(f"calibration folder not found: {folder}")
+    names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    names += sorted(p.name for p in (folder / "images").glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) \
+        if (folder / "images").is_dir() else []
+    shards = sorted(folder.glob("images-*.tar*"))
+    if shards:
+        from training.data import read_labels, select
+        labels = select(read_labels(folder / "labels.csv"), limit)
+    else:
+        labels = [Label(name, 0.0) for name in names[:limit]]
+    if not labels:
+        raise ExportError(f"calibration folder {folder} has no images")
+    faces = load_faces(folder, labels, size, margin, progress=False)
+    if len(faces.labels) < 8:
+        raise ExportError(f"calibration folder {folder}: faces found in only {len(faces.labels)} images, need 8 or more")
+    return faces.crops
+
+
+def _ort_ages(path_or_bytes, crops: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+    session = ort.InferenceSession(path_or_bytes, providers=["CPUExecutionProvider"])
+    return session.run(["age"], {"crops": crops.astype(np.float32)})[0].reshape(-1)
+
+
+def export_age_model(checkpoint: Path, out_dir: Path, fp16: bool = False, int8: bool = False,
+                     calibration: Path | None = None, crop_margin: float | None = None) -> dict:
+    import onnx
+    if int8 and calibration is None:
+        raise ExportError("--int8 needs --calibration DIR (a folder of face photos)")
+    model = load_checkpoint(checkpoint)
+    size = int(model.input.shape[1])
+    info = run_info(checkpoint)
+    options = info.get("run.json", {}).get("options", {})
+    margin = crop_margin if crop_margin is not None else options.get("crop_margin")
+    if margin is None:
+        raise ExportError(f"crop margin unknown: no run.json beside {checkpoint}; pass --crop-margin")
+    started = time.perf_counter()
+    serving, onnx_model = to_onnx(model, size)
+    val_mae = info.get("state.json", {}).get("best_val_mae")
+    metadata = contract_metadata(size, margin, head=options.get("head", "unknown"),
+                                 training_data=options.get("data", "unknown"),
+                                 validation_mae="" if val_mae is None else f"{val_mae:.3f}",
+                                 exported=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                 version=__version__, opset=OPSET, checkpoint=checkpoint.name)
+    for key, value in metadata.items():
+        onnx_model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(onnx_model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fp32_path = out_dir / "age.onnx"
+    fp32_path.write_bytes(onnx_model.SerializeToString())
+
+    crops, ages = parity_crops(info, calibration, size, margin)
+    keras_ages = np.asarray(serving.predict(crops.astype(np.float32), verbose=0)["age"], np.float64).reshape(-1)
+    onnx_ages = _ort_ages(str(fp32_path), crops)
+    difference = np.abs(keras_ages - onnx_ages)
+    report = {"checkpoint": str(checkpoint), "input_size": size, "crop_margin": margin, "opset": OPSET,
+              "parity_crops": len(crops),
+              "fp32": {"path": str(fp32_path), "max_abs_diff": float(difference.max()),
+                       "mean_abs_diff": float(difference.mean()), "size_bytes": fp32_path.stat().st_size}}
+    if difference.max() > PARITY_TOLERANCE_YEARS:
+        raise ExportError(f"ONNX output differs from Keras by up to {difference.max():.3f} years "
+                          f"(tolerance {PARITY_TOLERANCE_YEARS}); {fp32_path} is not trustworthy")
+    if ages is not None:
+        report["fp32"]["mae"] = float(np.mean(np.abs(onnx_ages - ages)))
+    if fp16:
+        report["fp16"] = _variant(out_dir / "age_fp16.onnx", _to_fp16(onnx_model), crops, ages, onnx_ages)
+    if int8:
+        calib = calibration_crops(calibration, size, margin)
+        report["int8"] = _variant(out_dir / "age_int8.onnx", _to_int8(fp32_path, calib, out_dir), crops, ages,
+                                  onnx_ages)
+        report["int8"]["calibration_crops"] = len(calib)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    (out_dir / "export.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _variant(path: Path, model_bytes: bytes, crops, ages, fp32_ages) -> dict:
+    path.write_bytes(model_bytes)
+    variant_ages = _ort_ages(str(path), crops)
+    row = {"path": str(path), "size_bytes": path.stat().st_size,
+           "max_abs_diff_vs_fp32": float(np.abs(variant_ages - fp32_ages).max()),
+           "mean_abs_diff_vs_fp32": float(np.abs(variant_ages - fp32_ages).mean())}
+    if ages is not None:
+        row["mae"] = float(np.mean(np.abs(variant_ages - ages)))
+        row["mae_change_vs_fp32"] = row["mae"] - float(np.mean(np.abs(fp32_ages - ages)))
+    return row
+
+
+def _to_fp16(onnx_model) -> bytes:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    import copy
+    half = convert_float_to_float16(copy.deepcopy(onnx_model), keep_io_types=True)
+    return half.SerializeToString()
+
+
+def _to_int8(fp32_path: Path, calibration: np.ndarray, out_dir: Path) -> bytes:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"crops": calibration[i : i + 8].astype(np.float32)}
+                                 for i in range(0, len(calibration), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    prepared = out_dir / "age_int8.prep.tmp.onnx"
+    target = out_dir / "age_int8.tmp.onnx"
+    # ORT's recommended first step: shape inference and graph optimisation, so
+    # that quantisation sees fused Conv+BatchNorm layers.
+    quant_pre_process(str(fp32_path), str(prepared))
+    quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    data = target.read_bytes()
+    target.unlink()
+    prepared.unlink()
+    return data

@@ -1,0 +1,188 @@
+"""Labelled face photos: reading, splitting, and cropping them exactly as serving does.
+
+A data folder holds `labels.csv` (`file_name,real_age[,gender,race]`, the
+APPA-REAL / UTKFace layout) and the images, either as files (in the folder
+or in `images/`) or as `images-*.tar.gz` shards with the images under
+`images/` (the team's UTKFace pool). Shards are read in place, streaming:
+nothing is unpacked to disk.
+
+Every image goes through the daemon's own detector and `edge.crop.crop_face`,
+so training sees what serving sees. Rules, documented in the README:
+- no face found: the image is left out (serving would not see that face
+  either) and counted;
+- several faces: the largest is the labelled person (the photos are portraits);
+- portrait padding: each photo is framed in black, half its size on every
+  side, before detection. The full-range BlazeFace is built for till-distance
+  faces and misses most faces that fill the frame (23 of 200 UTKFace chips
+  found unpadded, 200 of 200 padded); the crop is then cut from the original
+  photo by the same `crop_face` as serving, so only detection sees the frame;
+- unreadable or missing files are listed, never a crash.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from edge.crop import crop_face
+from edge.detect import FaceDetector
+from edge.types import Face
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class DataError(Exception):
+    """A data folder or labels file that cannot be used: one line for the user."""
+
+
+@dataclass(frozen=True)
+class Label:
+    file_name: str
+    age: float
+    gender: int | None = None  # UTKFace: 0 male, 1 female
+    race: int | None = None  # UTKFace: 0 White, 1 Black, 2 Asian, 3 Indian, 4 Other
+
+
+GENDERS = {0: "male", 1: "female"}
+RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Other"}
+
+
+def read_labels(path: Path) -> list[Label]:
+    """Parse labels.csv; a row with a bad age is a DataError naming its line."""
+    if not path.is_file():
+        raise DataError(f"labels file not found: {path}")
+    labels = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"file_name", "real_age"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(sorted(missing))} (need file_name,real_age)")
+        for line, row in enumerate(reader, start=2):
+            try:
+                age = float(row["real_age"])
+            except (TypeError, ValueError):
+                raise DataError(f"{path}:{line}: real_age {row['real_age']!r} is not a number") from None
+            if not 0 <= age <= 130 or not row["file_name"]:
+                raise DataError(f"{path}:{line}: bad row (file_name {row['file_name']!r}, age {age:g})")
+            labels.append(Label(row["file_name"], age, _optional_int(row.get("gender")), _optional_int(row.get("race"))))
+    if not labels:
+        raise DataError(f"{path}: no rows")
+    return labels
+
+
+def _optional_int(value: str | None) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def split_of(file_name: str, val_fraction: float) -> str:
+    """'val' or 'train', from a hash of the file name: the same on every machine, every run."""
+    digest = hashlib.sha1(file_name.encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def sample_fraction(file_name: str) -> float:
+    """A second, independent hash in [0, 1) for taking a deterministic subset (--limit)."""
+    return int.from_bytes(hashlib.sha1(b"subset:" + file_name.encode()).digest()[:8], "big") / 2**64
+
+
+def select(labels: list[Label], limit: int | None) -> list[Label]:
+    """All labels, or a deterministic spread-out subset of `limit` of them."""
+    if limit is None or limit >= len(labels):
+        return labels
+    return sorted(labels, key=lambda label: sample_fraction(label.file_name))[:limit]
+
+
+def iter_image_bytes(data_dir: Path, wanted: set[str]) -> Iterator[tuple[str, bytes]]:
+    """(file_name, encoded bytes) for the wanted files, from shards or loose files."""
+    shards = sorted(data_dir.glob("images-*.tar.gz")) + sorted(data_dir.glob("images-*.tar"))
+    if shards:
+        for shard in shards:
+            try:
+                with tarfile.open(shard) as archive:
+                    for member in archive:
+                        name = Path(member.name).name
+                        if member.isfile() and name in wanted:
+                            yield name, archive.extractfile(member).read()
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise DataError(f"shard {shard} is unreadable: {exc}") from None
+        return
+    for name in sorted(wanted):
+        for folder in (data_dir, data_dir / "images"):
+            path = folder / name
+            if path.is_file():
+                yield name, path.read_bytes()
+                break
+
+
+@dataclass
+class FaceSet:
+    """Cropped faces with their labels, in a fixed order."""
+
+    crops: np.ndarray  # uint8 [N, S, S, 3] RGB
+    labels: list[Label]
+    missing: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    no_face: list[str] = field(default_factory=list)
+
+    @property
+    def ages(self) -> np.ndarray:
+        return np.array([label.age for label in self.labels], np.float32)
+
+    def subset(self, keep: np.ndarray) -> "FaceSet":
+        return FaceSet(self.crops[keep], [l for l, k in zip(self.labels, keep) if k])
+
+
+PORTRAIT_PAD = 0.5
+
+
+def detect_portrait_face(detector: FaceDetector, image: np.ndarray) -> Face | None:
+    """The largest face of a portrait photo, in the photo's own pixel coordinates."""
+    pad = int(PORTRAIT_PAD * max(image.shape[:2]))
+    framed = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+    faces = detector(framed)
+    if not faces:
+        return None
+    face = max(faces, key=lambda f: f.width * f.height)
+    move = lambda point: (point[0] - pad, point[1] - pad)  # noqa: E731
+    x0, y0, x1, y1 = face.box
+    return Face((x0 - pad, y0 - pad, x1 - pad, y1 - pad), face.score, move(face.left_eye), move(face.right_eye))
+
+
+def load_faces(data_dir: Path, labels: list[Label], size: int, margin: float,
+               detector: FaceDetector | None = None, progress: bool = True) -> FaceSet:
+    """Detect and crop every labelled image, as the daemon would."""
+    detector = detector or FaceDetector(min_face_px=0)
+    by_name = {label.file_name: label for label in labels}
+    crops, kept, unreadable, no_face, seen = [], [], [], [], set()
+    for name, encoded in _progress(iter_image_bytes(data_dir, set(by_name)), len(by_name), progress):
+        seen.add(name)
+        image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            unreadable.append(name)
+            continue
+        face = detect_portrait_face(detector, image)
+        if face is None:
+            no_face.append(name)
+            continue
+        crops.append(crop_face(image, face, size, margin))
+        kept.append(by_name[name])
+    order = np.argsort([label.file_name for label in kept], kind="stable")
+    array = np.stack(crops)[order] if crops else np.zeros((0, size, size, 3), np.uint8)
+    return FaceSet(array, [kept[i] for i in order], sorted(set(by_name) - seen), sorted(unreadable), sorted(no_face))
+
+
+def _progress(items, total: int, enabled: bool):
+    if not enabled:
+        return items
+    from rich.progress import track
+    return track(items, total=total, description="detecting and cropping faces", transient=True)
