@@ -232,12 +232,10 @@ def cmd_demo(args) -> int:
 
 def _training_imports(keras_needed: bool = True):
     """The train extra's modules, with TensorFlow quiet; one line if they are missing."""
-    import importlib
-    import os
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
+        from training import quiet_import
         for module in ("matplotlib", "rich") + (("keras",) if keras_needed else ()):
-            importlib.import_module(module)
+            quiet_import(module)
     except ImportError as exc:
         raise UserError(f"this command needs the train extra ({exc.name} missing): pip install 'tillsight[train,dev]'")
 
@@ -265,6 +263,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if not args.resume and not args.data.is_dir():
+        raise UserError(f"data folder not found: {args.data}", EXIT_USAGE)
     _training_imports()
     from training.train import TrainOptions, train
     opts = TrainOptions(data=str(args.data), labels=str(args.labels) if args.labels else None, out=str(args.out),
@@ -272,8 +272,6 @@ def cmd_train(args) -> int:
                         weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, val_fraction=args.val_fraction, limit=args.limit,
                         seed=args.seed, mixed_precision=args.mixed_precision, data_parallel=args.data_parallel)
-    if not args.resume and not args.data.is_dir():
-        raise UserError(f"data folder not found: {args.data}", EXIT_USAGE)
     try:
         summary = train(opts, resume=args.resume)
     except _data_errors() as exc:

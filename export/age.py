@@ -34,11 +34,11 @@ class ExportError(Exception):
 
 def _keras_tensorflow():
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from training import quiet_import
     try:
-        import keras
-        import tensorflow as tf
-        import tf2onnx
+        keras = quiet_import("keras")
+        tf = quiet_import("tensorflow")
+        tf2onnx = quiet_import("tf2onnx")
     except ImportError as exc:
         raise ExportError(f"export needs the train extra ({exc.name} missing): pip install 'tillsight[train]'") from None
     if keras.backend.backend() != "tensorflow":
@@ -217,7 +217,7 @@ def _to_int8(fp32_path: Path, calibration: np.ndarray, out_dir: Path) -> bytes:
     target = out_dir / "age_int8.tmp.onnx"
     # ORT's recommended first step: shape inference and graph optimisation, so
     # that quantisation sees fused Conv+BatchNorm layers.
-    quant_pre_process(str(fp32_path), str(prepared))
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)  # ONNX shape inference suffices: only the batch is dynamic
     quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     data = target.read_bytes()

@@ -65,3 +65,9 @@ def subscriber(broker):
     sub = Subscriber(broker.port)
     yield sub
     sub.close()
+
+
+@pytest.fixture(scope="session")
+def utkface() -> Path:
+    shared_file("datasets/utkface/labels.csv")
+    return SHARED / "datasets" / "utkface"

@@ -12,6 +12,8 @@ The serving model takes RGB crops 0..255 (edge/contract.py): the ImageNet
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 from pathlib import Path
@@ -92,13 +94,15 @@ def load_backbone_weights(backbone: keras.Model, weights: str) -> None:
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(15)  # no internet must mean a quick answer, not a hang
         try:
-            path = keras.utils.get_file(
+            with contextlib.redirect_stdout(io.StringIO()):  # Keras prints "Downloading..." before failing
+                path = keras.utils.get_file(
                 imagenet_cache_path().name,
-                "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + imagenet_cache_path().name,
-                cache_subdir="models", file_hash="4d473c1dd8becc155b73f8504c6f6626")
+                    "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + imagenet_cache_path().name,
+                    cache_subdir="models", file_hash="4d473c1dd8becc155b73f8504c6f6626")
         except Exception as exc:
             raise WeightsError(f"ImageNet weights cannot be had: not in Keras' cache ({imagenet_cache_path()}) and "
-                               f"the download failed ({type(exc).__name__}); use --weights none or a file") from None
+                               f"the download failed ({str(exc).splitlines()[0][:240] or type(exc).__name__}); "
+                               "use --weights none or a file") from None
         finally:
             socket.setdefaulttimeout(previous)
         backbone.load_weights(path)

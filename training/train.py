@@ -89,7 +89,10 @@ def has_gpu() -> bool:
             return any(d.platform == "gpu" for d in jax.devices())
         if backend == "tensorflow":
             import tensorflow as tf
-            return bool(tf.config.list_physical_devices("GPU"))
+
+            from training import silenced_stderr
+            with silenced_stderr():  # cuInit failure chatter on CPU machines
+                return bool(tf.config.list_physical_devices("GPU"))
         if backend == "torch":
             import torch
             return torch.cuda.is_available()

@@ -1,0 +1,127 @@
+"""inspect -> train -> resume -> export -> eval on a tiny UTKFace subset, on the CPU.
+
+Small on purpose (40 faces, 64 px, batch 8, two epochs): it checks that every
+step works and that the numbers are computed, not that the model is good.
+"""
+
+import csv
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from edge.contract import build_constant_age_model
+from tskit import tillsight
+
+pytest.importorskip("keras", reason="the train extra is not installed")
+pytest.importorskip("tf2onnx", reason="the train extra is not installed")
+pytestmark = pytest.mark.timeout(900)
+
+TINY = ["--limit", "40", "--input-size", "64", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, utkface):
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    first = tillsight("train", "--data", str(utkface), "--out", str(run_dir), "--epochs", "1", *TINY, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = tillsight("train", "--data", str(utkface), "--out", str(run_dir), "--resume", "--epochs", "2",
+                        timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    return run_dir, json.loads(first.stdout.splitlines()[-1]), json.loads(resumed.stdout.splitlines()[-1])
+
+
+def test_inspect_reports_counts_and_writes_plots(tmp_path, utkface):
+    result = tillsight("data", "inspect", str(utkface), "--limit", "60", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["labelled"] == 60 and report["faces"] + len(report["no_face"]) == 60
+    assert report["faces"] >= 55  # portrait padding: the detector finds nearly every UTKFace face
+    assert sum(report["by_band"].values()) == 60 and report["split"]["train"] + report["split"]["val"] == report["faces"]
+    assert set(report["by_gender"]) <= {"male", "female"}
+    for name in ("age_histogram.png", "sample_faces.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "60 labelled" in result.stdout
+
+
+def test_training_writes_its_run_folder_and_resume_continues(run):
+    run_dir, first, resumed = run
+    assert first["epochs_done"] == 1 and resumed["epochs_done"] == 2
+    assert first["data"]["labelled"] == 40 and first["split"]["train"] + first["split"]["val"] == first["data"]["faces"]
+    assert resumed["options"]["input_size"] == 64  # resume keeps the run's options
+    history = list(csv.DictReader((run_dir / "history.csv").open()))
+    assert [row["epoch"] for row in history] == ["0", "1"]
+    for name in ("checkpoints/best.keras", "checkpoints/last.keras", "curves.png", "summary.json", "run.json"):
+        assert (run_dir / name).is_file(), name
+    best = min(float(r["val_expected_age_mae"]) for r in history)
+    assert resumed["best_val_mae"] == pytest.approx(best, rel=1e-5)
+
+
+def test_a_finished_run_is_not_overwritten(run, utkface):
+    run_dir, _, _ = run
+    result = tillsight("train", "--data", str(utkface), "--out", str(run_dir), "--epochs", "1", *TINY)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"tillsight: error: {run_dir} already holds a run: pass --resume to continue it, or another --out"
+
+
+def test_export_checks_parity_and_writes_the_variants(run, tmp_path, utkface):
+    run_dir, _, _ = run
+    out = tmp_path / "export"
+    result = tillsight("export", str(run_dir / "checkpoints" / "best.keras"), "--out", str(out), "--fp16", "--int8",
+                       "--calibration", str(utkface), timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "export.json").read_text())
+    assert report["fp32"]["max_abs_diff"] < 0.05 and report["parity_crops"] >= 2
+    assert report["fp16"]["max_abs_diff_vs_fp32"] < 1.0 and "mae_change_vs_fp32" in report["int8"]
+    model = onnx.load(out / "age.onnx")
+    onnx.checker.check_model(model)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["tillsight.contract"] == "1" and meta["tillsight.input_size"] == "64"
+    assert meta["tillsight.crop_margin"] == "0.3" and meta["tillsight.head"] == "distribution"
+    assert [o.name for o in model.graph.output] == ["age", "age_spread"]
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    # the exported model serves: through eval, i.e. the daemon's detector, crop and AgeModel
+    result = tillsight("eval", "--model", str(out / "age_int8.onnx"), "--data", str(utkface), "--limit", "12",
+                       "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report) >= {"n", "n_no_face", "mae", "mae_by_band", "challenge25", "mae_by_gender", "mae_by_race"}
+    assert report["n"] == 12 and report["mae"] > 0
+
+
+def test_eval_numbers_come_from_the_predictions(tmp_path, utkface):
+    model = tmp_path / "thirty.onnx"
+    model.write_bytes(build_constant_age_model(30, input_size=64, crop_margin=0.3))
+    out = tmp_path / "eval"
+    result = tillsight("eval", "--model", str(model), "--data", str(utkface), "--limit", "30", "--json",
+                       "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    from training.data import read_labels, select
+    from training.metrics import BANDS
+    by_name = {l.file_name: l.age for l in select(read_labels(utkface / "labels.csv"), 30)}
+    assert report["n"] == 30 and report["n_scored"] == 30 - report["n_no_face"]
+    ages = np.array(list(by_name.values()))
+    if report["n_no_face"] == 0:
+        assert report["mae"] == pytest.approx(np.mean(np.abs(ages - 30)), abs=1e-3)
+    assert report["challenge25"]["minors_13_17_flagged"] in (0.0, None)  # 30 is never under 25
+    assert list(report["mae_by_band"]) == list(BANDS)
+    for name in ("error_by_band.png", "predicted_vs_true.png", "eval.json"):
+        assert (out / name).is_file()
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, utkface):
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    result = tillsight("export", str(bad), "--out", str(tmp_path / "o"), "--crop-margin", "0.3")
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
+        f"tillsight: error: checkpoint {bad} cannot be loaded: ")
+    result = tillsight("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
+    assert (result.returncode, result.stderr.strip()) == (2, f"tillsight: error: data folder not found: {tmp_path / 'nowhere'}")
+    result = tillsight("eval", "--data", str(utkface), "--limit", "3")
+    assert result.returncode == 1 and "no trained age model ships" in result.stderr.strip().splitlines()[-1]
+    result = tillsight("train", "--data", str(utkface), "--out", str(tmp_path / "w"), "--weights", "imagenet", *TINY)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("tillsight: error: ImageNet weights cannot be had")

@@ -1,0 +1,78 @@
+"""Data, split and metric rules of training/ (no Keras needed)."""
+
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from training.data import DataError, Label, load_faces, read_labels, select, split_of
+from training.metrics import age_metrics, band_of
+
+
+def test_labels_parse_optional_columns_and_reject_bad_rows(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("file_name,real_age,gender,race\na.jpg,23,1,2\nb.jpg,7.5,,\n")
+    assert read_labels(path) == [Label("a.jpg", 23.0, 1, 2), Label("b.jpg", 7.5, None, None)]
+    path.write_text("file_name,real_age\na.jpg,23\nb.jpg,old\n")
+    with pytest.raises(DataError, match=r"labels.csv:3: real_age 'old' is not a number"):
+        read_labels(path)
+    path.write_text("name,age\na.jpg,23\n")
+    with pytest.raises(DataError, match="missing column"):
+        read_labels(path)
+    with pytest.raises(DataError, match="labels file not found"):
+        read_labels(tmp_path / "absent.csv")
+
+
+def test_split_is_deterministic_and_near_the_fraction():
+    names = [f"{i}_0_0_2017.jpg" for i in range(4000)]
+    splits = [split_of(n, 0.2) for n in names]
+    assert splits == [split_of(n, 0.2) for n in names]
+    assert 0.18 < splits.count("val") / len(names) < 0.22
+    # growing the fraction only moves images from train to val, never back
+    assert all(split_of(n, 0.3) == "val" for n, s in zip(names, splits) if s == "val")
+
+
+def test_select_takes_a_stable_subset_across_ages():
+    labels = [Label(f"{age}_{i}.jpg", age) for age in range(1, 91) for i in range(3)]
+    subset = select(labels, 30)
+    assert subset == select(list(reversed(labels)), 30)
+    assert np.std([l.age for l in subset]) > 15  # spread over ages, not the first rows
+
+
+def test_metrics_of_a_constant_model_are_the_mean_absolute_deviation():
+    true = np.array([5, 15, 16, 20, 27, 35, 50, 70], float)
+    report = age_metrics(true, np.full(true.shape, 30.0))
+    assert report["mae"] == pytest.approx(np.mean(np.abs(true - 30)), abs=1e-3)
+    assert report["mae_by_band"] == {"0-12": 25.0, "13-17": 14.5, "18-24": 10.0, "25-29": 3.0, "30-44": 5.0,
+                                     "45-59": 20.0, "60+": 40.0}
+    assert report["challenge25"] == {"minors_13_17_flagged": 0.0, "adults_25plus_challenged": 0.0,
+                                     "adults_30plus_challenged": 0.0}
+
+
+def test_challenge25_shares():
+    true = np.array([14, 16, 17, 26, 31, 40, 45])
+    predicted = np.array([20, 26, 22, 24, 24, 35, 50])
+    c25 = age_metrics(true, predicted)["challenge25"]
+    assert c25 == {"minors_13_17_flagged": pytest.approx(2 / 3, abs=1e-4),
+                   "adults_25plus_challenged": pytest.approx(2 / 4), "adults_30plus_challenged": pytest.approx(1 / 3, abs=1e-4)}
+    assert age_metrics(np.array([40.0]), np.array([41.0]))["challenge25"]["minors_13_17_flagged"] is None
+
+
+def test_groups_and_bands():
+    report = age_metrics([10, 20], [12, 30], genders=[0, 1], races=[2, None], gender_names={0: "male", 1: "female"})
+    assert report["mae_by_gender"] == {"male": 2.0, "female": 10.0} and report["mae_by_race"] == {"2": 2.0}
+    assert [band_of(a) for a in (0, 12.9, 13, 17, 18, 24, 25, 29, 30, 44, 45, 59, 60, 116)] == [
+        "0-12", "0-12", "13-17", "13-17", "18-24", "18-24", "25-29", "25-29", "30-44", "30-44", "45-59", "45-59",
+        "60+", "60+"]
+
+
+def test_loose_image_folder_lists_missing_unreadable_and_faceless(tmp_path, two_people_photo):
+    # APPA-REAL layout: images beside labels.csv
+    shutil.copy(two_people_photo, tmp_path / "people.jpg")
+    cv2.imwrite(str(tmp_path / "wall.png"), np.full((200, 200, 3), 90, np.uint8))
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    labels = [Label("people.jpg", 40), Label("wall.png", 30), Label("broken.jpg", 20), Label("gone.jpg", 10)]
+    faces = load_faces(tmp_path, labels, 48, 0.3, progress=False)
+    assert [l.file_name for l in faces.labels] == ["people.jpg"] and faces.crops.shape == (1, 48, 48, 3)
+    assert (faces.missing, faces.unreadable, faces.no_face) == (["gone.jpg"], ["broken.jpg"], ["wall.png"])
