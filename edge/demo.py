@@ -34,7 +34,7 @@ def describe(topic: str, payload: bytes) -> str:
     """One printable line per message; a payload that is not JSON is reported, not trusted."""
     try:
         body = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # deep nesting too
         return f"{topic}  (not JSON, {len(payload)} bytes)"
     if not isinstance(body, dict):
         return f"{topic}  (unexpected JSON {type(body).__name__})"

@@ -35,6 +35,7 @@ class PipelineStats:
     tracks: int = 0
     estimates: int = 0
     alerts: int = 0
+    inference_errors: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -84,7 +85,13 @@ class CameraPipeline(threading.Thread):
         model_info = self.batcher.model.info
         crops = np.stack([crop_face(frame.image, f, model_info.input_size, model_info.crop_margin) for f in faces]) \
             if faces else np.empty((0,))
-        ages = self.batcher.submit(crops).result(timeout=60) if faces else []
+        try:
+            ages = self.batcher.submit(crops).result(timeout=60) if faces else []
+        except Exception as exc:  # e.g. a GPU out of memory: lose this frame, keep the camera
+            self.stats.inference_errors += 1
+            log.error("age inference failed, frame skipped",
+                      extra={"camera": self.camera.id, "error": str(exc).splitlines()[0] if str(exc) else repr(exc)})
+            return
         ended = self.tracker.update(frame.timestamp, list(zip(faces, ages)))
         for track in self.tracker.tracks:
             self._judge(track, frame.timestamp)
@@ -176,7 +183,7 @@ class Service:
     def stats(self) -> dict:
         totals = PipelineStats()
         for p in self.pipelines:
-            for key in ("frames", "frames_with_faces", "faces", "tracks", "estimates", "alerts"):
+            for key in ("frames", "frames_with_faces", "faces", "tracks", "estimates", "alerts", "inference_errors"):
                 setattr(totals, key, getattr(totals, key) + getattr(p.stats, key))
             totals.errors += p.stats.errors
         return totals.__dict__

@@ -95,3 +95,15 @@ def test_demo_runs_with_a_local_broker():
     assert "PLACEHOLDER" in out  # honest while no trained model ships
     assert "tillsight/demo-store/till-1/estimate  track 1 age 30.0" in out
     assert "(100 frames, final)" in out and "1 customer(s)" in out
+
+
+@pytest.mark.parametrize("payload, expected", [
+    (b"\xff\xfe\x00garbage", "t/x/alert  (not JSON, 10 bytes)"),
+    (b"[1, 2, 3]", "t/x/alert  (unexpected JSON list)"),
+    (b'{"track": 3, "age": 16.2, "challenge_age": 25}', "t/x/alert  ASK FOR ID: track 3 looks 16.2 (challenge 25)"),
+    (b"{" * 100_000, "t/x/alert  (not JSON, 100000 bytes)"),
+    (b"[" * 100_000, "t/x/alert  (not JSON, 100000 bytes)"),
+])
+def test_demo_pos_survives_hostile_payloads(payload, expected):
+    from edge.demo import describe
+    assert describe("t/x/alert", payload) == expected
