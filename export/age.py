@@ -51,8 +51,10 @@ def load_checkpoint(path: Path):
     import training.model  # noqa: F401  registers tillsight's custom layers and losses
     if not path.is_file():
         raise ExportError(f"checkpoint not found: {path}")
+    from training import silenced_stderr
     try:
-        model = keras.models.load_model(path, compile=False)
+        with silenced_stderr():  # TensorFlow's first op probes CUDA and prints cuInit failures on CPU machines
+            model = keras.models.load_model(path, compile=False)
     except Exception as exc:
         raise ExportError(f"checkpoint {path} cannot be loaded: {str(exc).strip().splitlines()[0][:200]}") from None
     shape = tuple(model.input.shape[1:])
