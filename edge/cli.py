@@ -262,9 +262,19 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _check_ranges(**checks: tuple[float | None, float, float]) -> None:
+    for name, (value, low, high) in checks.items():
+        if value is not None and not low <= value <= high:
+            raise UserError(f"--{name.replace('_', '-')} {value:g} out of range [{low:g}, {high:g}]", EXIT_USAGE)
+
+
 def cmd_train(args) -> int:
     if not args.resume and not args.data.is_dir():
         raise UserError(f"data folder not found: {args.data}", EXIT_USAGE)
+    _check_ranges(input_size=(args.input_size, 32, 1024), crop_margin=(args.crop_margin, 0, 2),
+                  epochs=(args.epochs, 1, 10_000), batch_size=(args.batch_size, 1, 4096),
+                  learning_rate=(args.learning_rate, 1e-8, 1), val_fraction=(args.val_fraction, 0.001, 0.999),
+                  limit=(args.limit, 2, 10**9))
     _training_imports()
     from training.train import TrainOptions, train
     opts = TrainOptions(data=str(args.data), labels=str(args.labels) if args.labels else None, out=str(args.out),
@@ -286,6 +296,7 @@ def cmd_eval(args) -> int:
     from training.evaluate import evaluate, print_eval
     if not args.data.is_dir():
         raise UserError(f"data folder not found: {args.data}", EXIT_USAGE)
+    _check_ranges(val_fraction=(args.val_fraction, 0.001, 0.999), limit=(args.limit, 1, 10**9))
     try:
         report = evaluate(args.model or SHIPPED_AGE_MODEL, args.data, args.labels, args.split, args.val_fraction,
                           args.limit, args.out, progress=not args.json)

@@ -76,3 +76,9 @@ def test_loose_image_folder_lists_missing_unreadable_and_faceless(tmp_path, two_
     faces = load_faces(tmp_path, labels, 48, 0.3, progress=False)
     assert [l.file_name for l in faces.labels] == ["people.jpg"] and faces.crops.shape == (1, 48, 48, 3)
     assert (faces.missing, faces.unreadable, faces.no_face) == (["gone.jpg"], ["broken.jpg"], ["wall.png"])
+
+
+def test_out_of_range_training_options_are_one_line(tmp_path):
+    from tskit import tillsight
+    result = tillsight("train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--val-fraction", "2")
+    assert (result.returncode, result.stderr.strip()) == (2, "tillsight: error: --val-fraction 2 out of range [0.001, 0.999]")
