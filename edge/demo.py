@@ -42,7 +42,7 @@ def describe(topic: str, payload: bytes) -> str:
         return f"{topic}  ASK FOR ID: track {body.get('track')} looks {body.get('age')} (challenge {body.get('challenge_age')})"
     if topic.endswith("/estimate"):
         kind = "final" if body.get("final") else "update"
-        return f"{topic}  track {body.get('track')} age {body.get('age')} ± {body.get('spread')} ({body.get('samples')} frames, {kind})"
+        return f"{topic}  track {body.get('track')} age {body.get('age')} ± {body.get('spread')} ({body.get('samples')} samples, {kind})"
     return f"{topic}  {json.dumps(body, separators=(',', ':'))}"
 
 

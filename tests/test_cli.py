@@ -94,7 +94,7 @@ def test_demo_runs_with_a_local_broker():
     out = result.stdout
     assert "PLACEHOLDER" in out  # honest while no trained model ships
     assert "tillsight/demo-store/till-1/estimate  track 1 age 30.0" in out
-    assert "(100 frames, final)" in out and "1 customer(s)" in out
+    assert "(100 samples, final)" in out and "1 customer(s)" in out
 
 
 @pytest.mark.parametrize("payload, expected", [

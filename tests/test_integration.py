@@ -9,7 +9,10 @@ import time
 
 import pytest
 
+from edge import __version__
 from edge.broker import LocalBroker, free_port
+from edge.cli import run_replay
+from edge.config import parse_config
 from tskit import REPO, Subscriber, tillsight, write_config
 
 ESTIMATE_KEYS = {"schema": int, "store": str, "camera": str, "track": int, "age": float, "spread": float,
@@ -91,7 +94,7 @@ def test_daemon_goes_online_and_the_broker_publishes_its_will_after_kill_9(
         assert subscriber.wait_for(lambda s: s.json("till-pc/status")[-1]["state"] == "offline", 15)
         will = [(t, p, r) for t, p, r in subscriber.messages if t.endswith("till-pc/status")][-1]
         assert json.loads(will[1]) == {"schema": 1, "store": "store-1", "daemon": "till-pc", "state": "offline",
-                                       "version": "0.1.0"}
+                                       "version": __version__}
     finally:
         daemon.kill()
         daemon.wait()
@@ -141,3 +144,16 @@ def test_corrupt_video_is_one_line(tmp_path, broker, age_models):
     result = tillsight("replay", str(video), "--config", str(replay_config(tmp_path, broker.port, age_models[40])))
     assert result.returncode == 1
     assert result.stderr.strip() == f"tillsight: error: camera replay: cannot open source '{video}'"
+
+
+def test_two_tills_share_batched_age_calls(broker, subscriber, age_models, carphone_clip):
+    config = parse_config({"store_id": "store-1", "daemon_id": "till-pc",
+                           "cameras": [{"id": "till-1", "source": str(carphone_clip), "fps_limit": None},
+                                       {"id": "till-2", "source": str(carphone_clip), "fps_limit": None}],
+                           "mqtt": {"host": "127.0.0.1", "port": broker.port},
+                           "models": {"age_model": str(age_models[40]), "max_wait_ms": 50}})
+    summary = run_replay(config)
+    assert summary["frames"] == 240 and summary["faces"] == 240
+    # one session call served both tills most of the time: far fewer calls than frames
+    assert summary["batches"] < 0.75 * summary["frames"]
+    assert subscriber.wait_for(lambda s: {b["camera"] for b in s.json("/estimate") if b["final"]} == {"till-1", "till-2"})
