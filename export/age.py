@@ -57,10 +57,25 @@ def load_checkpoint(path: Path):
             model = keras.models.load_model(path, compile=False)
     except Exception as exc:
         raise ExportError(f"checkpoint {path} cannot be loaded: {str(exc).strip().splitlines()[0][:200]}") from None
+    model = _as_float32(model, keras)
     shape = tuple(model.input.shape[1:])
     if len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3:
         raise ExportError(f"checkpoint {path} is not an age model: input shape {shape}, expected (S, S, 3)")
     return model
+
+
+def _as_float32(model, keras):
+    """A model trained with mixed precision computes in float16; the exported fp32
+    model and the Keras reference of the parity check must both compute in
+    float32. The variables are float32 already: rebuild the graph with a
+    float32 policy and copy them over."""
+    config = json.dumps(keras.saving.serialize_keras_object(model))
+    if "mixed_float16" not in config and "mixed_bfloat16" not in config:
+        return model
+    config = config.replace('"mixed_float16"', '"float32"').replace('"mixed_bfloat16"', '"float32"')
+    rebuilt = keras.saving.deserialize_keras_object(json.loads(config))
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
 
 
 def run_info(checkpoint: Path) -> dict:
