@@ -43,8 +43,10 @@ class CameraPipeline(threading.Thread):
     """Frames of one camera through detection, age, tracking, policy and publishing."""
 
     def __init__(self, camera: CameraConfig, config: Config, frames: queue.Queue, detector: FaceDetector,
-                 detector_lock: threading.Lock, batcher: AgeBatcher, publisher: Publisher, stop: threading.Event):
+                 detector_lock: threading.Lock, batcher: AgeBatcher, publisher: Publisher, stop: threading.Event,
+                 replay: bool = False):
         super().__init__(name=f"pipeline-{camera.id}", daemon=True)
+        self.replay = replay
         self.camera = camera
         self.config = config
         self.frames = frames
@@ -64,6 +66,8 @@ class CameraPipeline(threading.Thread):
                 try:
                     frame = self.frames.get(timeout=0.2)
                 except queue.Empty:
+                    if not self.replay:  # a live camera gone quiet: customers still leave, on the wall clock
+                        self._finish_tracks(self.tracker.update(time.time(), []))
                     continue
                 if frame is END_OF_STREAM:
                     break
@@ -144,7 +148,7 @@ class Service:
             frames: queue.Queue = queue.Queue(maxsize=8 if replay else 2)
             self.readers.append(CameraReader(camera, frames, self.stop_event, replay, realtime))
             self.pipelines.append(CameraPipeline(camera, config, frames, self.detector, detector_lock,
-                                                 self.batcher, self.publisher, self.stop_event))
+                                                 self.batcher, self.publisher, self.stop_event, replay))
 
     def status(self) -> dict:
         return {

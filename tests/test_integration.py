@@ -157,3 +157,38 @@ def test_two_tills_share_batched_age_calls(broker, subscriber, age_models, carph
     # one session call served both tills most of the time: far fewer calls than frames
     assert summary["batches"] < 0.75 * summary["frames"]
     assert subscriber.wait_for(lambda s: {b["camera"] for b in s.json("/estimate") if b["final"]} == {"till-1", "till-2"})
+
+
+def test_a_network_camera_that_vanishes_is_reconnected(tmp_path, broker, subscriber, age_models, carphone_clip):
+    from tskit import MjpegCamera
+    camera = MjpegCamera(carphone_clip).start()
+    config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=0.5,
+                          cameras=[{"id": "till-1", "source": camera.url, "fps_limit": 10}],
+                          mqtt={"host": "127.0.0.1", "port": broker.port},
+                          models={"age_model": str(age_models[40])}, tracking={"lost_after_s": 0.5})
+    daemon = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def camera_state(s):
+        statuses = s.json("till-pc/status")
+        return statuses[-1]["cameras"]["till-1"] if statuses else {}
+
+    try:
+        assert subscriber.wait_for(lambda s: camera_state(s).get("state") == "online", 30)
+        assert subscriber.wait_for(lambda s: len(s.json("till-1/estimate")) >= 1, 30)
+        camera.stop()  # the camera vanishes mid-stream
+        assert subscriber.wait_for(lambda s: camera_state(s).get("state") == "reconnecting", 30)
+        assert subscriber.wait_for(lambda s: any(b["final"] for b in s.json("till-1/estimate")), 10)
+        assert daemon.poll() is None  # the daemon lives on
+        before = len(subscriber.json("till-1/estimate"))
+        camera.start()  # back on the same address
+        assert subscriber.wait_for(lambda s: camera_state(s).get("state") == "online", 40)
+        assert subscriber.wait_for(lambda s: len(s.json("till-1/estimate")) > before, 30)
+        assert camera_state(subscriber)["reconnects"] >= 1
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(20) == 0, daemon.stderr.read()
+    finally:
+        daemon.kill()
+        daemon.wait()
+        if camera.running.is_set():
+            camera.stop()

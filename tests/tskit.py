@@ -73,3 +73,63 @@ def tillsight(*args: str, timeout: float = 240, **kwargs) -> subprocess.Complete
     """Run the real console entry point in a child process."""
     return subprocess.run([sys.executable, "-m", "edge", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=kwargs.pop("cwd", REPO), **kwargs)
+
+
+class MjpegCamera:
+    """An IP camera on loopback: MJPEG over HTTP (multipart/x-mixed-replace), as many
+    network cameras serve it, streaming a real clip's frames at `fps` in a loop.
+    `stop()` makes it vanish mid-stream; `start()` brings it back on the same port."""
+
+    def __init__(self, video: Path, fps: float = 30.0):
+        import cv2
+        capture = cv2.VideoCapture(str(video))
+        self.jpegs = []
+        while True:
+            ok, image = capture.read()
+            if not ok:
+                break
+            self.jpegs.append(cv2.imencode(".jpg", image)[1].tobytes())
+        self.fps = fps
+        self.port = None
+        self.server = None
+        self.running = threading.Event()
+
+    def start(self) -> "MjpegCamera":
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        camera = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                index = 0
+                try:
+                    while camera.running.is_set():
+                        jpeg = camera.jpegs[index % len(camera.jpegs)]
+                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                                         % len(jpeg) + jpeg + b"\r\n")
+                        index += 1
+                        time.sleep(1 / camera.fps)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port or 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.running.set()
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/video.mjpg"
+
+    def stop(self) -> None:
+        self.running.clear()
+        self.server.shutdown()
+        self.server.server_close()
