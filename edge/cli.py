@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="run folder")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
     train.add_argument("--input-size", type=int, default=224)
-    train.add_argument("--crop-margin", type=float, default=0.3)
+    train.add_argument("--crop-margin", type=float, default=0.0, help="widen the detector box by this on each side")
     train.add_argument("--head", choices=["distribution", "regression"], default="distribution")
     train.add_argument("--weights", default="none", help="none (default), imagenet, or a weights file")
     train.add_argument("--epochs", type=int, default=30)

@@ -13,7 +13,7 @@ from training.metrics import BANDS, band_of
 
 
 def inspect(data_dir: Path, labels_csv: Path | None, out: Path, limit: int | None = None,
-            val_fraction: float = 0.1, input_size: int = 128, crop_margin: float = 0.3) -> dict:
+            val_fraction: float = 0.1, input_size: int = 128, crop_margin: float = 0.0) -> dict:
     from training.plots import plot_age_histogram, plot_sample_grid
 
     labels = select(read_labels(labels_csv or data_dir / "labels.csv"), limit)
