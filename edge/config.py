@@ -15,8 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge.detect import DEFAULT_VARIANT, VARIANTS
-
-SHIPPED_AGE_MODEL = Path(__file__).parent / "models" / "age.onnx"
+from edge.tiers import TIERS
 URL_SCHEMES = ("rtsp", "rtsps", "http", "https")
 NAME = r"^[A-Za-z0-9_-]{1,64}$"  # ids become MQTT topic levels: no '/', '+', '#'
 
@@ -102,21 +101,25 @@ class ModelsConfig(Strict):
     detector_variant: Literal[tuple(VARIANTS)] = DEFAULT_VARIANT  # type: ignore[valid-type]
     detector_score: Annotated[float, Field(gt=0, lt=1)] = 0.5
     min_face_px: Annotated[float, Field(ge=0)] = 24.0
-    age_model: Path | None = None  # None: the model that ships in edge/models, if any
+    # a tier (auto: the shipped ResNet50, else the light model; see edge/tiers.py) or a model file
+    age_model: str = "auto"
     providers: list[Literal["cuda", "tensorrt", "cpu"]] = ["cuda", "cpu"]
     max_batch: Annotated[int, Field(ge=1, le=256)] = 32
     max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 10.0
 
-    @field_validator("detector", "age_model")
+    @field_validator("detector")
     @classmethod
     def model_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"model file {str(value)!r} not found")
         return value
 
-    @property
-    def age_model_path(self) -> Path:
-        return self.age_model or SHIPPED_AGE_MODEL
+    @field_validator("age_model")
+    @classmethod
+    def tier_or_file(cls, value: str) -> str:
+        if value not in TIERS and not Path(value).is_file():
+            raise ValueError(f"{value!r} is neither a tier ({', '.join(TIERS)}) nor an existing model file")
+        return value
 
 
 class PolicyConfig(Strict):
@@ -235,7 +238,7 @@ def _resolve(node, base_dir: Path, where: tuple):
         return {k: _resolve(v, base_dir, where + (k,)) for k, v in node.items()}
     if isinstance(node, list):
         return [_resolve(v, base_dir, where + (str(i),)) for i, v in enumerate(node)]
-    if isinstance(node, str) and node and (where in _PATH_KEYS or _is_camera_file(where, node)):
+    if isinstance(node, str) and node and node not in TIERS and (where in _PATH_KEYS or _is_camera_file(where, node)):
         path = Path(node).expanduser()
         return str(path if path.is_absolute() else base_dir / path)
     return node

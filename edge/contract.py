@@ -10,6 +10,8 @@
         tillsight.contract     "1"
         tillsight.input_size   S, e.g. "224"
         tillsight.crop_margin  margin passed to crop_face, e.g. "0.4"
+        tillsight.crop_eye_y   (optional) eye height passed to crop_face, e.g.
+                               "0.3"; absent: the crop is centred on the box
         anything else (training data, validation MAE, ...) is informational.
 """
 
@@ -17,10 +19,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from edge.crop import crop_face
+from edge.types import Face
+
 CONTRACT_VERSION = "1"
 KEY_CONTRACT = "tillsight.contract"
 KEY_INPUT_SIZE = "tillsight.input_size"
 KEY_CROP_MARGIN = "tillsight.crop_margin"
+KEY_CROP_EYE_Y = "tillsight.crop_eye_y"
 SPREAD_OUTPUT = "age_spread"
 
 
@@ -35,11 +43,19 @@ class AgeModelInfo:
     fixed_batch: int | None  # None when the batch dimension is dynamic
     has_spread: bool
     metadata: dict[str, str] = field(default_factory=dict)
+    crop_eye_y: float | None = None
+
+    def crop(self, image_bgr: np.ndarray, face: Face) -> np.ndarray:
+        """The crop this model was trained on, of one face in a BGR frame."""
+        return crop_face(image_bgr, face, self.input_size, self.crop_margin, self.crop_eye_y)
 
 
-def contract_metadata(input_size: int, crop_margin: float, **extra: object) -> dict[str, str]:
+def contract_metadata(input_size: int, crop_margin: float, crop_eye_y: float | None = None,
+                      **extra: object) -> dict[str, str]:
     """The metadata an exporter writes into an age model."""
     meta = {KEY_CONTRACT: CONTRACT_VERSION, KEY_INPUT_SIZE: str(input_size), KEY_CROP_MARGIN: str(crop_margin)}
+    if crop_eye_y is not None:
+        meta[KEY_CROP_EYE_Y] = str(crop_eye_y)
     meta.update({f"tillsight.{k}": str(v) for k, v in extra.items()})
     return meta
 
@@ -52,10 +68,12 @@ def read_contract(session) -> AgeModelInfo:
     try:
         size = int(meta[KEY_INPUT_SIZE])
         margin = float(meta[KEY_CROP_MARGIN])
+        eye_y = float(meta[KEY_CROP_EYE_Y]) if KEY_CROP_EYE_Y in meta else None
     except (KeyError, ValueError) as exc:
-        raise ContractError(f"metadata {KEY_INPUT_SIZE} and {KEY_CROP_MARGIN} must be numbers ({exc})") from None
-    if not 16 <= size <= 1024 or not 0 <= margin <= 2:
-        raise ContractError(f"input size {size} or crop margin {margin} out of range")
+        raise ContractError(f"metadata {KEY_INPUT_SIZE}, {KEY_CROP_MARGIN} (and {KEY_CROP_EYE_Y} if present) "
+                            f"must be numbers ({exc})") from None
+    if not 16 <= size <= 1024 or not 0 <= margin <= 2 or not (eye_y is None or 0 < eye_y < 1):
+        raise ContractError(f"input size {size}, crop margin {margin} or crop eye y {eye_y} out of range")
     inputs = session.get_inputs()
     if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
         raise ContractError("expected one float32 input of shape [N, S, S, 3]")
@@ -67,7 +85,7 @@ def read_contract(session) -> AgeModelInfo:
         raise ContractError("first output must be the age, shape [N] or [N, 1]")
     fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
     has_spread = any(o.name == SPREAD_OUTPUT for o in outputs)
-    return AgeModelInfo(size, margin, fixed_batch, has_spread, meta)
+    return AgeModelInfo(size, margin, fixed_batch, has_spread, meta, eye_y)
 
 
 def build_constant_age_model(age: float, input_size: int = 64, crop_margin: float = 0.4,
@@ -75,9 +93,9 @@ def build_constant_age_model(age: float, input_size: int = 64, crop_margin: floa
     """A contract-following ONNX model that answers `age` for every crop.
 
     For tests of the policy path (deterministic ages through real ONNX
-    Runtime) and for the demo while no trained model ships. The answer still
-    depends on the input (mean pixel * 0 + age), so ONNX Runtime cannot fold
-    the graph away and the crops really travel through the session.
+    Runtime). The answer still depends on the input (mean pixel * 0 + age),
+    so ONNX Runtime cannot fold the graph away and the crops really travel
+    through the session.
     """
     import onnx
     from onnx import TensorProto, helper

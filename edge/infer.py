@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.config import SHIPPED_AGE_MODEL
 from edge.contract import SPREAD_OUTPUT, AgeModelInfo, ContractError, read_contract
 from edge.runtime import ModelError, open_session
+from edge.tiers import resolve_age_model
 from edge.types import AgeEstimate
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,9 @@ log = logging.getLogger(__name__)
 class AgeModel:
     """An ONNX age model that follows `edge.contract`."""
 
-    def __init__(self, path: Path | str, providers: list[str] | None = None):
+    def __init__(self, path: Path | str, providers: list[str] | None = None, tier: str = "file"):
         self.path = Path(path)
-        if self.path == SHIPPED_AGE_MODEL and not self.path.is_file():
-            raise ModelError("no trained age model ships with this version yet: set models.age_model "
-                             "(or --age-model) to an ONNX model that follows edge/contract.py")
+        self.tier = tier
         self.session = open_session(self.path, providers, "age")
         try:
             self.info: AgeModelInfo = read_contract(self.session)
@@ -42,6 +40,17 @@ class AgeModel:
             raise ModelError(f"age model {self.path} breaks the model contract: {exc}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [self.session.get_outputs()[0].name] + ([SPREAD_OUTPUT] if self.info.has_spread else [])
+
+    @classmethod
+    def load(cls, setting: str | Path | None, providers: list[str] | None = None) -> "AgeModel":
+        """A tier name ('auto', 'light', 'resnet50') or a model file."""
+        choice = resolve_age_model(setting)
+        return cls(choice.path, providers, choice.tier)
+
+    def describe(self) -> dict:
+        """Which model answers: logged at start and published in the status topic."""
+        kind = self.info.metadata.get("tillsight.kind")
+        return {"tier": self.tier, "file": self.path.name, **({"kind": kind} if kind else {})}
 
     @property
     def providers(self) -> list[str]:

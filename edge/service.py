@@ -17,7 +17,6 @@ import numpy as np
 
 from edge.capture import END_OF_STREAM, CameraReader
 from edge.config import CameraConfig, Config
-from edge.crop import crop_face
 from edge.detect import FaceDetector
 from edge.infer import AgeBatcher, AgeModel
 from edge.policy import needs_id_check
@@ -87,8 +86,7 @@ class CameraPipeline(threading.Thread):
             self.stats.frames_with_faces += 1
             self.stats.faces += len(faces)
         model_info = self.batcher.model.info
-        crops = np.stack([crop_face(frame.image, f, model_info.input_size, model_info.crop_margin) for f in faces]) \
-            if faces else np.empty((0,))
+        crops = np.stack([model_info.crop(frame.image, f) for f in faces]) if faces else np.empty((0,))
         try:
             ages = self.batcher.submit(crops).result(timeout=60) if faces else []
         except Exception as exc:  # e.g. a GPU out of memory: lose this frame, keep the camera
@@ -137,9 +135,9 @@ class Service:
         models = config.models
         self.detector = FaceDetector(models.detector, models.detector_variant, models.detector_score,
                                      min_face_px=models.min_face_px, providers=models.providers)
-        self.age_model = AgeModel(models.age_model_path, models.providers)
-        log.info("execution providers", extra={"age_model": self.age_model.providers,
-                                               "detector": self.detector.session.get_providers()})
+        self.age_model = AgeModel.load(models.age_model, models.providers)
+        log.info("age model", extra={"model": self.age_model.describe(), "providers": self.age_model.providers,
+                                     "detector_providers": self.detector.session.get_providers()})
         self.batcher = AgeBatcher(self.age_model, models.max_batch, models.max_wait_ms, producers=len(config.cameras))
         self.publisher = Publisher(config.mqtt, config.store_id, self.daemon_id)
         detector_lock = threading.Lock()
@@ -154,6 +152,7 @@ class Service:
         return {
             "state": "online",
             "provider": self.age_model.providers[0],
+            "age_model": self.age_model.describe(),
             "cameras": {r.camera.id: {"state": r.status.state, "frames": r.status.frames,
                                       "reconnects": r.status.reconnects, "last_error": r.status.last_error}
                         for r in self.readers},

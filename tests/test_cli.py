@@ -1,6 +1,8 @@
 """User mistakes get one line and a non-zero exit, never a traceback."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -43,9 +45,13 @@ def test_missing_age_model(tmp_path, two_people_photo):
     assert one_line_error(result) == f"tillsight: error: age model not found: {tmp_path / 'none.onnx'}"
 
 
-def test_no_shipped_age_model_yet_says_what_to_do(two_people_photo):
-    result = tillsight("predict", str(two_people_photo))
-    assert "set models.age_model" in one_line_error(result)
+def test_no_age_model_at_all_says_what_to_do(tmp_path, two_people_photo):
+    env = {**os.environ, "TILLSIGHT_MODEL_DIR": str(tmp_path / "empty-cache")}
+    result = tillsight("predict", str(two_people_photo), env=env)
+    assert one_line_error(result) == (
+        "tillsight: error: no trained ResNet50 ships yet and the light age model is not in "
+        f"{tmp_path / 'empty-cache'}: run `tillsight models fetch light` "
+        "(or set models.age_model to a contract-following ONNX model)")
 
 
 def test_corrupt_detector_in_config(tmp_path, age_models, carphone_clip):
@@ -92,9 +98,11 @@ def test_demo_runs_with_a_local_broker():
     result = tillsight("demo", timeout=240)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "PLACEHOLDER" in out  # honest while no trained model ships
-    assert "tillsight/demo-store/till-1/estimate  track 1 age 30.0" in out
-    assert "(100 samples, final)" in out and "1 customer(s)" in out
+    assert "age model: light tier, light-age-v1.onnx, dlib age predictor" in out  # says which model answered
+    assert "measured: MAE" in out and "PLACEHOLDER" not in out
+    [final] = re.findall(r"till-1/estimate  track 1 age ([0-9.]+) .* \(100 samples, final\)", out)
+    assert 18 < float(final) < 60  # a real estimate of the carphone clip's adult, not a constant
+    assert "1 customer(s)" in out
 
 
 @pytest.mark.parametrize("payload, expected", [

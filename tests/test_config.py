@@ -58,8 +58,19 @@ def test_missing_keys_and_files():
                      "models": {"age_model": "/no/such/model.onnx"},
                      "mqtt": {"password_file": "/no/secret"}}) == [
         "mqtt.password_file: file '/no/secret' not found",
-        "models.age_model: model file '/no/such/model.onnx' not found",
+        "models.age_model: '/no/such/model.onnx' is neither a tier (auto, resnet50, light) nor an existing model file",
     ]
+
+
+def test_age_model_is_a_tier_or_a_file_relative_to_the_config(tmp_path):
+    (tmp_path / "mine.onnx").write_bytes(b"")
+    cameras = [{"id": "a", "source": 0}]
+    assert parse_config({"store_id": "s", "cameras": cameras}).models.age_model == "auto"
+    for tier in ("auto", "light", "resnet50"):
+        config = load_config(write_config(tmp_path / "c.toml", store_id="s", cameras=cameras, models={"age_model": tier}))
+        assert config.models.age_model == tier  # a tier name is not taken for a relative path
+    config = load_config(write_config(tmp_path / "c.toml", store_id="s", cameras=cameras, models={"age_model": "mine.onnx"}))
+    assert config.models.age_model == str(tmp_path / "mine.onnx")
 
 
 def test_duplicate_camera_ids_and_empty_camera_list():

@@ -52,3 +52,18 @@ def test_crop_matches_cv2_on_an_untilted_face():
     crop = crop_face(image, face, size=100, margin=0.0)
     expected = cv2.cvtColor(image[50:150, 50:150], cv2.COLOR_BGR2RGB)
     assert np.abs(crop.astype(int) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("tilt_degrees", [-20, 0, 15])
+def test_an_eye_anchored_crop_puts_the_eyes_where_the_model_expects_them(tilt_degrees):
+    """eye_y: the eyes' midpoint at the horizontal centre and eye_y of the height (dlib-style chips)."""
+    t = math.radians(tilt_degrees)
+    mid = (210.0, 140.0)  # the eyes sit above the box centre (200, 150), as on a real face
+    left = (mid[0] - 20 * math.cos(t), mid[1] - 20 * math.sin(t))
+    right = (mid[0] + 20 * math.cos(t), mid[1] + 20 * math.sin(t))
+    face = Face((150, 100, 250, 200), 0.9, left, right)
+    matrix = crop_transform(face, size=64, margin=0.0, eye_y=0.3)
+    l, r = _apply(matrix, left), _apply(matrix, right)
+    assert l[1] == pytest.approx(r[1], abs=1e-6)
+    assert (l + r) / 2 == pytest.approx([32, 0.3 * 64])
+    assert np.linalg.norm(r - l) == pytest.approx(40 * 64 / 100)  # side is still the box's

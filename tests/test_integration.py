@@ -61,6 +61,7 @@ def test_replay_publishes_documented_estimates_and_no_alert_for_adults(
     statuses = subscriber.json("store-1/till-pc/status")
     assert statuses[0]["state"] == "online" and statuses[-1]["state"] == "offline"
     assert statuses[-1]["cameras"]["replay"]["state"] == "ended"
+    assert statuses[0]["age_model"] == {"tier": "file", "file": "age40.onnx", "kind": "constant 40 (test/demo placeholder)"}
     assert subscriber.json("/alert") == []
     assert all(b"jpg" not in p and len(p) < 2000 for _, p, _ in subscriber.messages)  # no image data
 

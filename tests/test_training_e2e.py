@@ -6,6 +6,7 @@ step works and that the numbers are computed, not that the model is good.
 
 import csv
 import json
+import os
 
 import numpy as np
 import onnx
@@ -120,8 +121,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path, utkface):
         f"tillsight: error: checkpoint {bad} cannot be loaded: ")
     result = tillsight("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
     assert (result.returncode, result.stderr.strip()) == (2, f"tillsight: error: data folder not found: {tmp_path / 'nowhere'}")
-    result = tillsight("eval", "--data", str(utkface), "--limit", "3")
-    assert result.returncode == 1 and "no trained age model ships" in result.stderr.strip().splitlines()[-1]
+    no_models = {**os.environ, "TILLSIGHT_MODEL_DIR": str(tmp_path / "empty-cache")}
+    result = tillsight("eval", "--data", str(utkface), "--limit", "3", env=no_models)
+    assert result.returncode == 1 and "run `tillsight models fetch light`" in result.stderr.strip().splitlines()[-1]
     result = tillsight("train", "--data", str(utkface), "--out", str(tmp_path / "w"), "--weights", "imagenet", *TINY)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("tillsight: error: ImageNet weights cannot be had")

@@ -26,13 +26,13 @@ import hashlib
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
 
 from edge.crop import crop_face
-from edge.detect import FaceDetector
+from edge.detect import FaceDetector, detect_framed
 from edge.types import Face
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -142,28 +142,29 @@ class FaceSet:
         return FaceSet(self.crops[keep], [l for l, k in zip(self.labels, keep) if k])
 
 
-PORTRAIT_PAD = 0.5
-
-
 def detect_portrait_face(detector: FaceDetector, image: np.ndarray) -> Face | None:
     """The largest face of a portrait photo, in the photo's own pixel coordinates."""
-    pad = int(PORTRAIT_PAD * max(image.shape[:2]))
-    framed = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
-    faces = detector(framed)
-    if not faces:
-        return None
-    face = max(faces, key=lambda f: f.width * f.height)
-    move = lambda point: (point[0] - pad, point[1] - pad)  # noqa: E731
-    x0, y0, x1, y1 = face.box
-    return Face((x0 - pad, y0 - pad, x1 - pad, y1 - pad), face.score, move(face.left_eye), move(face.right_eye))
+    faces = detect_framed(detector, image)
+    return max(faces, key=lambda f: f.width * f.height) if faces else None
 
 
 def load_faces(data_dir: Path, labels: list[Label], size: int, margin: float,
-               detector: FaceDetector | None = None, progress: bool = True) -> FaceSet:
+               detector: FaceDetector | None = None, progress: bool = True, eye_y: float | None = None) -> FaceSet:
     """Detect and crop every labelled image, as the daemon would."""
+    cropper = lambda image, face: crop_face(image, face, size, margin, eye_y)  # noqa: E731
+    faces = load_face_sets(data_dir, labels, [cropper], detector, progress)[0]
+    if not faces.labels:
+        faces.crops = np.zeros((0, size, size, 3), np.uint8)
+    return faces
+
+
+def load_face_sets(data_dir: Path, labels: list[Label], croppers: list[Callable[[np.ndarray, Face], np.ndarray]],
+                   detector: FaceDetector | None = None, progress: bool = True) -> list[FaceSet]:
+    """Detect every labelled image once, crop each face once per cropper (models with different crops)."""
     detector = detector or FaceDetector(min_face_px=0)
     by_name = {label.file_name: label for label in labels}
-    crops, kept, unreadable, no_face, seen = [], [], [], [], set()
+    crops: list[list[np.ndarray]] = [[] for _ in croppers]
+    kept, unreadable, no_face, seen = [], [], [], set()
     for name, encoded in _progress(iter_image_bytes(data_dir, set(by_name)), len(by_name), progress):
         seen.add(name)
         image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
@@ -174,11 +175,13 @@ def load_faces(data_dir: Path, labels: list[Label], size: int, margin: float,
         if face is None:
             no_face.append(name)
             continue
-        crops.append(crop_face(image, face, size, margin))
+        for out, cropper in zip(crops, croppers):
+            out.append(cropper(image, face))
         kept.append(by_name[name])
     order = np.argsort([label.file_name for label in kept], kind="stable")
-    array = np.stack(crops)[order] if crops else np.zeros((0, size, size, 3), np.uint8)
-    return FaceSet(array, [kept[i] for i in order], sorted(set(by_name) - seen), sorted(unreadable), sorted(no_face))
+    missing, ordered = sorted(set(by_name) - seen), [kept[i] for i in order]
+    return [FaceSet(np.stack(c)[order] if c else np.zeros((0, 1, 1, 3), np.uint8), ordered, missing,
+                    sorted(unreadable), sorted(no_face)) for c in crops]
 
 
 def _progress(items, total: int, enabled: bool):

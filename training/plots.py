@@ -64,14 +64,21 @@ def plot_sample_grid(crops: list[np.ndarray], captions: list[str], out: Path, co
     plt.close(fig)
 
 
-def plot_error_by_band(mae_by_band: dict, out: Path) -> None:
+def plot_error_by_band(series: dict[str, dict], out: Path) -> None:
+    """MAE by true age band, one group of bars per band and one colour per model (name -> mae_by_band)."""
     plt = _pyplot()
-    bands = [b for b, v in mae_by_band.items() if v is not None]
+    bands = [b for b in next(iter(series.values())) if any(s.get(b) is not None for s in series.values())]
+    width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.bar(bands, [mae_by_band[b] for b in bands], color="#4477aa")
+    for i, (name, mae_by_band) in enumerate(series.items()):
+        xs = np.arange(len(bands)) + (i - (len(series) - 1) / 2) * width
+        ax.bar(xs, [mae_by_band.get(b) or 0 for b in bands], width, label=name,
+               color=("#4477aa", "#ee7733", "#228833", "#aa3377")[i % 4])
+    ax.set_xticks(np.arange(len(bands)), bands)
     ax.set_xlabel("true age band")
     ax.set_ylabel("MAE (years)")
     ax.set_title("error by age band")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
