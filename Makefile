@@ -39,7 +39,8 @@ test: mosquitto $(VENV)/.installed-dev+train+demo
 	$(VENV)/bin/pytest
 
 bench: $(VENV)/.installed-dev+train+demo
-	$(PY) benchmarks/replay_fps.py
+	$(MAKE) light-model
+	$(VENV)/bin/tillsight bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

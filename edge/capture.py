@@ -7,7 +7,9 @@ the oldest waiting frame is dropped (a till wants the newest face, not a
 backlog). When a source fails or ends, the reader reconnects with
 exponential backoff. In replay mode a file is read frame by frame with no
 drops, paced by its own timestamps if asked, and ends the stream when the
-file ends.
+file ends. A file given as a camera to the daemon (`run`: test rigs and
+benchmarks) stands in for a live camera: read at its own frame rate, and
+started again at once when it ends.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class CameraReader(threading.Thread):
         self.fps_limit = camera.fps_limit
         self.status = CameraStatus(camera.id)
         self._backoff = BACKOFF_START_S
+        self._looping = False
 
     def _set_state(self, state: str, error: str | None = None) -> None:
         if state != self.status.state:
@@ -72,6 +75,8 @@ class CameraReader(threading.Thread):
                 capture.release()
                 if ended:
                     return
+                if self._looping:  # a file standing in for a camera: round again at once
+                    continue
                 if self._give_up(f"source {self.camera.source!r} stopped delivering frames"):
                     return
         finally:
@@ -100,20 +105,21 @@ class CameraReader(threading.Thread):
                 if self.replay and index > 0:
                     self._set_state("ended")
                     return True
+                self._looping = self.camera.is_file and index > 0  # not a failure: start the file again
                 return False
             if index == 0:
                 self._set_state("online")
                 self._backoff = BACKOFF_START_S
             media_t = (capture.get(cv2.CAP_PROP_POS_MSEC) / 1000.0) if self.camera.is_file else None
+            if (self.realtime or not self.replay) and media_t is not None:  # a file as a camera: at its own pace
+                delay = started + media_t - time.time()
+                if delay > 0:
+                    self.stop_event.wait(delay)
             now = started + media_t if media_t is not None and self.replay else time.time()
             index += 1
             if self.fps_limit and last_emitted is not None and now - last_emitted < 0.999 / self.fps_limit:
                 continue
             last_emitted = now
-            if self.realtime and media_t is not None:
-                delay = started + media_t - time.time()
-                if delay > 0:
-                    self.stop_event.wait(delay)
             self.status.frames += 1
             self._put(Frame(self.camera.id, index - 1, now, image))
         return True

@@ -80,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     listing = models_commands.add_parser("list", help="which model each tier would load")
     listing.set_defaults(handler=cmd_models_list)
 
+    bench = commands.add_parser("bench", help="measure this machine: age model speed, cameras it can serve, latency")
+    bench.add_argument("--model", default="auto", help="auto (the shipped ResNet50, else a random-init one made "
+                       "for the benchmark), light, resnet50, or an ONNX file (its _fp16/_int8 siblings too)")
+    bench.add_argument("--keras", type=Path, help="a .keras checkpoint of the same weights, for the Keras figures")
+    bench.add_argument("--video", type=Path, help="default: ../shared/media/short_hamilton_clip.mp4, else carphone")
+    bench.add_argument("--data", type=Path, default=Path("../shared/datasets/utkface"),
+                       help="labelled faces, to make the random-init ResNet50 (once)")
+    bench.add_argument("--cameras", default="1,2,4,6", help="camera counts to try, comma-separated")
+    bench.add_argument("--fps", type=float, default=10.0)
+    bench.add_argument("--seconds", type=float, default=20.0, help="per camera count")
+    bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the model timings")
+    bench.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="daemon config for the run, e.g. models.age_threads=1 (TOML values)")
+    bench.add_argument("--out", type=Path, default=Path("bench-out"))
+    bench.set_defaults(handler=cmd_bench)
+
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate a config file")
@@ -217,12 +233,11 @@ def cmd_predict(args) -> int:
     import cv2
     import numpy as np
     from edge.config import ModelsConfig, load_config
-    from edge.detect import FaceDetector, detect_in_photo
-    from edge.infer import AgeModel
+    from edge.detect import detect_in_photo
+    from edge.service import build_age_model, build_detector
     models = load_config(args.config).models if args.config else ModelsConfig()
-    detector = FaceDetector(models.detector, models.detector_variant, models.detector_score,
-                            min_face_px=models.min_face_px, providers=models.providers)
-    age_model = AgeModel.load(args.age_model or models.age_model, models.providers)
+    detector = build_detector(models)
+    age_model = build_age_model(models, args.age_model)
     failures = 0
     for path in args.images:
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -256,6 +271,36 @@ def cmd_models_list(args) -> int:
             print(f"{tier:<9} {choice.tier:<9} {choice.path}")
         except ModelError as exc:
             print(f"{tier:<9} missing   {exc}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import tomllib
+    from edge.bench import BenchError, BenchOptions, run_bench
+    from edge.demo import bundled_clip
+    config: dict = {}
+    try:
+        cameras = [int(c) for c in args.cameras.split(",")]
+        for item in args.set:
+            key, _, value = item.partition("=")
+            section, _, name = key.rpartition(".")
+            config.setdefault(section, {})[name] = tomllib.loads(f"value = {value}")["value"]
+    except (ValueError, tomllib.TOMLDecodeError):
+        raise UserError("--cameras takes counts like 1,2,4 and --set SECTION.KEY=VALUE (a TOML value)", EXIT_USAGE)
+    _check_ranges(fps=(args.fps, 0.1, 120), seconds=(args.seconds, 2, 3600), rounds=(args.rounds, 1, 100))
+    from edge.config import parse_config
+    parse_config({"store_id": "check", "cameras": [{"id": "c", "source": 0}], **config})  # bad --set: one line each
+    hamilton = Path("../shared/media/short_hamilton_clip.mp4")
+    video = args.video or (hamilton if hamilton.is_file() else bundled_clip())
+    if video is None or not Path(video).is_file():
+        raise UserError(f"video not found: {video} (--video FILE)", EXIT_USAGE)
+    if args.model == "auto" or args.keras:
+        _training_imports()  # the random-init ResNet50 and the Keras figures need the train extra
+    try:
+        run_bench(BenchOptions(args.model, args.keras, Path(video).resolve(), cameras, args.fps, args.seconds, args.rounds,
+                               args.out, config), args.data)
+    except BenchError as exc:
+        raise UserError(str(exc)) from None
     return 0
 
 

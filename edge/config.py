@@ -103,9 +103,15 @@ class ModelsConfig(Strict):
     min_face_px: Annotated[float, Field(ge=0)] = 24.0
     # a tier (auto: the shipped ResNet50, else the light model; see edge/tiers.py) or a model file
     age_model: str = "auto"
+    # precision: auto = int8 on a CPU, fp16 on a GPU, when the tier ships that file; else fp32
+    age_variant: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     providers: list[Literal["cuda", "tensorrt", "cpu"]] = ["cuda", "cpu"]
     max_batch: Annotated[int, Field(ge=1, le=256)] = 32
     max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 10.0
+    # ONNX Runtime threads per session (0: one per core) and busy-waiting; measured by `tillsight bench`
+    detector_threads: Annotated[int, Field(ge=0, le=256)] = 1
+    age_threads: Annotated[int, Field(ge=0, le=256)] = 0
+    spinning: bool = False
 
     @field_validator("detector")
     @classmethod
@@ -134,6 +140,19 @@ class TrackingConfig(Strict):
     estimate_interval_s: Annotated[float, Field(ge=0)] = 1.0  # at most one estimate message per track per interval
 
 
+class BudgetConfig(Strict):
+    """Which faces go to the age network (edge/budget.py)."""
+    enabled: bool = True  # false: every face of every frame is aged
+    settle_rate_hz: Annotated[float, Field(gt=0, le=1000)] = 5.0
+    settle_samples: Annotated[int, Field(ge=1, le=10_000)] = 12
+    recheck_interval_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    fallback_s: Annotated[float, Field(gt=0, le=3600)] = 1.0
+    min_face_px: Annotated[float, Field(ge=0)] = 40.0
+    min_score: Annotated[float, Field(ge=0, le=1)] = 0.6
+    max_turn: Annotated[float, Field(ge=0)] = 0.35
+    min_sharpness: Annotated[float, Field(ge=0)] = 20.0
+
+
 class LoggingConfig(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -147,6 +166,7 @@ class Config(Strict):
     models: ModelsConfig = ModelsConfig()
     policy: PolicyConfig = PolicyConfig()
     tracking: TrackingConfig = TrackingConfig()
+    budget: BudgetConfig = BudgetConfig()
     logging: LoggingConfig = LoggingConfig()
     status_interval_s: Annotated[float, Field(gt=0)] = 30.0
 

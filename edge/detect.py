@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.runtime import open_session
+from edge.runtime import open_session, session_options
 from edge.types import Face
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -142,9 +142,12 @@ class FaceDetector:
         iou_threshold: float = 0.3,
         min_face_px: float = 20.0,
         providers: list[str] | None = None,
+        threads: int = 0,
+        spinning: bool = False,
     ):
         self.variant = VARIANTS[variant]
-        self.session = open_session(model_path or self.variant.onnx_path, providers, "face detector")
+        self.session = open_session(model_path or self.variant.onnx_path, providers, "face detector",
+                                    session_options(threads, spinning))
         self.input_name = self.session.get_inputs()[0].name
         self.anchors = generate_anchors(self.variant)
         outputs = self.session.get_outputs()
@@ -175,10 +178,10 @@ def _to_frame_pixels(box, keypoints, score, lb: Letterbox, shape) -> Face:
     h, w = shape[:2]
     offset = np.array([lb.pad_x, lb.pad_y], np.float32)
     (x0, y0), (x1, y1) = (box[:2] - offset) / lb.scale, (box[2:] - offset) / lb.scale
-    eyes = (keypoints[:2] - offset) / lb.scale
-    left, right = sorted(map(tuple, eyes.tolist()))  # by x: image left first
+    points = (keypoints[:3] - offset) / lb.scale  # MediaPipe order: right eye, left eye, nose tip, ...
+    left, right = sorted(map(tuple, points[:2].tolist()))  # by x: image left first
     clipped = (max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1))
-    return Face(tuple(float(v) for v in clipped), score, left, right)
+    return Face(tuple(float(v) for v in clipped), score, left, right, tuple(points[2].tolist()))
 
 
 # Still photos (predict, eval, training): the full-range model is built for
@@ -196,7 +199,8 @@ def detect_framed(detector: FaceDetector, image_bgr: np.ndarray) -> list[Face]:
     faces = []
     for face in detector(framed):
         x0, y0, x1, y1 = face.box
-        faces.append(Face((x0 - pad, y0 - pad, x1 - pad, y1 - pad), face.score, move(face.left_eye), move(face.right_eye)))
+        faces.append(Face((x0 - pad, y0 - pad, x1 - pad, y1 - pad), face.score, move(face.left_eye), move(face.right_eye),
+                          move(face.nose) if face.nose else None))
     return faces
 
 

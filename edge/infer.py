@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from edge.contract import SPREAD_OUTPUT, AgeModelInfo, ContractError, read_contract
-from edge.runtime import ModelError, open_session
-from edge.tiers import resolve_age_model
+from edge.runtime import ModelError, open_session, resolve_providers, session_options
+from edge.tiers import AgeModelChoice, pick_variant, resolve_age_model
 from edge.types import AgeEstimate
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,12 @@ log = logging.getLogger(__name__)
 class AgeModel:
     """An ONNX age model that follows `edge.contract`."""
 
-    def __init__(self, path: Path | str, providers: list[str] | None = None, tier: str = "file"):
+    def __init__(self, path: Path | str, providers: list[str] | None = None, tier: str = "file",
+                 variant: str = "fp32", threads: int = 0, spinning: bool = False):
         self.path = Path(path)
         self.tier = tier
-        self.session = open_session(self.path, providers, "age")
+        self.variant = variant
+        self.session = open_session(self.path, providers, "age", session_options(threads, spinning))
         try:
             self.info: AgeModelInfo = read_contract(self.session)
         except ContractError as exc:
@@ -42,15 +44,25 @@ class AgeModel:
         self.output_names = [self.session.get_outputs()[0].name] + ([SPREAD_OUTPUT] if self.info.has_spread else [])
 
     @classmethod
-    def load(cls, setting: str | Path | None, providers: list[str] | None = None) -> "AgeModel":
-        """A tier name ('auto', 'light', 'resnet50') or a model file."""
-        choice = resolve_age_model(setting)
-        return cls(choice.path, providers, choice.tier)
+    def load(cls, setting: str | Path | None, providers: list[str] | None = None, variant: str = "auto",
+             threads: int = 0, spinning: bool = False) -> "AgeModel":
+        """A tier name ('auto', 'light', 'resnet50') or a model file, in the precision that suits the provider."""
+        base = resolve_age_model(setting)
+        on_gpu = resolve_providers(providers)[0] != "CPUExecutionProvider"
+        choice = pick_variant(base, variant, on_gpu)
+        model = cls(choice.path, providers, choice.tier, choice.variant, threads, spinning)
+        if variant == "auto" and choice.variant == "fp16" and model.providers[0] == "CPUExecutionProvider":
+            # CUDA was asked for but did not load: fp16 on a CPU is the slowest of all, take the CPU's variant
+            log.warning("GPU provider unavailable, serving the CPU variant", extra={"asked": choice.path.name})
+            choice = pick_variant(AgeModelChoice(base.path, base.tier), "auto", on_gpu=False)
+            model = cls(choice.path, providers, choice.tier, choice.variant, threads, spinning)
+        return model
 
     def describe(self) -> dict:
         """Which model answers: logged at start and published in the status topic."""
         kind = self.info.metadata.get("tillsight.kind")
-        return {"tier": self.tier, "file": self.path.name, **({"kind": kind} if kind else {})}
+        return {"tier": self.tier, "file": self.path.name, "variant": self.variant,
+                "provider": self.providers[0], **({"kind": kind} if kind else {})}
 
     @property
     def providers(self) -> list[str]:

@@ -35,7 +35,7 @@ def utc_iso(timestamp: float | None = None) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def estimate_payload(store_id: str, est: TrackEstimate, final: bool) -> dict:
+def estimate_payload(store_id: str, est: TrackEstimate, final: bool, frame_time: float) -> dict:
     return {
         "schema": SCHEMA,
         "store": store_id,
@@ -48,10 +48,11 @@ def estimate_payload(store_id: str, est: TrackEstimate, final: bool) -> dict:
         "first_seen": utc_iso(est.first_seen),
         "last_seen": utc_iso(est.last_seen),
         "face": {"box": [round(v) for v in est.box], "score": round(est.face_score, 3)},
+        "frame_time": utc_iso(frame_time),
     }
 
 
-def alert_payload(store_id: str, est: TrackEstimate, challenge_age: float) -> dict:
+def alert_payload(store_id: str, est: TrackEstimate, challenge_age: float, frame_time: float) -> dict:
     return {
         "schema": SCHEMA,
         "store": store_id,
@@ -63,6 +64,7 @@ def alert_payload(store_id: str, est: TrackEstimate, challenge_age: float) -> di
         "spread": round(est.spread, 1),
         "samples": est.samples,
         "time": utc_iso(est.last_seen),
+        "frame_time": utc_iso(frame_time),
     }
 
 
@@ -132,11 +134,13 @@ class Publisher:
         body["time"] = utc_iso()
         self._publish(self.status_topic, body, qos=1, retain=True)
 
-    def publish_estimate(self, est: TrackEstimate, final: bool) -> None:
-        self._publish(f"{self.base}/{est.camera_id}/estimate", estimate_payload(self.store_id, est, final), self.cfg.qos)
+    def publish_estimate(self, est: TrackEstimate, final: bool, frame_time: float) -> None:
+        self._publish(f"{self.base}/{est.camera_id}/estimate", estimate_payload(self.store_id, est, final, frame_time),
+                      self.cfg.qos)
 
-    def publish_alert(self, est: TrackEstimate, challenge_age: float) -> None:
-        self._publish(f"{self.base}/{est.camera_id}/alert", alert_payload(self.store_id, est, challenge_age), qos=1)
+    def publish_alert(self, est: TrackEstimate, challenge_age: float, frame_time: float) -> None:
+        self._publish(f"{self.base}/{est.camera_id}/alert",
+                      alert_payload(self.store_id, est, challenge_age, frame_time), qos=1)
 
     def _publish(self, topic: str, body: dict, qos: int, retain: bool = False) -> None:
         info = self.client.publish(topic, json.dumps(body, separators=(",", ":")), qos=qos, retain=retain)

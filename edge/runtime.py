@@ -42,12 +42,29 @@ def resolve_providers(preference: list[str] | None) -> list[str]:
     return chosen + ["CPUExecutionProvider"]
 
 
-def open_session(path: Path | str, providers: list[str] | None, what: str) -> ort.InferenceSession:
+def session_options(threads: int = 0, spinning: bool = False) -> ort.SessionOptions:
+    """threads: intra-op threads (0: ONNX Runtime's default, one per core).
+
+    Spinning off by default: ORT's worker threads otherwise busy-wait after
+    each call, and on a 2-core till PC the detector's and the age model's
+    spinning threads steal the cores the other session needs (measured:
+    `tillsight bench`, README)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # ORT's own warnings (e.g. CUDA missing) are logged by us, once
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    flag = "1" if spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", flag)
+    options.add_session_config_entry("session.inter_op.allow_spinning", flag)
+    return options
+
+
+def open_session(path: Path | str, providers: list[str] | None, what: str,
+                 options: ort.SessionOptions | None = None) -> ort.InferenceSession:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{what} model not found: {path}")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # ORT's own warnings (e.g. CUDA missing) are logged by us, once
+    options = options or session_options()
     try:
         session = ort.InferenceSession(str(path), options, providers=resolve_providers(providers))
     except Exception as exc:  # ORT raises several private exception types for bad files

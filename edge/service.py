@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge.budget import wants_age
 from edge.capture import END_OF_STREAM, CameraReader
-from edge.config import CameraConfig, Config
+from edge.config import CameraConfig, Config, ModelsConfig
 from edge.detect import FaceDetector
 from edge.infer import AgeBatcher, AgeModel
 from edge.policy import needs_id_check
@@ -34,6 +35,7 @@ class PipelineStats:
     tracks: int = 0
     estimates: int = 0
     alerts: int = 0
+    faces_aged: int = 0  # crops sent to the age network (the inference budget's spend)
     inference_errors: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -57,6 +59,7 @@ class CameraPipeline(threading.Thread):
         self.tracker = FaceTracker(camera.id, config.tracking.iou_threshold, config.tracking.lost_after_s,
                                    config.tracking.max_samples)
         self.stats = PipelineStats()
+        self.lag_s: float | None = None  # wall clock minus the capture time of the last frame processed
         self.finished = threading.Event()
 
     def run(self) -> None:
@@ -66,12 +69,13 @@ class CameraPipeline(threading.Thread):
                     frame = self.frames.get(timeout=0.2)
                 except queue.Empty:
                     if not self.replay:  # a live camera gone quiet: customers still leave, on the wall clock
-                        self._finish_tracks(self.tracker.update(time.time(), []))
+                        now = time.time()
+                        self._finish_tracks(self.tracker.update(now, [])[1], now)
                     continue
                 if frame is END_OF_STREAM:
                     break
                 self._process(frame)
-            self._finish_tracks(self.tracker.end_all())
+            self._finish_tracks(self.tracker.end_all(), time.time() if not self.replay else None)
         except Exception as exc:  # keep the daemon's other cameras alive, and say why this one stopped
             self.stats.errors.append(f"{type(exc).__name__}: {exc}")
             log.exception("camera pipeline failed", extra={"camera": self.camera.id})
@@ -85,19 +89,31 @@ class CameraPipeline(threading.Thread):
         if faces:
             self.stats.frames_with_faces += 1
             self.stats.faces += len(faces)
-        model_info = self.batcher.model.info
-        crops = np.stack([model_info.crop(frame.image, f) for f in faces]) if faces else np.empty((0,))
+        tracks, ended = self.tracker.update(frame.timestamp, faces)
+        policy = self.config.policy
+        chosen = [(track, face) for track, face in zip(tracks, faces)
+                  if wants_age(track, frame.image, face, frame.timestamp, self.config.budget,
+                               policy.challenge_age, policy.min_samples)]
+        if chosen:
+            self._age(frame, chosen)
+        for track in self.tracker.tracks:
+            self._judge(track, frame.timestamp)
+        self._finish_tracks(ended, frame.timestamp)
+        self.lag_s = time.time() - frame.timestamp
+
+    def _age(self, frame, chosen: list) -> None:
+        info = self.batcher.model.info
+        crops = np.stack([info.crop(frame.image, face) for _, face in chosen])
         try:
-            ages = self.batcher.submit(crops).result(timeout=60) if faces else []
-        except Exception as exc:  # e.g. a GPU out of memory: lose this frame, keep the camera
+            ages = self.batcher.submit(crops).result(timeout=60)
+        except Exception as exc:  # e.g. a GPU out of memory: lose these ages, keep the camera
             self.stats.inference_errors += 1
             log.error("age inference failed, frame skipped",
                       extra={"camera": self.camera.id, "error": str(exc).splitlines()[0] if str(exc) else repr(exc)})
             return
-        ended = self.tracker.update(frame.timestamp, list(zip(faces, ages)))
-        for track in self.tracker.tracks:
-            self._judge(track, frame.timestamp)
-        self._finish_tracks(ended)
+        self.stats.faces_aged += len(chosen)
+        for (track, _), age in zip(chosen, ages):
+            track.add_age(age, frame.timestamp)
 
     def _judge(self, track: Track, now: float) -> None:
         if len(track.ages) < self.config.policy.min_samples:
@@ -107,21 +123,35 @@ class CameraPipeline(threading.Thread):
                                                 self.config.policy.min_samples):
             track.alerted = True
             self.stats.alerts += 1
-            self.publisher.publish_alert(estimate, self.config.policy.challenge_age)
+            self.publisher.publish_alert(estimate, self.config.policy.challenge_age, frame_time=now)
         interval = self.config.tracking.estimate_interval_s
         if track.last_published is None or now - track.last_published >= interval:
             track.last_published = now
             self.stats.estimates += 1
-            self.publisher.publish_estimate(estimate, final=False)
+            self.publisher.publish_estimate(estimate, final=False, frame_time=now)
 
-    def _finish_tracks(self, ended: list[Track]) -> None:
+    def _finish_tracks(self, ended: list[Track], now: float | None) -> None:
+        """Publish the final estimate of customers who left; `now`: the capture time of the frame (or the
+        wall clock) on which they were found gone, None at the end of a replay (their last frame is used)."""
         for track in ended:
             if len(track.ages) < self.config.policy.min_samples:
                 continue  # a glimpse, not a customer
             self._judge(track, track.last_seen)
             self.stats.tracks += 1
             self.stats.estimates += 1
-            self.publisher.publish_estimate(track.estimate(), final=True)
+            self.publisher.publish_estimate(track.estimate(), final=True,
+                                            frame_time=track.last_seen if now is None else now)
+
+
+def build_detector(models: ModelsConfig) -> FaceDetector:
+    return FaceDetector(models.detector, models.detector_variant, models.detector_score, min_face_px=models.min_face_px,
+                        providers=models.providers, threads=models.detector_threads, spinning=models.spinning)
+
+
+def build_age_model(models: ModelsConfig, setting: str | None = None) -> AgeModel:
+    """The configured age model (or `setting`, a tier or file, instead)."""
+    return AgeModel.load(setting or models.age_model, models.providers, models.age_variant, models.age_threads,
+                         models.spinning)
 
 
 class Service:
@@ -133,12 +163,12 @@ class Service:
         self.stop_event = threading.Event()
         self.daemon_id = config.daemon_id or _hostname_id()
         models = config.models
-        self.detector = FaceDetector(models.detector, models.detector_variant, models.detector_score,
-                                     min_face_px=models.min_face_px, providers=models.providers)
-        self.age_model = AgeModel.load(models.age_model, models.providers)
+        self.detector = build_detector(models)
+        self.age_model = build_age_model(models)
         log.info("age model", extra={"model": self.age_model.describe(), "providers": self.age_model.providers,
                                      "detector_providers": self.detector.session.get_providers()})
         self.batcher = AgeBatcher(self.age_model, models.max_batch, models.max_wait_ms, producers=len(config.cameras))
+        self._rates_mark = (time.monotonic(), 0, 0)
         self.publisher = Publisher(config.mqtt, config.store_id, self.daemon_id)
         detector_lock = threading.Lock()
         self.readers, self.pipelines = [], []
@@ -149,14 +179,27 @@ class Service:
                                                  self.batcher, self.publisher, self.stop_event, replay))
 
     def status(self) -> dict:
+        """What the status topic says: cameras, the model, and whether the box keeps up (overload is visible)."""
         return {
             "state": "online",
             "provider": self.age_model.providers[0],
             "age_model": self.age_model.describe(),
+            "age_network": self._age_network_rates(),
             "cameras": {r.camera.id: {"state": r.status.state, "frames": r.status.frames,
-                                      "reconnects": r.status.reconnects, "last_error": r.status.last_error}
-                        for r in self.readers},
+                                      "reconnects": r.status.reconnects, "last_error": r.status.last_error,
+                                      "dropped": r.status.extra.get("dropped", 0), "queue": r.frames.qsize(),
+                                      "lag_s": None if p.lag_s is None else round(p.lag_s, 3)}
+                        for r, p in zip(self.readers, self.pipelines)},
         }
+
+    def _age_network_rates(self) -> dict:
+        """Calls and faces per second since the previous status, and in all."""
+        now, calls, faces = time.monotonic(), self.batcher.stats.calls, self.batcher.stats.crops
+        then, calls_before, faces_before = self._rates_mark
+        self._rates_mark = (now, calls, faces)
+        seconds = max(now - then, 1e-6)
+        return {"calls": calls, "faces": faces, "calls_per_s": round((calls - calls_before) / seconds, 2),
+                "faces_per_s": round((faces - faces_before) / seconds, 2)}
 
     def start(self) -> None:
         self.publisher.publish_status(self.status())  # sent by on_connect once the broker is there
@@ -186,7 +229,8 @@ class Service:
     def stats(self) -> dict:
         totals = PipelineStats()
         for p in self.pipelines:
-            for key in ("frames", "frames_with_faces", "faces", "tracks", "estimates", "alerts", "inference_errors"):
+            for key in ("frames", "frames_with_faces", "faces", "tracks", "estimates", "alerts", "faces_aged",
+                        "inference_errors"):
                 setattr(totals, key, getattr(totals, key) + getattr(p.stats, key))
             totals.errors += p.stats.errors
         return totals.__dict__

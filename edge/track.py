@@ -48,6 +48,12 @@ class Track:
     ages: deque = field(default_factory=lambda: deque(maxlen=100))
     alerted: bool = False
     last_published: float | None = None
+    last_sampled: float | None = None  # when the age network last saw this face
+    frames: int = 0  # frames the face was seen in
+
+    def add_age(self, age: AgeEstimate, timestamp: float) -> None:
+        self.ages.append(age.age)
+        self.last_sampled = timestamp
 
     def estimate(self) -> TrackEstimate:
         age, spread = fuse_ages(list(self.ages))
@@ -66,11 +72,13 @@ class FaceTracker:
         self.tracks: list[Track] = []
         self._next_id = 1
 
-    def update(self, timestamp: float, faces: list[tuple[Face, AgeEstimate]]) -> list[Track]:
-        """Match this frame's faces to tracks; return the tracks that have now ended."""
-        unmatched = list(range(len(faces)))
+    def update(self, timestamp: float, faces: list[Face]) -> tuple[list[Track], list[Track]]:
+        """Match this frame's faces to tracks: (the track of each face, in order; the tracks that have now ended).
+
+        Ages are added afterwards (`Track.add_age`), for the faces the inference budget picks."""
+        matched: list[Track | None] = [None] * len(faces)
         if self.tracks and faces:
-            boxes = np.array([f.box for f, _ in faces], np.float32)
+            boxes = np.array([f.box for f in faces], np.float32)
             pairs = sorted(
                 ((float(o), t, d) for t, track in enumerate(self.tracks)
                  for d, o in enumerate(iou(np.array(track.box, np.float32), boxes))),
@@ -80,27 +88,23 @@ class FaceTracker:
             for overlap, t, d in pairs:
                 if overlap < self.iou_threshold:
                     break
-                if t in used_tracks or d not in unmatched:
+                if t in used_tracks or matched[d] is not None:
                     continue
                 used_tracks.add(t)
-                unmatched.remove(d)
-                self._observe(self.tracks[t], timestamp, *faces[d])
-        for d in unmatched:
-            face, _ = faces[d]
-            track = Track(self.camera_id, self._next_id, face.box, face.score, timestamp, timestamp,
-                          deque(maxlen=self.max_samples))
-            self._next_id += 1
-            self._observe(track, timestamp, *faces[d])
-            self.tracks.append(track)
+                matched[d] = self.tracks[t]
+        for d, face in enumerate(faces):
+            if matched[d] is None:
+                matched[d] = Track(self.camera_id, self._next_id, face.box, face.score, timestamp, timestamp,
+                                   deque(maxlen=self.max_samples))
+                self._next_id += 1
+                self.tracks.append(matched[d])
+            track = matched[d]
+            track.box, track.face_score, track.last_seen = face.box, face.score, timestamp
+            track.frames += 1
         ended = [t for t in self.tracks if timestamp - t.last_seen > self.lost_after_s]
         self.tracks = [t for t in self.tracks if t not in ended]
-        return ended
+        return matched, ended
 
     def end_all(self) -> list[Track]:
         ended, self.tracks = self.tracks, []
         return ended
-
-    @staticmethod
-    def _observe(track: Track, timestamp: float, face: Face, age: AgeEstimate) -> None:
-        track.box, track.face_score, track.last_seen = face.box, face.score, timestamp
-        track.ages.append(age.age)

@@ -25,6 +25,7 @@ class Face:
     score: float
     left_eye: tuple[float, float]  # the eye on the left of the image
     right_eye: tuple[float, float]
+    nose: tuple[float, float] | None = None  # tip of the nose, where the detector gives it
 
     @property
     def width(self) -> float:

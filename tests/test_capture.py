@@ -4,6 +4,9 @@ import queue
 import threading
 import time
 
+import numpy as np
+import pytest
+
 from edge.broker import free_port
 from edge.capture import END_OF_STREAM, CameraReader
 from edge.config import CameraConfig
@@ -71,3 +74,24 @@ def test_a_live_reader_keeps_the_newest_frame_when_the_pipeline_lags(carphone_cl
     stop.set()
     reader.join(5)
     assert reader.status.extra["dropped"] >= 10 and frames.qsize() <= 2
+
+
+@pytest.mark.parametrize("fps_limit", [None, 10])
+def test_a_file_as_a_live_camera_plays_at_its_own_rate_and_loops_without_reconnecting(carphone_clip, fps_limit):
+    frames: queue.Queue = queue.Queue(maxsize=1000)
+    stop = threading.Event()
+    reader = CameraReader(CameraConfig(id="c", source=str(carphone_clip), fps_limit=fps_limit), frames, stop)
+    started = time.monotonic()
+    reader.start()
+    time.sleep(5.5)  # the clip is 120 frames at 29.97 fps: 4 s, so it loops once
+    stop.set()
+    reader.join(5)
+    seconds = time.monotonic() - started
+    received = [frames.get_nowait() for _ in range(frames.qsize())]
+    rate = fps_limit or 29.97
+    assert 0.85 * rate * seconds <= len(received) <= 1.05 * rate * seconds  # paced, not decoded flat out
+    indices = [f.index for f in received]
+    assert any(later < earlier for earlier, later in zip(indices, indices[1:]))  # looped
+    assert reader.status.state == "online" and reader.status.reconnects == 0
+    gaps = np.diff([f.timestamp for f in received])
+    assert gaps.max() < 1.5 / rate + 0.05  # evenly spaced, no reconnect pause at the loop

@@ -99,3 +99,42 @@ def test_batcher_does_not_wait_for_absent_producers_beyond_the_deadline(age_mode
     batcher = AgeBatcher(AgeModel(age_models[40]), max_batch=32, max_wait_ms=20, producers=3)
     assert len(batcher.submit(np.zeros((1, 64, 64, 3), np.uint8)).result(timeout=2)) == 1
     batcher.close()
+
+
+def _variants(folder, ages: dict) -> None:
+    """age.onnx, age_fp16.onnx, age_int8.onnx answering different ages, so a test sees which one answers."""
+    for variant, age in ages.items():
+        name = {"fp32": "age.onnx", "fp16": "age_fp16.onnx", "int8": "age_int8.onnx"}[variant]
+        (folder / name).write_bytes(build_constant_age_model(age, input_size=32))
+
+
+def test_the_precision_suits_the_provider_int8_on_a_cpu(tmp_path):
+    from edge.tiers import AgeModelChoice, pick_variant
+    _variants(tmp_path, {"fp32": 30, "fp16": 31, "int8": 32})
+    shipped = AgeModelChoice(tmp_path / "age.onnx", "resnet50")
+    assert pick_variant(shipped, "auto", on_gpu=False).path.name == "age_int8.onnx"
+    assert pick_variant(shipped, "auto", on_gpu=True).path.name == "age_fp16.onnx"
+    assert pick_variant(shipped, "fp32", on_gpu=False).path.name == "age.onnx"
+    (tmp_path / "age_int8.onnx").unlink()
+    assert pick_variant(shipped, "auto", on_gpu=False) == shipped  # fp32 is the fallback
+    mine = AgeModelChoice(tmp_path / "age.onnx", "file")
+    assert pick_variant(mine, "auto", on_gpu=True) == mine  # a file the user named is served as it is
+    assert pick_variant(mine, "fp16", on_gpu=False).path.name == "age_fp16.onnx"  # unless a variant is named
+    with pytest.raises(ModelError, match="age model variant int8 not found: .*age_int8.onnx .export writes it with --int8."):
+        pick_variant(mine, "int8", on_gpu=False)
+
+
+def test_a_named_variant_really_answers_and_says_so(tmp_path):
+    _variants(tmp_path, {"fp32": 30, "fp16": 31, "int8": 32})
+    model = AgeModel.load(str(tmp_path / "age.onnx"), ["cpu"], variant="int8")
+    assert [e.age for e in model.predict(np.zeros((2, 32, 32, 3), np.uint8))] == [32.0, 32.0]
+    assert model.describe()["variant"] == "int8" and model.describe()["provider"] == "CPUExecutionProvider"
+
+
+def test_sessions_run_without_spinning_and_with_the_threads_asked(age_models):
+    from edge.runtime import session_options
+    options = session_options(threads=1, spinning=False)
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    model = AgeModel(age_models[16], ["cpu"], threads=1)
+    assert [e.age for e in model.predict(np.zeros((3, 64, 64, 3), np.uint8))] == [16.0] * 3

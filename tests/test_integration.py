@@ -16,9 +16,10 @@ from edge.config import parse_config
 from tskit import REPO, Subscriber, tillsight, write_config
 
 ESTIMATE_KEYS = {"schema": int, "store": str, "camera": str, "track": int, "age": float, "spread": float,
-                 "samples": int, "final": bool, "first_seen": str, "last_seen": str, "face": dict}
+                 "samples": int, "final": bool, "first_seen": str, "last_seen": str, "face": dict,
+                 "frame_time": str}
 ALERT_KEYS = {"schema": int, "store": str, "camera": str, "track": int, "alert": str, "challenge_age": float,
-              "age": float, "spread": float, "samples": int, "time": str}
+              "age": float, "spread": float, "samples": int, "time": str, "frame_time": str}
 
 
 def assert_schema(body: dict, keys: dict) -> None:
@@ -61,7 +62,8 @@ def test_replay_publishes_documented_estimates_and_no_alert_for_adults(
     statuses = subscriber.json("store-1/till-pc/status")
     assert statuses[0]["state"] == "online" and statuses[-1]["state"] == "offline"
     assert statuses[-1]["cameras"]["replay"]["state"] == "ended"
-    assert statuses[0]["age_model"] == {"tier": "file", "file": "age40.onnx", "kind": "constant 40 (test/demo placeholder)"}
+    assert statuses[0]["age_model"] == {"tier": "file", "file": "age40.onnx", "variant": "fp32",
+                                        "provider": "CPUExecutionProvider", "kind": "constant 40 (test/demo placeholder)"}
     assert subscriber.json("/alert") == []
     assert all(b"jpg" not in p and len(p) < 2000 for _, p, _ in subscriber.messages)  # no image data
 

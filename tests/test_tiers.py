@@ -50,7 +50,8 @@ def test_the_fetched_model_follows_the_contract(light_model):
     assert model.path == light_model and model.tier == "light"
     assert (model.info.input_size, model.info.crop_margin, model.info.crop_eye_y) == (64, 0.0, 0.3)
     assert model.info.has_spread and model.info.fixed_batch is None
-    assert model.describe() == {"tier": "light", "file": LIGHT_MODEL_NAME,
+    assert model.describe() == {"tier": "light", "file": LIGHT_MODEL_NAME, "variant": "fp32",
+                                "provider": "CPUExecutionProvider",
                                 "kind": "dlib age predictor v1 (ResNet-10, 81 classes), expectation and spread"}
     meta = model.info.metadata
     assert meta["tillsight.licence"] == "CC0-1.0 (Cydral Technology)" and meta["tillsight.measured"].startswith("MAE ")

@@ -28,24 +28,27 @@ def test_tracker_follows_a_moving_face_and_separates_two():
     tracker = FaceTracker("till", iou_threshold=0.2, lost_after_s=1.0)
     for step in range(5):
         t = step * 0.1
-        tracker.update(t, [(face(100 + 3 * step, 100), AgeEstimate(30)), (face(300, 100 - 2 * step), AgeEstimate(50))])
-    assert [(tr.track_id, len(tr.ages)) for tr in tracker.tracks] == [(1, 5), (2, 5)]
+        tracks, ended = tracker.update(t, [face(100 + 3 * step, 100), face(300, 100 - 2 * step)])
+        assert ended == [] and [tr.track_id for tr in tracks] == [1, 2]
+        tracks[0].add_age(AgeEstimate(30), t)
+        tracks[1].add_age(AgeEstimate(50), t)
+    assert [(tr.track_id, len(tr.ages), tr.frames) for tr in tracker.tracks] == [(1, 5, 5), (2, 5, 5)]
     assert tracker.tracks[0].estimate().age == 30 and tracker.tracks[1].estimate().age == 50
 
 
 def test_track_ends_after_it_is_lost_and_a_return_is_a_new_customer():
     tracker = FaceTracker("till", lost_after_s=1.0)
-    tracker.update(0.0, [(face(100, 100), AgeEstimate(30))])
-    assert tracker.update(0.9, []) == []
-    ended = tracker.update(1.2, [])
+    tracker.update(0.0, [face(100, 100)])
+    assert tracker.update(0.9, []) == ([], [])
+    _, ended = tracker.update(1.2, [])
     assert [t.track_id for t in ended] == [1] and tracker.tracks == []
-    tracker.update(1.3, [(face(100, 100), AgeEstimate(30))])
+    tracker.update(1.3, [face(100, 100)])
     assert [t.track_id for t in tracker.tracks] == [2]
 
 
 def test_end_all_returns_open_tracks():
     tracker = FaceTracker("till")
-    tracker.update(0.0, [(face(0, 0), AgeEstimate(20)), (face(200, 0), AgeEstimate(20))])
+    tracker.update(0.0, [face(0, 0), face(200, 0)])
     assert len(tracker.end_all()) == 2 and tracker.tracks == []
 
 

@@ -37,6 +37,11 @@ class Subscriber:
         with self._lock:
             return [json.loads(p) for t, p, _ in self.messages if t.endswith(suffix)]
 
+    def since(self, start: int) -> list[tuple[str, dict]]:
+        """(topic, JSON body) of the messages from index `start` on."""
+        with self._lock:
+            return [(t, json.loads(p)) for t, p, _ in self.messages[start:]]
+
     def wait_for(self, predicate, timeout: float = 15.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -133,3 +138,48 @@ class MjpegCamera:
         self.running.clear()
         self.server.shutdown()
         self.server.server_close()
+
+
+def compose_till_video(faces: list, path: Path, fps: float = 10.0, seconds: float = 3.0, gap_s: float = 0.5,
+                       size: tuple[int, int] = (640, 360), face_px: int = 140, seed: int = 0) -> list[tuple[float, float]]:
+    """A till camera's view of customers one after another, composed from labelled face photos.
+
+    `faces`: BGR photos (UTKFace chips: the face fills the photo). Each customer walks in from the side
+    (0.4 s), stands at the till with small head movements, light changes and sensor noise, walks out,
+    then `gap_s` of empty till. Written with OpenCV (mp4v). Returns each customer's (enter, leave) in
+    video seconds. Generated at test time from ../shared: never commit the result.
+    """
+    import cv2
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    width, height = size
+    texture = cv2.GaussianBlur(rng.integers(60, 200, (height, width, 3), np.uint8), (0, 0), 9)
+    background = cv2.addWeighted(texture, 0.6, np.full_like(texture, 110), 0.4, 0)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+    spot = np.array([width * 0.5, height * 0.45])
+    times, frame_index = [], 0
+    walk = max(1, round(0.4 * fps))
+    for photo in faces:
+        start = frame_index / fps
+        total = round(seconds * fps)
+        for i in range(total):
+            entering, leaving = min(1.0, (i + 1) / walk), min(1.0, (total - i) / walk)
+            offset = (1 - min(entering, leaving)) * (width * 0.45)
+            centre = spot + [offset if i > total / 2 else -offset, 0] + rng.normal(0, 2.0, 2)
+            scale = face_px / max(photo.shape[:2]) * (1 + rng.normal(0, 0.02))
+            angle = rng.normal(0, 2.0)
+            matrix = cv2.getRotationMatrix2D((photo.shape[1] / 2, photo.shape[0] / 2), angle, scale)
+            matrix[:, 2] += centre - [photo.shape[1] / 2, photo.shape[0] / 2]
+            mask = cv2.warpAffine(np.full(photo.shape[:2], 255, np.uint8), matrix, size)
+            person = cv2.warpAffine(photo, matrix, size, flags=cv2.INTER_LINEAR)
+            frame = np.where(mask[..., None] > 127, person, background)
+            light = 1 + 0.15 * np.sin(frame_index / fps * 1.3)  # the shop's light drifts
+            frame = np.clip(frame * light + rng.normal(0, 4, frame.shape), 0, 255).astype(np.uint8)
+            writer.write(frame)
+            frame_index += 1
+        times.append((start, frame_index / fps))
+        for _ in range(round(gap_s * fps)):
+            writer.write(background)
+            frame_index += 1
+    writer.release()
+    return times

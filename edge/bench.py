@@ -1,0 +1,417 @@
+"""`tillsight bench`: what this machine can do, measured in one run, as a table and a PNG.
+
+1. The age model alone: faces/s at batch 1, 8 and 32 for Keras `predict`
+   (when the train extra and a .keras checkpoint are there) and ONNX Runtime
+   fp32, fp16 and int8 of the same weights, interleaved round by round so a busy
+   neighbour slows all of them alike; ratios to Keras (else to ORT fp32).
+2. One camera, replayed as fast as it goes: decoding alone, decoding and
+   detection, and the whole pipeline, with the inference budget on and off
+   (age-network calls per customer, and the fused ages each way).
+3. Cameras x fps: the daemon (`tillsight run`, a child process) with N copies
+   of the clip as live cameras at F fps for S seconds (each copy starting at a
+   different point, as independent tills would), against a local
+   mosquitto. From its status topic: frames dropped and the lag behind real
+   time, at the start and the end (a lag that grows means the box cannot keep
+   up); from the messages: frame->alert and frame->estimate latency p50/p99
+   (each message carries its frame's capture time, `frame_time`); its peak RSS.
+   Every customer is challenged in this part (challenge age 100), so every
+   track gives an alert to time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from edge.broker import LocalBroker
+from edge.tiers import VARIANTS, model_dir, variant_of
+
+BATCHES = (1, 8, 32)
+REPO = Path(__file__).resolve().parents[1]
+
+
+class BenchError(Exception):
+    """A benchmark that cannot run here: one line for the user."""
+
+
+@dataclass
+class BenchOptions:
+    model: str  # a tier or an ONNX file (fp32; its _fp16/_int8 siblings are measured when present)
+    keras: Path | None  # a .keras checkpoint of the same weights
+    video: Path
+    cameras: list[int]
+    fps: float
+    seconds: float
+    rounds: int
+    out: Path
+    config: dict  # extra daemon config sections, e.g. {"models": {"age_threads": 1}}
+
+
+# ------------------------------------------------------------------ the model
+
+
+def random_resnet50(data: Path) -> tuple[Path, Path]:
+    """A random-init ResNet50 (speed does not depend on training) exported by our own tools, cached.
+
+    Returns (age.onnx, best.keras). Needs the train extra and a labelled face folder (for the
+    one-epoch run and int8 calibration)."""
+    folder = model_dir() / "bench-resnet50-random"
+    onnx_path, keras_path = folder / "onnx" / "age.onnx", folder / "run" / "checkpoints" / "best.keras"
+    if all(variant_of(onnx_path, v).is_file() for v in VARIANTS) and keras_path.is_file():
+        return onnx_path, keras_path
+    if not (data / "labels.csv").is_file():
+        raise BenchError(f"no ResNet50 ships yet, and making a random-init one for the benchmark needs labelled "
+                         f"faces: --data DIR (not found: {data})")
+    print(f"making a random-init ResNet50 in {folder} (once; a few minutes)", flush=True)
+    tool = [sys.executable, "-m", "edge"]
+    steps = [tool + ["train", "--data", str(data), "--out", str(folder / "run"), "--limit", "40", "--input-size", "224",
+                     "--batch-size", "8", "--epochs", "1", "--head", "regression"],
+             tool + ["export", str(keras_path), "--out", str(folder / "onnx"), "--fp16", "--int8",
+                     "--calibration", str(data)]]
+    if keras_path.is_file():
+        steps = steps[1:]
+    elif (folder / "run").exists():
+        shutil.rmtree(folder / "run")  # an interrupted run: start it again
+    for step in steps:
+        done = subprocess.run(step, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BenchError(f"{' '.join(step[2:4])} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return onnx_path, keras_path
+
+
+def model_speed(onnx_path: Path, keras_path: Path | None, rounds: int, threads: int) -> dict:
+    """faces/s per engine and batch, interleaved; {engine: {batch: faces_per_s}}."""
+    from edge.infer import AgeModel
+    engines = {}
+    for variant in VARIANTS:
+        path = variant_of(onnx_path, variant)
+        if path.is_file():
+            model = AgeModel(path, ["cpu"], variant=variant, threads=threads)
+            engines[f"ORT {variant}"] = model.predict
+    size = AgeModel(onnx_path, ["cpu"]).info.input_size
+    if keras_path is not None:
+        keras_model = _load_keras(keras_path)
+        if keras_model is not None:
+            engines = {"Keras": lambda crops: keras_model.predict(crops.astype(np.float32), batch_size=len(crops),
+                                                                  verbose=0), **engines}
+    rng = np.random.default_rng(0)
+    batches = {b: rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8) for b in BATCHES}
+    timings: dict[str, dict[int, list[float]]] = {e: {b: [] for b in BATCHES} for e in engines}
+    for engine in engines.values():  # warm-up: the first call of each shape allocates (and Keras traces)
+        for crops in batches.values():
+            engine(crops)
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            for batch, crops in batches.items():
+                calls = max(3, 64 // batch)
+                started = time.perf_counter()
+                for _ in range(calls):
+                    engine(crops)
+                timings[name][batch].append(calls * batch / (time.perf_counter() - started))
+    return {name: {b: round(float(np.median(v)), 1) for b, v in per.items()} for name, per in timings.items()}
+
+
+def _load_keras(path: Path):
+    """The checkpoint through export's loader (custom layers registered, float32), or None without the train extra."""
+    try:
+        from export.age import ExportError, load_checkpoint
+        return load_checkpoint(path)
+    except ImportError:
+        return None
+    except ExportError as exc:
+        raise BenchError(str(exc)) from None
+
+
+def served_variant(onnx_path: Path) -> str:
+    """What the daemon serves in the benchmark: the provider's variant, as for a shipped model
+    (int8 on a CPU, fp16 on a GPU), also for the random-init stand-in given as a file."""
+    from edge.runtime import resolve_providers
+    wanted = "fp16" if resolve_providers(["cuda", "cpu"])[0] != "CPUExecutionProvider" else "int8"
+    return wanted if variant_of(onnx_path, wanted).is_file() else "auto"
+
+
+# ------------------------------------------------------------------ one camera, flat out
+
+
+def pipeline_stages(video: Path, model: str, broker: LocalBroker, config: dict) -> dict:
+    from edge.cli import run_replay
+    from edge.config import parse_config
+    from edge.detect import FaceDetector
+    decode = _frames_per_second(video, lambda image: None)
+    detector = FaceDetector(threads=config.get("models", {}).get("detector_threads", 1))
+    detect = _frames_per_second(video, detector)
+    result = {"decode_fps": round(decode, 1), "detect_fps": round(detect, 1)}
+    for budget in (False, True):
+        finals: list[dict] = []
+        sub = _Subscriber(broker.port, lambda topic, body, at: finals.append(body)
+                          if topic.endswith("/estimate") and body.get("final") else None)
+        settings = _merge({"models": {"age_model": model}}, _merge(config, {"budget": {"enabled": budget}}))
+        summary = run_replay(parse_config({"store_id": "bench", "daemon_id": "bench",
+                                           "cameras": [{"id": "cam", "source": str(video), "fps_limit": None}],
+                                           "mqtt": {"host": "127.0.0.1", "port": broker.port}, **settings}))
+        time.sleep(0.3)
+        sub.close()
+        key = "budget" if budget else "every_frame"
+        result[key] = {"replay_fps": summary["fps"], "tracks": summary["tracks"], "faces_aged": summary["faces_aged"],
+                       "aged_per_customer": round(summary["faces_aged"] / max(1, summary["tracks"]), 1),
+                       "alerts": summary["alerts"], "final_ages": {b["track"]: b["age"] for b in finals}}
+    every, budget = result["every_frame"], result["budget"]
+    shared = set(every["final_ages"]) & set(budget["final_ages"])
+    result["calls_ratio"] = round(every["faces_aged"] / max(1, budget["faces_aged"]), 1)
+    result["fused_age_diff"] = {"mean": round(float(np.mean([abs(every["final_ages"][t] - budget["final_ages"][t])
+                                                             for t in shared])), 2) if shared else None,
+                                "max": round(max((abs(every["final_ages"][t] - budget["final_ages"][t])
+                                                  for t in shared), default=0), 2)}
+    return result
+
+
+def _frames_per_second(video: Path, work) -> float:
+    capture = cv2.VideoCapture(str(video))
+    frames, started = 0, time.perf_counter()
+    while True:
+        ok, image = capture.read()
+        if not ok:
+            break
+        work(image)
+        frames += 1
+    return frames / (time.perf_counter() - started)
+
+
+# ------------------------------------------------------------------ N cameras at F fps, live
+
+
+def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: float, broker: LocalBroker,
+                   config: dict, workdir: Path) -> dict:
+    """The daemon with `cameras` copies of `video` as live cameras; latency, lag, drops and peak RSS."""
+    latencies: dict[str, list[float]] = {"alert": [], "estimate": []}
+    statuses: list[dict] = []
+
+    def on_message(topic: str, body: dict, received: float) -> None:
+        if topic.endswith("/status"):
+            statuses.append({**body, "received": received})
+        elif "frame_time" in body and (topic.endswith("/alert") or not body.get("final")):
+            kind = "alert" if topic.endswith("/alert") else "estimate"
+            latencies[kind].append(received - datetime.fromisoformat(body["frame_time"].replace("Z", "+00:00")).timestamp())
+
+    sources = staggered_copies(video, cameras, workdir)
+    sub = _Subscriber(broker.port, on_message)
+    settings = _merge({"policy": {"challenge_age": 100}, "logging": {"level": "warning"},
+                       "models": {"age_model": model}}, config)
+    config_path = workdir / f"bench-{cameras}.toml"
+    config_path.write_text(_toml({"store_id": "bench", "daemon_id": "bench", "status_interval_s": 1.0,
+                                  "mqtt": {"host": "127.0.0.1", "port": broker.port}, **settings,
+                                  "cameras": [{"id": f"till-{i + 1}", "source": str(source), "fps_limit": fps}
+                                              for i, source in enumerate(sources)]}))
+    daemon = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(seconds)
+    peak_rss = _peak_rss_mb(daemon.pid)
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = daemon.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        _, stderr = daemon.communicate()
+    sub.close()
+    if daemon.returncode not in (0, -signal.SIGTERM):
+        raise BenchError(f"the daemon failed with {cameras} cameras: {(stderr.strip().splitlines() or ['?'])[-1]}")
+    online = [s for s in statuses if s.get("state") == "online" and s.get("cameras")]
+    lags = [[c["lag_s"] for c in s["cameras"].values() if c.get("lag_s") is not None] for s in online]
+    lags = [max(lag) for lag in lags if lag]
+    start_lag, end_lag = (lags[min(2, len(lags) - 1)], lags[-1]) if lags else (None, None)
+    last = online[-1] if online else {"cameras": {}, "age_network": {}}
+    dropped = sum(c.get("dropped", 0) for c in last["cameras"].values())
+    frames = sum(c.get("frames", 0) for c in last["cameras"].values())
+    return {
+        "cameras": cameras, "fps": fps, "seconds": seconds, "frames": frames, "dropped": dropped,
+        "lag_start_s": start_lag, "lag_end_s": end_lag,
+        "keeps_up": bool(lags) and dropped <= 0.01 * max(frames, 1) and end_lag < max(0.5, 2 * (start_lag or 0)),
+        "alert_p50_ms": _pct(latencies["alert"], 50), "alert_p99_ms": _pct(latencies["alert"], 99),
+        "estimate_p50_ms": _pct(latencies["estimate"], 50), "estimate_p99_ms": _pct(latencies["estimate"], 99),
+        "alerts": len(latencies["alert"]), "age_calls_per_s": last.get("age_network", {}).get("calls_per_s"),
+        "age_faces_per_s": last.get("age_network", {}).get("faces_per_s"), "peak_rss_mb": peak_rss,
+    }
+
+
+def staggered_copies(video: Path, count: int, workdir: Path) -> list[Path]:
+    """The clip `count` times, each starting a different way into it: independent tills do not see
+    their customers arrive in the same frame (the same clip in step would make every burst coincide)."""
+    capture = cv2.VideoCapture(str(video))
+    fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    frames = []
+    while True:
+        ok, image = capture.read()
+        if not ok:
+            break
+        frames.append(image)
+    copies = []
+    for i in range(count):
+        path = workdir / f"camera-{i + 1}-of-{count}.mp4"
+        if not path.is_file():
+            shift = i * len(frames) // count
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, frames[0].shape[1::-1])
+            for image in frames[shift:] + frames[:shift]:
+                writer.write(image)
+            writer.release()
+        copies.append(path)
+    return copies
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(1000 * float(np.percentile(values, q)), 1) if values else None
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+class _Subscriber:
+    """A POS on the local broker; `on_message(topic, body, received_wall_time)` for each JSON message."""
+
+    def __init__(self, port: int, on_message):
+        import paho.mqtt.client as mqtt
+        ready = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{time.monotonic_ns()}")
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("tillsight/#", qos=1)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: ready.set()
+        self.client.on_message = lambda c, u, msg: on_message(msg.topic, json.loads(msg.payload), time.time())
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        if not ready.wait(10):
+            raise BenchError("could not subscribe to the local broker")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in extra.items():
+        merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged
+
+
+def _toml(data: dict) -> str:
+    def value(v) -> str:
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, (dict, list))]
+    for key, table in data.items():
+        if isinstance(table, dict):
+            lines += [f"[{key}]"] + [f"{k} = {value(v)}" for k, v in table.items()]
+    for item in data.get("cameras", []):
+        lines += ["[[cameras]]"] + [f"{k} = {value(v)}" for k, v in item.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ all of it
+
+
+def run_bench(opts: BenchOptions, data: Path) -> dict:
+    from edge.tiers import SHIPPED_AGE_MODEL, resolve_age_model
+    keras = opts.keras
+    if opts.model == "auto" and not SHIPPED_AGE_MODEL.is_file():
+        onnx_path, keras = random_resnet50(data)
+        model, label = str(onnx_path), "ResNet50, random init (speed only)"
+    else:
+        choice = resolve_age_model(opts.model)
+        onnx_path, model, label = choice.path, str(choice.path), f"{choice.tier} ({choice.path.name})"
+    threads = opts.config.get("models", {}).get("age_threads", 0)
+    report = {"machine": f"{os.cpu_count()} cores", "model": label, "video": str(opts.video)}
+    print(f"age model: {label}; clip: {opts.video.name}", flush=True)
+    report["model_speed"] = model_speed(onnx_path, keras, opts.rounds, threads)
+    _print_speed(report["model_speed"])
+    workdir = Path(tempfile.mkdtemp(prefix="tillsight-bench-"))
+    served = _merge({"models": {"age_variant": served_variant(onnx_path)}}, opts.config)
+    report["served_variant"] = served["models"]["age_variant"]
+    with LocalBroker() as broker:
+        report["one_camera"] = pipeline_stages(opts.video, model, broker, served)
+        _print_stages(report["one_camera"])
+        report["cameras"] = []
+        for cameras in opts.cameras:
+            row = cameras_at_fps(opts.video, model, cameras, opts.fps, opts.seconds, broker, served, workdir)
+            report["cameras"].append(row)
+            _print_cameras_row(row)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / "bench.json").write_text(json.dumps(report, indent=2))
+    plot_bench(report, opts.out / "bench.png")
+    print(f"wrote {opts.out / 'bench.json'} and {opts.out / 'bench.png'}")
+    return report
+
+
+def _print_speed(speed: dict) -> None:
+    base = "Keras" if "Keras" in speed else "ORT fp32"
+    print(f"\nage model alone, faces/s (ratio to {base}):")
+    print(f"{'engine':<10}" + "".join(f"{'batch ' + str(b):>20}" for b in BATCHES))
+    for name, row in speed.items():
+        cells = [f"{row[b]:>9.1f} ({row[b] / speed[base][b]:4.1f}x)" for b in BATCHES]
+        print(f"{name:<10}" + "".join(f"{c:>20}" for c in cells))
+
+
+def _print_stages(stages: dict) -> None:
+    every, budget = stages["every_frame"], stages["budget"]
+    print(f"\none camera, flat out: decode {stages['decode_fps']} fps, decode+detect {stages['detect_fps']} fps, "
+          f"full pipeline {budget['replay_fps']} fps with the inference budget ({every['replay_fps']} ageing every face)")
+    print(f"age-network calls per customer: {every['aged_per_customer']} ageing every face, "
+          f"{budget['aged_per_customer']} with the budget ({stages['calls_ratio']}x fewer); "
+          f"fused ages differ by {stages['fused_age_diff']['mean']} years on average "
+          f"(max {stages['fused_age_diff']['max']}); alerts {every['alerts']} vs {budget['alerts']}")
+
+
+def _print_cameras_row(row: dict) -> None:
+    print(f"{row['cameras']} camera(s) at {row['fps']:g} fps for {row['seconds']:g} s: "
+          f"{'keeps up' if row['keeps_up'] else 'FALLS BEHIND'}; lag {row['lag_start_s']} -> {row['lag_end_s']} s, "
+          f"dropped {row['dropped']}/{row['frames']}; frame->alert p50 {row['alert_p50_ms']} p99 {row['alert_p99_ms']} ms "
+          f"({row['alerts']} alerts); frame->estimate p50 {row['estimate_p50_ms']} p99 {row['estimate_p99_ms']} ms; "
+          f"age network {row['age_faces_per_s']} faces/s; peak RSS {row['peak_rss_mb']} MB", flush=True)
+
+
+def plot_bench(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    speed = report["model_speed"]
+    width = 0.8 / len(speed)
+    for i, (name, row) in enumerate(speed.items()):
+        left.bar(np.arange(len(BATCHES)) + (i - (len(speed) - 1) / 2) * width, [row[b] for b in BATCHES], width,
+                 label=name)
+    left.set_xticks(np.arange(len(BATCHES)), [f"batch {b}" for b in BATCHES])
+    left.set_ylabel("faces per second")
+    left.set_title(f"age model alone: {report['model']}", fontsize=9)
+    left.legend(fontsize=8)
+    rows = report["cameras"]
+    counts = [r["cameras"] for r in rows]
+    for key, label in (("alert_p99_ms", "frame->alert p99"), ("estimate_p99_ms", "frame->estimate p99"),
+                       ("alert_p50_ms", "frame->alert p50")):
+        right.plot(counts, [r[key] or np.nan for r in rows], "o-", label=label)
+    right.axhline(150, color="#cc3311", linestyle="--", linewidth=1, label="150 ms target")
+    for r in rows:
+        right.annotate(f"lag {r['lag_end_s']} s\n{r['peak_rss_mb']} MB", (r["cameras"], r["alert_p99_ms"] or 0),
+                       fontsize=7, textcoords="offset points", xytext=(4, 4))
+    right.set_xlabel(f"cameras at {rows[0]['fps'] if rows else '?'} fps")
+    right.set_ylabel("latency (ms)")
+    right.set_title(f"the daemon on this machine ({report['machine']})", fontsize=9)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

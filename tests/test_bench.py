@@ -1,0 +1,34 @@
+"""`tillsight bench` runs end to end (tiny: the light model, one camera, a few seconds) and reports what it says.
+
+The figures themselves are the benchmark's job, not a test's: here only that every part runs, against
+the real broker, decoder and runtime, and that the report holds what the README promises."""
+
+import json
+
+from test_cli import one_line_error
+from tskit import tillsight
+
+
+def test_bench_measures_model_pipeline_and_cameras(tmp_path, carphone_clip):
+    out = tmp_path / "bench-out"
+    result = tillsight("bench", "--model", "light", "--video", str(carphone_clip), "--cameras", "1,2",
+                       "--seconds", "4", "--rounds", "1", "--out", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "bench.json").read_text())
+    assert set(report["model_speed"]) == {"ORT fp32"}  # the light tier ships one precision, no Keras
+    assert all(v > 0 for v in report["model_speed"]["ORT fp32"].values())
+    one = report["one_camera"]
+    assert one["every_frame"]["tracks"] == one["budget"]["tracks"] == 1
+    assert one["every_frame"]["faces_aged"] == 120 and one["budget"]["faces_aged"] < 40
+    assert [row["cameras"] for row in report["cameras"]] == [1, 2]
+    for row in report["cameras"]:
+        assert row["frames"] > 0 and row["peak_rss_mb"] > 50 and row["alerts"] >= 1 and row["alert_p99_ms"] > 0
+    assert (out / "bench.png").stat().st_size > 10_000
+    assert "age model alone, faces/s" in result.stdout and "keeps up" in result.stdout
+
+
+def test_bench_bad_options_are_one_line(tmp_path):
+    line = one_line_error(tillsight("bench", "--cameras", "four", "--out", str(tmp_path)), code=2)
+    assert line == "tillsight: error: --cameras takes counts like 1,2,4 and --set SECTION.KEY=VALUE (a TOML value)"
+    line = one_line_error(tillsight("bench", "--set", "models.age_threads=-1", "--out", str(tmp_path)), code=2)
+    assert line == "models.age_threads: input should be greater than or equal to 0"
