@@ -57,7 +57,7 @@ class CameraPipeline(threading.Thread):
         self.publisher = publisher
         self.stop_event = stop
         self.tracker = FaceTracker(camera.id, config.tracking.iou_threshold, config.tracking.lost_after_s,
-                                   config.tracking.max_samples)
+                                   config.tracking.max_samples, config.tracking.min_similarity)
         self.stats = PipelineStats()
         self.lag_s: float | None = None  # wall clock minus the capture time of the last frame processed
         self.finished = threading.Event()
@@ -89,7 +89,7 @@ class CameraPipeline(threading.Thread):
         if faces:
             self.stats.frames_with_faces += 1
             self.stats.faces += len(faces)
-        tracks, ended = self.tracker.update(frame.timestamp, faces)
+        tracks, ended = self.tracker.update(frame.timestamp, faces, frame.image)
         policy = self.config.policy
         chosen = [(track, face) for track, face in zip(tracks, faces)
                   if wants_age(track, frame.image, face, frame.timestamp, self.config.budget,

@@ -140,14 +140,18 @@ class MjpegCamera:
         self.server.server_close()
 
 
-def compose_till_video(faces: list, path: Path, fps: float = 10.0, seconds: float = 3.0, gap_s: float = 0.5,
-                       size: tuple[int, int] = (640, 360), face_px: int = 140, seed: int = 0) -> list[tuple[float, float]]:
+def compose_till_video(faces: list, path: Path, fps: float = 10.0, seconds: float = 3.0, gap_s=0.5,
+                       size: tuple[int, int] = (640, 360), face_px: int = 140, seed: int = 0,
+                       walk: bool = True, light_steps: bool = False) -> list[tuple[float, float]]:
     """A till camera's view of customers one after another, composed from labelled face photos.
 
     `faces`: BGR photos (UTKFace chips: the face fills the photo). Each customer walks in from the side
-    (0.4 s), stands at the till with small head movements, light changes and sensor noise, walks out,
-    then `gap_s` of empty till. Written with OpenCV (mp4v). Returns each customer's (enter, leave) in
-    video seconds. Generated at test time from ../shared: never commit the result.
+    (0.4 s; with `walk=False` they appear at the till spot at once, as when the next customer steps
+    straight in), stands at the till with small head movements, light drift and sensor noise, walks
+    out, then `gap_s` of empty till (a number, or a (low, high) range drawn per customer).
+    `light_steps`: each customer under a different light level. Written with OpenCV (mp4v). Returns
+    each customer's (enter, leave) in video seconds. Generated at test time from ../shared: never
+    commit the result.
     """
     import cv2
     import numpy as np
@@ -158,12 +162,14 @@ def compose_till_video(faces: list, path: Path, fps: float = 10.0, seconds: floa
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
     spot = np.array([width * 0.5, height * 0.45])
     times, frame_index = [], 0
-    walk = max(1, round(0.4 * fps))
+    walk_frames = max(1, round(0.4 * fps)) if walk else 0
     for photo in faces:
         start = frame_index / fps
         total = round(seconds * fps)
+        level = rng.uniform(0.7, 1.3) if light_steps else 1.0
         for i in range(total):
-            entering, leaving = min(1.0, (i + 1) / walk), min(1.0, (total - i) / walk)
+            entering = min(1.0, (i + 1) / walk_frames) if walk_frames else 1.0
+            leaving = min(1.0, (total - i) / walk_frames) if walk_frames else 1.0
             offset = (1 - min(entering, leaving)) * (width * 0.45)
             centre = spot + [offset if i > total / 2 else -offset, 0] + rng.normal(0, 2.0, 2)
             scale = face_px / max(photo.shape[:2]) * (1 + rng.normal(0, 0.02))
@@ -173,12 +179,13 @@ def compose_till_video(faces: list, path: Path, fps: float = 10.0, seconds: floa
             mask = cv2.warpAffine(np.full(photo.shape[:2], 255, np.uint8), matrix, size)
             person = cv2.warpAffine(photo, matrix, size, flags=cv2.INTER_LINEAR)
             frame = np.where(mask[..., None] > 127, person, background)
-            light = 1 + 0.15 * np.sin(frame_index / fps * 1.3)  # the shop's light drifts
+            light = level * (1 + 0.15 * np.sin(frame_index / fps * 1.3))  # the shop's light drifts
             frame = np.clip(frame * light + rng.normal(0, 4, frame.shape), 0, 255).astype(np.uint8)
             writer.write(frame)
             frame_index += 1
         times.append((start, frame_index / fps))
-        for _ in range(round(gap_s * fps)):
+        gap = rng.uniform(*gap_s) if isinstance(gap_s, tuple) else gap_s
+        for _ in range(round(gap * fps)):
             writer.write(background)
             frame_index += 1
     writer.release()
