@@ -96,6 +96,28 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("bench-out"))
     bench.set_defaults(handler=cmd_bench)
 
+    pos = commands.add_parser("pos", help="a terminal point of sale: watch, age checks, transactions")
+    pos.add_argument("--config", type=Path, help="the daemon's config: broker, store and topic prefix from it")
+    pos.add_argument("--host", default="localhost")
+    pos.add_argument("--port", type=int, default=1883)
+    pos.add_argument("--store", help="store id (default: the config's)")
+    pos.add_argument("--prefix", default="tillsight", help="topic prefix")
+    pos_commands = pos.add_subparsers(dest="pos_command", required=True)
+    pos_check = pos_commands.add_parser("check", help="ask for a decision about the customer at a till now")
+    pos_check.add_argument("--camera", required=True)
+    pos_check.add_argument("--item", help="what was scanned, e.g. alcohol")
+    pos_check.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the answer")
+    pos_check.add_argument("--deadline", type=float, help="seconds the daemon may wait for a face (<= 10)")
+    pos_check.set_defaults(handler=cmd_pos)
+    pos_tx = pos_commands.add_parser("transaction", help="tell the daemon a transaction starts or ends")
+    pos_tx.add_argument("event", choices=["start", "end"])
+    pos_tx.add_argument("--camera", required=True)
+    pos_tx.add_argument("--id", required=True, help="the POS's transaction id")
+    pos_tx.set_defaults(handler=cmd_pos)
+    pos_watch = pos_commands.add_parser("watch", help="print alerts, estimates and answers as they arrive")
+    pos_watch.add_argument("--seconds", type=float, help="stop after this long (default: until Ctrl-C)")
+    pos_watch.set_defaults(handler=cmd_pos)
+
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate a config file")
@@ -300,6 +322,35 @@ def cmd_bench(args) -> int:
         run_bench(BenchOptions(args.model, args.keras, Path(video).resolve(), cameras, args.fps, args.seconds, args.rounds,
                                args.out, config), args.data)
     except BenchError as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
+def cmd_pos(args) -> int:
+    from edge.pos_terminal import PosError, Terminal
+    host, port, store, prefix = args.host, args.port, args.store, args.prefix
+    if args.config is not None:
+        from edge.config import load_config
+        config = load_config(args.config)
+        host, port, prefix, store = config.mqtt.host, config.mqtt.port, config.mqtt.topic_prefix, store or config.store_id
+    if not store:
+        raise UserError("--store (or --config) is needed: topics live under <prefix>/<store>/", EXIT_USAGE)
+    try:
+        terminal = Terminal(host, port, f"{prefix}/{store}")
+        try:
+            if args.pos_command == "check":
+                answer = terminal.check(args.camera, args.item, args.timeout, args.deadline)
+                if answer.get("decision") == "error":
+                    raise UserError(f"the daemon refused the check: {answer.get('error')}")
+                print(json.dumps(answer))
+            elif args.pos_command == "transaction":
+                terminal.transaction(args.camera, args.event, args.id)
+                print(f"transaction {args.id}: {args.event} sent to {args.camera}")
+            else:
+                terminal.watch(lambda line: print(line, flush=True), args.seconds)
+        finally:
+            terminal.close()
+    except PosError as exc:
         raise UserError(str(exc)) from None
     return 0
 

@@ -78,6 +78,7 @@ class MqttConfig(Strict):
     password_file: Path | None = None
     client_id: Annotated[str, Field(pattern=NAME)] | None = None
     qos: Literal[0, 1, 2] = 1
+    protocol: Literal["5", "3.1.1"] = "5"  # 5: the POS's age checks can use Response Topic/Correlation Data
     topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = "tillsight"
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     max_queued_messages: Annotated[int, Field(ge=100)] = 100_000
@@ -142,6 +143,12 @@ class TrackingConfig(Strict):
     min_similarity: Annotated[float, Field(ge=-3, le=1)] | None = 0.23
 
 
+class PosConfig(Strict):
+    """The POS conversation (edge/pos.py)."""
+    enabled: bool = True  # subscribe to <camera>/transaction and <camera>/check
+    deadline_s: Annotated[float, Field(gt=0, le=10)] = 2.0  # an age check waits at most this for a face
+
+
 class BudgetConfig(Strict):
     """Which faces go to the age network (edge/budget.py)."""
     enabled: bool = True  # false: every face of every frame is aged
@@ -169,6 +176,7 @@ class Config(Strict):
     policy: PolicyConfig = PolicyConfig()
     tracking: TrackingConfig = TrackingConfig()
     budget: BudgetConfig = BudgetConfig()
+    pos: PosConfig = PosConfig()
     logging: LoggingConfig = LoggingConfig()
     status_interval_s: Annotated[float, Field(gt=0)] = 30.0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -34,6 +35,10 @@ def describe(topic: str, payload: bytes) -> str:
         return f"{topic}  (not JSON, {len(payload)} bytes)"
     if not isinstance(body, dict):
         return f"{topic}  (unexpected JSON {type(body).__name__})"
+    if "decision" in body:
+        facts = f"age {body.get('age')} ± {body.get('spread')}, {body.get('samples')} samples, track {body.get('track')}"
+        extra = f" ({body.get('error')})" if body.get("decision") == "error" else f" ({facts}, {body.get('waited_ms')} ms)"
+        return f"{topic}  ANSWER for {body.get('camera')}: {str(body.get('decision')).upper()}{extra}"
     if topic.endswith("/alert"):
         return f"{topic}  ASK FOR ID: track {body.get('track')} looks {body.get('age')} (challenge {body.get('challenge_age')})"
     if topic.endswith("/estimate"):
@@ -51,6 +56,21 @@ def describe_model(model) -> str:
     elif "val_mae" in meta:
         line += f"; validation MAE {meta['val_mae']} years"
     return line
+
+
+def ask_for_a_check(port: int) -> None:
+    """What a POS does when alcohol is scanned: ask about the customer at the till (MQTT 5 request)."""
+    from edge.pos_terminal import PosError, Terminal
+    time.sleep(1.0)  # the customer has reached the till
+    print("POS: alcohol scanned at till-1, asking for an age check", flush=True)
+    try:
+        terminal = Terminal("127.0.0.1", port, "tillsight/demo-store", "demo-till")
+        try:
+            terminal.check("till-1", "alcohol", timeout_s=10)  # the answer is printed by the POS subscriber
+        finally:
+            terminal.close()
+    except PosError as exc:
+        print(f"POS: {exc}", flush=True)
 
 
 def run_demo(video: Path | None, age_model: str) -> int:
@@ -76,7 +96,14 @@ def run_demo(video: Path | None, age_model: str) -> int:
                                "cameras": [{"id": "till-1", "source": str(video), "fps_limit": None}],
                                "mqtt": {"host": "127.0.0.1", "port": broker.port},
                                "models": {"age_model": str(age_model), "providers": ["cuda", "cpu"]}})
-        summary = run_replay(config, on_start=lambda model: print(f"age model: {describe_model(model)}", flush=True))
+        asked = threading.Thread(target=ask_for_a_check, args=(broker.port,), daemon=True)
+
+        def on_start(model) -> None:
+            print(f"age model: {describe_model(model)}", flush=True)
+            asked.start()
+
+        summary = run_replay(config, realtime=True, on_start=on_start)  # at the clip's pace, as a till sees it
+        asked.join(10)
         threading.Event().wait(0.5)  # let the last messages reach the POS
         pos.loop_stop()
         pos.disconnect()

@@ -31,3 +31,26 @@ def setup_logging(level: str = "warning", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class RateLimitedLog:
+    """At most `per_window` lines per key every `window_s`; what was held back is counted in the next line.
+
+    For input the daemon does not control (payloads from the network): a flood must not flood the journal."""
+
+    def __init__(self, logger: logging.Logger, per_window: int = 5, window_s: float = 10.0):
+        self.logger, self.per_window, self.window_s = logger, per_window, window_s
+        self._windows: dict[str, tuple[float, int, int]] = {}  # key -> (window start, logged, held back)
+
+    def warning(self, key: str, message: str, **fields) -> bool:
+        import time
+        now = time.monotonic()
+        start, logged, held = self._windows.get(key, (now, 0, 0))
+        if now - start >= self.window_s:
+            start, logged = now, 0
+        if logged >= self.per_window:
+            self._windows[key] = (start, logged, held + 1)
+            return False
+        self._windows[key] = (start, logged + 1, 0)
+        self.logger.warning(message, extra={**fields, **({"suppressed_before": held} if held else {})})
+        return True

@@ -22,7 +22,9 @@ from edge.detect import FaceDetector
 from edge.infer import AgeBatcher, AgeModel
 from edge.policy import needs_id_check
 from edge.publish import Publisher
+from edge.pos import PosDesk
 from edge.track import FaceTracker, Track
+from edge.types import CustomerView, TillView
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,24 @@ class CameraPipeline(threading.Thread):
                                    config.tracking.max_samples, config.tracking.min_similarity)
         self.stats = PipelineStats()
         self.lag_s: float | None = None  # wall clock minus the capture time of the last frame processed
+        self.view: TillView | None = None  # who is at the till now, for the POS desk (replaced, never mutated)
+        self.transaction: str | None = None  # the POS's open transaction at this till
+        self._boundaries: queue.SimpleQueue = queue.SimpleQueue()  # transaction events from the POS desk
         self.finished = threading.Event()
+
+    def mark_transaction(self, event: str, transaction: str) -> None:
+        """From the POS desk's thread: applied by this pipeline's thread before its next frame."""
+        self._boundaries.put((event, transaction))
+
+    def _apply_transactions(self, now: float) -> None:
+        while True:
+            try:
+                event, transaction = self._boundaries.get_nowait()
+            except queue.Empty:
+                return
+            # A customer never spans two transactions: whoever is at the till is a new track from here.
+            self._finish_tracks(self.tracker.end_all(), now)
+            self.transaction = transaction if event == "start" else None
 
     def run(self) -> None:
         try:
@@ -70,6 +89,7 @@ class CameraPipeline(threading.Thread):
                 except queue.Empty:
                     if not self.replay:  # a live camera gone quiet: customers still leave, on the wall clock
                         now = time.time()
+                        self._apply_transactions(now)
                         self._finish_tracks(self.tracker.update(now, [])[1], now)
                     continue
                 if frame is END_OF_STREAM:
@@ -83,6 +103,7 @@ class CameraPipeline(threading.Thread):
             self.finished.set()
 
     def _process(self, frame) -> None:
+        self._apply_transactions(frame.timestamp)
         with self.detector_lock:  # one ONNX session; calls from several threads would serialise anyway
             faces = self.detector(frame.image)
         self.stats.frames += 1
@@ -99,7 +120,10 @@ class CameraPipeline(threading.Thread):
         for track in self.tracker.tracks:
             self._judge(track, frame.timestamp)
         self._finish_tracks(ended, frame.timestamp)
-        self.lag_s = time.time() - frame.timestamp
+        self.view = TillView(self.camera.id, frame.timestamp, tuple(_customer_view(t) for t in tracks),
+                             self.transaction)
+        if not self.replay:  # a replay's frame times are the video's, not the wall clock's
+            self.lag_s = time.time() - frame.timestamp
 
     def _age(self, frame, chosen: list) -> None:
         info = self.batcher.model.info
@@ -123,12 +147,12 @@ class CameraPipeline(threading.Thread):
                                                 self.config.policy.min_samples):
             track.alerted = True
             self.stats.alerts += 1
-            self.publisher.publish_alert(estimate, self.config.policy.challenge_age, frame_time=now)
+            self.publisher.publish_alert(estimate, self.config.policy.challenge_age, now, self.transaction)
         interval = self.config.tracking.estimate_interval_s
         if track.last_published is None or now - track.last_published >= interval:
             track.last_published = now
             self.stats.estimates += 1
-            self.publisher.publish_estimate(estimate, final=False, frame_time=now)
+            self.publisher.publish_estimate(estimate, False, now, self.transaction)
 
     def _finish_tracks(self, ended: list[Track], now: float | None) -> None:
         """Publish the final estimate of customers who left; `now`: the capture time of the frame (or the
@@ -139,8 +163,15 @@ class CameraPipeline(threading.Thread):
             self._judge(track, track.last_seen)
             self.stats.tracks += 1
             self.stats.estimates += 1
-            self.publisher.publish_estimate(track.estimate(), final=True,
-                                            frame_time=track.last_seen if now is None else now)
+            self.publisher.publish_estimate(track.estimate(), True, track.last_seen if now is None else now,
+                                            self.transaction)
+
+
+def _customer_view(track: Track) -> CustomerView:
+    if not track.ages:
+        return CustomerView(track.track_id, None, None, 0, track.box)
+    estimate = track.estimate()
+    return CustomerView(track.track_id, estimate.age, estimate.spread, estimate.samples, track.box)
 
 
 def build_detector(models: ModelsConfig) -> FaceDetector:
@@ -177,6 +208,13 @@ class Service:
             self.readers.append(CameraReader(camera, frames, self.stop_event, replay, realtime))
             self.pipelines.append(CameraPipeline(camera, config, frames, self.detector, detector_lock,
                                                  self.batcher, self.publisher, self.stop_event, replay))
+        self.desk = None
+        if config.pos.enabled:
+            self.desk = PosDesk(self.publisher.base, {p.camera.id: p for p in self.pipelines},
+                                self.publisher.publish_reply, config.policy.challenge_age, config.policy.min_samples,
+                                config.pos.deadline_s)
+            self.publisher.subscriptions = self.desk.subscriptions
+            self.publisher.on_message = self.desk.receive
 
     def status(self) -> dict:
         """What the status topic says: cameras, the model, and whether the box keeps up (overload is visible)."""
@@ -185,6 +223,7 @@ class Service:
             "provider": self.age_model.providers[0],
             "age_model": self.age_model.describe(),
             "age_network": self._age_network_rates(),
+            **({"pos": vars(self.desk.stats).copy()} if self.desk is not None else {}),
             "cameras": {r.camera.id: {"state": r.status.state, "frames": r.status.frames,
                                       "reconnects": r.status.reconnects, "last_error": r.status.last_error,
                                       "dropped": r.status.extra.get("dropped", 0), "queue": r.frames.qsize(),
@@ -203,6 +242,8 @@ class Service:
 
     def start(self) -> None:
         self.publisher.publish_status(self.status())  # sent by on_connect once the broker is there
+        if self.desk is not None:
+            self.desk.start()
         self.publisher.start()
         for thread in self.pipelines + self.readers:
             thread.start()
@@ -224,6 +265,8 @@ class Service:
         for thread in self.readers + self.pipelines:
             thread.join(timeout=5)
         self.batcher.close()
+        if self.desk is not None:
+            self.desk.close()
         return self.publisher.stop(self.status(), delivery_timeout_s)
 
     def stats(self) -> dict:

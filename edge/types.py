@@ -67,3 +67,34 @@ class CameraStatus:
     reconnects: int = 0
     last_error: str | None = None
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CustomerView:
+    """One customer as the POS may be told about them: a track seen in the latest frame."""
+
+    track_id: int
+    age: float | None  # fused age; None before the first age sample
+    spread: float | None
+    samples: int
+    box: tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class TillView:
+    """What one till's camera shows now; replaced whole after every frame, read by the POS desk."""
+
+    camera_id: str
+    frame_time: float
+    customers: tuple[CustomerView, ...]
+    transaction: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to an age check."""
+
+    decision: str  # challenge | no_challenge | no_face | several_faces
+    customers: tuple[CustomerView, ...]
+    complete: bool  # False: answered at the deadline with fewer samples than the policy wants
+    frame_time: float | None

@@ -103,6 +103,8 @@ def test_demo_runs_with_a_local_broker():
     [final] = re.findall(r"till-1/estimate  track 1 age ([0-9.]+) .* \([0-9]+ samples, final\)", out)
     assert 18 < float(final) < 60  # a real estimate of the carphone clip's adult, not a constant
     assert "1 customer(s)" in out
+    assert "POS: alcohol scanned at till-1, asking for an age check" in out
+    assert re.search(r"tillsight/demo-store/pos/demo-till/reply  ANSWER for till-1: (NO_)?CHALLENGE \(age", out)
 
 
 @pytest.mark.parametrize("payload, expected", [

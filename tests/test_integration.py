@@ -17,9 +17,10 @@ from tskit import REPO, Subscriber, tillsight, write_config
 
 ESTIMATE_KEYS = {"schema": int, "store": str, "camera": str, "track": int, "age": float, "spread": float,
                  "samples": int, "final": bool, "first_seen": str, "last_seen": str, "face": dict,
-                 "frame_time": str}
+                 "frame_time": str, "transaction": (str, type(None))}
 ALERT_KEYS = {"schema": int, "store": str, "camera": str, "track": int, "alert": str, "challenge_age": float,
-              "age": float, "spread": float, "samples": int, "time": str, "frame_time": str}
+              "age": float, "spread": float, "samples": int, "time": str, "frame_time": str,
+              "transaction": (str, type(None))}
 
 
 def assert_schema(body: dict, keys: dict) -> None:

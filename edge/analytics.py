@@ -1,0 +1,62 @@
+"""Store analytics: how many customers of each age band a till served, per interval. Nothing per person.
+
+Each customer's final age (when their track ends) is counted in its band;
+at the end of every interval (aligned to the clock: 08:00, 08:15, ...) one
+message per camera gives the counts. A band with fewer than `k` customers is
+suppressed (null): a count of one or two at a small till could point at a
+person. No total is sent, so a suppressed band cannot be worked out by
+subtraction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+def band_names(edges: list[int]) -> list[str]:
+    """[18, 25, 35] -> ['0-17', '18-24', '25-34', '35+']."""
+    bounds = [0] + list(edges)
+    names = [f"{low}-{high - 1}" for low, high in zip(bounds, bounds[1:])]
+    return names + [f"{bounds[-1]}+"]
+
+
+def band_of(age: float, edges: list[int]) -> str:
+    names = band_names(edges)
+    return names[sum(age >= edge for edge in edges)]
+
+
+@dataclass
+class AgeBandCounter:
+    """Counts of one camera's customers by age band, for the interval in progress."""
+
+    camera_id: str
+    edges: list[int]
+    interval_s: float
+    k: int
+    started: float | None = None  # start of the interval in progress
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, age: float, now: float) -> None:
+        self._open(now)
+        band = band_of(age, self.edges)
+        self.counts[band] = self.counts.get(band, 0) + 1
+
+    def due(self, now: float) -> bool:
+        return self.started is not None and now >= self.started + self.interval_s
+
+    def flush(self, now: float, partial: bool = False) -> dict | None:
+        """The interval's message (None if it saw nobody), and a fresh interval."""
+        if self.started is None:
+            return None
+        end = now if partial else self.started + self.interval_s
+        bands = {name: (self.counts.get(name, 0) if self.counts.get(name, 0) >= self.k else None)
+                 for name in band_names(self.edges)}
+        message = {"camera": self.camera_id, "interval_start": self.started, "interval_end": end,
+                   "bands": bands, "k": self.k, "partial": partial}
+        self.started, self.counts = None, {}
+        return message
+
+    def _open(self, now: float) -> None:
+        if self.started is None:
+            self.started = math.floor(now / self.interval_s) * self.interval_s

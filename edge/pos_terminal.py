@@ -1,0 +1,95 @@
+"""`tillsight pos`: a terminal point of sale, for people trying the system and for tests.
+
+    tillsight pos watch                              alerts, estimates and answers as they come
+    tillsight pos check --camera till-1 --item alcohol
+    tillsight pos transaction start --camera till-1 --id T-1001
+
+An age check is an MQTT 5 request: Response Topic `<prefix>/<store>/pos/<terminal>/reply` and a
+random Correlation Data, matched on the way back.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+
+class PosError(Exception):
+    """The broker or the daemon did not answer: one line for the user."""
+
+
+class Terminal:
+    def __init__(self, host: str, port: int, base: str, terminal_id: str | None = None):
+        self.base = base  # <prefix>/<store>
+        self.terminal_id = terminal_id or f"terminal-{secrets.token_hex(3)}"
+        self.reply_topic = f"{base}/pos/{self.terminal_id}/reply"
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"tillsight-pos-{self.terminal_id}",
+                                  protocol=mqtt.MQTTv5)
+        self._subscribed = threading.Event()
+        self.client.on_subscribe = lambda *args: self._subscribed.set()
+        self.on_message = None
+        self.client.on_message = lambda c, u, msg: self.on_message and self.on_message(msg)
+        try:
+            self.client.connect(host, port, keepalive=30)
+        except OSError as exc:
+            raise PosError(f"cannot reach the MQTT broker at {host}:{port}: {exc.strerror or exc}") from None
+        from edge.publish import no_delay
+        no_delay(self.client)
+        self.client.loop_start()
+
+    def subscribe(self, topics: list[str]) -> None:
+        self._subscribed.clear()
+        self.client.subscribe([(t, 1) for t in topics])
+        if not self._subscribed.wait(5):
+            raise PosError("the MQTT broker did not confirm the subscription")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def send(self, topic: str, body: dict, properties: Properties | None = None) -> None:
+        info = self.client.publish(topic, json.dumps(body), qos=1, properties=properties)
+        info.wait_for_publish(5)
+        if not info.is_published():
+            raise PosError(f"the MQTT broker did not acknowledge {topic}")
+
+    def transaction(self, camera: str, event: str, transaction: str) -> None:
+        self.send(f"{self.base}/{camera}/transaction", {"event": event, "transaction": transaction})
+
+    def check(self, camera: str, item: str | None, timeout_s: float, deadline_s: float | None = None) -> dict:
+        """Ask the daemon whether the customer at `camera` should be challenged; the answer, as a dict."""
+        correlation = secrets.token_bytes(8)
+        answered: list[dict] = []
+        done = threading.Event()
+
+        def on_message(msg) -> None:
+            if msg.topic == self.reply_topic and getattr(msg.properties, "CorrelationData", None) == correlation:
+                answered.append(json.loads(msg.payload))
+                done.set()
+
+        self.on_message = on_message
+        self.subscribe([self.reply_topic])
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.ResponseTopic = self.reply_topic
+        properties.CorrelationData = correlation
+        body = {"item": item, **({"deadline_s": deadline_s} if deadline_s else {})}
+        sent = time.monotonic()
+        self.send(f"{self.base}/{camera}/check", {k: v for k, v in body.items() if v is not None}, properties)
+        if not done.wait(timeout_s):
+            raise PosError(f"no answer from the daemon for camera {camera} within {timeout_s:g} s "
+                           "(is it running, and is the camera id right?)")
+        return {**answered[0], "round_trip_ms": round(1000 * (time.monotonic() - sent), 1)}
+
+    def watch(self, print_line, seconds: float | None = None) -> None:
+        from edge.demo import describe
+        self.on_message = lambda msg: print_line(describe(msg.topic, msg.payload))
+        self.subscribe([f"{self.base}/+/alert", f"{self.base}/+/estimate", f"{self.base}/pos/#"])
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.1)

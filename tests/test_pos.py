@@ -1,0 +1,290 @@
+"""The POS conversation: age checks on request, transactions, and hostile input, against a real daemon
+and a real mosquitto (MQTT 5 and 3.1.1 clients)."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from edge.pos import PosDesk
+from edge.pos_terminal import PosError, Terminal
+from edge.types import CustomerView, TillView
+from test_cli import one_line_error
+from tskit import REPO, Subscriber, tillsight, write_config
+
+BASE = "tillsight/store-1"
+
+
+# ---------------------------------------------------------------- the desk's rules, on its own
+
+
+class Till:
+    """Stands in for a camera pipeline: what the desk reads (view) and calls (mark_transaction)."""
+
+    def __init__(self, *customers: CustomerView):
+        self.view = TillView("till-1", time.time(), customers) if customers else None
+        self.transactions: list[tuple[str, str]] = []
+
+    def mark_transaction(self, event, transaction):
+        self.transactions.append((event, transaction))
+
+
+def desk_with(till: Till, deadline_s: float = 0.3):
+    replies: list[tuple[str, dict, bytes | None]] = []
+    desk = PosDesk(BASE, {"till-1": till}, lambda topic, body, corr: replies.append((topic, body, corr)),
+                   challenge_age=25, min_samples=3, deadline_s=deadline_s)
+    desk.start()
+    return desk, replies
+
+
+def wait_for(replies, n=1, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while len(replies) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return replies
+
+
+def check(desk, body: dict, camera="till-1"):
+    desk.receive(f"{BASE}/{camera}/check", json.dumps(body).encode())
+
+
+REPLY = f"{BASE}/pos/t1/reply"
+
+
+def test_a_customer_seen_long_enough_is_answered_at_once():
+    desk, replies = desk_with(Till(CustomerView(7, 16.4, 1.2, 5, (0, 0, 50, 50))))
+    check(desk, {"item": "alcohol", "request_id": "r-1", "reply_to": REPLY})
+    [(topic, body, _)] = wait_for(replies)
+    desk.close()
+    assert topic == REPLY
+    assert (body["decision"], body["age"], body["samples"], body["track"], body["request_id"], body["complete"]) == \
+        ("challenge", 16.4, 5, 7, "r-1", True)
+    assert body["waited_ms"] < 100
+
+
+def test_nobody_at_the_till_is_no_face_at_the_deadline_and_two_people_are_several_faces():
+    desk, replies = desk_with(Till(), deadline_s=0.3)
+    check(desk, {"reply_to": REPLY})
+    [(_, body, _)] = wait_for(replies)
+    desk.close()
+    assert body["decision"] == "no_face" and body["waited_ms"] >= 290
+    two = Till(CustomerView(1, 40.0, 2.0, 4, (0, 0, 50, 50)), CustomerView(2, 15.0, 2.0, 3, (60, 0, 110, 50)))
+    desk, replies = desk_with(two)
+    check(desk, {"reply_to": REPLY})
+    [(_, body, _)] = wait_for(replies)
+    desk.close()
+    assert body["decision"] == "several_faces" and [f["age"] for f in body["faces"]] == [40.0, 15.0]
+
+
+def test_a_customer_just_arrived_is_answered_with_what_there_is_at_the_deadline():
+    desk, replies = desk_with(Till(CustomerView(3, 30.0, 0.0, 1, (0, 0, 50, 50))), deadline_s=0.2)
+    check(desk, {"reply_to": REPLY})
+    [(_, body, _)] = wait_for(replies)
+    desk.close()
+    assert body["decision"] == "no_challenge" and body["complete"] is False and body["samples"] == 1
+
+
+@pytest.mark.parametrize("payload, error", [
+    (b"\xff\xfe", "payload: Invalid JSON"),
+    (b'{"reply_to": "' + REPLY.encode() + b'", "item": 5}', "item: Input should be a valid string"),
+    (b'{"reply_to": "' + REPLY.encode() + b'", "deadline_s": 1e9}', "deadline_s: Input should be less than or equal to 10"),
+    (b'{"reply_to": "' + REPLY.encode() + b'", "pad": "' + b"x" * 20000 + b'"}', "payload of 20057 bytes is over 16384"),
+])
+def test_a_bad_request_with_a_reply_topic_gets_an_error_reply(payload, error):
+    desk, replies = desk_with(Till())
+    unreadable = error.startswith("payload")  # then only MQTT 5's Response Topic says where to answer
+    desk.receive(f"{BASE}/till-1/check", payload, _properties(REPLY) if unreadable else None)
+    [(topic, body, _)] = wait_for(replies)
+    desk.close()
+    assert topic == REPLY and body["decision"] == "error" and body["error"].startswith(error), body
+
+
+def test_replies_only_go_under_the_pos_topics_and_unknown_cameras_are_refused():
+    desk, replies = desk_with(Till(CustomerView(1, 40.0, 2.0, 4, (0, 0, 50, 50))))
+    check(desk, {"reply_to": f"{BASE}/till-1/alert"})  # would forge an alert
+    check(desk, {"reply_to": f"{BASE}/pos/#"})
+    check(desk, {"reply_to": REPLY}, camera="till-9")
+    time.sleep(0.3)
+    desk.close()
+    assert [(t, b["decision"], b["error"]) for t, b, _ in replies] == [(REPLY, "error", "unknown camera 'till-9'")]
+    assert desk.stats.rejected == 3 and desk.stats.answered == 0
+
+
+def test_transaction_events_reach_the_till():
+    till = Till()
+    desk, _ = desk_with(till)
+    desk.receive(f"{BASE}/till-1/transaction", b'{"event": "start", "transaction": "T-1", "extra": [1, 2]}')
+    desk.receive(f"{BASE}/till-1/transaction", b'{"event": "stop", "transaction": "T-1"}')  # not an event
+    time.sleep(0.2)
+    desk.close()
+    assert till.transactions == [("start", "T-1")] and desk.stats.rejected == 1
+
+
+def _properties(response_topic: str, correlation: bytes = b"c") -> object:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.ResponseTopic, properties.CorrelationData = response_topic, correlation
+    return properties
+
+
+# ---------------------------------------------------------------- against a real daemon and broker
+
+
+@pytest.fixture
+def daemon(tmp_path, broker, age_models, carphone_clip):
+    """`tillsight run` with the carphone clip as a live camera (an adult, answering 40), logs to a file."""
+    config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=1,
+                          cameras=[{"id": "till-1", "source": str(carphone_clip), "fps_limit": 10}],
+                          mqtt={"host": "127.0.0.1", "port": broker.port},
+                          models={"age_model": str(age_models[40])}, logging={"level": "warning"})
+    log = (tmp_path / "daemon.log").open("w")
+    process = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=log)
+    ready = Subscriber(broker.port, f"{BASE}/till-1/estimate")
+    assert ready.wait_for(lambda s: len(s.messages) >= 1, 40), (tmp_path / "daemon.log").read_text()
+    ready.close()
+    yield process, tmp_path / "daemon.log", config
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(20)
+    finally:
+        process.kill()
+        log.close()
+
+
+def test_mqtt5_age_checks_are_answered_fast(daemon, broker):
+    terminal = Terminal("127.0.0.1", broker.port, BASE, "t1")
+    try:
+        answers = [terminal.check("till-1", "alcohol", timeout_s=5) for _ in range(30)]
+    finally:
+        terminal.close()
+    assert all(a["decision"] == "no_challenge" and a["age"] == 40.0 and a["samples"] >= 3 for a in answers)
+    trips = np.array([a["round_trip_ms"] for a in answers])
+    print(f"age check round trip over MQTT 5: p50 {np.percentile(trips, 50):.1f} ms, p99 {np.percentile(trips, 99):.1f} ms")
+    assert np.percentile(trips, 50) < 200
+
+
+def test_mqtt311_clients_use_reply_to_and_request_id_in_the_payload(daemon, broker):
+    sub = Subscriber(broker.port, f"{BASE}/pos/old-pos/reply")
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="old-pos", protocol=mqtt.MQTTv311)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    client.publish(f"{BASE}/till-1/check", json.dumps({"item": "tobacco", "request_id": "R-77",
+                                                       "reply_to": f"{BASE}/pos/old-pos/reply"}), qos=1)
+    assert sub.wait_for(lambda s: s.messages, 10)
+    client.loop_stop()
+    [answer] = sub.json("/reply")
+    sub.close()
+    assert (answer["request_id"], answer["item"], answer["decision"]) == ("R-77", "tobacco", "no_challenge")
+
+
+def test_a_customer_never_spans_two_transactions(daemon, broker):
+    sub = Subscriber(broker.port, f"{BASE}/till-1/estimate")
+    terminal = Terminal("127.0.0.1", broker.port, BASE)
+    try:
+        terminal.transaction("till-1", "start", "T-1")
+        assert sub.wait_for(lambda s: any(b["transaction"] == "T-1" and not b["final"] for b in s.json("/estimate")), 10)
+        terminal.transaction("till-1", "end", "T-1")
+        terminal.transaction("till-1", "start", "T-2")
+        assert sub.wait_for(lambda s: any(b["transaction"] == "T-2" and not b["final"] for b in s.json("/estimate")), 10)
+    finally:
+        terminal.close()
+    bodies = sub.json("/estimate")
+    sub.close()
+    tracks = {t: {b["track"] for b in bodies if b["transaction"] == t} for t in ("T-1", "T-2")}
+    assert tracks["T-1"] and tracks["T-2"] and not tracks["T-1"] & tracks["T-2"]
+    assert any(b["final"] and b["transaction"] == "T-1" for b in bodies)  # T-1's customer was closed at its end
+
+
+def test_pos_cli_check_and_its_one_line_errors(daemon, broker):
+    _, _, config = daemon
+    result = tillsight("pos", "--config", str(config), "check", "--camera", "till-1", "--item", "alcohol")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["decision"] == "no_challenge"
+    line = one_line_error(tillsight("pos", "--config", str(config), "check", "--camera", "till-9"))
+    assert line == "tillsight: error: the daemon refused the check: unknown camera 'till-9'"
+    line = one_line_error(tillsight("pos", "--port", str(broker.port), "--store", "other-store", "check",
+                                    "--camera", "till-1", "--timeout", "1"))
+    assert line == ("tillsight: error: no answer from the daemon for camera till-1 within 1 s "
+                    "(is it running, and is the camera id right?)")
+    line = one_line_error(tillsight("pos", "--port", "9", "--store", "s", "check", "--camera", "x"))
+    assert line.startswith("tillsight: error: cannot reach the MQTT broker at localhost:9")
+
+
+def _hostile_payloads(rng: random.Random, reply: str) -> list[bytes]:
+    samples = [
+        lambda: rng.randbytes(rng.randint(0, 300)),
+        lambda: b"[" * 100_000,
+        lambda: b'{"a":' * 5000 + b"1" + b"}" * 5000,
+        lambda: json.dumps({"item": rng.random(), "reply_to": reply}).encode(),
+        lambda: json.dumps({"reply_to": reply, "deadline_s": "soon", "x": list(range(50))}).encode(),
+        lambda: json.dumps({"event": rng.choice(["start", "end", None, 7]), "transaction": rng.random()}).encode(),
+        lambda: json.dumps({"reply_to": reply, "unknown": {"deep": [1, {"x": None}]}, "request_id": 7}).encode(),
+        lambda: json.dumps([1, 2, 3]).encode(),
+        lambda: b"",
+    ]
+    huge = [b"x" * 256 * 1024] * 100  # 256 KB each
+    return [rng.choice(samples)() for _ in range(10_000 - len(huge))] + huge
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_hostile_input_and_floods_do_not_stop_the_daemon(daemon, broker):
+    process, log_path, _ = daemon
+    reply = f"{BASE}/pos/fuzz/reply"
+    sub = Subscriber(broker.port, f"{BASE}/till-1/estimate")
+    replies = Subscriber(broker.port, reply)
+    rss_before = _rss_mb(process.pid)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fuzzer", protocol=mqtt.MQTTv311)
+    client.max_queued_messages_set(0)
+    client.max_inflight_messages_set(1000)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    rng = random.Random(7)
+    topics = [f"{BASE}/till-1/check", f"{BASE}/till-1/transaction", f"{BASE}/till-9/check",
+              f"{BASE}/till-1/check/extra"]
+    for payload in _hostile_payloads(rng, reply):  # 10,000 as fast as they go
+        client.publish(rng.choice(topics), payload, qos=0)
+    started = time.monotonic()
+    sent = 0
+    while time.monotonic() - started < 10:  # then a flood of 1,000 a second for 10 s
+        for _ in range(100):
+            client.publish(topics[0], b'{"reply_to": 5}', qos=0)
+            sent += 1
+        time.sleep(max(0.0, started + sent / 1000 - time.monotonic()))
+    estimates_during = len(sub.json("till-1/estimate"))
+    client.loop_stop()
+    client.disconnect()
+    assert process.poll() is None  # alive
+    assert estimates_during >= 8  # frames kept flowing through the flood (about one a second)
+    terminal = Terminal("127.0.0.1", broker.port, BASE)
+    try:
+        answer = terminal.check("till-1", "alcohol", timeout_s=10)  # and it still answers
+    finally:
+        terminal.close()
+    assert answer["decision"] == "no_challenge"
+    errors = replies.json("/pos/fuzz/reply")
+    assert errors and all(b["decision"] == "error" for b in errors)
+    assert _rss_mb(process.pid) - rss_before < 150
+    log_lines = log_path.read_text().splitlines()
+    assert len(log_lines) < 200, len(log_lines)  # rate-limited, not one line per bad payload
+    assert not [line for line in log_lines if "Traceback" in line]
+    sub.close()
+    replies.close()
+    print(f"fuzz: 10,000 hostile payloads, then {sent} in 10 s; {len(errors)} error replies, {len(log_lines)} log "
+          f"lines, RSS {rss_before:.0f} -> {_rss_mb(process.pid):.0f} MB")
