@@ -149,6 +149,23 @@ class PosConfig(Strict):
     deadline_s: Annotated[float, Field(gt=0, le=10)] = 2.0  # an age check waits at most this for a face
 
 
+class AnalyticsConfig(Strict):
+    """Age-band counts per camera per interval for the store (edge/analytics.py). Nothing per person."""
+    enabled: bool = True
+    interval_s: Annotated[float, Field(ge=1, le=86_400)] = 900.0
+    bands: Annotated[list[Annotated[int, Field(gt=0, lt=130)]], Field(min_length=1, max_length=20)] = \
+        [18, 25, 35, 45, 55, 65]  # band edges: 0-17, 18-24, ..., 65+
+    k: Annotated[int, Field(ge=1, le=1000)] = 5  # a band with fewer customers is not published
+    per_transaction: bool = False  # one message per finished POS transaction: its id and the age band
+
+    @field_validator("bands")
+    @classmethod
+    def increasing(cls, edges: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError("band edges must increase, e.g. [18, 25, 35]")
+        return edges
+
+
 class BudgetConfig(Strict):
     """Which faces go to the age network (edge/budget.py)."""
     enabled: bool = True  # false: every face of every frame is aged
@@ -177,6 +194,7 @@ class Config(Strict):
     tracking: TrackingConfig = TrackingConfig()
     budget: BudgetConfig = BudgetConfig()
     pos: PosConfig = PosConfig()
+    analytics: AnalyticsConfig = AnalyticsConfig()
     logging: LoggingConfig = LoggingConfig()
     status_interval_s: Annotated[float, Field(gt=0)] = 30.0
 

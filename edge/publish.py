@@ -161,6 +161,18 @@ class Publisher:
         self._publish(f"{self.base}/{est.camera_id}/alert",
                       alert_payload(self.store_id, est, challenge_age, frame_time, transaction), qos=1)
 
+    def publish_analytics(self, counts: dict) -> None:
+        """One camera's age-band counts for one interval (edge/analytics.py)."""
+        body = {"schema": SCHEMA, "store": self.store_id, **counts,
+                "interval_start": utc_iso(counts["interval_start"]), "interval_end": utc_iso(counts["interval_end"])}
+        self._publish(f"{self.base}/{counts['camera']}/analytics", body, qos=1)
+
+    def publish_transaction_band(self, camera_id: str, transaction: str, band: str) -> None:
+        """Opt-in: the age band of a finished transaction's customer, for purchases by age group."""
+        body = {"schema": SCHEMA, "store": self.store_id, "camera": camera_id, "transaction": transaction,
+                "age_band": band, "time": utc_iso()}
+        self._publish(f"{self.base}/{camera_id}/analytics/transaction", body, qos=1)
+
     def publish_reply(self, topic: str, body: dict, correlation: bytes | None) -> None:
         """An answer to the POS, with the request's MQTT 5 Correlation Data when it had one."""
         properties = None

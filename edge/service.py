@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge.analytics import AgeBandCounter, band_of
 from edge.budget import wants_age
 from edge.capture import END_OF_STREAM, CameraReader
 from edge.config import CameraConfig, Config, ModelsConfig
@@ -65,6 +66,9 @@ class CameraPipeline(threading.Thread):
         self.view: TillView | None = None  # who is at the till now, for the POS desk (replaced, never mutated)
         self.transaction: str | None = None  # the POS's open transaction at this till
         self._boundaries: queue.SimpleQueue = queue.SimpleQueue()  # transaction events from the POS desk
+        analytics = config.analytics
+        self.counter = AgeBandCounter(camera.id, analytics.bands, analytics.interval_s, analytics.k) \
+            if analytics.enabled else None
         self.finished = threading.Event()
 
     def mark_transaction(self, event: str, transaction: str) -> None:
@@ -78,8 +82,20 @@ class CameraPipeline(threading.Thread):
             except queue.Empty:
                 return
             # A customer never spans two transactions: whoever is at the till is a new track from here.
-            self._finish_tracks(self.tracker.end_all(), now)
+            ended = [t for t in self.tracker.end_all() if len(t.ages) >= self.config.policy.min_samples]
+            self._finish_tracks(ended, now)
+            if self.transaction is not None and ended and self.config.analytics.per_transaction:
+                customer = max(ended, key=lambda t: t.frames)  # the one who stood at the till longest
+                self.publisher.publish_transaction_band(self.camera.id, self.transaction,
+                                                        band_of(customer.estimate().age, self.config.analytics.bands))
             self.transaction = transaction if event == "start" else None
+
+    def _count(self, now: float, final: bool = False) -> None:
+        """Publish the age-band counts of an interval that has ended (and at the end, the partial one)."""
+        if self.counter is not None and (final or self.counter.due(now)):
+            counts = self.counter.flush(now, partial=final)
+            if counts is not None:
+                self.publisher.publish_analytics(counts)
 
     def run(self) -> None:
         try:
@@ -91,11 +107,14 @@ class CameraPipeline(threading.Thread):
                         now = time.time()
                         self._apply_transactions(now)
                         self._finish_tracks(self.tracker.update(now, [])[1], now)
+                        self._count(now)
                     continue
                 if frame is END_OF_STREAM:
                     break
                 self._process(frame)
-            self._finish_tracks(self.tracker.end_all(), time.time() if not self.replay else None)
+            now = None if self.replay else time.time()  # a replay ends at its last frame's time
+            self._finish_tracks(self.tracker.end_all(), now)
+            self._count(now or (self.view.frame_time if self.view else time.time()), final=True)
         except Exception as exc:  # keep the daemon's other cameras alive, and say why this one stopped
             self.stats.errors.append(f"{type(exc).__name__}: {exc}")
             log.exception("camera pipeline failed", extra={"camera": self.camera.id})
@@ -104,6 +123,7 @@ class CameraPipeline(threading.Thread):
 
     def _process(self, frame) -> None:
         self._apply_transactions(frame.timestamp)
+        self._count(frame.timestamp)
         with self.detector_lock:  # one ONNX session; calls from several threads would serialise anyway
             faces = self.detector(frame.image)
         self.stats.frames += 1
@@ -163,8 +183,10 @@ class CameraPipeline(threading.Thread):
             self._judge(track, track.last_seen)
             self.stats.tracks += 1
             self.stats.estimates += 1
-            self.publisher.publish_estimate(track.estimate(), True, track.last_seen if now is None else now,
-                                            self.transaction)
+            final = track.estimate()
+            self.publisher.publish_estimate(final, True, track.last_seen if now is None else now, self.transaction)
+            if self.counter is not None:
+                self.counter.add(final.age, track.last_seen)
 
 
 def _customer_view(track: Track) -> CustomerView:

@@ -146,7 +146,8 @@ def daemon(tmp_path, broker, age_models, carphone_clip):
     config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=1,
                           cameras=[{"id": "till-1", "source": str(carphone_clip), "fps_limit": 10}],
                           mqtt={"host": "127.0.0.1", "port": broker.port},
-                          models={"age_model": str(age_models[40])}, logging={"level": "warning"})
+                          models={"age_model": str(age_models[40])}, logging={"level": "warning"},
+                          analytics={"per_transaction": True})
     log = (tmp_path / "daemon.log").open("w")
     process = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config)], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=log)
@@ -190,6 +191,7 @@ def test_mqtt311_clients_use_reply_to_and_request_id_in_the_payload(daemon, brok
 
 def test_a_customer_never_spans_two_transactions(daemon, broker):
     sub = Subscriber(broker.port, f"{BASE}/till-1/estimate")
+    bands = Subscriber(broker.port, f"{BASE}/till-1/analytics/transaction")
     terminal = Terminal("127.0.0.1", broker.port, BASE)
     try:
         terminal.transaction("till-1", "start", "T-1")
@@ -204,6 +206,11 @@ def test_a_customer_never_spans_two_transactions(daemon, broker):
     tracks = {t: {b["track"] for b in bodies if b["transaction"] == t} for t in ("T-1", "T-2")}
     assert tracks["T-1"] and tracks["T-2"] and not tracks["T-1"] & tracks["T-2"]
     assert any(b["final"] and b["transaction"] == "T-1" for b in bodies)  # T-1's customer was closed at its end
+    assert bands.wait_for(lambda s: s.messages, 5)
+    [band] = bands.json("/transaction")
+    bands.close()
+    assert (band["transaction"], band["age_band"]) == ("T-1", "35-44")  # the band only: nothing else of the person
+    assert set(band) == {"schema", "store", "camera", "transaction", "age_band", "time"}
 
 
 def test_pos_cli_check_and_its_one_line_errors(daemon, broker):

@@ -1,0 +1,46 @@
+"""Store analytics: age-band counts per camera per interval, small bands suppressed, nothing per person."""
+
+import json
+
+import pytest
+
+from edge.analytics import AgeBandCounter, band_names, band_of
+from edge.config import ConfigError, parse_config
+from tskit import tillsight, write_config
+
+
+def test_bands_and_suppression_of_small_counts():
+    assert band_names([18, 25, 35]) == ["0-17", "18-24", "25-34", "35+"]
+    assert [band_of(a, [18, 25]) for a in (3, 17.9, 18, 24.99, 25, 80)] == ["0-17", "0-17", "18-24", "18-24", "25+", "25+"]
+    counter = AgeBandCounter("till-1", [18, 25], interval_s=900, k=3)
+    for age in (20, 21, 22, 40, 16):
+        counter.add(age, now=1000.0)
+    assert not counter.due(1799.0) and counter.due(1800.0)
+    message = counter.flush(1800.0)
+    assert message["interval_start"] == 900.0 and message["interval_end"] == 1800.0  # aligned to the clock
+    assert message["bands"] == {"0-17": None, "18-24": 3, "25+": None}  # 1 and 1 are below k: not published
+    assert "customers" not in message and "total" not in message  # no subtraction to undo the suppression
+    assert counter.flush(1900.0) is None  # nobody since
+
+
+def test_band_edges_must_increase():
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"store_id": "s", "cameras": [{"id": "c", "source": 0}], "analytics": {"bands": [25, 18]}})
+    assert caught.value.problems == ["analytics.bands: band edges must increase, e.g. [18, 25, 35]"]
+
+
+def test_a_replay_publishes_the_interval_counts(tmp_path, broker, subscriber, age_models, hamilton_clip):
+    config = write_config(tmp_path / "c.toml", store_id="store-1", daemon_id="d", cameras=[{"id": "c", "source": 0}],
+                          mqtt={"host": "127.0.0.1", "port": broker.port}, models={"age_model": str(age_models[40])},
+                          analytics={"interval_s": 3600, "k": 2})
+    result = tillsight("replay", str(hamilton_clip), "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert subscriber.wait_for(lambda s: s.json("replay/analytics"))
+    counts = subscriber.json("replay/analytics")
+    assert len(counts) == 1 and counts[0]["partial"] is True  # the replay ended inside the hour
+    bands = counts[0]["bands"]
+    assert list(bands) == ["0-17", "18-24", "25-34", "35-44", "45-54", "55-64", "65+"]
+    assert bands["35-44"] == summary["tracks"] >= 2  # every customer answered 40
+    assert all(v is None for k, v in bands.items() if k != "35-44")
+    assert set(counts[0]) == {"schema", "store", "camera", "interval_start", "interval_end", "bands", "k", "partial"}
