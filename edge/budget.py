@@ -42,14 +42,11 @@ class FaceQuality:
 
 
 def face_quality(image_bgr: np.ndarray, face: Face) -> FaceQuality:
-    (lx, ly), (rx, ry) = face.left_eye, face.right_eye
-    eye_distance = max(math.hypot(rx - lx, ry - ly), 1e-6)
-    turn = abs(face.nose[0] - (lx + rx) / 2) / eye_distance if face.nose else 0.0
     x0, y0, x1, y1 = (int(round(v)) for v in face.box)
     region = image_bgr[max(0, y0):max(y0 + 1, y1), max(0, x0):max(x0 + 1, x1)]
     grey = cv2.resize(cv2.cvtColor(region, cv2.COLOR_BGR2GRAY), (48, 48), interpolation=cv2.INTER_AREA)
     sharpness = float(cv2.Laplacian(grey, cv2.CV_32F).var())
-    return FaceQuality(min(face.width, face.height), face.score, turn, sharpness)
+    return FaceQuality(min(face.width, face.height), face.score, face.turn, sharpness)
 
 
 def is_good(quality: FaceQuality, cfg: BudgetConfig) -> bool:

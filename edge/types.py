@@ -35,6 +35,15 @@ class Face:
     def height(self) -> float:
         return self.box[3] - self.box[1]
 
+    @property
+    def turn(self) -> float:
+        """How far the head is turned: |nose - eye midpoint| / eye distance, horizontally.
+        About 0 facing the camera, 0.5 and more in profile; 0 when the detector gives no nose."""
+        if self.nose is None:
+            return 0.0
+        (lx, ly), (rx, ry) = self.left_eye, self.right_eye
+        return abs(self.nose[0] - (lx + rx) / 2) / max(((rx - lx) ** 2 + (ry - ly) ** 2) ** 0.5, 1e-6)
+
 
 @dataclass(frozen=True)
 class AgeEstimate:
