@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="the full edge pipeline over a labelled folder (train extra)")
     evaluate.add_argument("--model", default="auto", help="auto (default), light, resnet50, or an ONNX model file")
     evaluate.add_argument("--compare", help="a second model, scored on the same faces (table and plot)")
+    evaluate.add_argument("--residuals-into", type=Path, help="write a copy of the model carrying its measured "
+                          "errors on these faces, for policy.mode = \"risk\" (use the validation split)")
     evaluate.add_argument("--data", type=Path, required=True)
     evaluate.add_argument("--labels", type=Path)
     evaluate.add_argument("--split", choices=["all", "train", "val"], default="all")
@@ -428,7 +430,8 @@ def cmd_eval(args) -> int:
     _check_ranges(val_fraction=(args.val_fraction, 0.001, 0.999), limit=(args.limit, 1, 10**9))
     try:
         report = evaluate(args.model, args.data, args.labels, args.split, args.val_fraction,
-                          args.limit, args.out, progress=not args.json, compare=args.compare)
+                          args.limit, args.out, progress=not args.json, compare=args.compare,
+                          residuals_into=args.residuals_into)
     except _data_errors() as exc:
         raise UserError(str(exc)) from None
     if args.json:

@@ -130,7 +130,10 @@ class ModelsConfig(Strict):
 
 
 class PolicyConfig(Strict):
+    mode: Literal["challenge25", "risk"] = "challenge25"  # edge/policy.py
     challenge_age: Annotated[float, Field(gt=0, le=100)] = 25.0
+    legal_age: Annotated[float, Field(gt=0, le=100)] = 18.0  # risk mode: the age the law sets
+    max_risk: Annotated[float, Field(gt=0, lt=1)] = 0.02  # risk mode: challenge above this P(under legal_age)
     min_samples: Annotated[int, Field(ge=1, le=1000)] = 3  # per-frame ages before a track is judged
 
 

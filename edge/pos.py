@@ -30,7 +30,7 @@ from typing import Annotated, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge.logs import RateLimitedLog
-from edge.policy import decide
+from edge.policy import Policy, decide
 from edge.types import Decision, TillView
 
 log = logging.getLogger(__name__)
@@ -78,12 +78,12 @@ class PosDesk(threading.Thread):
     """Takes the POS's messages from the MQTT network thread and answers them on its own thread."""
 
     def __init__(self, base: str, cameras: dict, reply: Callable[[str, dict, bytes | None], None],
-                 challenge_age: float, min_samples: int, deadline_s: float, inbox_size: int = 1000):
+                 policy: Policy, deadline_s: float, inbox_size: int = 1000):
         super().__init__(name="pos-desk", daemon=True)
         self.base = base  # <prefix>/<store>
         self.cameras = cameras  # camera id -> its pipeline (view, mark_transaction)
         self.reply = reply
-        self.challenge_age, self.min_samples, self.deadline_s = challenge_age, min_samples, deadline_s
+        self.policy, self.deadline_s = policy, deadline_s
         self.stats = DeskStats()
         self.inbox: queue.Queue = queue.Queue(maxsize=inbox_size)
         self.stop_event = threading.Event()
@@ -122,7 +122,9 @@ class PosDesk(threading.Thread):
         if camera_id not in self.cameras:
             reply_to = response_topic or (message.reply_to if isinstance(message, CheckRequest) else None)
             return self._reject(kind, f"unknown camera {camera_id[:64]!r}", reply_to, correlation)
-        item = (camera_id, message, response_topic, correlation, time.monotonic())
+        self._queue((camera_id, message, response_topic, correlation, time.monotonic()), topic)
+
+    def _queue(self, item: tuple, topic: str) -> None:
         try:
             self.inbox.put_nowait(item)
         except queue.Full:
@@ -133,7 +135,9 @@ class PosDesk(threading.Thread):
         self.stats.rejected += 1
         self.warn.warning("rejected", "POS message rejected", kind=kind[:32], error=why[:200])
         if kind == "check" and reply_to and self.valid_reply_topic(reply_to):
-            self.reply(reply_to, {"decision": "error", "error": why[:200]}, correlation)
+            # answered from the desk's thread: the MQTT thread only checks and queues
+            self._queue((None, {"decision": "error", "error": why[:200]}, reply_to, correlation, time.monotonic()),
+                        reply_to)
 
     def valid_reply_topic(self, topic: str) -> bool:
         return (topic.startswith(f"{self.base}/pos/") and len(topic) <= 256 and not any(c in topic for c in "+#\0")
@@ -159,6 +163,9 @@ class PosDesk(threading.Thread):
 
     def _take(self, item) -> None:
         camera_id, message, response_topic, correlation, received = item
+        if camera_id is None:  # an error reply to a refused request
+            self.reply(response_topic, message, correlation)
+            return
         pipeline = self.cameras[camera_id]
         if isinstance(message, TransactionEvent):
             self.stats.transactions += 1
@@ -180,21 +187,21 @@ class PosDesk(threading.Thread):
             view: TillView | None = self.cameras[check.camera_id].view
             if view is not None and time.time() - view.frame_time > STALE_VIEW_S:
                 view = None  # the camera has shown nothing for a while: nobody is known to be there
-            decision = decide(view, self.challenge_age, self.min_samples, at_deadline=closing or now >= check.deadline)
+            decision = decide(view, self.policy, at_deadline=closing or now >= check.deadline)
             if decision is None:
                 still.append(check)
                 continue
             self.stats.answered += 1
-            self.reply(check.reply_to, answer_payload(check, decision, view, self.challenge_age, now),
+            self.reply(check.reply_to, answer_payload(check, decision, view, self.policy, now),
                        check.correlation)
         self._pending = still
 
 
-def answer_payload(check: PendingCheck, decision: Decision, view: TillView | None, challenge_age: float,
+def answer_payload(check: PendingCheck, decision: Decision, view: TillView | None, policy: Policy,
                    now: float) -> dict:
     from edge.publish import utc_iso
-    faces = [{"track": c.track_id, "age": round(c.age, 1), "spread": round(c.spread or 0.0, 1), "samples": c.samples}
-             for c in decision.customers]
+    faces = [{"track": c.track_id, "age": round(c.age, 1), "spread": round(c.spread or 0.0, 1), "samples": c.samples,
+              "risk": _rounded(policy.risk(c.age))} for c in decision.customers]
     main = faces[0] if len(faces) == 1 else {}
     return {
         "request_id": check.request.request_id,
@@ -202,14 +209,19 @@ def answer_payload(check: PendingCheck, decision: Decision, view: TillView | Non
         "item": check.request.item,
         "decision": decision.decision,
         "age": main.get("age"), "spread": main.get("spread"), "samples": main.get("samples", 0),
-        "track": main.get("track"),
+        "track": main.get("track"), "risk": main.get("risk"),
         "faces": faces,
         "complete": decision.complete,
-        "challenge_age": challenge_age,
+        "mode": policy.mode,
+        "challenge_age": policy.challenge_age,
         "transaction": view.transaction if view else None,
         "waited_ms": round(1000 * (now - check.received), 1),
         "frame_time": utc_iso(decision.frame_time) if decision.frame_time else None,
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def _reply_to_in(payload: bytes) -> str | None:

@@ -60,7 +60,7 @@ def estimate_payload(store_id: str, est: TrackEstimate, final: bool, frame_time:
     }
 
 
-def alert_payload(store_id: str, est: TrackEstimate, challenge_age: float, frame_time: float,
+def alert_payload(store_id: str, est: TrackEstimate, policy, frame_time: float,
                   transaction: str | None = None) -> dict:
     return {
         "schema": SCHEMA,
@@ -68,7 +68,9 @@ def alert_payload(store_id: str, est: TrackEstimate, challenge_age: float, frame
         "camera": est.camera_id,
         "track": est.track_id,
         "alert": "age_check",
-        "challenge_age": challenge_age,
+        "mode": policy.mode,
+        "challenge_age": policy.challenge_age,
+        "risk": None if policy.risk(est.age) is None else round(policy.risk(est.age), 4),
         "age": round(est.age, 1),
         "spread": round(est.spread, 1),
         "samples": est.samples,
@@ -93,15 +95,22 @@ class Publisher:
         self._status: dict = {"state": "online"}
         self.subscriptions: list[tuple[str, int]] = []  # set before start(); renewed on every connect
         self.on_message = None  # (topic, payload, properties) -> None, for the subscriptions
-        self.client = self._make_client()
+        self.client_id = self.cfg.client_id or f"tillsight-{self.daemon_id}"
+        self.client = self._make_client(self.client_id)
+        self.client.will_set(self.status_topic, json.dumps(self._status_body("offline")), qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        # What the POS sends arrives on a connection of its own: a flood there (tested: 25 MB of 256 KB
+        # payloads) queues in front of nothing the daemon publishes, so alerts and their acks keep moving.
+        self.listener: mqtt.Client | None = None
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self, client_id: str) -> mqtt.Client:
         cfg = self.cfg
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cfg.client_id or f"tillsight-{self.daemon_id}",
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                              protocol=mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311)
         client.max_queued_messages_set(cfg.max_queued_messages)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
-        client.will_set(self.status_topic, json.dumps(self._status_body("offline")), qos=1, retain=True)
         if cfg.username is not None:
             password = cfg.password_file.read_text().strip() if cfg.password_file else None
             client.username_pw_set(cfg.username, password)
@@ -109,17 +118,24 @@ class Publisher:
             client.tls_set(ca_certs=_s(cfg.tls.ca_file), certfile=_s(cfg.tls.cert_file),
                            keyfile=_s(cfg.tls.key_file), cert_reqs=ssl.CERT_REQUIRED)
             client.tls_insecure_set(cfg.tls.insecure)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_message = lambda c, u, msg: self.on_message and self.on_message(
-            msg.topic, msg.payload, getattr(msg, "properties", None))
         return client
 
     def start(self) -> None:
         # connect_async + loop_start: the daemon runs (and queues) while the broker is down.
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         self.client.loop_start()
+        if self.subscriptions:
+            self.listener = self._make_client(f"{self.client_id}-pos")
+            self.listener.on_connect = self._on_listener_connect
+            self.listener.on_message = lambda c, u, msg: self.on_message and self.on_message(
+                msg.topic, msg.payload, getattr(msg, "properties", None))
+            self.listener.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+            self.listener.loop_start()
+
+    def _on_listener_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            return  # the main connection logs the broker's refusal
+        client.subscribe(self.subscriptions)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -128,8 +144,6 @@ class Publisher:
         log.info("MQTT connected", extra={"host": self.cfg.host, "port": self.cfg.port})
         no_delay(client)
         self.connected.set()
-        if self.subscriptions:
-            client.subscribe(self.subscriptions)
         # The will may have fired while we were away: say we are back.
         self.publish_status(self._status)
 
@@ -156,10 +170,9 @@ class Publisher:
         self._publish(f"{self.base}/{est.camera_id}/estimate",
                       estimate_payload(self.store_id, est, final, frame_time, transaction), self.cfg.qos)
 
-    def publish_alert(self, est: TrackEstimate, challenge_age: float, frame_time: float,
-                      transaction: str | None = None) -> None:
+    def publish_alert(self, est: TrackEstimate, policy, frame_time: float, transaction: str | None = None) -> None:
         self._publish(f"{self.base}/{est.camera_id}/alert",
-                      alert_payload(self.store_id, est, challenge_age, frame_time, transaction), qos=1)
+                      alert_payload(self.store_id, est, policy, frame_time, transaction), qos=1)
 
     def publish_analytics(self, counts: dict) -> None:
         """One camera's age-band counts for one interval (edge/analytics.py)."""
@@ -222,6 +235,9 @@ class Publisher:
         delivered = self.wait_for_delivery(timeout_s)
         self.client.disconnect()
         self.client.loop_stop()
+        if self.listener is not None:
+            self.listener.disconnect()
+            self.listener.loop_stop()
         return delivered
 
 

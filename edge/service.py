@@ -21,7 +21,7 @@ from edge.capture import END_OF_STREAM, CameraReader
 from edge.config import CameraConfig, Config, ModelsConfig
 from edge.detect import FaceDetector
 from edge.infer import AgeBatcher, AgeModel
-from edge.policy import needs_id_check
+from edge.policy import Policy, build_policy, needs_id_check
 from edge.publish import Publisher
 from edge.pos import PosDesk
 from edge.track import FaceTracker, Track
@@ -48,8 +48,9 @@ class CameraPipeline(threading.Thread):
 
     def __init__(self, camera: CameraConfig, config: Config, frames: queue.Queue, detector: FaceDetector,
                  detector_lock: threading.Lock, batcher: AgeBatcher, publisher: Publisher, stop: threading.Event,
-                 replay: bool = False):
+                 policy: Policy, replay: bool = False):
         super().__init__(name=f"pipeline-{camera.id}", daemon=True)
+        self.policy = policy
         self.replay = replay
         self.camera = camera
         self.config = config
@@ -131,10 +132,9 @@ class CameraPipeline(threading.Thread):
             self.stats.frames_with_faces += 1
             self.stats.faces += len(faces)
         tracks, ended = self.tracker.update(frame.timestamp, faces, frame.image)
-        policy = self.config.policy
         chosen = [(track, face) for track, face in zip(tracks, faces)
                   if wants_age(track, frame.image, face, frame.timestamp, self.config.budget,
-                               policy.challenge_age, policy.min_samples)]
+                               self.policy.boundary_age, self.policy.min_samples)]
         if chosen:
             self._age(frame, chosen)
         for track in self.tracker.tracks:
@@ -163,11 +163,10 @@ class CameraPipeline(threading.Thread):
         if len(track.ages) < self.config.policy.min_samples:
             return
         estimate = track.estimate()
-        if not track.alerted and needs_id_check(estimate, self.config.policy.challenge_age,
-                                                self.config.policy.min_samples):
+        if not track.alerted and needs_id_check(estimate, self.policy):
             track.alerted = True
             self.stats.alerts += 1
-            self.publisher.publish_alert(estimate, self.config.policy.challenge_age, now, self.transaction)
+            self.publisher.publish_alert(estimate, self.policy, now, self.transaction)
         interval = self.config.tracking.estimate_interval_s
         if track.last_published is None or now - track.last_published >= interval:
             track.last_published = now
@@ -220,6 +219,7 @@ class Service:
         self.age_model = build_age_model(models)
         log.info("age model", extra={"model": self.age_model.describe(), "providers": self.age_model.providers,
                                      "detector_providers": self.detector.session.get_providers()})
+        self.policy = build_policy(config.policy, self.age_model.info.metadata)
         self.batcher = AgeBatcher(self.age_model, models.max_batch, models.max_wait_ms, producers=len(config.cameras))
         self._rates_mark = (time.monotonic(), 0, 0)
         self.publisher = Publisher(config.mqtt, config.store_id, self.daemon_id)
@@ -229,12 +229,11 @@ class Service:
             frames: queue.Queue = queue.Queue(maxsize=8 if replay else 2)
             self.readers.append(CameraReader(camera, frames, self.stop_event, replay, realtime))
             self.pipelines.append(CameraPipeline(camera, config, frames, self.detector, detector_lock,
-                                                 self.batcher, self.publisher, self.stop_event, replay))
+                                                 self.batcher, self.publisher, self.stop_event, self.policy, replay))
         self.desk = None
         if config.pos.enabled:
             self.desk = PosDesk(self.publisher.base, {p.camera.id: p for p in self.pipelines},
-                                self.publisher.publish_reply, config.policy.challenge_age, config.policy.min_samples,
-                                config.pos.deadline_s)
+                                self.publisher.publish_reply, self.policy, config.pos.deadline_s)
             self.publisher.subscriptions = self.desk.subscriptions
             self.publisher.on_message = self.desk.receive
 

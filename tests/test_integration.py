@@ -19,6 +19,7 @@ ESTIMATE_KEYS = {"schema": int, "store": str, "camera": str, "track": int, "age"
                  "samples": int, "final": bool, "first_seen": str, "last_seen": str, "face": dict,
                  "frame_time": str, "transaction": (str, type(None))}
 ALERT_KEYS = {"schema": int, "store": str, "camera": str, "track": int, "alert": str, "challenge_age": float,
+              "mode": str, "risk": (float, type(None)),
               "age": float, "spread": float, "samples": int, "time": str, "frame_time": str,
               "transaction": (str, type(None))}
 

@@ -18,7 +18,7 @@ from edge.infer import AgeModel
 from edge.runtime import ModelError
 from edge.tiers import LIGHT_MODEL_NAME, LIGHT_SOURCE_DIR, light_model_path, resolve_age_model
 from test_cli import one_line_error
-from tskit import tillsight
+from tskit import tillsight, write_config
 from training.data import iter_image_bytes, read_labels, select, split_of
 
 
@@ -203,3 +203,32 @@ def test_eval_compares_two_models_on_the_same_faces(tmp_path, light_model, utkfa
     table = tillsight(*common)
     assert table.returncode == 0, table.stderr
     assert "light-age-v1.onnx (light)" in table.stdout and "constant30.onnx (file)" in table.stdout
+
+
+def test_risk_mode_from_the_measured_errors_of_the_light_model(tmp_path, light_model, utkface, carphone_clip,
+                                                                 broker, subscriber):
+    """eval measures the errors and writes them into a copy of the model; the daemon's risk mode uses it."""
+    from edge.risk import ResidualTable
+    risky = tmp_path / "light-with-errors.onnx"
+    result = tillsight("eval", "--model", "light", "--data", str(utkface), "--split", "val", "--limit", "80",
+                       "--residuals-into", str(risky), "--out", str(tmp_path / "eval"), "--json")
+    assert result.returncode == 0, result.stderr
+    points = json.loads(result.stdout)["operating_points"]
+    assert len(points["challenge_age"]) == 25 and len(points["risk"]) == 25
+    flagged = [p["minors_flagged"] for p in points["challenge_age"] if p["minors_flagged"] is not None]
+    assert flagged == sorted(flagged)  # a higher challenge age flags more minors
+    assert (tmp_path / "eval" / "operating_points.png").stat().st_size > 10_000
+    table = ResidualTable.from_metadata(AgeModel(risky).info.metadata)
+    assert table.probability_under(12, 18) > table.probability_under(30, 18)
+    config = write_config(tmp_path / "risk.toml", store_id="store-1", daemon_id="d", cameras=[{"id": "c", "source": 0}],
+                          mqtt={"host": "127.0.0.1", "port": broker.port},
+                          models={"age_model": str(risky)}, policy={"mode": "risk", "max_risk": 0.0005})
+    result = tillsight("replay", str(carphone_clip), "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert subscriber.wait_for(lambda s: s.json("/alert"))
+    [alert] = subscriber.json("/alert")  # at a 0.05 % tolerance even this adult is challenged, once
+    assert alert["mode"] == "risk" and alert["risk"] > 0.0005
+    config = write_config(tmp_path / "no-table.toml", store_id="s", cameras=[{"id": "c", "source": 0}],
+                          models={"age_model": "light"}, policy={"mode": "risk"}, logging={"level": "warning"})
+    line = one_line_error(tillsight("replay", str(carphone_clip), "--config", str(config)))
+    assert line.startswith('tillsight: error: policy.mode = "risk" needs an age model that carries its measured errors')

@@ -1,6 +1,8 @@
+import numpy as np
 import pytest
 
-from edge.policy import needs_id_check
+from edge.policy import Policy, needs_id_check
+from edge.risk import ResidualTable
 from edge.track import FaceTracker, fuse_ages
 from edge.types import AgeEstimate, Face, TrackEstimate
 
@@ -59,4 +61,19 @@ def estimate(age, samples):
 @pytest.mark.parametrize("age, samples, expected", [
     (16.0, 3, True), (24.9, 5, True), (25.0, 5, False), (40.0, 10, False), (16.0, 2, False)])
 def test_challenge_25(age, samples, expected):
-    assert needs_id_check(estimate(age, samples), challenge_age=25, min_samples=3) is expected
+    assert needs_id_check(estimate(age, samples), Policy(challenge_age=25, min_samples=3)) is expected
+
+
+def test_risk_mode_challenges_by_the_measured_chance_of_being_under_18():
+    rng = np.random.default_rng(0)
+    true = rng.uniform(10, 60, 20_000)
+    estimated = true + rng.normal(0, 4, true.size)  # a model with a 4-year error
+    table = ResidualTable.measure(estimated, true)
+    # under 18 from an estimate of 22: 4 years under at 1 standard deviation -> about 16 %
+    assert table.probability_under(22.0, 18) == pytest.approx(0.16, abs=0.04)
+    assert table.probability_under(35.0, 18) < 0.001 and table.probability_under(14.0, 18) > 0.7
+    policy = Policy(mode="risk", legal_age=18, max_risk=0.02, residuals=table)
+    assert needs_id_check(estimate(24.0, 5), policy) and not needs_id_check(estimate(30.0, 5), policy)
+    assert 24.0 < policy.boundary_age < 30.0  # about 18 + 2.05 x 4 years
+    restored = ResidualTable.from_metadata({"tillsight.residuals": table.to_metadata()})
+    assert restored.probability_under(22.0, 18) == pytest.approx(table.probability_under(22.0, 18), abs=0.01)

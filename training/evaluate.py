@@ -15,13 +15,46 @@ import numpy as np
 from edge.detect import FaceDetector
 from edge.infer import AgeModel
 from training.data import GENDERS, RACES, FaceSet, load_face_sets, read_labels, select, split_of
+from edge.risk import KEY_RESIDUALS, ResidualTable
 from training.metrics import age_metrics
+
+
+def operating_points(true: np.ndarray, predicted: np.ndarray, table: ResidualTable, legal_age: float = 18.0) -> dict:
+    """Minors (13-17) flagged against adults (25+) challenged, for each mode over its setting:
+    Challenge N for N from 16 to 40, and the risk mode for a maximum risk from 0.1 % to 50 %."""
+    true, predicted = np.asarray(true, np.float64), np.asarray(predicted, np.float64)
+    minors, adults = (true >= 13) & (true < legal_age), true >= 25
+
+    def point(flagged: np.ndarray, setting: float) -> dict:
+        return {"setting": round(float(setting), 4),
+                "minors_flagged": round(float(flagged[minors].mean()), 4) if minors.any() else None,
+                "adults_challenged": round(float(flagged[adults].mean()), 4) if adults.any() else None}
+
+    risks = np.array([table.probability_under(p, legal_age) for p in predicted])
+    return {"challenge_age": [point(predicted < n, n) for n in np.arange(16, 40.5, 1.0)],
+            "risk": [point(risks > r, r) for r in np.geomspace(0.001, 0.5, 25)]}
+
+
+def write_residuals(model_path: Path, table: ResidualTable, out: Path) -> None:
+    """A copy of the ONNX model with its residual table in the metadata."""
+    import onnx
+    model = onnx.load(str(model_path))
+    kept = [p for p in model.metadata_props if p.key != KEY_RESIDUALS]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=KEY_RESIDUALS, value=table.to_metadata())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out))
 
 
 def evaluate(model: str | Path | None, data_dir: Path, labels_csv: Path | None, split: str = "all",
              val_fraction: float = 0.1, limit: int | None = None, out: Path | None = None,
-             challenge_age: float = 25.0, progress: bool = True, compare: str | Path | None = None) -> dict:
-    """The report of `model` (a tier or a file); with `compare`, its report under 'compared_with'."""
+             challenge_age: float = 25.0, progress: bool = True, compare: str | Path | None = None,
+             residuals_into: Path | None = None) -> dict:
+    """The report of `model` (a tier or a file); with `compare`, its report under 'compared_with'.
+
+    `residuals_into`: write a copy of the model that carries its measured errors on these faces
+    (edge/risk.py), which the risk policy needs."""
     models = [AgeModel.load(m, ["cuda", "cpu"]) for m in ([model, compare] if compare is not None else [model])]
     labels = read_labels(labels_csv or data_dir / "labels.csv")
     if split != "all":
@@ -36,11 +69,20 @@ def evaluate(model: str | Path | None, data_dir: Path, labels_csv: Path | None, 
     report = reports[0]
     if len(reports) > 1:
         report["compared_with"] = reports[1]
+    table = ResidualTable.from_metadata(models[0].info.metadata)
+    if face_sets[0].labels:
+        measured = ResidualTable.measure(predictions[0], face_sets[0].ages)
+        report["operating_points"] = operating_points(face_sets[0].ages, predictions[0], table or measured)
+        report["operating_points"]["risk_table"] = "the model's own" if table else "measured on these faces"
+        if residuals_into is not None:
+            write_residuals(models[0].path, measured, residuals_into)
+            report["residuals_into"] = str(residuals_into)
     if out is not None and face_sets[0].labels:
-        from training.plots import plot_error_by_band, plot_predicted_vs_true
+        from training.plots import plot_error_by_band, plot_operating_points, plot_predicted_vs_true
         out.mkdir(parents=True, exist_ok=True)
         plot_error_by_band({_name(r): r["mae_by_band"] for r in reports}, out / "error_by_band.png")
         plot_predicted_vs_true(face_sets[0].ages, predictions[0], out / "predicted_vs_true.png")
+        plot_operating_points(report["operating_points"], out / "operating_points.png")
         (out / "eval.json").write_text(json.dumps(report, indent=2))
     return report
 

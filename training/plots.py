@@ -99,3 +99,26 @@ def plot_predicted_vs_true(true: np.ndarray, predicted: np.ndarray, out: Path) -
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def plot_operating_points(points: dict, out: Path) -> None:
+    """The two policies' curves: minors flagged against adults challenged, to pick an operating point."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for key, label, fmt in (("challenge_age", "Challenge N (N = 16 ... 40)", "o-"),
+                            ("risk", f"risk mode (max risk 0.1 % ... 50 %; {points.get('risk_table', '')})", "s-")):
+        rows = [p for p in points[key] if p["minors_flagged"] is not None and p["adults_challenged"] is not None]
+        ax.plot([100 * p["adults_challenged"] for p in rows], [100 * p["minors_flagged"] for p in rows], fmt,
+                markersize=3, label=label)
+    for p in points["challenge_age"]:
+        if p["setting"] == 25 and p["minors_flagged"] is not None:
+            ax.annotate("Challenge 25", (100 * p["adults_challenged"], 100 * p["minors_flagged"]), fontsize=8,
+                        textcoords="offset points", xytext=(6, -10))
+    ax.set_xlabel("adults 25+ challenged (%)")
+    ax.set_ylabel("minors 13-17 flagged (%)")
+    ax.set_title("operating points")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
