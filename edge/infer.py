@@ -21,7 +21,7 @@ import numpy as np
 
 from edge.contract import SPREAD_OUTPUT, AgeModelInfo, ContractError, read_contract
 from edge.runtime import ModelError, open_session, resolve_providers, session_options
-from edge.tiers import AgeModelChoice, pick_variant, resolve_age_model
+from edge.tiers import pick_variant, resolve_age_model
 from edge.types import AgeEstimate
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class AgeModel:
         if variant == "auto" and choice.variant == "fp16" and model.providers[0] == "CPUExecutionProvider":
             # CUDA was asked for but did not load: fp16 on a CPU is the slowest of all, take the CPU's variant
             log.warning("GPU provider unavailable, serving the CPU variant", extra={"asked": choice.path.name})
-            choice = pick_variant(AgeModelChoice(base.path, base.tier), "auto", on_gpu=False)
+            choice = pick_variant(base, "auto", on_gpu=False)
             model = cls(choice.path, providers, choice.tier, choice.variant, threads, spinning)
         return model
 

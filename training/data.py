@@ -149,9 +149,9 @@ def detect_portrait_face(detector: FaceDetector, image: np.ndarray) -> Face | No
 
 
 def load_faces(data_dir: Path, labels: list[Label], size: int, margin: float,
-               detector: FaceDetector | None = None, progress: bool = True, eye_y: float | None = None) -> FaceSet:
+               detector: FaceDetector | None = None, progress: bool = True) -> FaceSet:
     """Detect and crop every labelled image, as the daemon would."""
-    cropper = lambda image, face: crop_face(image, face, size, margin, eye_y)  # noqa: E731
+    cropper = lambda image, face: crop_face(image, face, size, margin)  # noqa: E731
     faces = load_face_sets(data_dir, labels, [cropper], detector, progress)[0]
     if not faces.labels:
         faces.crops = np.zeros((0, size, size, 3), np.uint8)
