@@ -14,11 +14,15 @@ $(VENV)/.installed-%: pyproject.toml
 
 comma := ,
 
-# Debian packages the demo and tests use: the broker, and strace for the no-file-written test.
+# Debian packages the demo and tests use: the broker, strace for the no-file-written test,
+# systemd-analyze (package systemd) for the unit's security and verify checks, and openssl for the
+# broker security tests' certificates.
 mosquitto:
 	@missing=""; \
 	{ command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null 2>&1 || missing="mosquitto"; \
 	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
+	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \

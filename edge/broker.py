@@ -1,5 +1,6 @@
 """A local Mosquitto broker for the demo and the tests: a real `mosquitto`
-process on a free loopback port, with its own config file, no persistence."""
+process on a free loopback port, with its own config file, no persistence
+(unless asked: the bridge test's store broker)."""
 
 from __future__ import annotations
 
@@ -34,18 +35,22 @@ def free_port() -> int:
 class LocalBroker:
     """`with LocalBroker() as broker:` ... `broker.port`; `stop()`/`start()` to simulate an outage."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, extra_config: str = "", persistence: bool = False):
+        """`extra_config`: more mosquitto.conf lines (e.g. a bridge); `persistence`: keep the
+        in-flight and queued messages in `self.dir` across a `stop()`/`start()`."""
         self.binary = find_mosquitto()
         if self.binary is None:
             raise BrokerError("mosquitto not found: install the Debian package 'mosquitto' (make demo and make test do)")
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="tillsight-mosquitto-"))
         self.config = self.dir / "mosquitto.conf"
+        stored = f"persistence true\npersistence_location {self.dir}/\n" if persistence else "persistence false\n"
         self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{stored}"
             # small messages out at once: without it, Nagle and delayed ACKs add ~40 ms to an answer
             "set_tcp_nodelay true\n"
             "log_dest stderr\nlog_type error\nlog_type warning\n"
+            + (f"\n{extra_config}\n" if extra_config else "")
         )
         self.process: subprocess.Popen | None = None
 
