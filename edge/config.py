@@ -6,34 +6,121 @@
 
 from __future__ import annotations
 
+import os
 import re
+import ssl
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from edge.detect import DEFAULT_VARIANT, VARIANTS
 from edge.tiers import TIERS
 URL_SCHEMES = ("rtsp", "rtsps", "http", "https")
 NAME = r"^[A-Za-z0-9_-]{1,64}$"  # ids become MQTT topic levels: no '/', '+', '#'
+MAX_FILE_BYTES = 1 << 20  # a config file is a few KiB; a larger one is refused unread
+MAX_KEY_DEPTH = 32  # dotted keys: tomllib's cost grows with the square of a key's parts
+MAX_PATH, MAX_PATH_NAME = 4096, 255  # Linux PATH_MAX and NAME_MAX, in bytes
+MAX_LINE = 1000  # a problem line longer than this is cut
+CONTROL = re.compile("[\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]")  # control characters and line breaks
 
 
 class ConfigError(Exception):
+    """Every problem as one line `path.to.key: what is wrong` (control characters escaped, long lines cut)."""
+
     def __init__(self, problems: list[str]):
+        problems = [_one_line(p) for p in problems] or ["(top level): invalid configuration"]
         super().__init__("\n".join(problems))
         self.problems = problems
 
 
+def _one_line(text: str) -> str:
+    text = CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    return text if len(text) <= MAX_LINE else text[:MAX_LINE - 1] + "…"
+
+
+def _kind(annotation) -> str:
+    """'number' where a field takes an int or float (also inside Optional, Union, list, Literal[0, 1]),
+    'bool' for a plain bool field, else ''."""
+    if annotation is bool:
+        return "bool"
+    if annotation in (int, float):
+        return "number"
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return "number" if any(type(a) in (int, float) for a in args) else ""
+    return "number" if any(_kind(a) == "number" for a in args) else ""
+
+
+def _is_file(text: str | Path, what: str = "file") -> bool:
+    return _path_test(Path.is_file, text, what)
+
+
+def _is_dir(text: str | Path, what: str = "folder") -> bool:
+    return _path_test(Path.is_dir, text, what)
+
+
+def _path_test(test, text: str | Path, what: str) -> bool:
+    """Path.is_file()/is_dir() of a path from the config: ValueError (a problem line), never OSError/RuntimeError."""
+    text = str(text)
+    if "\0" in text:
+        raise ValueError(f"{what} path contains a NUL byte")
+    if len(os.fsencode(text)) > MAX_PATH:
+        raise ValueError(f"{what} path {_clip(text)} is {len(os.fsencode(text)):,} bytes long (at most {MAX_PATH:,})")
+    name = next((n for n in Path(text).parts if len(os.fsencode(n)) > MAX_PATH_NAME), None)
+    if name is not None:
+        raise ValueError(f"{what} path has a name of {len(os.fsencode(name)):,} bytes, {_clip(name)} "
+                         f"(at most {MAX_PATH_NAME} bytes a name)")
+    if text.startswith("~"):
+        try:
+            Path(text).expanduser()
+        except RuntimeError:
+            raise ValueError(f"{what} path {_clip(text)}: there is no user {text[1:].split('/')[0]!r} "
+                             f"to expand {text.split('/')[0]!r}") from None
+    try:
+        return test(Path(text))
+    except OSError as exc:
+        raise ValueError(f"{what} {_clip(text)} cannot be checked ({exc.strerror or exc})") from None
+
+
+def _clip(text: str, most: int = 60) -> str:
+    return repr(text) if len(text) <= most else repr(text[:most]) + "…"
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+    # Floats must be finite; ints are fine for floats; the validator below keeps booleans and numbers apart.
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def numbers_are_not_booleans(cls, value, info: ValidationInfo):
+        # lax pydantic takes true for 1 (`challenge_age = true` would switch alerts off) and 1 or "yes" for true
+        kind = _kind(cls.model_fields[info.field_name].annotation)
+        if kind == "number" and isinstance(value, list):
+            index = next((i for i, v in enumerate(value) if isinstance(v, bool)), None)
+            if index is not None:
+                raise ValueError(f"item {index} should be a number, not {str(value[index]).lower()}")
+        elif kind == "number" and isinstance(value, bool):
+            raise ValueError(f"input should be a number, not {str(value).lower()}")
+        if kind == "bool" and not isinstance(value, bool):
+            raise ValueError("input should be true or false")
+        return value
 
 
 class CameraConfig(Strict):
     id: Annotated[str, Field(pattern=NAME)]
-    source: Union[Annotated[int, Field(ge=0, strict=True)], str]
+    source: Union[Annotated[int, Field(ge=0, le=65535, strict=True)], str]
     fps_limit: Annotated[float, Field(gt=0, le=120)] | None = 5.0  # None: every frame
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def source_type(cls, value):
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError("must be a device index (an integer), a stream URL or a video file path")
+        return value
 
     @field_validator("source")
     @classmethod
@@ -41,13 +128,15 @@ class CameraConfig(Strict):
         if isinstance(value, int):
             return value
         if "://" in value:
+            if len(value) > MAX_PATH or CONTROL.search(value):
+                raise ValueError(f"URL {_clip(value)} is longer than {MAX_PATH} characters or has control characters")
             url = urlsplit(value)
             if url.scheme.lower() not in URL_SCHEMES:
                 raise ValueError(f"URL scheme {url.scheme!r} not supported (use {', '.join(URL_SCHEMES)})")
             if not url.hostname:
                 raise ValueError(f"URL {value!r} has no host")
             return value
-        if not Path(value).is_file():
+        if not _is_file(value, "video file"):
             raise ValueError(f"video file {value!r} not found (a device is an integer index, a stream an rtsp:// or http:// URL)")
         return value
 
@@ -59,34 +148,88 @@ class CameraConfig(Strict):
 class TlsConfig(Strict):
     ca_file: Path | None = None
     cert_file: Path | None = None
-    key_file: Path | None = None
-    insecure: bool = False  # skip hostname check; for test brokers only
+    key_file: Annotated[Path | None, Field(validate_default=True)] = None  # checked with cert_file, even when unset
+    insecure: StrictBool = False  # skip hostname check; for test brokers only
+    # An expired or not-yet-valid certificate loads here; the connection reports it at run time.
 
     @field_validator("ca_file", "cert_file", "key_file")
     @classmethod
     def exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
+        if value is not None and not _is_file(value):
             raise ValueError(f"file {str(value)!r} not found")
         return value
 
+    @field_validator("ca_file", "cert_file")
+    @classmethod
+    def certificate(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            _load_tls(lambda context: context.load_verify_locations(cafile=value), "not a PEM certificate")
+        return value
+
+    @field_validator("key_file")
+    @classmethod
+    def key_pair(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if "cert_file" not in info.data:  # cert_file itself is wrong: already said
+            return value
+        cert = info.data["cert_file"]
+        if cert is None:
+            if value is not None:
+                raise ValueError("set, but cert_file is not (a client certificate needs both)")
+            return value
+        if value is None:
+            what = "required: cert_file has no private key in it"
+        else:
+            what = "not the private key of cert_file"
+        _load_tls(lambda context: context.load_cert_chain(cert, value, password=_no_passphrase), what)
+        return value
+
+
+class _Passphrase(Exception):
+    pass
+
+
+def _no_passphrase():
+    raise _Passphrase  # never prompt on the terminal for a key's passphrase
+
+
+def _load_tls(load, what: str) -> None:
+    """Load a certificate or key into a throwaway SSLContext; a problem becomes one ValueError line."""
+    try:
+        load(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    except _Passphrase:
+        raise ValueError("the private key is encrypted with a passphrase, which the daemon cannot give") from None
+    except ssl.SSLError as exc:
+        reason = (exc.reason or "").lower().replace("_", " ")
+        raise ValueError(f"{what} ({reason})" if reason else what) from None
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror or exc})") from None
+
 
 class MqttConfig(Strict):
-    host: Annotated[str, Field(min_length=1)] = "localhost"
+    host: Annotated[str, Field(min_length=1, max_length=253)] = "localhost"
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
     tls: TlsConfig | None = None
-    username: str | None = None
+    username: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     password_file: Path | None = None
     client_id: Annotated[str, Field(pattern=NAME)] | None = None
     qos: Literal[0, 1, 2] = 1
     protocol: Literal["5", "3.1.1"] = "5"  # 5: the POS's age checks can use Response Topic/Correlation Data
-    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = "tillsight"
+    # MQTT topics are at most 65,535 bytes: the prefix leaves room for store, camera and kind
+    topic_prefix: Annotated[str, Field(max_length=200, pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = "tillsight"
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
-    max_queued_messages: Annotated[int, Field(ge=100)] = 100_000
+    max_queued_messages: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
+
+    @field_validator("host", "username")
+    @classmethod
+    def printable(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and (CONTROL.search(value) or info.field_name == "host" and " " in value):
+            raise ValueError(f"must not contain {'spaces, ' if info.field_name == 'host' else ''}NUL or other control characters")
+        return value
 
     @field_validator("password_file")
     @classmethod
     def password_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
+        if value is not None and not _is_file(value):
             raise ValueError(f"file {str(value)!r} not found")
         return value
 
@@ -117,14 +260,14 @@ class ModelsConfig(Strict):
     @field_validator("detector")
     @classmethod
     def model_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_file():
+        if value is not None and not _is_file(value, "model file"):
             raise ValueError(f"model file {str(value)!r} not found")
         return value
 
     @field_validator("age_model")
     @classmethod
     def tier_or_file(cls, value: str) -> str:
-        if value not in TIERS and not Path(value).is_file():
+        if value not in TIERS and not _is_file(value, "model file"):
             raise ValueError(f"{value!r} is neither a tier ({', '.join(TIERS)}) nor an existing model file")
         return value
 
@@ -140,7 +283,7 @@ class PolicyConfig(Strict):
 class TrackingConfig(Strict):
     iou_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.2
     lost_after_s: Annotated[float, Field(gt=0)] = 1.5  # a track unseen this long has left the till
-    max_samples: Annotated[int, Field(ge=1)] = 100
+    max_samples: Annotated[int, Field(ge=1, le=100_000)] = 100
     estimate_interval_s: Annotated[float, Field(ge=0)] = 1.0  # at most one estimate message per track per interval
     # a face joins an overlapping track only if it looks alike (edge/track.py); None: overlap alone
     min_similarity: Annotated[float, Field(ge=-3, le=1)] | None = 0.23
@@ -150,6 +293,31 @@ class PosConfig(Strict):
     """The POS conversation (edge/pos.py)."""
     enabled: bool = True  # subscribe to <camera>/transaction and <camera>/check
     deadline_s: Annotated[float, Field(gt=0, le=10)] = 2.0  # an age check waits at most this for a face
+
+
+class OutboxConfig(Strict):
+    """The durable outbox (edge/outbox.py): messages on disk until the broker has them."""
+    # an SQLite file in an existing folder; None: $STATE_DIRECTORY/outbox.sqlite3 under systemd (`run`), else
+    # memory only (a replay writes no file unless this is set)
+    path: Path | None = None
+    max_messages: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
+    max_age_s: Annotated[float, Field(gt=0, le=30 * 86_400)] = 86_400.0  # older messages are dropped at start
+
+    @field_validator("path")
+    @classmethod
+    def folder_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not _is_dir(value.parent):
+            raise ValueError(f"folder {str(value.parent)!r} not found")
+        if value is not None and _is_dir(value, "file"):
+            raise ValueError(f"{str(value)!r} is a folder; name the file, e.g. {str(value / 'outbox.sqlite3')!r}")
+        return value
+
+
+class MetricsConfig(Strict):
+    """Prometheus metrics (edge/metrics.py) on a loopback port; off by default."""
+    enabled: bool = False
+    host: Literal["127.0.0.1", "::1", "localhost"] = "127.0.0.1"  # loopback only: scrape through a local agent
+    port: Annotated[int, Field(ge=1, le=65535)] = 9464
 
 
 class AnalyticsConfig(Strict):
@@ -198,6 +366,8 @@ class Config(Strict):
     budget: BudgetConfig = BudgetConfig()
     pos: PosConfig = PosConfig()
     analytics: AnalyticsConfig = AnalyticsConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
     status_interval_s: Annotated[float, Field(gt=0)] = 30.0
 
@@ -216,7 +386,8 @@ _UNION_TAGS = {"int", "str", "constrained-int", "constrained-str"}
 
 def _where(loc: tuple) -> str:
     # Drop pydantic's union-branch names (e.g. 'int', 'str', 'function-after[...]').
-    parts = [str(p) for p in loc if not (isinstance(p, str) and p in _UNION_TAGS or str(p).startswith("function-"))]
+    parts = [str(p) if isinstance(p, int) or re.fullmatch(r"[A-Za-z0-9_-]{1,64}", p) else _clip(p, 40)
+             for p in loc if not (isinstance(p, str) and p in _UNION_TAGS or str(p).startswith("function-"))]
     return ".".join(parts) or "(top level)"
 
 
@@ -238,9 +409,10 @@ def problems_from(exc: ValidationError) -> list[str]:
     lines: dict[str, None] = {}
     errors = exc.errors()
     # A union (camera source) reports one error per branch: keep the most specific.
+    branch_types = ("int_type", "string_type")
     for error in errors:
-        if error["type"] in ("int_type", "string_type") and any(
-            e["loc"][: len(error["loc"]) - 1] == error["loc"][:-1] and e is not error for e in errors
+        if error["type"] in branch_types and any(
+            e["loc"][: len(error["loc"]) - 1] == error["loc"][:-1] and e["type"] not in branch_types for e in errors
         ):
             continue
         lines[f"{_where(error['loc'])}: {_message(error)}"] = None
@@ -255,45 +427,78 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(problems_from(exc)) from None
+    except RecursionError:
+        raise ConfigError(["(top level): nested too deeply"]) from None
 
 
 def load_config(path: Path | str, cameras: list[dict] | None = None) -> Config:
     """Read and validate a config file; `cameras` replaces its cameras (replay)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)
+        text = raw.decode("utf-8-sig")
     except FileNotFoundError:
         raise ConfigError([f"{path}: config file not found"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file ({exc.strerror or exc})"]) from None
+    except ValueError as exc:  # a NUL in the name; UnicodeDecodeError
         raise ConfigError([f"{path}: cannot read config file ({exc})"]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError([f"{path}: config file is larger than {MAX_FILE_BYTES >> 20} MiB: not a tillsight config"])
+    deep = _too_deep(text)
+    if deep:
+        raise ConfigError([f"{path}: line {deep}: keys nested too deeply (more than {MAX_KEY_DEPTH} levels)"])
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    except ValueError as exc:  # tomllib lets int()'s digit limit through
+        raise ConfigError([f"{path}: not valid TOML: {str(exc).split(':')[0]}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply"]) from None
     if cameras is not None:
         data["cameras"] = cameras
     return parse_config(data, path.parent)
 
 
 _PATH_KEYS = {("models", "detector"), ("models", "age_model"), ("mqtt", "password_file"),
-              ("mqtt", "tls", "ca_file"), ("mqtt", "tls", "cert_file"), ("mqtt", "tls", "key_file")}
+              ("mqtt", "tls", "ca_file"), ("outbox", "path"), ("mqtt", "tls", "cert_file"), ("mqtt", "tls", "key_file")}
 
 
 def _resolve_paths(data: dict, base_dir: Path) -> dict:
-    """Relative file paths in a config file are relative to that file, not to the cwd."""
-    return _resolve(data, base_dir, ())
+    """Relative file paths in a config file are relative to that file, not to the cwd.
+
+    Only the path keys are visited, so a deeply nested document costs no recursion here."""
+    for keys in _PATH_KEYS:
+        data = _resolve_at(data, keys, base_dir)
+    if isinstance(data.get("cameras"), list):
+        data = {**data, "cameras": [_resolve_at(c, ("source",), base_dir) if isinstance(c, dict) else c
+                                    for c in data["cameras"]]}
+    return data
 
 
-def _resolve(node, base_dir: Path, where: tuple):
-    if isinstance(node, dict):
-        return {k: _resolve(v, base_dir, where + (k,)) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_resolve(v, base_dir, where + (str(i),)) for i, v in enumerate(node)]
-    if isinstance(node, str) and node and node not in TIERS and (where in _PATH_KEYS or _is_camera_file(where, node)):
-        path = Path(node).expanduser()
-        return str(path if path.is_absolute() else base_dir / path)
-    return node
+def _resolve_at(node: dict, keys: tuple, base_dir: Path) -> dict:
+    value = node.get(keys[0])
+    if len(keys) > 1 and isinstance(value, dict):
+        return {**node, keys[0]: _resolve_at(value, keys[1:], base_dir)}
+    if len(keys) > 1 or not isinstance(value, str) or not value or value in TIERS or "://" in value:
+        return node
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # ~nosuchuser: left as it is, for the path check to say so
+        return node
+    return {**node, keys[0]: str(path if path.is_absolute() else base_dir / path)}
 
 
-def _is_camera_file(where: tuple, value: str) -> bool:
-    return len(where) == 3 and where[0] == "cameras" and where[2] == "source" and "://" not in value
+def _too_deep(text: str) -> int:
+    """The first line (1-based) whose dotted keys have more than MAX_KEY_DEPTH parts, else 0.
+
+    Quoted strings (closed or not: linear time) are blanked first; a run of dots between other punctuation
+    is a key's parts."""
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.count(".") > MAX_KEY_DEPTH:
+            line = re.sub(r'"(?:[^"\\]|\\.)*"?|\'[^\']*\'?', "q", line)
+            if any(run.count(".") > MAX_KEY_DEPTH for run in re.split(r"[^\w\s.-]", line)):
+                return number
+    return 0

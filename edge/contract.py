@@ -80,10 +80,13 @@ def read_contract(session) -> AgeModelInfo:
     batch, height, width, channels = inputs[0].shape
     if channels != 3 or any(isinstance(d, int) and d != size for d in (height, width)):
         raise ContractError(f"input shape {inputs[0].shape} does not match [N, {size}, {size}, 3]")
+    if isinstance(batch, int) and batch <= 0:
+        raise ContractError(f"input batch dimension {batch}: must be dynamic or a positive number")
     outputs = session.get_outputs()
-    if not outputs or len(outputs[0].shape or []) not in (1, 2):
-        raise ContractError("first output must be the age, shape [N] or [N, 1]")
-    fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
+    if not outputs or len(outputs[0].shape or []) not in (1, 2) or \
+            (len(outputs[0].shape) == 2 and isinstance(outputs[0].shape[1], int) and outputs[0].shape[1] != 1):
+        raise ContractError(f"first output must be the age, shape [N] or [N, 1], not {outputs[0].shape if outputs else None}")
+    fixed_batch = batch if isinstance(batch, int) else None
     has_spread = any(o.name == SPREAD_OUTPUT for o in outputs)
     return AgeModelInfo(size, margin, fixed_batch, has_spread, meta, eye_y)
 

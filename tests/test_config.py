@@ -107,6 +107,6 @@ def test_invalid_toml_and_missing_file_are_one_line(tmp_path):
 
 
 def test_example_config_in_the_repository_is_valid():
-    example = Path(__file__).resolve().parents[1] / "systemd" / "tillsight.example.toml"
+    example = Path(__file__).resolve().parents[1] / "deploy" / "tillsight.example.toml"
     config = load_config(example)
     assert config.cameras and config.policy.challenge_age == 25

@@ -1,0 +1,160 @@
+"""Files that are not what the daemon needs, given where it needs a video or an age model: one line and a
+non-zero exit through the real command line, never a traceback. (A video of random bytes:
+test_integration.test_corrupt_video_is_one_line; a corrupt face detector: test_cli.)"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from edge.contract import build_constant_age_model, contract_metadata
+from test_cli import one_line_error
+from test_integration import replay_config
+from tskit import tillsight
+
+
+@pytest.fixture(scope="module")
+def avi_bytes(carphone_clip, tmp_path_factory) -> bytes:
+    """The carphone clip as MJPEG in an AVI: unlike that MP4 (its index at the end), it plays until it is cut."""
+    import cv2
+    capture, path = cv2.VideoCapture(str(carphone_clip)), tmp_path_factory.mktemp("avi") / "clip.avi"
+    writer = None
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        if writer is None:
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30, frame.shape[1::-1])
+        writer.write(frame)
+    writer.release()
+    return path.read_bytes()
+
+
+VIDEOS = {
+    "mp4 cut after 20 kB": lambda mp4, avi: mp4[:20_000],
+    "mp4 without its first 30 kB": lambda mp4, avi: mp4[30_000:],
+    "avi cut in its header": lambda mp4, avi: avi[:5_000],
+    "avi cut half way": lambda mp4, avi: avi[: len(avi) // 2],
+    "text": lambda mp4, avi: b"hello, this is not a video\n",
+    "empty": lambda mp4, avi: b"",
+}
+
+
+@pytest.mark.parametrize("kind", VIDEOS)
+def test_a_truncated_or_non_video_camera_is_one_line(kind, tmp_path, broker, age_models, carphone_clip, avi_bytes):
+    video = tmp_path / ("clip.avi" if "avi" in kind else "clip.mp4")
+    video.write_bytes(VIDEOS[kind](carphone_clip.read_bytes(), avi_bytes))
+    config = replay_config(tmp_path, broker.port, age_models[40])
+    line = one_line_error(tillsight("replay", str(video), "--config", str(config), timeout=60))
+    assert line.startswith("tillsight: error: camera replay: "), line
+
+
+def test_a_folder_as_the_video_is_a_config_problem(tmp_path, broker, age_models):
+    config = replay_config(tmp_path, broker.port, age_models[40])
+    line = one_line_error(tillsight("replay", str(tmp_path), "--config", str(config), timeout=60), code=2)
+    assert line.startswith(f"cameras.0.source: video file '{tmp_path}' not found")
+
+
+def age_model_graph(input_shape, output_shape, axes=(1, 2, 3), input_type=TensorProto.FLOAT, input_size=64) -> bytes:
+    """A valid ONNX model, contract metadata and all, whose input and output are the given shapes."""
+    nodes, mean_of = [], "crops"
+    if input_type != TensorProto.FLOAT:
+        nodes.append(helper.make_node("Cast", ["crops"], ["float_crops"], to=TensorProto.FLOAT))
+        mean_of = "float_crops"
+    nodes.append(helper.make_node("ReduceMean", [mean_of], ["age"], axes=list(axes), keepdims=int(len(output_shape) == 4)))
+    graph = helper.make_graph(nodes, "wrong_shape", [helper.make_tensor_value_info("crops", input_type, input_shape)],
+                              [helper.make_tensor_value_info("age", TensorProto.FLOAT, output_shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    for key, value in contract_metadata(input_size, 0.4).items():
+        model.metadata_props.add(key=key, value=value)
+    return model.SerializeToString()
+
+
+GOOD = build_constant_age_model(40, input_size=64)
+CANNOT_LOAD, BREAKS = "cannot be loaded: ", "breaks the model contract: "
+MODELS = {
+    "truncated": (GOOD[: len(GOOD) // 2], CANNOT_LOAD),
+    "last bytes missing": (GOOD[:-5], CANNOT_LOAD),
+    "random bytes": (random.Random(0).randbytes(4096), CANNOT_LOAD),
+    "empty": (b"", CANNOT_LOAD),
+    "NCHW input": (age_model_graph(["N", 3, 64, 64], ["N"]),
+                   "input shape ['N', 3, 64, 64] does not match [N, 64, 64, 3]"),
+    "input size not the metadata's": (age_model_graph(["N", 32, 32, 3], ["N"]),
+                                      "input shape ['N', 32, 32, 3] does not match [N, 64, 64, 3]"),
+    "uint8 input": (age_model_graph(["N", 64, 64, 3], ["N"], input_type=TensorProto.UINT8),
+                    "expected one float32 input of shape [N, S, S, 3]"),
+    "output of rank 4": (age_model_graph(["N", 64, 64, 3], ["N", 1, 1, 1]),
+                         "first output must be the age, shape [N] or [N, 1]"),
+}
+
+
+@pytest.fixture(scope="module")
+def blank_photo(tmp_path_factory):
+    """An image without faces: enough for a model that cannot even load."""
+    import cv2
+    path = tmp_path_factory.mktemp("photo") / "blank.jpg"
+    cv2.imwrite(str(path), np.full((120, 160, 3), 128, np.uint8))
+    return path
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_a_broken_or_wrong_shape_age_model_is_one_line(kind, tmp_path, blank_photo):
+    content, expected = MODELS[kind]
+    model = tmp_path / "age.onnx"
+    model.write_bytes(content)
+    line = one_line_error(tillsight("predict", str(blank_photo), "--age-model", str(model), timeout=60))
+    reason = expected if expected == CANNOT_LOAD else BREAKS + expected
+    assert line.startswith(f"tillsight: error: age model {model} {reason}"), line
+
+
+def test_a_wrong_shape_age_model_in_the_config_is_one_line(tmp_path, broker, carphone_clip):
+    model = tmp_path / "age.onnx"
+    model.write_bytes(MODELS["NCHW input"][0])
+    config = replay_config(tmp_path, broker.port, model)
+    line = one_line_error(tillsight("replay", str(carphone_clip), "--config", str(config), timeout=60))
+    assert line == f"tillsight: error: age model {model} {BREAKS}{MODELS['NCHW input'][1]}"
+
+
+# Models the contract check once let through.
+def test_a_model_with_a_batch_dimension_of_0_is_one_line(tmp_path, two_people_photo):
+    model = tmp_path / "age.onnx"
+    model.write_bytes(age_model_graph([0, 64, 64, 3], [0]))
+    line = one_line_error(tillsight("predict", str(two_people_photo), "--age-model", str(model), timeout=60))
+    assert line.startswith(f"tillsight: error: age model {model} ")
+
+
+def test_a_model_with_three_ages_a_face_is_refused(tmp_path, two_people_photo):
+    model = tmp_path / "age.onnx"
+    model.write_bytes(age_model_graph(["N", 64, 64, 3], ["N", 3], axes=(1, 2)))
+    line = one_line_error(tillsight("predict", str(two_people_photo), "--age-model", str(model), timeout=60))
+    assert line.startswith(f"tillsight: error: age model {model} {BREAKS}")
+
+
+def nan_age_model() -> bytes:
+    """Follows the contract, loads, runs, and answers NaN: 0 * mean / 0."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["crops"], ["mean"], axes=[1, 2, 3], keepdims=0),
+         helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("z", TensorProto.FLOAT, [], [0.0])),
+         helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+         helper.make_node("Div", ["nothing", "zero"], ["age"])],
+        "nan_age", [helper.make_tensor_value_info("crops", TensorProto.FLOAT, ["N", 64, 64, 3])],
+        [helper.make_tensor_value_info("age", TensorProto.FLOAT, ["N"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    for key, value in contract_metadata(64, 0.4).items():
+        model.metadata_props.add(key=key, value=value)
+    return model.SerializeToString()
+
+
+def test_a_model_that_answers_nan_is_loud_not_a_room_of_adults(tmp_path, broker, two_people_photo, carphone_clip):
+    model = tmp_path / "age.onnx"
+    model.write_bytes(nan_age_model())
+    line = one_line_error(tillsight("predict", str(two_people_photo), "--age-model", str(model), timeout=60))
+    assert line == f"tillsight: error: age model {model} answered NaN or infinity for an age"
+    config = replay_config(tmp_path, broker.port, model)
+    line = one_line_error(tillsight("replay", str(carphone_clip), "--config", str(config), timeout=60))
+    assert line.startswith("tillsight: error: age model failed on ") and "answered NaN or infinity" in line
