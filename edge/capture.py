@@ -30,6 +30,7 @@ END_OF_STREAM = None  # put on the queue when a replayed file has ended
 OPEN_TIMEOUT_MS = 5000
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
+FRAME_COUNT_SLACK = 2  # containers' frame counts can be off by a frame or two
 
 
 def open_source(source: int | str) -> cv2.VideoCapture:
@@ -62,6 +63,8 @@ class CameraReader(threading.Thread):
         self.status.state = state
         if error is not None:
             self.status.last_error = error
+        elif state == "online":
+            self.status.last_error = None  # recovered: the status shows the camera as it is now
 
     def run(self) -> None:
         try:
@@ -103,7 +106,7 @@ class CameraReader(threading.Thread):
             ok, image = capture.read()
             if not ok or image is None:
                 if self.replay and index > 0:
-                    self._set_state("ended")
+                    self._end_of_file(capture, index)
                     return True
                 self._looping = self.camera.is_file and index > 0  # not a failure: start the file again
                 return False
@@ -123,6 +126,15 @@ class CameraReader(threading.Thread):
             self.status.frames += 1
             self._put(Frame(self.camera.id, index - 1, now, image))
         return True
+
+    def _end_of_file(self, capture: cv2.VideoCapture, frames_read: int) -> None:
+        """A replayed file stopped: its end, or damage part way (the decoder gives up at the first bad packet,
+        which must not pass for a short video)."""
+        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        if total > 0 and frames_read < total - FRAME_COUNT_SLACK:
+            self._set_state("failed", f"video stopped at frame {frames_read} of {total}: corrupt or truncated")
+        else:
+            self._set_state("ended")
 
     def _put(self, item: Frame | None) -> None:
         if self.replay:  # every frame matters: wait for the pipeline

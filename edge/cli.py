@@ -197,8 +197,10 @@ def cmd_run(args) -> int:
     signal.signal(signal.SIGINT, lambda *_: service.stop_event.set())
     service.start()
     service.run_until_stopped()
-    if not service.stop():
-        raise UserError(f"{service.publisher.unacknowledged()} messages were not acknowledged by the broker before exit")
+    if not service.stop():  # what is not acknowledged and not on disk is lost: say so
+        why = f" ({service.publisher.connection_error})" if service.publisher.connection_error else ""
+        raise UserError(f"{service.publisher.unacknowledged()} messages were not acknowledged by the broker{why} "
+                        f"before exit, and there is no outbox on disk to keep them (outbox.path)")
     return 0
 
 
@@ -243,10 +245,18 @@ def run_replay(config, realtime: bool = False, ack_timeout: float = 30.0, on_sta
         raise UserError(f"camera {failed[0].camera_id}: {failed[0].last_error}")
     if stats["errors"]:
         raise UserError(f"pipeline failed: {stats['errors'][0]}")
+    if stats["inference_errors"]:
+        batches = service.batcher.stats
+        raise UserError(f"age model failed on {batches.errors} of {batches.errors + batches.calls} calls "
+                        f"({stats['inference_errors']} frames without ages): {batches.failing or 'see the log'}")
+    publisher, mqtt = service.publisher, config.mqtt
+    if publisher.denied:
+        raise UserError(f"the MQTT broker at {mqtt.host}:{mqtt.port} refused {publisher.denied} messages "
+                        f"(not authorised: check the broker's ACL for this user's topics)")
     if not delivered:
-        mqtt = config.mqtt
-        raise UserError(f"{service.publisher.unacknowledged()} messages not acknowledged by the MQTT broker at "
-                        f"{mqtt.host}:{mqtt.port} within {ack_timeout:g} s")
+        why = f": {publisher.connection_error}" if publisher.connection_error else ""
+        raise UserError(f"MQTT broker at {mqtt.host}:{mqtt.port}{why}; {publisher.unacknowledged()} messages "
+                        f"not acknowledged within {ack_timeout:g} s")
     return {**{k: v for k, v in stats.items() if k != "errors"}, "seconds": round(seconds, 3),
             "fps": round(stats["frames"] / seconds, 1) if seconds else None,
             "provider": service.age_model.providers[0], "age_model": service.age_model.tier,

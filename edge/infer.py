@@ -69,6 +69,13 @@ class AgeModel:
         """The providers ONNX Runtime really uses, not the ones we asked for."""
         return self.session.get_providers()
 
+    def _run(self, chunk: np.ndarray) -> list:
+        try:
+            return self.session.run(self.output_names, {self.input_name: chunk})
+        except Exception as exc:  # ONNX Runtime's own errors: the model loads but cannot run
+            raise ModelError(f"age model {self.path} failed when run: {(str(exc).splitlines() or [repr(exc)])[0]}") \
+                from None
+
     def predict(self, crops: np.ndarray) -> list[AgeEstimate]:
         """crops: uint8 or float [N, S, S, 3] RGB."""
         if len(crops) == 0:
@@ -79,8 +86,13 @@ class AgeModel:
             chunk = crops[start : start + step].astype(np.float32)
             if self.info.fixed_batch and len(chunk) < step:  # pad a fixed-batch model's last call
                 chunk = np.concatenate([chunk, np.zeros((step - len(chunk),) + chunk.shape[1:], np.float32)])
-            outputs = self.session.run(self.output_names, {self.input_name: chunk})
-            ages = np.asarray(outputs[0], np.float32).reshape(len(chunk), -1)[:, 0]
+            outputs = self._run(chunk)
+            ages = np.asarray(outputs[0], np.float32).reshape(len(chunk), -1)
+            if ages.shape[1] != 1:
+                raise ModelError(f"age model {self.path} answered {ages.shape[1]} values per face, not one age")
+            ages = ages[:, 0]
+            if not np.isfinite(ages).all():  # a broken model must not pass for a room of adults
+                raise ModelError(f"age model {self.path} answered NaN or infinity for an age")
             spreads = np.asarray(outputs[1], np.float32).reshape(len(chunk), -1)[:, 0] if len(outputs) > 1 else None
             n = min(step, len(crops) - start)
             for i in range(n):
@@ -100,6 +112,10 @@ class BatchStats:
     calls: int = 0
     crops: int = 0
     max_batch_seen: int = 0
+    errors: int = 0  # failed calls
+    failing: str | None = None  # the last call's error while the model keeps failing; None once a call works
+    busy_since: float | None = None  # monotonic start of the call in progress (the watchdog's stall check)
+    last_seconds: float = 0.0  # the last call's duration
 
 
 class AgeBatcher:
@@ -111,6 +127,8 @@ class AgeBatcher:
         self.max_wait_s = max_wait_ms / 1000
         self.producers = max(1, producers)
         self.stats = BatchStats()
+        self.on_call = None  # (faces, seconds) -> None after each successful call: the metrics
+        self.problem_level = logging.ERROR  # a replay says it in its closing line instead
         self._requests: queue.Queue[_Request | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="age-batcher", daemon=True)
         self._thread.start()
@@ -122,6 +140,9 @@ class AgeBatcher:
         else:
             self._requests.put(_Request(crops, future, time.monotonic()))
         return future
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def close(self) -> None:
         self._requests.put(None)
@@ -149,14 +170,27 @@ class AgeBatcher:
                 break
             batch, closing = self._gather(first)
             crops = np.concatenate([r.crops for r in batch])
+            self.stats.busy_since = started = time.monotonic()
             try:
                 estimates = [e for s in range(0, len(crops), self.max_batch)
                              for e in self.model.predict(crops[s : s + self.max_batch])]
             except Exception as exc:  # a failing model must not hang the cameras waiting on it
-                log.error("age inference failed", extra={"error": str(exc).splitlines()[0]})
+                message = (str(exc).splitlines() or [repr(exc)])[0][:300]
+                if self.stats.failing is None:  # once per bout of failures, not per frame
+                    log.log(self.problem_level, "age inference failing", extra={"error": message})
+                self.stats.errors += 1
+                self.stats.failing = message
                 for r in batch:
                     r.future.set_exception(exc)
                 continue
+            finally:
+                self.stats.busy_since = None
+                self.stats.last_seconds = time.monotonic() - started
+            if self.stats.failing is not None:
+                log.warning("age inference works again", extra={"errors": self.stats.errors})
+                self.stats.failing = None
+            if self.on_call is not None:
+                self.on_call(len(crops), self.stats.last_seconds)
             self.stats.calls += 1
             self.stats.crops += len(crops)
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, min(len(crops), self.max_batch))

@@ -9,19 +9,30 @@ Payloads are JSON with "schema": 1 and never any image data. MQTT 5 by
 default (request/response with Response Topic and Correlation Data);
 `mqtt.protocol = "3.1.1"` for an old broker.
 
-paho keeps QoS>0 messages queued while the broker is away and re-sends them
-on reconnect, so a broker restart loses nothing as long as the queue
-(`max_queued_messages`) does not overflow; overflow is counted and logged.
+Every event message (estimate, alert, answer, analytics) carries a unique "id"
+and goes through the durable outbox (edge/outbox.py) first: it is on disk
+before paho sends it and leaves the disk when the broker acknowledges it, so a
+broker outage loses nothing, nor does a daemon restart during one (delivery is
+at least once: a consumer drops repeated ids). paho keeps the in-flight copy
+and re-sends on reconnect; reconnection is tried every 1-2 s.
+
+Delivery problems are never silent: a refused connection (wrong password, bad
+certificate) is one log line per distinct reason and shows in `problem()`; a
+publish the broker refuses (an ACL denial: MQTT 5 PUBACK reason code >= 0x80)
+is counted in `denied`, logged, and never counted as delivered.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import ssl
+import sys
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 
 import paho.mqtt.client as mqtt
@@ -30,6 +41,7 @@ from paho.mqtt.properties import Properties
 
 from edge import __version__
 from edge.config import MqttConfig
+from edge.outbox import Outbox
 from edge.types import TrackEstimate
 
 log = logging.getLogger(__name__)
@@ -80,17 +92,45 @@ def alert_payload(store_id: str, est: TrackEstimate, policy, frame_time: float,
     }
 
 
+def connect_failure(exc: BaseException | None) -> str:
+    """A failed connection attempt (TCP, TLS) in a few words an operator can act on."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        hint = {18: "mqtt.tls.ca_file is not the CA that signed the broker's certificate",
+                19: "mqtt.tls.ca_file is not the CA that signed the broker's certificate",
+                20: "mqtt.tls.ca_file is not the CA that signed the broker's certificate",
+                62: "the broker's certificate is not for mqtt.host"}.get(exc.verify_code)
+        return f"TLS certificate not accepted: {exc.verify_message}" + (f" ({hint})" if hint else "")
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed: {exc.reason or exc}"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is the broker running, on this port?)"
+    if isinstance(exc, socket.gaierror):
+        return f"host name not found ({exc.strerror})"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "connection timed out"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return "connection failed"
+
+
 class Publisher:
-    def __init__(self, cfg: MqttConfig, store_id: str, daemon_id: str):
+    def __init__(self, cfg: MqttConfig, store_id: str, daemon_id: str, outbox: Outbox | None = None):
         self.cfg = cfg
         self.store_id = store_id
         self.daemon_id = daemon_id
         self.base = f"{cfg.topic_prefix}/{store_id}"
         self.status_topic = f"{self.base}/{daemon_id}/status"
         self.connected = threading.Event()
-        self.dropped = 0
-        self._pending: set[int] = set()  # mids of QoS>0 messages the broker has not acknowledged
-        self._acked_early: set[int] = set()  # acks that raced ahead of publish() returning
+        self.outbox = outbox if outbox is not None else Outbox(None, cfg.max_queued_messages)
+        self.dropped = 0  # paho's queue full
+        self.denied = 0  # publishes the broker refused (ACL): never delivered
+        self.delivered = 0
+        self.connection_error: str | None = None  # why the broker cannot be reached now; None when connected
+        self.on_change = None  # () -> None: the connection's state changed (the service re-publishes status)
+        self.problem_level = logging.ERROR  # a replay says it in its one closing line instead
+        self._pending: dict[int, tuple[int | None, str]] = {}  # mid -> (outbox key, topic) not yet acknowledged
+        self._denied_topics: set[str] = set()  # logged once each
+        self._acked_early: dict[int, object] = {}  # acks (mid -> reason code) that raced ahead of publish()
         self._lock = threading.Lock()
         self._status: dict = {"state": "online"}
         self.subscriptions: list[tuple[str, int]] = []  # set before start(); renewed on every connect
@@ -101,6 +141,8 @@ class Publisher:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
+        self.client.on_log = self._on_log
+        self._socket_error: str | None = None
         # What the POS sends arrives on a connection of its own: a flood there (tested: 25 MB of 256 KB
         # payloads) queues in front of nothing the daemon publishes, so alerts and their acks keep moving.
         self.listener: mqtt.Client | None = None
@@ -110,7 +152,8 @@ class Publisher:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                              protocol=mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311)
         client.max_queued_messages_set(cfg.max_queued_messages)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # a till broker is near: retry often, so a queue reaches the POS within ~2 s of the broker's return
+        client.reconnect_delay_set(min_delay=1, max_delay=2)
         if cfg.username is not None:
             password = cfg.password_file.read_text().strip() if cfg.password_file else None
             client.username_pw_set(cfg.username, password)
@@ -121,6 +164,13 @@ class Publisher:
         return client
 
     def start(self) -> None:
+        # What the previous run left in the outbox goes first, in order, before anything new.
+        backlog = self.outbox.backlog()
+        if backlog:
+            log.warning("outbox: sending messages left by the previous run", extra={"messages": len(backlog)})
+        for row in backlog:
+            self._send(row.topic, row.payload, row.qos, row.retain, None, row.key)
+        self.client.on_connect_fail = self._on_connect_fail
         # connect_async + loop_start: the daemon runs (and queues) while the broker is down.
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         self.client.loop_start()
@@ -137,20 +187,49 @@ class Publisher:
             return  # the main connection logs the broker's refusal
         client.subscribe(self.subscriptions)
 
+    def _problem(self, reason: str | None) -> None:
+        """Log each new connection problem once (retries every 2 s would flood the journal)."""
+        if reason != self.connection_error:
+            if reason is not None:
+                log.log(self.problem_level, "MQTT broker unreachable, retrying", extra={"host": self.cfg.host, "port": self.cfg.port,
+                                                                      "reason": reason})
+            self.connection_error = reason
+            if self.on_change is not None:
+                self.on_change()
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        # paho calls this inside its `except OSError:`, so the exception is still at hand
+        self._problem(connect_failure(sys.exc_info()[1]))
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error("MQTT broker refused connection", extra={"reason": str(reason_code)})
+            credentials = str(reason_code) in ("Not authorized", "Bad user name or password")
+            self._problem(f"broker refused the connection: {reason_code}"
+                          + (" (check mqtt.username and mqtt.password_file)" if credentials else ""))
             return
         log.info("MQTT connected", extra={"host": self.cfg.host, "port": self.cfg.port})
         no_delay(client)
         self.connected.set()
+        self._socket_error = None
+        self._problem(None)
         # The will may have fired while we were away: say we are back.
         self.publish_status(self._status)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
-        if reason_code != 0:
-            log.warning("MQTT connection lost, reconnecting", extra={"reason": str(reason_code)})
+        if reason_code != 0 and was_connected:
+            self._problem(f"connection lost: {reason_code}")
+        elif reason_code != 0 and not (self.connection_error or "").startswith("broker refused"):
+            # closed before CONNACK: e.g. TLS 1.3 refusing our (missing) client certificate; after a refusal
+            # (a wrong password) the close that follows says less than the refusal itself
+            self._problem(f"broker closed the connection: {self._socket_error or reason_code}")
+
+    def _on_log(self, client, userdata, level, message: str) -> None:
+        # paho reports a socket or TLS error on read only here; keep its reason for _on_disconnect
+        if message.startswith("failed to receive on socket"):
+            found = re.search(r"\] (.+?) \(_ssl", message)
+            self._socket_error = found.group(1) if found else message.partition(": ")[2]
 
     def _status_body(self, state: str, **fields) -> dict:
         return {"schema": SCHEMA, "store": self.store_id, "daemon": self.daemon_id, "state": state,
@@ -163,7 +242,8 @@ class Publisher:
             return
         body = self._status_body(status.get("state", "online"), **{k: v for k, v in status.items() if k != "state"})
         body["time"] = utc_iso()
-        self._publish(self.status_topic, body, qos=1, retain=True)
+        # a state, not an event: no id, no outbox (the next status replaces it; the will covers a crash)
+        self._send(self.status_topic, json.dumps(body, separators=(",", ":")).encode(), 1, True, None, None)
 
     def publish_estimate(self, est: TrackEstimate, final: bool, frame_time: float,
                          transaction: str | None = None) -> None:
@@ -196,25 +276,44 @@ class Publisher:
         self._publish(topic, body, qos=1, properties=properties)
 
     def _publish(self, topic: str, body: dict, qos: int, retain: bool = False, properties=None) -> None:
-        info = self.client.publish(topic, json.dumps(body, separators=(",", ":")), qos=qos, retain=retain,
-                                   properties=properties)
+        """An event message: a unique id, into the outbox (QoS>0), then to paho."""
+        payload = json.dumps({"id": uuid.uuid4().hex, **body}, separators=(",", ":")).encode()
+        key = self.outbox.add(topic, payload, qos, retain) if qos > 0 else None
+        self._send(topic, payload, qos, retain, properties, key)
+
+    def _send(self, topic: str, payload: bytes, qos: int, retain: bool, properties, key: int | None) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-            self.dropped += 1
-            log.error("MQTT queue full, message dropped", extra={"topic": topic, "dropped": self.dropped})
+            self.dropped += 1  # still in the outbox (if on disk): sent after a restart
+            log.error("MQTT queue full, message not sent now", extra={"topic": topic, "dropped": self.dropped})
             return
         if qos > 0:  # queued even while disconnected (rc NO_CONN): paho sends it on reconnect
             with self._lock:
-                if info.mid in self._acked_early:
-                    self._acked_early.discard(info.mid)
-                else:
-                    self._pending.add(info.mid)
+                early = self._acked_early.pop(info.mid, None)
+                if early is None:
+                    self._pending[info.mid] = (key, topic)
+            if early is not None:
+                self._acknowledged(topic, key, early)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
-            if mid in self._pending:
-                self._pending.discard(mid)
-            else:
-                self._acked_early.add(mid)
+            if mid not in self._pending:
+                self._acked_early[mid] = reason_code
+                return
+            key, topic = self._pending.pop(mid)
+        self._acknowledged(topic, key, reason_code)
+
+    def _acknowledged(self, topic: str, key: int | None, reason_code) -> None:
+        if getattr(reason_code, "is_failure", False):  # MQTT 5: e.g. 0x87 Not authorized (an ACL)
+            self.denied += 1
+            if topic not in self._denied_topics:  # once per topic; `denied` counts them all
+                self._denied_topics.add(topic)
+                log.log(self.problem_level, "MQTT broker refused a message (ACL?)",
+                        extra={"topic": topic, "reason": str(reason_code), "denied": self.denied})
+        else:
+            self.delivered += 1
+        if key is not None:  # delivered, or refused for good: resending would not help
+            self.outbox.done(key)
 
     def unacknowledged(self) -> int:
         with self._lock:
@@ -230,14 +329,23 @@ class Publisher:
         return True
 
     def stop(self, final_status: dict, timeout_s: float = 10.0) -> bool:
-        """Clean shutdown: retained 'offline' status, wait for acks, disconnect."""
+        """Clean shutdown: retained 'offline' status, wait for acks, disconnect. True if nothing is lost:
+        all acknowledged, or what is not waits in the outbox on disk for the next start."""
         self.publish_status({**final_status, "state": "offline"})
-        delivered = self.wait_for_delivery(timeout_s)
+        # With the broker away and the messages safe on disk, waiting would only delay the stop.
+        safe_on_disk = not self.connected.is_set() and self.outbox.state == "disk"
+        delivered = self.wait_for_delivery(0.5 if safe_on_disk else timeout_s)
         self.client.disconnect()
         self.client.loop_stop()
         if self.listener is not None:
             self.listener.disconnect()
             self.listener.loop_stop()
+        kept = self.outbox.depth()
+        self.outbox.close()
+        if not delivered and self.outbox.state == "disk" and kept:
+            log.warning("messages kept in the outbox for the next start", extra={"messages": kept,
+                                                                              "path": str(self.outbox.path)})
+            return True
         return delivered
 
 

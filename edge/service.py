@@ -7,11 +7,13 @@ All pipelines share one detector session and one `AgeBatcher`.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -21,6 +23,9 @@ from edge.capture import END_OF_STREAM, CameraReader
 from edge.config import CameraConfig, Config, ModelsConfig
 from edge.detect import FaceDetector
 from edge.infer import AgeBatcher, AgeModel
+from edge.metrics import Metrics
+from edge.notify import SystemdNotifier, WatchdogFeeder, stalled_parts
+from edge.outbox import Outbox
 from edge.policy import Policy, build_policy, needs_id_check
 from edge.publish import Publisher
 from edge.pos import PosDesk
@@ -28,6 +33,7 @@ from edge.track import FaceTracker, Track
 from edge.types import CustomerView, TillView
 
 log = logging.getLogger(__name__)
+STALL_AFTER_S = 15.0  # a pipeline or an age-network call without progress this long is stuck (WatchdogSec=30)
 
 
 @dataclass
@@ -71,6 +77,7 @@ class CameraPipeline(threading.Thread):
         self.counter = AgeBandCounter(camera.id, analytics.bands, analytics.interval_s, analytics.k) \
             if analytics.enabled else None
         self.finished = threading.Event()
+        self.beat = time.monotonic()  # last sign of life of this thread (the watchdog's progress check)
 
     def mark_transaction(self, event: str, transaction: str) -> None:
         """From the POS desk's thread: applied by this pipeline's thread before its next frame."""
@@ -101,6 +108,7 @@ class CameraPipeline(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stop_event.is_set():
+                self.beat = time.monotonic()
                 try:
                     frame = self.frames.get(timeout=0.2)
                 except queue.Empty:
@@ -151,9 +159,8 @@ class CameraPipeline(threading.Thread):
         try:
             ages = self.batcher.submit(crops).result(timeout=60)
         except Exception as exc:  # e.g. a GPU out of memory: lose these ages, keep the camera
-            self.stats.inference_errors += 1
-            log.error("age inference failed, frame skipped",
-                      extra={"camera": self.camera.id, "error": str(exc).splitlines()[0] if str(exc) else repr(exc)})
+            self.stats.inference_errors += 1  # the batcher logs once per bout; the status says degraded
+            log.debug("age inference failed, frame skipped", extra={"camera": self.camera.id})
             return
         self.stats.faces_aged += len(chosen)
         for (track, _), age in zip(chosen, ages):
@@ -168,8 +175,9 @@ class CameraPipeline(threading.Thread):
             self.stats.alerts += 1
             self.publisher.publish_alert(estimate, self.policy, now, self.transaction)
         interval = self.config.tracking.estimate_interval_s
-        if track.last_published is None or now - track.last_published >= interval:
-            track.last_published = now
+        if track.last_published is None or (now - track.last_published >= interval
+                                            and track.last_seen != track.published_seen):
+            track.last_published, track.published_seen = now, track.last_seen
             self.stats.estimates += 1
             self.publisher.publish_estimate(estimate, False, now, self.transaction)
 
@@ -222,7 +230,13 @@ class Service:
         self.policy = build_policy(config.policy, self.age_model.info.metadata)
         self.batcher = AgeBatcher(self.age_model, models.max_batch, models.max_wait_ms, producers=len(config.cameras))
         self._rates_mark = (time.monotonic(), 0, 0)
-        self.publisher = Publisher(config.mqtt, config.store_id, self.daemon_id)
+        self.outbox = Outbox(outbox_path(config, replay), config.outbox.max_messages, config.outbox.max_age_s)
+        log.info("outbox", extra=self.outbox.status())
+        self.publisher = Publisher(config.mqtt, config.store_id, self.daemon_id, self.outbox)
+        self.status_due = threading.Event()  # something changed: publish the status now, not at the next tick
+        self.publisher.on_change = self.status_due.set
+        if replay:
+            self.publisher.problem_level = self.batcher.problem_level = logging.INFO
         detector_lock = threading.Lock()
         self.readers, self.pipelines = [], []
         for camera in config.cameras:
@@ -231,20 +245,94 @@ class Service:
             self.pipelines.append(CameraPipeline(camera, config, frames, self.detector, detector_lock,
                                                  self.batcher, self.publisher, self.stop_event, self.policy, replay))
         self.desk = None
+        self.notifier = SystemdNotifier.from_env() if not replay else SystemdNotifier()
+        self.watchdog = WatchdogFeeder(self.notifier, self.stalled)
+        self.metrics = Metrics(self) if config.metrics.enabled else None
+        self.metrics_problem: str | None = None
+        if self.metrics is not None:
+            self.batcher.on_call = self.metrics.observe_age_call
         if config.pos.enabled:
             self.desk = PosDesk(self.publisher.base, {p.camera.id: p for p in self.pipelines},
                                 self.publisher.publish_reply, self.policy, config.pos.deadline_s)
             self.publisher.subscriptions = self.desk.subscriptions
             self.publisher.on_message = self.desk.receive
 
+    def problems(self) -> list[str]:
+        """Why the daemon is not doing its job fully now: the status says `degraded` with these."""
+        found = []
+        if self.batcher.stats.failing is not None:
+            found.append(f"age model failing: {self.batcher.stats.failing}")
+        for reader, pipeline in zip(self.readers, self.pipelines):
+            if reader.status.state in ("reconnecting", "failed"):
+                found.append(f"camera {reader.camera.id} {reader.status.state}: {reader.status.last_error}")
+            if pipeline.stats.errors:
+                found.append(f"camera {reader.camera.id} pipeline stopped: {pipeline.stats.errors[0]}")
+        if self.outbox.state != "disk" and self.outbox.path is not None:
+            found.append(f"outbox in memory only: {self.outbox.reason}")
+        if self.metrics_problem:
+            found.append(self.metrics_problem)
+        if self.watchdog.stalled:
+            found.append(f"stalled: {', '.join(self.watchdog.stalled)}")
+        return found
+
+    def stalled(self) -> list[str]:
+        """The parts that have stopped making progress (the systemd watchdog is fed only while none has)."""
+        now = time.monotonic()
+        beats = {p.name: p.beat for p in self.pipelines if not p.finished.is_set()}
+        beats["age-batcher"] = self.batcher.stats.busy_since  # watched only while a call is running
+        stuck = stalled_parts(beats, now, STALL_AFTER_S)
+        # a thread that died (an unexpected exception) is as stuck as a hung one: the restart heals both
+        stuck += [f"{t.name} (thread ended)" for t in self.pipelines + self.readers
+                  if t.ident is not None and not t.is_alive() and not self.stop_event.is_set() and not self.replay]
+        if not self.batcher.alive():
+            stuck.append("age-batcher (thread ended)")
+        return stuck
+
+    def summary(self) -> str:
+        """One line for `systemctl status`."""
+        cameras = [r.status.state for r in self.readers]
+        problems = self.problems()
+        mqtt = "mqtt ok" if self.publisher.connected.is_set() else f"mqtt: {self.publisher.connection_error or 'connecting'}"
+        return (f"{cameras.count('online')}/{len(cameras)} cameras online, {self.batcher.stats.crops} faces aged, "
+                f"{mqtt}, outbox {self.outbox.depth()} ({self.outbox.state})"
+                + (f"; degraded: {problems[0]}" if problems else ""))
+
+    def metrics_snapshot(self) -> dict:
+        """What the Prometheus collector reads at each scrape (edge/metrics.py)."""
+        cameras = {}
+        for reader, pipeline in zip(self.readers, self.pipelines):
+            stats = pipeline.stats
+            cameras[reader.camera.id] = {
+                "frames": stats.frames, "faces": stats.faces, "dropped_frames": reader.status.extra.get("dropped", 0),
+                "tracks": stats.tracks, "alerts": stats.alerts, "estimates": stats.estimates,
+                "lag_seconds": pipeline.lag_s, "online": int(reader.status.state == "online")}
+        outbox = self.outbox.status()
+        return {"cameras": cameras, "mqtt_connected": int(self.publisher.connected.is_set()),
+                "mqtt_delivered": self.publisher.delivered, "mqtt_denied": self.publisher.denied,
+                "outbox_depth": outbox["depth"], "outbox_dropped": outbox["dropped"],
+                "outbox_on_disk": int(outbox["state"] == "disk"), "age_errors": self.batcher.stats.errors,
+                "degraded": int(bool(self.problems())),
+                "watchdog_ok": None if not self.watchdog.is_alive() and self.watchdog.stalled is None
+                else int(self.watchdog.stalled is None)}
+
+    def _state_key(self) -> tuple:
+        """What, when it changes, is worth a status message at once."""
+        return (tuple(r.status.state for r in self.readers), tuple(self.problems()))
+
     def status(self) -> dict:
         """What the status topic says: cameras, the model, and whether the box keeps up (overload is visible)."""
+        problems = self.problems()
         return {
-            "state": "online",
+            "state": "degraded" if problems else "online",
+            "problems": problems,
             "provider": self.age_model.providers[0],
             "age_model": self.age_model.describe(),
             "age_network": self._age_network_rates(),
             **({"pos": vars(self.desk.stats).copy()} if self.desk is not None else {}),
+            "mqtt": {"delivered": self.publisher.delivered, "denied": self.publisher.denied,
+                     "dropped": self.publisher.dropped, "unacknowledged": self.publisher.unacknowledged()},
+            "outbox": self.outbox.status(),
+            "age_errors": self.batcher.stats.errors,
             "cameras": {r.camera.id: {"state": r.status.state, "frames": r.status.frames,
                                       "reconnects": r.status.reconnects, "last_error": r.status.last_error,
                                       "dropped": r.status.extra.get("dropped", 0), "queue": r.frames.qsize(),
@@ -262,33 +350,52 @@ class Service:
                 "faces_per_s": round((faces - faces_before) / seconds, 2)}
 
     def start(self) -> None:
+        if self.metrics is not None:
+            self.metrics_problem = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
         self.publisher.publish_status(self.status())  # sent by on_connect once the broker is there
         if self.desk is not None:
             self.desk.start()
         self.publisher.start()
         for thread in self.pipelines + self.readers:
             thread.start()
+        self.notifier.ready(self.summary())  # models loaded, cameras started
+        self.watchdog.start()
 
     def run_until_stopped(self) -> None:
-        """Publish status periodically until stop() is called (or, in replay, the files end)."""
-        last_status = time.monotonic()
+        """Publish status periodically, and at once when a camera, the model or the outbox changes state,
+        until stop() is called (or, in replay, the files end)."""
+        last_status, last_key = time.monotonic(), self._state_key()
         while not self.stop_event.is_set():
             if self.replay and all(p.finished.is_set() for p in self.pipelines):
                 break
             self.stop_event.wait(0.1)
-            if time.monotonic() - last_status >= self.config.status_interval_s:
+            key = self._state_key()
+            if key != last_key:
+                last_key = key
+                self.status_due.set()
+                if key[1]:  # (a replay reports in its closing line instead)
+                    log.log(logging.INFO if self.replay else logging.WARNING, "degraded",
+                            extra={"problems": list(key[1])})
+            if self.status_due.is_set() or time.monotonic() - last_status >= self.config.status_interval_s:
+                self.status_due.clear()
                 last_status = time.monotonic()
                 self.publisher.publish_status(self.status())
+                self.notifier.status(self.summary())
 
     def stop(self, delivery_timeout_s: float = 10.0) -> bool:
         """Stop threads, publish the retained offline status, wait for acks. True if all delivered."""
+        self.notifier.stopping("stopping")
+        self.watchdog.stop()
         self.stop_event.set()
         for thread in self.readers + self.pipelines:
             thread.join(timeout=5)
         self.batcher.close()
         if self.desk is not None:
             self.desk.close()
-        return self.publisher.stop(self.status(), delivery_timeout_s)
+        delivered = self.publisher.stop(self.status(), delivery_timeout_s)
+        if self.metrics is not None:
+            self.metrics.close()
+        return delivered
 
     def stats(self) -> dict:
         totals = PipelineStats()
@@ -298,6 +405,17 @@ class Service:
                 setattr(totals, key, getattr(totals, key) + getattr(p.stats, key))
             totals.errors += p.stats.errors
         return totals.__dict__
+
+
+def outbox_path(config: Config, replay: bool) -> Path | None:
+    """The outbox file: the config's; else, for the daemon under systemd, in its StateDirectory= (a replay
+    writes no file unless the config says so); else none: memory only."""
+    if config.outbox.path is not None:
+        return config.outbox.path
+    state_directory = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if not replay and state_directory and Path(state_directory).is_dir():
+        return Path(state_directory) / "outbox.sqlite3"
+    return None
 
 
 def _hostname_id() -> str:

@@ -12,6 +12,7 @@ hue-saturation histogram) compared with the track's running signature.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -85,6 +86,7 @@ class Track:
     ages: deque = field(default_factory=lambda: deque(maxlen=100))
     alerted: bool = False
     last_published: float | None = None
+    published_seen: float | None = None  # last_seen when the last estimate went out: no news, no message
     last_sampled: float | None = None  # when the age network last saw this face
     frames: int = 0  # frames the face was seen in
     signature: Signature | None = None
@@ -103,14 +105,17 @@ class FaceTracker:
     """Tracks for one camera."""
 
     def __init__(self, camera_id: str, iou_threshold: float = 0.2, lost_after_s: float = 1.5, max_samples: int = 100,
-                 min_similarity: float | None = 0.23):
+                 min_similarity: float | None = 0.23, first_id: int | None = None):
         self.camera_id = camera_id
         self.iou_threshold = iou_threshold
         self.min_similarity = min_similarity  # None: box overlap alone decides
         self.lost_after_s = lost_after_s
         self.max_samples = max_samples
         self.tracks: list[Track] = []
-        self._next_id = 1
+        # Unique across restarts, so a POS keyed on camera and track never merges two customers: ids count on
+        # from the start time in milliseconds (a restart begins above every id of the previous run unless that
+        # run made more than 1,000 tracks a second); well inside JSON's exact integers (2**53).
+        self._next_id = int(time.time() * 1000) if first_id is None else first_id
 
     def update(self, timestamp: float, faces: list[Face], image_bgr: np.ndarray | None = None
                ) -> tuple[list[Track], list[Track]]:

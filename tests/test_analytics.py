@@ -43,4 +43,4 @@ def test_a_replay_publishes_the_interval_counts(tmp_path, broker, subscriber, ag
     assert list(bands) == ["0-17", "18-24", "25-34", "35-44", "45-54", "55-64", "65+"]
     assert bands["35-44"] == summary["tracks"] >= 2  # every customer answered 40
     assert all(v is None for k, v in bands.items() if k != "35-44")
-    assert set(counts[0]) == {"schema", "store", "camera", "interval_start", "interval_end", "bands", "k", "partial"}
+    assert set(counts[0]) == {"id", "schema", "store", "camera", "interval_start", "interval_end", "bands", "k", "partial"}

@@ -37,7 +37,8 @@ def replay(tmp_path, broker, subscriber, video, budget: bool):
     result = tillsight("replay", str(video), "--config", str(config))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert subscriber.wait_for(lambda s: len([b for b in s.json("/estimate")[before:] if b["final"]]) >= summary["tracks"])
+    assert subscriber.wait_for(lambda s: len([b for t, b in s.since(before) if t.endswith("/estimate") and b["final"]])
+                               >= summary["tracks"])
     messages = subscriber.since(before)
     finals = [b for t, b in messages if t.endswith("/estimate") and b["final"]]
     alerted = {b["track"] for t, b in messages if t.endswith("/alert")}

@@ -15,10 +15,10 @@ from edge.cli import run_replay
 from edge.config import parse_config
 from tskit import REPO, Subscriber, tillsight, write_config
 
-ESTIMATE_KEYS = {"schema": int, "store": str, "camera": str, "track": int, "age": float, "spread": float,
+ESTIMATE_KEYS = {"id": str, "schema": int, "store": str, "camera": str, "track": int, "age": float, "spread": float,
                  "samples": int, "final": bool, "first_seen": str, "last_seen": str, "face": dict,
                  "frame_time": str, "transaction": (str, type(None))}
-ALERT_KEYS = {"schema": int, "store": str, "camera": str, "track": int, "alert": str, "challenge_age": float,
+ALERT_KEYS = {"id": str, "schema": int, "store": str, "camera": str, "track": int, "alert": str, "challenge_age": float,
               "mode": str, "risk": (float, type(None)),
               "age": float, "spread": float, "samples": int, "time": str, "frame_time": str,
               "transaction": (str, type(None))}
@@ -140,7 +140,8 @@ def test_replay_with_no_broker_fails_in_one_line_instead_of_losing_messages(tmp_
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
-    assert lines[0].startswith("tillsight: error: ") and f"not acknowledged by the MQTT broker at 127.0.0.1:{port}" in lines[0]
+    assert lines[0].startswith("tillsight: error: ") and f"MQTT broker at 127.0.0.1:{port}: connection refused" in lines[0] \
+        and "messages not acknowledged" in lines[0]
 
 
 def test_corrupt_video_is_one_line(tmp_path, broker, age_models):
@@ -167,7 +168,8 @@ def test_two_tills_share_batched_age_calls(broker, subscriber, age_models, carph
 def test_a_network_camera_that_vanishes_is_reconnected(tmp_path, broker, subscriber, age_models, carphone_clip):
     from tskit import MjpegCamera
     camera = MjpegCamera(carphone_clip).start()
-    config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=0.5,
+    # status every 30 s: what arrives sooner was sent because the camera changed state
+    config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=30,
                           cameras=[{"id": "till-1", "source": camera.url, "fps_limit": 10}],
                           mqtt={"host": "127.0.0.1", "port": broker.port},
                           models={"age_model": str(age_models[40])}, tracking={"lost_after_s": 0.5})
@@ -182,7 +184,11 @@ def test_a_network_camera_that_vanishes_is_reconnected(tmp_path, broker, subscri
         assert subscriber.wait_for(lambda s: camera_state(s).get("state") == "online", 30)
         assert subscriber.wait_for(lambda s: len(s.json("till-1/estimate")) >= 1, 30)
         camera.stop()  # the camera vanishes mid-stream
+        vanished = time.monotonic()
         assert subscriber.wait_for(lambda s: camera_state(s).get("state") == "reconnecting", 30)
+        assert time.monotonic() - vanished < 15  # OpenCV's read timeout (5 s), then the status at once
+        lost = subscriber.json("till-pc/status")[-1]
+        assert lost["state"] == "degraded" and any("camera till-1 reconnecting" in p for p in lost["problems"])
         assert subscriber.wait_for(lambda s: any(b["final"] for b in s.json("till-1/estimate")), 10)
         assert daemon.poll() is None  # the daemon lives on
         before = len(subscriber.json("till-1/estimate"))
@@ -190,6 +196,8 @@ def test_a_network_camera_that_vanishes_is_reconnected(tmp_path, broker, subscri
         assert subscriber.wait_for(lambda s: camera_state(s).get("state") == "online", 40)
         assert subscriber.wait_for(lambda s: len(s.json("till-1/estimate")) > before, 30)
         assert camera_state(subscriber)["reconnects"] >= 1
+        back = subscriber.json("till-pc/status")[-1]
+        assert back["state"] == "online" and back["problems"] == [] and back["cameras"]["till-1"]["last_error"] is None
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(20) == 0, daemon.stderr.read()
     finally:

@@ -31,22 +31,27 @@ def written_paths(trace: str) -> list[str]:
     return paths
 
 
+def traced_replay(tmp_path, config, video) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Replay under strace: (the result, the paths it wrote)."""
+    trace = tmp_path / "trace.txt"
+    result = subprocess.run(
+        ["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=" + ",".join(("open", "openat") + WRITE_CALLS),
+         sys.executable, "-m", "edge", "replay", str(video), "--config", str(config)],
+        cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    # Python's own bytecode cache of installed modules is not our data
+    return result, {p for p in written_paths(trace.read_text())
+                    if not p.endswith(".pyc") and "__pycache__" not in p and p not in ("/dev/null", "/dev/tty")}
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (make test installs it)")
 def test_replay_writes_no_file(tmp_path, broker, age_models, carphone_clip):
     config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "x", "source": 0}],
                           mqtt={"host": "127.0.0.1", "port": broker.port},
                           models={"age_model": str(age_models[40])}, logging={"level": "warning"})
-    trace = tmp_path / "trace.txt"
-    result = subprocess.run(
-        ["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=" + ",".join(("open", "openat") + WRITE_CALLS),
-         sys.executable, "-m", "edge", "replay", str(carphone_clip), "--config", str(config)],
-        cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr
+    result, writes = traced_replay(tmp_path, config, carphone_clip)
     assert '"frames": 120' in result.stdout
-    writes = [p for p in written_paths(trace.read_text())
-              # Python's own bytecode cache of installed modules is not our data
-              if not p.endswith(".pyc") and "__pycache__" not in p and p not in ("/dev/null", "/dev/tty")]
-    assert writes == []
+    assert writes == set()
 
 
 def test_the_trace_parser_sees_writes():
@@ -55,3 +60,17 @@ def test_the_trace_parser_sees_writes():
              '123 mkdir("/tmp/d", 0777) = 0\n'
              '123 openat(AT_FDCWD, "/nope", O_WRONLY) = -1 ENOENT (No such file or directory)\n')
     assert written_paths(trace) == ["/tmp/x.jpg", "/tmp/d"]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (make test installs it)")
+def test_with_an_outbox_configured_it_is_the_only_file_written(tmp_path, broker, age_models, carphone_clip):
+    outbox = tmp_path / "state" / "outbox.sqlite3"
+    outbox.parent.mkdir()
+    config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "x", "source": 0}],
+                          mqtt={"host": "127.0.0.1", "port": broker.port}, outbox={"path": str(outbox)},
+                          models={"age_model": str(age_models[16])}, logging={"level": "warning"})
+    result, writes = traced_replay(tmp_path, config, carphone_clip)
+    assert writes and writes <= {str(outbox), f"{outbox}-wal", f"{outbox}-shm", f"{outbox}-journal"}, writes
+    assert '"alerts": 1' in result.stdout  # the alert went through the outbox (and left it: the file is empty)
+    import sqlite3
+    assert sqlite3.connect(outbox).execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)

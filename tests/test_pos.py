@@ -212,7 +212,7 @@ def test_a_customer_never_spans_two_transactions(daemon, broker):
     [band] = bands.json("/transaction")
     bands.close()
     assert (band["transaction"], band["age_band"]) == ("T-1", "35-44")  # the band only: nothing else of the person
-    assert set(band) == {"schema", "store", "camera", "transaction", "age_band", "time"}
+    assert set(band) == {"id", "schema", "store", "camera", "transaction", "age_band", "time"}
 
 
 def test_pos_cli_check_and_its_one_line_errors(daemon, broker):

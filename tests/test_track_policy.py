@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pytest
 
@@ -27,7 +29,7 @@ def face(x, y, size=50):
 
 
 def test_tracker_follows_a_moving_face_and_separates_two():
-    tracker = FaceTracker("till", iou_threshold=0.2, lost_after_s=1.0)
+    tracker = FaceTracker("till", iou_threshold=0.2, lost_after_s=1.0, first_id=1)
     for step in range(5):
         t = step * 0.1
         tracks, ended = tracker.update(t, [face(100 + 3 * step, 100), face(300, 100 - 2 * step)])
@@ -38,8 +40,22 @@ def test_tracker_follows_a_moving_face_and_separates_two():
     assert tracker.tracks[0].estimate().age == 30 and tracker.tracks[1].estimate().age == 50
 
 
+def test_track_ids_of_a_restarted_tracker_never_repeat_the_previous_runs():
+    before = FaceTracker("till", lost_after_s=0.05)
+    ids = []
+    for step in range(20):  # 20 customers, one after another
+        tracks, _ = before.update(step * 0.1, [face(100, 100)])
+        ids.append(tracks[0].track_id)
+        before.update(step * 0.1 + 0.06, [])
+    assert len(set(ids)) == 20
+    time.sleep(0.03)  # a restart takes seconds; ids count on from the start time in milliseconds
+    after = FaceTracker("till")
+    tracks, _ = after.update(0.0, [face(100, 100)])
+    assert tracks[0].track_id > max(ids) and tracks[0].track_id < 2 ** 53
+
+
 def test_track_ends_after_it_is_lost_and_a_return_is_a_new_customer():
-    tracker = FaceTracker("till", lost_after_s=1.0)
+    tracker = FaceTracker("till", lost_after_s=1.0, first_id=1)
     tracker.update(0.0, [face(100, 100)])
     assert tracker.update(0.9, []) == ([], [])
     _, ended = tracker.update(1.2, [])

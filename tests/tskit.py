@@ -17,11 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 class Subscriber:
     """A POS-like MQTT client that records every message."""
 
-    def __init__(self, port: int, topic: str = "#"):
+    def __init__(self, port: int, topic: str = "#", persistent_id: str | None = None):
+        """`persistent_id`: a session the broker keeps across our disconnects (and, with its persistence on,
+        across its restarts): QoS 1 messages published meanwhile are queued for us."""
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         ready = threading.Event()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{time.monotonic_ns()}")
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=persistent_id or
+                                  f"test-sub-{time.monotonic_ns()}", clean_session=persistent_id is None)
+        self.client.reconnect_delay_set(0.2, 0.5)
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda c, u, mid, rcs, p: ready.set()
         self.client.on_message = self._on_message

@@ -1,0 +1,98 @@
+"""Prometheus metrics, with prometheus-client, on a loopback port (`[metrics]`, off by default).
+
+Most figures already exist as the service's own counters (the status topic shows them), so they are
+read when Prometheus scrapes, by a custom collector (prometheus-client's documented way to export
+existing stats), rather than counted a second time on the hot path. Only what needs a distribution
+is observed as it happens: the age network's call latency and batch sizes (histograms).
+
+The service passes itself (anything with `metrics_snapshot()`) in; this module never imports the
+service, so the stages keep pointing one way. deploy/grafana-dashboard.json shows these series.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger(__name__)
+
+# per camera: (metric suffix, help, counter?) read from the snapshot's "cameras" entries
+CAMERA_SERIES = (
+    ("frames", "Frames analysed", True),
+    ("faces", "Faces detected", True),
+    ("dropped_frames", "Frames dropped because the pipeline was behind", True),
+    ("tracks", "Customers (finished tracks with an age)", True),
+    ("alerts", "Age-check alerts raised", True),
+    ("estimates", "Estimate messages published", True),
+    ("lag_seconds", "Wall clock minus the capture time of the last frame analysed", False),
+    ("online", "1 while the camera delivers frames", False),
+)
+# whole daemon: (name, help, counter?) read from the snapshot's top level
+DAEMON_SERIES = (
+    ("mqtt_connected", "1 while connected to the MQTT broker", False),
+    ("mqtt_delivered", "Messages acknowledged by the broker", True),
+    ("mqtt_denied", "Messages the broker refused (ACL), never delivered", True),
+    ("outbox_depth", "Messages waiting in the outbox for the broker's acknowledgement", False),
+    ("outbox_dropped", "Messages dropped from the outbox unsent (over its bounds)", True),
+    ("outbox_on_disk", "1 while the outbox is written to disk, 0 when it fell back to memory", False),
+    ("age_errors", "Failed age-network calls", True),
+    ("degraded", "1 while the daemon reports problems in its status", False),
+    ("watchdog_ok", "1 while every pipeline and the age batcher make progress", False),
+)
+
+
+class ServiceCollector:
+    def __init__(self, service):
+        self.service = service
+
+    def collect(self):
+        snapshot = self.service.metrics_snapshot()
+        for name, text, counter in CAMERA_SERIES:
+            family = (CounterMetricFamily if counter else GaugeMetricFamily)(
+                f"tillsight_camera_{name}", text, labels=["camera"])
+            for camera, values in snapshot["cameras"].items():
+                if values.get(name) is not None:
+                    family.add_metric([camera], values[name])
+            yield family
+        for name, text, counter in DAEMON_SERIES:
+            if snapshot.get(name) is None:
+                continue
+            family = (CounterMetricFamily if counter else GaugeMetricFamily)(f"tillsight_{name}", text)
+            family.add_metric([], snapshot[name])
+            yield family
+
+
+class Metrics:
+    """The registry, the live histograms, and the HTTP endpoint."""
+
+    def __init__(self, service):
+        self.registry = CollectorRegistry()
+        self.registry.register(ServiceCollector(service))
+        self.age_latency = Histogram("tillsight_age_network_seconds", "Duration of one age-network call",
+                                     registry=self.registry,
+                                     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+        self.batch_size = Histogram("tillsight_age_batch_faces", "Faces per age-network call",
+                                    registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.server = None
+
+    def observe_age_call(self, faces: int, seconds: float) -> None:
+        self.age_latency.observe(seconds)
+        self.batch_size.observe(faces)
+
+    def serve(self, host: str, port: int) -> str | None:
+        """Start the endpoint; the reason it could not, else None (the daemon runs on without it)."""
+        try:
+            self.server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            reason = f"metrics endpoint {host}:{port} not served: {exc.strerror or exc}"
+            log.error(reason)
+            return reason
+        log.info("metrics endpoint", extra={"url": f"http://{host}:{port}/metrics"})
+        return None
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()

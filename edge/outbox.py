@@ -1,0 +1,180 @@
+"""The durable outbox: every event message is on disk before it is published, until the broker has it.
+
+A missed age check is the failure that matters. paho keeps unacknowledged QoS 1 messages in memory
+only, so a daemon restart during a broker outage (a power cut at the till, an OOM kill, a systemd
+restart) would lose them. The outbox is an SQLite database in WAL mode (the standard library's
+`sqlite3`; `synchronous=FULL`, so a committed message survives a power cut, not only a crash): a row
+is written before the message goes to paho and deleted when the broker acknowledges it. On start,
+the rows left by the previous run are published again, oldest first, before anything new.
+
+At-least-once: a message the broker received just before a crash, but whose acknowledgement did
+not reach us, is sent again after the restart. Every message carries a unique `id` for a consumer
+to drop such duplicates.
+
+Bounded: at most `max_messages` rows (the oldest are dropped beyond that) and, at start, rows older
+than `max_age_s` are dropped (an age check from yesterday helps nobody); drops are counted, logged
+and published in the status.
+
+Failure is never fatal: a queue file that cannot be opened, is corrupt, or cannot be written (a full
+disk) gives one error line, and the outbox carries on in memory (`state = "memory"`, with the reason
+in the status) so the daemon keeps serving the tills. The corrupt file is left as it was for a person
+to look at.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """CREATE TABLE IF NOT EXISTS outbox (
+    key INTEGER PRIMARY KEY AUTOINCREMENT,
+    created REAL NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL
+)"""
+
+
+@dataclass(frozen=True)
+class Queued:
+    key: int
+    created: float  # wall clock, seconds
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+class Outbox:
+    """Messages not yet acknowledged by the broker, oldest first. Thread-safe."""
+
+    def __init__(self, path: Path | None, max_messages: int = 100_000, max_age_s: float = 86_400.0):
+        self.path = path
+        self.max_messages = max_messages
+        self.max_age_s = max_age_s
+        self.dropped = 0  # rows removed unsent: over the count bound, or too old at start
+        self.state = "memory"  # "disk" while every row is written to `path`
+        self.reason: str | None = None if path is None else "not opened"
+        self._rows: OrderedDict[int, Queued] = OrderedDict()  # the pending rows, also when on disk
+        self._next_key = 1
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        if path is not None:
+            self._open(path)
+
+    def _open(self, path: Path) -> None:
+        try:
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5)
+            try:
+                check = db.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute(SCHEMA)
+                rows = db.execute("SELECT key, created, topic, payload, qos, retain FROM outbox ORDER BY key").fetchall()
+            except BaseException:
+                db.close()
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            self._to_memory(f"cannot use {path}: {exc}")
+            return
+        self._db = db
+        self.state, self.reason = "disk", None
+        for key, created, topic, payload, qos, retain in rows:
+            self._rows[key] = Queued(key, created, topic, bytes(payload), qos, bool(retain))
+        self._next_key = (rows[-1][0] + 1) if rows else 1
+        self._drop_expired()
+
+    def _to_memory(self, reason: str) -> None:
+        """A disk problem: one line, then carry on without the file."""
+        log.error("outbox on disk unusable, keeping messages in memory only", extra={"reason": reason})
+        self.state, self.reason = "memory", reason
+        if self._db is not None:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+            self._db = None
+
+    def _write(self, sql: str, args: tuple) -> int | None:
+        """Run one statement on disk; None after a failure (and from then on, memory only)."""
+        if self._db is None:
+            return None
+        try:
+            return self._db.execute(sql, args).lastrowid
+        except sqlite3.Error as exc:
+            self._to_memory(f"cannot write {self.path}: {exc}")
+            return None
+
+    def _drop_expired(self) -> None:
+        limit = time.time() - self.max_age_s
+        old = [key for key, row in self._rows.items() if row.created < limit]
+        if old:
+            self._remove(old)
+            self.dropped += len(old)
+            log.warning("outbox: messages too old to send dropped", extra={"dropped": len(old),
+                                                                        "max_age_s": self.max_age_s})
+
+    def _remove(self, keys: list[int]) -> None:
+        for key in keys:
+            self._rows.pop(key, None)
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            self._write(f"DELETE FROM outbox WHERE key IN ({','.join('?' * len(chunk))})", tuple(chunk))
+
+    def add(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> int:
+        """Keep a message until `done(key)`; returns its key."""
+        created = time.time()
+        with self._lock:
+            key = self._write("INSERT INTO outbox (created, topic, payload, qos, retain) VALUES (?, ?, ?, ?, ?)",
+                              (created, topic, payload, qos, int(retain)))
+            if key is None:
+                key = max(self._next_key, max(self._rows, default=0) + 1)
+            self._next_key = key + 1
+            self._rows[key] = Queued(key, created, topic, payload, qos, retain)
+            if len(self._rows) > self.max_messages:
+                oldest = list(self._rows)[: len(self._rows) - self.max_messages]
+                self._remove(oldest)
+                self.dropped += len(oldest)
+                log.error("outbox full, oldest messages dropped", extra={"dropped": self.dropped,
+                                                                      "max_messages": self.max_messages})
+        return key
+
+    def done(self, key: int) -> None:
+        """The broker has the message (or refused it for good): forget it."""
+        with self._lock:
+            if key in self._rows:
+                self._remove([key])
+
+    def backlog(self) -> list[Queued]:
+        """What the previous run left unsent (and anything not yet acknowledged), oldest first."""
+        with self._lock:
+            return list(self._rows.values())
+
+    def depth(self) -> int:
+        with self._lock:
+            return len(self._rows)
+
+    def status(self) -> dict:
+        with self._lock:
+            return {"state": self.state, "path": None if self.path is None else str(self.path),
+                    "depth": len(self._rows), "dropped": self.dropped, "reason": self.reason}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                try:
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                    self._db.close()
+                except sqlite3.Error:
+                    pass
+                self._db = None

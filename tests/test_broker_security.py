@@ -1,0 +1,173 @@
+"""Broker security, for real: mosquitto with TLS, client certificates, a password file and an ACL.
+
+Certificates are made at test time with the openssl command line: a CA, a server certificate for
+127.0.0.1, an expired one, a client certificate, and a second CA the daemon must not trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edge.broker import LocalBroker, find_mosquitto, free_port
+from tskit import REPO, Subscriber, tillsight
+
+pytestmark = pytest.mark.skipif(find_mosquitto() is None or shutil.which("openssl") is None
+                                or shutil.which("mosquitto_passwd") is None,
+                                reason="mosquitto, mosquitto_passwd and openssl are needed (make test installs them)")
+PASSWORD = "correct horse battery staple"
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.pem",
+                "-days", "2", "-subj", f"/CN=tillsight test {ca}", cwd=d)
+    for name, days in (("server", "2"), ("expired", "-1"), ("client", "2")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", "/CN=localhost" if name != "client" else "/CN=tillsight", cwd=d)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", days, "-extfile", "san.ext", cwd=d)
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(d / "passwords"), "tillsight", PASSWORD], check=True)
+    subprocess.run(["mosquitto_passwd", "-b", str(d / "passwords"), "pos", "pos-secret"], check=True)
+    (d / "mqtt-password").write_text(PASSWORD + "\n")
+    (d / "wrong-password").write_text("guess\n")
+    return d
+
+
+def secure_broker(pki: Path, server: str = "server", client_certs: bool = False, acl: str | None = None
+                  ) -> LocalBroker:
+    """A TLS listener (password file, ACL) for the daemon, and a plain loopback one for the test's POS."""
+    broker = LocalBroker()
+    broker.pos_port = free_port()
+    acl_file = broker.dir / "acl"
+    acl_file.write_text(acl or "user tillsight\ntopic readwrite tillsight/store-1/#\n")
+    broker.config.write_text(
+        # as root, mosquitto would switch to its own user, which cannot read pytest's private folders
+        f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
+        "per_listener_settings true\npersistence false\nlog_dest stderr\nlog_type error\n"
+        f"listener {broker.port} 127.0.0.1\n"
+        f"cafile {pki / 'ca.pem'}\ncertfile {pki / (server + '.pem')}\nkeyfile {pki / (server + '.key')}\n"
+        f"require_certificate {'true' if client_certs else 'false'}\n"
+        f"allow_anonymous false\npassword_file {pki / 'passwords'}\nacl_file {acl_file}\n"
+        f"listener {broker.pos_port} 127.0.0.1\nallow_anonymous true\n")
+    return broker
+
+
+def config_file(tmp_path: Path, pki: Path, port: int, age_model: Path, ca: str = "ca", password: str = "mqtt-password",
+                client_cert: bool = False, camera: str | None = None) -> Path:
+    tls = f'ca_file = "{pki / (ca + ".pem")}"\n'
+    if client_cert:
+        tls += f'cert_file = "{pki / "client.pem"}"\nkey_file = "{pki / "client.key"}"\n'
+    path = tmp_path / "daemon.toml"
+    path.write_text(
+        f'store_id = "store-1"\ndaemon_id = "till-pc"\n'
+        f'[[cameras]]\nid = "till-1"\nsource = "{camera or "/dev/null"}"\nfps_limit = 10\n'
+        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nusername = "tillsight"\npassword_file = "{pki / password}"\n'
+        f'[mqtt.tls]\n{tls}'
+        f'[models]\nage_model = "{age_model}"\n[logging]\nlevel = "warning"\n')
+    return path
+
+
+def replay(video: Path, config: Path, ack_timeout: float = 4.0):
+    return tillsight("replay", str(video), "--config", str(config), "--ack-timeout", str(ack_timeout))
+
+
+def one_error_line(result) -> str:
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_tls_with_a_password_and_an_acl_delivers(tmp_path, pki, age_models, hamilton_clip):
+    with secure_broker(pki) as broker:
+        pos = Subscriber(broker.pos_port, "tillsight/#")
+        result = replay(hamilton_clip, config_file(tmp_path, pki, broker.port, age_models[16]))
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert pos.wait_for(lambda s: len(s.json("replay/alert")) == summary["alerts"] > 0, 10)
+        pos.close()
+
+
+def test_client_certificates_are_required_when_the_broker_asks(tmp_path, pki, age_models, hamilton_clip):
+    with secure_broker(pki, client_certs=True) as broker:
+        with_cert = replay(hamilton_clip, config_file(tmp_path, pki, broker.port, age_models[40], client_cert=True))
+        assert with_cert.returncode == 0, with_cert.stderr
+        without = one_error_line(replay(hamilton_clip, config_file(tmp_path, pki, broker.port, age_models[40])))
+    assert f"MQTT broker at 127.0.0.1:{broker.port}: broker closed the connection: tlsv13 alert certificate required" \
+        in without and "messages not acknowledged" in without
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("wrong_ca", "mqtt.tls.ca_file is not the CA that signed the broker's certificate"),
+    ("expired", "TLS certificate not accepted: certificate has expired"),
+    ("wrong_password", "broker refused the connection: Not authorized (check mqtt.username and mqtt.password_file)"),
+])
+def test_each_misconfiguration_is_one_clear_line(tmp_path, pki, age_models, hamilton_clip, case, expected):
+    with secure_broker(pki, server="expired" if case == "expired" else "server") as broker:
+        config = config_file(tmp_path, pki, broker.port, age_models[40], ca="other-ca" if case == "wrong_ca" else "ca",
+                             password="wrong-password" if case == "wrong_password" else "mqtt-password")
+        line = one_error_line(replay(hamilton_clip, config))
+    assert line.startswith("tillsight: error: MQTT broker at 127.0.0.1:") and expected in line, line
+
+
+def test_a_publish_the_acl_denies_is_counted_and_never_reported_delivered(tmp_path, pki, age_models, hamilton_clip):
+    # the daemon may publish estimates and its status, not alerts: the broker answers PUBACK 0x87
+    acl = ("user tillsight\ntopic write tillsight/store-1/+/estimate\ntopic readwrite tillsight/store-1/+/status\n"
+           "topic write tillsight/store-1/+/analytics\n")
+    with secure_broker(pki, acl=acl) as broker:
+        pos = Subscriber(broker.pos_port, "tillsight/#")
+        line = one_error_line(replay(hamilton_clip, config_file(tmp_path, pki, broker.port, age_models[16])))
+        time.sleep(0.5)
+        estimates, alerts = len(pos.json("replay/estimate")), len(pos.json("replay/alert"))
+        pos.close()
+    assert "refused" in line and "not authorised" in line, line
+    denied = int(line.split("refused ")[1].split(" ")[0])
+    assert denied >= 1 and alerts == 0 and estimates >= 1
+
+
+def test_a_running_daemon_says_why_the_broker_is_unreachable_once_and_in_its_systemd_status(
+        tmp_path, pki, age_models, hamilton_clip):
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(0.5)
+    with secure_broker(pki) as broker:
+        config = config_file(tmp_path, pki, broker.port, age_models[40], ca="other-ca", camera=str(hamilton_clip))
+        daemon = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config)], cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "NOTIFY_SOCKET": str(notify)})
+        messages = []
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not any("certificate not accepted" in m for m in messages):
+                try:
+                    messages.append(sock.recv(4096).decode())
+                except TimeoutError:
+                    pass
+            time.sleep(6)  # three more retries (every 1-2 s), which must not log again
+            daemon.terminate()
+            _, err = daemon.communicate(timeout=30)
+        finally:
+            daemon.kill()
+            sock.close()
+    assert any(m.startswith("READY=1") or "\nREADY=1" in m or m == "READY=1" for m in messages), messages
+    assert any("STATUS=" in m and "mqtt: TLS certificate not accepted" in m for m in messages), messages
+    unreachable = [line for line in err.splitlines() if "MQTT broker unreachable" in line]
+    assert len(unreachable) == 1 and "not the CA that signed" in unreachable[0], err

@@ -1,0 +1,245 @@
+"""The durable outbox: nothing produced is lost across broker outages and daemon restarts.
+
+Unit tests on a real SQLite file; then the real daemon (`tillsight run`) against a real mosquitto that
+is stopped and started. The POS stand-in keeps a persistent session on a broker with persistence on,
+so what the broker accepts while the POS is away is queued for it, as a real POS would configure it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from edge.broker import LocalBroker, find_mosquitto
+from edge.outbox import Outbox
+from tskit import REPO, Subscriber, write_config
+
+OUTAGE_S = 60  # the issue's broker outage
+
+
+# ---------------------------------------------------------------- the outbox itself
+
+def test_rows_survive_a_reopen_in_order_and_acknowledged_ones_are_gone(tmp_path):
+    path = tmp_path / "outbox.sqlite3"
+    box = Outbox(path)
+    keys = [box.add(f"t/{i}", b'{"n":%d}' % i, 1) for i in range(10)]
+    for key in keys[:4]:
+        box.done(key)
+    assert box.status()["state"] == "disk" and box.depth() == 6
+    box.close()
+    again = Outbox(path)
+    assert [row.topic for row in again.backlog()] == [f"t/{i}" for i in range(4, 10)]
+    assert [row.payload for row in again.backlog()][0] == b'{"n":4}'
+    new_key = again.add("t/new", b"{}", 1)
+    assert new_key > keys[-1]  # new rows come after the old ones
+    assert again.backlog()[-1].topic == "t/new"
+
+
+def test_bounded_by_count_and_by_age(tmp_path):
+    path = tmp_path / "outbox.sqlite3"
+    box = Outbox(path, max_messages=100)
+    for i in range(150):
+        box.add("t", b"%d" % i, 1)
+    assert box.depth() == 100 and box.dropped == 50
+    assert box.backlog()[0].payload == b"50"  # the oldest went
+    box.close()
+    time.sleep(0.2)
+    old = Outbox(path, max_age_s=0.1)
+    assert old.depth() == 0 and old.dropped == 100
+    old.close()
+    assert Outbox(path).depth() == 0  # and they are gone from the file too
+
+
+def test_a_corrupt_file_is_one_line_and_the_outbox_carries_on_in_memory(tmp_path, caplog):
+    path = tmp_path / "outbox.sqlite3"
+    path.write_bytes(b"this is not an SQLite database" * 100)
+    box = Outbox(path)
+    status = box.status()
+    assert status["state"] == "memory" and str(path) in status["reason"]
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    key = box.add("t", b"x", 1)
+    assert box.depth() == 1
+    box.done(key)
+    assert box.depth() == 0
+    assert path.read_bytes().startswith(b"this is not")  # left for a person to look at
+
+
+DISK_FULL = """
+import resource, sys
+from pathlib import Path
+from edge.outbox import Outbox
+box = Outbox(Path(sys.argv[1]))
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))  # the file may grow no further
+for i in range(2000):
+    box.add("t/%d" % i, b"x" * 200, 1)
+print(box.status()["state"], box.depth(), box.status()["reason"])
+"""
+
+
+def test_a_full_disk_keeps_every_message_in_memory(tmp_path):
+    # RLIMIT_FSIZE makes the kernel refuse to grow the file (EFBIG): a full disk as the process sees it
+    result = subprocess.run([sys.executable, "-c", DISK_FULL, str(tmp_path / "outbox.sqlite3")], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    state, depth, reason = result.stdout.split(" ", 2)
+    assert state == "memory" and int(depth) == 2000 and "cannot write" in reason
+    assert len([line for line in result.stderr.splitlines() if '"level": "error"' in line or "ERROR" in line]) <= 1
+
+
+# ---------------------------------------------------------------- the daemon, a broker that goes away
+
+def needs_broker():
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed (make test installs the Debian package)")
+
+
+def daemon_config(tmp_path, port, clip, age_model, outbox):
+    return write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc",
+                        cameras=[{"id": "till-1", "source": str(clip), "fps_limit": 10}],
+                        mqtt={"host": "127.0.0.1", "port": port, "keepalive_s": 5},
+                        models={"age_model": str(age_model)}, outbox={"path": str(outbox)},
+                        logging={"level": "warning"}, status_interval_s=5)
+
+
+def start_daemon(config, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def queued_alerts(outbox) -> list[tuple[int, str]]:
+    """(key, id) of the alerts waiting in the daemon's outbox file, in order."""
+    with sqlite3.connect(outbox, timeout=5) as db:
+        rows = db.execute("SELECT key, topic, payload FROM outbox ORDER BY key").fetchall()
+    return [(key, json.loads(payload)["id"]) for key, topic, payload in rows if topic.endswith("/alert")]
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def stop_daemon(daemon: subprocess.Popen) -> tuple[int, str]:
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        _, err = daemon.communicate(timeout=30)
+    finally:
+        daemon.kill()
+    return daemon.returncode, err
+
+
+def test_a_60_s_broker_outage_loses_nothing_and_the_backlog_arrives_in_order_at_once(
+        tmp_path, age_models, hamilton_clip):
+    needs_broker()
+    outbox = tmp_path / "outbox.sqlite3"
+    with LocalBroker(persistence=True) as broker:
+        pos = Subscriber(broker.port, "tillsight/#", persistent_id="pos-till-1")
+        daemon = start_daemon(daemon_config(tmp_path, broker.port, hamilton_clip, age_models[16], outbox))
+        try:
+            assert pos.wait_for(lambda s: len(s.json("till-1/alert")) >= 1, 60), daemon.stderr
+            broker.stop()
+            outage_started = time.monotonic()
+            assert wait_until(lambda: len(queued_alerts(outbox)) >= 3, OUTAGE_S)  # alerts made while it is down
+            time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - outage_started)))
+            assert daemon.poll() is None
+            waiting = queued_alerts(outbox)
+            broker.start()
+            back = time.monotonic()
+            assert pos.wait_for(lambda s: {b["id"] for b in s.json("till-1/alert")} >= {i for _, i in waiting}, 30)
+            arrived_after_s = time.monotonic() - back
+            code, err = stop_daemon(daemon)
+        finally:
+            daemon.kill()
+        pos.close()
+    assert code == 0, err
+    received = [b["id"] for b in pos.json("till-1/alert")]
+    order = {alert_id: key for key, alert_id in waiting}
+    keys = [order[i] for i in received if i in order]
+    assert keys == sorted(keys) and len(set(keys)) == len(waiting)  # all of them, in the order they were made
+    assert arrived_after_s < 5, f"backlog took {arrived_after_s:.1f} s after the broker came back"
+    assert queued_alerts(outbox) == [] and sqlite3.connect(outbox).execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
+    print(f"{len(waiting)} alerts queued during a {OUTAGE_S} s outage, all delivered in order "
+          f"{arrived_after_s:.2f} s after the broker came back")
+
+
+def test_broker_down_daemon_killed_and_restarted_then_broker_back_loses_no_alert(tmp_path, age_models, hamilton_clip):
+    needs_broker()
+    outbox = tmp_path / "outbox.sqlite3"
+    with LocalBroker(persistence=True) as broker:
+        pos = Subscriber(broker.port, "tillsight/#", persistent_id="pos-till-1")
+        config = daemon_config(tmp_path, broker.port, hamilton_clip, age_models[16], outbox)
+        first = start_daemon(config)
+        try:
+            assert pos.wait_for(lambda s: any(b["state"] == "online" for b in s.json("till-pc/status")), 60)
+            broker.stop()
+            assert wait_until(lambda: len(queued_alerts(outbox)) >= 3, 60)
+            first.send_signal(signal.SIGKILL)  # a power cut, an OOM kill
+            first.wait(10)
+        finally:
+            first.kill()
+        produced = [alert_id for _, alert_id in queued_alerts(outbox)]
+        second = start_daemon(config)
+        try:
+            time.sleep(3)  # the restarted daemon runs, and queues more, with the broker still down
+            assert second.poll() is None, second.stderr.read()
+            broker.start()
+            assert pos.wait_for(lambda s: {b["id"] for b in s.json("till-1/alert")} >= set(produced), 30), \
+                f"lost: {set(produced) - {b['id'] for b in pos.json('till-1/alert')}}"
+            code, err = stop_daemon(second)
+        finally:
+            second.kill()
+        pos.close()
+    assert code == 0, err
+    assert "messages left by the previous run" in err
+    print(f"{len(produced)} alerts made before kill -9 during the outage: 0 lost")
+
+
+def test_a_corrupt_outbox_file_gives_one_line_and_the_daemon_serves_on_in_memory(
+        tmp_path, broker, subscriber, age_models, hamilton_clip):
+    outbox = tmp_path / "outbox.sqlite3"
+    outbox.write_bytes(os.urandom(8192))
+    daemon = start_daemon(daemon_config(tmp_path, broker.port, hamilton_clip, age_models[16], outbox))
+    try:
+        assert subscriber.wait_for(lambda s: len(s.json("till-1/alert")) >= 1, 60)
+        status = subscriber.json("till-pc/status")[-1]
+        code, err = stop_daemon(daemon)
+    finally:
+        daemon.kill()
+    assert status["state"] == "degraded" and status["outbox"]["state"] == "memory"
+    assert any("outbox in memory only" in p for p in status["problems"])
+    assert code == 0, err
+    assert len([line for line in err.splitlines() if "outbox" in line and '"error"' in line]) == 1
+
+
+def test_a_full_disk_under_the_daemon_keeps_it_serving_and_says_so(
+        tmp_path, broker, subscriber, age_models, hamilton_clip):
+    outbox = tmp_path / "outbox.sqlite3"
+
+    def small_files():  # in the daemon only: files may not grow past 48 KB (EFBIG, as with a full disk)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (48 * 1024, 48 * 1024))
+
+    daemon = start_daemon(daemon_config(tmp_path, broker.port, hamilton_clip, age_models[16], outbox),
+                          preexec_fn=small_files)
+    try:
+        assert subscriber.wait_for(lambda s: any(b["outbox"]["state"] == "memory"
+                                                 for b in s.json("till-pc/status")), 90), daemon.stderr
+        count = len(subscriber.json("till-1/alert"))
+        assert subscriber.wait_for(lambda s: len(s.json("till-1/alert")) > count, 30)  # still alerting
+        status = [b for b in subscriber.json("till-pc/status") if b["outbox"]["state"] == "memory"][0]
+        code, err = stop_daemon(daemon)
+    finally:
+        daemon.kill()
+    assert status["state"] == "degraded" and "cannot write" in status["outbox"]["reason"]
+    assert code == 0, err
