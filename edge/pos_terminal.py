@@ -14,6 +14,7 @@ import json
 import secrets
 import threading
 import time
+from collections import OrderedDict
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -22,6 +23,28 @@ from paho.mqtt.properties import Properties
 
 class PosError(Exception):
     """The broker or the daemon did not answer: one line for the user."""
+
+
+class RecentIds:
+    """The `id`s of the last messages seen, to drop the duplicates that at-least-once delivery allows."""
+
+    def __init__(self, size: int = 10_000):
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self.size = size
+
+    def repeated(self, payload: bytes) -> bool:
+        try:
+            message_id = json.loads(payload).get("id")
+        except (ValueError, AttributeError):
+            return False
+        if not isinstance(message_id, str):
+            return False
+        if message_id in self._ids:
+            return True
+        self._ids[message_id] = None
+        if len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+        return False
 
 
 class Terminal:
@@ -88,7 +111,13 @@ class Terminal:
 
     def watch(self, print_line, seconds: float | None = None) -> None:
         from edge.demo import describe
-        self.on_message = lambda msg: print_line(describe(msg.topic, msg.payload))
+        seen = RecentIds()
+
+        def on_message(msg) -> None:
+            if not seen.repeated(msg.payload):  # QoS 1 is at least once: a re-sent message is shown once
+                print_line(describe(msg.topic, msg.payload))
+
+        self.on_message = on_message
         self.subscribe([f"{self.base}/+/alert", f"{self.base}/+/estimate", f"{self.base}/pos/#"])
         deadline = None if seconds is None else time.monotonic() + seconds
         while deadline is None or time.monotonic() < deadline:

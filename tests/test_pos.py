@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -303,3 +304,23 @@ def test_hostile_input_and_floods_do_not_stop_the_daemon(daemon, broker):
     replies.close()
     print(f"fuzz: 10,000 hostile payloads, then {sent} in 10 s; {len(errors)} error replies, {len(log_lines)} log "
           f"lines, RSS {rss_before:.0f} -> {_rss_mb(process.pid):.0f} MB")
+
+
+def test_the_terminal_shows_a_message_delivered_twice_once(broker):
+    """At least once: the same message (same id) may arrive again after a daemon restart."""
+    import paho.mqtt.client as mqtt
+    terminal = Terminal("127.0.0.1", broker.port, BASE)
+    lines = []
+    watching = threading.Thread(target=terminal.watch, args=(lines.append, 3.0), daemon=True)
+    watching.start()
+    time.sleep(0.5)
+    sender = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    sender.connect("127.0.0.1", broker.port)
+    sender.loop_start()
+    alert = {"id": "a" * 32, "schema": 1, "track": 3, "age": 16.2, "challenge_age": 25}
+    for body in (alert, alert, {**alert, "id": "b" * 32}):
+        sender.publish(f"{BASE}/till-1/alert", json.dumps(body), qos=1).wait_for_publish(5)
+    watching.join(5)
+    sender.loop_stop()
+    terminal.close()
+    assert len([line for line in lines if "ASK FOR ID" in line]) == 2
