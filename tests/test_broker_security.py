@@ -154,14 +154,18 @@ def test_a_running_daemon_says_why_the_broker_is_unreachable_once_and_in_its_sys
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env={**os.environ, "NOTIFY_SOCKET": str(notify)})
         messages = []
-        try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not any("certificate not accepted" in m for m in messages):
+
+        def receive(seconds: float, until=lambda: False) -> None:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and not until():
                 try:
                     messages.append(sock.recv(4096).decode())
                 except TimeoutError:
                     pass
-            time.sleep(6)  # three more retries (every 1-2 s), which must not log again
+
+        try:
+            receive(60, lambda: any("certificate not accepted" in m for m in messages))
+            receive(6)  # three more retries (every 1-2 s), which must not log again
             daemon.terminate()
             _, err = daemon.communicate(timeout=30)
         finally:
