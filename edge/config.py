@@ -55,6 +55,15 @@ def _kind(annotation) -> str:
     return "number" if any(_kind(a) == "number" for a in args) else ""
 
 
+def _takes_text(annotation) -> bool:
+    """Whether a field also takes a string (a camera source: an index or a path)."""
+    if annotation in (str, Path):
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, str) for a in get_args(annotation))
+    return any(_takes_text(a) for a in get_args(annotation) if get_origin(annotation) is not list)
+
+
 def _is_file(text: str | Path, what: str = "file") -> bool:
     return _path_test(Path.is_file, text, what)
 
@@ -97,7 +106,8 @@ class Strict(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def numbers_are_not_booleans(cls, value, info: ValidationInfo):
-        # lax pydantic takes true for 1 (`challenge_age = true` would switch alerts off) and 1 or "yes" for true
+        # lax pydantic takes true for 1 (`challenge_age = true` would switch alerts off), "25" for 25, and 1 or
+        # "yes" for true
         kind = _kind(cls.model_fields[info.field_name].annotation)
         if kind == "number" and isinstance(value, list):
             index = next((i for i, v in enumerate(value) if isinstance(v, bool)), None)
@@ -105,6 +115,9 @@ class Strict(BaseModel):
                 raise ValueError(f"item {index} should be a number, not {str(value[index]).lower()}")
         elif kind == "number" and isinstance(value, bool):
             raise ValueError(f"input should be a number, not {str(value).lower()}")
+        elif kind == "number" and isinstance(value, str) and not _takes_text(cls.model_fields[info.field_name].annotation):
+            # "1883" for 1883: pydantic would parse it, so a quoted number elsewhere would pass unnoticed
+            raise ValueError(f"input should be a number, not the string {_clip(value)} (write it without quotes)")
         if kind == "bool" and not isinstance(value, bool):
             raise ValueError("input should be true or false")
         return value

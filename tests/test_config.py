@@ -45,10 +45,10 @@ def test_every_problem_is_reported_with_its_path():
         "cameras.2.source: URL 'rtsp://' has no host",
         "cameras.3.source: input should be greater than or equal to 0",
         "cameras.3.fps_limit: input should be greater than 0",
-        "mqtt.port: input should be a valid integer, unable to parse string as an integer",
+        "mqtt.port: input should be a number, not the string 'x' (write it without quotes)",
         "mqtt.qos: input should be 0, 1 or 2",
         "mqtt.colour: unknown key",
-        "policy.challenge_age: input should be a valid number, unable to parse string as a number",
+        "policy.challenge_age: input should be a number, not the string 'old' (write it without quotes)",
     ]
 
 

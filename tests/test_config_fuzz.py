@@ -303,7 +303,13 @@ def test_integers_still_serve_for_floats(write):
     assert check(write("[policy]\nchallenge_age = 21\n[tracking]\nlost_after_s = 2"))[0] == 0
 
 
-@pytest.mark.parametrize("value", ["inf", "-inf", "nan", '"inf"', "1e999"])
+def test_a_quoted_number_is_not_a_number(write):
+    assert refused(write('[mqtt]\nport = "1883"\n[policy]\nchallenge_age = "25"')) == [
+        "mqtt.port: input should be a number, not the string '1883' (write it without quotes)",
+        "policy.challenge_age: input should be a number, not the string '25' (write it without quotes)"]
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
 def test_durations_and_numbers_must_be_finite(write, value):
     assert refused(write(f"[tracking]\nlost_after_s = {value}\nmin_similarity = {value}")) == [
         "tracking.lost_after_s: input should be a finite number",
