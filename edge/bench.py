@@ -167,14 +167,15 @@ def pipeline_stages(video: Path, model: str, broker: LocalBroker, config: dict) 
         key = "budget" if budget else "every_frame"
         result[key] = {"replay_fps": summary["fps"], "tracks": summary["tracks"], "faces_aged": summary["faces_aged"],
                        "aged_per_customer": round(summary["faces_aged"] / max(1, summary["tracks"]), 1),
-                       "alerts": summary["alerts"], "final_ages": {b["track"]: b["age"] for b in finals}}
+                       # in the order the customers came (track ids grow; they differ between runs)
+                       "alerts": summary["alerts"], "final_ages": [b["age"] for b in sorted(finals, key=lambda b: b["track"])]}
     every, budget = result["every_frame"], result["budget"]
-    shared = set(every["final_ages"]) & set(budget["final_ages"])
+    # the same video gives the same tracks (tracking does not depend on the ages): pair them in order
+    pairs = list(zip(every["final_ages"], budget["final_ages"])) \
+        if len(every["final_ages"]) == len(budget["final_ages"]) else []
     result["calls_ratio"] = round(every["faces_aged"] / max(1, budget["faces_aged"]), 1)
-    result["fused_age_diff"] = {"mean": round(float(np.mean([abs(every["final_ages"][t] - budget["final_ages"][t])
-                                                             for t in shared])), 2) if shared else None,
-                                "max": round(max((abs(every["final_ages"][t] - budget["final_ages"][t])
-                                                  for t in shared), default=0), 2)}
+    result["fused_age_diff"] = {"mean": round(float(np.mean([abs(a - b) for a, b in pairs])), 2) if pairs else None,
+                                "max": round(max((abs(a - b) for a, b in pairs), default=0), 2)}
     return result
 
 

@@ -20,6 +20,7 @@ def test_bench_measures_model_pipeline_and_cameras(tmp_path, carphone_clip):
     one = report["one_camera"]
     assert one["every_frame"]["tracks"] == one["budget"]["tracks"] == 1
     assert one["every_frame"]["faces_aged"] == 120 and one["budget"]["faces_aged"] < 40
+    assert one["fused_age_diff"]["mean"] is not None and one["fused_age_diff"]["mean"] < 5  # the customer, paired
     assert [row["cameras"] for row in report["cameras"]] == [1, 2]
     for row in report["cameras"]:
         assert row["frames"] > 0 and row["peak_rss_mb"] > 50 and row["alerts"] >= 1 and row["alert_p99_ms"] > 0
