@@ -232,6 +232,9 @@ class Service:
         self._rates_mark = (time.monotonic(), 0, 0)
         self.outbox = Outbox(outbox_path(config, replay), config.outbox.max_messages, config.outbox.max_age_s)
         log.info("outbox", extra=self.outbox.status())
+        if self.outbox.path is None and not replay:
+            log.warning("outbox in memory only: messages waiting for the broker are lost if the daemon restarts "
+                        "(set [outbox] path, or run under the systemd unit)")
         self.publisher = Publisher(config.mqtt, config.store_id, self.daemon_id, self.outbox)
         self.status_due = threading.Event()  # something changed: publish the status now, not at the next tick
         self.publisher.on_change = self.status_due.set
