@@ -18,7 +18,9 @@ and published in the status.
 Failure is never fatal: a queue file that cannot be opened, is corrupt, or cannot be written (a full
 disk) gives one error line, and the outbox carries on in memory (`state = "memory"`, with the reason
 in the status) so the daemon keeps serving the tills. The corrupt file is left as it was for a person
-to look at.
+to look at. After a failed write (a disk that filled up) the file is tried again every
+`retry_after_s`: once it takes writes, it is rewritten with exactly the pending messages and the
+outbox is back on disk.
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class Outbox:
         self._next_key = 1
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self.retry_after_s = 30.0
+        self._retry_at: float | None = None  # monotonic time of the next try after a failed write; None: no retry
         if path is not None:
             self._open(path)
 
@@ -106,14 +110,38 @@ class Outbox:
             self._db = None
 
     def _write(self, sql: str, args: tuple) -> int | None:
-        """Run one statement on disk; None after a failure (and from then on, memory only)."""
+        """Run one statement on disk; None after a failure (and memory only until a retry works)."""
         if self._db is None:
             return None
         try:
             return self._db.execute(sql, args).lastrowid
         except sqlite3.Error as exc:
             self._to_memory(f"cannot write {self.path}: {exc}")
+            self._retry_at = time.monotonic() + self.retry_after_s
             return None
+
+    def _retry_disk(self) -> None:
+        """After a failed write: the file again, holding exactly what is pending now."""
+        self._retry_at = time.monotonic() + self.retry_after_s
+        try:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute(SCHEMA)
+                db.execute("BEGIN")
+                db.execute("DELETE FROM outbox")  # rows acknowledged meanwhile could not be deleted then
+                db.executemany("INSERT INTO outbox (key, created, topic, payload, qos, retain) VALUES (?, ?, ?, ?, ?, ?)",
+                               [(r.key, r.created, r.topic, r.payload, r.qos, int(r.retain)) for r in self._rows.values()])
+                db.execute("COMMIT")
+            except BaseException:
+                db.close()
+                raise
+        except sqlite3.Error:
+            return  # still failing: already said, stay in memory
+        self._db, self._retry_at = db, None
+        self.state, self.reason = "disk", None
+        log.warning("outbox back on disk", extra={"path": str(self.path), "messages": len(self._rows)})
 
     def _drop_expired(self) -> None:
         limit = time.time() - self.max_age_s
@@ -135,6 +163,8 @@ class Outbox:
         """Keep a message until `done(key)`; returns its key."""
         created = time.time()
         with self._lock:
+            if self._retry_at is not None and time.monotonic() >= self._retry_at:
+                self._retry_disk()
             key = self._write("INSERT INTO outbox (created, topic, payload, qos, retain) VALUES (?, ?, ?, ?, ?)",
                               (created, topic, payload, qos, int(retain)))
             if key is None:

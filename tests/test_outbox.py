@@ -85,6 +85,36 @@ print(box.status()["state"], box.depth(), box.status()["reason"])
 """
 
 
+DISK_FILLS_AND_FREES = """
+import resource, sys, time
+from pathlib import Path
+from edge.outbox import Outbox
+path = Path(sys.argv[1])
+box = Outbox(path)
+box.retry_after_s = 0.2
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))  # the disk is full
+keys = [box.add("t/%d" % i, b"x" * 200, 1) for i in range(1000)]
+assert box.state == "memory", box.status()
+for key in keys[:300]:
+    box.done(key)  # acknowledged while the disk is full: these must not come back
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))  # space again
+time.sleep(0.3)
+keys.append(box.add("t/after", b"y", 1))
+assert box.state == "disk", box.status()
+box.close()
+again = Outbox(path)
+print(again.depth(), again.backlog()[0].topic, again.backlog()[-1].topic)
+"""
+
+
+def test_after_a_full_disk_the_outbox_goes_back_to_disk_with_exactly_the_pending_messages(tmp_path):
+    result = subprocess.run([sys.executable, "-c", DISK_FILLS_AND_FREES, str(tmp_path / "outbox.sqlite3")],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["701", "t/300", "t/after"]
+    assert "outbox back on disk" in result.stderr
+
+
 def test_a_full_disk_keeps_every_message_in_memory(tmp_path):
     # RLIMIT_FSIZE makes the kernel refuse to grow the file (EFBIG): a full disk as the process sees it
     result = subprocess.run([sys.executable, "-c", DISK_FULL, str(tmp_path / "outbox.sqlite3")], cwd=REPO,
