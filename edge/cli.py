@@ -159,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-fraction", type=float, default=0.1)
     train.add_argument("--limit", type=int, help="a deterministic subset of this many images")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--mixed-precision", choices=["auto", "on", "off"], default="auto")
+    train.add_argument("--mixed-precision", choices=["auto", "on", "off"], default="auto",
+                       help="bfloat16 maths (on: Ampere or newer GPUs); auto: on when a GPU is present")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (0: Adam)")
+    train.add_argument("--minutes", type=float, help="the run's training time: the learning rate follows the share "
+                       "spent, and training stops before an epoch would overrun it (--epochs is then a maximum)")
+    train.add_argument("--workers", type=int, help="processes detecting faces (default: one per core)")
     train.add_argument("--data-parallel", action="store_true", help="all local GPUs (JAX backend)")
     train.set_defaults(handler=cmd_train)
 
@@ -416,14 +421,16 @@ def cmd_train(args) -> int:
     _check_ranges(input_size=(args.input_size, 32, 1024), crop_margin=(args.crop_margin, 0, 2),
                   epochs=(args.epochs, 1, 10_000), batch_size=(args.batch_size, 1, 4096),
                   learning_rate=(args.learning_rate, 1e-8, 1), val_fraction=(args.val_fraction, 0.001, 0.999),
-                  limit=(args.limit, 2, 10**9))
+                  limit=(args.limit, 2, 10**9), minutes=(args.minutes, 0.1, 100_000), workers=(args.workers, 1, 512),
+                  weight_decay=(args.weight_decay, 0, 1))
     _training_imports()
     from training.train import TrainOptions, train
     opts = TrainOptions(data=str(args.data), labels=str(args.labels) if args.labels else None, out=str(args.out),
                         input_size=args.input_size, crop_margin=args.crop_margin, head=args.head,
                         weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, val_fraction=args.val_fraction, limit=args.limit,
-                        seed=args.seed, mixed_precision=args.mixed_precision, data_parallel=args.data_parallel)
+                        seed=args.seed, mixed_precision=args.mixed_precision, data_parallel=args.data_parallel,
+                        minutes=args.minutes, workers=args.workers, weight_decay=args.weight_decay)
     try:
         summary = train(opts, resume=args.resume)
     except _data_errors() as exc:

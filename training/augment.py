@@ -1,5 +1,6 @@
-"""Augmentation in NumPy/OpenCV, fed through keras.utils.PyDataset: no TensorFlow
-in the input pipeline, so every Keras backend trains from the same code.
+"""Augmentation inside the model, as a Keras layer: on the GPU it runs in the same compiled
+training step as the network (JAX jit or a TensorFlow graph), so no CPU worker has to keep an
+H100 fed; when serving (training=False) it is the identity and exports to nothing.
 
 What it does, per crop, with its reason:
 - horizontal flip (p=0.5): faces are near-symmetric; the cheapest, surest gain;
@@ -7,53 +8,102 @@ What it does, per crop, with its reason:
   detector's boxes and eye points jitter frame to frame at the till;
 - brightness (±25 %) and contrast (±20 %): till lighting varies by store and hour;
 - no colour hue changes: skin tone carries age cues we do not want to scramble.
+Flip, rotation, scale and shift are one affine map, so each crop is resampled once
+(bilinear, edges repeated as `edge.crop.crop_face` repeats them).
 """
 
 from __future__ import annotations
 
 import math
 
-import cv2
 import keras
 import numpy as np
+from keras import layers, ops
+
+MAX_DEGREES = 10.0
+SCALE = 0.1
+SHIFT = 0.06
+BRIGHTNESS = 0.25
+CONTRAST = 0.2
 
 
-def augment(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    size = crop.shape[0]
-    if rng.random() < 0.5:
-        crop = crop[:, ::-1]
-    angle = rng.uniform(-10, 10)
-    scale = rng.uniform(0.9, 1.1)
-    shift = rng.uniform(-0.06, 0.06, 2) * size
-    matrix = cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale)
-    matrix[:, 2] += shift
-    crop = cv2.warpAffine(np.ascontiguousarray(crop), matrix, (size, size), borderMode=cv2.BORDER_REPLICATE)
-    out = crop.astype(np.float32)
-    mean = out.mean()
-    out = (out - mean) * rng.uniform(0.8, 1.2) + mean * rng.uniform(0.75, 1.25)
-    return np.clip(out, 0, 255)
+@keras.saving.register_keras_serializable(package="tillsight")
+class FaceJitter(layers.Layer):
+    """Random flip, rotation, scale, shift, brightness and contrast of RGB crops 0..255, when training."""
+
+    def __init__(self, seed: int | None = None, **kwargs):
+        kwargs.setdefault("dtype", "float32")  # 0..255 in bfloat16 would step by 1-2 grey levels
+        super().__init__(**kwargs)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images, training=None):
+        if not training:
+            return images
+        images = ops.cast(images, "float32")
+        moved = ops.image.affine_transform(images, self.random_transforms(ops.shape(images)[0], images.shape[1]),
+                                           interpolation="bilinear", fill_mode="nearest")
+        return self.random_light(moved)
+
+    def random_transforms(self, count, size: int):
+        """[N, 8] maps from each output pixel back to the input pixel it is read from."""
+        uniform = lambda low, high: keras.random.uniform((count,), low, high, seed=self.seed_generator)  # noqa: E731
+        flip = ops.cast(uniform(0.0, 1.0) < 0.5, "float32")
+        angle = uniform(-MAX_DEGREES, MAX_DEGREES) * (math.pi / 180)
+        scale = uniform(1 - SCALE, 1 + SCALE)
+        shift_x, shift_y = uniform(-SHIFT, SHIFT) * size, uniform(-SHIFT, SHIFT) * size
+        return inverse_affine(flip, angle, scale, shift_x, shift_y, size)
+
+    def random_light(self, images):
+        count = ops.shape(images)[0]
+        contrast = keras.random.uniform((count, 1, 1, 1), 1 - CONTRAST, 1 + CONTRAST, seed=self.seed_generator)
+        brightness = keras.random.uniform((count, 1, 1, 1), 1 - BRIGHTNESS, 1 + BRIGHTNESS, seed=self.seed_generator)
+        mean = ops.mean(images, axis=(1, 2, 3), keepdims=True)
+        return ops.clip((images - mean) * contrast + mean * brightness, 0.0, 255.0)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "seed": self.seed}
+
+
+def inverse_affine(flip, angle, scale, shift_x, shift_y, size: int):
+    """The [N, 8] projective rows (a0 a1 a2 b0 b1 b2 0 0) of keras.ops.image.affine_transform for:
+    flip (1 or 0) of the input, then rotation by `angle` and scaling by `scale` about the
+    centre, then a shift. Written for both NumPy and keras.ops arguments."""
+    centre = (size - 1) / 2
+    cos, sin = ops.cos(angle) / scale, ops.sin(angle) / scale
+    qx, qy = centre + shift_x, centre + shift_y
+    a0, a1, a2 = cos, sin, centre - (cos * qx + sin * qy)
+    b0, b1, b2 = -sin, cos, centre - (-sin * qx + cos * qy)
+    sign = 1 - 2 * flip  # a flipped input reads column (size-1) - x
+    zero = ops.zeros_like(a0)
+    return ops.stack([sign * a0, sign * a1, sign * a2 + flip * (size - 1), b0, b1, b2, zero, zero], axis=1)
 
 
 class CropBatches(keras.utils.PyDataset):
-    """Batches of (crops float32 0..255, ages) in a new order each epoch, augmented for training."""
+    """Batches of (crops uint8 0..255, ages); training batches in a new order each epoch, all full
+    (the few crops left over go in the next epoch's order: one batch shape, one compiled step).
+    The crops travel as uint8, a quarter of float32's bytes, and the model's input casts them on
+    the device."""
 
     def __init__(self, crops: np.ndarray, ages: np.ndarray, batch_size: int, train: bool, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.crops, self.ages = crops, ages.astype(np.float32)
-        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.batch_size, self.train, self.seed = min(batch_size, len(crops)), train, seed
         self.epoch = 0
         self.order = np.arange(len(crops))
         self.on_epoch_end()
 
     def __len__(self) -> int:
+        if self.train:
+            return len(self.crops) // self.batch_size
         return math.ceil(len(self.crops) / self.batch_size)
 
     def __getitem__(self, index: int):
         picked = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        if not self.train:
-            return self.crops[picked].astype(np.float32), self.ages[picked]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        return np.stack([augment(self.crops[i], rng) for i in picked]), self.ages[picked]
+        return self.crops[picked], self.ages[picked]
 
     def on_epoch_end(self) -> None:
         if self.train:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import multiprocessing
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ from edge.crop import crop_face
 from edge.detect import FaceDetector, detect_framed
 from edge.types import Face
 
+PARALLEL_FROM = 500  # photos: fewer are detected in this process
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -149,29 +152,38 @@ def detect_portrait_face(detector: FaceDetector, image: np.ndarray) -> Face | No
 
 
 def load_faces(data_dir: Path, labels: list[Label], size: int, margin: float,
-               detector: FaceDetector | None = None, progress: bool = True) -> FaceSet:
+               detector: FaceDetector | None = None, progress: bool = True, workers: int | None = None) -> FaceSet:
     """Detect and crop every labelled image, as the daemon would."""
     cropper = lambda image, face: crop_face(image, face, size, margin)  # noqa: E731
-    faces = load_face_sets(data_dir, labels, [cropper], detector, progress)[0]
+    faces = load_face_sets(data_dir, labels, [cropper], detector, progress, workers)[0]
     if not faces.labels:
         faces.crops = np.zeros((0, size, size, 3), np.uint8)
     return faces
 
 
 def load_face_sets(data_dir: Path, labels: list[Label], croppers: list[Callable[[np.ndarray, Face], np.ndarray]],
-                   detector: FaceDetector | None = None, progress: bool = True) -> list[FaceSet]:
-    """Detect every labelled image once, crop each face once per cropper (models with different crops)."""
-    detector = detector or FaceDetector(min_face_px=0)
+                   detector: FaceDetector | None = None, progress: bool = True,
+                   workers: int | None = None) -> list[FaceSet]:
+    """Detect every labelled image once, crop each face once per cropper (models with different crops).
+
+    Detection, the slow part (~10 ms a photo), runs in `workers` processes (default: one per core;
+    16 on the GPU machine turn its 20,000 photos from minutes into seconds); decoding again and
+    cropping stay here, so croppers need not be picklable. A given `detector`, or fewer than
+    PARALLEL_FROM photos, means this process alone."""
     by_name = {label.file_name: label for label in labels}
+    workers = 1 if detector is not None else (workers or os.cpu_count() or 1)
+    if len(by_name) < PARALLEL_FROM:
+        workers = 1  # starting the processes (a second or two each) costs more than it saves
     crops: list[list[np.ndarray]] = [[] for _ in croppers]
     kept, unreadable, no_face, seen = [], [], [], set()
-    for name, encoded in _progress(iter_image_bytes(data_dir, set(by_name)), len(by_name), progress):
+    for name, encoded, image, face in _progress(_detected(data_dir, set(by_name), detector, workers),
+                                                len(by_name), progress):
         seen.add(name)
-        image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
         if image is None:
             unreadable.append(name)
             continue
-        face = detect_portrait_face(detector, image)
         if face is None:
             no_face.append(name)
             continue
@@ -182,6 +194,35 @@ def load_face_sets(data_dir: Path, labels: list[Label], croppers: list[Callable[
     missing, ordered = sorted(set(by_name) - seen), [kept[i] for i in order]
     return [FaceSet(np.stack(c)[order] if c else np.zeros((0, 1, 1, 3), np.uint8), ordered, missing,
                     sorted(unreadable), sorted(no_face)) for c in crops]
+
+
+def _detected(data_dir: Path, wanted: set[str], detector: FaceDetector | None, workers: int):
+    """(name, encoded bytes, decoded image or None, the portrait's face or None) per wanted file."""
+    images = iter_image_bytes(data_dir, wanted)
+    if workers <= 1:
+        detector = detector or FaceDetector(min_face_px=0)
+        for name, encoded in images:
+            image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+            yield name, encoded, image, None if image is None else detect_portrait_face(detector, image)
+        return
+    # spawn, not fork: the trainer has JAX or TensorFlow running (threads) by the time faces load
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker) as pool:
+        for name, encoded, face in pool.imap(_detect_encoded, images, chunksize=32):
+            yield name, encoded, None, face
+
+
+_worker_detector: FaceDetector | None = None
+
+
+def _start_worker() -> None:
+    global _worker_detector
+    _worker_detector = FaceDetector(min_face_px=0, threads=1)  # one thread each: the processes share the cores
+
+
+def _detect_encoded(item: tuple[str, bytes]) -> tuple[str, bytes, Face | None]:
+    name, encoded = item
+    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+    return name, encoded, None if image is None else detect_portrait_face(_worker_detector, image)
 
 
 def _progress(items, total: int, enabled: bool):

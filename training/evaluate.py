@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.detect import FaceDetector
 from edge.infer import AgeModel
 from training.data import GENDERS, RACES, FaceSet, load_face_sets, read_labels, select, split_of
 from edge.risk import KEY_RESIDUALS, ResidualTable
@@ -60,7 +59,7 @@ def evaluate(model: str | Path | None, data_dir: Path, labels_csv: Path | None, 
     if split != "all":
         labels = [label for label in labels if split_of(label.file_name, val_fraction) == split]
     labels = select(labels, limit)
-    face_sets = load_face_sets(data_dir, labels, [m.info.crop for m in models], FaceDetector(min_face_px=0),
+    face_sets = load_face_sets(data_dir, labels, [m.info.crop for m in models],
                                progress=progress)
     predictions = [np.array([e.age for e in m.predict(faces.crops)], np.float64) if faces.labels else np.zeros(0)
                    for m, faces in zip(models, face_sets)]

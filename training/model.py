@@ -21,6 +21,8 @@ from pathlib import Path
 import keras
 from keras import layers, ops
 
+from training.augment import FaceJitter
+
 MAX_AGE = 100
 LABEL_SIGMA = 2.0
 IMAGENET_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -52,10 +54,12 @@ class AgeFromDistribution(layers.Layer):
 
 
 def build_model(input_size: int, head: str, weights: str = "none", dropout: float = 0.2,
-                mean_age: float = 33.0) -> keras.Model:
-    """The training model: outputs the age (regression) or the age probabilities (distribution)."""
+                mean_age: float = 33.0, seed: int | None = None) -> keras.Model:
+    """The training model: outputs the age (regression) or the age probabilities (distribution).
+    Augmentation is its first layer (training only; see training/augment.py)."""
     inputs = keras.Input((input_size, input_size, 3), name="crops")
-    x = CaffePreprocess(name="caffe_preprocess")(inputs)
+    x = FaceJitter(seed=seed, name="face_jitter")(inputs)
+    x = CaffePreprocess(name="caffe_preprocess")(x)
     backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(input_size, input_size, 3),
                                            pooling="avg")
     load_backbone_weights(backbone, weights)

@@ -3,8 +3,10 @@
 Run folder layout (all written by this command):
     run.json                 options, data and split (written first, read by resume and export)
     faces.npz                the detected, cropped faces (reused on resume; derived from the data: never commit)
-    checkpoints/best.keras   best validation MAE so far
-    checkpoints/last.keras   end of the last finished epoch, optimizer included (resume)
+    checkpoints/best.keras   best validation MAE so far (no optimizer state)
+    checkpoints/last.keras   the latest checkpoint, optimizer included (resume); written every
+                             CHECKPOINT_EVERY_S and at the end, not every epoch: with Adam's
+                             state a ResNet50 checkpoint is ~280 MB, seconds an epoch on a GPU
     history.csv, curves.png  per-epoch loss and MAE, as numbers and as a plot
     summary.json             the outcome: data counts, best MAE, time per epoch
 """
@@ -12,6 +14,7 @@ Run folder layout (all written by this command):
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,12 +40,21 @@ class TrainOptions:
     epochs: int = 30
     batch_size: int = 64
     learning_rate: float = 1e-3
+    weight_decay: float = 0.0  # AdamW's decoupled decay when > 0 (not on biases and batch-norm scales)
     warmup_epochs: float = 1.0
     val_fraction: float = 0.1
     limit: int | None = None
     seed: int = 0
-    mixed_precision: str = "auto"  # auto: on when a GPU is present
+    mixed_precision: str = "auto"  # auto: bfloat16 maths when a GPU is present
     data_parallel: bool = False
+    # The whole run's training time in minutes: the learning rate follows the fraction of it spent
+    # (or of the epochs, whichever runs out first) and training stops before the next epoch would
+    # overrun it. For a GPU lent for a fixed time, where the epochs that fit are known only there.
+    minutes: float | None = None
+    workers: int | None = None  # processes detecting faces (default: one per core)
+
+
+CHECKPOINT_EVERY_S = 120.0
 
 
 class TrainError(Exception):
@@ -64,7 +76,7 @@ def prepare_faces(opts: TrainOptions, run_dir: Path) -> tuple[FaceSet, dict]:
             return FaceSet(stored["crops"], labels), json.loads(str(stored["counts"]))
     data_dir = Path(opts.data)
     labels = select(read_labels(labels_path(data_dir, opts.labels)), opts.limit)
-    faces = load_faces(data_dir, labels, opts.input_size, opts.crop_margin)
+    faces = load_faces(data_dir, labels, opts.input_size, opts.crop_margin, workers=opts.workers)
     counts = {"labelled": len(labels), "faces": len(faces.labels), "no_face": len(faces.no_face),
               "unreadable": len(faces.unreadable), "missing": len(faces.missing)}
     if not faces.labels:
@@ -109,7 +121,8 @@ def configure_devices(opts: TrainOptions) -> dict:
     import keras
     gpu = has_gpu()
     mixed = opts.mixed_precision == "on" or (opts.mixed_precision == "auto" and gpu)
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    # bfloat16, not float16: float32's range, so no loss scaling (Ampere and newer GPUs)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if mixed else "float32")
     devices = 1
     if opts.data_parallel:
         # keras.distribution shards each batch over every local accelerator (JAX backend);
@@ -136,7 +149,8 @@ def train(opts: TrainOptions, resume: bool = False) -> dict:
         if not (checkpoints / "last.keras").is_file() or not state_file.is_file():
             raise TrainError(f"nothing to resume in {run_dir} (no checkpoints/last.keras)")
         saved = json.loads((run_dir / "run.json").read_text())["options"]
-        opts = TrainOptions(**{**saved, "epochs": opts.epochs, "out": str(run_dir)})
+        opts = TrainOptions(**{**saved, "epochs": opts.epochs, "out": str(run_dir), "workers": opts.workers,
+                               "minutes": opts.minutes if opts.minutes is not None else saved.get("minutes")})
     elif (checkpoints / "last.keras").exists():
         raise TrainError(f"{run_dir} already holds a run: pass --resume to continue it, or another --out")
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -153,69 +167,139 @@ def train(opts: TrainOptions, resume: bool = False) -> dict:
     (run_dir / "run.json").write_text(json.dumps(
         {"options": asdict(opts), "data": counts, "split": split, "device": device, "tillsight": __version__}, indent=2))
 
-    train_batches = CropBatches(train_set.crops, train_set.ages, opts.batch_size, train=True, seed=opts.seed)
-    val_batches = CropBatches(val_set.crops, val_set.ages, opts.batch_size, train=False)
+    # threads gather the next batches while the accelerator runs this one
+    train_batches = CropBatches(train_set.crops, train_set.ages, opts.batch_size, train=True, seed=opts.seed,
+                                workers=4)
+    val_batches = CropBatches(val_set.crops, val_set.ages, opts.batch_size, train=False, workers=4)
     state = json.loads(state_file.read_text()) if resume else {"epoch": 0, "best_val_mae": None, "best_epoch": None}
     if resume:
         model = keras.models.load_model(checkpoints / "last.keras")
         train_batches.epoch = state["epoch"]
     else:
-        model = build_model(opts.input_size, opts.head, opts.weights, mean_age=float(train_set.ages.mean()))
+        model = build_model(opts.input_size, opts.head, opts.weights, mean_age=float(train_set.ages.mean()),
+                            seed=opts.seed)
         loss, metric = loss_and_metric(opts.head)
-        steps = len(train_batches) * opts.epochs
-        warmup = min(int(len(train_batches) * opts.warmup_epochs), steps - 1)
-        schedule = keras.optimizers.schedules.CosineDecay(
-            opts.learning_rate * 0.1, decay_steps=max(1, steps - warmup), alpha=0.01,
-            warmup_target=opts.learning_rate, warmup_steps=warmup)
-        model.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=[metric])
-    epoch_times: list[float] = state.get("epoch_seconds", [])
-    callbacks = [
-        keras.callbacks.ModelCheckpoint(checkpoints / "best.keras", monitor=f"val_{_metric_name(opts.head)}",
-                                        save_best_only=True, mode="min",
-                                        initial_value_threshold=state["best_val_mae"]),
-        keras.callbacks.CSVLogger(run_dir / "history.csv", append=resume),
-        _save_state_callback()(checkpoints / "last.keras", state_file, state, epoch_times, f"val_{_metric_name(opts.head)}"),
-    ]
-    if state["epoch"] < opts.epochs:
+        # the learning rate is set before every epoch by `Progress`, from the share of the run done
+        model.compile(optimizer=_optimizer(opts), loss=loss, metrics=[metric])
+    progress = Progress(opts, state, state_file, checkpoints, len(train_batches) * train_batches.batch_size)
+    callbacks = [progress, keras.callbacks.CSVLogger(run_dir / "history.csv", append=resume)]
+    if state["epoch"] < opts.epochs and not progress.out_of_time():
         model.fit(train_batches, validation_data=val_batches, epochs=opts.epochs, initial_epoch=state["epoch"],
-                  callbacks=callbacks, verbose="auto")
+                  callbacks=callbacks, verbose="auto" if sys.stdout.isatty() else 2)  # logs: a line an epoch
     plot_curves(run_dir / "history.csv", run_dir / "curves.png")
+    epoch_times = state.get("epoch_seconds", [])
     summary = {"run_dir": str(run_dir), "data": counts, "split": split, "options": asdict(opts), "device": device,
                "epochs_done": state["epoch"], "best_val_mae": state["best_val_mae"], "best_epoch": state["best_epoch"],
+               "train_seconds": round(state.get("train_seconds", 0.0), 1),
                "seconds_per_epoch": round(float(np.mean(epoch_times)), 2) if epoch_times else None,
                "seconds_per_step": round(float(np.mean(epoch_times)) / len(train_batches), 3) if epoch_times else None,
+               "images_per_second": round(len(train_batches) * train_batches.batch_size / float(np.median(epoch_times)),
+                                          1) if epoch_times else None,
                "tillsight": __version__}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _optimizer(opts: TrainOptions):
+    import keras
+    if opts.weight_decay <= 0:
+        return keras.optimizers.Adam(opts.learning_rate)
+    optimizer = keras.optimizers.AdamW(opts.learning_rate, weight_decay=opts.weight_decay)
+    optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    return optimizer
+
+
+def learning_rate(opts: TrainOptions, done: float) -> float:
+    """Linear warm-up from a tenth over `warmup_epochs`' share of the run, then cosine down to a hundredth.
+    done: the share of the run behind us, 0..1 (epochs, or minutes when the run has a time budget)."""
+    warmup = min(0.5, opts.warmup_epochs / max(opts.epochs, 1)) if opts.minutes is None else 0.03
+    if done < warmup:
+        return opts.learning_rate * (0.1 + 0.9 * done / warmup)
+    cosine = 0.5 * (1 + np.cos(np.pi * min(1.0, (done - warmup) / max(1e-9, 1 - warmup))))
+    return float(opts.learning_rate * (0.01 + 0.99 * cosine))
 
 
 def _metric_name(head: str) -> str:
     return "expected_age_mae" if head == "distribution" else "age_mae"
 
 
-def _save_state_callback():
+def _progress_class():
     import keras
+    from training.gpu_use import GpuUse
 
-    class SaveState(keras.callbacks.Callback):
-        """After each epoch: the resumable checkpoint and the epoch counter, written together."""
+    class _Progress(keras.callbacks.Callback):
+        """Per epoch: the learning rate, the time and throughput figures, the best weights (kept in memory),
+        the stop when the run's time is up, and the checkpoints every CHECKPOINT_EVERY_S and at the end."""
 
-        def __init__(self, last_path, state_file, state, epoch_times, monitor):
+        def __init__(self, opts, state, state_file, checkpoints, images_per_epoch):
             super().__init__()
-            self.last_path, self.state_file, self.state = last_path, state_file, state
-            self.epoch_times, self.monitor = epoch_times, monitor
+            self.opts, self.state, self.state_file, self.checkpoints = opts, state, state_file, checkpoints
+            self.images_per_epoch = images_per_epoch
+            self.monitor = f"val_{_metric_name(opts.head)}"
+            self.best_weights = None
+            self.saved_at = time.monotonic()
+            self.gpu = GpuUse()
+
+        def done(self, epoch: int) -> float:
+            by_epochs = epoch / self.opts.epochs
+            if self.opts.minutes is None:
+                return by_epochs
+            return max(by_epochs, self.state.get("train_seconds", 0.0) / (self.opts.minutes * 60))
+
+        def out_of_time(self) -> bool:
+            if self.opts.minutes is None:
+                return False
+            seconds = self.state.get("epoch_seconds", [])
+            next_epoch = float(np.median(seconds[-5:])) if seconds else 0.0
+            return self.state.get("train_seconds", 0.0) + next_epoch > self.opts.minutes * 60
 
         def on_epoch_begin(self, epoch, logs=None):
+            self.rate = learning_rate(self.opts, self.done(epoch))
+            self.model.optimizer.learning_rate = self.rate
+            self.gpu.start()
             self.started = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
-            self.epoch_times.append(time.perf_counter() - self.started)
+            seconds = time.perf_counter() - self.started
+            logs = logs if logs is not None else {}
+            logs.update(learning_rate=self.rate, seconds=round(seconds, 2),
+                        images_per_second=round(self.images_per_epoch / seconds, 1))
+            utilisation = self.gpu.stop()
+            if utilisation is not None:
+                logs["gpu_utilisation"] = utilisation
             value = float(logs[self.monitor])
             if self.state["best_val_mae"] is None or value < self.state["best_val_mae"]:
                 self.state.update(best_val_mae=value, best_epoch=epoch + 1)
-            self.model.save(self.last_path)
-            self.state.update(epoch=epoch + 1, epoch_seconds=self.epoch_times)
+                self.best_weights = self.model.get_weights()
+            self.state["epoch_seconds"] = self.state.get("epoch_seconds", []) + [seconds]
+            self.state.update(epoch=epoch + 1, train_seconds=self.state.get("train_seconds", 0.0) + seconds)
+            if self.out_of_time():
+                print(f"stopping after epoch {epoch + 1}: the next would overrun the run's {self.opts.minutes:g} "
+                      "minutes", flush=True)
+                self.model.stop_training = True
+            elif time.monotonic() - self.saved_at > CHECKPOINT_EVERY_S:
+                self.save()
+
+        def on_train_end(self, logs=None):
+            self.save()
+
+        def save(self) -> None:
+            """best.keras (the best weights, no optimizer), last.keras, then the state: the state is
+            written last and atomically, so an interruption leaves a state that matches its files."""
+            if self.best_weights is not None:
+                holder = getattr(self, "holder", None) or keras.models.clone_model(self.model)
+                self.holder = holder
+                holder.set_weights(self.best_weights)
+                holder.save(self.checkpoints / "best.keras")
+                self.best_weights = None
+            self.model.save(self.checkpoints / "last.keras")
             temporary = self.state_file.with_suffix(".tmp")
             temporary.write_text(json.dumps(self.state))
-            temporary.replace(self.state_file)  # atomic: an interruption leaves the old state whole
+            temporary.replace(self.state_file)
+            self.saved_at = time.monotonic()
 
-    return SaveState
+    return _Progress
+
+
+def Progress(*args):  # noqa: N802  the callback class needs keras, imported only when training
+    return _progress_class()(*args)

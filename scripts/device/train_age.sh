@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The age model's training run on the lent GPU machine, in two calls chained while it is warm
+# (scripts/device/README.md). The recipe is the `tillsight train` line below.
+#   train_age.sh setup   call 1: install the carried wheels, keep shards 00-01
+#   train_age.sh train   call 2: keep shards 02-03, train, put the results in $OUT
+# Rehearsal on any machine: DATA=/path/with/shards LIMIT=60 SIZE=64 MINUTES=0.5 BATCH=16 \
+#   SITE=/tmp/site OUT=/tmp/out scripts/device/train_age.sh train
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+DATA=${DATA:-/tmp/utkface} SITE=${SITE:-/tmp/site} RUN=${RUN:-/tmp/run} OUT=${OUT:?OUT must be set}
+SIZE=${SIZE:-160} BATCH=${BATCH:-256} MINUTES=${MINUTES:-7.5} LIMIT=${LIMIT:-}
+export KERAS_BACKEND=${KERAS_BACKEND:-jax} PYTHONPATH=$SITE:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+mkdir -p "$DATA" && cp .device/data/* "$DATA"/ 2>/dev/null
+case "${1:?setup or train}" in
+  setup)
+    $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .device/whl/*.whl || exit 1
+    $PY -c "import keras, jax; print('keras', keras.__version__, 'jax', jax.__version__, jax.devices())"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    ls -la "$DATA" ;;
+  train)
+    # bfloat16 and batch 256 keep the H100 busy; 160 px instead of 224 doubles the epochs that fit
+    # (and halves the CPU cost per face at the till); augmentation runs inside the compiled step.
+    $PY -m edge train --data "$DATA" --out "$RUN" --input-size "$SIZE" --batch-size "$BATCH" \
+      --learning-rate 2e-3 --weight-decay 0.02 --head distribution --epochs 400 --minutes "$MINUTES" \
+      ${LIMIT:+--limit $LIMIT} 2>&1 | grep -v "^I0000\|^W0000\|absl::InitializeLog"
+    status=${PIPESTATUS[0]}
+    $PY scripts/device/weights.py pack "$RUN" "$OUT" && ls -la "$OUT"
+    exit "$status" ;;
+esac

@@ -1,0 +1,129 @@
+"""What makes a training run fit a GPU lent for minutes: augmentation inside the compiled step,
+a learning rate that follows the share of the time spent, faces detected in parallel, and the
+best weights carried off the machine in parts. On the CPU, with the suite's Keras backend."""
+
+import json
+import math
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from tskit import REPO
+
+keras = pytest.importorskip("keras", reason="the train extra is not installed")
+from keras import ops  # noqa: E402
+
+from training.augment import FaceJitter, inverse_affine  # noqa: E402
+from training.train import TrainOptions, learning_rate  # noqa: E402
+
+
+def _smooth_image(size=32):
+    noise = np.random.default_rng(0).uniform(0, 255, (size, size, 3)).astype(np.float32)
+    return cv2.GaussianBlur(noise, (5, 5), 2)[None]
+
+
+def _warp(image, flip, degrees, scale, shift_x, shift_y):
+    rows = inverse_affine(*(np.array([v], np.float32) for v in (flip, math.radians(degrees), scale, shift_x, shift_y)),
+                          image.shape[1])
+    return np.asarray(ops.image.affine_transform(image, rows, interpolation="bilinear", fill_mode="nearest"))
+
+
+def test_the_affine_map_is_identity_flip_and_opencvs_rotation():
+    image = _smooth_image()
+    assert np.abs(_warp(image, 0, 0, 1, 0, 0) - image).max() < 1e-4
+    assert np.abs(_warp(image, 1, 0, 1, 0, 0) - image[:, :, ::-1]).max() < 1e-4
+    # the same rotation, scale and shift by OpenCV (its positive angle is our negative one)
+    matrix = cv2.getRotationMatrix2D((15.5, 15.5), 8, 1.05)
+    matrix[:, 2] += (2, -1)
+    expected = cv2.warpAffine(image[0], matrix, (32, 32), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    assert np.abs(_warp(image, 0, -8, 1.05, 2, -1)[0] - expected)[4:-4, 4:-4].max() < 1.0
+
+
+def test_face_jitter_changes_crops_only_when_training():
+    batch = np.repeat(_smooth_image(), 8, axis=0)
+    layer = FaceJitter(seed=3)
+    served = np.asarray(layer(batch, training=False))
+    trained = np.asarray(layer(batch, training=True))
+    assert np.array_equal(served, batch)
+    assert trained.shape == batch.shape and 0 <= trained.min() and trained.max() <= 255
+    per_crop = np.abs(trained - batch).mean(axis=(1, 2, 3))
+    assert (per_crop > 1).all()  # every crop moved or relit
+    assert len({round(float(v), 3) for v in per_crop}) == 8  # each in its own way
+
+
+def test_learning_rate_warms_up_then_falls_to_a_hundredth():
+    by_epochs = TrainOptions(data="d", epochs=10, learning_rate=1e-3, warmup_epochs=1)
+    rates = [learning_rate(by_epochs, e / 10) for e in range(11)]
+    assert rates[0] == pytest.approx(1e-4) and rates[1] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[1:], rates[2:])) and rates[-1] == pytest.approx(1e-5)
+    by_time = TrainOptions(data="d", epochs=400, learning_rate=2e-3, minutes=7.5)
+    assert learning_rate(by_time, 0.0) == pytest.approx(2e-4)
+    assert learning_rate(by_time, 0.5) == pytest.approx(2e-3 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 0.47 / 0.97))))
+    assert learning_rate(by_time, 1.0) == pytest.approx(2e-5)
+
+
+def test_a_run_with_minutes_stops_before_an_epoch_would_overrun_them(tmp_path):
+    from training.train import Progress
+    opts = TrainOptions(data="d", epochs=400, minutes=1.0)
+    state = {"epoch": 9, "best_val_mae": 9.0, "best_epoch": 9, "epoch_seconds": [6.0] * 9, "train_seconds": 50.0}
+    progress = Progress(opts, state, tmp_path / "state.json", tmp_path, 1000)
+    assert not progress.out_of_time() and progress.done(9) == pytest.approx(50 / 60)
+    state["train_seconds"] = 55.0  # 55 s + a 6 s epoch > 60 s
+    assert progress.out_of_time()
+    assert not Progress(TrainOptions(data="d", epochs=5), state, tmp_path / "s", tmp_path, 1).out_of_time()
+
+
+def test_the_learning_rate_set_before_an_epoch_is_the_one_the_compiled_step_uses():
+    """Keras compiles the step once (jit on JAX): the rate must be the optimizer's variable, not a constant."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    x, y = np.random.default_rng(0).random((64, 4), np.float32), np.random.default_rng(1).random(64, np.float32)
+    kernels = []
+
+    class ZeroInEpochOne(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.model.optimizer.learning_rate = 0.0 if epoch == 1 else 1e-2
+
+        def on_epoch_end(self, epoch, logs=None):
+            kernels.append(self.model.get_weights()[0].copy())
+
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[ZeroInEpochOne()])
+    assert np.array_equal(kernels[0], kernels[1]) and not np.array_equal(kernels[1], kernels[2])
+
+
+def test_faces_detected_in_worker_processes_are_the_same_faces(utkface, monkeypatch):
+    from training import data
+    labels = data.select(data.read_labels(utkface / "labels.csv"), 24)
+    alone = data.load_faces(utkface, labels, 48, 0.0, progress=False, workers=1)
+    monkeypatch.setattr(data, "PARALLEL_FROM", 0)
+    shared = data.load_faces(utkface, labels, 48, 0.0, progress=False, workers=2)
+    assert [l.file_name for l in shared.labels] == [l.file_name for l in alone.labels] and len(alone.labels) >= 22
+    assert np.array_equal(shared.crops, alone.crops) and shared.no_face == alone.no_face
+
+
+def test_best_weights_travel_in_parts_and_rebuild_the_same_model(tmp_path):
+    """scripts/device/weights.py: a GPU run's best.keras -> float16 parts under $OUT's 16 MiB -> best.keras here."""
+    from training.model import build_model, predict_ages
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    model = build_model(32, "distribution")
+    model.save(run / "checkpoints" / "best.keras")
+    (run / "run.json").write_text(json.dumps({"options": {"input_size": 32, "head": "distribution"}}))
+    (run / "history.csv").write_text("epoch,loss\n0,1.0\n")
+    script = REPO / "scripts" / "device" / "weights.py"
+    for args in (["pack", str(run), str(tmp_path / "out")], ["unpack", str(tmp_path / "out"), str(tmp_path / "here")]):
+        done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    parts = sorted((tmp_path / "out").glob("weights.npz.part*"))
+    assert len(parts) >= 3 and all(p.stat().st_size <= 15 * 2**20 for p in parts)  # ~48 MB as float16
+    assert (tmp_path / "here" / "history.csv").read_text() == "epoch,loss\n0,1.0\n"
+    rebuilt = keras.models.load_model(tmp_path / "here" / "checkpoints" / "best.keras", compile=False)
+    crops = np.random.default_rng(2).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
+    assert np.abs(predict_ages(model, crops) - predict_ages(rebuilt, crops)).max() < 0.05
+    (parts[1]).write_bytes(parts[1].read_bytes()[:-1] + b"\0")  # one damaged byte
+    done = subprocess.run([sys.executable, str(script), "unpack", str(tmp_path / "out"), str(tmp_path / "again")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "do not match their sha256" in done.stderr
