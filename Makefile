@@ -14,6 +14,19 @@ $(VENV)/.installed-%: pyproject.toml
 
 comma := ,
 
+# The other ONNX Runtime build, in its own venv (one environment never holds both: README, "CPU or GPU"):
+# onnxruntime-gpu without any CUDA library, for the tests of CUDA that does not load (tests/test_providers.py).
+# Where .venv already has onnxruntime-gpu (ORT=gpu) those tests use .venv itself.
+GPU_VENV := .venv-gpu
+
+$(GPU_VENV)/.installed: pyproject.toml
+	test -x $(GPU_VENV)/bin/python || python3 -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q --disable-pip-version-check -e ".[gpu]"
+	touch $@
+
+GPU_BUILD := $(if $(filter cpu,$(ORT)),$(GPU_VENV)/.installed)
+GPU_BUILD_PYTHON := $(CURDIR)/$(if $(GPU_BUILD),$(GPU_VENV),$(VENV))/bin/python
+
 # Debian packages the demo and tests use: the broker, strace for the no-file-written test,
 # systemd-analyze (package systemd) for the unit's security and verify checks, and openssl for the
 # broker security tests' certificates.
@@ -38,13 +51,13 @@ demo: mosquitto $(VENV)/.installed-demo
 	$(MAKE) light-model
 	$(VENV)/bin/tillsight demo
 
-test: mosquitto $(VENV)/.installed-dev+train+demo
+test: mosquitto $(VENV)/.installed-dev+train+demo $(GPU_BUILD)
 	$(MAKE) light-model
-	$(VENV)/bin/pytest
+	TILLSIGHT_GPU_BUILD_PYTHON=$(GPU_BUILD_PYTHON) $(VENV)/bin/pytest
 
 bench: $(VENV)/.installed-dev+train+demo
 	$(MAKE) light-model
 	$(VENV)/bin/tillsight bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(GPU_VENV) build *.egg-info

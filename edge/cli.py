@@ -265,6 +265,7 @@ def run_replay(config, realtime: bool = False, ack_timeout: float = 30.0, on_sta
     return {**{k: v for k, v in stats.items() if k != "errors"}, "seconds": round(seconds, 3),
             "fps": round(stats["frames"] / seconds, 1) if seconds else None,
             "provider": service.age_model.providers[0], "age_model": service.age_model.tier,
+            **({"provider_fallback": service.provider_fallback.text} if service.provider_fallback else {}),
             "batches": service.batcher.stats.calls}
 
 

@@ -262,7 +262,8 @@ class ModelsConfig(Strict):
     age_model: str = "auto"
     # precision: auto = int8 on a CPU, fp16 on a GPU, when the tier ships that file; else fp32
     age_variant: Literal["auto", "fp32", "fp16", "int8"] = "auto"
-    providers: list[Literal["cuda", "tensorrt", "cpu"]] = ["cuda", "cpu"]
+    # in order; "cuda" falls back to the CPU only if "cpu" is listed (README, "CPU or GPU")
+    providers: Annotated[list[Literal["cuda", "tensorrt", "cpu"]], Field(min_length=1)] = ["cuda", "cpu"]
     max_batch: Annotated[int, Field(ge=1, le=256)] = 32
     max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 10.0
     # ONNX Runtime threads per session (0: one per core) and busy-waiting; measured by `tillsight bench`

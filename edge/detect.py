@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.runtime import open_session, session_options
+from edge.runtime import open_session, provider_fallback, session_options
 from edge.types import Face
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -148,6 +148,7 @@ class FaceDetector:
         self.variant = VARIANTS[variant]
         self.session = open_session(model_path or self.variant.onnx_path, providers, "face detector",
                                     session_options(threads, spinning))
+        self.fallback = provider_fallback(self.session, providers)
         self.input_name = self.session.get_inputs()[0].name
         self.anchors = generate_anchors(self.variant)
         outputs = self.session.get_outputs()

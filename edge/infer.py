@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from edge.contract import SPREAD_OUTPUT, AgeModelInfo, ContractError, read_contract
-from edge.runtime import ModelError, open_session, resolve_providers, session_options
+from edge.runtime import CPU, Fallback, ModelError, open_session, provider_fallback, resolve_providers, \
+    session_options
 from edge.tiers import pick_variant, resolve_age_model
 from edge.types import AgeEstimate
 
@@ -36,6 +37,7 @@ class AgeModel:
         self.tier = tier
         self.variant = variant
         self.session = open_session(self.path, providers, "age", session_options(threads, spinning))
+        self.fallback: Fallback | None = provider_fallback(self.session, providers)
         try:
             self.info: AgeModelInfo = read_contract(self.session)
         except ContractError as exc:
@@ -48,12 +50,14 @@ class AgeModel:
              threads: int = 0, spinning: bool = False) -> "AgeModel":
         """A tier name ('auto', 'light', 'resnet50') or a model file, in the precision that suits the provider."""
         base = resolve_age_model(setting)
-        on_gpu = resolve_providers(providers)[0] != "CPUExecutionProvider"
+        resolved = resolve_providers(providers)
+        on_gpu = bool(resolved) and resolved[0] != CPU
         choice = pick_variant(base, variant, on_gpu)
         model = cls(choice.path, providers, choice.tier, choice.variant, threads, spinning)
-        if variant == "auto" and choice.variant == "fp16" and model.providers[0] == "CPUExecutionProvider":
-            # CUDA was asked for but did not load: fp16 on a CPU is the slowest of all, take the CPU's variant
-            log.warning("GPU provider unavailable, serving the CPU variant", extra={"asked": choice.path.name})
+        if variant == "auto" and choice.variant == "fp16" and model.providers[0] == CPU:
+            # CUDA was asked for but did not load (said once, by open_session): fp16 on a CPU is the
+            # slowest of all, take the CPU's variant
+            log.info("GPU provider unavailable, serving the CPU variant", extra={"asked": choice.path.name})
             choice = pick_variant(base, "auto", on_gpu=False)
             model = cls(choice.path, providers, choice.tier, choice.variant, threads, spinning)
         return model

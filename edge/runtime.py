@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -12,6 +15,24 @@ log = logging.getLogger(__name__)
 
 PROVIDER_ALIASES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider"}
+CPU = "CPUExecutionProvider"
+_SHORT = {name: alias for alias, name in PROVIDER_ALIASES.items()}
+_SERVING = {"cuda": "CUDA", "tensorrt": "TensorRT", "cpu": "the CPU"}  # by the config's names
+_reported: set[str] = set()  # fallbacks already logged: once per process, not once per session
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """GPU providers that were configured and do not serve a session."""
+
+    reasons: str  # "cuda not loaded: libcublasLt.so.13 not found (...)", one line
+    serving: str  # what serves instead: "the CPU", "CUDA"
+    problem: bool  # the installed build has the provider, so the GPU was meant: the status says degraded
+
+    @property
+    def text(self) -> str:
+        """Logged once at start; the status topic's `provider_fallback` (and problem, if it is one)."""
+        return f"{self.reasons}; running on {self.serving}"
 
 
 class ModelError(Exception):
@@ -34,12 +55,78 @@ def check_single_onnxruntime() -> None:
         )
 
 
+def _wanted(preference: list[str] | None) -> list[str]:
+    return [PROVIDER_ALIASES.get(p.lower(), p) for p in (preference or ["cuda", "cpu"])]
+
+
 def resolve_providers(preference: list[str] | None) -> list[str]:
-    """Keep the preferred providers this build of ONNX Runtime has; CPU always last."""
+    """Keep the preferred providers this build of ONNX Runtime has; CPU last, and only if preferred."""
     available = ort.get_available_providers()
-    wanted = [PROVIDER_ALIASES.get(p.lower(), p) for p in (preference or ["cuda", "cpu"])]
-    chosen = [p for p in wanted if p in available and p != "CPUExecutionProvider"]
-    return chosen + ["CPUExecutionProvider"]
+    wanted = _wanted(preference)
+    chosen = [p for p in wanted if p in available and p != CPU]
+    return chosen + ([CPU] if CPU in wanted else [])
+
+
+def installed_build() -> str:
+    for dist in ("onnxruntime-gpu", "onnxruntime"):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            pass
+    return f"onnxruntime {ort.__version__}"
+
+
+@functools.cache
+def _reason(name: str) -> tuple[str, str]:
+    """Why a configured provider does not serve, and what to do: ("cuda not loaded: ...", "hint")."""
+    short, build = _SHORT.get(name, name), installed_build()
+    if name not in ort.get_available_providers():
+        if build.startswith("onnxruntime "):
+            return f"{short} not in this build: {build} is the CPU build", \
+                f"onnxruntime-gpu has {_SERVING.get(short, short)}"
+        return f"{short} not in this build: {build}", "onnxruntime-gpu has cuda and tensorrt"
+    # In the build but not loaded: loading its library ourselves names the library that is missing
+    # (ONNX Runtime says it only in its own multi-line log, which _create_session silences).
+    capi = Path(ort.__file__).parent / "capi"
+    try:
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(capi / f"libonnxruntime_providers_{short}.so"))
+    except OSError as exc:
+        error = (str(exc).splitlines() or [type(exc).__name__])[0]
+        if "cannot open shared object file" not in error:
+            return f"{short} not loaded: {error}", "a broken onnxruntime-gpu install? reinstall it"
+        missing = error.split(":")[0].strip()
+        if missing.startswith("libcuda.so"):
+            return f"{short} not loaded: {missing} not found", "no NVIDIA driver installed, or no GPU"
+        return (f"{short} not loaded: {missing} not found", f"{build} needs the CUDA {_cuda_major()} and cuDNN 9 "
+                "libraries on the library path, e.g. LD_LIBRARY_PATH")
+    return f"{short} not loaded: its libraries load, but it could not start", "no GPU visible, or the driver too old?"
+
+
+def provider_reasons(names: list[str]) -> str:
+    """One line: why these configured providers do not serve, then what to do (each hint once)."""
+    reasons = [_reason(name) for name in names]
+    hints = list(dict.fromkeys(hint for _, hint in reasons))
+    return "; ".join(what for what, _ in reasons) + f" ({'; '.join(hints)}: README, 'CPU or GPU')"
+
+
+def _cuda_major() -> str:
+    try:
+        from onnxruntime.capi.build_and_package_info import cuda_version  # the GPU build's
+    except ImportError:
+        return "12/13"
+    return str(cuda_version).split(".")[0] or "12/13"
+
+
+def provider_fallback(session: ort.InferenceSession, preference: list[str] | None) -> Fallback | None:
+    """The configured GPU providers that do not serve `session`, and why; None when all serve."""
+    serving = session.get_providers()
+    missing = [p for p in _wanted(preference) if p != CPU and p not in serving]
+    if not missing:
+        return None
+    first = _SHORT.get(serving[0], serving[0])
+    return Fallback(provider_reasons(missing), _SERVING.get(first, first),
+                    any(p in ort.get_available_providers() for p in missing))
 
 
 def session_options(threads: int = 0, spinning: bool = False) -> ort.SessionOptions:
@@ -61,14 +148,38 @@ def session_options(threads: int = 0, spinning: bool = False) -> ort.SessionOpti
 
 def open_session(path: Path | str, providers: list[str] | None, what: str,
                  options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """A session on the first configured provider that serves. A GPU provider that does not is said once
+    (a warning if the GPU build is installed, else info), and refused if `cpu` is not configured."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{what} model not found: {path}")
-    options = options or session_options()
-    try:
-        session = ort.InferenceSession(str(path), options, providers=resolve_providers(providers))
-    except Exception as exc:  # ORT raises several private exception types for bad files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{what} model {path} cannot be loaded: {first_line}") from None
+    wanted = resolve_providers(providers)
+    session = _create_session(path, options or session_options(), wanted, what)
+    fallback = provider_fallback(session, providers)
+    if fallback is not None and CPU not in wanted:
+        raise ModelError(f"{fallback.reasons}; models.providers has no \"cpu\" to fall back on")
+    if fallback is not None and fallback.text not in _reported:  # the detector and the age model: one line
+        _reported.add(fallback.text)
+        log.log(logging.WARNING if fallback.problem else logging.INFO, fallback.text)
     log.info("model loaded", extra={"model": what, "path": str(path), "providers": session.get_providers()})
     return session
+
+
+def _create_session(path: Path, options: ort.SessionOptions, wanted: list[str], what: str) -> ort.InferenceSession:
+    """The session on `wanted`, else on what follows a provider that fails to register (TensorRT without its
+    libraries raises), down to the CPU, even when it is not configured: then open_session refuses with the
+    provider's reason, and a model that fails on the CPU too is the file's fault. ONNX Runtime's own
+    fallback is off: it prints to stdout (where `predict` writes JSON) and switches a running session to
+    the CPU unseen."""
+    attempts = [wanted[start:] for start in range(len(wanted))] + ([] if CPU in wanted else [[CPU]])
+    ort.set_default_logger_severity(4)  # its multi-line log when a provider library fails to load: we say it in one
+    try:
+        for providers in attempts:
+            try:
+                return ort.InferenceSession(str(path), options, providers=providers, enable_fallback=0)
+            except Exception as exc:  # ORT raises several private exception types for bad files
+                error = exc
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ModelError(f"{what} model {path} cannot be loaded: {first_line}") from None
+    finally:
+        ort.set_default_logger_severity(3)  # errors only from here on, as the sessions' own (session_options)

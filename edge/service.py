@@ -227,6 +227,7 @@ class Service:
         self.age_model = build_age_model(models)
         log.info("age model", extra={"model": self.age_model.describe(), "providers": self.age_model.providers,
                                      "detector_providers": self.detector.session.get_providers()})
+        self.provider_fallback = self.age_model.fallback or self.detector.fallback  # logged once by open_session
         self.policy = build_policy(config.policy, self.age_model.info.metadata)
         self.batcher = AgeBatcher(self.age_model, models.max_batch, models.max_wait_ms, producers=len(config.cameras))
         self._rates_mark = (time.monotonic(), 0, 0)
@@ -263,6 +264,8 @@ class Service:
     def problems(self) -> list[str]:
         """Why the daemon is not doing its job fully now: the status says `degraded` with these."""
         found = []
+        if self.provider_fallback is not None and self.provider_fallback.problem:  # frames dropped, say why
+            found.append(self.provider_fallback.text)
         if self.batcher.stats.failing is not None:
             found.append(f"age model failing: {self.batcher.stats.failing}")
         for reader, pipeline in zip(self.readers, self.pipelines):
@@ -329,6 +332,7 @@ class Service:
             "state": "degraded" if problems else "online",
             "problems": problems,
             "provider": self.age_model.providers[0],
+            "provider_fallback": None if self.provider_fallback is None else self.provider_fallback.text,
             "age_model": self.age_model.describe(),
             "age_network": self._age_network_rates(),
             **({"pos": vars(self.desk.stats).copy()} if self.desk is not None else {}),
@@ -374,11 +378,13 @@ class Service:
             self.stop_event.wait(0.1)
             key = self._state_key()
             if key != last_key:
-                last_key = key
-                self.status_due.set()
-                if key[1]:  # (a replay reports in its closing line instead)
+                # new problems are logged (a replay reports in its closing line instead); ones from the start,
+                # like a GPU provider that did not load, were logged when they arose
+                if key[1] and key[1] != last_key[1]:
                     log.log(logging.INFO if self.replay else logging.WARNING, "degraded",
                             extra={"problems": list(key[1])})
+                last_key = key
+                self.status_due.set()
             if self.status_due.is_set() or time.monotonic() - last_status >= self.config.status_interval_s:
                 self.status_due.clear()
                 last_status = time.monotonic()

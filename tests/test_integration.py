@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import onnxruntime as ort
 import pytest
 
 from edge import __version__
@@ -66,6 +67,9 @@ def test_replay_publishes_documented_estimates_and_no_alert_for_adults(
     assert statuses[-1]["cameras"]["replay"]["state"] == "ended"
     assert statuses[0]["age_model"] == {"tier": "file", "file": "age40.onnx", "variant": "fp32",
                                         "provider": "CPUExecutionProvider", "kind": "constant 40 (test/demo placeholder)"}
+    # the CPU build here: the default "cuda" is said, and no problem (README, "CPU or GPU")
+    assert statuses[0]["provider_fallback"] == summary["provider_fallback"]
+    assert summary["provider_fallback"].startswith("cuda not in this build: ")
     assert subscriber.json("/alert") == []
     assert all(b"jpg" not in p and len(p) < 2000 for _, p, _ in subscriber.messages)  # no image data
 
@@ -128,6 +132,10 @@ def test_daemon_started_before_the_broker_delivers_once_it_is_up(tmp_path, age_m
             sub.close()
             daemon.send_signal(signal.SIGTERM)
             assert daemon.wait(20) == 0, daemon.stderr.read()
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            # the detector and the age model both found CUDA missing from the CPU build: said once, at info
+            said = [json.loads(line) for line in daemon.stderr.read().splitlines() if "cuda not in this build" in line]
+            assert [line["level"] for line in said] == ["info"]
     finally:
         daemon.kill()
         daemon.wait()

@@ -78,9 +78,9 @@ def write_config(path: Path, **sections) -> Path:
     return path
 
 
-def tillsight(*args: str, timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
-    """Run the real console entry point in a child process."""
-    return subprocess.run([sys.executable, "-m", "edge", *args], capture_output=True, text=True,
+def tillsight(*args: str, timeout: float = 240, python: str = sys.executable, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a child process (`python`: another environment's interpreter)."""
+    return subprocess.run([python, "-m", "edge", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=kwargs.pop("cwd", REPO), **kwargs)
 
 
