@@ -74,6 +74,14 @@ class CameraReader(threading.Thread):
                     if self._give_up(f"cannot open source {self.camera.source!r}"):
                         return
                     continue
+                if self.camera.is_file and cv2.haveImageReader(str(self.camera.source)):
+                    # FFmpeg opens a JPEG or PNG as a one-frame video: a replay would "succeed" on one frame.
+                    # OpenCV's image decoders know a photo by its first bytes, whatever the file's name.
+                    capture.release()
+                    if self._give_up(f"{self.camera.source} is a still image, not a video "
+                                     "(`tillsight predict` ages the faces in a photo)"):
+                        return
+                    continue
                 ended = self._read(capture)
                 capture.release()
                 if ended:

@@ -52,6 +52,18 @@ def test_a_truncated_or_non_video_camera_is_one_line(kind, tmp_path, broker, age
     assert line.startswith("tillsight: error: camera replay: "), line
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".mp4"])
+def test_a_photo_given_as_the_video_is_one_line_not_a_one_frame_replay(suffix, tmp_path, broker, age_models,
+                                                                      two_people_photo):
+    import cv2
+    photo = tmp_path / f"till{suffix}"  # .mp4: a JPEG under a video's name is found out all the same
+    photo.write_bytes(cv2.imencode(".png" if suffix == ".png" else ".jpg", cv2.imread(str(two_people_photo)))[1].tobytes())
+    config = replay_config(tmp_path, broker.port, age_models[40])
+    line = one_line_error(tillsight("replay", str(photo), "--config", str(config), timeout=60))
+    assert line == (f"tillsight: error: camera replay: {photo} is a still image, not a video "
+                    "(`tillsight predict` ages the faces in a photo)")
+
+
 def test_a_folder_as_the_video_is_a_config_problem(tmp_path, broker, age_models):
     config = replay_config(tmp_path, broker.port, age_models[40])
     line = one_line_error(tillsight("replay", str(tmp_path), "--config", str(config), timeout=60), code=2)
