@@ -13,9 +13,15 @@
    mosquitto. From its status topic: frames dropped and the lag behind real
    time, at the start and the end (a lag that grows means the box cannot keep
    up); from the messages: frame->alert and frame->estimate latency p50/p99
-   (each message carries its frame's capture time, `frame_time`); its peak RSS.
+   (each message carries its frame's capture time, `frame_time`); its peak RSS;
+   from its metrics endpoint (`[metrics]`, on for the run) the batch sizes the
+   age batcher really formed; GPU utilisation through NVML where there is one.
    Every customer is challenged in this part (challenge age 100), so every
    track gives an alert to time.
+
+`--model-only` (edge/speed.py) measures the age model alone on any provider
+(CUDA: IO binding, CUDA graphs, a CPU baseline in the same run);
+`--skip-model-speed` leaves part 1 out.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class BenchOptions:
     rounds: int
     out: Path
     config: dict  # extra daemon config sections, e.g. {"models": {"age_threads": 1}}
+    model_speed: bool = True  # part 1 (the model alone, CPU); `--model-only` (edge/speed.py) does any provider
 
 
 # ------------------------------------------------------------------ the model
@@ -90,6 +97,24 @@ def random_resnet50(data: Path) -> tuple[Path, Path]:
         if done.returncode != 0:
             raise BenchError(f"{' '.join(step[2:4])} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     return onnx_path, keras_path
+
+
+def bench_model_path(model: str, data: Path) -> Path:
+    """The fp32 ONNX file `--model` names: a tier, a file, or for "auto" the shipped ResNet50, else the cached
+    random-init one (made once, with the train extra, when it is not there)."""
+    from edge.tiers import resnet50_ships, resolve_age_model
+    if model != "auto" or resnet50_ships():
+        return resolve_age_model(model).path
+    cached = model_dir() / "bench-resnet50-random" / "onnx" / "age.onnx"
+    if cached.is_file():
+        return cached
+    try:
+        from training import quiet_import
+        quiet_import("keras")
+    except ImportError:
+        raise BenchError(f"no ResNet50 ships and none is cached ({cached}); making the random-init one needs the "
+                         f"train extra, or name an ONNX file: --model FILE") from None
+    return random_resnet50(data)[0]
 
 
 def model_speed(onnx_path: Path, keras_path: Path | None, rounds: int, threads: int) -> dict:
@@ -195,8 +220,10 @@ def _frames_per_second(video: Path, work) -> float:
 
 
 def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: float, broker: LocalBroker,
-                   config: dict, workdir: Path) -> dict:
-    """The daemon with `cameras` copies of `video` as live cameras; latency, lag, drops and peak RSS."""
+                   config: dict, workdir: Path, sampler=None) -> dict:
+    """The daemon with `cameras` copies of `video` as live cameras; latency, lag, drops and peak RSS; the batches
+    the age batcher really formed (from the daemon's metrics endpoint); GPU utilisation (`sampler`, NVML)."""
+    from edge.broker import free_port
     latencies: dict[str, list[float]] = {"alert": [], "estimate": []}
     statuses: list[dict] = []
 
@@ -210,7 +237,9 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
     sources = staggered_copies(video, cameras, workdir)
     sub = _Subscriber(broker.port, on_message)
     settings = _merge({"policy": {"challenge_age": 100}, "logging": {"level": "warning"},
-                       "models": {"age_model": model}}, config)
+                       "models": {"age_model": model},
+                       # the batch-size histogram is read from here at the end (edge/metrics.py)
+                       "metrics": {"enabled": True, "host": "127.0.0.1", "port": free_port()}}, config)
     config_path = workdir / f"bench-{cameras}.toml"
     config_path.write_text(_toml({"store_id": "bench", "daemon_id": "bench", "status_interval_s": 1.0,
                                   "mqtt": {"host": "127.0.0.1", "port": broker.port}, **settings,
@@ -218,7 +247,11 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
                                               for i, source in enumerate(sources)]}))
     daemon = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config_path)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started = time.monotonic()
     time.sleep(seconds)
+    gpu = sampler.window(started + min(3.0, seconds / 4), time.monotonic()) if sampler is not None else None
+    batches = scrape_batch_sizes(settings["metrics"]) if settings["metrics"].get("enabled") else \
+        {"available": False, "reason": "metrics disabled by --set"}
     peak_rss = _peak_rss_mb(daemon.pid)
     daemon.send_signal(signal.SIGTERM)
     try:
@@ -229,7 +262,9 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
     sub.close()
     if daemon.returncode not in (0, -signal.SIGTERM):
         raise BenchError(f"the daemon failed with {cameras} cameras: {(stderr.strip().splitlines() or ['?'])[-1]}")
-    online = [s for s in statuses if s.get("state") == "online" and s.get("cameras")]
+    # "degraded" statuses count too: the cameras' figures are there, and the problems are reported (a GPU that
+    # did not load makes the daemon degraded, and is what a GPU benchmark most needs to say)
+    online = [s for s in statuses if s.get("state") in ("online", "degraded") and s.get("cameras")]
     lags = [[c["lag_s"] for c in s["cameras"].values() if c.get("lag_s") is not None] for s in online]
     lags = [max(lag) for lag in lags if lag]
     start_lag, end_lag = (lags[min(2, len(lags) - 1)], lags[-1]) if lags else (None, None)
@@ -244,7 +279,44 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
         "estimate_p50_ms": _pct(latencies["estimate"], 50), "estimate_p99_ms": _pct(latencies["estimate"], 99),
         "alerts": len(latencies["alert"]), "age_calls_per_s": last.get("age_network", {}).get("calls_per_s"),
         "age_faces_per_s": last.get("age_network", {}).get("faces_per_s"), "peak_rss_mb": peak_rss,
+        "provider": last.get("provider"), "variant": last.get("age_model", {}).get("variant"),
+        "problems": sorted({p for s in online for p in s.get("problems", [])}),
+        "batch_sizes": batches, **({"gpu": gpu} if gpu is not None else {}),
     }
+
+
+def scrape_batch_sizes(metrics: dict) -> dict:
+    """The age batcher's batch sizes from the daemon's Prometheus endpoint: calls, mean faces per call, calls per
+    size bucket ("3-4": calls of 3 or 4 faces), the largest bucket used, and the mean call duration."""
+    import urllib.request
+    url = f"http://{metrics.get('host', '127.0.0.1')}:{metrics.get('port', 9464)}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            text = answer.read().decode()
+    except OSError as exc:
+        return {"available": False, "reason": f"{url}: {getattr(exc, 'reason', exc)}"}
+    cumulative, values = [], {}
+    for line in text.splitlines():
+        if line.startswith("tillsight_age_batch_faces_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            cumulative.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+        elif line.startswith(("tillsight_age_batch_faces_", "tillsight_age_network_seconds_")) and " " in line \
+                and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    calls = int(values.get("tillsight_age_batch_faces_count", 0))
+    buckets, previous_le, previous_count = {}, 0.0, 0.0
+    for le, count in sorted(cumulative):
+        low = int(previous_le) + 1
+        name = (f"{low}" if le == low else f"{low}-{int(le)}") if le != float("inf") else f">{int(previous_le)}"
+        if count - previous_count > 0:
+            buckets[name] = int(count - previous_count)
+        previous_le, previous_count = le, count
+    seconds = values.get("tillsight_age_network_seconds_sum")
+    return {"available": True, "calls": calls,
+            "mean_faces": round(values.get("tillsight_age_batch_faces_sum", 0) / calls, 2) if calls else None,
+            "buckets": buckets, "largest_bucket": next(reversed(buckets), None),
+            "mean_call_ms": round(1000 * seconds / calls, 2) if calls and seconds is not None else None}
 
 
 def staggered_copies(video: Path, count: int, workdir: Path) -> list[Path]:
@@ -328,19 +400,23 @@ def _toml(data: dict) -> str:
 
 
 def run_bench(opts: BenchOptions, data: Path) -> dict:
-    from edge.tiers import SHIPPED_AGE_MODEL, resolve_age_model
+    from edge.tiers import resnet50_ships, resolve_age_model
     keras = opts.keras
-    if opts.model == "auto" and not SHIPPED_AGE_MODEL.is_file():
+    if opts.model == "auto" and not resnet50_ships():
         onnx_path, keras = random_resnet50(data)
         model, label = str(onnx_path), "ResNet50, random init (speed only)"
     else:
         choice = resolve_age_model(opts.model)
         onnx_path, model, label = choice.path, str(choice.path), f"{choice.tier} ({choice.path.name})"
+    from edge.gpu import GpuSampler
     threads = opts.config.get("models", {}).get("age_threads", 0)
-    report = {"machine": f"{os.cpu_count()} cores", "model": label, "video": str(opts.video)}
+    sampler = GpuSampler(interval=0.2)
+    report = {"machine": f"{os.cpu_count()} cores" + (f", {sampler.name}" if sampler.name else ""), "model": label,
+              "video": str(opts.video)}
     print(f"age model: {label}; clip: {opts.video.name}", flush=True)
-    report["model_speed"] = model_speed(onnx_path, keras, opts.rounds, threads)
-    _print_speed(report["model_speed"])
+    report["model_speed"] = model_speed(onnx_path, keras, opts.rounds, threads) if opts.model_speed else {}
+    if report["model_speed"]:
+        _print_speed(report["model_speed"])
     workdir = Path(tempfile.mkdtemp(prefix="tillsight-bench-"))
     served = _merge({"models": {"age_variant": served_variant(onnx_path)}}, opts.config)
     report["served_variant"] = served["models"]["age_variant"]
@@ -348,10 +424,13 @@ def run_bench(opts: BenchOptions, data: Path) -> dict:
         report["one_camera"] = pipeline_stages(opts.video, model, broker, served)
         _print_stages(report["one_camera"])
         report["cameras"] = []
-        for cameras in opts.cameras:
-            row = cameras_at_fps(opts.video, model, cameras, opts.fps, opts.seconds, broker, served, workdir)
-            report["cameras"].append(row)
-            _print_cameras_row(row)
+        with sampler:
+            for cameras in opts.cameras:
+                row = cameras_at_fps(opts.video, model, cameras, opts.fps, opts.seconds, broker, served, workdir,
+                                     sampler)
+                report["cameras"].append(row)
+                _print_cameras_row(row)
+        report["gpu_utilisation"] = sampler.window()
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "bench.json").write_text(json.dumps(report, indent=2))
     plot_bench(report, opts.out / "bench.png")
@@ -384,6 +463,36 @@ def _print_cameras_row(row: dict) -> None:
           f"dropped {row['dropped']}/{row['frames']}; frame->alert p50 {row['alert_p50_ms']} p99 {row['alert_p99_ms']} ms "
           f"({row['alerts']} alerts); frame->estimate p50 {row['estimate_p50_ms']} p99 {row['estimate_p99_ms']} ms; "
           f"age network {row['age_faces_per_s']} faces/s; peak RSS {row['peak_rss_mb']} MB", flush=True)
+    sizes, gpu = row.get("batch_sizes") or {}, row.get("gpu") or {}
+    print(f"    age model on {row.get('provider')} ({row.get('variant')}); batches formed: "
+          + (f"{sizes['calls']} calls, mean {sizes['mean_faces']} faces/call, {sizes['mean_call_ms']} ms/call, "
+             f"calls per size {sizes['buckets']}" if sizes.get("available") else f"unknown ({sizes.get('reason')})")
+          + ("; GPU " + (f"{gpu.get('util_mean_pct')}% mean, {gpu.get('util_max_pct')}% max, "
+                         f"{gpu.get('mem_max_mib')} MiB" if gpu.get("available") else f"not sampled ({gpu.get('reason')})")
+             if gpu else ""), flush=True)
+    if row.get("problems"):
+        print(f"    daemon degraded: {'; '.join(row['problems'])}", flush=True)
+
+
+def _plot_batch_sizes(axis, report: dict) -> None:
+    rows = [r for r in report["cameras"] if (r.get("batch_sizes") or {}).get("available")]
+    buckets = []
+    for r in rows:
+        buckets += [b for b in r["batch_sizes"]["buckets"] if b not in buckets]
+    buckets.sort(key=lambda b: int(b.lstrip(">").split("-")[0]))
+    width = 0.8 / max(1, len(rows))
+    for i, r in enumerate(rows):
+        sizes, gpu = r["batch_sizes"], r.get("gpu") or {}
+        share = [100 * sizes["buckets"].get(b, 0) / max(1, sizes["calls"]) for b in buckets]
+        label = f"{r['cameras']} cameras: {sizes['calls']} calls, mean {sizes['mean_faces']}" + \
+            (f", GPU {gpu['util_mean_pct']}%" if gpu.get("available") and "util_mean_pct" in gpu else "")
+        axis.bar(np.arange(len(buckets)) + (i - (len(rows) - 1) / 2) * width, share, width, label=label)
+    axis.set_xticks(np.arange(len(buckets)), buckets)
+    axis.set_xlabel("faces per age-network call")
+    axis.set_ylabel("share of calls (%)")
+    axis.set_title(f"batches the age batcher formed: {report['model']}", fontsize=9)
+    if rows:
+        axis.legend(fontsize=7)
 
 
 def plot_bench(report: dict, path: Path) -> None:
@@ -392,14 +501,17 @@ def plot_bench(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     speed = report["model_speed"]
-    width = 0.8 / len(speed)
-    for i, (name, row) in enumerate(speed.items()):
-        left.bar(np.arange(len(BATCHES)) + (i - (len(speed) - 1) / 2) * width, [row[b] for b in BATCHES], width,
-                 label=name)
-    left.set_xticks(np.arange(len(BATCHES)), [f"batch {b}" for b in BATCHES])
-    left.set_ylabel("faces per second")
-    left.set_title(f"age model alone: {report['model']}", fontsize=9)
-    left.legend(fontsize=8)
+    if speed:
+        width = 0.8 / len(speed)
+        for i, (name, row) in enumerate(speed.items()):
+            left.bar(np.arange(len(BATCHES)) + (i - (len(speed) - 1) / 2) * width, [row[b] for b in BATCHES], width,
+                     label=name)
+        left.set_xticks(np.arange(len(BATCHES)), [f"batch {b}" for b in BATCHES])
+        left.set_ylabel("faces per second")
+        left.set_title(f"age model alone: {report['model']}", fontsize=9)
+        left.legend(fontsize=8)
+    else:  # --skip-model-speed (the model alone: --model-only, speed.png): the batches the batcher formed
+        _plot_batch_sizes(left, report)
     rows = report["cameras"]
     counts = [r["cameras"] for r in rows]
     for key, label in (("alert_p99_ms", "frame->alert p99"), ("estimate_p99_ms", "frame->estimate p99"),

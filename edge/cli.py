@@ -94,6 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="daemon config for the run, e.g. models.age_threads=1 (TOML values)")
     bench.add_argument("--out", type=Path, default=Path("bench-out"))
+    bench.add_argument("--skip-model-speed", action="store_true",
+                       help="leave out part 1 (the model alone on the CPU); --model-only measures it on any provider")
+    speed = bench.add_argument_group("the age model alone on any provider (--model-only; writes speed.json, speed.png)")
+    speed.add_argument("--model-only", action="store_true",
+                       help="only the age model: faces/s per variant, batch and way of calling it (plain run, "
+                            "IO binding, CUDA graphs), a CPU baseline when a GPU serves, GPU utilisation")
+    speed.add_argument("--providers", default="cuda,cpu", help="execution providers to measure, in order (cuda,cpu)")
+    speed.add_argument("--batches", help="batch sizes (default 1,8,32,64,128,256 on a GPU, 1,8,32 on a CPU)")
+    speed.add_argument("--cpu-batches", help="the CPU baseline's batches when a GPU serves (default 1,8,32; "
+                       "'none' for none)")
+    speed.add_argument("--variants", help="fp32,fp16,int8 (default fp32,fp16 on a GPU, every one present on a CPU)")
+    speed.add_argument("--modes", default="plain,iobinding,cudagraph",
+                       help="plain, iobinding, upload, cudagraph (comma-separated)")
+    speed.add_argument("--cuda-options", action="append", metavar="KEY=VALUE[,KEY=VALUE]",
+                       help="CUDA provider options, e.g. cudnn_conv_algo_search=DEFAULT; repeat to sweep each "
+                            "setting ('default' for ONNX Runtime's own)")
+    speed.add_argument("--point-seconds", type=float, default=1.0, help="timed seconds per point, after warm-up")
     bench.set_defaults(handler=cmd_bench)
 
     pos = commands.add_parser("pos", help="a terminal point of sale: watch, age checks, transactions")
@@ -316,6 +333,8 @@ def cmd_models_list(args) -> int:
 
 def cmd_bench(args) -> int:
     import tomllib
+    if args.model_only:
+        return _bench_model_only(args)
     from edge.bench import BenchError, BenchOptions, run_bench
     from edge.demo import bundled_clip
     config: dict = {}
@@ -338,8 +357,62 @@ def cmd_bench(args) -> int:
         _training_imports()  # the random-init ResNet50 and the Keras figures need the train extra
     try:
         run_bench(BenchOptions(args.model, args.keras, Path(video).resolve(), cameras, args.fps, args.seconds, args.rounds,
-                               args.out, config), args.data)
+                               args.out, config, model_speed=not args.skip_model_speed), args.data)
     except BenchError as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
+def _bench_model_only(args) -> int:
+    """`tillsight bench --model-only`: edge/speed.py."""
+    from edge.bench import BenchError, bench_model_path
+    from edge.speed import MODES, SpeedError, SpeedOptions, model_sweep
+
+    def numbers(text: str | None, name: str) -> list[int] | None:
+        if text is None:
+            return None
+        if text.strip().lower() == "none":
+            return []
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise UserError(f"--{name} takes batch sizes like 1,8,32", EXIT_USAGE) from None
+        if not all(1 <= v <= 4096 for v in values):
+            raise UserError(f"--{name}: batch sizes from 1 to 4096", EXIT_USAGE)
+        return values
+
+    def words(text: str | None, allowed: tuple, name: str) -> list[str] | None:
+        if text is None:
+            return None
+        values = [v.strip().lower() for v in text.split(",") if v.strip()]
+        wrong = [v for v in values if v not in allowed]
+        if wrong or not values:
+            raise UserError(f"--{name}: {wrong[0] if wrong else 'nothing'} is not one of {', '.join(allowed)}",
+                            EXIT_USAGE)
+        return values
+
+    cuda_options = []
+    for item in args.cuda_options or ["default"]:
+        options = {}
+        if item.strip().lower() != "default":
+            for pair in item.split(","):
+                key, sep, value = pair.partition("=")
+                if not sep or not key.strip():
+                    raise UserError(f"--cuda-options takes KEY=VALUE[,KEY=VALUE] or 'default', not {item!r}",
+                                    EXIT_USAGE)
+                options[key.strip()] = value.strip()
+        cuda_options.append(options)
+    _check_ranges(point_seconds=(args.point_seconds, 0.01, 60))
+    opts = SpeedOptions(model=Path(), out=args.out,
+                        providers=words(args.providers, ("cuda", "tensorrt", "cpu"), "providers"),
+                        variants=words(args.variants, ("fp32", "fp16", "int8"), "variants"),
+                        batches=numbers(args.batches, "batches"), cpu_batches=numbers(args.cpu_batches, "cpu-batches"),
+                        modes=words(args.modes, MODES, "modes"), cuda_options=cuda_options,
+                        point_seconds=args.point_seconds, threads=0)
+    try:
+        opts.model = bench_model_path(args.model, args.data)
+        model_sweep(opts)
+    except (BenchError, SpeedError) as exc:
         raise UserError(str(exc)) from None
     return 0
 

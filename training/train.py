@@ -225,7 +225,8 @@ def _metric_name(head: str) -> str:
 
 def _progress_class():
     import keras
-    from training.gpu_use import GpuUse
+
+    from edge.gpu import GpuSampler
 
     class _Progress(keras.callbacks.Callback):
         """Per epoch: the learning rate, the time and throughput figures, the best weights (kept in memory),
@@ -238,7 +239,7 @@ def _progress_class():
             self.monitor = f"val_{_metric_name(opts.head)}"
             self.best_weights = None
             self.saved_at = time.monotonic()
-            self.gpu = GpuUse()
+            self.gpu = GpuSampler(interval=0.2).start()
 
         def done(self, epoch: int) -> float:
             by_epochs = epoch / self.opts.epochs
@@ -256,16 +257,15 @@ def _progress_class():
         def on_epoch_begin(self, epoch, logs=None):
             self.rate = learning_rate(self.opts, self.done(epoch))
             self.model.optimizer.learning_rate = self.rate
-            self.gpu.start()
-            self.started = time.perf_counter()
+            self.started, self.started_monotonic = time.perf_counter(), time.monotonic()
 
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.perf_counter() - self.started
             logs = logs if logs is not None else {}
             logs.update(learning_rate=self.rate, seconds=round(seconds, 2),
                         images_per_second=round(self.images_per_epoch / seconds, 1))
-            utilisation = self.gpu.stop()
-            if utilisation is not None:
+            utilisation = self.gpu.window(self.started_monotonic).get("util_mean_pct")
+            if utilisation is not None:  # NVML's mean over the epoch: well under 90 % means the GPU waits for input
                 logs["gpu_utilisation"] = utilisation
             value = float(logs[self.monitor])
             if self.state["best_val_mae"] is None or value < self.state["best_val_mae"]:
@@ -281,6 +281,7 @@ def _progress_class():
                 self.save()
 
         def on_train_end(self, logs=None):
+            self.gpu.stop()
             self.save()
 
         def save(self) -> None:
