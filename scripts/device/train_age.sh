@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-/tmp/utkface} SITE=${SITE:-/tmp/site} RUN=${RUN:-/tmp/run} OUT=${OUT:?OUT must be set}
-SIZE=${SIZE:-160} BATCH=${BATCH:-256} MINUTES=${MINUTES:-7.5} LIMIT=${LIMIT:-}
+SIZE=${SIZE:-160} BATCH=${BATCH:-256} MINUTES=${MINUTES:-7} LIMIT=${LIMIT:-}
 export KERAS_BACKEND=${KERAS_BACKEND:-jax} PYTHONPATH=$SITE:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 mkdir -p "$DATA" && cp .device/data/* "$DATA"/ 2>/dev/null
