@@ -15,12 +15,15 @@ Bounded: at most `max_messages` rows (the oldest are dropped beyond that) and, a
 than `max_age_s` are dropped (an age check from yesterday helps nobody); drops are counted, logged
 and published in the status.
 
-Failure is never fatal: a queue file that cannot be opened, is corrupt, or cannot be written (a full
-disk) gives one error line, and the outbox carries on in memory (`state = "memory"`, with the reason
-in the status) so the daemon keeps serving the tills. The corrupt file is left as it was for a person
-to look at. After a failed write (a disk that filled up) the file is tried again every
-`retry_after_s`: once it takes writes, it is rewritten with exactly the pending messages and the
-outbox is back on disk.
+Failure is never fatal. A corrupt queue file (the disk or a crash damaged it) is set aside under a
+`.corrupt-<time>` name for a person to look at, every message that can still be read from it is
+copied into a fresh file, and the outbox goes on on disk: one error line says where the file went
+and how many messages were recovered (also in the status, `outbox.set_aside`). A queue file that
+cannot be opened or written (permissions, a full disk) gives one error line, and the outbox carries
+on in memory (`state = "memory"`, with the reason in the status) so the daemon keeps serving the
+tills. After a failed write (a disk that filled up) the file is tried again every `retry_after_s`:
+once it takes writes, it is rewritten with exactly the pending messages and the outbox is back on
+disk.
 """
 
 from __future__ import annotations
@@ -71,10 +74,11 @@ class Outbox:
         self._db: sqlite3.Connection | None = None
         self.retry_after_s = 30.0
         self._retry_at: float | None = None  # monotonic time of the next try after a failed write; None: no retry
+        self.set_aside: dict | None = None  # a corrupt file moved away at start: {"file", "recovered"}
         if path is not None:
             self._open(path)
 
-    def _open(self, path: Path) -> None:
+    def _open(self, path: Path, salvaged: list[tuple] | None = None) -> None:
         try:
             db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5)
             try:
@@ -89,14 +93,39 @@ class Outbox:
                 db.close()
                 raise
         except (sqlite3.Error, OSError) as exc:
-            self._to_memory(f"cannot use {path}: {exc}")
+            if _corrupt(exc) and salvaged is None:
+                self._replace_corrupt(path, exc)
+            else:
+                self._to_memory(f"cannot use {path}: {exc}")
             return
         self._db = db
         self.state, self.reason = "disk", None
+        if salvaged:
+            db.execute("BEGIN")
+            db.executemany("INSERT INTO outbox (created, topic, payload, qos, retain) VALUES (?, ?, ?, ?, ?)", salvaged)
+            db.execute("COMMIT")
+            rows = db.execute("SELECT key, created, topic, payload, qos, retain FROM outbox ORDER BY key").fetchall()
         for key, created, topic, payload, qos, retain in rows:
             self._rows[key] = Queued(key, created, topic, bytes(payload), qos, bool(retain))
         self._next_key = (rows[-1][0] + 1) if rows else 1
         self._drop_expired()
+
+    def _replace_corrupt(self, path: Path, error: BaseException) -> None:
+        """Set the damaged file aside, keep what can be read from it, and go on in a fresh file."""
+        salvaged = _salvage(path)
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                source = Path(f"{path}{suffix}")
+                if source.exists():
+                    source.rename(f"{aside}{suffix}")
+        except OSError as exc:
+            self._to_memory(f"cannot use {path}: {error}; and cannot move it aside: {exc}")
+            return
+        self.set_aside = {"file": str(aside), "recovered": len(salvaged)}
+        log.error("outbox file corrupt: set aside, readable messages recovered into a new file",
+                  extra={"reason": str(error), "moved_to": str(aside), "recovered": len(salvaged)})
+        self._open(path, salvaged)
 
     def _to_memory(self, reason: str) -> None:
         """A disk problem: one line, then carry on without the file."""
@@ -197,7 +226,8 @@ class Outbox:
     def status(self) -> dict:
         with self._lock:
             return {"state": self.state, "path": None if self.path is None else str(self.path),
-                    "depth": len(self._rows), "dropped": self.dropped, "reason": self.reason}
+                    "depth": len(self._rows), "dropped": self.dropped, "reason": self.reason,
+                    "set_aside": self.set_aside}
 
     def close(self) -> None:
         with self._lock:
@@ -208,3 +238,32 @@ class Outbox:
                 except sqlite3.Error:
                     pass
                 self._db = None
+
+
+def _corrupt(error: BaseException) -> bool:
+    """SQLite's "not a database" and "malformed" (and our failed integrity check), as against a file
+    that cannot be opened, is locked or cannot be written (OperationalError) or an OS error."""
+    return isinstance(error, sqlite3.DatabaseError) and not isinstance(error, sqlite3.OperationalError)
+
+
+def _salvage(path: Path) -> list[tuple]:
+    """(created, topic, payload, qos, retain) of every row still readable, oldest first: forwards from
+    the start and backwards from the end, each until the damage stops it."""
+    found: dict[int, tuple] = {}
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return []
+    try:
+        for order in ("ASC", "DESC"):
+            try:
+                for key, *row in db.execute("SELECT key, created, topic, payload, qos, retain FROM outbox "
+                                            f"ORDER BY key {order}"):
+                    if key in found:
+                        break
+                    found[key] = tuple(row)
+            except sqlite3.Error:
+                continue
+    finally:
+        db.close()
+    return [found[key] for key in sorted(found)]
