@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from edge.config import ConfigError
+    from edge.outbox import OutboxInUse
     from edge.runtime import ModelError
     try:
         from edge.runtime import check_single_onnxruntime
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.problems:
             print(line, file=sys.stderr)
         return EXIT_USAGE
-    except (ModelError, UserError) as exc:
+    except (ModelError, UserError, OutboxInUse) as exc:
         print(f"tillsight: error: {exc}", file=sys.stderr)
         return getattr(exc, "code", EXIT_FAILURE)
     except KeyboardInterrupt:

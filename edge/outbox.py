@@ -28,7 +28,9 @@ disk.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -46,6 +48,10 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS outbox (
     qos INTEGER NOT NULL,
     retain INTEGER NOT NULL
 )"""
+
+
+class OutboxInUse(Exception):
+    """Another process has this queue file: two daemons would send and delete each other's messages."""
 
 
 @dataclass(frozen=True)
@@ -75,8 +81,25 @@ class Outbox:
         self.retry_after_s = 30.0
         self._retry_at: float | None = None  # monotonic time of the next try after a failed write; None: no retry
         self.set_aside: dict | None = None  # a corrupt file moved away at start: {"file", "recovered"}
+        self._lock_fd: int | None = None
         if path is not None:
+            self._claim(path)
             self._open(path)
+
+    def _claim(self, path: Path) -> None:
+        """One process per queue file, held by an flock on `<path>.lock` until close() or exit (not on the
+        database itself: closing any other descriptor of an SQLite file drops SQLite's own locks)."""
+        try:
+            fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return  # the directory is unusable: _open says so and the outbox stays in memory
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutboxInUse(f"outbox.path {path} is in use by another tillsight process: "
+                              "each daemon needs its own outbox file") from None
+        self._lock_fd = fd
 
     def _open(self, path: Path, salvaged: list[tuple] | None = None) -> None:
         try:
@@ -238,6 +261,9 @@ class Outbox:
                 except sqlite3.Error:
                     pass
                 self._db = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
 
 
 def _corrupt(error: BaseException) -> bool:

@@ -70,7 +70,7 @@ def test_with_an_outbox_configured_it_is_the_only_file_written(tmp_path, broker,
                           mqtt={"host": "127.0.0.1", "port": broker.port}, outbox={"path": str(outbox)},
                           models={"age_model": str(age_models[16])}, logging={"level": "warning"})
     result, writes = traced_replay(tmp_path, config, carphone_clip)
-    assert writes and writes <= {str(outbox), f"{outbox}-wal", f"{outbox}-shm", f"{outbox}-journal"}, writes
+    assert writes and writes <= {str(outbox), f"{outbox}-wal", f"{outbox}-shm", f"{outbox}-journal", f"{outbox}.lock"}, writes
     assert '"alerts": 1' in result.stdout  # the alert went through the outbox (and left it: the file is empty)
     import sqlite3
     assert sqlite3.connect(outbox).execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)

@@ -297,3 +297,32 @@ def test_a_full_disk_under_the_daemon_keeps_it_serving_and_says_so(
         daemon.kill()
     assert status["state"] == "degraded" and "cannot write" in status["outbox"]["reason"]
     assert code == 0, err
+
+
+def test_one_queue_file_serves_one_process(tmp_path):
+    from edge.outbox import OutboxInUse
+    path = tmp_path / "outbox.sqlite3"
+    first = Outbox(path)
+    with pytest.raises(OutboxInUse, match="in use by another tillsight process"):
+        Outbox(path)
+    first.close()
+    Outbox(path).close()  # free again once the first is closed
+
+
+def test_a_second_daemon_on_the_same_outbox_file_is_refused_in_one_line(
+        tmp_path, broker, subscriber, age_models, hamilton_clip, carphone_clip):
+    """Two daemons on one queue file would send each other's messages twice and delete them under each other."""
+    from test_cli import one_line_error
+    from test_integration import replay_config
+    from tskit import tillsight
+    outbox = tmp_path / "outbox.sqlite3"
+    daemon = start_daemon(daemon_config(tmp_path, broker.port, hamilton_clip, age_models[16], outbox))
+    try:
+        assert subscriber.wait_for(lambda s: s.json("till-pc/status"), 60), "the first daemon did not start"
+        config = replay_config(tmp_path, broker.port, age_models[40], outbox={"path": str(outbox)})
+        line = one_line_error(tillsight("replay", str(carphone_clip), "--config", str(config), timeout=120))
+        assert line == (f"tillsight: error: outbox.path {outbox} is in use by another tillsight process: "
+                        "each daemon needs its own outbox file")
+        assert daemon.poll() is None  # the first one serves on
+    finally:
+        stop_daemon(daemon)
