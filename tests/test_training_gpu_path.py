@@ -66,7 +66,7 @@ def test_learning_rate_warms_up_then_falls_to_a_hundredth():
 
 
 def test_a_run_with_minutes_stops_before_an_epoch_would_overrun_them(tmp_path):
-    from training.train import Progress
+    from training.progress import Progress
     opts = TrainOptions(data="d", epochs=400, minutes=1.0)
     state = {"epoch": 9, "best_val_mae": 9.0, "best_epoch": 9, "epoch_seconds": [6.0] * 9, "train_seconds": 50.0}
     progress = Progress(opts, state, tmp_path / "state.json", tmp_path, 1000)
@@ -123,7 +123,9 @@ def test_best_weights_travel_in_parts_and_rebuild_the_same_model(tmp_path):
     rebuilt = keras.models.load_model(tmp_path / "here" / "checkpoints" / "best.keras", compile=False)
     crops = np.random.default_rng(2).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
     assert np.abs(predict_ages(model, crops) - predict_ages(rebuilt, crops)).max() < 0.05
-    (parts[1]).write_bytes(parts[1].read_bytes()[:-1] + b"\0")  # one damaged byte
+    damaged = bytearray(parts[1].read_bytes())
+    damaged[-1] ^= 0xFF  # one byte changed, whatever it was
+    parts[1].write_bytes(bytes(damaged))
     done = subprocess.run([sys.executable, str(script), "unpack", str(tmp_path / "out"), str(tmp_path / "again")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "do not match their sha256" in done.stderr

@@ -1,0 +1,85 @@
+"""The training run's per-epoch bookkeeping, as a Keras callback (training/train.py uses it; a module of
+its own because it needs Keras at import, which `tillsight data inspect` does not load)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import keras
+import numpy as np
+
+from edge.gpu import GpuSampler
+from training.train import CHECKPOINT_EVERY_S, metric_name, learning_rate
+
+
+class Progress(keras.callbacks.Callback):
+    """Per epoch: the learning rate, the time and throughput figures, the best weights (kept in memory),
+    the stop when the run's time is up, and the checkpoints every CHECKPOINT_EVERY_S and at the end."""
+
+    def __init__(self, opts, state, state_file, checkpoints, images_per_epoch):
+        super().__init__()
+        self.opts, self.state, self.state_file, self.checkpoints = opts, state, state_file, checkpoints
+        self.images_per_epoch = images_per_epoch
+        self.monitor = f"val_{metric_name(opts.head)}"
+        self.best_weights = None
+        self.saved_at = time.monotonic()
+        self.gpu = GpuSampler(interval=0.2).start()
+
+    def done(self, epoch: int) -> float:
+        by_epochs = epoch / self.opts.epochs
+        if self.opts.minutes is None:
+            return by_epochs
+        return max(by_epochs, self.state.get("train_seconds", 0.0) / (self.opts.minutes * 60))
+
+    def out_of_time(self) -> bool:
+        if self.opts.minutes is None:
+            return False
+        seconds = self.state.get("epoch_seconds", [])
+        next_epoch = float(np.median(seconds[-5:])) if seconds else 0.0
+        return self.state.get("train_seconds", 0.0) + next_epoch > self.opts.minutes * 60
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.rate = learning_rate(self.opts, self.done(epoch))
+        self.model.optimizer.learning_rate = self.rate
+        self.started, self.started_monotonic = time.perf_counter(), time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self.started
+        logs = logs if logs is not None else {}
+        logs.update(learning_rate=self.rate, seconds=round(seconds, 2),
+                    images_per_second=round(self.images_per_epoch / seconds, 1))
+        utilisation = self.gpu.window(self.started_monotonic).get("util_mean_pct")
+        if utilisation is not None:  # NVML's mean over the epoch: well under 90 % means the GPU waits for input
+            logs["gpu_utilisation"] = utilisation
+        value = float(logs[self.monitor])
+        if self.state["best_val_mae"] is None or value < self.state["best_val_mae"]:
+            self.state.update(best_val_mae=value, best_epoch=epoch + 1)
+            self.best_weights = self.model.get_weights()
+        self.state["epoch_seconds"] = self.state.get("epoch_seconds", []) + [seconds]
+        self.state.update(epoch=epoch + 1, train_seconds=self.state.get("train_seconds", 0.0) + seconds)
+        if self.out_of_time():
+            print(f"stopping after epoch {epoch + 1}: the next would overrun the run's {self.opts.minutes:g} "
+                  "minutes", flush=True)
+            self.model.stop_training = True
+        elif time.monotonic() - self.saved_at > CHECKPOINT_EVERY_S:
+            self.save()
+
+    def on_train_end(self, logs=None):
+        self.gpu.stop()
+        self.save()
+
+    def save(self) -> None:
+        """best.keras (the best weights, no optimizer), last.keras, then the state: the state is
+        written last and atomically, so an interruption leaves a state that matches its files."""
+        if self.best_weights is not None:
+            holder = getattr(self, "holder", None) or keras.models.clone_model(self.model)
+            self.holder = holder
+            holder.set_weights(self.best_weights)
+            holder.save(self.checkpoints / "best.keras")
+            self.best_weights = None
+        self.model.save(self.checkpoints / "last.keras")
+        temporary = self.state_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.state))
+        temporary.replace(self.state_file)
+        self.saved_at = time.monotonic()
