@@ -199,6 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", type=Path, help="folder for eval.json and the PNG plots")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=cmd_eval)
+
+    ship = commands.add_parser("ship", help="a trained checkpoint into edge/models, with its model card, if it passes "
+                               "the gates (train extra)")
+    ship.add_argument("checkpoint", type=Path, help="the run's checkpoints/best.keras")
+    ship.add_argument("--data", type=Path, required=True, help="the labelled folder the run trained on (its "
+                      "validation split is scored)")
+    ship.add_argument("--labels", type=Path)
+    ship.add_argument("--work", type=Path, help="exports, eval, speed and ship.json (default: the run's ship/)")
+    ship.add_argument("--into", type=Path, default=Path("edge/models"), help="where the model and its card go")
+    ship.add_argument("--readme", type=Path, default=Path("README.md"), help="the README whose age model "
+                      "section is rewritten ('-': none)")
+    ship.add_argument("--limit", type=int, help="score only this many validation photos (rehearsals)")
+    ship.add_argument("--max-mae", type=float, default=6.04, help="ship only under this MAE (default: the seeds')")
+    ship.add_argument("--max-int8-mae-change", type=float, default=0.1)
+    ship.add_argument("--max-int8-shift", type=float, default=3.0, help="years any face may move from fp32 to int8")
+    ship.add_argument("--speed-seconds", type=float, default=2.0, help="timing of each CPU speed figure")
+    ship.set_defaults(handler=cmd_ship)
     return parser
 
 
@@ -564,6 +581,32 @@ def cmd_export_age(args) -> int:
             change = f", MAE change {row['mae_change_vs_fp32']:+.3f} years" if "mae_change_vs_fp32" in row else ""
             print(f"{row['path']}: max |{kind} - fp32| {row['max_abs_diff_vs_fp32']:.3f} years{change}, "
                   f"{row['size_bytes'] / 1e6:.1f} MB")
+    return 0
+
+
+def cmd_ship(args) -> int:
+    if not args.data.is_dir():
+        raise UserError(f"data folder not found: {args.data}", EXIT_USAGE)
+    _check_ranges(limit=(args.limit, 1, 10**9), max_mae=(args.max_mae, 0, 100),
+                  max_int8_mae_change=(args.max_int8_mae_change, 0, 100),
+                  max_int8_shift=(args.max_int8_shift, 0, 100), speed_seconds=(args.speed_seconds, 0.05, 600))
+    _training_imports()
+    from edge.speed import SpeedError
+    from export.ship import ShipError, ShipOptions, ship
+    from export.age import run_info
+    work = args.work or run_info(args.checkpoint)["run_dir"] / "ship"
+    opts = ShipOptions(checkpoint=args.checkpoint, data=args.data, work=work, into=args.into,
+                       readme=None if str(args.readme) == "-" else args.readme, labels=args.labels, limit=args.limit,
+                       max_mae=args.max_mae, max_int8_mae_change=args.max_int8_mae_change,
+                       max_int8_shift=args.max_int8_shift, speed_seconds=args.speed_seconds)
+    try:
+        result = ship(opts)
+    except (ShipError, SpeedError, *_data_errors()) as exc:
+        raise UserError(f"{exc} (figures: {work / 'ship.json'})" if (work / "ship.json").is_file() else str(exc)) \
+            from None
+    print(f"shipped {result['file']['path']} ({result['file']['size_bytes'] / 1e6:.1f} MB): MAE "
+          f"{result['eval']['mae']:.2f} years on {result['eval']['n_scored']} validation faces; model card "
+          f"{args.into / 'AGE.md'}; figures {work / 'ship.json'}")
     return 0
 
 

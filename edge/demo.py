@@ -53,8 +53,8 @@ def describe_model(model) -> str:
     line = ", ".join([f"{model.tier} tier", model.path.name] + [meta[k] for k in ("kind", "licence") if k in meta])
     if "measured" in meta:
         line += f"; measured: {meta['measured']}"
-    elif "val_mae" in meta:
-        line += f"; validation MAE {meta['val_mae']} years"
+    elif meta.get("validation_mae"):  # what `tillsight export` writes: the training run's best (Keras, its crops)
+        line += f"; validation MAE {meta['validation_mae']} years"
     return line
 
 

@@ -7,7 +7,7 @@ distribution head, `age_spread`; opset 17. Then a parity check on real face
 crops, and the faster variants:
     age.onnx        fp32, checked: |Keras - ONNX Runtime| < 0.05 years
     age_fp16.onnx   fp16 weights and maths, fp32 inputs/outputs (for GPUs)
-    age_int8.onnx   static int8 (QDQ), calibrated on real crops (for CPUs)
+    age_int8.onnx   static int8 (QDQ), calibrated on real crops outside the run's validation split (for CPUs)
     export.json     parity and MAE figures
 """
 
@@ -120,8 +120,11 @@ def parity_crops(info: dict, calibration: Path | None, size: int, margin: float,
                       "or pass --calibration DIR")
 
 
-def calibration_crops(folder: Path, size: int, margin: float, limit: int = 200) -> np.ndarray:
-    from training.data import IMAGE_SUFFIXES, Label, load_faces
+def calibration_crops(folder: Path, size: int, margin: float, limit: int = 200,
+                      val_fraction: float | None = None) -> np.ndarray:
+    """Up to `limit` face crops from a folder of photos; with `val_fraction` (the run's), none of the
+    photos its validation split holds, so that the figures measured on that split owe nothing to them."""
+    from training.data import IMAGE_SUFFIXES, Label, load_faces, split_of
     if not folder.is_dir():
         raise ExportError(f"calibration folder not found: {folder}")
     names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -129,10 +132,14 @@ def calibration_crops(folder: Path, size: int, margin: float, limit: int = 200) 
         if (folder / "images").is_dir() else []
     shards = sorted(folder.glob("images-*.tar*"))
     if shards:
-        from training.data import read_labels, select
-        labels = select(read_labels(folder / "labels.csv"), limit)
+        from training.data import read_labels
+        labels = read_labels(folder / "labels.csv")
     else:
-        labels = [Label(name, 0.0) for name in names[:limit]]
+        labels = [Label(name, 0.0) for name in names]
+    if val_fraction is not None:
+        labels = [label for label in labels if split_of(label.file_name, val_fraction) != "val"]
+    from training.data import select
+    labels = select(labels, limit) if shards else labels[:limit]
     if not labels:
         raise ExportError(f"calibration folder {folder} has no images")
     faces = load_faces(folder, labels, size, margin, progress=False)
@@ -178,7 +185,9 @@ def export_age_model(checkpoint: Path, out_dir: Path, fp16: bool = False, int8: 
     keras_ages = np.asarray(serving.predict(crops.astype(np.float32), verbose=0)["age"], np.float64).reshape(-1)
     onnx_ages = _ort_ages(str(fp32_path), crops)
     difference = np.abs(keras_ages - onnx_ages)
-    report = {"checkpoint": str(checkpoint), "input_size": size, "crop_margin": margin, "opset": OPSET,
+    report = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
+              "calibration": None if calibration is None else str(calibration),
+              "input_size": size, "crop_margin": margin, "opset": OPSET,
               "parity_crops": len(crops),
               "fp32": {"path": str(fp32_path), "max_abs_diff": float(difference.max()),
                        "mean_abs_diff": float(difference.mean()), "size_bytes": fp32_path.stat().st_size}}
@@ -190,13 +199,22 @@ def export_age_model(checkpoint: Path, out_dir: Path, fp16: bool = False, int8: 
     if fp16:
         report["fp16"] = _variant(out_dir / "age_fp16.onnx", _to_fp16(onnx_model), crops, ages, onnx_ages)
     if int8:
-        calib = calibration_crops(calibration, size, margin)
+        calib = calibration_crops(calibration, size, margin, val_fraction=options.get("val_fraction"))
         report["int8"] = _variant(out_dir / "age_int8.onnx", _to_int8(fp32_path, calib, out_dir), crops, ages,
                                   onnx_ages)
         report["int8"]["calibration_crops"] = len(calib)
     report["seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "export.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _variant(path: Path, model_bytes: bytes, crops, ages, fp32_ages) -> dict:

@@ -92,6 +92,67 @@ def test_export_checks_parity_and_writes_the_variants(run, tmp_path, utkface):
     assert report["n"] == 12 and report["mae"] > 0
 
 
+def test_ship_refuses_a_model_under_the_gates_and_ships_one_over_them_with_its_card(run, tmp_path, utkface):
+    """`tillsight ship` on the tiny run: refused by the default gates (MAE ~14 years) without touching the
+    model folder or the README, then shipped with loosened gates, reusing the first call's export."""
+    import hashlib
+    import shutil
+
+    from edge.infer import AgeModel
+    from tskit import REPO
+    run_dir, _, _ = run
+    work, into, readme = tmp_path / "work", tmp_path / "models", tmp_path / "README.md"
+    into.mkdir()
+    shutil.copy(REPO / "edge" / "models" / "README.md", into / "README.md")
+    shutil.copy(REPO / "README.md", readme)
+    before = {p: p.read_bytes() for p in (into / "README.md", readme)}
+    common = [str(run_dir / "checkpoints" / "best.keras"), "--data", str(utkface), "--work", str(work),
+              "--into", str(into), "--readme", str(readme), "--limit", "12", "--speed-seconds", "0.2"]
+
+    refused = tillsight("ship", *common, timeout=600)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith("tillsight: error: not shipped: int8 MAE ") and "is not under 6.04" in line
+    assert line.endswith(f"(figures: {work / 'ship.json'})")
+    assert sorted(p.name for p in into.iterdir()) == ["README.md"]
+    assert all(path.read_bytes() == data for path, data in before.items())
+    figures = json.loads((work / "ship.json").read_text())
+    mae_gate = next(g for g in figures["gates"] if g["gate"] == "mae")
+    assert figures["shipped"] is False and mae_gate["passed"] is False and mae_gate["value"] == figures["eval"]["mae"]
+
+    shipped = tillsight("ship", *common, "--max-mae", "100", "--max-int8-mae-change", "50", "--max-int8-shift", "100",
+                        timeout=600)
+    assert shipped.returncode == 0, shipped.stderr[-2000:]
+    assert "the export of this checkpoint is there already (export.json): reused" in shipped.stdout
+    figures = json.loads((work / "ship.json").read_text())
+    report, mae = figures["eval"], figures["eval"]["mae"]
+    assert figures["shipped"] is True and all(g["passed"] for g in figures["gates"])
+    assert report["n"] == 12 and report["agreement"]["n"] == report["n_scored"] > 0
+    assert next(g for g in figures["gates"] if g["gate"] == "int8_shift")["value"] == report["agreement"]["max_abs_diff"]
+    assert set(figures["speed"]["faces_per_s"]) == {"fp32", "int8"} and min(figures["speed"]["faces_per_s"].values()) > 0
+    model_file = into / "age_int8.onnx"
+    assert hashlib.sha256(model_file.read_bytes()).hexdigest() == figures["file"]["sha256"]
+    model = AgeModel.load(model_file, ["cpu"])  # the daemon's loader: the shipped file follows the contract
+    meta = model.info.metadata
+    assert "tillsight.residuals" in meta and "non-commercial research only" in meta["tillsight.licence"]
+    assert meta["tillsight.measured"].startswith(f"MAE {mae:.2f} years on {report['n_scored']} ")
+    from edge.demo import describe_model  # what `tillsight demo` prints about the model that answers
+    assert f"; measured: MAE {mae:.2f} years" in describe_model(model)
+    best = json.loads((run_dir / "summary.json").read_text())["best_val_mae"]
+    assert describe_model(AgeModel.load(work / "onnx" / "age.onnx", ["cpu"])).endswith(
+        f"; validation MAE {best:.3f} years")
+    card = (into / "AGE.md").read_text()
+    assert f"| MAE (years) | {report['n_scored']} | **{mae:.2f}** | {report['compared_with']['mae']:.2f} |" in card
+    assert "**Licence: non-commercial research only.**" in card and "--input-size 64 --crop-margin 0.0" in card
+    for name in ("curves.png", "error_by_band.png", "predicted_vs_true.png", "operating_points.png"):
+        assert (into / "age-card" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    text = readme.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `resnet50` |"))
+    assert "`edge/models/age_int8.onnx`" in row and f"MAE {mae:.2f} years" in row
+    assert "does not ship yet" not in text and text.count("<!-- /age-model -->") == 1  # the block stays rewritable
+    assert f"MAE {mae:.2f} years" in (into / "README.md").read_text()
+
+
 def test_eval_numbers_come_from_the_predictions(tmp_path, utkface):
     model = tmp_path / "thirty.onnx"
     model.write_bytes(build_constant_age_model(30, input_size=64, crop_margin=0.3))

@@ -62,6 +62,8 @@ def test_challenge25_shares():
 def test_groups_and_bands():
     report = age_metrics([10, 20], [12, 30], genders=[0, 1], races=[2, None], gender_names={0: "male", 1: "female"})
     assert report["mae_by_gender"] == {"male": 2.0, "female": 10.0} and report["mae_by_race"] == {"2": 2.0}
+    assert report["n_by_gender"] == {"male": 1, "female": 1} and report["n_by_race"] == {"2": 1}
+    assert report["n_by_band"] == {"0-12": 1, "13-17": 0, "18-24": 1, "25-29": 0, "30-44": 0, "45-59": 0, "60+": 0}
     assert [band_of(a) for a in (0, 12.9, 13, 17, 18, 24, 25, 29, 30, 44, 45, 59, 60, 116)] == [
         "0-12", "0-12", "13-17", "13-17", "18-24", "18-24", "25-29", "25-29", "30-44", "30-44", "45-59", "45-59",
         "60+", "60+"]
@@ -82,3 +84,22 @@ def test_out_of_range_training_options_are_one_line(tmp_path):
     from tskit import tillsight
     result = tillsight("train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--val-fraction", "2")
     assert (result.returncode, result.stderr.strip()) == (2, "tillsight: error: --val-fraction 2 out of range [0.001, 0.999]")
+
+
+def test_ship_gates_each_give_their_figure_and_reason():
+    from pathlib import Path
+
+    from export.ship import ShipOptions, gates
+    opts = ShipOptions(checkpoint=Path("c"), data=Path("d"), work=Path("w"))
+    report = {"n": 10, "mae": 5.0, "compared_with": {"mae": 4.95},
+              "agreement": {"n": 10, "max_abs_diff": 1.2, "mean_abs_diff": 0.3, "max_abs_diff_file": "a.jpg"}}
+    assert [(g["gate"], g["passed"]) for g in gates(report, opts)] == [
+        ("mae", True), ("int8_mae_change", True), ("int8_shift", True)]
+    worse = {**report, "mae": 6.2, "agreement": {**report["agreement"], "max_abs_diff": 3.5}}
+    failed = {g["gate"]: g for g in gates(worse, opts) if not g["passed"]}
+    assert set(failed) == {"mae", "int8_mae_change", "int8_shift"}
+    assert failed["int8_shift"]["why"] == "int8 moves a.jpg by 3.50 years from fp32 (at most 3.0)"
+    assert failed["int8_mae_change"]["value"] == pytest.approx(1.25)
+    unpaired = gates({**report, "agreement": None}, opts)
+    assert [g["passed"] for g in unpaired if g["gate"] == "int8_shift"] == [False]  # not measured is not passed
+    assert gates({**report, "mae": None}, opts)[0]["gate"] == "faces"

@@ -68,6 +68,7 @@ def evaluate(model: str | Path | None, data_dir: Path, labels_csv: Path | None, 
     report = reports[0]
     if len(reports) > 1:
         report["compared_with"] = reports[1]
+        report["agreement"] = agreement(face_sets, predictions)
     table = ResidualTable.from_metadata(models[0].info.metadata)
     if face_sets[0].labels:
         measured = ResidualTable.measure(predictions[0], face_sets[0].ages)
@@ -84,6 +85,18 @@ def evaluate(model: str | Path | None, data_dir: Path, labels_csv: Path | None, 
         plot_operating_points(report["operating_points"], out / "operating_points.png")
         (out / "eval.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def agreement(face_sets: list[FaceSet], predictions: list[np.ndarray]) -> dict | None:
+    """How far the model's estimates are from the compared model's, face by face; None when the two
+    were scored on different faces (different crops can find different faces)."""
+    names = [[label.file_name for label in faces.labels] for faces in face_sets]
+    if names[0] != names[1] or not names[0]:
+        return None
+    shift = np.abs(predictions[0] - predictions[1])
+    worst = int(np.argmax(shift))
+    return {"n": len(shift), "mean_abs_diff": round(float(shift.mean()), 4),
+            "max_abs_diff": round(float(shift[worst]), 3), "max_abs_diff_file": names[0][worst]}
 
 
 def _report(model: AgeModel, faces: FaceSet, predicted: np.ndarray, data_dir: Path, split: str, n: int,
@@ -123,6 +136,10 @@ def print_eval(report: dict) -> None:
     width = max(len(title) for title, _ in rows)
     for title, values in rows:
         print(f"{title:<{width}}  " + "  ".join(f"{'n/a' if v is None else v!s:>28}" for v in values))
+    if report.get("agreement"):
+        shift = report["agreement"]
+        print(f"the two models on the same {shift['n']} faces: estimates apart by {shift['mean_abs_diff']} years "
+              f"on average, {shift['max_abs_diff']} at most ({shift['max_abs_diff_file']})")
 
 
 def _pct(value) -> str:

@@ -29,18 +29,20 @@ def age_metrics(true, predicted, challenge_age: float = 25.0, genders=None, race
     result = {
         "mae": _mae(errors),
         "mae_by_band": {band: _mae(errors[(true >= low) & (true < high)]) for band, (low, high) in BANDS.items()},
+        "n_by_band": {band: int(np.count_nonzero((true >= low) & (true < high))) for band, (low, high) in BANDS.items()},
         "challenge25": {
             "minors_13_17_flagged": _share(flagged[(true >= 13) & (true < 18)]),
             "adults_25plus_challenged": _share(flagged[true >= 25]),
             "adults_30plus_challenged": _share(flagged[true >= 30]),
         },
     }
-    for key, groups, names in (("mae_by_gender", genders, gender_names), ("mae_by_race", races, race_names)):
-        table = {}
+    for key, groups, names in (("gender", genders, gender_names), ("race", races, race_names)):
+        table, counts = {}, {}
         if groups is not None:
             groups = list(groups)
             for group in sorted({g for g in groups if g is not None}):
                 mask = np.array([g == group for g in groups])
-                table[(names or {}).get(group, str(group))] = _mae(errors[mask])
-        result[key] = table
+                name = (names or {}).get(group, str(group))
+                table[name], counts[name] = _mae(errors[mask]), int(np.count_nonzero(mask))
+        result[f"mae_by_{key}"], result[f"n_by_{key}"] = table, counts
     return result

@@ -1,0 +1,435 @@
+"""`tillsight ship CHECKPOINT --data DIR`: a trained age model into the product, or one line saying why not.
+
+What follows a training run, as one command, so that it is done the same way every time:
+
+ 1. export: fp32, fp16 and int8 ONNX (export/age.py; int8 calibrated on photos outside the run's
+    validation split);
+ 2. eval through the full edge pipeline (detector, crop, ONNX Runtime) on the run's validation split:
+    the int8 file against the fp32 one on the very same faces (training/evaluate.py), the measured
+    errors written into the shipped file's metadata (the risk policy reads them, edge/risk.py);
+ 3. the gates: MAE under the model it replaces (`max_mae`, the seeds' 6.04 years), int8 within
+    `max_int8_mae_change` (0.1) years of fp32's MAE, and no face moved by int8 more than
+    `max_int8_shift` (3) years; then the repository's size budget (30 MB tracked);
+ 4. faces/s of fp32 and int8 on this CPU (edge/speed.py);
+ 5. only when every gate passes: `age_int8.onnx` into `into` (edge/models; the fp32 file is ~95 MB and
+    fp16 ~47 MB, over the budget), the model card `AGE.md` with its plots in `age-card/`, and the
+    generated parts of README.md and edge/models/README.md.
+
+Everything measured stays in the work folder (`ship.json`), shipped or not.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+SHIPPED_NAME = "age_int8.onnx"
+CARD_NAME = "AGE.md"
+CARD_PLOTS = "age-card"
+TRACKED_BUDGET_BYTES = 30_000_000
+SEED_MAE = 6.04  # the best seed model's MAE (issue 7): a shipped model must beat it
+LICENCE = "UTKFace: non-commercial research only"
+README_ROW = re.compile(r"^\| `resnet50` \|.*$", re.MULTILINE)
+BLOCK = "<!-- age-model: written by `tillsight ship` -->\n{}\n<!-- /age-model -->"
+BLOCK_PATTERN = re.compile(r"<!-- age-model: written by `tillsight ship` -->\n.*?\n<!-- /age-model -->", re.DOTALL)
+CHALLENGE25_TARGETS = {"minors_13_17_flagged": 0.99, "adults_30plus_challenged": 0.10}  # issue 7: >= and <=
+
+
+class ShipError(Exception):
+    """The model does not ship: one line for the user."""
+
+
+@dataclass
+class ShipOptions:
+    checkpoint: Path
+    data: Path  # the labelled folder the run trained on: its validation split is scored
+    work: Path  # exports, eval, speed and ship.json
+    into: Path = Path("edge/models")
+    readme: Path | None = Path("README.md")
+    labels: Path | None = None
+    limit: int | None = None  # score only this many validation photos (rehearsals)
+    max_mae: float = SEED_MAE
+    max_int8_mae_change: float = 0.1
+    max_int8_shift: float = 3.0
+    speed_seconds: float = 2.0
+
+
+def ship(opts: ShipOptions) -> dict:
+    from export.age import export_age_model, run_info
+    from training.evaluate import evaluate, print_eval
+    if not opts.into.is_dir():
+        raise ShipError(f"{opts.into} is not a folder: run from the repository root or pass --into edge/models")
+    if not opts.checkpoint.is_file():
+        raise ShipError(f"checkpoint not found: {opts.checkpoint}")
+    (opts.work / "ship.json").unlink(missing_ok=True)  # it must describe this attempt, never an older one
+    info = run_info(opts.checkpoint)
+    if "run.json" not in info:
+        raise ShipError(f"no run.json beside {opts.checkpoint}: ship needs the training run's folder (its split, "
+                        "recipe and history go into the model card)")
+    val_fraction = info["run.json"]["options"]["val_fraction"]
+    onnx_dir = opts.work / "onnx"
+    exported = _earlier_export(opts, onnx_dir) or export_age_model(opts.checkpoint, onnx_dir, fp16=True, int8=True,
+                                                                   calibration=opts.data)
+    candidate = opts.work / "candidate" / SHIPPED_NAME
+    report = evaluate(onnx_dir / SHIPPED_NAME, opts.data, opts.labels, split="val", val_fraction=val_fraction,
+                      limit=opts.limit, out=opts.work / "eval", compare=onnx_dir / "age.onnx",
+                      residuals_into=candidate)
+    print_eval(report)
+    result = {"checkpoint": str(opts.checkpoint), "run": _run_figures(info), "export": exported, "eval": report,
+              "shipped": False}
+    try:
+        result["gates"] = gates(report, opts)
+        failed = [g for g in result["gates"] if not g["passed"]]
+        if failed:
+            raise ShipError("not shipped: " + "; ".join(g["why"] for g in failed))
+        result["speed"] = cpu_speed(onnx_dir / "age.onnx", opts.work / "speed", opts.speed_seconds)
+        _add_metadata(candidate, report, info)
+        result["tracked_bytes"] = _check_budget(opts.into, candidate)
+        _install(opts, candidate, result, info)
+        result["shipped"] = True
+    finally:
+        opts.work.mkdir(parents=True, exist_ok=True)
+        (opts.work / "ship.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def _earlier_export(opts: ShipOptions, onnx_dir: Path) -> dict | None:
+    """The export a previous `ship` of this very checkpoint (by sha256) and calibration data left, if complete:
+    shipping again after a refusal re-scores, it does not convert again (minutes for a full-size model)."""
+    from export.age import file_sha256
+    try:
+        report = json.loads((onnx_dir / "export.json").read_text())
+    except (OSError, ValueError):
+        return None
+    names = ("age.onnx", "age_fp16.onnx", SHIPPED_NAME)
+    if report.get("calibration") != str(opts.data) or not all((onnx_dir / name).is_file() for name in names):
+        return None
+    if report.get("checkpoint_sha256") != file_sha256(opts.checkpoint):
+        return None
+    print(f"{onnx_dir}: the export of this checkpoint is there already (export.json): reused")
+    return report
+
+
+def gates(report: dict, opts: ShipOptions) -> list[dict]:
+    """Each gate with its figure, limit and verdict (ship.json keeps them, passed or not)."""
+    fp32 = report["compared_with"]
+    agreement = report.get("agreement")
+    rows = []
+
+    def gate(name: str, value, limit: float, passed: bool, why: str) -> None:
+        rows.append({"gate": name, "value": value, "limit": limit, "passed": passed, "why": why})
+
+    if report["mae"] is None:
+        gate("faces", 0, 1, False, f"no face found in the {report['n']} validation photos")
+        return rows
+    gate("mae", report["mae"], opts.max_mae, report["mae"] < opts.max_mae,
+         f"int8 MAE {report['mae']:.3f} years is not under {opts.max_mae} (the model it would replace)")
+    change = round(report["mae"] - fp32["mae"], 4)
+    gate("int8_mae_change", change, opts.max_int8_mae_change, abs(change) <= opts.max_int8_mae_change,
+         f"int8 MAE {report['mae']:.3f} is {change:+.3f} years from fp32's {fp32['mae']:.3f} "
+         f"(at most {opts.max_int8_mae_change})")
+    if agreement is None:
+        gate("int8_shift", None, opts.max_int8_shift, False,
+             "int8 and fp32 were not scored on the same faces: their shift cannot be measured")
+    else:
+        gate("int8_shift", agreement["max_abs_diff"], opts.max_int8_shift,
+             agreement["max_abs_diff"] <= opts.max_int8_shift,
+             f"int8 moves {agreement['max_abs_diff_file']} by {agreement['max_abs_diff']:.2f} years from fp32 "
+             f"(at most {opts.max_int8_shift})")
+    return rows
+
+
+def cpu_speed(fp32_model: Path, out: Path, seconds: float) -> dict:
+    """faces/s of fp32 and int8, batch 8 (a busy till's batch), plain `session.run`, every core of this CPU."""
+    from edge.speed import SpeedOptions, model_sweep
+    report = model_sweep(SpeedOptions(model=fp32_model, out=out, providers=["cpu"], variants=["fp32", "int8"],
+                                      batches=[8], modes=["plain"], point_seconds=seconds))
+    figures = {p["variant"]: p["faces_per_s"] for p in report["points"]}
+    return {"machine": report["machine"], "onnxruntime": report["onnxruntime"], "batch": 8, "faces_per_s": figures}
+
+
+def _run_figures(info: dict) -> dict:
+    """The training run as the model card tells it: recipe, data, split, time, throughput."""
+    run = info["run.json"]
+    summary = info.get("summary.json", {})
+    history = info["run_dir"] / "history.csv"
+    rows = list(csv.DictReader(history.open())) if history.is_file() else []
+    utilisation = [float(r["gpu_utilisation"]) for r in rows if r.get("gpu_utilisation")]
+    return {"run_dir": str(info["run_dir"]), "options": run["options"], "data": run["data"], "split": run["split"],
+            "device": run.get("device", {}), "epochs": summary.get("epochs_done", len(rows)),
+            "best_val_mae": summary.get("best_val_mae"), "best_epoch": summary.get("best_epoch"),
+            "train_seconds": summary.get("train_seconds"), "seconds_per_epoch": summary.get("seconds_per_epoch"),
+            "images_per_second": summary.get("images_per_second"),
+            "gpu_utilisation_mean": round(sum(utilisation) / len(utilisation), 1) if utilisation else None}
+
+
+def _add_metadata(model_path: Path, report: dict, info: dict) -> None:
+    """What `tillsight demo` and the status topic say about the model: its kind, licence and measured figures."""
+    import onnx
+    model = onnx.load(str(model_path))
+    options = info["run.json"]["options"]
+    c25 = report["challenge25"]
+    extra = {"tillsight.kind": f"ResNet50 ({options['head']} head, {options['input_size']} px, random init), int8",
+             "tillsight.licence": f"trained on {LICENCE}",
+             "tillsight.measured": f"MAE {report['mae']:.2f} years on {report['n_scored']} UTKFace validation faces "
+                                   f"(full pipeline); Challenge 25 flags {100 * c25['minors_13_17_flagged']:.1f} % "
+                                   f"of 13-17-year-olds, challenges {100 * c25['adults_30plus_challenged']:.1f} % "
+                                   f"of adults 30+" if c25["minors_13_17_flagged"] is not None
+                                   and c25["adults_30plus_challenged"] is not None
+                                   else f"MAE {report['mae']:.2f} years on {report['n_scored']} validation faces"}
+    kept = [p for p in model.metadata_props if p.key not in extra]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in extra.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(model_path))
+
+
+def _tracked_bytes(repo: Path) -> int | None:
+    """The bytes git tracks in the checkout around `repo`; None outside a git checkout."""
+    try:
+        root = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        names = subprocess.run(["git", "-C", root, "ls-files", "-z"], capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    total = 0
+    for name in names.decode().split("\0"):
+        path = Path(root) / name
+        if name and path.is_file():
+            total += path.stat().st_size
+    return total
+
+
+def _check_budget(into: Path, candidate: Path) -> int | None:
+    tracked = _tracked_bytes(into)
+    if tracked is None:
+        print(f"{into} is not in a git checkout: the 30 MB budget of the tracked tree is not checked")
+        return None
+    replaced = sum(p.stat().st_size for p in _age_files(into) if p.is_file())
+    after = tracked - replaced + candidate.stat().st_size
+    if after > TRACKED_BUDGET_BYTES:
+        raise ShipError(f"not shipped: the tracked tree would hold {after / 1e6:.1f} MB with {candidate.name} "
+                        f"({candidate.stat().st_size / 1e6:.1f} MB), over the {TRACKED_BUDGET_BYTES / 1e6:.0f} MB budget")
+    return after
+
+
+def _age_files(into: Path) -> list[Path]:
+    """Every ResNet50 age file (any variant) an earlier ship or export may have left in `into`."""
+    return [into / f"age{suffix}.onnx" for suffix in ("", "_fp16", "_int8")]
+
+
+def _install(opts: ShipOptions, candidate: Path, result: dict, info: dict) -> None:
+    for stale in _age_files(opts.into):  # one model answers: no variant of an older one may be picked instead
+        stale.unlink(missing_ok=True)
+    shutil.copyfile(candidate, opts.into / SHIPPED_NAME)
+    plots = opts.into / CARD_PLOTS
+    plots.mkdir(exist_ok=True)
+    sources = {"curves.png": info["run_dir"] / "curves.png"}
+    sources.update({name: opts.work / "eval" / name
+                    for name in ("error_by_band.png", "predicted_vs_true.png", "operating_points.png")})
+    for name, source in sources.items():
+        if source.is_file():
+            shutil.copyfile(source, plots / name)
+    shipped = opts.into / SHIPPED_NAME
+    result["file"] = {"path": str(shipped), "size_bytes": shipped.stat().st_size,
+                      "sha256": hashlib.sha256(shipped.read_bytes()).hexdigest()}
+    (opts.into / CARD_NAME).write_text(model_card(result, opts))
+    _replace_block(opts.into / "README.md", models_readme_block(result))
+    if opts.readme is not None:
+        _replace_block(opts.readme, readme_block(result), row=readme_row(result))
+
+
+def _replace_block(path: Path, text: str, row: str | None = None) -> None:
+    """Rewrite the generated block (and the `resnet50` table row) of a README; a file without them is left as it
+    is, with a line saying so."""
+    if not path.is_file():
+        print(f"{path} not found: its age model section is not updated")
+        return
+    content = path.read_text()
+    if not BLOCK_PATTERN.search(content):
+        print(f"{path} has no generated age model block: not updated")
+        return
+    content = BLOCK_PATTERN.sub(lambda _: BLOCK.format(text), content, count=1)
+    if row is not None:
+        content = README_ROW.sub(lambda _: row, content, count=1)
+    path.write_text(content)
+
+
+# ------------------------------------------------------------------ the texts
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def _years(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _target(key: str, value) -> str:
+    limit = CHALLENGE25_TARGETS[key]
+    if value is None:
+        return "n/a"
+    met = value >= limit if key == "minors_13_17_flagged" else value <= limit
+    return "met" if met else "**not met**"
+
+
+def readme_row(result: dict) -> str:
+    report, speed = result["eval"], result["speed"]
+    c25 = report["challenge25"]
+    return (f"| `resnet50` | our ResNet50 (random init, trained on UTKFace: **non-commercial research only**), "
+            f"`edge/models/{SHIPPED_NAME}` | MAE {_years(report['mae'])} years; Challenge 25 flags "
+            f"{_pct(c25['minors_13_17_flagged'])} of 13–17-year-olds, challenges "
+            f"{_pct(c25['adults_30plus_challenged'])} of adults 30+ | ~{speed['faces_per_s'].get('int8', 0):.0f} "
+            f"faces/s ({speed['machine']}, batch 8) |")
+
+
+def readme_block(result: dict) -> str:
+    report, run = result["eval"], result["run"]
+    return "\n".join([
+        f"The ResNet50 ships as `edge/models/{SHIPPED_NAME}` (model card: `edge/models/{CARD_NAME}`): "
+        f"MAE {_years(report['mae'])} years through the full pipeline on {report['n_scored']} UTKFace validation "
+        f"faces (fp32: {_years(report['compared_with']['mae'])}), after {run['epochs']} epochs "
+        f"({_minutes(run['train_seconds'])}) on {_device(run)}. It was trained on UTKFace, which is licensed for "
+        "**non-commercial research only**: before deploying, a retailer trains it again on data they hold the "
+        "rights to, with the same commands (`tillsight train`, then `tillsight ship`).",
+        "",
+        f"![training curves](edge/models/{CARD_PLOTS}/curves.png)",
+        f"![error by age band](edge/models/{CARD_PLOTS}/error_by_band.png)",
+    ])
+
+
+def models_readme_block(result: dict) -> str:
+    report = result["eval"]
+    return (f"`{SHIPPED_NAME}` ({result['file']['size_bytes'] / 1e6:.1f} MB): the trained ResNet50, int8, "
+            f"MAE {_years(report['mae'])} years on UTKFace validation faces (full pipeline). Trained on UTKFace: "
+            f"non-commercial research only. Model card: `{CARD_NAME}`. The light tier remains for weak till PCs: "
+            "its card is `LIGHT.md`.")
+
+
+# `tillsight train` options that are flags of the command (the rest are fixed by the code)
+TRAIN_FLAGS = ("input_size", "crop_margin", "head", "weights", "epochs", "batch_size", "learning_rate",
+               "weight_decay", "val_fraction", "limit", "seed", "mixed_precision", "minutes")
+
+
+def train_command(options: dict) -> str:
+    """The `tillsight train` command line that repeats the run (run.json's options)."""
+    words = ["tillsight train --data DIR --out RUN"]
+    words += [f"--{key.replace('_', '-')} {options[key]}" for key in TRAIN_FLAGS if options.get(key) is not None]
+    if options.get("data_parallel"):
+        words.append("--data-parallel")
+    return " ".join(words)
+
+
+def _minutes(seconds) -> str:
+    return "time unknown" if seconds is None else f"{seconds / 60:.1f} min of training"
+
+
+def _device(run: dict) -> str:
+    device = run["device"]
+    if not device:
+        return "an unrecorded device"
+    return (f"{'a GPU' if device.get('gpu') else 'the CPU'} ({device.get('backend')} backend"
+            f"{', bfloat16' if device.get('mixed_precision') else ''})")
+
+
+def model_card(result: dict, opts: ShipOptions) -> str:
+    report, fp32, run = result["eval"], result["eval"]["compared_with"], result["run"]
+    options, split, data = run["options"], run["split"], run["data"]
+    agreement, speed, export = result["eval"].get("agreement") or {}, result["speed"], result["export"]
+    c25, c25_fp32 = report["challenge25"], fp32["challenge25"]
+    recipe = train_command(options)
+    lines = [
+        "# ResNet50 age model — model card",
+        "",
+        f"The age model tillsight answers with by default (`models.age_model = \"auto\"`, tier `resnet50`). "
+        f"Written by `tillsight ship` on {datetime.now(timezone.utc):%Y-%m-%d}: run it again rather than edit this "
+        "file.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| What | ResNet50 (Keras 3), **random init** (no ImageNet weights exist here), {options['head']} head; "
+        f"input {options['input_size']}×{options['input_size']} RGB face crops, crop margin {options['crop_margin']} "
+        "(`edge.crop.crop_face`, as in training) |",
+        f"| File | `{SHIPPED_NAME}`, {result['file']['size_bytes'] / 1e6:.1f} MB, sha256 `{result['file']['sha256']}`: "
+        f"static int8 (QDQ, per-channel weights) calibrated on {export['int8'].get('calibration_crops', '?')} faces "
+        "outside the validation split, with its measured errors in the metadata (the risk policy's table). The "
+        f"fp32 file ({export['fp32']['size_bytes'] / 1e6:.0f} MB) and fp16 "
+        f"({export.get('fp16', {}).get('size_bytes', 0) / 1e6:.0f} MB) do not fit the repository's 30 MB: "
+        "`tillsight export CHECKPOINT --fp16` writes them for a GPU server |",
+        f"| Training data | UTKFace: {data.get('labelled')} labelled photos, {data.get('faces')} with a face found "
+        f"by the shipped detector. **Licence: non-commercial research only.** A retailer must not deploy this "
+        "file commercially: train on data you hold the rights to with the same commands, ship that, and check "
+        "its figures on your own labelled till footage with `tillsight eval` |",
+        f"| Split | by file name: sha1(name) < {split['val_fraction']} → validation ({split['val']} faces), "
+        f"else training ({split['train']}); the same rule as `tillsight eval --split val` |",
+        f"| Recipe | `{recipe}` (on the GPU machine: `scripts/device/train_age.sh`) |",
+        f"| Training | {run['epochs']} epochs, {_minutes(run['train_seconds'])} on {_device(run)}: "
+        f"{run['seconds_per_epoch']} s an epoch, {run['images_per_second']} images/s"
+        + (f", GPU utilisation {run['gpu_utilisation_mean']} % (NVML, mean of the epochs)"
+           if run["gpu_utilisation_mean"] is not None else "")
+        + f"; best validation MAE {_years(run['best_val_mae'])} years at epoch {run['best_epoch']} "
+        "(training-time crops, Keras) |",
+        "",
+        "## Accuracy through the full pipeline",
+        "",
+        f"`tillsight eval --model {SHIPPED_NAME} --compare age.onnx --split val`: the shipped detector, crop and "
+        f"ONNX Runtime on {report['n']} validation photos of `{Path(report['data']).name}` "
+        f"({report['n_no_face']} without a face found, {report['n_scored']} scored; both files on the same faces).",
+        "",
+        "| | faces | int8 (shipped) | fp32 |",
+        "|---|---|---|---|",
+        f"| MAE (years) | {report['n_scored']} | **{_years(report['mae'])}** | {_years(fp32['mae'])} |",
+    ]
+    lines += [f"| MAE {band} | {report['n_by_band'][band]} | {_years(value)} | {_years(fp32['mae_by_band'][band])} |"
+              for band, value in report["mae_by_band"].items()]
+    for key in ("mae_by_gender", "mae_by_race"):
+        counts = report[key.replace("mae_", "n_")]
+        lines += [f"| MAE {group} | {counts.get(group, '')} | {_years(value)} | {_years(fp32[key].get(group))} |"
+                  for group, value in report[key].items()]
+    lines += [
+        "",
+        "| Challenge 25 (estimated under 25) | target | int8 (shipped) | fp32 | |",
+        "|---|---|---|---|---|",
+        f"| true 13–17-year-olds flagged | ≥ 99 % | {_pct(c25['minors_13_17_flagged'])} | "
+        f"{_pct(c25_fp32['minors_13_17_flagged'])} | {_target('minors_13_17_flagged', c25['minors_13_17_flagged'])} |",
+        f"| true adults 30+ challenged | ≤ 10 % | {_pct(c25['adults_30plus_challenged'])} | "
+        f"{_pct(c25_fp32['adults_30plus_challenged'])} | "
+        f"{_target('adults_30plus_challenged', c25['adults_30plus_challenged'])} |",
+        f"| true adults 25+ challenged | | {_pct(c25['adults_25plus_challenged'])} | "
+        f"{_pct(c25_fp32['adults_25plus_challenged'])} | |",
+        "",
+        f"**int8 against fp32**, face by face: {agreement.get('mean_abs_diff', 'n/a')} years apart on average, "
+        f"{agreement.get('max_abs_diff', 'n/a')} at most (the gate: {opts.max_int8_shift}), MAE change "
+        f"{report['mae'] - fp32['mae']:+.3f} years (the gate: ±{opts.max_int8_mae_change}).",
+        "",
+        f"**Speed on a CPU** ({speed['machine']}, ONNX Runtime {speed['onnxruntime']}, batch {speed['batch']}): "
+        + ", ".join(f"{variant} {figure:.0f} faces/s" for variant, figure in speed["faces_per_s"].items()) + ".",
+        "",
+        f"![training curves]({CARD_PLOTS}/curves.png)",
+        f"![error by age band]({CARD_PLOTS}/error_by_band.png)",
+        f"![predicted against true age]({CARD_PLOTS}/predicted_vs_true.png)",
+        f"![operating points]({CARD_PLOTS}/operating_points.png)",
+        "",
+        "## Known limits",
+        "",
+        "- UTKFace's labels can be wrong (its authors describe the ages as estimated by an algorithm and checked "
+        "by a person), its photos are portraits from the web, not till cameras looking down, and its groups are "
+        "unequal (see the table): the figures above say how the model does on UTKFace, not in a store. Measure "
+        "on your own footage before trusting a threshold.",
+        "- The age bands with few validation faces (see `faces`) have the least certain figures.",
+        "- Served at the till through the detector: faces under `models.min_face_px` are not aged, and the budget's "
+        "face-quality checks (`[budget]`) skip blurred and turned faces.",
+        "- Random init: no ImageNet pre-training exists here. Published ResNet-50 results on UTKFace, which start "
+        "from ImageNet weights, are 4.4–4.7 years MAE.",
+        "",
+    ]
+    return "\n".join(lines)
