@@ -83,6 +83,14 @@ def test_export_checks_parity_and_writes_the_variants(run, tmp_path, utkface):
     assert meta["tillsight.crop_margin"] == "0.0" and meta["tillsight.head"] == "distribution"
     assert [o.name for o in model.graph.output] == ["age", "age_spread"]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    int8 = onnx.load(out / "age_int8.onnx")
+    produced_by = {name: node for node in int8.graph.node for name in node.output}
+    softmax = next(node for node in int8.graph.node if node.op_type == "Softmax")
+    assert produced_by[softmax.input[0]].op_type != "DequantizeLinear"  # the head computes in float
+    assert all(node.op_type not in ("QuantizeLinear", "DequantizeLinear")
+               for node in int8.graph.node if softmax.output[0] in node.input)
+    convolutions = [node for node in int8.graph.node if node.op_type == "Conv"]
+    assert all(produced_by[node.input[0]].op_type == "DequantizeLinear" for node in convolutions)  # int8 backbone
     # the exported model serves: through eval, i.e. the daemon's detector, crop and AgeModel
     result = tillsight("eval", "--model", str(out / "age_int8.onnx"), "--data", str(utkface), "--limit", "12",
                        "--json")

@@ -96,6 +96,7 @@ def agreement(face_sets: list[FaceSet], predictions: list[np.ndarray]) -> dict |
     shift = np.abs(predictions[0] - predictions[1])
     worst = int(np.argmax(shift))
     return {"n": len(shift), "mean_abs_diff": round(float(shift.mean()), 4),
+            "p99_abs_diff": round(float(np.percentile(shift, 99)), 3), "over_3_years": int(np.count_nonzero(shift > 3)),
             "max_abs_diff": round(float(shift[worst]), 3), "max_abs_diff_file": names[0][worst]}
 
 
@@ -139,7 +140,8 @@ def print_eval(report: dict) -> None:
     if report.get("agreement"):
         shift = report["agreement"]
         print(f"the two models on the same {shift['n']} faces: estimates apart by {shift['mean_abs_diff']} years "
-              f"on average, {shift['max_abs_diff']} at most ({shift['max_abs_diff_file']})")
+              f"on average, {shift['p99_abs_diff']} at the 99th percentile, {shift['max_abs_diff']} at most "
+              f"({shift['max_abs_diff_file']}); {shift['over_3_years']} faces apart by more than 3 years")
 
 
 def _pct(value) -> str:
