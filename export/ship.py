@@ -64,11 +64,11 @@ class ShipOptions:
 def ship(opts: ShipOptions) -> dict:
     from export.age import export_age_model, run_info
     from training.evaluate import evaluate, print_eval
+    (opts.work / "ship.json").unlink(missing_ok=True)  # it must describe this attempt, never an older one
     if not opts.into.is_dir():
         raise ShipError(f"{opts.into} is not a folder: run from the repository root or pass --into edge/models")
     if not opts.checkpoint.is_file():
         raise ShipError(f"checkpoint not found: {opts.checkpoint}")
-    (opts.work / "ship.json").unlink(missing_ok=True)  # it must describe this attempt, never an older one
     info = run_info(opts.checkpoint)
     if "run.json" not in info:
         raise ShipError(f"no run.json beside {opts.checkpoint}: ship needs the training run's folder (its split, "

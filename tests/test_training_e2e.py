@@ -193,6 +193,13 @@ def test_bad_inputs_are_one_line_errors(tmp_path, utkface):
     no_models = {**os.environ, "TILLSIGHT_MODEL_DIR": str(tmp_path / "empty-cache")}
     result = tillsight("eval", "--data", str(utkface), "--limit", "3", env=no_models)
     assert result.returncode == 1 and "run `tillsight models fetch light`" in result.stderr.strip().splitlines()[-1]
+    result = tillsight("ship", str(tmp_path / "run" / "best.keras"), "--data", str(utkface), "--into", str(tmp_path))
+    assert (result.returncode, result.stderr.strip()) == (1, f"tillsight: error: checkpoint not found: "
+                                                             f"{tmp_path / 'run' / 'best.keras'}")
+    result = tillsight("ship", str(bad), "--data", str(utkface), "--into", str(tmp_path / "nowhere"))
+    assert (result.returncode, result.stderr.strip()) == (1, f"tillsight: error: {tmp_path / 'nowhere'} is not a "
+                                                             "folder: run from the repository root or pass --into "
+                                                             "edge/models")
     result = tillsight("train", "--data", str(utkface), "--out", str(tmp_path / "w"), "--weights", "imagenet", *TINY)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("tillsight: error: ImageNet weights cannot be had")
