@@ -15,7 +15,8 @@ mkdir -p "$DATA" && cp .device/data/* "$DATA"/ 2>/dev/null
 case "${1:?setup or train}" in
   setup)
     $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .device/whl/*.whl || exit 1
-    $PY -c "import keras, jax; print('keras', keras.__version__, 'jax', jax.__version__, jax.devices())"
+    # every module call 2 needs, imported now: a missing one costs this call, not the training's
+    $PY -c "import keras, jax, edge.config, training.model, training.progress; print('keras', keras.__version__, 'jax', jax.__version__, jax.devices())" || exit 1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     ls -la "$DATA" ;;
   train)
