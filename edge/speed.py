@@ -73,7 +73,7 @@ def _cuda_label(options: dict) -> str:
 
 def _open(path: Path, providers: list[str], cuda_options: dict, threads: int, graph: bool = False):
     import onnxruntime as ort
-    from edge.runtime import resolve_providers, session_options
+    from edge.runtime import fold_int8_weights, resolve_providers, session_options
     chosen = []
     for name in resolve_providers(providers):
         if name == "CUDAExecutionProvider":
@@ -83,7 +83,7 @@ def _open(path: Path, providers: list[str], cuda_options: dict, threads: int, gr
             chosen.append((name, options))
         else:
             chosen.append(name)
-    options = session_options(threads)
+    options = fold_int8_weights(session_options(threads), path)
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=chosen)
 

@@ -120,21 +120,42 @@ def test_ship_refuses_a_model_under_the_gates_and_ships_one_over_them_with_its_c
     refused = tillsight("ship", *common, timeout=600)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     line = refused.stderr.strip().splitlines()[-1]
-    assert line.startswith("tillsight: error: not shipped: int8 MAE ") and "is not under 6.04" in line
+    assert line.startswith("tillsight: error: not shipped: int8 (weights and activations): int8 MAE ")
+    assert "is not under 6.04 (the model it would replace)" in line and "; fp32's MAE is " in line
     assert line.endswith(f"(figures: {work / 'ship.json'})")
     assert sorted(p.name for p in into.iterdir()) == ["README.md"]
     assert all(path.read_bytes() == data for path, data in before.items())
     figures = json.loads((work / "ship.json").read_text())
     mae_gate = next(g for g in figures["gates"] if g["gate"] == "mae")
     assert figures["shipped"] is False and mae_gate["passed"] is False and mae_gate["value"] == figures["eval"]["mae"]
+    assert [a["recipe"] for a in figures["attempts"]] == ["weights and activations"]  # fp32 itself is short: no more
+    full_shift = figures["eval"]["agreement"]["max_abs_diff"]
 
-    shipped = tillsight("ship", *common, "--max-mae", "100", "--max-int8-mae-change", "50", "--max-int8-shift", "100",
-                        timeout=600)
+    # a shift limit full int8 misses: the int8 weights with float maths are tried next, and ship
+    loose = ["--max-mae", "100", "--max-int8-mae-change", "50"]
+    shipped = tillsight("ship", *common, *loose, "--max-int8-shift", f"{0.9 * full_shift:.4f}", timeout=600)
     assert shipped.returncode == 0, shipped.stderr[-2000:]
     assert "the export of this checkpoint is there already (export.json): reused" in shipped.stdout
     figures = json.loads((work / "ship.json").read_text())
+    first, second = figures["attempts"]
+    assert [g["gate"] for g in first["gates"] if not g["passed"]] == ["int8_shift"] and figures["recipe"] == "weights only"
+    assert all(g["passed"] for g in second["gates"]) and figures["eval"]["agreement"]["max_abs_diff"] < full_shift
+    assert "Full int8 was not good enough (int8 moves " in (into / "AGE.md").read_text()
+    from edge.runtime import fold_int8_weights, session_options
+    folded = fold_int8_weights(session_options(), into / "age_int8.onnx")  # folded at load: fp32's speed
+    assert folded.get_session_config_entry("session.disable_quant_qdq") == "1"
+    assert AgeModel.load(into / "age_int8.onnx", ["cpu"]).info.metadata["tillsight.quantization"] == "weights"
+    unfolded = fold_int8_weights(session_options(), work / "onnx" / "age_int8.onnx")  # full int8 keeps its kernels
+    with pytest.raises(RuntimeError, match="does not have configuration with key"):
+        unfolded.get_session_config_entry("session.disable_quant_qdq")
+
+    shipped = tillsight("ship", *common, *loose, "--max-int8-shift", "100", timeout=600)
+    assert shipped.returncode == 0, shipped.stderr[-2000:]
+    figures = json.loads((work / "ship.json").read_text())
     report, mae = figures["eval"], figures["eval"]["mae"]
     assert figures["shipped"] is True and all(g["passed"] for g in figures["gates"])
+    assert figures["recipe"] == "weights and activations" and len(figures["attempts"]) == 1
+    assert "tillsight.quantization" not in AgeModel.load(into / "age_int8.onnx", ["cpu"]).info.metadata
     assert report["n"] == 12 and report["agreement"]["n"] == report["n_scored"] > 0
     assert next(g for g in figures["gates"] if g["gate"] == "int8_shift")["value"] == report["agreement"]["max_abs_diff"]
     assert set(figures["speed"]["faces_per_s"]) == {"fp32", "int8"} and min(figures["speed"]["faces_per_s"].values()) > 0
