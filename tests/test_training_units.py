@@ -103,3 +103,26 @@ def test_ship_gates_each_give_their_figure_and_reason():
     unpaired = gates({**report, "agreement": None}, opts)
     assert [g["passed"] for g in unpaired if g["gate"] == "int8_shift"] == [False]  # not measured is not passed
     assert gates({**report, "mae": None}, opts)[0]["gate"] == "faces"
+
+
+def test_ship_size_budget_counts_the_tracked_tree_with_the_new_model_card_and_plots(tmp_path, monkeypatch):
+    import subprocess
+    from pathlib import Path
+
+    from export import ship
+    repo = tmp_path / "repo"
+    into = repo / "edge" / "models"
+    into.mkdir(parents=True)
+    (repo / "code.py").write_bytes(b"x" * 1000)
+    (into / "age_int8.onnx").write_bytes(b"o" * 5000)  # an older model: replaced, not added to
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", "."], check=True)
+    candidate, plot = tmp_path / "age_int8.onnx", tmp_path / "curves.png"
+    candidate.write_bytes(b"n" * 3000)
+    plot.write_bytes(b"p" * 700)
+    after = ship._check_budget(into, candidate, {"curves.png": plot, "missing.png": tmp_path / "none.png"})
+    assert after == 1000 + 3000 + ship.CARD_BYTES + 700
+    monkeypatch.setattr(ship, "TRACKED_BUDGET_BYTES", after - 1)
+    with pytest.raises(ship.ShipError, match=r"^not shipped: the tracked tree would hold .* over the"):
+        ship._check_budget(into, candidate, {"curves.png": plot})
+    assert ship._check_budget(Path("/"), candidate, {}) is None  # outside a git checkout: said, not checked
