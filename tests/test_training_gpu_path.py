@@ -109,7 +109,7 @@ def test_best_weights_travel_in_parts_and_rebuild_the_same_model(tmp_path):
     from training.model import build_model, predict_ages
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    model = build_model(32, "distribution")
+    model = build_model(32, "distribution", seed=0)
     model.save(run / "checkpoints" / "best.keras")
     (run / "run.json").write_text(json.dumps({"options": {"input_size": 32, "head": "distribution"}}))
     (run / "history.csv").write_text("epoch,loss\n0,1.0\n")
@@ -122,7 +122,9 @@ def test_best_weights_travel_in_parts_and_rebuild_the_same_model(tmp_path):
     assert (tmp_path / "here" / "history.csv").read_text() == "epoch,loss\n0,1.0\n"
     rebuilt = keras.models.load_model(tmp_path / "here" / "checkpoints" / "best.keras", compile=False)
     crops = np.random.default_rng(2).uniform(0, 255, (4, 32, 32, 3)).astype(np.float32)
-    assert np.abs(predict_ages(model, crops) - predict_ages(rebuilt, crops)).max() < 0.05
+    # float16 weights move a random-init network's ages by up to 0.07 years (seen over unseeded runs);
+    # a weight out of place moves them by years
+    assert np.abs(predict_ages(model, crops) - predict_ages(rebuilt, crops)).max() < 0.25
     damaged = bytearray(parts[1].read_bytes())
     damaged[-1] ^= 0xFF  # one byte changed, whatever it was
     parts[1].write_bytes(bytes(damaged))
