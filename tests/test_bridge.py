@@ -1,12 +1,18 @@
 """The shipped store -> HQ bridge (deploy/mosquitto-bridge.conf) between two real mosquitto
-processes: nothing lost and nothing out of order across an HQ outage."""
+processes, HQ holding the store to its ACL: nothing lost and nothing out of order across an HQ
+outage, and HQ told when a store's link goes down and comes back."""
 
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import re
+import shutil
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -24,12 +30,34 @@ DELIVERY_S = 15.0  # after HQ is back: the bridge retries at most 10 s apart (re
 TOPIC = "tillsight/store-0042/till-1/alert"
 
 
+STORE = "store-0042"  # the shipped file's store, and its identity at HQ
+STORE_PASSWORD = "store-0042-secret"
+LINK_STATE = f"tillsight/{STORE}/bridge/state"
+# HQ's ACL as deploy/README.md gives it: each store's identity writes its own store's topics only;
+# the test's HQ applications (anonymous, on loopback) read everything of tillsight
+HQ_ACL = "topic read tillsight/#\npattern write tillsight/%u/#\n"
+
+
 def store_bridge_config(hq_port: int) -> str:
-    """The shipped bridge file, pointed at the test's HQ broker (no TLS: its lines are comments)."""
+    """The shipped bridge file, pointed at the test's HQ broker, with the store's credentials there
+    (no TLS: its lines are comments)."""
     text = BRIDGE_CONF.read_text()
-    text, replaced = re.subn(r"^address .*$", f"address 127.0.0.1:{hq_port}", text, flags=re.M)
-    assert replaced == 1, "the bridge file should have exactly one address line"
+    for pattern, line in ((r"^address .*$", f"address 127.0.0.1:{hq_port}"),
+                          (r"^# remote_username .*$", f"remote_username {STORE}"),
+                          (r"^# remote_password .*$", f"remote_password {STORE_PASSWORD}")):
+        text, replaced = re.subn(pattern, line, text, flags=re.M)
+        assert replaced == 1, f"the bridge file should have exactly one line {pattern}"
     return text
+
+
+def hq_broker(tmp_path: Path) -> LocalBroker:
+    """HQ: a persistent broker that knows the store by its password and holds it to its ACL."""
+    passwords, acl = tmp_path / "hq-passwords", tmp_path / "hq-acl"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), STORE, STORE_PASSWORD], check=True)
+    acl.write_text(HQ_ACL)
+    # as root, mosquitto would switch to its own user, which cannot read pytest's private folders
+    return LocalBroker(persistence=True, extra_config=f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
+                                                      f"password_file {passwords}\nacl_file {acl}\n")
 
 
 def hq_consumer(port: int) -> Subscriber:
@@ -46,7 +74,7 @@ def wait_for_bridge(store_port: int, timeout: float = 10) -> None:
     """The bridge's notification (retained, on the store broker) says 1 once it is connected."""
     connected = threading.Event()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bridge-watch")
-    client.on_connect = lambda c, u, f, rc, p: c.subscribe("$SYS/broker/connection/+/state")
+    client.on_connect = lambda c, u, f, rc, p: c.subscribe(LINK_STATE)
     client.on_message = lambda c, u, msg: msg.payload == b"1" and connected.set()
     client.connect("127.0.0.1", store_port)
     client.loop_start()
@@ -58,10 +86,10 @@ def wait_for_bridge(store_port: int, timeout: float = 10) -> None:
 
 
 @pytest.fixture
-def brokers():
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto is not installed (make test installs the Debian package)")
-    hq = LocalBroker(persistence=True)
+def brokers(tmp_path):
+    if find_mosquitto() is None or shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto and mosquitto_passwd are not installed (make test installs the Debian package)")
+    hq = hq_broker(tmp_path)
     with hq:
         with LocalBroker(extra_config=store_bridge_config(hq.port), persistence=True) as store:
             yield store, hq
@@ -105,4 +133,41 @@ def test_bridge_delivers_everything_in_order_across_an_hq_outage(brokers):
     finally:
         daemon.loop_stop()
         daemon.disconnect()
+        consumer.close()
+
+
+def link_states(consumer: Subscriber) -> list[bytes]:
+    return consumer.payloads(LINK_STATE)
+
+
+def test_hq_is_told_when_a_stores_link_goes_down_and_comes_back_and_the_store_speaks_only_for_itself(brokers):
+    store, hq = brokers
+    wait_for_bridge(store.port)
+    consumer = Subscriber(hq.port, "tillsight/#")
+    daemon = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="daemon")
+    daemon.connect("127.0.0.1", store.port)
+    daemon.loop_start()
+    try:
+        assert consumer.wait_for(lambda c: link_states(c) == [b"1"], 5), link_states(consumer)  # retained
+        # a daemon configured with another store's id: the bridge forwards it, HQ's ACL drops it
+        for topic in ("tillsight/store-0099/till-1/alert", TOPIC):
+            daemon.publish(topic, json.dumps({"seq": 0}), qos=1).wait_for_publish(5)
+        assert consumer.wait_for(lambda c: c.json(TOPIC), 10)
+        time.sleep(0.5)
+        assert not consumer.json("store-0099/till-1/alert"), "HQ took a message for another store"
+
+        store.process.kill()  # a power cut in the store, or its broker killed: the bridge's will at HQ
+        store.process.wait()
+        assert consumer.wait_for(lambda c: link_states(c)[-1:] == [b"0"], 10), link_states(consumer)
+        late = Subscriber(hq.port, LINK_STATE)  # a dashboard that starts now sees the link down
+        assert late.wait_for(lambda c: link_states(c) == [b"0"], 5), link_states(late)
+        late.close()
+
+        store.start()
+        assert consumer.wait_for(lambda c: link_states(c)[-1:] == [b"1"], 15), link_states(consumer)
+        store.stop()  # a clean stop says so too
+        assert consumer.wait_for(lambda c: link_states(c)[-1:] == [b"0"], 10), link_states(consumer)
+        assert link_states(consumer) == [b"1", b"0", b"1", b"0"]
+    finally:
+        daemon.loop_stop()
         consumer.close()

@@ -41,6 +41,11 @@ class Subscriber:
         with self._lock:
             return [json.loads(p) for t, p, _ in self.messages if t.endswith(suffix)]
 
+    def payloads(self, topic: str) -> list[bytes]:
+        """The raw payloads received on exactly this topic, in order."""
+        with self._lock:
+            return [p for t, p, _ in self.messages if t == topic]
+
     def since(self, start: int) -> list[tuple[str, dict]]:
         """(topic, JSON body) of the messages from index `start` on."""
         with self._lock:
