@@ -172,7 +172,7 @@ def served_variant(onnx_path: Path) -> str:
 
 
 def pipeline_stages(video: Path, model: str, broker: LocalBroker, config: dict) -> dict:
-    from edge.cli import run_replay
+    from edge.service import run_replay
     from edge.config import parse_config
     from edge.detect import FaceDetector
     decode = _frames_per_second(video, lambda image: None)

@@ -6,20 +6,11 @@ import argparse
 import json
 import signal
 import sys
-import time
 from pathlib import Path
 
 from edge import __version__
 
-EXIT_FAILURE, EXIT_USAGE = 1, 2
-
-
-class UserError(Exception):
-    """A mistake the user can fix: printed as one line, never a traceback."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILURE):
-        super().__init__(message)
-        self.code = code
+from edge.errors import EXIT_FAILURE, EXIT_USAGE, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,54 +245,12 @@ def replay_config(video: Path, config_path: Path | None, fps: float | None):
 
 def cmd_replay(args) -> int:
     from edge.logs import setup_logging
-    from edge.service import Service
+    from edge.service import run_replay
     config = replay_config(args.video, args.config, args.fps)
     setup_logging("warning" if args.config is None else config.logging.level, config.logging.format)
     summary = run_replay(config, args.realtime, args.ack_timeout)
     print(json.dumps(summary))
     return 0
-
-
-def run_replay(config, realtime: bool = False, ack_timeout: float = 30.0, on_start=None) -> dict:
-    """Replay the config's (file) cameras to the end; raise UserError if anything was lost.
-
-    `on_start(age_model)` is called once the models are loaded."""
-    from edge.service import Service
-    service = Service(config, replay=True, realtime=realtime)
-    if on_start is not None:
-        on_start(service.age_model)
-    started = time.perf_counter()
-    service.start()
-    try:
-        service.run_until_stopped()
-    except KeyboardInterrupt:
-        service.stop(ack_timeout)
-        raise
-    seconds = time.perf_counter() - started
-    delivered = service.stop(ack_timeout)
-    stats = service.stats()
-    failed = [r.status for r in service.readers if r.status.state == "failed"]
-    if failed:
-        raise UserError(f"camera {failed[0].camera_id}: {failed[0].last_error}")
-    if stats["errors"]:
-        raise UserError(f"pipeline failed: {stats['errors'][0]}")
-    if stats["inference_errors"]:
-        batches = service.batcher.stats
-        raise UserError(f"age model failed on {batches.errors} of {batches.errors + batches.calls} calls "
-                        f"({stats['inference_errors']} frames without ages): {batches.failing or 'see the log'}")
-    publisher, mqtt = service.publisher, config.mqtt
-    if publisher.denied:
-        raise UserError(f"the MQTT broker at {mqtt.host}:{mqtt.port} refused {publisher.denied} messages "
-                        f"(not authorised: check the broker's ACL for this user's topics)")
-    if not delivered:
-        why = f": {publisher.connection_error}" if publisher.connection_error else ""
-        raise UserError(f"MQTT broker at {mqtt.host}:{mqtt.port}{why}; {publisher.unacknowledged()} messages "
-                        f"not acknowledged within {ack_timeout:g} s")
-    return {**{k: v for k, v in stats.items() if k != "errors"}, "seconds": round(seconds, 3),
-            "fps": round(stats["frames"] / seconds, 1) if seconds else None,
-            "provider": service.age_model.providers[0], "age_model": service.age_model.tier,
-            **({"provider_fallback": service.provider_fallback.text} if service.provider_fallback else {}),
-            "batches": service.batcher.stats.calls}
 
 
 def cmd_predict(args) -> int:

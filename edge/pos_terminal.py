@@ -21,6 +21,26 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 
+def describe(topic: str, payload: bytes) -> str:
+    """One printable line per message; a payload that is not JSON is reported, not trusted."""
+    try:
+        body = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # deep nesting too
+        return f"{topic}  (not JSON, {len(payload)} bytes)"
+    if not isinstance(body, dict):
+        return f"{topic}  (unexpected JSON {type(body).__name__})"
+    if "decision" in body:
+        facts = f"age {body.get('age')} ± {body.get('spread')}, {body.get('samples')} samples, track {body.get('track')}"
+        extra = f" ({body.get('error')})" if body.get("decision") == "error" else f" ({facts}, {body.get('waited_ms')} ms)"
+        return f"{topic}  ANSWER for {body.get('camera')}: {str(body.get('decision')).upper()}{extra}"
+    if topic.endswith("/alert"):
+        return f"{topic}  ASK FOR ID: track {body.get('track')} looks {body.get('age')} (challenge {body.get('challenge_age')})"
+    if topic.endswith("/estimate"):
+        kind = "final" if body.get("final") else "update"
+        return f"{topic}  track {body.get('track')} age {body.get('age')} ± {body.get('spread')} ({body.get('samples')} samples, {kind})"
+    return f"{topic}  {json.dumps(body, separators=(',', ':'))}"
+
+
 class PosError(Exception):
     """The broker or the daemon did not answer: one line for the user."""
 
@@ -110,7 +130,6 @@ class Terminal:
         return {**answered[0], "round_trip_ms": round(1000 * (time.monotonic() - sent), 1)}
 
     def watch(self, print_line, seconds: float | None = None) -> None:
-        from edge.demo import describe
         seen = RecentIds()
 
         def on_message(msg) -> None:

@@ -22,6 +22,7 @@ from edge.budget import wants_age
 from edge.capture import END_OF_STREAM, CameraReader
 from edge.config import CameraConfig, Config, ModelsConfig
 from edge.detect import FaceDetector
+from edge.errors import UserError
 from edge.infer import AgeBatcher, AgeModel
 from edge.metrics import Metrics
 from edge.notify import SystemdNotifier, WatchdogFeeder, stalled_parts
@@ -158,7 +159,7 @@ class CameraPipeline(threading.Thread):
         crops = np.stack([info.crop(frame.image, face) for _, face in chosen])
         try:
             ages = self.batcher.submit(crops).result(timeout=60)
-        except Exception as exc:  # e.g. a GPU out of memory: lose these ages, keep the camera
+        except Exception:  # e.g. a GPU out of memory: lose these ages, keep the camera
             self.stats.inference_errors += 1  # the batcher logs once per bout; the status says degraded
             log.debug("age inference failed, frame skipped", extra={"camera": self.camera.id})
             return
@@ -430,3 +431,44 @@ def outbox_path(config: Config, replay: bool) -> Path | None:
 def _hostname_id() -> str:
     name = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:64]
     return name or "tillsight"
+
+
+def run_replay(config, realtime: bool = False, ack_timeout: float = 30.0, on_start=None) -> dict:
+    """Replay the config's (file) cameras to the end; raise UserError if anything was lost.
+
+    `on_start(age_model)` is called once the models are loaded."""
+    service = Service(config, replay=True, realtime=realtime)
+    if on_start is not None:
+        on_start(service.age_model)
+    started = time.perf_counter()
+    service.start()
+    try:
+        service.run_until_stopped()
+    except KeyboardInterrupt:
+        service.stop(ack_timeout)
+        raise
+    seconds = time.perf_counter() - started
+    delivered = service.stop(ack_timeout)
+    stats = service.stats()
+    failed = [r.status for r in service.readers if r.status.state == "failed"]
+    if failed:
+        raise UserError(f"camera {failed[0].camera_id}: {failed[0].last_error}")
+    if stats["errors"]:
+        raise UserError(f"pipeline failed: {stats['errors'][0]}")
+    if stats["inference_errors"]:
+        batches = service.batcher.stats
+        raise UserError(f"age model failed on {batches.errors} of {batches.errors + batches.calls} calls "
+                        f"({stats['inference_errors']} frames without ages): {batches.failing or 'see the log'}")
+    publisher, mqtt = service.publisher, config.mqtt
+    if publisher.denied:
+        raise UserError(f"the MQTT broker at {mqtt.host}:{mqtt.port} refused {publisher.denied} messages "
+                        f"(not authorised: check the broker's ACL for this user's topics)")
+    if not delivered:
+        why = f": {publisher.connection_error}" if publisher.connection_error else ""
+        raise UserError(f"MQTT broker at {mqtt.host}:{mqtt.port}{why}; {publisher.unacknowledged()} messages "
+                        f"not acknowledged within {ack_timeout:g} s")
+    return {**{k: v for k, v in stats.items() if k != "errors"}, "seconds": round(seconds, 3),
+            "fps": round(stats["frames"] / seconds, 1) if seconds else None,
+            "provider": service.age_model.providers[0], "age_model": service.age_model.tier,
+            **({"provider_fallback": service.provider_fallback.text} if service.provider_fallback else {}),
+            "batches": service.batcher.stats.calls}

@@ -115,5 +115,5 @@ def test_demo_runs_with_a_local_broker():
     (b"[" * 100_000, "t/x/alert  (not JSON, 100000 bytes)"),
 ])
 def test_demo_pos_survives_hostile_payloads(payload, expected):
-    from edge.demo import describe
+    from edge.pos_terminal import describe
     assert describe("t/x/alert", payload) == expected

@@ -12,7 +12,7 @@ import pytest
 
 from edge import __version__
 from edge.broker import LocalBroker, free_port
-from edge.cli import run_replay
+from edge.service import run_replay
 from edge.config import parse_config
 from tskit import REPO, Subscriber, tillsight, write_config
 

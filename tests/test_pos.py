@@ -19,7 +19,7 @@ import pytest
 
 from edge.policy import Policy
 from edge.pos import PosDesk
-from edge.pos_terminal import PosError, Terminal
+from edge.pos_terminal import Terminal
 from edge.types import CustomerView, TillView
 from test_cli import one_line_error
 from tskit import REPO, Subscriber, tillsight, write_config

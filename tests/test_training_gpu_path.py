@@ -17,7 +17,8 @@ keras = pytest.importorskip("keras", reason="the train extra is not installed")
 from keras import ops  # noqa: E402
 
 from training.augment import FaceJitter, inverse_affine  # noqa: E402
-from training.train import TrainOptions, learning_rate  # noqa: E402
+from training.progress import learning_rate  # noqa: E402
+from training.train import TrainOptions  # noqa: E402
 
 
 def _smooth_image(size=32):

@@ -10,7 +10,8 @@ import keras
 import numpy as np
 
 from edge.gpu import GpuSampler
-from training.train import CHECKPOINT_EVERY_S, metric_name, learning_rate
+
+CHECKPOINT_EVERY_S = 120.0  # last.keras and best.keras this often, and at the end (training/train.py says why)
 
 
 class Progress(keras.callbacks.Callback):
@@ -83,3 +84,18 @@ class Progress(keras.callbacks.Callback):
         temporary.write_text(json.dumps(self.state))
         temporary.replace(self.state_file)
         self.saved_at = time.monotonic()
+
+
+def learning_rate(opts, done: float) -> float:
+    """The run's (`opts`: its TrainOptions) learning rate: linear warm-up from a tenth over
+    `warmup_epochs`' share of the run, then cosine down to a hundredth.
+    done: the share of the run behind us, 0..1 (epochs, or minutes when the run has a time budget)."""
+    warmup = min(0.5, opts.warmup_epochs / max(opts.epochs, 1)) if opts.minutes is None else 0.03
+    if done < warmup:
+        return opts.learning_rate * (0.1 + 0.9 * done / warmup)
+    cosine = 0.5 * (1 + np.cos(np.pi * min(1.0, (done - warmup) / max(1e-9, 1 - warmup))))
+    return float(opts.learning_rate * (0.01 + 0.99 * cosine))
+
+
+def metric_name(head: str) -> str:
+    return "expected_age_mae" if head == "distribution" else "age_mae"

@@ -5,7 +5,7 @@ Run folder layout (all written by this command):
     faces.npz                the detected, cropped faces (reused on resume; derived from the data: never commit)
     checkpoints/best.keras   best validation MAE so far (no optimizer state)
     checkpoints/last.keras   the latest checkpoint, optimizer included (resume); written every
-                             CHECKPOINT_EVERY_S and at the end, not every epoch: with Adam's
+                             progress.CHECKPOINT_EVERY_S and at the end, not every epoch: with Adam's
                              state a ResNet50 checkpoint is ~280 MB, seconds an epoch on a GPU
     history.csv, curves.png  per-epoch loss and MAE, as numbers and as a plot
     summary.json             the outcome: data counts, best MAE, time per epoch
@@ -51,9 +51,6 @@ class TrainOptions:
     # overrun it. For a GPU lent for a fixed time, where the epochs that fit are known only there.
     minutes: float | None = None
     workers: int | None = None  # processes detecting faces (default: one per core)
-
-
-CHECKPOINT_EVERY_S = 120.0
 
 
 class TrainError(Exception):
@@ -207,17 +204,3 @@ def _optimizer(opts: TrainOptions):
     optimizer = keras.optimizers.AdamW(opts.learning_rate, weight_decay=opts.weight_decay)
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
     return optimizer
-
-
-def learning_rate(opts: TrainOptions, done: float) -> float:
-    """Linear warm-up from a tenth over `warmup_epochs`' share of the run, then cosine down to a hundredth.
-    done: the share of the run behind us, 0..1 (epochs, or minutes when the run has a time budget)."""
-    warmup = min(0.5, opts.warmup_epochs / max(opts.epochs, 1)) if opts.minutes is None else 0.03
-    if done < warmup:
-        return opts.learning_rate * (0.1 + 0.9 * done / warmup)
-    cosine = 0.5 * (1 + np.cos(np.pi * min(1.0, (done - warmup) / max(1e-9, 1 - warmup))))
-    return float(opts.learning_rate * (0.01 + 0.99 * cosine))
-
-
-def metric_name(head: str) -> str:
-    return "expected_age_mae" if head == "distribution" else "age_mae"
