@@ -39,23 +39,28 @@ def scenes(tmp_path_factory, utkface):
     return videos
 
 
+def scene_frames(path, times):
+    """(video time, the customer at the till or None, BGR frame) of each frame of a composed scene."""
+    capture, index = cv2.VideoCapture(str(path)), 0
+    while True:
+        ok, image = capture.read()
+        if not ok:
+            return
+        t = index / FPS
+        yield t, next((k for k, (enter, leave) in enumerate(times) if enter <= t < leave), None), image
+        index += 1
+
+
 def track_scene(path, times, min_similarity):
     """(merges, splits, customers seen): a merge is a customer added to another's track, a split a
     customer's second track; only tracks of 3+ frames count, as only those are published as customers."""
     detector, tracker = FaceDetector(min_face_px=24), FaceTracker("till", min_similarity=min_similarity)
     frames_of: dict[int, list[int]] = {}  # track id -> customer of each of its frames
-    capture, index = cv2.VideoCapture(str(path)), 0
-    while True:
-        ok, image = capture.read()
-        if not ok:
-            break
-        t = index / FPS
-        customer = next((k for k, (enter, leave) in enumerate(times) if enter <= t < leave), None)
+    for t, customer, image in scene_frames(path, times):
         faces = detector(image)
         tracks, _ = tracker.update(t, faces, image)
         for track in tracks:
             frames_of.setdefault(track.track_id, []).append(customer)
-        index += 1
     published = {tid: c for tid, c in frames_of.items() if len(c) >= 3}
     merges = sum(max(0, len({k for k in c if k is not None and c.count(k) >= 2}) - 1) for c in published.values())
     tracks_of = {}
