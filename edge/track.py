@@ -8,7 +8,9 @@ overlap alone would fuse the two (a teenager into an adult's already judged
 track). So a face joins a track only if it also looks like it: an appearance
 signature (the aligned face at 24 px in grey, brightness-normalised, and a
 hue-saturation histogram) compared with the track's running signature; and
-of the tracks it overlaps, it joins the one it looks most like.
+of the tracks it overlaps, it joins the one it looks most like. With looks to
+decide, a face also counts as near a track when it moved up to a face width
+(a customer walking off, at 10 fps, leaves the box overlap behind).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Signature:
     def similarity(self, other: "Signature") -> float:
         """Against a track's running signature, measured on composed till videos (benchmarks/track_draws.py:
         600 customers in 6 draws): the same person 0.57 or more in 99 % of frames; the previous customer
-        at most 0.26, and over 0.23 in 5 of 4,559 frames (look-alikes under another light). A face below
+        at most 0.26, and over 0.23 in 5 of 4,547 frames (look-alikes under another light). A face below
         0.23 starts a new track; above, it joins the track it looks most like."""
         return float(self.grey @ other.grey) - 2 * float(cv2.compareHist(self.colour, other.colour,
                                                                         cv2.HISTCMP_BHATTACHARYYA))
@@ -104,6 +106,12 @@ class Track:
                              self.first_seen, self.last_seen, self.box, self.face_score)
 
 
+def moved_at_most_a_face(before, after) -> bool:
+    """Whether box `after`'s centre is within one width of box `before` of its centre (x0, y0, x1, y1)."""
+    shift = np.hypot((after[0] + after[2] - before[0] - before[2]) / 2, (after[1] + after[3] - before[1] - before[3]) / 2)
+    return bool(shift <= before[2] - before[0])
+
+
 class FaceTracker:
     """Tracks for one camera."""
 
@@ -134,9 +142,12 @@ class FaceTracker:
             candidates = []  # (how well they match, track, face): overlapping enough, and alike where looked at
             for t, track in enumerate(self.tracks):
                 for d, overlap in enumerate(iou(np.array(track.box, np.float32), boxes)):
-                    if overlap < self.iou_threshold:
+                    looked_at = use_looks and track.signature is not None
+                    # with looks to decide, a face that moved up to a face width since its track was last seen
+                    # (a customer walking off, at 10 fps) is near enough: the overlap alone would start a new track
+                    if overlap < self.iou_threshold and not (looked_at and moved_at_most_a_face(track.box, boxes[d])):
                         continue
-                    if use_looks and track.signature is not None:
+                    if looked_at:
                         alike = track.signature.similarity(signatures[d])
                         if alike >= self.min_similarity:  # below: the same spot, someone else, a new customer
                             candidates.append(((alike, float(overlap)), t, d))

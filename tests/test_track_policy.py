@@ -87,11 +87,11 @@ def test_a_face_joins_the_track_it_looks_like_not_the_one_it_overlaps_most():
     face, the last customer's more. Looks decide, not overlap (before, the first track over the
     similarity floor won, and two look-alikes merged: 3 merges in 600 composed customers, now 1)."""
     first, second = looks(1, (40, 60, 200)), looks(2, (200, 120, 40))
-    at_a, at_b, between = face(100, 100, 100), face(170, 100, 100), face(130, 100, 100)
+    at_a, at_b, between = face(100, 100, 100), face(205, 100, 100), face(150, 100, 100)
     for floor, expected in ((-10.0, 2), (None, 1)):  # -10: looks never veto a match, they only rank
         tracker = FaceTracker("till", min_similarity=floor, first_id=1)
         tracker.update(0.0, [at_a], frame_with(first, at_a.box))
-        tracker.update(0.1, [at_b], frame_with(second, at_b.box))  # overlaps too little: a track of its own
+        tracker.update(0.1, [at_b], frame_with(second, at_b.box))  # over a face width away: a track of its own
         assert [t.track_id for t in tracker.tracks] == [1, 2]
         assert iou(np.array(at_a.box), np.array([between.box]))[0] > iou(np.array(at_b.box), np.array([between.box]))[0]
         matched, _ = tracker.update(0.2, [between], frame_with(second, between.box))
@@ -127,3 +127,20 @@ def test_risk_mode_challenges_by_the_measured_chance_of_being_under_18():
     assert 24.0 < policy.boundary_age < 30.0  # about 18 + 2.05 x 4 years
     restored = ResidualTable.from_metadata({"tillsight.residuals": table.to_metadata()})
     assert restored.probability_under(22.0, 18) == pytest.approx(table.probability_under(22.0, 18), abs=0.01)
+
+
+def test_a_face_walking_off_fast_keeps_its_track_when_it_looks_the_same():
+    """At 10 fps a customer walking off moves most of a face width a frame: the boxes overlap too little
+    (IoU 0.11 here), and the walk-out used to become a second customer. Looks bridge up to a face width."""
+    person, stranger = looks(1, (40, 60, 200)), looks(2, (200, 120, 40))
+    here, step, too_far = face(100, 100, 100), face(180, 100, 100), face(290, 100, 100)
+    assert iou(np.array(here.box), np.array([step.box]))[0] < 0.2
+    for who, floor, same_track in ((person, 0.23, True), (stranger, 0.23, False), (person, None, False)):
+        tracker = FaceTracker("till", min_similarity=floor, first_id=1)
+        tracker.update(0.0, [here], frame_with(person, here.box))
+        matched, _ = tracker.update(0.1, [step], frame_with(who, step.box))
+        assert (matched[0].track_id == 1) is same_track
+    tracker = FaceTracker("till", first_id=1)
+    tracker.update(0.0, [here], frame_with(person, here.box))
+    matched, _ = tracker.update(0.1, [too_far], frame_with(person, too_far.box))
+    assert matched[0].track_id == 2  # further than a face width: someone else, whatever they look like
