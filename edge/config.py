@@ -127,6 +127,8 @@ class CameraConfig(Strict):
     id: Annotated[str, Field(pattern=NAME)]
     source: Union[Annotated[int, Field(ge=0, le=65535, strict=True)], str]
     fps_limit: Annotated[float, Field(gt=0, le=120)] | None = 5.0  # None: every frame
+    # a picture frozen or blank this long is a fault (edge.capture.PictureCheck); 0: not checked
+    picture_check_s: Annotated[float, Field(ge=0, le=3600)] = 3.0
 
     @field_validator("source", mode="before")
     @classmethod

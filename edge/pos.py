@@ -6,7 +6,7 @@ Topics under `<prefix>/<store>/` (README, "The POS conversation"):
                                           Correlation Data, or {"request_id": ..., "reply_to": ...}
                                           in the payload for MQTT 3.1.1 clients
     the reply topic       daemon -> POS   {"decision": "challenge" | "no_challenge" | "no_face" |
-                                          "several_faces" | "error", ...}
+                                          "several_faces" | "camera_fault" | "error", ...}
 
 Everything on these topics comes from the network and is treated as hostile:
 payloads over `MAX_PAYLOAD` bytes are refused unread, JSON is parsed and
@@ -78,11 +78,13 @@ class PosDesk(threading.Thread):
     """Takes the POS's messages from the MQTT network thread and answers them on its own thread."""
 
     def __init__(self, base: str, cameras: dict, reply: Callable[[str, dict, bytes | None], None],
-                 policy: Policy, deadline_s: float, inbox_size: int = 1000):
+                 policy: Policy, deadline_s: float, inbox_size: int = 1000,
+                 camera_fault: Callable[[str], str | None] = lambda camera_id: None):
         super().__init__(name="pos-desk", daemon=True)
         self.base = base  # <prefix>/<store>
         self.cameras = cameras  # camera id -> its pipeline (view, mark_transaction)
         self.reply = reply
+        self.camera_fault = camera_fault  # camera id -> why its picture cannot be trusted now, or None
         self.policy, self.deadline_s = policy, deadline_s
         self.stats = DeskStats()
         self.inbox: queue.Queue = queue.Queue(maxsize=inbox_size)
@@ -187,18 +189,22 @@ class PosDesk(threading.Thread):
             view: TillView | None = self.cameras[check.camera_id].view
             if view is not None and time.time() - view.frame_time > STALE_VIEW_S:
                 view = None  # the camera has shown nothing for a while: nobody is known to be there
-            decision = decide(view, self.policy, at_deadline=closing or now >= check.deadline)
+            fault = self.camera_fault(check.camera_id)
+            if fault is not None:  # a frozen, blank or lost picture: what it shows says nothing of who is there
+                decision = Decision("camera_fault", (), True, None)
+            else:
+                decision = decide(view, self.policy, at_deadline=closing or now >= check.deadline)
             if decision is None:
                 still.append(check)
                 continue
             self.stats.answered += 1
-            self.reply(check.reply_to, answer_payload(check, decision, view, self.policy, now),
+            self.reply(check.reply_to, answer_payload(check, decision, view, self.policy, now, fault),
                        check.correlation)
         self._pending = still
 
 
 def answer_payload(check: PendingCheck, decision: Decision, view: TillView | None, policy: Policy,
-                   now: float) -> dict:
+                   now: float, camera_fault: str | None = None) -> dict:
     from edge.publish import utc_iso
     faces = [{"track": c.track_id, "age": round(c.age, 1), "spread": round(c.spread or 0.0, 1), "samples": c.samples,
               "risk": _rounded(policy.risk(c.age))} for c in decision.customers]
@@ -208,6 +214,7 @@ def answer_payload(check: PendingCheck, decision: Decision, view: TillView | Non
         "camera": check.camera_id,
         "item": check.request.item,
         "decision": decision.decision,
+        **({"camera_fault": camera_fault} if camera_fault is not None else {}),
         "age": main.get("age"), "spread": main.get("spread"), "samples": main.get("samples", 0),
         "track": main.get("track"), "risk": main.get("risk"),
         "faces": faces,

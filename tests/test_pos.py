@@ -19,10 +19,10 @@ import pytest
 
 from edge.policy import Policy
 from edge.pos import PosDesk
-from edge.pos_terminal import Terminal
+from edge.pos_terminal import Terminal, describe
 from edge.types import CustomerView, TillView
 from test_cli import one_line_error
-from tskit import REPO, Subscriber, tillsight, write_config
+from tskit import REPO, Subscriber, tillsight, write_config, write_faulty_clip
 
 BASE = "tillsight/store-1"
 
@@ -41,10 +41,10 @@ class Till:
         self.transactions.append((event, transaction))
 
 
-def desk_with(till: Till, deadline_s: float = 0.3):
+def desk_with(till: Till, deadline_s: float = 0.3, camera_fault=lambda camera_id: None):
     replies: list[tuple[str, dict, bytes | None]] = []
     desk = PosDesk(BASE, {"till-1": till}, lambda topic, body, corr: replies.append((topic, body, corr)),
-                   Policy(challenge_age=25, min_samples=3), deadline_s=deadline_s)
+                   Policy(challenge_age=25, min_samples=3), deadline_s=deadline_s, camera_fault=camera_fault)
     desk.start()
     return desk, replies
 
@@ -94,6 +94,24 @@ def test_a_customer_just_arrived_is_answered_with_what_there_is_at_the_deadline(
     [(_, body, _)] = wait_for(replies)
     desk.close()
     assert body["decision"] == "no_challenge" and body["complete"] is False and body["samples"] == 1
+
+
+def test_a_camera_that_cannot_be_trusted_is_answered_camera_fault_at_once_whoever_it_shows():
+    fault = "picture frozen: the same image for 3 s or more (a hung stream or driver)"
+    faults = {"till-1": fault}
+    # an adult on the last picture the camera gave: what it shows says nothing of who is there now
+    desk, replies = desk_with(Till(CustomerView(7, 40.0, 1.2, 5, (0, 0, 50, 50))), deadline_s=2,
+                              camera_fault=faults.get)
+    check(desk, {"item": "alcohol", "reply_to": REPLY})
+    [(_, body, _)] = wait_for(replies)
+    faults.clear()  # the picture is live again: the next check is answered from it
+    check(desk, {"item": "alcohol", "reply_to": REPLY})
+    wait_for(replies, 2)
+    desk.close()
+    assert (body["decision"], body["camera_fault"], body["age"], body["faces"]) == ("camera_fault", fault, None, [])
+    assert body["waited_ms"] < 100
+    assert replies[1][1]["decision"] == "no_challenge" and "camera_fault" not in replies[1][1]
+    assert describe(REPLY, json.dumps(body).encode()) == f"{REPLY}  ANSWER for till-1: CAMERA_FAULT ({fault})"
 
 
 @pytest.mark.parametrize("payload, error", [
@@ -229,6 +247,57 @@ def test_pos_cli_check_and_its_one_line_errors(daemon, broker):
                     "(is it running, and is the camera id right?)")
     line = one_line_error(tillsight("pos", "--port", "9", "--store", "s", "check", "--camera", "x"))
     assert line.startswith("tillsight: error: cannot reach the MQTT broker at localhost:9")
+
+
+def test_a_blank_then_frozen_camera_is_reported_and_checks_get_camera_fault(tmp_path, broker, age_models, carphone_clip):
+    """The daemon with a camera that shows 1 s of the customer, 5 s of a covered lens, then 3 s of one image:
+    the status says so as it happens, a check meanwhile is answered camera_fault, and the reopened camera
+    comes back live."""
+    clip = write_faulty_clip(carphone_clip, tmp_path / "faulty.avi", live_s=1.0, blank_s=5.0, frozen_s=3.0)
+    config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=1,
+                          cameras=[{"id": "till-1", "source": str(clip), "fps_limit": 10, "picture_check_s": 1}],
+                          mqtt={"host": "127.0.0.1", "port": broker.port},
+                          models={"age_model": str(age_models[40])}, logging={"level": "warning"})
+    status = Subscriber(broker.port, f"{BASE}/till-pc/status")
+    log = tmp_path / "daemon.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config)], cwd=REPO,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    terminal = Terminal("127.0.0.1", broker.port, BASE, "t1")
+
+    def camera_said(picture: str, since: int = 0):
+        return lambda s: any(c.get("picture") == picture for c in camera_states(s.json("/status")[since:]))
+
+    try:
+        assert status.wait_for(camera_said("blank"), 40), log.read_text()
+        answer = terminal.check("till-1", "alcohol", timeout_s=5)
+        blank_at = len(status.json("/status"))
+        assert status.wait_for(camera_said("frozen", blank_at), 15), log.read_text()
+        frozen_at = len(status.json("/status"))
+        assert status.wait_for(camera_said("live", frozen_at), 15), log.read_text()
+    finally:
+        terminal.close()
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+        status.close()
+    assert answer["decision"] == "camera_fault" and answer["age"] is None
+    assert answer["camera_fault"] == ("picture blank: no detail for 1 s or more (lens covered, camera turned away, "
+                                      "no signal)")
+    messages = status.json("/status")
+    blank = next(m for m in messages if m["cameras"]["till-1"]["picture"] == "blank")
+    frozen = next(m for m in messages[blank_at:] if m["cameras"]["till-1"]["picture"] == "frozen")
+    assert blank["state"] == "degraded" and blank["problems"] == [f"camera till-1 {answer['camera_fault']}"]
+    assert frozen["state"] == "degraded" and frozen["problems"] == [
+        "camera till-1 reconnecting: picture frozen: the same image for 1 s or more (a hung stream or driver)"]
+    back = next(m for m in messages[frozen_at:] if m["cameras"]["till-1"]["picture"] == "live")
+    assert (back["state"], back["problems"], back["cameras"]["till-1"]["state"]) == ("online", [], "online")
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(line["msg"], line["level"]) for line in lines if line["msg"].startswith("camera")] == [
+        ("camera picture blank", "warning"), ("camera picture frozen", "warning"), ("camera reconnecting", "warning")]
+
+
+def camera_states(statuses: list[dict]) -> list[dict]:
+    return [m["cameras"]["till-1"] for m in statuses if "cameras" in m]
 
 
 def _hostile_payloads(rng: random.Random, reply: str) -> list[bytes]:

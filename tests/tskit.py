@@ -202,3 +202,32 @@ def compose_till_video(faces: list, path: Path, fps: float = 10.0, seconds: floa
             frame_index += 1
     writer.release()
     return times
+
+
+def write_faulty_clip(source: Path, path: Path, live_s: float, blank_s: float = 0.0, frozen_s: float = 0.0,
+                      fps: float = 10.0) -> Path:
+    """A camera that fails: `live_s` of `source` (every third frame, so the picture changes), then
+    `blank_s` of a covered lens (dark sensor noise: every frame differs, none shows anything), then
+    the last frame again and again for `frozen_s`, as a hung stream delivers it. Motion JPEG in AVI:
+    each frame is coded alone, so the repeated frames decode to identical pixels."""
+    import cv2
+    import numpy as np
+    capture = cv2.VideoCapture(str(source))
+    frames = []
+    while len(frames) < round(live_s * fps):
+        ok, image = capture.read()
+        if not ok:
+            capture.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            continue
+        if int(capture.get(cv2.CAP_PROP_POS_FRAMES)) % 3 == 0:
+            frames.append(image)
+    capture.release()
+    rng = np.random.default_rng(0)
+    frames += [np.clip(rng.normal(6, 3, frames[0].shape), 0, 255).astype(np.uint8) for _ in range(round(blank_s * fps))]
+    frames += [frames[-1]] * round(frozen_s * fps)
+    height, width = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (width, height))
+    for image in frames:
+        writer.write(image)
+    writer.release()
+    return path
