@@ -42,6 +42,7 @@ from paho.mqtt.properties import Properties
 from edge import __version__
 from edge.config import MqttConfig
 from edge.outbox import Outbox
+from edge.peers import new_instance
 from edge.types import TrackEstimate
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class Publisher:
         self.cfg = cfg
         self.store_id = store_id
         self.daemon_id = daemon_id
+        self.instance = new_instance()  # this process, in every status: tells a copy of this daemon from itself
         self.base = f"{cfg.topic_prefix}/{store_id}"
         self.status_topic = f"{self.base}/{daemon_id}/status"
         self.connected = threading.Event()
@@ -135,7 +137,10 @@ class Publisher:
         self._status: dict = {"state": "online"}
         self.subscriptions: list[tuple[str, int]] = []  # set before start(); renewed on every connect
         self.on_message = None  # (topic, payload, properties) -> None, for the subscriptions
-        self.client_id = self.cfg.client_id or f"tillsight-{self.daemon_id}"
+        self.on_status = None  # (topic, payload, retained) -> None: the store's daemons' statuses, if subscribed
+        # one per process unless configured: two daemons under one client id would have the broker drop each
+        # in turn as the other reconnects (a cloned till PC), and neither would hear the other's status
+        self.client_id = self.cfg.client_id or f"tillsight-{self.daemon_id}-{self.instance[:8]}"
         self.client = self._make_client(self.client_id)
         self.client.will_set(self.status_topic, json.dumps(self._status_body("offline")), qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -146,6 +151,7 @@ class Publisher:
         # What the POS sends arrives on a connection of its own: a flood there (tested: 25 MB of 256 KB
         # payloads) queues in front of nothing the daemon publishes, so alerts and their acks keep moving.
         self.listener: mqtt.Client | None = None
+        self._refused_subscriptions: list[str] = []
 
     def _make_client(self, client_id: str) -> mqtt.Client:
         cfg = self.cfg
@@ -177,8 +183,8 @@ class Publisher:
         if self.subscriptions:
             self.listener = self._make_client(f"{self.client_id}-pos")
             self.listener.on_connect = self._on_listener_connect
-            self.listener.on_message = lambda c, u, msg: self.on_message and self.on_message(
-                msg.topic, msg.payload, getattr(msg, "properties", None))
+            self.listener.on_message = self._on_listener_message
+            self.listener.on_subscribe = self._on_listener_subscribe
             self.listener.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
             self.listener.loop_start()
 
@@ -186,6 +192,20 @@ class Publisher:
         if reason_code.is_failure:
             return  # the main connection logs the broker's refusal
         client.subscribe(self.subscriptions)
+
+    def _on_listener_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [topic for (topic, _), code in zip(self.subscriptions, reason_codes) if code.is_failure]
+        if refused and refused != self._refused_subscriptions:  # an ACL: the POS's checks would never arrive
+            log.error("the broker refused subscriptions (its ACL must let this daemon read them)",
+                      extra={"topics": refused, "reasons": sorted({str(c) for c in reason_codes if c.is_failure})})
+        self._refused_subscriptions = refused
+
+    def _on_listener_message(self, client, userdata, msg) -> None:
+        if msg.topic.endswith("/status"):  # the POS's topics end in /check or /transaction
+            if self.on_status is not None:
+                self.on_status(msg.topic, msg.payload, bool(msg.retain))
+        elif self.on_message is not None:
+            self.on_message(msg.topic, msg.payload, getattr(msg, "properties", None))
 
     def _problem(self, reason: str | None) -> None:
         """Log each new connection problem once (retries every 2 s would flood the journal)."""
@@ -232,8 +252,8 @@ class Publisher:
             self._socket_error = found.group(1) if found else message.partition(": ")[2]
 
     def _status_body(self, state: str, **fields) -> dict:
-        return {"schema": SCHEMA, "store": self.store_id, "daemon": self.daemon_id, "state": state,
-                "version": __version__, **fields}
+        return {"schema": SCHEMA, "store": self.store_id, "daemon": self.daemon_id, "instance": self.instance,
+                "state": state, "version": __version__, **fields}
 
     def publish_status(self, status: dict) -> None:
         """Publish now if connected; otherwise on_connect publishes the latest status."""

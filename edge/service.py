@@ -27,6 +27,7 @@ from edge.infer import AgeBatcher, AgeModel
 from edge.metrics import Metrics
 from edge.notify import SystemdNotifier, WatchdogFeeder, stalled_parts
 from edge.outbox import Outbox
+from edge.peers import Peers
 from edge.policy import Policy, build_policy, needs_id_check
 from edge.publish import Publisher
 from edge.pos import PosDesk
@@ -266,13 +267,24 @@ class Service:
         self.metrics_problem: str | None = None
         if self.metrics is not None:
             self.batcher.on_call = self.metrics.observe_age_call
+        # a replay is a one-off over a recording, not a till's daemon: no roll call of the store's daemons
+        self.peers = None if replay else Peers(self.daemon_id, self.publisher.instance, self.publisher.base,
+                                               [c.id for c in config.cameras])
+        if self.peers is not None:
+            self.publisher.subscriptions = [self.peers.subscription]
+            self.publisher.on_status = self.peers.see
+            self.peers.on_change = self.status_due.set
         if config.pos.enabled:
-            readers = {r.camera.id: r for r in self.readers}
             self.desk = PosDesk(self.publisher.base, {p.camera.id: p for p in self.pipelines},
                                 self.publisher.publish_reply, self.policy, config.pos.deadline_s,
-                                camera_fault=lambda camera_id: camera_fault(readers[camera_id]))
-            self.publisher.subscriptions = self.desk.subscriptions
+                                camera_fault=self.camera_fault)
+            self.publisher.subscriptions = self.desk.subscriptions + self.publisher.subscriptions
             self.publisher.on_message = self.desk.receive
+
+    def camera_fault(self, camera_id: str) -> str | None:
+        """Why what a camera shows cannot answer an age check now (one line), or None."""
+        reader = next(r for r in self.readers if r.camera.id == camera_id)
+        return camera_fault(reader) or (self.peers.camera_conflict(camera_id) if self.peers is not None else None)
 
     def problems(self) -> list[str]:
         """Why the daemon is not doing its job fully now: the status says `degraded` with these."""
@@ -291,6 +303,8 @@ class Service:
             found.append(f"outbox in memory only: {self.outbox.reason}")
         if self.metrics_problem:
             found.append(self.metrics_problem)
+        if self.peers is not None:
+            found += self.peers.problems()
         if self.watchdog.stalled:
             found.append(f"stalled: {', '.join(self.watchdog.stalled)}")
         return found
@@ -346,6 +360,7 @@ class Service:
         return {
             "state": "degraded" if problems else "online",
             "problems": problems,
+            "status_interval_s": self.config.status_interval_s,  # so other daemons know when it is overdue
             "provider": self.age_model.providers[0],
             "provider_fallback": None if self.provider_fallback is None else self.provider_fallback.text,
             "age_model": self.age_model.describe(),

@@ -102,8 +102,9 @@ def test_daemon_goes_online_and_the_broker_publishes_its_will_after_kill_9(
         daemon.wait(10)
         assert subscriber.wait_for(lambda s: s.json("till-pc/status")[-1]["state"] == "offline", 15)
         will = [(t, p, r) for t, p, r in subscriber.messages if t.endswith("till-pc/status")][-1]
-        assert json.loads(will[1]) == {"schema": 1, "store": "store-1", "daemon": "till-pc", "state": "offline",
-                                       "version": __version__}
+        instance = subscriber.json("till-pc/status")[0]["instance"]  # the process's, in every status (peers.py)
+        assert json.loads(will[1]) == {"schema": 1, "store": "store-1", "daemon": "till-pc", "instance": instance,
+                                       "state": "offline", "version": __version__}
     finally:
         daemon.kill()
         daemon.wait()

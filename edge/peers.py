@@ -1,0 +1,131 @@
+"""The store's other daemons, as their status messages tell them: a copy of this daemon (a till PC
+cloned from another keeps its host name, so its `daemon_id`, and often its config) or another
+daemon serving one of this daemon's cameras.
+
+Two daemons on one camera id publish each other's customers to that till's POS, and both answer
+its age checks, perhaps differently. Every daemon subscribes to `<prefix>/<store>/+/status`; each
+status carries the daemon's `instance` (random per process) and its cameras. A conflict makes the
+daemon `degraded`, and checks at a shared camera are answered `camera_fault` by both daemons, so the
+cashier decides, until one of them goes (its `offline` status or will) or falls silent for three of
+its status intervals.
+
+A status message is network input like any other: size-capped, parsed by pydantic, never trusted
+beyond these fields. Anyone allowed to publish on the status topics could fake a conflict (the
+store broker's ACL lets only daemons write there: deploy/README.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge.logs import RateLimitedLog
+
+log = logging.getLogger(__name__)
+MAX_STATUS_BYTES = 256 * 1024  # a status lists every camera: kilobytes, never this
+SILENT_INTERVALS = 3  # a peer not heard for this many of its status intervals is gone
+DEFAULT_INTERVAL_S = 30.0  # a peer that does not say its interval (an older version)
+GRACE_S = 5.0  # on top of the silent intervals: a status in flight, a broker busy for a moment
+
+
+def new_instance() -> str:
+    return secrets.token_hex(8)
+
+
+class PeerStatus(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    state: Annotated[str, Field(max_length=32)]
+    instance: Annotated[str, Field(max_length=64)] | None = None
+    status_interval_s: Annotated[float, Field(gt=0, le=86400)] | None = None
+    cameras: dict[Annotated[str, Field(max_length=128)], object] | None = None
+
+
+@dataclass(frozen=True)
+class Peer:
+    daemon_id: str
+    cameras: frozenset[str]
+    expires: float  # monotonic
+
+
+class Peers:
+    """What the other daemons of the store say; fed by the MQTT network thread, read by the service."""
+
+    def __init__(self, daemon_id: str, instance: str, status_base: str, cameras: list[str]):
+        self.daemon_id, self.instance = daemon_id, instance
+        self.status_base = status_base  # <prefix>/<store>
+        self.cameras = set(cameras)
+        # () -> None: a copy said offline on our topic (the service notices conflicts by polling problems())
+        self.on_change = None
+        self.warn = RateLimitedLog(log)
+        self._peers: dict[str, Peer] = {}  # instance (or topic, for a peer without one) -> what it said
+        self._lock = threading.Lock()
+
+    @property
+    def subscription(self) -> tuple[str, int]:
+        return f"{self.status_base}/+/status", 1
+
+    def see(self, topic: str, payload: bytes, retained: bool) -> None:
+        """One status message from the broker; never raises (it runs on paho's network thread)."""
+        try:
+            self._see(topic, payload, retained)
+        except Exception as exc:  # noqa: BLE001  the network thread must survive anything
+            self.warn.warning("peer_status", "status message of another daemon not understood",
+                              topic=topic[:200], error=repr(exc)[:200])
+
+    def _see(self, topic: str, payload: bytes, retained: bool) -> None:
+        daemon_id = topic[len(self.status_base) + 1:].rpartition("/")[0]
+        if len(payload) > MAX_STATUS_BYTES:
+            raise ValueError(f"{len(payload)} bytes")
+        if not payload:
+            return  # a retained status being cleared
+        try:
+            status = PeerStatus.model_validate_json(payload)
+        except ValidationError as exc:
+            raise ValueError(exc.errors()[0]["msg"]) from None
+        if status.instance == self.instance:
+            return
+        if daemon_id == self.daemon_id and retained:
+            return  # on our own topic a retained status can be this daemon's previous run: only live ones count
+        key = status.instance or topic
+        with self._lock:
+            if status.state == "offline":
+                self._peers.pop(key, None)
+                copy_went = daemon_id == self.daemon_id
+            else:
+                interval = status.status_interval_s or DEFAULT_INTERVAL_S
+                self._peers[key] = Peer(daemon_id, frozenset(status.cameras or ()),
+                                        time.monotonic() + SILENT_INTERVALS * interval + GRACE_S)
+                copy_went = False
+        if copy_went and self.on_change is not None:
+            self.on_change()  # its offline is now the retained status of our topic: say we are here
+
+    def _current(self) -> list[Peer]:
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, p in self._peers.items() if p.expires < now]:
+                del self._peers[key]
+            return list(self._peers.values())
+
+    def camera_conflict(self, camera_id: str) -> str | None:
+        """Why this camera's customers may be another daemon's too, or None."""
+        others = sorted({p.daemon_id + (" (another instance)" if p.daemon_id == self.daemon_id else "")
+                         for p in self._current() if camera_id in p.cameras})
+        if not others:
+            return None
+        return f"also served by daemon {', '.join(others)}: each camera id belongs to one daemon"
+
+    def problems(self) -> list[str]:
+        peers = self._current()
+        found = []
+        if any(p.daemon_id == self.daemon_id for p in peers):
+            found.append(f"another daemon publishes as daemon_id {self.daemon_id}: give each till PC its own "
+                         "daemon_id (a cloned till image keeps the host name)")
+        found += [f"camera {c} {self.camera_conflict(c)}" for c in sorted(self.cameras)
+                  if self.camera_conflict(c) is not None]
+        return found
