@@ -107,6 +107,7 @@ class CameraReader(threading.Thread):
         self.realtime = realtime
         self.fps_limit = camera.fps_limit
         self.status = CameraStatus(camera.id)
+        self.clock = time.time  # the frames' wall-clock times (messages carry them); pacing uses time.monotonic
         self._backoff = BACKOFF_START_S
         # a recorded file in replay is evidence, not a live feed: a still scene in it is no fault
         self.picture = PictureCheck(camera.picture_check_s) if camera.picture_check_s and not replay else None
@@ -166,9 +167,9 @@ class CameraReader(threading.Thread):
     def _read(self, capture: cv2.VideoCapture) -> str:
         """Read until the source fails ("failed"), ends cleanly in replay ("ended"), ends as a file standing
         in for a camera ("looping") or shows a frozen picture (FROZEN)."""
-        started = time.time()
-        last_emitted = None
-        index = 0
+        started, started_monotonic = self.clock(), time.monotonic()
+        last_emitted = None  # on the monotonic clock (media time in replay): a wall clock stepped back by NTP
+        index = 0  # must not hold frames back until it has caught up
         while not self.stop_event.is_set():
             ok, image = capture.read()
             if not ok or image is None:
@@ -182,15 +183,16 @@ class CameraReader(threading.Thread):
                     self._backoff = BACKOFF_START_S
             media_t = (capture.get(cv2.CAP_PROP_POS_MSEC) / 1000.0) if self.camera.is_file else None
             if (self.realtime or not self.replay) and media_t is not None:  # a file as a camera: at its own pace
-                delay = started + media_t - time.time()
+                delay = started_monotonic + media_t - time.monotonic()
                 if delay > 0:
                     self.stop_event.wait(delay)
-            now = started + media_t if media_t is not None and self.replay else time.time()
+            now = started + media_t if media_t is not None and self.replay else self.clock()
+            tick = now if self.replay else time.monotonic()
             index += 1
-            if self.fps_limit and last_emitted is not None and now - last_emitted < 0.999 / self.fps_limit:
+            if self.fps_limit and last_emitted is not None and tick - last_emitted < 0.999 / self.fps_limit:
                 continue
-            last_emitted = now
-            if self.picture is not None and self._check_picture(image, now) == FROZEN:
+            last_emitted = tick
+            if self.picture is not None and self._check_picture(image, tick) == FROZEN:
                 return FROZEN
             self.status.frames += 1
             self._put(Frame(self.camera.id, index - 1, now, image))

@@ -36,6 +36,10 @@ from edge.types import CustomerView, TillView
 
 log = logging.getLogger(__name__)
 STALL_AFTER_S = 15.0  # a pipeline or an age-network call without progress this long is stuck (WatchdogSec=30)
+# A live camera's frame times going back more than this: the wall clock was stepped back (NTP correcting
+# a till PC's clock after boot). Tracks, the inference budget and analytics intervals measure time
+# between frames; across a step they would wait until the clock caught up.
+CLOCK_STEP_S = 1.0
 
 
 @dataclass
@@ -80,6 +84,9 @@ class CameraPipeline(threading.Thread):
             if analytics.enabled else None
         self.finished = threading.Event()
         self.beat = time.monotonic()  # last sign of life of this thread (the watchdog's progress check)
+        self.last_frame_time: float | None = None
+        self.clock_steps = 0
+        self.clock = time.time  # the wall clock, as the camera reader's (tests step both)
 
     def mark_transaction(self, event: str, transaction: str) -> None:
         """From the POS desk's thread: applied by this pipeline's thread before its next frame."""
@@ -115,7 +122,7 @@ class CameraPipeline(threading.Thread):
                     frame = self.frames.get(timeout=0.2)
                 except queue.Empty:
                     if not self.replay:  # a live camera gone quiet: customers still leave, on the wall clock
-                        now = time.time()
+                        now = self.clock()
                         self._apply_transactions(now)
                         self._finish_tracks(self.tracker.update(now, [])[1], now)
                         self._count(now)
@@ -123,9 +130,9 @@ class CameraPipeline(threading.Thread):
                 if frame is END_OF_STREAM:
                     break
                 self._process(frame)
-            now = None if self.replay else time.time()  # a replay ends at its last frame's time
+            now = None if self.replay else self.clock()  # a replay ends at its last frame's time
             self._finish_tracks(self.tracker.end_all(), now)
-            self._count(now or (self.view.frame_time if self.view else time.time()), final=True)
+            self._count(now or (self.view.frame_time if self.view else self.clock()), final=True)
         except Exception as exc:  # keep the daemon's other cameras alive, and say why this one stopped
             self.stats.errors.append(f"{type(exc).__name__}: {exc}")
             log.exception("camera pipeline failed", extra={"camera": self.camera.id})
@@ -133,6 +140,9 @@ class CameraPipeline(threading.Thread):
             self.finished.set()
 
     def _process(self, frame) -> None:
+        if self.last_frame_time is not None and frame.timestamp < self.last_frame_time - CLOCK_STEP_S:
+            self._clock_stepped_back(frame.timestamp)
+        self.last_frame_time = frame.timestamp
         self._apply_transactions(frame.timestamp)
         self._count(frame.timestamp)
         with self.detector_lock:  # one ONNX session; calls from several threads would serialise anyway
@@ -153,7 +163,18 @@ class CameraPipeline(threading.Thread):
         self.view = TillView(self.camera.id, frame.timestamp, tuple(_customer_view(t) for t in tracks),
                              self.transaction)
         if not self.replay:  # a replay's frame times are the video's, not the wall clock's
-            self.lag_s = time.time() - frame.timestamp
+            self.lag_s = self.clock() - frame.timestamp
+
+    def _clock_stepped_back(self, now: float) -> None:
+        """Close what measures time at the last time before the step, and start again from the new clock:
+        the customers at the till become new tracks (a split errs on the safe side), the analytics
+        interval is sent as partial."""
+        before = self.last_frame_time
+        self.clock_steps += 1
+        log.warning("the wall clock stepped back: tracks and the analytics interval start again",
+                    extra={"camera": self.camera.id, "seconds": round(before - now, 3)})
+        self._finish_tracks(self.tracker.end_all(), before)
+        self._count(before, final=True)
 
     def _age(self, frame, chosen: list) -> None:
         info = self.batcher.model.info

@@ -178,3 +178,23 @@ def test_replay_does_not_judge_the_picture(tmp_path, carphone_clip):
                           threading.Event(), replay=True)
     reader.start()
     assert len(drain(frames)) == 30 and reader.status.state == "ended" and reader.status.picture is None
+
+
+def test_a_wall_clock_stepped_back_does_not_hold_frames_back(carphone_clip):
+    # NTP stepping a till PC's clock back an hour: frames keep coming at the fps limit, stamped with the new time
+    frames: queue.Queue = queue.Queue(maxsize=1000)
+    stop = threading.Event()
+    reader = CameraReader(CameraConfig(id="c", source=str(carphone_clip), fps_limit=10), frames, stop)
+    offset = [0.0]
+    reader.clock = lambda: time.time() + offset[0]
+    reader.start()
+    time.sleep(1.0)
+    offset[0] = -3600.0
+    stepped = time.time()
+    time.sleep(1.5)
+    stop.set()
+    reader.join(5)
+    received = [frames.get_nowait() for _ in range(frames.qsize())]
+    after = [f for f in received if f.timestamp < stepped - 1800]
+    assert len(received) - len(after) >= 8 and len(after) >= 12  # 10 a second on either side of the step
+    assert all(abs(f.timestamp - (stepped - 3600)) < 2 for f in after)

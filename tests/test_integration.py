@@ -214,3 +214,39 @@ def test_a_network_camera_that_vanishes_is_reconnected(tmp_path, broker, subscri
         daemon.wait()
         if camera.running.is_set():
             camera.stop()
+
+
+def test_a_wall_clock_stepped_back_ends_the_tracks_and_the_interval_and_frames_go_on(broker, subscriber, age_models,
+                                                                                     carphone_clip, caplog):
+    """NTP steps a till PC's clock back an hour while a customer stands at the till: their track ends with a final
+    estimate, the analytics interval is sent as partial, and estimates go on under the new clock (before: the
+    fps limit held every frame back until the clock had caught up)."""
+    from datetime import datetime
+
+    from edge.service import Service
+    config = parse_config({"store_id": "store-1", "daemon_id": "till-pc",
+                           "cameras": [{"id": "till-1", "source": str(carphone_clip), "fps_limit": 10}],
+                           "mqtt": {"host": "127.0.0.1", "port": broker.port},
+                           "models": {"age_model": str(age_models[40])}, "analytics": {"k": 1}})
+    service = Service(config)
+    offset = [0.0]
+    service.readers[0].clock = service.pipelines[0].clock = lambda: time.time() + offset[0]
+    seconds = lambda iso: datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()  # noqa: E731
+    service.start()
+    try:
+        assert subscriber.wait_for(lambda s: len(s.json("till-1/estimate")) >= 1, 30)
+        offset[0] = -3600.0
+        stepped = time.time()
+        assert subscriber.wait_for(lambda s: any(seconds(e["frame_time"]) < stepped - 1800
+                                                 for e in s.json("till-1/estimate")), 20)
+    finally:
+        service.stop(5)
+    estimates = subscriber.json("till-1/estimate")
+    before = [e for e in estimates if seconds(e["frame_time"]) > stepped - 1800]
+    after = [e for e in estimates if seconds(e["frame_time"]) < stepped - 1800]
+    assert before[-1]["final"] and {e["track"] for e in before}.isdisjoint(e["track"] for e in after)
+    [closed, *_] = subscriber.json("till-1/analytics")
+    assert closed["partial"] and closed["bands"]["35-44"] == 1 and seconds(closed["interval_end"]) > stepped - 5
+    assert service.pipelines[0].clock_steps == 1
+    [line] = [r for r in caplog.records if r.getMessage().startswith("the wall clock stepped back")]
+    assert line.camera == "till-1" and 3599 < line.seconds < 3601
