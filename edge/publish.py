@@ -151,7 +151,6 @@ class Publisher:
         # What the POS sends arrives on a connection of its own: a flood there (tested: 25 MB of 256 KB
         # payloads) queues in front of nothing the daemon publishes, so alerts and their acks keep moving.
         self.listener: mqtt.Client | None = None
-        self._refused_subscriptions: list[str] = []
 
     def _make_client(self, client_id: str) -> mqtt.Client:
         cfg = self.cfg
@@ -184,7 +183,6 @@ class Publisher:
             self.listener = self._make_client(f"{self.client_id}-pos")
             self.listener.on_connect = self._on_listener_connect
             self.listener.on_message = self._on_listener_message
-            self.listener.on_subscribe = self._on_listener_subscribe
             self.listener.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
             self.listener.loop_start()
 
@@ -192,13 +190,6 @@ class Publisher:
         if reason_code.is_failure:
             return  # the main connection logs the broker's refusal
         client.subscribe(self.subscriptions)
-
-    def _on_listener_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        refused = [topic for (topic, _), code in zip(self.subscriptions, reason_codes) if code.is_failure]
-        if refused and refused != self._refused_subscriptions:  # an ACL: the POS's checks would never arrive
-            log.error("the broker refused subscriptions (its ACL must let this daemon read them)",
-                      extra={"topics": refused, "reasons": sorted({str(c) for c in reason_codes if c.is_failure})})
-        self._refused_subscriptions = refused
 
     def _on_listener_message(self, client, userdata, msg) -> None:
         if msg.topic.endswith("/status"):  # the POS's topics end in /check or /transaction
