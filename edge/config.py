@@ -309,6 +309,8 @@ class PosConfig(Strict):
     """The POS conversation (edge/pos.py)."""
     enabled: bool = True  # subscribe to <camera>/transaction and <camera>/check
     deadline_s: Annotated[float, Field(gt=0, le=10)] = 2.0  # an age check waits at most this for a face
+    # this many transactions in a row without a face seen at their till: the camera is aimed away (0: never said)
+    faceless_transactions: Annotated[int, Field(ge=0, le=1000)] = 5
 
 
 class OutboxConfig(Strict):

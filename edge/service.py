@@ -78,6 +78,9 @@ class CameraPipeline(threading.Thread):
         self.lag_s: float | None = None  # wall clock minus the capture time of the last frame processed
         self.view: TillView | None = None  # who is at the till now, for the POS desk (replaced, never mutated)
         self.transaction: str | None = None  # the POS's open transaction at this till
+        # Transactions in a row in which this camera saw no face: customers paid, the camera saw nobody.
+        self.faceless_transactions = 0
+        self._transaction_frames = self._transaction_faces = 0
         self._boundaries: queue.SimpleQueue = queue.SimpleQueue()  # transaction events from the POS desk
         analytics = config.analytics
         self.counter = AgeBandCounter(camera.id, analytics.bands, analytics.interval_s, analytics.k) \
@@ -105,6 +108,9 @@ class CameraPipeline(threading.Thread):
                 customer = max(ended, key=lambda t: t.frames)  # the one who stood at the till longest
                 self.publisher.publish_transaction_band(self.camera.id, self.transaction,
                                                         band_of(customer.estimate().age, self.config.analytics.bands))
+            if self.transaction is not None and self._transaction_frames:  # one that ran over frames ends here
+                self.faceless_transactions = 0 if self._transaction_faces else self.faceless_transactions + 1
+            self._transaction_frames = self._transaction_faces = 0
             self.transaction = transaction if event == "start" else None
 
     def _count(self, now: float, final: bool = False) -> None:
@@ -151,6 +157,9 @@ class CameraPipeline(threading.Thread):
         if faces:
             self.stats.frames_with_faces += 1
             self.stats.faces += len(faces)
+        if self.transaction is not None:
+            self._transaction_frames += 1
+            self._transaction_faces += len(faces)
         tracks, ended = self.tracker.update(frame.timestamp, faces, frame.image)
         chosen = [(track, face) for track, face in zip(tracks, faces)
                   if wants_age(track, frame.image, face, frame.timestamp, self.config.budget,
@@ -320,6 +329,10 @@ class Service:
                 found.append(f"camera {reader.camera.id} {fault}")
             if pipeline.stats.errors:
                 found.append(f"camera {reader.camera.id} pipeline stopped: {pipeline.stats.errors[0]}")
+            limit = self.config.pos.faceless_transactions
+            if limit and pipeline.faceless_transactions >= limit:
+                found.append(f"camera {reader.camera.id} saw no face in {limit} or more transactions in a row at its "
+                             "till: aimed away, or the customers stand out of its view")
         if self.outbox.state != "disk" and self.outbox.path is not None:
             found.append(f"outbox in memory only: {self.outbox.reason}")
         if self.metrics_problem:
@@ -394,6 +407,7 @@ class Service:
             "cameras": {r.camera.id: {"state": r.status.state, "frames": r.status.frames,
                                       "reconnects": r.status.reconnects, "last_error": r.status.last_error,
                                       "picture": r.status.picture,
+                                      "faceless_transactions": p.faceless_transactions,
                                       "dropped": r.status.extra.get("dropped", 0), "queue": r.frames.qsize(),
                                       "lag_s": None if p.lag_s is None else round(p.lag_s, 3)}
                         for r, p in zip(self.readers, self.pipelines)},

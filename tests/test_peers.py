@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 import edge.peers
 from edge.peers import Peers
 from edge.pos_terminal import Terminal
-from tskit import REPO, Subscriber, write_config
+from tskit import Subscriber, start_daemon, stop_daemon, write_config
 
 BASE = "tillsight/store-1"
 
@@ -87,20 +83,6 @@ def test_hostile_status_payloads_are_ignored_and_logged_in_bounds(caplog):
 # ---------------------------------------------------------------- two real daemons on a real broker
 
 
-def start_daemon(config: Path, log: Path) -> subprocess.Popen:
-    with log.open("w") as stderr:
-        return subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config)], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=stderr)
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(20)
-    finally:
-        process.kill()
-
-
 @pytest.mark.broker
 def test_a_cloned_till_pc_is_found_both_answer_camera_fault_and_the_survivor_recovers(tmp_path, broker, age_models,
                                                                                       carphone_clip):
@@ -133,7 +115,7 @@ def test_a_cloned_till_pc_is_found_both_answer_camera_fault_and_the_survivor_rec
         assert first_answer["decision"] == "camera_fault" and first_answer["camera_fault"] == conflict
         assert {a["decision"] for a in answers.json("/reply")} == {"camera_fault"}
         answers.close()
-        stop(clone)  # the clone goes: its offline status lands on the shared topic
+        stop_daemon(clone)  # the clone goes: its offline status lands on the shared topic
         clone = None
         heard = len(statuses.json("/status"))
         assert statuses.wait_for(lambda s: any(m["instance"] == instance and m["state"] == "online"
@@ -141,7 +123,7 @@ def test_a_cloned_till_pc_is_found_both_answer_camera_fault_and_the_survivor_rec
     finally:
         for process in (clone, first):
             if process is not None:
-                stop(process)
+                stop_daemon(process)
         statuses.close()
     lines = [json.loads(line) for line in (tmp_path / "first.log").read_text().splitlines()]
     degraded = [line["problems"] for line in lines if line["msg"] == "degraded"]

@@ -22,7 +22,7 @@ from edge.pos import PosDesk
 from edge.pos_terminal import Terminal, describe
 from edge.types import CustomerView, TillView
 from test_cli import one_line_error
-from tskit import REPO, Subscriber, tillsight, write_config, write_faulty_clip
+from tskit import REPO, Subscriber, start_daemon, stop_daemon, tillsight, write_config, write_faulty_clip
 
 BASE = "tillsight/store-1"
 
@@ -260,9 +260,7 @@ def test_a_blank_then_frozen_camera_is_reported_and_checks_get_camera_fault(tmp_
                           models={"age_model": str(age_models[40])}, logging={"level": "warning"})
     status = Subscriber(broker.port, f"{BASE}/till-pc/status")
     log = tmp_path / "daemon.log"
-    with log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config)], cwd=REPO,
-                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    process = start_daemon(config, log)
     terminal = Terminal("127.0.0.1", broker.port, BASE, "t1")
 
     def camera_said(picture: str, since: int = 0):
@@ -277,8 +275,7 @@ def test_a_blank_then_frozen_camera_is_reported_and_checks_get_camera_fault(tmp_
         assert status.wait_for(camera_said("live", frozen_at), 15), log.read_text()
     finally:
         terminal.close()
-        process.send_signal(signal.SIGTERM)
-        process.wait(20)
+        stop_daemon(process)
         status.close()
     assert answer["decision"] == "camera_fault" and answer["age"] is None
     assert answer["camera_fault"] == ("picture blank: no detail for 1 s or more (lens covered, camera turned away, "
@@ -393,3 +390,65 @@ def test_the_terminal_shows_a_message_delivered_twice_once(broker):
     sender.loop_stop()
     terminal.close()
     assert len([line for line in lines if "ASK FOR ID" in line]) == 2
+
+
+def test_a_camera_that_sees_no_face_in_transactions_is_reported_until_it_sees_customers_again(
+        tmp_path, broker, age_models, carphone_clip):
+    """Customers pay at the till (the POS's transactions) and the camera sees nobody: aimed at the floor, say.
+    A network camera the test controls: a shop shelf without people, then the carphone clip."""
+    import cv2
+    from tskit import MjpegCamera
+    rng = np.random.default_rng(0)
+    shelf = np.full((180, 240, 3), 200, np.uint8)
+    for _ in range(40):  # packets on shelves
+        x, y = int(rng.integers(0, 220)), int(rng.integers(0, 160))
+        cv2.rectangle(shelf, (x, y), (x + 20, y + 20), tuple(int(c) for c in rng.integers(0, 255, 3)), -1)
+    empty = tmp_path / "shelf.avi"
+    writer = cv2.VideoWriter(str(empty), cv2.VideoWriter_fourcc(*"MJPG"), 10, (240, 180))
+    for i in range(20):
+        writer.write(np.roll(shelf, i, axis=1))  # a little movement: a live picture, not a frozen one
+    writer.release()
+    camera, faces = MjpegCamera(empty, fps=10).start(), MjpegCamera(carphone_clip).jpegs
+    config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=1,
+                          cameras=[{"id": "till-1", "source": camera.url, "fps_limit": 10}],
+                          mqtt={"host": "127.0.0.1", "port": broker.port}, pos={"faceless_transactions": 3},
+                          models={"age_model": str(age_models[40])}, logging={"level": "warning"})
+    status = Subscriber(broker.port, f"{BASE}/till-pc/status")
+    estimates = Subscriber(broker.port, f"{BASE}/till-1/estimate")
+    log = tmp_path / "daemon.log"
+    process = start_daemon(config, log)
+    terminal = Terminal("127.0.0.1", broker.port, BASE, "t1")
+    problem = ("camera till-1 saw no face in 3 or more transactions in a row at its till: aimed away, or the "
+               "customers stand out of its view")
+
+    def transactions(first: int, count: int) -> None:
+        for number in range(first, first + count):
+            terminal.transaction("till-1", "start", f"T-{number}")
+            time.sleep(0.5)  # customers pay while the camera looks
+            terminal.transaction("till-1", "end", f"T-{number}")
+
+    def latest(s):
+        return s.json("/status")[-1] if s.json("/status") else {}
+
+    try:
+        assert status.wait_for(lambda s: latest(s).get("cameras", {}).get("till-1", {}).get("frames", 0) > 5, 40), \
+            log.read_text()
+        transactions(1, 2)
+        time.sleep(1.5)
+        assert latest(status)["problems"] == [] and latest(status)["cameras"]["till-1"]["faceless_transactions"] == 2
+        transactions(3, 2)
+        assert status.wait_for(lambda s: latest(s).get("problems") == [problem], 10), latest(status)
+        assert status.wait_for(lambda s: latest(s)["cameras"]["till-1"]["faceless_transactions"] == 4, 10)
+        camera.jpegs = faces  # the camera is put right: customers' faces again
+        assert estimates.wait_for(lambda s: s.messages, 20)
+        transactions(5, 1)
+        assert status.wait_for(lambda s: latest(s).get("problems") == [], 10), latest(status)
+        assert latest(status)["cameras"]["till-1"]["faceless_transactions"] == 0
+    finally:
+        terminal.close()
+        stop_daemon(process)
+        camera.stop()
+        status.close()
+        estimates.close()
+    degraded = [json.loads(line)["problems"] for line in log.read_text().splitlines() if '"degraded"' in line]
+    assert degraded == [[problem]]  # said once, not at every faceless transaction after the third

@@ -89,6 +89,23 @@ def tillsight(*args: str, timeout: float = 240, python: str = sys.executable, **
                           timeout=timeout, cwd=kwargs.pop("cwd", REPO), **kwargs)
 
 
+def start_daemon(config: Path, log: Path) -> subprocess.Popen:
+    """`tillsight run` in a child process, its log lines (JSON) into `log`."""
+    with log.open("w") as stderr:
+        return subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config)], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def stop_daemon(process: subprocess.Popen) -> None:
+    """SIGTERM (a clean stop: the offline status), then make sure it is gone."""
+    import signal
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(20)
+    finally:
+        process.kill()
+
+
 class MjpegCamera:
     """An IP camera on loopback: MJPEG over HTTP (multipart/x-mixed-replace), as many
     network cameras serve it, streaming a real clip's frames at `fps` in a loop.
