@@ -105,12 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--point-seconds", type=float, default=1.0, help="timed seconds per point, after warm-up")
     bench.set_defaults(handler=cmd_bench)
 
-    pos = commands.add_parser("pos", help="a terminal point of sale: watch, age checks, transactions")
-    pos.add_argument("--config", type=Path, help="the daemon's config: broker, store and topic prefix from it")
-    pos.add_argument("--host", default="localhost")
-    pos.add_argument("--port", type=int, default=1883)
-    pos.add_argument("--store", help="store id (default: the config's)")
-    pos.add_argument("--prefix", default="tillsight", help="topic prefix")
+    broker_args = argparse.ArgumentParser(add_help=False)
+    broker_args.add_argument("--config", type=Path,
+                             help="a daemon's config: broker (with its credentials and TLS), store and topic prefix")
+    broker_args.add_argument("--host", default="localhost")
+    broker_args.add_argument("--port", type=int, default=1883)
+    broker_args.add_argument("--store", help="store id (default: the config's)")
+    broker_args.add_argument("--prefix", default="tillsight", help="topic prefix")
+
+    status = commands.add_parser("status", parents=[broker_args],
+                                 help="the store's daemons from their status topics; exit 1 unless all are online")
+    status.add_argument("--wait", type=float, default=1.0, help="seconds to listen (retained statuses come at once)")
+    status.add_argument("--json", action="store_true", help="the statuses themselves, one JSON object")
+    status.set_defaults(handler=cmd_status)
+
+    pos = commands.add_parser("pos", parents=[broker_args],
+                              help="a terminal point of sale: watch, age checks, transactions")
     pos_commands = pos.add_subparsers(dest="pos_command", required=True)
     pos_check = pos_commands.add_parser("check", help="ask for a decision about the customer at a till now")
     pos_check.add_argument("--camera", required=True)
@@ -384,17 +394,51 @@ def _bench_model_only(args) -> int:
     return 0
 
 
-def cmd_pos(args) -> int:
-    from edge.pos_terminal import PosError, Terminal
-    host, port, store, prefix = args.host, args.port, args.store, args.prefix
+def _terminal(args):
+    """A terminal on the store's topics: the broker from --config (with its credentials and TLS) or --host."""
+    from edge.pos_terminal import Terminal
+    host, port, store, prefix, mqtt_config = args.host, args.port, args.store, args.prefix, None
     if args.config is not None:
         from edge.config import load_config
         config = load_config(args.config)
-        host, port, prefix, store = config.mqtt.host, config.mqtt.port, config.mqtt.topic_prefix, store or config.store_id
+        mqtt_config = config.mqtt
+        host, port, prefix, store = mqtt_config.host, mqtt_config.port, mqtt_config.topic_prefix, store or config.store_id
     if not store:
         raise UserError("--store (or --config) is needed: topics live under <prefix>/<store>/", EXIT_USAGE)
+    return Terminal(host, port, f"{prefix}/{store}", mqtt_config=mqtt_config)
+
+
+def cmd_status(args) -> int:
+    import time
+
+    from edge.pos_terminal import PosError, describe_status
+    if not 0 <= args.wait <= 60:
+        raise UserError(f"--wait {args.wait:g}: seconds from 0 to 60", EXIT_USAGE)
     try:
-        terminal = Terminal(host, port, f"{prefix}/{store}")
+        terminal = _terminal(args)
+        try:
+            statuses = terminal.statuses(args.wait)
+        finally:
+            terminal.close()
+    except PosError as exc:
+        raise UserError(str(exc)) from None
+    if not statuses:
+        raise UserError(f"no daemon has published a status under {terminal.base}/ (is the store id right?)")
+    by_daemon = {topic.split("/")[-2]: body for topic, body in statuses.items()}  # <prefix>/<store>/<daemon>/status
+    bodies = [by_daemon[daemon] for daemon in sorted(by_daemon)]
+    if args.json:
+        print(json.dumps({daemon: by_daemon[daemon] for daemon in sorted(by_daemon)}))
+    else:
+        now = time.time()
+        for body in bodies:
+            print(describe_status(body, now))
+    return 0 if all(body.get("state") == "online" for body in bodies) else 1
+
+
+def cmd_pos(args) -> int:
+    from edge.pos_terminal import PosError
+    try:
+        terminal = _terminal(args)
         try:
             if args.pos_command == "check":
                 answer = terminal.check(args.camera, args.item, args.timeout, args.deadline)

@@ -42,6 +42,29 @@ def describe(topic: str, payload: bytes) -> str:
     return f"{topic}  {json.dumps(body, separators=(',', ':'))}"
 
 
+def describe_status(body: dict, now: float) -> str:
+    """One line per daemon for `tillsight status`: state, cameras, the age model, how old the status is, problems."""
+    cameras = body.get("cameras") if isinstance(body.get("cameras"), dict) else {}
+    live = sum(1 for c in cameras.values() if isinstance(c, dict) and c.get("state") == "online"
+               and c.get("picture") in (None, "live"))
+    model = body.get("age_model") if isinstance(body.get("age_model"), dict) else {}
+    served = " ".join(str(model[k]) for k in ("tier", "variant", "provider") if model.get(k)) or "-"
+    age = f"{now - _seconds(body['time']):.0f} s ago" if isinstance(body.get("time"), str) and _seconds(body["time"]) \
+        else "-"
+    problems = body.get("problems") if isinstance(body.get("problems"), list) else []
+    return (f"{str(body.get('daemon')):<16} {str(body.get('state')):<9} "
+            f"{f'{live}/{len(cameras)} cameras' if cameras else '-':<11} {served:<32} {age:>10}  "
+            + ("; ".join(str(p) for p in problems) or "-"))
+
+
+def _seconds(iso: str) -> float | None:
+    from datetime import datetime
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 class PosError(Exception):
     """The broker or the daemon did not answer: one line for the user."""
 
@@ -69,16 +92,23 @@ class RecentIds:
 
 
 class Terminal:
-    def __init__(self, host: str, port: int, base: str, terminal_id: str | None = None):
+    def __init__(self, host: str, port: int, base: str, terminal_id: str | None = None, mqtt_config=None):
+        """`mqtt_config`: the daemon's [mqtt] (credentials and TLS for a secured broker); always MQTT 5 here,
+        for the answers' correlation data."""
+        from edge.publish import mqtt_client
         self.base = base  # <prefix>/<store>
         self.terminal_id = terminal_id or f"terminal-{secrets.token_hex(3)}"
         self.reply_topic = f"{base}/pos/{self.terminal_id}/reply"
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"tillsight-pos-{self.terminal_id}",
-                                  protocol=mqtt.MQTTv5)
+        client_id = f"tillsight-pos-{self.terminal_id}"
+        self.client = mqtt_client(mqtt_config, client_id, protocol="5") if mqtt_config is not None else \
+            mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         self._subscribed = threading.Event()
         self.client.on_subscribe = lambda *args: self._subscribed.set()
         self.on_message = None
         self.client.on_message = lambda c, u, msg: self.on_message and self.on_message(msg)
+        answered: list = []
+        connected = threading.Event()
+        self.client.on_connect = lambda c, u, flags, reason, props: (answered.append(reason), connected.set())
         try:
             self.client.connect(host, port, keepalive=30)
         except OSError as exc:
@@ -86,6 +116,10 @@ class Terminal:
         from edge.publish import no_delay
         no_delay(self.client)
         self.client.loop_start()
+        if not connected.wait(5) or answered[0].is_failure:
+            self.close()
+            reason = answered[0] if answered else "no answer within 5 s"
+            raise PosError(f"the MQTT broker at {host}:{port} refused the connection: {reason}")
 
     def subscribe(self, topics: list[str]) -> None:
         self._subscribed.clear()
@@ -129,6 +163,26 @@ class Terminal:
             raise PosError(f"no answer from the daemon for camera {camera} within {timeout_s:g} s "
                            "(is it running, and is the camera id right?)")
         return {**answered[0], "round_trip_ms": round(1000 * (time.monotonic() - sent), 1)}
+
+    def statuses(self, wait_s: float = 1.0) -> dict[str, dict]:
+        """The store's daemons' latest statuses (retained on the broker), by daemon topic; what is not JSON is
+        left out."""
+        found: dict[str, dict] = {}
+
+        def on_message(msg) -> None:
+            try:
+                body = json.loads(msg.payload) if msg.payload else None
+            except (ValueError, RecursionError):
+                return
+            if isinstance(body, dict):
+                found[msg.topic] = body
+            else:
+                found.pop(msg.topic, None)
+
+        self.on_message = on_message
+        self.subscribe([f"{self.base}/+/status"])
+        time.sleep(wait_s)  # retained statuses come at once; a daemon starting now a moment later
+        return dict(found)
 
     def watch(self, print_line, seconds: float | None = None) -> None:
         seen = RecentIds()

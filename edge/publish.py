@@ -153,19 +153,10 @@ class Publisher:
         self.listener: mqtt.Client | None = None
 
     def _make_client(self, client_id: str) -> mqtt.Client:
-        cfg = self.cfg
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311)
-        client.max_queued_messages_set(cfg.max_queued_messages)
+        client = mqtt_client(self.cfg, client_id)
+        client.max_queued_messages_set(self.cfg.max_queued_messages)
         # a till broker is near: retry often, so a queue reaches the POS within ~2 s of the broker's return
         client.reconnect_delay_set(min_delay=1, max_delay=2)
-        if cfg.username is not None:
-            password = cfg.password_file.read_text().strip() if cfg.password_file else None
-            client.username_pw_set(cfg.username, password)
-        if cfg.tls is not None:
-            client.tls_set(ca_certs=_s(cfg.tls.ca_file), certfile=_s(cfg.tls.cert_file),
-                           keyfile=_s(cfg.tls.key_file), cert_reqs=ssl.CERT_REQUIRED)
-            client.tls_insecure_set(cfg.tls.insecure)
         return client
 
     def start(self) -> None:
@@ -358,6 +349,21 @@ class Publisher:
                                                                               "path": str(self.outbox.path)})
             return True
         return delivered
+
+
+def mqtt_client(cfg: MqttConfig, client_id: str, protocol: str | None = None) -> mqtt.Client:
+    """A paho client with the config's protocol (or `protocol`), credentials and TLS: the daemon's, and the
+    terminal tools' when they are given the daemon's config."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv5 if (protocol or cfg.protocol) == "5" else mqtt.MQTTv311)
+    if cfg.username is not None:
+        password = cfg.password_file.read_text().strip() if cfg.password_file else None
+        client.username_pw_set(cfg.username, password)
+    if cfg.tls is not None:
+        client.tls_set(ca_certs=_s(cfg.tls.ca_file), certfile=_s(cfg.tls.cert_file),
+                       keyfile=_s(cfg.tls.key_file), cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_insecure_set(cfg.tls.insecure)
+    return client
 
 
 def no_delay(client: mqtt.Client) -> None:

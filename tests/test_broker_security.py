@@ -175,3 +175,26 @@ def test_a_running_daemon_says_why_the_broker_is_unreachable_once_and_in_its_sys
     assert any("STATUS=" in m and "mqtt: TLS certificate not accepted" in m for m in messages), messages
     unreachable = [line for line in err.splitlines() if "MQTT broker unreachable" in line]
     assert len(unreachable) == 1 and "not the CA that signed" in unreachable[0], err
+
+
+def test_the_terminal_tools_use_the_configs_credentials_and_tls(tmp_path, pki, age_models, hamilton_clip):
+    with secure_broker(pki) as broker:
+        config = config_file(tmp_path, pki, broker.port, age_models[40], camera=str(hamilton_clip))
+        daemon = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config)], cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline, result = time.monotonic() + 30, None
+            while time.monotonic() < deadline and (result is None or result.returncode != 0):
+                result = tillsight("status", "--config", str(config), "--wait", "0.5")
+            check = tillsight("pos", "--config", str(config), "check", "--camera", "till-1", "--timeout", "10")
+            (tmp_path / "other").mkdir()
+            wrong = config_file(tmp_path / "other", pki, broker.port, age_models[40], password="wrong-password",
+                                camera=str(hamilton_clip))
+            refused = tillsight("status", "--config", str(wrong))
+        finally:
+            daemon.terminate()
+            daemon.wait(30)
+    assert result.returncode == 0 and result.stdout.split()[:2] == ["till-pc", "online"], result
+    assert check.returncode == 0 and json.loads(check.stdout)["camera"] == "till-1", check
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        f"tillsight: error: the MQTT broker at 127.0.0.1:{broker.port} refused the connection: Not authorized")

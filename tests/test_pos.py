@@ -234,6 +234,30 @@ def test_a_customer_never_spans_two_transactions(daemon, broker):
     assert set(band) == {"id", "schema", "store", "camera", "transaction", "age_band", "time"}
 
 
+def test_status_lists_the_stores_daemons_and_exits_1_unless_all_are_online(daemon, broker):
+    _, _, config = daemon
+    result = tillsight("status", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    [line] = result.stdout.splitlines()
+    assert line.split()[:4] == ["till-pc", "online", "1/1", "cameras"] and line.endswith("s ago  -"), line
+    gone = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="gone-daemon")  # a daemon's will, retained
+    gone.connect("127.0.0.1", broker.port)
+    gone.loop_start()
+    gone.publish(f"{BASE}/till-pc-2/status", json.dumps({"schema": 1, "store": "store-1", "daemon": "till-pc-2",
+                                                         "state": "offline"}), qos=1, retain=True).wait_for_publish(5)
+    gone.loop_stop()
+    result = tillsight("status", "--port", str(broker.port), "--store", "store-1")
+    assert result.returncode == 1 and [line.split()[:2] for line in result.stdout.splitlines()] == [
+        ["till-pc", "online"], ["till-pc-2", "offline"]], result.stdout
+    result = tillsight("status", "--port", str(broker.port), "--store", "store-1", "--json", "--wait", "0.5")
+    statuses = json.loads(result.stdout)
+    assert set(statuses) == {"till-pc", "till-pc-2"} and statuses["till-pc"]["cameras"]["till-1"]["picture"] == "live"
+    line = one_line_error(tillsight("status", "--port", str(broker.port), "--store", "store-9", "--wait", "0.2"))
+    assert line == "tillsight: error: no daemon has published a status under tillsight/store-9/ (is the store id right?)"
+    result = tillsight("status", "--port", str(broker.port), "--store", "s", "--wait", "-1")
+    assert result.returncode == 2 and result.stderr.strip() == "tillsight: error: --wait -1: seconds from 0 to 60"
+
+
 def test_pos_cli_check_and_its_one_line_errors(daemon, broker):
     _, _, config = daemon
     result = tillsight("pos", "--config", str(config), "check", "--camera", "till-1", "--item", "alcohol")
