@@ -198,3 +198,57 @@ def test_the_terminal_tools_use_the_configs_credentials_and_tls(tmp_path, pki, a
     assert check.returncode == 0 and json.loads(check.stdout)["camera"] == "till-1", check
     assert refused.returncode == 1 and refused.stderr.strip() == (
         f"tillsight: error: the MQTT broker at 127.0.0.1:{broker.port} refused the connection: Not authorized")
+
+
+def test_the_shipped_store_acl_lets_daemon_and_pos_talk_and_the_pos_speak_for_no_daemon(tmp_path, pki, age_models,
+                                                                                        hamilton_clip):
+    from edge.config import MqttConfig
+    from edge.pos_terminal import Terminal
+    from edge.publish import mqtt_client
+    acl = (REPO / "deploy" / "mosquitto-store.acl").read_text().replace("store-0042", "store-1")
+    (tmp_path / "pos-password").write_text("pos-secret\n")
+    as_pos = MqttConfig.model_validate({"host": "127.0.0.1", "port": 1, "username": "pos",
+                                        "password_file": str(tmp_path / "pos-password"),
+                                        "tls": {"ca_file": str(pki / "ca.pem")}})
+    with secure_broker(pki, acl=acl) as broker:
+        config = config_file(tmp_path, pki, broker.port, age_models[16], camera=str(hamilton_clip))
+        daemon = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config)], cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        seen: dict[str, int] = {}  # messages the POS read, by kind (the topic's last level)
+
+        def count(client, userdata, msg) -> None:
+            kind = msg.topic.split("/")[-1]
+            seen[kind] = seen.get(kind, 0) + 1
+
+        pos = mqtt_client(as_pos, "pos-reader", protocol="5")
+        pos.on_message = count
+        pos.connect("127.0.0.1", broker.port)
+        pos.subscribe([("tillsight/store-1/+/alert", 1), ("tillsight/store-1/+/estimate", 1),
+                       ("tillsight/store-1/+/status", 1)])
+        pos.loop_start()
+        acks: list[str] = []
+        pos.on_publish = lambda c, u, mid, reason, props: acks.append(str(reason))
+        try:
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline and not (seen.get("alert") and seen.get("status")):
+                time.sleep(0.2)
+            terminal = Terminal("127.0.0.1", broker.port, "tillsight/store-1", "t1", mqtt_config=as_pos)
+            try:
+                answer = terminal.check("till-1", "alcohol", timeout_s=10)
+            finally:
+                terminal.close()
+            for topic in ("tillsight/store-1/till-1/alert", "tillsight/store-1/till-pc-9/status",
+                          "tillsight/store-1/till-1/estimate"):
+                pos.publish(topic, json.dumps({"schema": 1, "state": "online", "instance": "fake",
+                                               "cameras": {"till-1": {}}}), qos=1).wait_for_publish(5)
+            time.sleep(1)
+            statuses = tillsight("status", "--config", str(config), "--wait", "0.5")
+        finally:
+            pos.loop_stop()
+            daemon.terminate()
+            daemon.wait(30)
+    assert seen.get("estimate") and seen.get("alert") and seen.get("status"), seen  # the POS reads what it needs
+    assert answer["camera"] == "till-1" and answer["decision"] != "error"  # the daemon read the check, answered
+    assert acks == ["Not authorized"] * 3  # no fake alert, status or estimate from a POS
+    # the fake status never reached the daemon: no conflict
+    assert statuses.returncode == 0 and statuses.stdout.split()[:2] == ["till-pc", "online"], statuses.stdout
