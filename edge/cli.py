@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -228,21 +229,55 @@ def cmd_config_check(args) -> int:
 
 
 def cmd_run(args) -> int:
+    import threading
+
     from edge.config import load_config
     from edge.logs import setup_logging
     from edge.service import Service
     config = load_config(args.config)
     setup_logging(config.logging.level, config.logging.format)
+    reload_asked = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: reload_asked.set())  # systemctl reload; before the models load
     service = Service(config)
     signal.signal(signal.SIGTERM, lambda *_: service.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: service.stop_event.set())
     service.start()
-    service.run_until_stopped()
+    while True:
+        service.run_until_stopped(until=reload_asked)
+        if not reload_asked.is_set():
+            break
+        reload_asked.clear()
+        if _config_reloadable(args.config, service):
+            service.stop(reloading=True)  # a clean stop: what is not delivered waits in the outbox on disk
+            os.execv(sys.executable, [sys.executable, "-m", "edge", "run", "--config", str(args.config)])
     if not service.stop():  # what is not acknowledged and not on disk is lost: say so
         why = f" ({service.publisher.connection_error})" if service.publisher.connection_error else ""
         raise UserError(f"{service.publisher.unacknowledged()} messages were not acknowledged by the broker{why} "
                         f"before exit, and there is no outbox on disk to keep them (outbox.path)")
     return 0
+
+
+def _config_reloadable(path: Path, service) -> bool:
+    """SIGHUP: is the changed config good to restart on? If not, one error line, and the daemon runs on as it is
+    (a `systemctl restart` with a bad config would leave the till without a daemon)."""
+    import logging
+
+    from edge.config import ConfigError, load_config
+    log = logging.getLogger("edge.cli")
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        log.error("config not reloaded: running on with the one loaded at start",
+                  extra={"problems": exc.problems})
+        service.notifier.status(f"config not reloaded: {exc.problems[0]}; {service.summary()}")
+        return False
+    if service.outbox.path is None and not service.publisher.connected.is_set() and service.publisher.unacknowledged():
+        log.error("config not reloaded: messages wait for the broker in memory only and a restart would lose them "
+                  "(set [outbox] path, or reload once the broker is back)",
+                  extra={"messages": service.publisher.unacknowledged()})
+        return False
+    log.info("config reloaded: restarting in place")
+    return True
 
 
 def replay_config(video: Path, config_path: Path | None, fps: float | None):

@@ -110,6 +110,12 @@ class SystemdNotifier:
         """WATCHDOG=1: alive and well."""
         return self._send(Notification.WATCHDOG)
 
+    def reloading(self, status: str | None = None) -> bool:
+        """RELOADING=1: a reload has begun; the process that follows (exec'd in place) says READY=1 when done."""
+        if status:
+            self.status(status)
+        return self._send(Notification.RELOADING)
+
     def stopping(self, status: str | None = None) -> bool:
         """STOPPING=1: shutting down (no watchdog restart from here on)."""
         if status:

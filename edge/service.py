@@ -434,11 +434,11 @@ class Service:
         self.notifier.ready(self.summary())  # models loaded, cameras started
         self.watchdog.start()
 
-    def run_until_stopped(self) -> None:
+    def run_until_stopped(self, until: threading.Event | None = None) -> None:
         """Publish status periodically, and at once when a camera, the model or the outbox changes state,
-        until stop() is called (or, in replay, the files end)."""
+        until stop() is called (or, in replay, the files end), or `until` is set."""
         last_status, last_key = time.monotonic(), self._state_key()
-        while not self.stop_event.is_set():
+        while not self.stop_event.is_set() and not (until is not None and until.is_set()):
             if self.replay and all(p.finished.is_set() for p in self.pipelines):
                 break
             self.stop_event.wait(0.1)
@@ -457,9 +457,13 @@ class Service:
                 self.publisher.publish_status(self.status())
                 self.notifier.status(self.summary())
 
-    def stop(self, delivery_timeout_s: float = 10.0) -> bool:
-        """Stop threads, publish the retained offline status, wait for acks. True if all delivered."""
-        self.notifier.stopping("stopping")
+    def stop(self, delivery_timeout_s: float = 10.0, reloading: bool = False) -> bool:
+        """Stop threads, publish the retained offline status, wait for acks. True if all delivered.
+        `reloading`: systemd is told a reload, not a stop (the caller execs the daemon again)."""
+        if reloading:
+            self.notifier.reloading("reloading the config: restarting in place")
+        else:
+            self.notifier.stopping("stopping")
         self.watchdog.stop()
         self.stop_event.set()
         for thread in self.readers + self.pipelines:

@@ -476,3 +476,57 @@ def test_a_camera_that_sees_no_face_in_transactions_is_reported_until_it_sees_cu
         estimates.close()
     degraded = [json.loads(line)["problems"] for line in log.read_text().splitlines() if '"degraded"' in line]
     assert degraded == [[problem]]  # said once, not at every faceless transaction after the third
+
+
+def test_sighup_reloads_a_good_config_in_place_and_keeps_running_on_a_bad_one(tmp_path, broker, age_models,
+                                                                             carphone_clip):
+    """`systemctl reload` (SIGHUP): a broken edit is one error line and the daemon runs on as it was; a good one
+    restarts it in place (same PID, a new instance) with the new cameras."""
+    def config_with(camera_id: str, **extra) -> Path:
+        return write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=1,
+                            cameras=[{"id": camera_id, "source": str(carphone_clip), "fps_limit": 10}],
+                            mqtt={"host": "127.0.0.1", "port": broker.port},
+                            models={"age_model": str(age_models[40])}, logging={"level": "info"}, **extra)
+
+    config = config_with("till-1")
+    status = Subscriber(broker.port, f"{BASE}/till-pc/status")
+    log = tmp_path / "daemon.log"
+    process = start_daemon(config, log)
+    broker_was_down = False
+
+    def latest(s):
+        online = [m for m in s.json("/status") if m["state"] == "online"]
+        return online[-1] if online else {}
+
+    try:
+        assert status.wait_for(lambda s: "till-1" in latest(s).get("cameras", {}), 40), log.read_text()
+        first = latest(status)["instance"]
+        config.write_text(config.read_text() + "\n[bogus]\nkey = 1\n")  # an edit gone wrong
+        process.send_signal(signal.SIGHUP)
+        time.sleep(3)
+        assert process.poll() is None and latest(status)["instance"] == first  # running on, as it was
+        config_with("till-7")
+        broker.stop()  # estimates pile up in the daemon's memory (no outbox file here): a restart would lose them
+        time.sleep(2)
+        process.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert process.poll() is None
+        broker.start()
+        broker_was_down = True
+        deadline = time.monotonic() + 15
+        while log.read_text().count('"MQTT connected"') < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGHUP)  # the broker is back: now the reload goes ahead
+        assert status.wait_for(lambda s: "till-7" in latest(s).get("cameras", {}), 40), log.read_text()
+        assert process.poll() is None and latest(status)["instance"] != first  # the same process, run again
+    finally:
+        stop_daemon(process)
+        status.close()
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    refused = [line for line in lines if line["msg"].startswith("config not reloaded")]
+    assert refused[0]["level"] == "error" and refused[0]["problems"] == ["bogus: unknown key"]
+    assert broker_was_down and len(refused) == 2 and refused[1]["level"] == "error" and refused[1]["msg"] == (
+        "config not reloaded: messages wait for the broker in memory only and a restart would lose them "
+        "(set [outbox] path, or reload once the broker is back)") and refused[1]["messages"] >= 1
+    assert [line["msg"] for line in lines if line["msg"].startswith("config reloaded")] == [
+        "config reloaded: restarting in place"]
