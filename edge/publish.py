@@ -46,6 +46,10 @@ from edge.peers import new_instance
 from edge.types import TrackEstimate
 
 log = logging.getLogger(__name__)
+# A connection the broker drops this soon after accepting it, this many times in a row, is being taken
+# over by another client under the same client id (a cloned config with mqtt.client_id set).
+SHORT_SESSION_S = 5.0
+SHORT_SESSIONS = 3
 SCHEMA = 1
 
 
@@ -148,6 +152,9 @@ class Publisher:
         self.client.on_publish = self._on_publish
         self.client.on_log = self._on_log
         self._socket_error: str | None = None
+        self._connected_at: float | None = None  # monotonic time of the last CONNACK
+        self._short_sessions = 0  # connections in a row the broker dropped soon after accepting them
+        self.taken_over: str | None = None  # why the connection seems taken over by another client, while it is
         # What the POS sends arrives on a connection of its own: a flood there (tested: 25 MB of 256 KB
         # payloads) queues in front of nothing the daemon publishes, so alerts and their acks keep moving.
         self.listener: mqtt.Client | None = None
@@ -209,7 +216,9 @@ class Publisher:
             self._problem(f"broker refused the connection: {reason_code}"
                           + (" (check mqtt.username and mqtt.password_file)" if credentials else ""))
             return
-        log.info("MQTT connected", extra={"host": self.cfg.host, "port": self.cfg.port})
+        if self.taken_over is None:  # during a takeover fight, not a line every 2 s
+            log.info("MQTT connected", extra={"host": self.cfg.host, "port": self.cfg.port})
+        self._connected_at = time.monotonic()
         no_delay(client)
         self.connected.set()
         self._socket_error = None
@@ -221,11 +230,37 @@ class Publisher:
         was_connected = self.connected.is_set()
         self.connected.clear()
         if reason_code != 0 and was_connected:
-            self._problem(f"connection lost: {reason_code}")
+            if not self._short_session():
+                self._problem(f"connection lost: {reason_code}")
         elif reason_code != 0 and not (self.connection_error or "").startswith("broker refused"):
             # closed before CONNACK: e.g. TLS 1.3 refusing our (missing) client certificate; after a refusal
             # (a wrong password) the close that follows says less than the refusal itself
             self._problem(f"broker closed the connection: {self._socket_error or reason_code}")
+
+    def _short_session(self) -> bool:
+        """A dropped connection: True when it is one of a run of short ones, said once as a takeover.
+        mosquitto 2.0 closes the older of two connections under one client id without a reason code
+        (MQTT 5's 0x8E), so the pattern is what tells: dropped again and again within seconds of CONNACK."""
+        short = self._connected_at is not None and time.monotonic() - self._connected_at < SHORT_SESSION_S
+        self._short_sessions = self._short_sessions + 1 if short else 0
+        if self._short_sessions < SHORT_SESSIONS:
+            return False
+        if self.taken_over is None:
+            self.taken_over = (f"the broker dropped this connection {SHORT_SESSIONS} times in a row within "
+                               f"{SHORT_SESSION_S:g} s of accepting it: another client with client id "
+                               f"{self.client_id}? (mqtt.client_id must be unique per daemon)")
+            log.log(self.problem_level, "MQTT connection taken over", extra={"reason": self.taken_over})
+            if self.on_change is not None:
+                self.on_change()
+        return True
+
+    def takeover(self) -> str | None:
+        """The takeover problem while it lasts: it ends once a connection has held for twice the short time."""
+        if self.taken_over is not None and self.connected.is_set() and \
+                time.monotonic() - self._connected_at >= 2 * SHORT_SESSION_S:
+            self.taken_over, self._short_sessions = None, 0
+            log.info("MQTT connection stable again", extra={"host": self.cfg.host, "port": self.cfg.port})
+        return self.taken_over
 
     def _on_log(self, client, userdata, level, message: str) -> None:
         # paho reports a socket or TLS error on read only here; keep its reason for _on_disconnect

@@ -337,6 +337,9 @@ class Service:
             found.append(f"outbox in memory only: {self.outbox.reason}")
         if self.metrics_problem:
             found.append(self.metrics_problem)
+        takeover = self.publisher.takeover()
+        if takeover is not None:
+            found.append(takeover)
         if self.peers is not None:
             found += self.peers.problems()
         if self.watchdog.stalled:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -83,21 +85,46 @@ def test_hostile_status_payloads_are_ignored_and_logged_in_bounds(caplog):
 # ---------------------------------------------------------------- two real daemons on a real broker
 
 
+def clone_config(tmp_path, broker, age_models, carphone_clip, **mqtt) -> Path:
+    """One config for two daemons, as a cloned till PC has it."""
+    return write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=1,
+                        cameras=[{"id": "till-1", "source": str(carphone_clip), "fps_limit": 10}],
+                        mqtt={"host": "127.0.0.1", "port": broker.port, **mqtt},
+                        models={"age_model": str(age_models[40])}, logging={"level": "warning"})
+
+
+def back_online_after(statuses: Subscriber, instance: str, timeout: float) -> bool:
+    """After the clone has gone: the first daemon's status says online again."""
+    heard = len(statuses.json("/status"))
+    return statuses.wait_for(lambda s: any(m["instance"] == instance and m["state"] == "online"
+                                           for m in s.json("/status")[heard:]), timeout)
+
+
+@contextmanager
+def daemons_of(config: Path, folder: Path):
+    """The first daemon (logging to first.log), and room for its clone; whatever runs is stopped at the end."""
+    running = {"first": start_daemon(config, folder / "first.log")}
+    try:
+        yield running
+    finally:
+        for process in running.values():
+            stop_daemon(process)
+
+
+def log_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 @pytest.mark.broker
 def test_a_cloned_till_pc_is_found_both_answer_camera_fault_and_the_survivor_recovers(tmp_path, broker, age_models,
                                                                                       carphone_clip):
     """Two daemons with one config (a till PC cloned from another: same host name, same camera id)."""
-    config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=1,
-                          cameras=[{"id": "till-1", "source": str(carphone_clip), "fps_limit": 10}],
-                          mqtt={"host": "127.0.0.1", "port": broker.port},
-                          models={"age_model": str(age_models[40])}, logging={"level": "warning"})
+    config = clone_config(tmp_path, broker, age_models, carphone_clip)
     statuses = Subscriber(broker.port, f"{BASE}/till-pc/status")
-    first = start_daemon(config, tmp_path / "first.log")
-    clone = None
-    try:
+    with daemons_of(config, tmp_path) as daemons:
         assert statuses.wait_for(lambda s: any(m["state"] == "online" for m in s.json("/status")), 40)
         [instance] = {m["instance"] for m in statuses.json("/status")}
-        clone = start_daemon(config, tmp_path / "clone.log")
+        daemons["clone"] = start_daemon(config, tmp_path / "clone.log")
         copy_problem = ("another daemon publishes as daemon_id till-pc: give each till PC its own daemon_id "
                         "(a cloned till image keeps the host name)")
         conflict = "also served by daemon till-pc (another instance): each camera id belongs to one daemon"
@@ -115,16 +142,35 @@ def test_a_cloned_till_pc_is_found_both_answer_camera_fault_and_the_survivor_rec
         assert first_answer["decision"] == "camera_fault" and first_answer["camera_fault"] == conflict
         assert {a["decision"] for a in answers.json("/reply")} == {"camera_fault"}
         answers.close()
-        stop_daemon(clone)  # the clone goes: its offline status lands on the shared topic
-        clone = None
-        heard = len(statuses.json("/status"))
-        assert statuses.wait_for(lambda s: any(m["instance"] == instance and m["state"] == "online"
-                                               for m in s.json("/status")[heard:]), 20)
-    finally:
-        for process in (clone, first):
-            if process is not None:
-                stop_daemon(process)
-        statuses.close()
-    lines = [json.loads(line) for line in (tmp_path / "first.log").read_text().splitlines()]
+        stop_daemon(daemons["clone"])  # the clone goes: its offline status lands on the shared topic
+        assert back_online_after(statuses, instance, 20)
+    statuses.close()
+    lines = log_lines(tmp_path / "first.log")
     degraded = [line["problems"] for line in lines if line["msg"] == "degraded"]
     assert degraded and degraded[0][0] == copy_problem
+
+
+@pytest.mark.broker
+def test_two_daemons_under_one_configured_client_id_say_so_once_and_recover(tmp_path, broker, age_models,
+                                                                            carphone_clip):
+    """A cloned config that sets mqtt.client_id: the broker drops each daemon's connection when the other
+    reconnects (mosquitto gives no reason code). Each says it once, not a line every 2 s."""
+    config = clone_config(tmp_path, broker, age_models, carphone_clip, client_id="till-pc-1")
+    statuses = Subscriber(broker.port, f"{BASE}/till-pc/status")
+    taken = ("the broker dropped this connection 3 times in a row within 5 s of accepting it: another client with "
+             "client id till-pc-1? (mqtt.client_id must be unique per daemon)")
+    with daemons_of(config, tmp_path) as daemons:
+        assert statuses.wait_for(lambda s: any(m["state"] == "online" for m in s.json("/status")), 40)
+        [instance] = {m["instance"] for m in statuses.json("/status")}
+        daemons["clone"] = start_daemon(config, tmp_path / "clone.log")
+        assert statuses.wait_for(lambda s: any(m["instance"] == instance and taken in m.get("problems", ())
+                                               for m in s.json("/status")), 40), (tmp_path / "first.log").read_text()
+        time.sleep(6)  # the fight goes on: three more drops at least, which must not be logged
+        stop_daemon(daemons["clone"])
+        assert back_online_after(statuses, instance, 30)  # once a connection has held for 10 s
+    statuses.close()
+    lines = log_lines(tmp_path / "first.log")
+    said = [line for line in lines if line["msg"] == "MQTT connection taken over"]
+    assert len(said) == 1 and said[0]["level"] == "error" and said[0]["reason"] == taken
+    lost = [line for line in lines if line["msg"] == "MQTT broker unreachable, retrying"]
+    assert len(lost) <= 2, lost  # the first drops, before the pattern was clear; none after
