@@ -4,8 +4,11 @@ Each customer's final age (when their track ends) is counted in its band;
 at the end of every interval (aligned to the clock: 08:00, 08:15, ...) one
 message per camera gives the counts. A band with fewer than `k` customers is
 suppressed (null): a count of one or two at a small till could point at a
-person. No total is sent, so a suppressed band cannot be worked out by
-subtraction.
+person; a band nobody fell in is 0, which points at nobody. No total is
+sent, so a suppressed band cannot be worked out by subtraction. Every
+interval is sent, one without customers too, with the seconds in it during
+which the camera could not see (`camera_fault_s`): so "nobody came" and "the
+camera was covered" are told apart.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ class AgeBandCounter:
     k: int
     started: float | None = None  # start of the interval in progress
     counts: dict[str, int] = field(default_factory=dict)
+    fault_s: float = 0.0  # seconds of the interval in progress during which the camera could not see
+
+    def open(self, now: float) -> None:
+        """Make sure an interval is in progress (one without customers is sent too)."""
+        self._open(now)
 
     def add(self, age: float, now: float) -> None:
         self._open(now)
@@ -50,13 +58,17 @@ class AgeBandCounter:
         if self.started is None:
             return None
         end = now if partial else self.started + self.interval_s
-        bands = {name: (self.counts.get(name, 0) if self.counts.get(name, 0) >= self.k else None)
-                 for name in band_names(self.edges)}
+        bands = {name: _published(self.counts.get(name, 0), self.k) for name in band_names(self.edges)}
         message = {"camera": self.camera_id, "interval_start": self.started, "interval_end": end,
-                   "bands": bands, "k": self.k, "partial": partial}
-        self.started, self.counts = None, {}
+                   "bands": bands, "k": self.k, "partial": partial, "camera_fault_s": round(self.fault_s, 1)}
+        self.started, self.counts, self.fault_s = None, {}, 0.0
         return message
 
     def _open(self, now: float) -> None:
         if self.started is None:
             self.started = math.floor(now / self.interval_s) * self.interval_s
+
+
+def _published(count: int, k: int) -> int | None:
+    """0 and counts of k or more as they are; 1 to k-1 suppressed."""
+    return count if count == 0 or count >= k else None

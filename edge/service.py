@@ -85,6 +85,8 @@ class CameraPipeline(threading.Thread):
         analytics = config.analytics
         self.counter = AgeBandCounter(camera.id, analytics.bands, analytics.interval_s, analytics.k) \
             if analytics.enabled else None
+        self.camera_fault = lambda: None  # why the camera cannot see now (set by the service), for analytics
+        self._counted_at: float | None = None  # monotonic time of the last _count
         self.finished = threading.Event()
         self.beat = time.monotonic()  # last sign of life of this thread (the watchdog's progress check)
         self.last_frame_time: float | None = None
@@ -114,8 +116,16 @@ class CameraPipeline(threading.Thread):
             self.transaction = transaction if event == "start" else None
 
     def _count(self, now: float, final: bool = False) -> None:
-        """Publish the age-band counts of an interval that has ended (and at the end, the partial one)."""
-        if self.counter is not None and (final or self.counter.due(now)):
+        """Publish the age-band counts of an interval that has ended (and at the end, the partial one); called
+        at every frame and every 0.2 s of a quiet camera, so it also adds up the time the camera could not see."""
+        if self.counter is None:
+            return
+        tick = time.monotonic()
+        if self._counted_at is not None and self.camera_fault() is not None:
+            self.counter.fault_s += tick - self._counted_at
+        self._counted_at = tick
+        self.counter.open(now)
+        if final or self.counter.due(now):
             counts = self.counter.flush(now, partial=final)
             if counts is not None:
                 self.publisher.publish_analytics(counts)
@@ -290,6 +300,8 @@ class Service:
             self.readers.append(CameraReader(camera, frames, self.stop_event, replay, realtime))
             self.pipelines.append(CameraPipeline(camera, config, frames, self.detector, detector_lock,
                                                  self.batcher, self.publisher, self.stop_event, self.policy, replay))
+        for reader, pipeline in zip(self.readers, self.pipelines):
+            pipeline.camera_fault = lambda reader=reader: camera_fault(reader)
         self.desk = None
         self.notifier = SystemdNotifier.from_env() if not replay else SystemdNotifier()
         self.watchdog = WatchdogFeeder(self.notifier, self.stalled)

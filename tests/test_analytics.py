@@ -20,7 +20,19 @@ def test_bands_and_suppression_of_small_counts():
     assert message["interval_start"] == 900.0 and message["interval_end"] == 1800.0  # aligned to the clock
     assert message["bands"] == {"0-17": None, "18-24": 3, "25+": None}  # 1 and 1 are below k: not published
     assert "customers" not in message and "total" not in message  # no subtraction to undo the suppression
-    assert counter.flush(1900.0) is None  # nobody since
+    assert counter.flush(1900.0) is None  # no interval opened since
+
+
+def test_an_interval_without_customers_is_sent_with_the_time_the_camera_could_not_see():
+    counter = AgeBandCounter("till-1", [18, 25], interval_s=900, k=3)
+    counter.open(1000.0)
+    counter.fault_s += 312.46  # the lens was covered for five minutes
+    message = counter.flush(1800.0)
+    assert message["bands"] == {"0-17": 0, "18-24": 0, "25+": 0} and message["camera_fault_s"] == 312.5
+    counter.open(1800.0)
+    counter.add(40, 1801.0)
+    message = counter.flush(2700.0)
+    assert message["bands"] == {"0-17": 0, "18-24": 0, "25+": None} and message["camera_fault_s"] == 0.0
 
 
 def test_band_edges_must_increase():
@@ -42,5 +54,7 @@ def test_a_replay_publishes_the_interval_counts(tmp_path, broker, subscriber, ag
     bands = counts[0]["bands"]
     assert list(bands) == ["0-17", "18-24", "25-34", "35-44", "45-54", "55-64", "65+"]
     assert bands["35-44"] == summary["tracks"] >= 2  # every customer answered 40
-    assert all(v is None for k, v in bands.items() if k != "35-44")
-    assert set(counts[0]) == {"id", "schema", "store", "camera", "interval_start", "interval_end", "bands", "k", "partial"}
+    assert all(v == 0 for k, v in bands.items() if k != "35-44")  # nobody in them: 0 points at nobody
+    assert set(counts[0]) == {"id", "schema", "store", "camera", "interval_start", "interval_end", "bands", "k", "partial",
+                              "camera_fault_s"}
+    assert counts[0]["camera_fault_s"] == 0.0

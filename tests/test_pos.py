@@ -280,9 +280,10 @@ def test_a_blank_then_frozen_camera_is_reported_and_checks_get_camera_fault(tmp_
     clip = write_faulty_clip(carphone_clip, tmp_path / "faulty.avi", live_s=1.0, blank_s=5.0, frozen_s=3.0)
     config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=1,
                           cameras=[{"id": "till-1", "source": str(clip), "fps_limit": 10, "picture_check_s": 1}],
-                          mqtt={"host": "127.0.0.1", "port": broker.port},
+                          mqtt={"host": "127.0.0.1", "port": broker.port}, analytics={"interval_s": 2},
                           models={"age_model": str(age_models[40])}, logging={"level": "warning"})
     status = Subscriber(broker.port, f"{BASE}/till-pc/status")
+    analytics = Subscriber(broker.port, f"{BASE}/till-1/analytics")
     log = tmp_path / "daemon.log"
     process = start_daemon(config, log)
     terminal = Terminal("127.0.0.1", broker.port, BASE, "t1")
@@ -312,6 +313,11 @@ def test_a_blank_then_frozen_camera_is_reported_and_checks_get_camera_fault(tmp_
         "camera till-1 reconnecting: picture frozen: the same image for 1 s or more (a hung stream or driver)"]
     back = next(m for m in messages[frozen_at:] if m["cameras"]["till-1"]["picture"] == "live")
     assert (back["state"], back["problems"], back["cameras"]["till-1"]["state"]) == ("online", [], "online")
+    # every 2 s interval is sent, customers or not, with the time the camera could not see in it
+    intervals = analytics.json("/analytics")
+    analytics.close()
+    assert len(intervals) >= 3 and all(0 <= i["camera_fault_s"] <= 2.3 for i in intervals)
+    assert any(i["camera_fault_s"] >= 1.5 and set(i["bands"].values()) == {0} for i in intervals), intervals
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(line["msg"], line["level"]) for line in lines if line["msg"].startswith("camera")] == [
         ("camera picture blank", "warning"), ("camera picture frozen", "warning"), ("camera reconnecting", "warning")]
