@@ -9,6 +9,12 @@ sent, so a suppressed band cannot be worked out by subtraction. Every
 interval is sent, one without customers too, with the seconds in it during
 which the camera could not see (`camera_fault_s`): so "nobody came" and "the
 camera was covered" are told apart.
+
+An interval is exact about the time it covers: one that counting joined part
+way (the daemon started or was reloaded at 08:07, or the wall clock stepped
+back) starts then and is `partial`, like the one a stopping daemon sends. A
+restart inside 08:00-08:15 thus gives two partial messages, 08:00-08:07 and
+08:07-08:15, that add up, rather than a second one that claims all of it.
 """
 
 from __future__ import annotations
@@ -37,7 +43,9 @@ class AgeBandCounter:
     edges: list[int]
     interval_s: float
     k: int
-    started: float | None = None  # start of the interval in progress
+    started: float | None = None  # when the interval in progress began to be counted
+    slot: float | None = None  # the clock-aligned start of the interval in progress (08:00, 08:15, ...)
+    joined: bool = True  # the next interval opened begins where counting (re)started, not at its slot
     counts: dict[str, int] = field(default_factory=dict)
     fault_s: float = 0.0  # seconds of the interval in progress during which the camera could not see
 
@@ -51,22 +59,27 @@ class AgeBandCounter:
         self.counts[band] = self.counts.get(band, 0) + 1
 
     def due(self, now: float) -> bool:
-        return self.started is not None and now >= self.started + self.interval_s
+        return self.slot is not None and now >= self.slot + self.interval_s
 
     def flush(self, now: float, partial: bool = False) -> dict | None:
-        """The interval's message (None if it saw nobody), and a fresh interval."""
+        """The interval's message (None if none is open), and a fresh interval. `partial`: counting stops
+        here (the daemon stops, the clock stepped back), and the next interval begins where it starts again."""
         if self.started is None:
             return None
-        end = now if partial else self.started + self.interval_s
+        end = now if partial else self.slot + self.interval_s
         bands = {name: _published(self.counts.get(name, 0), self.k) for name in band_names(self.edges)}
         message = {"camera": self.camera_id, "interval_start": self.started, "interval_end": end,
-                   "bands": bands, "k": self.k, "partial": partial, "camera_fault_s": round(self.fault_s, 1)}
-        self.started, self.counts, self.fault_s = None, {}, 0.0
+                   "bands": bands, "k": self.k, "partial": partial or self.started > self.slot,
+                   "camera_fault_s": round(self.fault_s, 1)}
+        self.started, self.slot, self.counts, self.fault_s = None, None, {}, 0.0
+        self.joined = partial
         return message
 
     def _open(self, now: float) -> None:
         if self.started is None:
-            self.started = math.floor(now / self.interval_s) * self.interval_s
+            self.slot = math.floor(now / self.interval_s) * self.interval_s
+            self.started = now if self.joined else self.slot
+            self.joined = False
 
 
 def _published(count: int, k: int) -> int | None:

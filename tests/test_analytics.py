@@ -13,11 +13,13 @@ def test_bands_and_suppression_of_small_counts():
     assert band_names([18, 25, 35]) == ["0-17", "18-24", "25-34", "35+"]
     assert [band_of(a, [18, 25]) for a in (3, 17.9, 18, 24.99, 25, 80)] == ["0-17", "0-17", "18-24", "18-24", "25+", "25+"]
     counter = AgeBandCounter("till-1", [18, 25], interval_s=900, k=3)
+    counter.open(900.0)  # counting began as the interval did
     for age in (20, 21, 22, 40, 16):
         counter.add(age, now=1000.0)
     assert not counter.due(1799.0) and counter.due(1800.0)
     message = counter.flush(1800.0)
     assert message["interval_start"] == 900.0 and message["interval_end"] == 1800.0  # aligned to the clock
+    assert message["partial"] is False
     assert message["bands"] == {"0-17": None, "18-24": 3, "25+": None}  # 1 and 1 are below k: not published
     assert "customers" not in message and "total" not in message  # no subtraction to undo the suppression
     assert counter.flush(1900.0) is None  # no interval opened since
@@ -25,7 +27,7 @@ def test_bands_and_suppression_of_small_counts():
 
 def test_an_interval_without_customers_is_sent_with_the_time_the_camera_could_not_see():
     counter = AgeBandCounter("till-1", [18, 25], interval_s=900, k=3)
-    counter.open(1000.0)
+    counter.open(900.0)
     counter.fault_s += 312.46  # the lens was covered for five minutes
     message = counter.flush(1800.0)
     assert message["bands"] == {"0-17": 0, "18-24": 0, "25+": 0} and message["camera_fault_s"] == 312.5
@@ -33,6 +35,32 @@ def test_an_interval_without_customers_is_sent_with_the_time_the_camera_could_no
     counter.add(40, 1801.0)
     message = counter.flush(2700.0)
     assert message["bands"] == {"0-17": 0, "18-24": 0, "25+": None} and message["camera_fault_s"] == 0.0
+
+
+def test_intervals_cover_only_the_time_counted_so_a_restart_gives_two_partial_halves():
+    """A daemon stopped at 08:07:10 and started again at 08:07:12 (a reload, an upgrade): before, the new one
+    sent 08:00-08:15 as a whole interval, overlapping the 08:00-08:07:10 the old one had sent."""
+    edges = [18, 25]
+    first = AgeBandCounter("till-1", edges, interval_s=900, k=1)
+    first.open(900.0)
+    first.add(20, 1100.0)
+    before_stop = first.flush(1330.0, partial=True)
+    second = AgeBandCounter("till-1", edges, interval_s=900, k=1)  # the new process
+    second.open(1332.0)
+    second.add(40, 1500.0)
+    after_start = second.flush(1800.0)
+    assert (before_stop["interval_start"], before_stop["interval_end"], before_stop["partial"]) == (900.0, 1330.0, True)
+    assert (after_start["interval_start"], after_start["interval_end"], after_start["partial"]) == (1332.0, 1800.0, True)
+    assert before_stop["bands"] == {"0-17": 0, "18-24": 1, "25+": 0} and after_start["bands"]["25+"] == 1
+    second.open(1800.2)  # from here on whole intervals again, aligned to the clock
+    assert second.flush(2700.0) | {"bands": None} == {"camera": "till-1", "interval_start": 1800.0,
+                                                     "interval_end": 2700.0, "bands": None, "k": 1,
+                                                     "partial": False, "camera_fault_s": 0.0}
+    second.open(2750.0)
+    resumed_at = 2750.0 - 3600  # the wall clock stepped back an hour: the interval so far ends, counting resumes
+    assert second.flush(2751.0, partial=True)["interval_start"] == 2700.0
+    second.open(resumed_at)
+    assert second.flush(resumed_at + 60, partial=True)["interval_start"] == resumed_at
 
 
 def test_band_edges_must_increase():

@@ -232,6 +232,7 @@ def test_a_wall_clock_stepped_back_ends_the_tracks_and_the_interval_and_frames_g
     offset = [0.0]
     service.readers[0].clock = service.pipelines[0].clock = lambda: time.time() + offset[0]
     seconds = lambda iso: datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()  # noqa: E731
+    started = time.time()
     service.start()
     try:
         assert subscriber.wait_for(lambda s: len(s.json("till-1/estimate")) >= 1, 30)
@@ -245,8 +246,11 @@ def test_a_wall_clock_stepped_back_ends_the_tracks_and_the_interval_and_frames_g
     before = [e for e in estimates if seconds(e["frame_time"]) > stepped - 1800]
     after = [e for e in estimates if seconds(e["frame_time"]) < stepped - 1800]
     assert before[-1]["final"] and {e["track"] for e in before}.isdisjoint(e["track"] for e in after)
-    [closed, *_] = subscriber.json("till-1/analytics")
+    assert subscriber.wait_for(lambda s: len(s.json("till-1/analytics")) >= 2, 10)
+    [closed, resumed, *_] = subscriber.json("till-1/analytics")
     assert closed["partial"] and closed["bands"]["35-44"] == 1 and seconds(closed["interval_end"]) > stepped - 5
+    assert seconds(closed["interval_start"]) >= started  # counted from the start, not from the quarter hour
+    assert resumed["partial"] and abs(seconds(resumed["interval_start"]) - (stepped - 3600)) < 5
     assert service.pipelines[0].clock_steps == 1
     [line] = [r for r in caplog.records if r.getMessage().startswith("the wall clock stepped back")]
     assert line.camera == "till-1" and 3599 < line.seconds < 3601
