@@ -126,3 +126,19 @@ def test_ship_size_budget_counts_the_tracked_tree_with_the_new_model_card_and_pl
     with pytest.raises(ship.ShipError, match=r"^not shipped: the tracked tree would hold .* over the"):
         ship._check_budget(into, candidate, {"curves.png": plot})
     assert ship._check_budget(Path("/"), candidate, {}) is None  # outside a git checkout: said, not checked
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_whose_detector_cannot_start_ends_the_load_in_one_line(tmp_path, monkeypatch, utkface):
+    """A package missing in the worker processes (the GPU job's rehearsal: `onnx`) stopped nothing: the pool
+    started a new worker for each one that failed, for ever. Now the first task says why, and the load ends."""
+    import onnx  # noqa: F401 - this process keeps the real one; the spawned workers find the broken one first
+    shadow = tmp_path / "shadow" / "onnx"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'onnx'\")\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "shadow"))  # spawned workers start from this sys.path
+    labels = read_labels(utkface / "labels.csv")[:500]
+    with pytest.raises(DataError) as caught:
+        load_faces(utkface, labels, 32, 0.2, progress=False, workers=2)
+    assert str(caught.value) == ("the face detector could not start in a worker process: "
+                                 "ImportError: No module named 'onnx'")

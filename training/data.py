@@ -212,14 +212,23 @@ def _detected(data_dir: Path, wanted: set[str], detector: FaceDetector | None, w
 
 
 _worker_detector: FaceDetector | None = None
+_worker_failure: str | None = None  # why this worker has no detector
 
 
 def _start_worker() -> None:
-    global _worker_detector
-    _worker_detector = FaceDetector(min_face_px=0, threads=1)  # one thread each: the processes share the cores
+    # An initializer that raises makes multiprocessing.Pool start another worker, which fails the same way,
+    # for ever (a package the machine lacks: 667 tracebacks and no end, in a rehearsal of the GPU job). The
+    # failure is kept and raised by the first task instead, which ends the pool and the command in one line.
+    global _worker_detector, _worker_failure
+    try:
+        _worker_detector = FaceDetector(min_face_px=0, threads=1)  # one thread each: the processes share the cores
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the parent says it
+        _worker_failure = f"{type(exc).__name__}: {exc}"
 
 
 def _detect_encoded(item: tuple[str, bytes]) -> tuple[str, bytes, Face | None]:
+    if _worker_failure is not None:
+        raise DataError(f"the face detector could not start in a worker process: {_worker_failure}")
     name, encoded = item
     image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
     return name, encoded, None if image is None else detect_portrait_face(_worker_detector, image)
