@@ -72,6 +72,19 @@ def _is_dir(text: str | Path, what: str = "folder") -> bool:
     return _path_test(Path.is_dir, text, what)
 
 
+def _not_a_video_file(text: str) -> str:
+    """Why a camera source that names no regular file is refused: a device node is easily written as its path."""
+    path = Path(text)
+    device = re.fullmatch(r"/dev/video(\d+)", text)
+    if device:
+        return f"{text!r} is a device path: give its index instead (source = {int(device[1])})"
+    if path.is_dir():
+        return f"{text!r} is a folder, not a video file"
+    if path.exists():
+        return f"{text!r} is not a regular file (a device is an integer index, a stream an rtsp:// or http:// URL)"
+    return f"video file {text!r} not found (a device is an integer index, a stream an rtsp:// or http:// URL)"
+
+
 def _path_test(test, text: str | Path, what: str) -> bool:
     """Path.is_file()/is_dir() of a path from the config: ValueError (a problem line), never OSError/RuntimeError."""
     text = str(text)
@@ -152,7 +165,7 @@ class CameraConfig(Strict):
                 raise ValueError(f"URL {value!r} has no host")
             return value
         if not _is_file(value, "video file"):
-            raise ValueError(f"video file {value!r} not found (a device is an integer index, a stream an rtsp:// or http:// URL)")
+            raise ValueError(_not_a_video_file(value))
         return value
 
     @property

@@ -52,6 +52,17 @@ def test_every_problem_is_reported_with_its_path():
     ]
 
 
+def test_a_camera_source_that_is_no_video_file_says_what_it_is(tmp_path):
+    """A folder or a device node is a file path that exists: "not found" sent people looking for a typo."""
+    def source_problem(source):
+        return problems({"store_id": "s", "cameras": [{"id": "a", "source": source}]})
+    assert source_problem("/dev/video2") == ["cameras.0.source: '/dev/video2' is a device path: give its index "
+                                             "instead (source = 2)"]
+    assert source_problem(str(tmp_path)) == [f"cameras.0.source: {str(tmp_path)!r} is a folder, not a video file"]
+    assert source_problem("/dev/null") == ["cameras.0.source: '/dev/null' is not a regular file (a device is an "
+                                           "integer index, a stream an rtsp:// or http:// URL)"]
+
+
 def test_missing_keys_and_files():
     assert problems({}) == ["store_id: required key is missing", "cameras: required key is missing"]
     assert problems({"store_id": "s", "cameras": [{"id": "a", "source": 0}],
