@@ -343,6 +343,9 @@ def cmd_models_list(args) -> int:
     return 0
 
 
+MAX_BENCH_CAMERAS = 64  # a reader thread and a decoder each; the 16-core GPU machine's plan tries up to 32
+
+
 def cmd_bench(args) -> int:
     import tomllib
     if args.model_only:
@@ -359,6 +362,8 @@ def cmd_bench(args) -> int:
     except (ValueError, tomllib.TOMLDecodeError):
         raise UserError("--cameras takes counts like 1,2,4 and --set SECTION.KEY=VALUE (a TOML value)", EXIT_USAGE)
     _check_ranges(fps=(args.fps, 0.1, 120), seconds=(args.seconds, 2, 3600), rounds=(args.rounds, 1, 100))
+    if not all(1 <= count <= MAX_BENCH_CAMERAS for count in cameras):
+        raise UserError(f"--cameras {args.cameras}: each count from 1 to {MAX_BENCH_CAMERAS}", EXIT_USAGE)
     from edge.config import parse_config
     parse_config({"store_id": "check", "cameras": [{"id": "c", "source": 0}], **config})  # bad --set: one line each
     hamilton = Path("../shared/media/short_hamilton_clip.mp4")

@@ -33,3 +33,6 @@ def test_bench_bad_options_are_one_line(tmp_path):
     assert line == "tillsight: error: --cameras takes counts like 1,2,4 and --set SECTION.KEY=VALUE (a TOML value)"
     line = one_line_error(tillsight("bench", "--set", "models.age_threads=-1", "--out", str(tmp_path)), code=2)
     assert line == "models.age_threads: input should be greater than or equal to 0"
+    for counts in ("0", "1,65"):  # 0 measured nothing for minutes before; 65 readers on 2 cores
+        line = one_line_error(tillsight("bench", "--cameras", counts, "--out", str(tmp_path)), code=2)
+        assert line == f"tillsight: error: --cameras {counts}: each count from 1 to 64"
