@@ -524,6 +524,7 @@ def _data_errors():
 
 
 def cmd_inspect(args) -> int:
+    _check_ranges(val_fraction=(args.val_fraction, 0.001, 0.999), limit=(args.limit, 1, 10**9))
     _training_imports(keras_needed=False)
     from training.inspect import inspect, print_report
     try:
