@@ -445,7 +445,21 @@ def _terminal(args):
         host, port, prefix, store = mqtt_config.host, mqtt_config.port, mqtt_config.topic_prefix, store or config.store_id
     if not store:
         raise UserError("--store (or --config) is needed: topics live under <prefix>/<store>/", EXIT_USAGE)
+    _check_broker_options(host, port, store, prefix)
     return Terminal(host, port, f"{prefix}/{store}", mqtt_config=mqtt_config)
+
+
+def _check_broker_options(host: str, port: int, store: str, prefix: str) -> None:
+    """--host, --port, --store and --prefix by the config's own rules (a '/', '+' or '#' in --store would read
+    other topics; port 0 was paho's traceback), the first problem in one line."""
+    from edge.config import ConfigError, parse_config
+    try:
+        parse_config({"store_id": store, "cameras": [{"id": "c", "source": 0}],
+                      "mqtt": {"host": host, "port": port, "topic_prefix": prefix}})
+    except ConfigError as exc:
+        option = {"store_id": "--store", "mqtt.host": "--host", "mqtt.port": "--port", "mqtt.topic_prefix": "--prefix"}
+        key, _, problem = exc.problems[0].partition(": ")
+        raise UserError(f"{option.get(key, key)}: {problem}", EXIT_USAGE) from None
 
 
 def cmd_status(args) -> int:

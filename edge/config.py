@@ -21,6 +21,7 @@ from edge.detect import DEFAULT_VARIANT, VARIANTS
 from edge.tiers import TIERS
 URL_SCHEMES = ("rtsp", "rtsps", "http", "https")
 NAME = r"^[A-Za-z0-9_-]{1,64}$"  # ids become MQTT topic levels: no '/', '+', '#'
+TOPIC_PREFIX = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"  # levels of NAME's characters: no wildcard, no empty level
 MAX_FILE_BYTES = 1 << 20  # a config file is a few KiB; a larger one is refused unread
 MAX_KEY_DEPTH = 32  # dotted keys: tomllib's cost grows with the square of a key's parts
 MAX_PATH, MAX_PATH_NAME = 4096, 255  # Linux PATH_MAX and NAME_MAX, in bytes
@@ -243,7 +244,7 @@ class MqttConfig(Strict):
     qos: Literal[0, 1, 2] = 1
     protocol: Literal["5", "3.1.1"] = "5"  # 5: the POS's age checks can use Response Topic/Correlation Data
     # MQTT topics are at most 65,535 bytes: the prefix leaves room for store, camera and kind
-    topic_prefix: Annotated[str, Field(max_length=200, pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")] = "tillsight"
+    topic_prefix: Annotated[str, Field(max_length=200, pattern=TOPIC_PREFIX)] = "tillsight"
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     max_queued_messages: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
 
@@ -431,6 +432,8 @@ def _message(error: dict) -> str:
         return "required key is missing"
     if error["type"] == "string_pattern_mismatch" and error["ctx"]["pattern"] == NAME:
         return "must be 1 to 64 letters, digits, '_' or '-' (it becomes an MQTT topic level)"
+    if error["type"] == "string_pattern_mismatch" and error["ctx"]["pattern"] == TOPIC_PREFIX:
+        return "must be topic levels of letters, digits, '_' or '-' joined by '/', e.g. tillsight or acme/tillsight"
     if len(msg) > 1 and msg[1].islower():
         msg = msg[0].lower() + msg[1:]
     return msg

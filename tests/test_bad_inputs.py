@@ -67,7 +67,21 @@ def test_a_photo_given_as_the_video_is_one_line_not_a_one_frame_replay(suffix, t
 def test_a_folder_as_the_video_is_a_config_problem(tmp_path, broker, age_models):
     config = replay_config(tmp_path, broker.port, age_models[40])
     line = one_line_error(tillsight("replay", str(tmp_path), "--config", str(config), timeout=60), code=2)
-    assert line.startswith(f"cameras.0.source: video file '{tmp_path}' not found")
+    assert line == f"cameras.0.source: '{tmp_path}' is a folder, not a video file"
+
+
+@pytest.mark.parametrize("options, line", [
+    (["--port", "0"], "--port: input should be greater than or equal to 1"),  # was paho's ValueError traceback
+    (["--store", "store-1/#"], "--store: must be 1 to 64 letters, digits, '_' or '-' (it becomes an MQTT topic level)"),
+    (["--store", "+"], "--store: must be 1 to 64 letters, digits, '_' or '-' (it becomes an MQTT topic level)"),
+    (["--prefix", "a//b"], "--prefix: must be topic levels of letters, digits, '_' or '-' joined by '/', "
+                           "e.g. tillsight or acme/tillsight"),
+])
+def test_broker_options_of_status_and_pos_follow_the_configs_rules(options, line):
+    """A wildcard in --store would have read every store's topics; checked before any connection is tried."""
+    for command in (["status"], ["pos"]):
+        arguments = [*command, "--store", "store-1", *options, *(["check", "--camera", "c"] if command == ["pos"] else [])]
+        assert one_line_error(tillsight(*arguments), code=2) == f"tillsight: error: {line}"
 
 
 def age_model_graph(input_shape, output_shape, axes=(1, 2, 3), input_type=TensorProto.FLOAT, input_size=64) -> bytes:
