@@ -491,6 +491,7 @@ def cmd_status(args) -> int:
 
 def cmd_pos(args) -> int:
     from edge.pos_terminal import PosError
+    _check_pos_options(args)
     try:
         terminal = _terminal(args)
         try:
@@ -509,6 +510,26 @@ def cmd_pos(args) -> int:
     except PosError as exc:
         raise UserError(str(exc)) from None
     return 0
+
+
+def _check_pos_options(args) -> None:
+    """What the daemon would refuse is said here, before anything is sent: a camera id that is no topic level
+    (a '+' or '#' was paho's traceback), ids and items outside the POS messages' rules (a transaction the daemon
+    dropped was printed as "sent"), and times out of range."""
+    import re
+
+    from edge.config import NAME
+    from edge.pos import TEXT
+    camera = getattr(args, "camera", None)  # `watch` reads every camera
+    if camera is not None and not re.fullmatch(NAME, camera):
+        raise UserError(f"--camera {camera!r}: a camera id is 1 to 64 letters, digits, '_' or '-'", EXIT_USAGE)
+    texts = {"--item": getattr(args, "item", None), "--id": getattr(args, "id", None)}
+    for option, text in texts.items():
+        if text is not None and not re.fullmatch(TEXT, text):
+            raise UserError(f"{option}: 1 to 128 printable ASCII characters without spaces "
+                            "(as the daemon accepts them)", EXIT_USAGE)
+    _check_ranges(timeout=(getattr(args, "timeout", None), 0.1, 3600), deadline=(getattr(args, "deadline", None), 0.01, 10),
+                  seconds=(getattr(args, "seconds", None), 0.1, 10**7))
 
 
 def cmd_demo(args) -> int:

@@ -184,3 +184,19 @@ def test_a_model_that_answers_nan_is_loud_not_a_room_of_adults(tmp_path, broker,
     config = replay_config(tmp_path, broker.port, model)
     line = one_line_error(tillsight("replay", str(carphone_clip), "--config", str(config), timeout=60))
     assert line.startswith("tillsight: error: age model failed on ") and "answered NaN or infinity" in line
+
+
+@pytest.mark.parametrize("arguments, line", [
+    (["check", "--camera", "#"], "--camera '#': a camera id is 1 to 64 letters, digits, '_' or '-'"),  # a traceback
+    (["check", "--camera", "till-1/x"], "--camera 'till-1/x': a camera id is 1 to 64 letters, digits, '_' or '-'"),
+    (["check", "--camera", "till-1", "--item", "red wine"],
+     "--item: 1 to 128 printable ASCII characters without spaces (as the daemon accepts them)"),
+    (["check", "--camera", "till-1", "--timeout", "-1"], "--timeout -1 out of range [0.1, 3600]"),
+    (["check", "--camera", "till-1", "--deadline", "30"], "--deadline 30 out of range [0.01, 10]"),
+    (["transaction", "start", "--camera", "till-1", "--id", ""],  # was "sent", and dropped by the daemon
+     "--id: 1 to 128 printable ASCII characters without spaces (as the daemon accepts them)"),
+    (["watch", "--seconds", "-1"], "--seconds -1 out of range [0.1, 1e+07]"),
+])
+def test_pos_options_the_daemon_would_refuse_are_said_before_sending(arguments, line):
+    result = tillsight("pos", "--port", "9", "--store", "store-1", *arguments)  # nothing listens on 9: never reached
+    assert one_line_error(result, code=2) == f"tillsight: error: {line}"
