@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from edge.runtime import check_single_onnxruntime
         check_single_onnxruntime()
+        _check_out_folder(args)
         return args.handler(args) or 0
     except ConfigError as exc:
         for line in exc.problems:
@@ -33,6 +34,22 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(exc, "code", EXIT_FAILURE)
     except KeyboardInterrupt:
         return 130
+
+
+def _check_out_folder(args) -> None:
+    """--out must be (or become) a folder this user can write in: else one line before any work, where
+    train, inspect, eval and bench failed at their first write with a traceback (`export detector`: a file)."""
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    folder = out.parent if getattr(args, "target", None) == "detector" else out
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {existing} is not writable by this user")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -200,3 +200,15 @@ def test_a_model_that_answers_nan_is_loud_not_a_room_of_adults(tmp_path, broker,
 def test_pos_options_the_daemon_would_refuse_are_said_before_sending(arguments, line):
     result = tillsight("pos", "--port", "9", "--store", "store-1", *arguments)  # nothing listens on 9: never reached
     assert one_line_error(result, code=2) == f"tillsight: error: {line}"
+
+
+@pytest.mark.parametrize("command", [["train", "--data", "."], ["data", "inspect", "."], ["eval", "--data", "."],
+                                     ["bench", "--model-only"], ["export", "detector"], ["export", "x.keras"]])
+def test_an_out_folder_that_is_a_file_is_one_line_before_any_work(command, tmp_path):
+    """Each failed at its first write with a traceback (NotADirectoryError, FileExistsError)."""
+    taken = tmp_path / "taken"
+    taken.write_text("someone's file")
+    out = taken / "x.onnx" if command == ["export", "detector"] else taken
+    assert one_line_error(tillsight(*command, "--out", str(out))) == \
+        f"tillsight: error: --out {out}: {taken} is a file, not a folder"
+    assert taken.read_text() == "someone's file"
