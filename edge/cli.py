@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="the store's daemons from their status topics; exit 1 unless all are online")
     status.add_argument("--wait", type=float, default=1.0, help="seconds to listen (retained statuses come at once)")
     status.add_argument("--json", action="store_true", help="the statuses themselves, one JSON object")
+    status.add_argument("--forget", metavar="DAEMON",
+                        help="clear the retained status of a daemon gone for good (it must say offline); needs "
+                             "credentials that may write status topics (a daemon's --config)")
     status.set_defaults(handler=cmd_status)
 
     pos = commands.add_parser("pos", parents=[broker_args],
@@ -485,6 +488,8 @@ def cmd_status(args) -> int:
     from edge.pos_terminal import PosError, describe_status
     if not 0 <= args.wait <= 60:
         raise UserError(f"--wait {args.wait:g}: seconds from 0 to 60", EXIT_USAGE)
+    if args.forget is not None:
+        return _forget_daemon(args)
     try:
         terminal = _terminal(args)
         try:
@@ -504,6 +509,25 @@ def cmd_status(args) -> int:
         for body in bodies:
             print(describe_status(body, now))
     return 0 if all(body.get("state") == "online" for body in bodies) else 1
+
+
+def _forget_daemon(args) -> int:
+    import re
+
+    from edge.config import NAME
+    from edge.pos_terminal import PosError
+    if not re.fullmatch(NAME, args.forget):
+        raise UserError(f"--forget {args.forget!r}: a daemon id is 1 to 64 letters, digits, '_' or '-'", EXIT_USAGE)
+    try:
+        terminal = _terminal(args)
+        try:
+            terminal.forget(args.forget, args.wait)
+        finally:
+            terminal.close()
+    except PosError as exc:
+        raise UserError(str(exc)) from None
+    print(f"forgot {args.forget}: its retained status is cleared from {terminal.base}/")
+    return 0
 
 
 def cmd_pos(args) -> int:

@@ -131,11 +131,32 @@ class Terminal:
         self.client.loop_stop()
         self.client.disconnect()
 
-    def send(self, topic: str, body: dict, properties: Properties | None = None) -> None:
-        info = self.client.publish(topic, json.dumps(body), qos=1, properties=properties)
+    def send(self, topic: str, body: dict | None, properties: Properties | None = None, retain: bool = False) -> None:
+        """Publish at QoS 1 and wait for the broker's PUBACK; a refusal in it (MQTT 5: "Not authorized" where
+        the ACL does not let these credentials write the topic) is an error, not "sent". `body` None: an empty
+        payload (which clears a retained message)."""
+        acks: dict[int, object] = {}
+        self.client.on_publish = lambda c, u, mid, reason, props: acks.__setitem__(mid, reason)
+        payload = b"" if body is None else json.dumps(body)
+        info = self.client.publish(topic, payload, qos=1, properties=properties, retain=retain)
         info.wait_for_publish(5)
         if not info.is_published():
             raise PosError(f"the MQTT broker did not acknowledge {topic}")
+        reason = acks.get(info.mid)
+        if reason is not None and getattr(reason, "is_failure", False):
+            raise PosError(f"the MQTT broker refused {topic}: {reason}")
+
+    def forget(self, daemon: str, wait_s: float = 1.0) -> None:
+        """Clear the retained status of a daemon that is gone for good (decommissioned, renamed), so `status`
+        stops listing it; refused while its last word is not `offline`: a running daemon would publish it again."""
+        topic = f"{self.base}/{daemon}/status"
+        status = self.statuses(wait_s).get(topic)
+        if status is None:
+            raise PosError(f"no retained status of daemon {daemon!r} under {self.base}/")
+        if status.get("state") != "offline":
+            raise PosError(f"daemon {daemon} says it is {status.get('state')}: stop it first (systemctl stop "
+                           "tillsight), or it publishes its status again")
+        self.send(topic, None, retain=True)
 
     def transaction(self, camera: str, event: str, transaction: str) -> None:
         self.send(f"{self.base}/{camera}/transaction", {"event": event, "transaction": transaction})

@@ -203,7 +203,7 @@ def test_the_terminal_tools_use_the_configs_credentials_and_tls(tmp_path, pki, a
 def test_the_shipped_store_acl_lets_daemon_and_pos_talk_and_the_pos_speak_for_no_daemon(tmp_path, pki, age_models,
                                                                                         hamilton_clip):
     from edge.config import MqttConfig
-    from edge.pos_terminal import Terminal
+    from edge.pos_terminal import PosError, Terminal
     from edge.publish import mqtt_client
     acl = (REPO / "deploy" / "mosquitto-store.acl").read_text().replace("store-0042", "store-1")
     (tmp_path / "pos-password").write_text("pos-secret\n")
@@ -247,6 +247,20 @@ def test_the_shipped_store_acl_lets_daemon_and_pos_talk_and_the_pos_speak_for_no
             pos.loop_stop()
             daemon.terminate()
             daemon.wait(30)
+        # the daemon is gone and said offline: only daemon credentials may clear its status, and `tillsight` says
+        # a refusal (it used to print a transaction refused by the ACL as sent)
+        terminal = Terminal("127.0.0.1", broker.port, "tillsight/store-1", "t2", mqtt_config=as_pos)
+        try:
+            with pytest.raises(PosError) as refused_forget:
+                terminal.forget("till-pc")
+        finally:
+            terminal.close()
+        forgot = tillsight("status", "--config", str(config), "--forget", "till-pc", "--wait", "0.5")
+        after = tillsight("status", "--config", str(config), "--wait", "0.5")
+    assert str(refused_forget.value) == "the MQTT broker refused tillsight/store-1/till-pc/status: Not authorized"
+    assert forgot.returncode == 0, forgot.stderr
+    assert after.returncode == 1 and after.stderr.strip() == \
+        "tillsight: error: no daemon has published a status under tillsight/store-1/ (is the store id right?)"
     assert seen.get("estimate") and seen.get("alert") and seen.get("status"), seen  # the POS reads what it needs
     assert answer["camera"] == "till-1" and answer["decision"] != "error"  # the daemon read the check, answered
     assert acks == ["Not authorized"] * 3  # no fake alert, status or estimate from a POS

@@ -256,6 +256,18 @@ def test_status_lists_the_stores_daemons_and_exits_1_unless_all_are_online(daemo
     assert line == "tillsight: error: no daemon has published a status under tillsight/store-9/ (is the store id right?)"
     result = tillsight("status", "--port", str(broker.port), "--store", "s", "--wait", "-1")
     assert result.returncode == 2 and result.stderr.strip() == "tillsight: error: --wait -1: seconds from 0 to 60"
+    # a daemon gone for good is forgotten; a running one, or one never seen, is not
+    store = ["--port", str(broker.port), "--store", "store-1", "--wait", "0.3"]
+    line = one_line_error(tillsight("status", *store, "--forget", "till-pc"))
+    assert line == ("tillsight: error: daemon till-pc says it is online: stop it first (systemctl stop tillsight), "
+                    "or it publishes its status again")
+    line = one_line_error(tillsight("status", *store, "--forget", "till-pc-9"))
+    assert line == "tillsight: error: no retained status of daemon 'till-pc-9' under tillsight/store-1/"
+    result = tillsight("status", *store, "--forget", "till-pc-2")
+    assert result.returncode == 0 and result.stdout.strip() == \
+        "forgot till-pc-2: its retained status is cleared from tillsight/store-1/"
+    result = tillsight("status", *store)
+    assert result.returncode == 0 and [line.split()[:2] for line in result.stdout.splitlines()] == [["till-pc", "online"]]
 
 
 def test_pos_cli_check_and_its_one_line_errors(daemon, broker):
