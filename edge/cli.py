@@ -531,7 +531,7 @@ def _forget_daemon(args) -> int:
 
 
 def cmd_pos(args) -> int:
-    from edge.pos_terminal import PosError
+    from edge.pos_terminal import PosError, printable
     _check_pos_options(args)
     try:
         terminal = _terminal(args)
@@ -539,7 +539,7 @@ def cmd_pos(args) -> int:
             if args.pos_command == "check":
                 answer = terminal.check(args.camera, args.item, args.timeout, args.deadline)
                 if answer.get("decision") == "error":
-                    raise UserError(f"the daemon refused the check: {answer.get('error')}")
+                    raise UserError(printable(f"the daemon refused the check: {answer.get('error')}"))
                 print(json.dumps(answer))
             elif args.pos_command == "transaction":
                 terminal.transaction(args.camera, args.event, args.id)

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+# Characters a terminal acts on rather than shows: C0/C1 controls (ESC starts sequences that retitle the window,
+# clear the screen or move the cursor; CR overwrites the line), and Unicode bidi controls and line separators that
+# reorder or split what is shown. Network text (any client may publish on an open broker) shows them as escapes.
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    return UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                           else f"\\u{ord(m.group()):04x}", text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -22,7 +34,8 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD and v is not None)
-        return f"{record.levelname.lower()} {record.name}: {record.getMessage()} {extras}".rstrip()
+        # a payload's key or a camera's error text reaches the terminal as it is shown, not as it acts
+        return printable(f"{record.levelname.lower()} {record.name}: {record.getMessage()} {extras}".rstrip())
 
 
 def setup_logging(level: str = "warning", fmt: str = "json") -> None:

@@ -20,9 +20,15 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge.logs import printable
+
 
 def describe(topic: str, payload: bytes) -> str:
     """One printable line per message; a payload that is not JSON is reported, not trusted."""
+    return printable(_describe(topic, payload))
+
+
+def _describe(topic: str, payload: bytes) -> str:
     try:
         body = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # deep nesting too
@@ -44,6 +50,10 @@ def describe(topic: str, payload: bytes) -> str:
 
 def describe_status(body: dict, now: float) -> str:
     """One line per daemon for `tillsight status`: state, cameras, the age model, how old the status is, problems."""
+    return printable(_describe_status(body, now))
+
+
+def _describe_status(body: dict, now: float) -> str:
     cameras = body.get("cameras") if isinstance(body.get("cameras"), dict) else {}
     live = sum(1 for c in cameras.values() if isinstance(c, dict) and c.get("state") == "online"
                and c.get("picture") in (None, "live"))

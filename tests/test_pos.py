@@ -548,3 +548,32 @@ def test_sighup_reloads_a_good_config_in_place_and_keeps_running_on_a_bad_one(tm
         "(set [outbox] path, or reload once the broker is back)") and refused[1]["messages"] >= 1
     assert [line["msg"] for line in lines if line["msg"].startswith("config reloaded")] == [
         "config reloaded: restarting in place"]
+
+
+def test_network_text_reaches_the_terminal_shown_not_acted_on(broker):
+    """Anyone may publish on an open broker: a status or an alert carrying ESC sequences retitled the operator's
+    terminal and cleared the screen when `status` or `pos watch` printed it; a CR overwrote the line."""
+    import logging
+
+    from edge.logs import TextFormatter
+    hostile = "evil\x1b]0;pwned\x07\x1b[2J\rX\u202e\x9b"
+    shown = "evil\\x1b]0;pwned\\x07\\x1b[2J\\x0dX\\u202e\\x9b"
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="hostile")
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        client.publish(f"{BASE}/evil/status", json.dumps({"daemon": hostile, "state": "online",
+                                                          "problems": [hostile]}), qos=1, retain=True).wait_for_publish(5)
+        watch = subprocess.Popen([sys.executable, "-m", "edge", "pos", "--port", str(broker.port), "--store", "store-1",
+                                  "watch", "--seconds", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(2.5)  # the watcher has subscribed
+        client.publish(f"{BASE}/till-1/alert", json.dumps({"track": hostile, "age": 16}), qos=1).wait_for_publish(5)
+        watched, errors = watch.communicate(timeout=20)
+    finally:
+        client.loop_stop()
+    status = tillsight("status", "--port", str(broker.port), "--store", "store-1", "--wait", "0.3")
+    assert status.returncode == 0 and "\x1b" not in status.stdout and status.stdout.count(shown) == 2, status
+    assert watch.returncode == 0 and not errors and watched.strip() == \
+        f"{BASE}/till-1/alert  ASK FOR ID: track {shown} looks 16 (challenge None)"
+    record = logging.LogRecord("edge.pos", logging.WARNING, "", 0, "check refused: %s", (hostile,), None)
+    assert TextFormatter().format(record) == f"warning edge.pos: check refused: {shown}"
