@@ -132,3 +132,25 @@ def test_best_weights_travel_in_parts_and_rebuild_the_same_model(tmp_path):
     done = subprocess.run([sys.executable, str(script), "unpack", str(tmp_path / "out"), str(tmp_path / "again")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "do not match their sha256" in done.stderr
+
+
+def test_a_checkpoint_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_path):
+    """The device's 10-minute limit kills the command wherever it is; killed inside model.save, last.keras was
+    half a file and --resume could not load it, while state.json still pointed at it."""
+    from training.progress import save_whole
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    path = tmp_path / "last.keras"
+    save_whole(model, path)
+    before = [w.copy() for w in model.get_weights()]
+    model.set_weights([w + 1 for w in before])
+
+    def killed_part_way(target, *args, **kwargs):
+        with open(target, "wb") as f:
+            f.write(b"PK\x03\x04 the first megabytes")
+        raise KeyboardInterrupt  # what SIGINT is; SIGKILL leaves the same partial file and nothing after it
+    model.save = killed_part_way
+    with pytest.raises(KeyboardInterrupt):
+        save_whole(model, path)
+    loaded = keras.models.load_model(path, compile=False)
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), before))
+    assert (tmp_path / "last.partial.keras").exists()  # the cut-short file, next to it, overwritten next time

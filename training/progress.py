@@ -71,19 +71,27 @@ class Progress(keras.callbacks.Callback):
         self.save()
 
     def save(self) -> None:
-        """best.keras (the best weights, no optimizer), last.keras, then the state: the state is
-        written last and atomically, so an interruption leaves a state that matches its files."""
+        """best.keras (the best weights, no optimizer), last.keras, then the state, each written whole
+        and then renamed into place: an interruption (the GPU machine's 10-minute limit kills the command,
+        a ResNet50 with Adam's state is ~280 MB) leaves the files of the last save, never half a file."""
         if self.best_weights is not None:
             holder = getattr(self, "holder", None) or keras.models.clone_model(self.model)
             self.holder = holder
             holder.set_weights(self.best_weights)
-            holder.save(self.checkpoints / "best.keras")
+            save_whole(holder, self.checkpoints / "best.keras")
             self.best_weights = None
-        self.model.save(self.checkpoints / "last.keras")
+        save_whole(self.model, self.checkpoints / "last.keras")
         temporary = self.state_file.with_suffix(".tmp")
         temporary.write_text(json.dumps(self.state))
         temporary.replace(self.state_file)
         self.saved_at = time.monotonic()
+
+
+def save_whole(model, path) -> None:
+    """model.save to a partial file beside `path` (Keras wants the .keras suffix), then rename it over `path`."""
+    partial = path.with_name(f"{path.stem}.partial{path.suffix}")
+    model.save(partial)
+    partial.replace(path)
 
 
 def learning_rate(opts, done: float) -> float:
