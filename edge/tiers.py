@@ -110,7 +110,11 @@ def resolve_age_model(setting: str | Path | None) -> AgeModelChoice:
     """A tier name or a path -> the file to load; ModelError (one line) when it is not there."""
     setting = "auto" if setting is None else setting
     if str(setting) not in TIERS:
-        return AgeModelChoice(Path(setting), "file")
+        path = Path(setting)
+        if not path.exists() and path.suffix != ".onnx":  # "heavy", "Light": a tier mistyped, more likely than a file
+            raise ModelError(f"age model not found: {path} (a tier is one of {', '.join(TIERS)}; "
+                             "anything else is a file)")
+        return AgeModelChoice(path, "file")
     if setting in ("auto", "resnet50") and resnet50_ships():
         return AgeModelChoice(SHIPPED_AGE_MODEL, "resnet50")
     if setting == "resnet50":

@@ -43,6 +43,9 @@ def test_predict_reports_an_unreadable_image_and_goes_on(tmp_path, two_people_ph
 def test_missing_age_model(tmp_path, two_people_photo):
     result = tillsight("predict", str(two_people_photo), "--age-model", str(tmp_path / "none.onnx"))
     assert one_line_error(result) == f"tillsight: error: age model not found: {tmp_path / 'none.onnx'}"
+    result = tillsight("predict", str(two_people_photo), "--age-model", "heavy")  # a tier mistyped, not a file
+    assert one_line_error(result) == ("tillsight: error: age model not found: heavy (a tier is one of auto, resnet50, "
+                                      "light; anything else is a file)")
 
 
 def test_no_age_model_at_all_says_what_to_do(tmp_path, two_people_photo):
