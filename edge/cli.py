@@ -242,8 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_config_check(args) -> int:
-    from edge.config import load_config
-    load_config(args.file)  # raises ConfigError with every problem
+    from edge.config import exposed_secrets, load_config
+    config = load_config(args.file)  # raises ConfigError with every problem
+    for line in exposed_secrets(config):
+        print(f"warning: {line}", file=sys.stderr)
     print(f"{args.file}: OK")
     return 0
 

@@ -465,6 +465,23 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
         raise ConfigError(["(top level): nested too deeply"]) from None
 
 
+def exposed_secrets(config: Config) -> list[str]:
+    """The MQTT password file and TLS key that other users of the machine can read: one line each (a warning,
+    not a problem: the daemon runs, as mosquitto does with its own password file)."""
+    files = {"mqtt.password_file": config.mqtt.password_file,
+             "mqtt.tls.key_file": config.mqtt.tls.key_file if config.mqtt.tls else None}
+    found = []
+    for key, path in files.items():
+        try:
+            mode = path.stat().st_mode & 0o777 if path is not None else 0
+        except OSError:
+            continue  # unreadable now: connecting says so
+        if mode & 0o044:
+            found.append(f"{key}: {path} can be read by other users of this machine (mode {mode:04o}): "
+                         f"chmod 600 it (deploy/README: install -o tillsight -m 400)")
+    return found
+
+
 def load_config(path: Path | str, cameras: list[dict] | None = None) -> Config:
     """Read and validate a config file; `cameras` replaces its cameras (replay)."""
     path = Path(path)

@@ -45,8 +45,9 @@ def pki(tmp_path_factory) -> Path:
                 "-out", f"{name}.pem", "-days", days, "-extfile", "san.ext", cwd=d)
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(d / "passwords"), "tillsight", PASSWORD], check=True)
     subprocess.run(["mosquitto_passwd", "-b", str(d / "passwords"), "pos", "pos-secret"], check=True)
-    (d / "mqtt-password").write_text(PASSWORD + "\n")
-    (d / "wrong-password").write_text("guess\n")
+    for name, text in (("mqtt-password", PASSWORD), ("wrong-password", "guess")):
+        (d / name).write_text(text + "\n")
+        (d / name).chmod(0o600)  # as deploy/README installs it; readable by others is a warning line at start
     return d
 
 

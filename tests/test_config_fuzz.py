@@ -116,6 +116,7 @@ def base_config(folder: Path, certs: dict[str, Path]) -> dict:
     """A valid config that sets (nearly) every key, relative paths included."""
     (folder / "till.mp4").write_bytes(b"")
     (folder / "secret").write_text("password\n")
+    (folder / "secret").chmod(0o600)  # 0644 is a warning line (edge.config.exposed_secrets)
     config = {
         "store_id": "store-1", "daemon_id": "till-pc", "status_interval_s": 30,
         "cameras": [{"id": "till-1", "source": 0, "fps_limit": 5}, {"id": "till-2", "source": "till.mp4"},
