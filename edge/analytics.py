@@ -1,7 +1,8 @@
 """Store analytics: how many customers of each age band a till served, per interval. Nothing per person.
 
 Each customer's final age (when their track ends) is counted in its band;
-at the end of every interval (aligned to the clock: 08:00, 08:15, ...) one
+at the end of every interval (aligned to the store's local clock: 08:00,
+08:15, ...; a daily interval runs from local midnight, not UTC's) one
 message per camera gives the counts. A band with fewer than `k` customers is
 suppressed (null): a count of one or two at a small till could point at a
 person; a band nobody fell in is 0, which points at nobody. No total is
@@ -20,7 +21,14 @@ restart inside 08:00-08:15 thus gives two partial messages, 08:00-08:07 and
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
+from typing import Callable
+
+
+def local_utc_offset_s(t: float) -> float:
+    """Seconds east of UTC on this machine's clock at time t (its time zone, summer time included)."""
+    return float(time.localtime(t).tm_gmtoff)
 
 
 def band_names(edges: list[int]) -> list[str]:
@@ -48,6 +56,9 @@ class AgeBandCounter:
     joined: bool = True  # the next interval opened begins where counting (re)started, not at its slot
     counts: dict[str, int] = field(default_factory=dict)
     fault_s: float = 0.0  # seconds of the interval in progress during which the camera could not see
+    # Slots are aligned in local time: an hourly interval in a UTC+5:30 store runs 09:00-10:00 there, a daily
+    # one from local midnight. A summer-time change makes the slot it falls in an hour longer or shorter.
+    utc_offset_s: Callable[[float], float] = local_utc_offset_s
 
     def open(self, now: float) -> None:
         """Make sure an interval is in progress (one without customers is sent too)."""
@@ -77,7 +88,8 @@ class AgeBandCounter:
 
     def _open(self, now: float) -> None:
         if self.started is None:
-            self.slot = math.floor(now / self.interval_s) * self.interval_s
+            offset = self.utc_offset_s(now)
+            self.slot = math.floor((now + offset) / self.interval_s) * self.interval_s - offset
             self.started = now if self.joined else self.slot
             self.joined = False
 

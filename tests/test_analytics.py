@@ -63,6 +63,21 @@ def test_intervals_cover_only_the_time_counted_so_a_restart_gives_two_partial_ha
     assert second.flush(resumed_at + 60, partial=True)["interval_start"] == resumed_at
 
 
+def test_intervals_are_aligned_to_the_stores_local_clock():
+    """An hourly interval in Mumbai (UTC+5:30) ran from half past to half past there, a daily one in Sydney
+    from 10:00 to 10:00: aligned to UTC. Local midnight and local hours now, as a store reads its figures."""
+    from datetime import datetime, timezone
+    utc = lambda *when: datetime(*when, tzinfo=timezone.utc).timestamp()  # noqa: E731
+    hourly = AgeBandCounter("till-1", [18], interval_s=3600, k=1, utc_offset_s=lambda t: 5.5 * 3600, joined=False)
+    hourly.open(utc(2026, 11, 26, 4, 10))  # 09:40 in Mumbai
+    assert hourly.flush(utc(2026, 11, 26, 4, 30))["interval_start"] == utc(2026, 11, 26, 3, 30)  # 09:00 there
+    daily = AgeBandCounter("till-1", [18], interval_s=86400, k=1, utc_offset_s=lambda t: 11 * 3600, joined=False)
+    daily.open(utc(2026, 11, 26, 2, 0))  # 13:00 in Sydney (summer time)
+    message = daily.flush(utc(2026, 11, 26, 13, 0))
+    assert (message["interval_start"], message["interval_end"]) == (utc(2026, 11, 25, 13, 0), utc(2026, 11, 26, 13, 0))
+    assert daily.due(utc(2026, 11, 26, 13, 0)) is False  # flushed; nothing open
+
+
 def test_band_edges_must_increase():
     with pytest.raises(ConfigError) as caught:
         parse_config({"store_id": "s", "cameras": [{"id": "c", "source": 0}], "analytics": {"bands": [25, 18]}})
