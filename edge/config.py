@@ -466,8 +466,9 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
 
 
 def exposed_secrets(config: Config) -> list[str]:
-    """The MQTT password file and TLS key that other users of the machine can read: one line each (a warning,
-    not a problem: the daemon runs, as mosquitto does with its own password file)."""
+    """The MQTT password file and TLS key that every user of the machine can read: one line each (a warning,
+    not a problem: the daemon runs, as mosquitto does with its own password file). Group-readable is left
+    alone: root-owned, group tillsight, mode 0640 is a sound way to install them."""
     files = {"mqtt.password_file": config.mqtt.password_file,
              "mqtt.tls.key_file": config.mqtt.tls.key_file if config.mqtt.tls else None}
     found = []
@@ -476,8 +477,8 @@ def exposed_secrets(config: Config) -> list[str]:
             mode = path.stat().st_mode & 0o777 if path is not None else 0
         except OSError:
             continue  # unreadable now: connecting says so
-        if mode & 0o044:
-            found.append(f"{key}: {path} can be read by other users of this machine (mode {mode:04o}): "
+        if mode & 0o004:
+            found.append(f"{key}: {path} can be read by every user of this machine (mode {mode:04o}): "
                          f"chmod 600 it (deploy/README: install -o tillsight -m 400)")
     return found
 
