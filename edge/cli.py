@@ -377,12 +377,18 @@ def cmd_bench(args) -> int:
     config: dict = {}
     try:
         cameras = [int(c) for c in args.cameras.split(",")]
-        for item in args.set:
-            key, _, value = item.partition("=")
-            section, _, name = key.rpartition(".")
+    except ValueError:
+        raise UserError(f"--cameras {args.cameras}: counts like 1,2,4", EXIT_USAGE) from None
+    for item in args.set:
+        key, equals, value = item.partition("=")
+        section, _, name = key.rpartition(".")
+        try:
+            if not (equals and section and name):
+                raise ValueError
             config.setdefault(section, {})[name] = tomllib.loads(f"value = {value}")["value"]
-    except (ValueError, tomllib.TOMLDecodeError):
-        raise UserError("--cameras takes counts like 1,2,4 and --set SECTION.KEY=VALUE (a TOML value)", EXIT_USAGE)
+        except (ValueError, tomllib.TOMLDecodeError):
+            raise UserError(f"--set {item}: SECTION.KEY=VALUE with a TOML value, e.g. models.age_threads=1",
+                            EXIT_USAGE) from None
     _check_ranges(fps=(args.fps, 0.1, 120), seconds=(args.seconds, 2, 3600), rounds=(args.rounds, 1, 100))
     if not all(1 <= count <= MAX_BENCH_CAMERAS for count in cameras):
         raise UserError(f"--cameras {args.cameras}: each count from 1 to {MAX_BENCH_CAMERAS}", EXIT_USAGE)

@@ -30,7 +30,10 @@ def test_bench_measures_model_pipeline_and_cameras(tmp_path, carphone_clip):
 
 def test_bench_bad_options_are_one_line(tmp_path):
     line = one_line_error(tillsight("bench", "--cameras", "four", "--out", str(tmp_path)), code=2)
-    assert line == "tillsight: error: --cameras takes counts like 1,2,4 and --set SECTION.KEY=VALUE (a TOML value)"
+    assert line == "tillsight: error: --cameras four: counts like 1,2,4"
+    for item in ("nonsense", "models.age_threads=", "age_threads=1"):  # the first was taken for a camera count
+        line = one_line_error(tillsight("bench", "--set", item, "--out", str(tmp_path)), code=2)
+        assert line == f"tillsight: error: --set {item}: SECTION.KEY=VALUE with a TOML value, e.g. models.age_threads=1"
     line = one_line_error(tillsight("bench", "--set", "models.age_threads=-1", "--out", str(tmp_path)), code=2)
     assert line == "models.age_threads: input should be greater than or equal to 0"
     for counts in ("0", "1,65"):  # 0 measured nothing for minutes before; 65 readers on 2 cores
