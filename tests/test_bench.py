@@ -39,3 +39,21 @@ def test_bench_bad_options_are_one_line(tmp_path):
     for counts in ("0", "1,65"):  # 0 measured nothing for minutes before; 65 readers on 2 cores
         line = one_line_error(tillsight("bench", "--cameras", counts, "--out", str(tmp_path)), code=2)
         assert line == f"tillsight: error: --cameras {counts}: each count from 1 to 64"
+
+
+def test_the_soak_benchmark_samples_a_running_daemon(tmp_path, carphone_clip):
+    """benchmarks/soak.py, a few seconds of it: it starts the daemon, samples /proc, summarises and plots."""
+    import subprocess
+    import sys
+
+    from tskit import REPO
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "soak.py"), "--minutes", "0.2", "--sample-s", "4",
+                             "--warm-up-s", "4", "--video", str(carphone_clip), "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "soak.json").read_text())
+    assert len(report["samples"]) == 3 and all(s["rss_mb"] > 50 and s["threads"] > 3 for s in report["samples"])
+    assert report["samples"][-1]["estimates"] > 0  # the daemon was working, not idle
+    assert report["threads"][0] <= report["threads"][1] and "rss_growth_mb_per_hour" in report
+    assert (tmp_path / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.stdout.splitlines()[-2].startswith("after warm-up: RSS ")
