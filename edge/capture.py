@@ -14,9 +14,14 @@ started again at once when it ends.
 A live camera's picture is watched too (`PictureCheck`): a stream or driver
 that hangs can go on delivering its last image, which would have the POS
 answered about whoever stood at the till then, and a covered lens or a "no
-signal" screen shows nobody. A frozen picture is reopened like a failed source;
-both are in the camera's status (`picture`), so the daemon says `degraded` and
-age checks are answered `camera_fault`.
+signal" screen shows nobody. Both are in the camera's status (`picture`), so the
+daemon says `degraded` and age checks are answered `camera_fault`. A frozen
+picture is reopened at once (what clears a hung stream or driver); if it is
+still the same image, it is watched while being read, never waited out blind
+(an empty till under a camera whose encoder skips a still scene may repeat
+itself to the bit, and the next customer must be seen the frame they arrive),
+and reopened again at growing intervals (1 s doubling to 30 s) while it stays
+frozen. Frozen frames are not passed on: they would age whoever stood there.
 """
 
 from __future__ import annotations
@@ -109,6 +114,8 @@ class CameraReader(threading.Thread):
         self.status = CameraStatus(camera.id)
         self.clock = time.time  # the frames' wall-clock times (messages carry them); pacing uses time.monotonic
         self._backoff = BACKOFF_START_S
+        self._frozen_reopen_s = BACKOFF_START_S  # how long a picture still frozen after a reopen is watched
+        self._reopen_frozen_at: float | None = None  # monotonic; None: a freeze now is a new one, reopened at once
         # a recorded file in replay is evidence, not a live feed: a still scene in it is no fault
         self.picture = PictureCheck(camera.picture_check_s) if camera.picture_check_s and not replay else None
 
@@ -145,9 +152,10 @@ class CameraReader(threading.Thread):
                     return
                 if outcome == "looping":  # a file standing in for a camera: round again at once
                     continue
-                error = self.picture.fault() if outcome == FROZEN else \
-                    f"source {self.camera.source!r} stopped delivering frames"
-                if self._give_up(error):  # reopening is what clears a hung stream or driver
+                if outcome == FROZEN:  # reopening is what clears a hung stream or driver: at once
+                    self._reopened_frozen()
+                    continue
+                if self._give_up(f"source {self.camera.source!r} stopped delivering frames"):
                     return
         finally:
             if self.replay:
@@ -163,6 +171,14 @@ class CameraReader(threading.Thread):
         self.stop_event.wait(self._backoff)
         self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
         return self.stop_event.is_set()
+
+    def _reopened_frozen(self) -> None:
+        """A frozen picture is being reopened: if it is still frozen after, it is watched for this long
+        (doubling each time) before the next reopen."""
+        self.status.reconnects += 1
+        log.debug("camera reopened: picture frozen", extra={"camera": self.camera.id})
+        self._reopen_frozen_at = time.monotonic() + self._frozen_reopen_s
+        self._frozen_reopen_s = min(self._frozen_reopen_s * 2, BACKOFF_MAX_S)
 
     def _read(self, capture: cv2.VideoCapture) -> str:
         """Read until the source fails ("failed"), ends cleanly in replay ("ended"), ends as a file standing
@@ -193,7 +209,9 @@ class CameraReader(threading.Thread):
                 continue
             last_emitted = tick
             if self.picture is not None and self._check_picture(image, tick) == FROZEN:
-                return FROZEN
+                if self._reopen_frozen_at is None or time.monotonic() >= self._reopen_frozen_at:
+                    return FROZEN
+                continue  # still frozen after a reopen: watched, so that a change is seen at once; not passed on
             self.status.frames += 1
             self._put(Frame(self.camera.id, index - 1, now, image))
         return "ended"
@@ -202,6 +220,7 @@ class CameraReader(threading.Thread):
         picture = self.picture.see(image, now)
         if self.picture.changed:  # a live picture: the source works, so its next failure starts a fresh backoff
             self._backoff = BACKOFF_START_S
+            self._frozen_reopen_s, self._reopen_frozen_at = BACKOFF_START_S, None
         if picture != self.status.picture:
             level = logging.INFO if picture == LIVE else logging.WARNING
             if self.status.picture is not None or picture != LIVE:

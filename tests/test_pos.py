@@ -22,7 +22,7 @@ from edge.pos import PosDesk
 from edge.pos_terminal import Terminal, describe
 from edge.types import CustomerView, TillView
 from test_cli import one_line_error
-from tskit import REPO, Subscriber, start_daemon, stop_daemon, tillsight, write_config, write_faulty_clip
+from tskit import REPO, Subscriber, start_daemon, stop_daemon, tillsight, write_config
 
 BASE = "tillsight/store-1"
 
@@ -286,12 +286,17 @@ def test_pos_cli_check_and_its_one_line_errors(daemon, broker):
 
 
 def test_a_blank_then_frozen_camera_is_reported_and_checks_get_camera_fault(tmp_path, broker, age_models, carphone_clip):
-    """The daemon with a camera that shows 1 s of the customer, 5 s of a covered lens, then 3 s of one image:
-    the status says so as it happens, a check meanwhile is answered camera_fault, and the reopened camera
-    comes back live."""
-    clip = write_faulty_clip(carphone_clip, tmp_path / "faulty.avi", live_s=1.0, blank_s=5.0, frozen_s=3.0)
+    """The daemon with a network camera that shows the customer, then a covered lens, then one image again
+    and again: the status says so as it happens, a check meanwhile is answered camera_fault, the frozen
+    camera is reopened quietly while it stays frozen, and it is live again the moment the picture moves."""
+    import cv2
+    from tskit import MjpegCamera
+    camera = MjpegCamera(carphone_clip, fps=10).start()
+    live, rng = camera.jpegs, np.random.default_rng(0)
+    covered = [cv2.imencode(".jpg", np.clip(rng.normal(6, 3, (144, 176, 3)), 0, 255).astype(np.uint8))[1].tobytes()
+               for _ in range(20)]  # dark sensor noise: every frame differs, none shows anything
     config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=1,
-                          cameras=[{"id": "till-1", "source": str(clip), "fps_limit": 10, "picture_check_s": 1}],
+                          cameras=[{"id": "till-1", "source": camera.url, "fps_limit": 10, "picture_check_s": 1}],
                           mqtt={"host": "127.0.0.1", "port": broker.port}, analytics={"interval_s": 2},
                           models={"age_model": str(age_models[40])}, logging={"level": "warning"})
     status = Subscriber(broker.port, f"{BASE}/till-pc/status")
@@ -304,16 +309,23 @@ def test_a_blank_then_frozen_camera_is_reported_and_checks_get_camera_fault(tmp_
         return lambda s: any(c.get("picture") == picture for c in camera_states(s.json("/status")[since:]))
 
     try:
-        assert status.wait_for(camera_said("blank"), 40), log.read_text()
+        assert status.wait_for(camera_said("live"), 40), log.read_text()
+        camera.jpegs = covered
+        assert status.wait_for(camera_said("blank"), 15), log.read_text()
         answer = terminal.check("till-1", "alcohol", timeout_s=5)
         blank_at = len(status.json("/status"))
+        time.sleep(1)
+        camera.jpegs = [live[-1]]  # the stream hangs on one picture of the customer
         assert status.wait_for(camera_said("frozen", blank_at), 15), log.read_text()
         frozen_at = len(status.json("/status"))
-        assert status.wait_for(camera_said("live", frozen_at), 15), log.read_text()
+        time.sleep(3.5)  # reopened at once, then after 1 s and 2 s more of the same image
+        camera.jpegs = live
+        assert status.wait_for(camera_said("live", frozen_at), 5), log.read_text()
     finally:
         terminal.close()
         stop_daemon(process)
         status.close()
+        camera.stop()
     assert answer["decision"] == "camera_fault" and answer["age"] is None
     assert answer["camera_fault"] == ("picture blank: no detail for 1 s or more (lens covered, camera turned away, "
                                       "no signal)")
@@ -322,17 +334,20 @@ def test_a_blank_then_frozen_camera_is_reported_and_checks_get_camera_fault(tmp_
     frozen = next(m for m in messages[blank_at:] if m["cameras"]["till-1"]["picture"] == "frozen")
     assert blank["state"] == "degraded" and blank["problems"] == [f"camera till-1 {answer['camera_fault']}"]
     assert frozen["state"] == "degraded" and frozen["problems"] == [
-        "camera till-1 reconnecting: picture frozen: the same image for 1 s or more (a hung stream or driver)"]
+        "camera till-1 picture frozen: the same image for 1 s or more (a hung stream or driver)"]
     back = next(m for m in messages[frozen_at:] if m["cameras"]["till-1"]["picture"] == "live")
     assert (back["state"], back["problems"], back["cameras"]["till-1"]["state"]) == ("online", [], "online")
+    assert back["cameras"]["till-1"]["reconnects"] == 3  # the stream never failed: only the frozen picture's reopens
     # every 2 s interval is sent, customers or not, with the time the camera could not see in it
     intervals = analytics.json("/analytics")
     analytics.close()
     assert len(intervals) >= 3 and all(0 <= i["camera_fault_s"] <= 2.3 for i in intervals)
-    assert any(i["camera_fault_s"] >= 1.5 and set(i["bands"].values()) == {0} for i in intervals), intervals
+    # (a customer the camera saw just before it froze is counted when their track ends, in a faulty interval)
+    assert any(i["camera_fault_s"] >= 1.5 for i in intervals) and all(len(i["bands"]) == 7 for i in intervals), \
+        [(i["interval_start"], i["camera_fault_s"], i["bands"]) for i in intervals]
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(line["msg"], line["level"]) for line in lines if line["msg"].startswith("camera")] == [
-        ("camera picture blank", "warning"), ("camera picture frozen", "warning"), ("camera reconnecting", "warning")]
+        ("camera picture blank", "warning"), ("camera picture frozen", "warning")]  # reopens are not news
 
 
 def camera_states(statuses: list[dict]) -> list[dict]:
