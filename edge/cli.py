@@ -493,7 +493,7 @@ def _check_broker_options(host: str, port: int, store: str, prefix: str) -> None
 def cmd_status(args) -> int:
     import time
 
-    from edge.pos_terminal import PosError, describe_status
+    from edge.pos_terminal import PosError, describe_status, stale
     if not 0 <= args.wait <= 60:
         raise UserError(f"--wait {args.wait:g}: seconds from 0 to 60", EXIT_USAGE)
     if args.forget is not None:
@@ -510,13 +510,13 @@ def cmd_status(args) -> int:
         raise UserError(f"no daemon has published a status under {terminal.base}/ (is the store id right?)")
     by_daemon = {topic.split("/")[-2]: body for topic, body in statuses.items()}  # <prefix>/<store>/<daemon>/status
     bodies = [by_daemon[daemon] for daemon in sorted(by_daemon)]
+    now = time.time()
     if args.json:
         print(json.dumps({daemon: by_daemon[daemon] for daemon in sorted(by_daemon)}))
     else:
-        now = time.time()
         for body in bodies:
             print(describe_status(body, now))
-    return 0 if all(body.get("state") == "online" for body in bodies) else 1
+    return 0 if all(body.get("state") == "online" and stale(body, now) is None for body in bodies) else 1
 
 
 def _forget_daemon(args) -> int:

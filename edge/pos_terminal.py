@@ -21,6 +21,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.logs import printable
+from edge.peers import DEFAULT_INTERVAL_S, SILENT_INTERVALS
+
+# `tillsight status` reads retained statuses, stamped by the daemon's clock, with this machine's: a store's
+# machines keep time by NTP, but one that lost it drifts, so a status is called stale only when it is this
+# much later than its daemon's silent intervals allow.
+CLOCK_SLACK_S = 60.0
 
 
 def describe(topic: str, payload: bytes) -> str:
@@ -53,6 +59,23 @@ def describe_status(body: dict, now: float) -> str:
     return printable(_describe_status(body, now))
 
 
+def stale(body: dict, now: float) -> str | None:
+    """Why a retained status that does not say `offline` cannot be believed any more, or None. A daemon that
+    died without its will (the broker was down, or restarted from its store, when it went) or hung leaves its
+    last `online` retained for ever; a live one renews it every `status_interval_s`."""
+    said_at = _seconds(body["time"]) if isinstance(body.get("time"), str) else None
+    if body.get("state") == "offline" or said_at is None:
+        return None
+    interval = body.get("status_interval_s")
+    interval = interval if isinstance(interval, (int, float)) and not isinstance(interval, bool) and \
+        0 < interval <= 86400 else DEFAULT_INTERVAL_S
+    silent = now - said_at
+    if silent <= SILENT_INTERVALS * interval + CLOCK_SLACK_S:
+        return None
+    return (f"silent for {silent:.0f} s where it sends a status every {interval:g} s: the daemon hung, or went "
+            "while the broker was down, or a clock is wrong")
+
+
 def _describe_status(body: dict, now: float) -> str:
     cameras = body.get("cameras") if isinstance(body.get("cameras"), dict) else {}
     live = sum(1 for c in cameras.values() if isinstance(c, dict) and c.get("state") == "online"
@@ -62,7 +85,9 @@ def _describe_status(body: dict, now: float) -> str:
     age = f"{now - _seconds(body['time']):.0f} s ago" if isinstance(body.get("time"), str) and _seconds(body["time"]) \
         else "-"
     problems = body.get("problems") if isinstance(body.get("problems"), list) else []
-    return (f"{str(body.get('daemon')):<16} {str(body.get('state')):<9} "
+    old = stale(body, now)
+    state, problems = ("stale", [old] + problems) if old is not None else (body.get("state"), problems)
+    return (f"{str(body.get('daemon')):<16} {str(state):<9} "
             f"{f'{live}/{len(cameras)} cameras' if cameras else '-':<11} {served:<32} {age:>10}  "
             + ("; ".join(str(p) for p in problems) or "-"))
 
@@ -158,12 +183,13 @@ class Terminal:
 
     def forget(self, daemon: str, wait_s: float = 1.0) -> None:
         """Clear the retained status of a daemon that is gone for good (decommissioned, renamed), so `status`
-        stops listing it; refused while its last word is not `offline`: a running daemon would publish it again."""
+        stops listing it; refused while its last word is not `offline`, unless that word is stale (a daemon gone
+        without its will): a running daemon would publish it again."""
         topic = f"{self.base}/{daemon}/status"
         status = self.statuses(wait_s).get(topic)
         if status is None:
             raise PosError(f"no retained status of daemon {daemon!r} under {self.base}/")
-        if status.get("state") != "offline":
+        if status.get("state") != "offline" and stale(status, time.time()) is None:
             raise PosError(f"daemon {daemon} says it is {status.get('state')}: stop it first (systemctl stop "
                            "tillsight), or it publishes its status again")
         self.send(topic, None, retain=True)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 
 from edge.policy import Policy
 from edge.pos import PosDesk
-from edge.pos_terminal import Terminal, describe
+from edge.pos_terminal import Terminal, describe, stale
 from edge.types import CustomerView, TillView
 from test_cli import one_line_error
 from tskit import REPO, Subscriber, start_daemon, stop_daemon, tillsight, write_config
@@ -234,6 +235,25 @@ def test_a_customer_never_spans_two_transactions(daemon, broker):
     assert set(band) == {"id", "schema", "store", "camera", "transaction", "age_band", "time"}
 
 
+def test_a_retained_status_is_stale_after_three_intervals_and_a_minute_for_the_clocks():
+    now = datetime(2026, 11, 26, 8, 0, 0, tzinfo=timezone.utc).timestamp()
+
+    def status(seconds_ago: float, **fields) -> dict:
+        said_at = datetime.fromtimestamp(now - seconds_ago, timezone.utc).isoformat()
+        return {"state": "online", "time": said_at, "status_interval_s": 30, **fields}
+
+    assert stale(status(150, state="degraded"), now) is None and stale(status(151), now) == (
+        "silent for 151 s where it sends a status every 30 s: the daemon hung, or went while the broker was down, "
+        "or a clock is wrong")
+    assert stale(status(-3600), now) is None  # a clock ahead: a status from the future is no sign of a hung daemon
+    assert stale(status(10_000, state="offline"), now) is None  # a daemon that said it went: not stale, offline
+    assert stale(status(64, status_interval_s=1), now) is not None and stale(status(62, status_interval_s=1), now) is None
+    for odd in (True, "30", -1, 0, 1e9, None):  # not a sane interval: the default (30 s)
+        assert stale(status(151, status_interval_s=odd), now) is not None, odd
+        assert stale(status(149, status_interval_s=odd), now) is None, odd
+    assert stale({"state": "online", "time": "yesterday"}, now) is None and stale({"state": "online"}, now) is None
+
+
 def test_status_lists_the_stores_daemons_and_exits_1_unless_all_are_online(daemon, broker):
     _, _, config = daemon
     result = tillsight("status", "--config", str(config))
@@ -268,6 +288,28 @@ def test_status_lists_the_stores_daemons_and_exits_1_unless_all_are_online(daemo
         "forgot till-pc-2: its retained status is cleared from tillsight/store-1/"
     result = tillsight("status", *store)
     assert result.returncode == 0 and [line.split()[:2] for line in result.stdout.splitlines()] == [["till-pc", "online"]]
+    # a daemon that went without its will (the broker was down then) left "online" retained: stale after three
+    # of its intervals and a minute's slack for the clocks
+    hung = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="hung-daemon")
+    hung.connect("127.0.0.1", broker.port)
+    hung.loop_start()
+    said_at = datetime.fromtimestamp(time.time() - 100, timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
+    hung.publish(f"{BASE}/till-pc-3/status", json.dumps({
+        "schema": 1, "store": "store-1", "daemon": "till-pc-3", "state": "online", "problems": [],
+        "status_interval_s": 10, "time": said_at}), qos=1, retain=True).wait_for_publish(5)
+    try:
+        result = tillsight("status", *store)
+        lines = result.stdout.splitlines()
+        assert result.returncode == 1 and [line.split()[:2] for line in lines] == [["till-pc", "online"],
+                                                                                 ["till-pc-3", "stale"]]
+        assert re.fullmatch(r"till-pc-3 +stale +- +- +10\d s ago  silent for 10\d s where it sends a status every "
+                            r"10 s: the daemon hung, or went while the broker was down, or a clock is wrong", lines[1])
+        result = tillsight("status", *store, "--forget", "till-pc-3")  # it said online, but long ago: gone
+        assert result.returncode == 0, result.stderr
+        assert tillsight("status", *store).returncode == 0
+    finally:
+        hung.publish(f"{BASE}/till-pc-3/status", b"", qos=1, retain=True).wait_for_publish(5)
+        hung.loop_stop()
 
 
 def test_pos_cli_check_and_its_one_line_errors(daemon, broker):
