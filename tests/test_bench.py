@@ -57,3 +57,26 @@ def test_the_soak_benchmark_samples_a_running_daemon(tmp_path, carphone_clip):
     assert report["threads"][0] <= report["threads"][1] and "rss_growth_mb_per_hour" in report
     assert (tmp_path / "soak.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result.stdout.splitlines()[-2].startswith("after warm-up: RSS ")
+
+
+def test_the_still_scene_benchmark_shows_an_encoder_repeating_an_empty_till(tmp_path):
+    """benchmarks/still_scene.py, small: libx264 (PyAV) with a 4 s keyframe interval and no sensor noise repeats
+    the empty till to the bit for longer than picture_check_s, the premise of judging a picture with nobody in
+    view by still_scene_s instead; with noise and a good rate it does not."""
+    import subprocess
+    import sys
+
+    from tskit import REPO
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "still_scene.py"), "--size", "320x240",
+                             "--fps", "10", "--seconds", "6", "--keyframe-s", "4", "--noise", "0,2",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {(r["noise"], r["rate"]): r for r in json.loads((tmp_path / "still_scene.json").read_text())["rows"]}
+    assert len(rows) == 6
+    assert rows[(0.0, "crf 30")]["longest_identical_s"] >= 3.0 and rows[(0.0, "crf 30")]["frozen_if_face_in_view"]
+    assert rows[(2.0, "crf 23")]["identical_share"] == 0 and not rows[(2.0, "crf 23")]["frozen_if_face_in_view"]
+    assert not any(r["frozen_if_nobody_in_view"] for r in rows.values())
+    assert (tmp_path / "still_scene.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "still_scene.py"), "--noise", "a,b"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert bad.returncode == 1 and bad.stderr.strip() == "still_scene: --noise 'a,b': numbers separated by commas"

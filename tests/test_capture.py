@@ -114,9 +114,10 @@ def video_frames(path: Path) -> list[np.ndarray]:
         frames.append(image)
 
 
-def picture_states(frames: list[np.ndarray], after_s: float, fps: float = 10.0) -> list[str]:
-    check = PictureCheck(after_s)
-    return [check.see(image, i / fps) for i, image in enumerate(frames)]
+def picture_states(frames: list[np.ndarray], after_s: float, fps: float = 10.0, still_after_s: float | None = None,
+                   face_in_view: bool = True) -> list[str]:
+    check = PictureCheck(after_s, still_after_s)
+    return [check.see(image, i / fps, face_in_view) for i, image in enumerate(frames)]
 
 
 def test_real_videos_never_look_frozen_or_blank(carphone_clip):
@@ -134,6 +135,9 @@ def test_the_same_image_is_frozen_after_the_set_time_and_live_again_when_it_chan
     states = picture_states(frames + [frames[-1]] * 12 + frames[:3], after_s=1.0, fps=4)
     # frame 9 is the last that changed (t 2.25 s): frozen from t 3.25 s (frame 13) until a new picture comes
     assert states == [LIVE] * 13 + [FROZEN] * 9 + [LIVE] * 3
+    # nobody in view: a still scene for 2.5 s more (t 4.75 s, frame 19), then frozen all the same
+    states = picture_states(frames + [frames[-1]] * 12 + frames[:3], 1.0, fps=4, still_after_s=2.5, face_in_view=False)
+    assert states == [LIVE] * 19 + [FROZEN] * 3 + [LIVE] * 3
 
 
 def test_a_covered_lens_and_a_no_signal_screen_are_blank_a_dark_scene_is_not(carphone_clip):
@@ -171,7 +175,8 @@ def test_a_frozen_camera_is_reopened_at_once_then_watched_never_waited_out_blind
         reader.start()
         watch(1.5)
         assert reader.status.frames > 10 and reader.status.picture == LIVE
-        camera.jpegs = [live[-1]]  # the same image from now on
+        camera.jpegs = [live[-1]]  # the same image from now on, the customer in it
+        reader.status.face_in_view = True  # as the daemon's pipeline says, having found their face
         frozen_from = time.time()
         watch(4.2)  # detected after 0.5 s, reopened at once, then again after 1 s and 2 s of watching
         reconnects_while_frozen = reader.status.reconnects
@@ -191,6 +196,38 @@ def test_a_frozen_camera_is_reopened_at_once_then_watched_never_waited_out_blind
     first_moving = min(f.timestamp for f in received if f.timestamp > moving_from)
     # seen within a few frames (20 fps), where a blind wait would have been 4 s at this point
     assert first_moving - moving_from < 0.5, first_moving - moving_from
+
+
+def test_an_unchanging_picture_with_nobody_in_view_is_a_still_scene_until_still_scene_s(carphone_clip):
+    """An empty till under an encoder that repeats a still scene to the bit until its next keyframe
+    (benchmarks/still_scene.py) is no fault: frames go on to the pipeline, and the status stays live, for
+    `still_scene_s`; after that it is frozen like a hung stream, with its own line."""
+    from tskit import MjpegCamera
+    camera = MjpegCamera(carphone_clip, fps=20).start()
+    frames: queue.Queue = queue.Queue(maxsize=10000)
+    stop = threading.Event()
+    reader = CameraReader(CameraConfig(id="c", source=camera.url, fps_limit=None, picture_check_s=0.5,
+                                       still_scene_s=2.5), frames, stop)
+    pictures = []
+    try:
+        reader.start()
+        time.sleep(1.0)
+        camera.jpegs = camera.jpegs[:1]
+        still_from = time.time()
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline:
+            pictures.append((time.time() - still_from, reader.status.picture, reader.picture.fault()))
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        reader.join(5)
+        camera.stop()
+    received = [frames.get_nowait() for _ in range(frames.qsize())]
+    assert all(picture == LIVE for t, picture, _ in pictures if t < 2.4)
+    assert {(picture, fault) for t, picture, fault in pictures if t > 2.7} == {(FROZEN, (
+        "picture frozen: the same image for 2.5 s or more with nobody in view (a hung stream or driver, or a still "
+        "scene's encoder without keyframes that long)"))}
+    assert any(still_from + 2.0 < f.timestamp < still_from + 2.4 for f in received)  # still passed on to look for faces
 
 
 def test_replay_does_not_judge_the_picture(tmp_path, carphone_clip):

@@ -328,9 +328,10 @@ def test_pos_cli_check_and_its_one_line_errors(daemon, broker):
 
 
 def test_a_blank_then_frozen_camera_is_reported_and_checks_get_camera_fault(tmp_path, broker, age_models, carphone_clip):
-    """The daemon with a network camera that shows the customer, then a covered lens, then one image again
-    and again: the status says so as it happens, a check meanwhile is answered camera_fault, the frozen
-    camera is reopened quietly while it stays frozen, and it is live again the moment the picture moves."""
+    """The daemon with a network camera that shows the customer, then a covered lens, then one image of the
+    customer again and again: the status says so as it happens, a check meanwhile is answered camera_fault,
+    the frozen camera is reopened quietly while it stays frozen, and it is live again the moment the picture
+    moves. Then an empty till repeated to the bit (an encoder's still scene): no fault, checks answered."""
     import cv2
     from tskit import MjpegCamera
     camera = MjpegCamera(carphone_clip, fps=10).start()
@@ -338,7 +339,8 @@ def test_a_blank_then_frozen_camera_is_reported_and_checks_get_camera_fault(tmp_
     covered = [cv2.imencode(".jpg", np.clip(rng.normal(6, 3, (144, 176, 3)), 0, 255).astype(np.uint8))[1].tobytes()
                for _ in range(20)]  # dark sensor noise: every frame differs, none shows anything
     config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=1,
-                          cameras=[{"id": "till-1", "source": camera.url, "fps_limit": 10, "picture_check_s": 1}],
+                          cameras=[{"id": "till-1", "source": camera.url, "fps_limit": 10, "picture_check_s": 1,
+                                    "still_scene_s": 20}],
                           mqtt={"host": "127.0.0.1", "port": broker.port}, analytics={"interval_s": 2},
                           models={"age_model": str(age_models[40])}, logging={"level": "warning"})
     status = Subscriber(broker.port, f"{BASE}/till-pc/status")
@@ -363,6 +365,13 @@ def test_a_blank_then_frozen_camera_is_reported_and_checks_get_camera_fault(tmp_
         time.sleep(3.5)  # reopened at once, then after 1 s and 2 s more of the same image
         camera.jpegs = live
         assert status.wait_for(camera_said("live", frozen_at), 5), log.read_text()
+        empty_till = np.full((144, 176, 3), 90, np.uint8)
+        cv2.rectangle(empty_till, (20, 30), (150, 60), (40, 160, 200), -1)  # a shelf, nobody in front of it
+        camera.jpegs = [cv2.imencode(".jpg", empty_till)[1].tobytes()]
+        time.sleep(2.5)  # over picture_check_s, under still_scene_s
+        still_at = len(status.json("/status"))
+        still_answer = terminal.check("till-1", "alcohol", timeout_s=5)
+        time.sleep(1.0)
     finally:
         terminal.close()
         stop_daemon(process)
@@ -380,6 +389,9 @@ def test_a_blank_then_frozen_camera_is_reported_and_checks_get_camera_fault(tmp_
     back = next(m for m in messages[frozen_at:] if m["cameras"]["till-1"]["picture"] == "live")
     assert (back["state"], back["problems"], back["cameras"]["till-1"]["state"]) == ("online", [], "online")
     assert back["cameras"]["till-1"]["reconnects"] == 3  # the stream never failed: only the frozen picture's reopens
+    assert still_answer["decision"] == "no_face" and "camera_fault" not in still_answer, still_answer
+    still = [(m["state"], m["cameras"]["till-1"]["picture"]) for m in messages[still_at:] if m["state"] != "offline"]
+    assert still == [("online", "live")] * len(still) and len(still) >= 2, still
     # every 2 s interval is sent, customers or not, with the time the camera could not see in it
     intervals = analytics.json("/analytics")
     analytics.close()
