@@ -150,14 +150,14 @@ class CameraReader(threading.Thread):
             while not self.stop_event.is_set():
                 capture = open_source(self.camera.source)
                 if not capture.isOpened():
-                    if self._give_up(f"cannot open source {self.camera.source!r}"):
+                    if self._give_up(f"cannot open source {self.camera.shown_source!r}"):
                         return
                     continue
                 if self.camera.is_file and cv2.haveImageReader(str(self.camera.source)):
                     # FFmpeg opens a JPEG or PNG as a one-frame video: a replay would "succeed" on one frame.
                     # OpenCV's image decoders know a photo by its first bytes, whatever the file's name.
                     capture.release()
-                    if self._give_up(f"{self.camera.source} is a still image, not a video "
+                    if self._give_up(f"{self.camera.shown_source} is a still image, not a video "
                                      "(`tillsight predict` ages the faces in a photo)"):
                         return
                     continue
@@ -170,7 +170,7 @@ class CameraReader(threading.Thread):
                 if outcome == FROZEN:  # reopening is what clears a hung stream or driver: at once
                     self._reopened_frozen()
                     continue
-                if self._give_up(f"source {self.camera.source!r} stopped delivering frames"):
+                if self._give_up(f"source {self.camera.shown_source!r} stopped delivering frames"):
                     return
         finally:
             if self.replay:

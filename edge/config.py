@@ -12,9 +12,9 @@ import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal, Union, get_args, get_origin
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo,
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
 from edge.detect import DEFAULT_VARIANT, VARIANTS
@@ -109,6 +109,33 @@ def _path_test(test, text: str | Path, what: str) -> bool:
         raise ValueError(f"{what} {_clip(text)} cannot be checked ({exc.strerror or exc})") from None
 
 
+# Query parameters that carry a camera's credentials (MJPEG cameras: ...video.cgi?user=admin&pwd=...)
+SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|auth|sig", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """A stream URL fit for logs, the status topic and error lines: its password (rtsp://user:pass@host/...,
+    as IP cameras take them) and secret-looking query values replaced by ***."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, host = netloc.rpartition("@")
+            user, colon, _ = userinfo.partition(":")
+            netloc = f"{user}{':***' if colon else ''}@{host}"
+        query = parts.query
+        if query and any(SECRET_PARAM.search(name) for name, _ in parse_qsl(query, keep_blank_values=True)):
+            query = urlencode([(name, "***" if SECRET_PARAM.search(name) else value)
+                               for name, value in parse_qsl(query, keep_blank_values=True)], safe="*")
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:  # not even a URL's shape: nothing of it is shown
+        return "<stream URL>"
+
+
+def has_secret(url: str) -> bool:
+    return redact_url(url) != url
+
+
 def _clip(text: str, most: int = 60) -> str:
     return repr(text) if len(text) <= most else repr(text[:most]) + "…"
 
@@ -161,12 +188,13 @@ class CameraConfig(Strict):
             return value
         if "://" in value:
             if len(value) > MAX_PATH or CONTROL.search(value):
-                raise ValueError(f"URL {_clip(value)} is longer than {MAX_PATH} characters or has control characters")
+                raise ValueError(f"URL {_clip(redact_url(value))} is longer than {MAX_PATH} characters or has "
+                                 "control characters")
             url = urlsplit(value)
             if url.scheme.lower() not in URL_SCHEMES:
                 raise ValueError(f"URL scheme {url.scheme!r} not supported (use {', '.join(URL_SCHEMES)})")
             if not url.hostname:
-                raise ValueError(f"URL {value!r} has no host")
+                raise ValueError(f"URL {redact_url(value)!r} has no host")
             return value
         if not _is_file(value, "video file"):
             raise ValueError(_not_a_video_file(value))
@@ -175,6 +203,11 @@ class CameraConfig(Strict):
     @property
     def is_file(self) -> bool:
         return isinstance(self.source, str) and "://" not in self.source
+
+    @property
+    def shown_source(self) -> str:
+        """The source as logs, the status topic and error lines show it: a stream URL without its password."""
+        return redact_url(self.source) if isinstance(self.source, str) and "://" in self.source else str(self.source)
 
 
 class TlsConfig(Strict):
@@ -391,6 +424,7 @@ class LoggingConfig(Strict):
 
 
 class Config(Strict):
+    _file: Path | None = PrivateAttr(default=None)  # the file it was read from (load_config), for exposed_secrets
     store_id: Annotated[str, Field(pattern=NAME)]
     daemon_id: Annotated[str, Field(pattern=NAME)] | None = None  # default: the host name
     cameras: Annotated[list[CameraConfig], Field(min_length=1)]
@@ -471,19 +505,32 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
 def exposed_secrets(config: Config) -> list[str]:
     """The MQTT password file and TLS key that every user of the machine can read: one line each (a warning,
     not a problem: the daemon runs, as mosquitto does with its own password file). Group-readable is left
-    alone: root-owned, group tillsight, mode 0640 is a sound way to install them."""
+    alone: which group may read them is the operator's choice (deploy/README installs them owned by tillsight,
+    mode 0400 or 0600, as the service runs with group video)."""
     files = {"mqtt.password_file": config.mqtt.password_file,
              "mqtt.tls.key_file": config.mqtt.tls.key_file if config.mqtt.tls else None}
     found = []
     for key, path in files.items():
-        try:
-            mode = path.stat().st_mode & 0o777 if path is not None else 0
-        except OSError:
-            continue  # unreadable now: connecting says so
+        mode = _mode(path)
         if mode & 0o004:
             found.append(f"{key}: {path} can be read by every user of this machine (mode {mode:04o}): "
                          f"chmod 600 it (deploy/README: install -o tillsight -m 400)")
+    # IP cameras take their credentials in the URL: then the config file itself holds a secret
+    with_secret = [index for index, camera in enumerate(config.cameras)
+                   if isinstance(camera.source, str) and "://" in camera.source and has_secret(camera.source)]
+    mode = _mode(config._file)
+    if with_secret and mode & 0o004:
+        found.append(f"cameras.{with_secret[0]}.source: a camera's password is in {config._file}, which every user "
+                     f"of this machine can read (mode {mode:04o}): chmod 600 it, owner tillsight (deploy/README)")
     return found
+
+
+def _mode(path: Path | None) -> int:
+    """A file's permission bits; 0 for none, or one that cannot be read now (using it says so)."""
+    try:
+        return path.stat().st_mode & 0o777 if path is not None else 0
+    except OSError:
+        return 0
 
 
 def load_config(path: Path | str, cameras: list[dict] | None = None) -> Config:
@@ -514,7 +561,9 @@ def load_config(path: Path | str, cameras: list[dict] | None = None) -> Config:
         raise ConfigError([f"{path}: nested too deeply"]) from None
     if cameras is not None:
         data["cameras"] = cameras
-    return parse_config(data, path.parent)
+    config = parse_config(data, path.parent)
+    config._file = path
+    return config
 
 
 _PATH_KEYS = {("models", "detector"), ("models", "age_model"), ("mqtt", "password_file"),

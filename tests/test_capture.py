@@ -52,10 +52,11 @@ def test_fps_limit_uses_the_video_clock_in_replay(carphone_clip):
     assert min(gaps) >= 0.19 and max(gaps) <= 0.21
 
 
-def test_unreachable_stream_is_retried_with_backoff_and_reported():
+def test_unreachable_stream_is_retried_with_backoff_and_reported_without_its_password():
     port = free_port()  # nothing listens there
     stop = threading.Event()
-    reader = CameraReader(CameraConfig(id="ip", source=f"rtsp://127.0.0.1:{port}/live"), queue.Queue(), stop)
+    source = f"rtsp://admin:hunter2@127.0.0.1:{port}/live"  # as IP cameras take their credentials
+    reader = CameraReader(CameraConfig(id="ip", source=source), queue.Queue(), stop)
     reader.start()
     deadline = time.monotonic() + 20
     while reader.status.reconnects < 2 and time.monotonic() < deadline:
@@ -64,7 +65,7 @@ def test_unreachable_stream_is_retried_with_backoff_and_reported():
     reader.join(5)
     assert not reader.is_alive()
     assert reader.status.state == "reconnecting" and reader.status.reconnects >= 2
-    assert reader.status.last_error == f"cannot open source 'rtsp://127.0.0.1:{port}/live'"
+    assert reader.status.last_error == f"cannot open source 'rtsp://admin:***@127.0.0.1:{port}/live'"
 
 
 def test_a_live_reader_keeps_the_newest_frame_when_the_pipeline_lags(carphone_clip):

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from edge.config import ConfigError, load_config, parse_config
+from test_cli import one_line_error
 from tskit import tillsight, write_config
 
 
@@ -69,7 +70,7 @@ def test_a_password_file_others_can_read_is_a_warning_at_check_and_at_start(tmp_
     replayed = tillsight("replay", str(hamilton_clip), "--config", str(config))  # the open test broker lets it in
     assert replayed.returncode == 0, replayed.stderr
     assert [json.loads(line)["msg"] for line in replayed.stderr.splitlines() if '"warning"' in line] == [warning]
-    for sound in (0o600, 0o640):  # 0640: root-owned, group tillsight
+    for sound in (0o600, 0o640):  # group-readable: the operator's choice of group
         os.chmod(password, sound)
         checked = tillsight("config", "check", str(config))
         assert (checked.returncode, checked.stderr) == (0, "")
@@ -144,3 +145,29 @@ def test_example_config_in_the_repository_is_valid():
     example = Path(__file__).resolve().parents[1] / "deploy" / "tillsight.example.toml"
     config = load_config(example)
     assert config.cameras and config.policy.challenge_age == 25
+
+
+def test_a_camera_password_is_shown_as_stars_and_a_config_holding_one_must_not_be_world_readable(tmp_path):
+    import os
+
+    from edge.config import redact_url
+    assert redact_url("rtsp://admin:s3cr%40t@10.0.0.5:554/Streaming/Channels/101") == \
+        "rtsp://admin:***@10.0.0.5:554/Streaming/Channels/101"
+    assert redact_url("http://cam/videostream.cgi?user=admin&pwd=p@ss&rate=0") == \
+        "http://cam/videostream.cgi?user=admin&pwd=***&rate=0"
+    assert redact_url("rtsps://u:p@[::1]:322/a?token=abc") == "rtsps://u:***@[::1]:322/a?token=***"
+    assert redact_url("rtsp://a:b@c@host/x") == "rtsp://a:***@host/x"  # an @ in the password
+    for plain in ("rtsp://admin@cam/x", "http://cam/video.mjpg", "rtsp://10.0.0.5/live?channel=1"):
+        assert redact_url(plain) == plain
+    line = one_line_error(tillsight("config", "check", str(write_config(
+        tmp_path / "bad.toml", store_id="s", cameras=[{"id": "c", "source": "rtsp://admin:hunter2@"}]))), code=2)
+    assert line == "cameras.0.source: URL 'rtsp://admin:***@' has no host"
+    config = write_config(tmp_path / "c.toml", store_id="s", cameras=[
+        {"id": "a", "source": "rtsp://10.0.0.4/live"}, {"id": "b", "source": "rtsp://admin:hunter2@10.0.0.5/live"}])
+    os.chmod(config, 0o644)
+    checked = tillsight("config", "check", str(config))
+    assert (checked.returncode, checked.stderr.strip()) == (0, (
+        f"warning: cameras.1.source: a camera's password is in {config}, which every user of this machine can "
+        "read (mode 0644): chmod 600 it, owner tillsight (deploy/README)"))
+    os.chmod(config, 0o600)
+    assert tillsight("config", "check", str(config)).stderr == ""

@@ -175,11 +175,13 @@ def test_two_tills_share_batched_age_calls(broker, subscriber, age_models, carph
 
 
 def test_a_network_camera_that_vanishes_is_reconnected(tmp_path, broker, subscriber, age_models, carphone_clip):
+    """... and its password, in its URL as IP cameras take it, is in no message and no log line."""
     from tskit import MjpegCamera
     camera = MjpegCamera(carphone_clip).start()
+    source = camera.url.replace("http://", "http://viewer:hunter2@") + "?user=viewer&pwd=hunter2"
     # status every 30 s: what arrives sooner was sent because the camera changed state
     config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=30,
-                          cameras=[{"id": "till-1", "source": camera.url, "fps_limit": 10}],
+                          cameras=[{"id": "till-1", "source": source, "fps_limit": 10}],
                           mqtt={"host": "127.0.0.1", "port": broker.port},
                           models={"age_model": str(age_models[40])}, tracking={"lost_after_s": 0.5})
     daemon = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config)], cwd=REPO,
@@ -209,6 +211,10 @@ def test_a_network_camera_that_vanishes_is_reconnected(tmp_path, broker, subscri
         assert back["state"] == "online" and back["problems"] == [] and back["cameras"]["till-1"]["last_error"] is None
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(20) == 0, daemon.stderr.read()
+        shown = f"http://viewer:***@127.0.0.1:{camera.port}/video.mjpg?user=viewer&pwd=***"
+        assert any(shown in p for p in lost["problems"]), lost["problems"]
+        assert not [p for _, p, _ in subscriber.messages if b"hunter2" in p]
+        assert "hunter2" not in daemon.stderr.read()
     finally:
         daemon.kill()
         daemon.wait()
