@@ -51,7 +51,22 @@ def _describe(topic: str, payload: bytes) -> str:
     if topic.endswith("/estimate"):
         kind = "final" if body.get("final") else "update"
         return f"{topic}  track {body.get('track')} age {body.get('age')} ± {body.get('spread')} ({body.get('samples')} samples, {kind})"
+    if topic.endswith("/status"):
+        return f"{topic}  STATUS {_describe_status(body, time.time())}"
+    if topic.endswith("/analytics") and isinstance(body.get("bands"), dict):
+        return f"{topic}  ANALYTICS {_describe_analytics(body)}"
     return f"{topic}  {json.dumps(body, separators=(',', ':'))}"
+
+
+def _describe_analytics(body: dict) -> str:
+    """An interval's counts by age band; a band under k customers is withheld by the daemon (null): `<k`."""
+    def clock(iso) -> str:
+        return iso[11:19] if isinstance(iso, str) and len(iso) >= 19 else "?"
+    withheld = f"<{body.get('k')}"
+    bands = ", ".join(f"{band} {withheld if count is None else count}" for band, count in body["bands"].items())
+    partial = " (partial)" if body.get("partial") else ""
+    return (f"{clock(body.get('interval_start'))}-{clock(body.get('interval_end'))} UTC{partial}: {bands}; "
+            f"camera fault {body.get('camera_fault_s')} s")
 
 
 def describe_status(body: dict, now: float) -> str:

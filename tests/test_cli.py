@@ -120,3 +120,22 @@ def test_demo_runs_with_a_local_broker():
 def test_demo_pos_survives_hostile_payloads(payload, expected):
     from edge.pos_terminal import describe
     assert describe("t/x/alert", payload) == expected
+
+
+@pytest.mark.parametrize("topic, payload, expected", [
+    ("t/s/till-1/analytics", {"interval_start": "2026-11-26T08:00:00.000Z", "interval_end": "2026-11-26T08:15:00.000Z",
+                              "bands": {"0-17": 0, "18-24": None, "25+": 7}, "k": 5, "partial": False,
+                              "camera_fault_s": 0.0},
+     "t/s/till-1/analytics  ANALYTICS 08:00:00-08:15:00 UTC: 0-17 0, 18-24 <5, 25+ 7; camera fault 0.0 s"),
+    ("t/s/till-1/analytics", {"interval_start": 3, "bands": {"x": None}, "partial": True},
+     "t/s/till-1/analytics  ANALYTICS ?-? UTC (partial): x <None; camera fault None s"),
+    ("t/s/till-1/analytics", {"bands": [1, 2]}, 't/s/till-1/analytics  {"bands":[1,2]}'),
+    ("t/s/pc/status", {"daemon": "pc", "state": "offline", "cameras": "many", "problems": "none"},
+     "t/s/pc/status  STATUS pc               offline   -           -                                         -  -"),
+])
+def test_pos_watch_says_statuses_and_analytics_in_a_line(topic, payload, expected):
+    """`tillsight pos watch` and the demo: a status or an interval's counts as one readable line, whatever it holds."""
+    import json
+
+    from edge.pos_terminal import describe
+    assert describe(topic, json.dumps(payload).encode()) == expected
