@@ -29,7 +29,7 @@ from edge.notify import SystemdNotifier, WatchdogFeeder, stalled_parts
 from edge.outbox import Outbox
 from edge.peers import Peers
 from edge.policy import Policy, build_policy, needs_id_check
-from edge.publish import Publisher
+from edge.publish import Publisher, utc_iso
 from edge.pos import PosDesk
 from edge.track import FaceTracker, Track
 from edge.types import CameraStatus, CustomerView, TillView
@@ -40,6 +40,17 @@ STALL_AFTER_S = 15.0  # a pipeline or an age-network call without progress this 
 # a till PC's clock after boot). Tracks, the inference budget and analytics intervals measure time
 # between frames; across a step they would wait until the clock caught up.
 CLOCK_STEP_S = 1.0
+# No wall clock that was ever set reads earlier than this: it is before this version was written. A PC
+# whose clock battery is dead boots into 2000 or 1970 until NTP sets it, or for good without NTP.
+EARLIEST_PLAUSIBLE_TIME = 1767225600.0  # 2026-01-01T00:00:00Z
+
+
+def clock_problem(now: float) -> str | None:
+    """Why the wall clock cannot be right, or None: every message's time and every analytics interval depend on it."""
+    if now >= EARLIEST_PLAUSIBLE_TIME:
+        return None
+    return (f"wall clock reads {utc_iso(now)}: never set (no NTP, or a dead clock battery); message times and "
+            "analytics intervals are wrong until it is")
 
 
 @dataclass
@@ -275,6 +286,7 @@ class Service:
     def __init__(self, config: Config, replay: bool = False, realtime: bool = False):
         self.config = config
         self.replay = replay
+        self.clock = time.time  # the wall clock, judged by problems() (tests set one)
         self.stop_event = threading.Event()
         self.daemon_id = config.daemon_id or _hostname_id()
         models = config.models
@@ -362,6 +374,9 @@ class Service:
             found += self.peers.problems()
         if self.watchdog.stalled:
             found.append(f"stalled: {', '.join(self.watchdog.stalled)}")
+        clock = clock_problem(self.clock())
+        if clock is not None and not self.replay:  # a replay's times are its video's
+            found.append(clock)
         return found
 
     def stalled(self) -> list[str]:

@@ -222,6 +222,23 @@ def test_a_network_camera_that_vanishes_is_reconnected(tmp_path, broker, subscri
             camera.stop()
 
 
+def test_a_wall_clock_never_set_is_a_problem_until_it_is(age_models, carphone_clip):
+    """A till PC with a dead clock battery boots into 2000 until NTP sets it: every message's time and analytics
+    interval would be wrong, so the status says degraded, with why."""
+    from edge.service import Service
+    config = parse_config({"store_id": "store-1", "daemon_id": "till-pc",
+                           "cameras": [{"id": "till-1", "source": str(carphone_clip)}],
+                           "models": {"age_model": str(age_models[40])}})
+    service = Service(config)
+    assert service.problems() == []
+    service.clock = lambda: 946684800.0  # 2000-01-01
+    assert service.problems() == ["wall clock reads 2000-01-01T00:00:00.000Z: never set (no NTP, or a dead clock "
+                                  "battery); message times and analytics intervals are wrong until it is"]
+    assert service.status()["state"] == "degraded"
+    service.clock = lambda: 1767225600.0  # 2026-01-01: set
+    assert service.problems() == []
+
+
 def test_a_wall_clock_stepped_back_ends_the_tracks_and_the_interval_and_frames_go_on(broker, subscriber, age_models,
                                                                                      carphone_clip, caplog):
     """NTP steps a till PC's clock back an hour while a customer stands at the till: their track ends with a final
