@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate a config file")
     check.add_argument("file", type=Path)
+    check.add_argument("--live", action="store_true",
+                       help="then try what it names, a line each: clock, models, broker, each camera (size, frame "
+                            "rate, faces in view), metrics port; exit 1 if any fails")
     check.set_defaults(handler=cmd_config_check)
 
     export = commands.add_parser("export", help="age checkpoint (or 'detector') to ONNX (needs the train extra)")
@@ -247,6 +250,15 @@ def cmd_config_check(args) -> int:
     for line in exposed_secrets(config):
         print(f"warning: {line}", file=sys.stderr)
     print(f"{args.file}: OK")
+    if args.live:
+        from edge.checkup import run_checks
+        results = []
+        for result in run_checks(config):
+            results.append(result)
+            print(result.line(), flush=True)
+        failed = [r for r in results if not r.ok]
+        if failed:
+            raise UserError(f"{len(failed)} of {len(results)} live checks failed, first the {failed[0].item}")
     return 0
 
 

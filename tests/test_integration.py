@@ -1,6 +1,7 @@
 """Recorded video through the real daemon code, against a real mosquitto."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -277,3 +278,64 @@ def test_a_wall_clock_stepped_back_ends_the_tracks_and_the_interval_and_frames_g
     assert service.pipelines[0].clock_steps == 1
     [line] = [r for r in caplog.records if r.getMessage().startswith("the wall clock stepped back")]
     assert line.camera == "till-1" and 3599 < line.seconds < 3601
+
+
+def test_a_live_config_check_tries_the_camera_broker_and_models_a_line_each(tmp_path, broker, age_models,
+                                                                           carphone_clip):
+    """`config check --live` at an install: a network camera (its size, frame rate and the face in view), the broker
+    with the config's settings, the models run once; then the same config with everything wrong, a line each."""
+    import os
+
+    from test_cli import one_line_error
+    from tskit import MjpegCamera
+    camera = MjpegCamera(carphone_clip, fps=20).start()
+    source = camera.url.replace("http://", "http://viewer:hunter2@")
+    good = write_config(tmp_path / "good.toml", store_id="store-1", cameras=[{"id": "till-1", "source": source}],
+                        mqtt={"host": "127.0.0.1", "port": broker.port}, models={"age_model": str(age_models[40])})
+    os.chmod(good, 0o600)
+    try:
+        result = tillsight("config", "check", str(good), "--live")
+    finally:
+        camera.stop()
+    assert result.returncode == 0 and result.stderr == "", result
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(good), "clock", "face detector", "age model", "broker",
+                                                      "camera till-1"], lines
+    assert lines[4] == f"broker: 127.0.0.1:{broker.port}: connected"
+    size, rate, faces, shown = re.fullmatch(r"camera till-1: (\S+), ([0-9.]+) frames/s, (\d+) face\(s\) in view \((.*)\)",
+                                            lines[5]).groups()
+    assert (size, faces, shown) == ("176x144", "1", f"http://viewer:***@127.0.0.1:{camera.port}/video.mjpg")
+    assert 12 < float(rate) < 25 and "hunter2" not in result.stdout  # about the camera's 20 fps
+    assert re.fullmatch(r"age model: file fp32 \(.*\.onnx\) on CPUExecutionProvider, [0-9.]+ ms per face", lines[3])
+
+    camera_port, broker_port, corrupt = free_port(), free_port(), tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a model")
+    bad = write_config(tmp_path / "bad.toml", store_id="store-1", cameras=[
+        {"id": "till-1", "source": f"http://127.0.0.1:{camera_port}/video.mjpg"}],
+        mqtt={"host": "127.0.0.1", "port": broker_port}, models={"age_model": str(corrupt)},
+        metrics={"enabled": True, "port": broker.port})  # mosquitto's port: in use
+    result = tillsight("config", "check", str(bad), "--live")
+    assert one_line_error(result) == "tillsight: error: 4 of 6 live checks failed, first the age model"
+    failed = [line for line in result.stdout.splitlines() if "FAILED" in line]
+    assert [line.split(": FAILED: ")[0] for line in failed] == ["age model", "broker", "camera till-1", "metrics"]
+    assert failed[3] == f"metrics: FAILED: 127.0.0.1:{broker.port} cannot be served: Address already in use"
+    assert failed[0].startswith(f"age model: FAILED: age model {corrupt} cannot be loaded: ")
+    assert failed[1:3] == [f"broker: FAILED: cannot reach the MQTT broker at 127.0.0.1:{broker_port}: Connection refused",
+                          f"camera till-1: FAILED: cannot open source 'http://127.0.0.1:{camera_port}/video.mjpg'"]
+
+
+def test_the_live_check_says_a_camera_that_shows_nothing(tmp_path):
+    import cv2
+    import numpy as np
+
+    from edge.checkup import check_camera
+    from edge.config import CameraConfig
+    path = tmp_path / "capped.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 120))
+    for _ in range(5):
+        writer.write(np.full((120, 160, 3), 3, np.uint8))  # a lens cap
+    writer.release()
+    result = check_camera(CameraConfig(id="till-1", source=str(path)))
+    assert (result.ok, result.line()) == (False, (
+        f"camera till-1: FAILED: 160x120, 10.0 frames/s (a video file), but the picture is blank (lens covered, "
+        f"camera turned away, no signal) ({path})"))

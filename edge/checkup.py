@@ -1,0 +1,137 @@
+"""`tillsight config check FILE --live`: before a till goes live, try once what its config names.
+
+`config check` alone reads the file; an installer at the till also wants to know that the camera
+delivers (and sees the customer's face from where it hangs), that the broker lets this daemon in,
+that the models load and run, and that the clock is set, before enabling the service. Each item is
+tried the way the daemon does it (`edge.capture.open_source`, the daemon's MQTT client with the
+config's credentials and TLS, `edge.service.build_detector` and `build_age_model`) and gives one
+line; nothing is published and nothing is written.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from edge.capture import BLANK_STD, open_source, picture_detail
+from edge.config import CameraConfig, Config
+from edge.publish import utc_iso
+from edge.runtime import ModelError
+from edge.service import build_age_model, build_detector, clock_problem
+
+CAMERA_WATCH_S = 1.5  # long enough to measure a camera's frame rate, short enough for a till of four
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    item: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.item}: {'' if self.ok else 'FAILED: '}{self.detail}"
+
+
+def check_clock(now: float) -> CheckResult:
+    problem = clock_problem(now)
+    return CheckResult("clock", problem is None, problem or f"{utc_iso(now)} (UTC)")
+
+
+def check_models(config: Config):
+    """The face detector and the age model: loaded as the daemon loads them, and run once on a blank input.
+    Returns the results and the detector (for the cameras' faces in view), or None if it did not load."""
+    detector = None
+    try:
+        detector = build_detector(config.models)
+        detector(np.zeros((360, 640, 3), np.uint8))
+        detected = CheckResult("face detector", True, f"{config.models.detector_variant} on "
+                                                      f"{detector.session.get_providers()[0]}")
+    except ModelError as exc:
+        detected = CheckResult("face detector", False, str(exc))
+    try:
+        model = build_age_model(config.models)
+        size = model.info.input_size
+        model.predict(np.zeros((1, size, size, 3), np.uint8))  # the first call sets ONNX Runtime up
+        started = time.perf_counter()
+        model.predict(np.zeros((1, size, size, 3), np.uint8))
+        described = model.describe()
+        aged = CheckResult("age model", True, f"{described['tier']} {described['variant']} ({described['file']}) on "
+                                              f"{described['provider']}, {1000 * (time.perf_counter() - started):.1f} "
+                                              "ms per face")
+    except ModelError as exc:
+        aged = CheckResult("age model", False, str(exc))
+    return [detected, aged], detector
+
+
+def check_broker(config: Config) -> CheckResult:
+    """Connect as the daemon would (credentials, TLS); subscribe to nothing, publish nothing."""
+    from edge.pos_terminal import PosError, Terminal
+    mqtt = config.mqtt
+    try:
+        terminal = Terminal(mqtt.host, mqtt.port, f"{mqtt.topic_prefix}/{config.store_id}", "checkup", mqtt_config=mqtt)
+    except PosError as exc:
+        return CheckResult("broker", False, str(exc))
+    terminal.close()
+    who = f" as {mqtt.username}" if mqtt.username else ""
+    return CheckResult("broker", True, f"{mqtt.host}:{mqtt.port}{who}{' over TLS' if mqtt.tls else ''}: connected")
+
+
+def check_camera(camera: CameraConfig, detector=None, watch_s: float = CAMERA_WATCH_S) -> CheckResult:
+    """Open the source as the daemon does, read for `watch_s`: its picture size, frame rate, and the faces in
+    view of the last frame (aiming the camera), or why not."""
+    item = f"camera {camera.id}"
+    capture = open_source(camera.source)
+    try:
+        if not capture.isOpened():
+            return CheckResult(item, False, f"cannot open source {camera.shown_source!r}")
+        ok, image = capture.read()
+        if not ok or image is None:
+            return CheckResult(item, False, f"source {camera.shown_source!r} opened but delivered no frame")
+        frames, started = 0, time.monotonic()
+        if camera.is_file:
+            rate = f"{capture.get(cv2.CAP_PROP_FPS):.1f} frames/s (a video file)"
+        else:
+            while time.monotonic() - started < watch_s:
+                ok, latest = capture.read()
+                if not ok or latest is None:
+                    return CheckResult(item, False, f"source {camera.shown_source!r} stopped delivering frames")
+                frames, image = frames + 1, latest
+            rate = f"{frames / (time.monotonic() - started):.1f} frames/s"
+    finally:
+        capture.release()
+    height, width = image.shape[:2]
+    if picture_detail(image) < BLANK_STD:
+        return CheckResult(item, False, f"{width}x{height}, {rate}, but the picture is blank (lens covered, camera "
+                                        f"turned away, no signal) ({camera.shown_source})")
+    faces = "" if detector is None else f", {len(detector(image))} face(s) in view"
+    return CheckResult(item, True, f"{width}x{height}, {rate}{faces} ({camera.shown_source})")
+
+
+def check_metrics(config: Config) -> CheckResult | None:
+    if not config.metrics.enabled:
+        return None
+    address = (config.metrics.host, config.metrics.port)
+    with socket.socket(socket.AF_INET6 if ":" in config.metrics.host else socket.AF_INET) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return CheckResult("metrics", False, f"{address[0]}:{address[1]} cannot be served: {exc.strerror or exc}")
+    return CheckResult("metrics", True, f"{address[0]}:{address[1]} free")
+
+
+def run_checks(config: Config, now: float | None = None) -> Iterator[CheckResult]:
+    """Every check, in the order an installer fixes things; each result as soon as it is known."""
+    yield check_clock(time.time() if now is None else now)
+    models, detector = check_models(config)
+    yield from models
+    yield check_broker(config)
+    for camera in config.cameras:
+        yield check_camera(camera, detector)
+    metrics = check_metrics(config)
+    if metrics is not None:
+        yield metrics
