@@ -20,10 +20,17 @@ restart inside 08:00-08:15 thus gives two partial messages, 08:00-08:07 and
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
+
+log = logging.getLogger(__name__)
 
 
 def local_utc_offset_s(t: float) -> float:
@@ -86,6 +93,21 @@ class AgeBandCounter:
         self.joined = partial
         return message
 
+    def state(self, now: float) -> dict | None:
+        """The interval in progress, raw counts included, as OpenIntervals keeps it on disk; None if none is open."""
+        if self.started is None:
+            return None
+        return {"camera": self.camera_id, "edges": list(self.edges), "interval_s": self.interval_s, "k": self.k,
+                "started": self.started, "slot": self.slot, "counts": dict(self.counts),
+                "fault_s": round(self.fault_s, 1), "saved_at": now}
+
+    @classmethod
+    def left_message(cls, state: dict) -> dict:
+        """The message for an interval a previous run left open: partial, ending when it was last saved."""
+        counter = cls(state["camera"], state["edges"], state["interval_s"], state["k"], started=state["started"],
+                      slot=state["slot"], counts=dict(state["counts"]), fault_s=state["fault_s"])
+        return counter.flush(state["saved_at"], partial=True)
+
     def _open(self, now: float) -> None:
         if self.started is None:
             offset = self.utc_offset_s(now)
@@ -97,3 +119,80 @@ class AgeBandCounter:
 def _published(count: int, k: int) -> int | None:
     """0 and counts of k or more as they are; 1 to k-1 suppressed."""
     return count if count == 0 or count >= k else None
+
+
+class OpenIntervals:
+    """Every camera's interval in progress, in a small file beside the outbox, so that a daemon killed outright
+    (a power cut, an OOM kill: no clean stop to send the partial interval) loses no counts: the next start sends
+    each as a partial interval ending at its last save. Saved at once when a count changes or an interval closes,
+    else every SAVE_EVERY_S for the fault seconds; written whole (a temporary file renamed over the old one,
+    fsync'd), so a cut mid-write leaves the previous save. At-least-once, like the outbox: a cut between a clean
+    stop's message and its save can send that interval twice."""
+
+    SAVE_EVERY_S = 10.0
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._intervals: dict[str, dict] = {}  # camera -> AgeBandCounter.state()
+        self._written: dict[str, tuple] = {}  # camera -> (started, counts) last written
+        self._written_at = 0.0  # monotonic
+        self._failing = False
+        self._lock = threading.Lock()
+
+    def take_left(self, max_age_s: float, now: float | None = None) -> list[dict]:
+        """The messages of the intervals the previous run left open (the file is removed); those saved more than
+        `max_age_s` ago are dropped, as the outbox drops its old messages."""
+        now = time.time() if now is None else now
+        try:
+            states = json.loads(self.path.read_text())
+            messages = [AgeBandCounter.left_message(state) for state in states.values()]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("analytics intervals left by the previous run are unreadable: not sent",
+                        extra={"file": str(self.path), "error": repr(exc)[:200]})
+            messages = []
+        self.path.unlink(missing_ok=True)
+        fresh = [m for m in messages if now - m["interval_end"] <= max_age_s]
+        if len(fresh) < len(messages):
+            log.warning("analytics intervals left by the previous run are too old: not sent",
+                        extra={"dropped": len(messages) - len(fresh), "max_age_s": max_age_s})
+        return fresh
+
+    def save(self, camera_id: str, state: dict | None) -> None:
+        """A camera's interval now (None: none open). Written when its counts or start changed, else at most every
+        SAVE_EVERY_S."""
+        with self._lock:
+            if state is None:
+                changed = self._intervals.pop(camera_id, None) is not None
+                self._written.pop(camera_id, None)
+            else:
+                self._intervals[camera_id] = state
+                changed = self._written.get(camera_id) != (state["started"], state["counts"])
+            if changed or (self._intervals and time.monotonic() - self._written_at >= self.SAVE_EVERY_S):
+                self._write()
+
+    def _write(self) -> None:
+        partial = self.path.with_name(self.path.name + ".partial")
+        try:
+            with open(partial, "w") as file:
+                json.dump(self._intervals, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, self.path)
+            folder = os.open(self.path.parent, os.O_RDONLY)  # the rename itself must survive a power cut
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        except OSError as exc:
+            if not self._failing:  # once per failing streak: a full disk must not flood the journal
+                log.warning("analytics intervals in progress cannot be saved: a crash now would lose their counts",
+                            extra={"file": str(self.path), "error": exc.strerror or str(exc)})
+            self._failing = True
+            return
+        if self._failing:
+            log.info("analytics intervals in progress saved again", extra={"file": str(self.path)})
+        self._failing = False
+        self._written = {camera: (state["started"], dict(state["counts"])) for camera, state in self._intervals.items()}
+        self._written_at = time.monotonic()

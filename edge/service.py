@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.analytics import AgeBandCounter, band_of
+from edge.analytics import AgeBandCounter, OpenIntervals, band_of
 from edge.budget import wants_age
 from edge.capture import BLANK, END_OF_STREAM, FROZEN, LIVE, CameraReader
 from edge.config import CameraConfig, Config, ModelsConfig, exposed_secrets
@@ -97,6 +97,7 @@ class CameraPipeline(threading.Thread):
         self.counter = AgeBandCounter(camera.id, analytics.bands, analytics.interval_s, analytics.k) \
             if analytics.enabled else None
         self.camera_fault = lambda: None  # why the camera cannot see now (set by the service), for analytics
+        self.open_intervals: OpenIntervals | None = None  # the interval in progress kept on disk (set by the service)
         self.camera_status: CameraStatus | None = None  # its reader's (set by the service): told of faces in view
         self._counted_at: float | None = None  # monotonic time of the last _count
         self.finished = threading.Event()
@@ -140,7 +141,12 @@ class CameraPipeline(threading.Thread):
         if final or self.counter.due(now):
             counts = self.counter.flush(now, partial=final)
             if counts is not None:
-                self.publisher.publish_analytics(counts)
+                self.publisher.publish_analytics(counts)  # into the outbox before the saved interval goes
+        self._save_interval(now)
+
+    def _save_interval(self, now: float) -> None:
+        if self.open_intervals is not None and self.counter is not None:
+            self.open_intervals.save(self.camera.id, self.counter.state(now))
 
     def run(self) -> None:
         try:
@@ -250,6 +256,7 @@ class CameraPipeline(threading.Thread):
             self.publisher.publish_estimate(final, True, track.last_seen if now is None else now, self.transaction)
             if self.counter is not None:
                 self.counter.add(final.age, track.last_seen)
+                self._save_interval(track.last_seen if now is None else now)
 
 
 def camera_fault(reader: CameraReader) -> str | None:
@@ -317,9 +324,13 @@ class Service:
             self.readers.append(CameraReader(camera, frames, self.stop_event, replay, realtime))
             self.pipelines.append(CameraPipeline(camera, config, frames, self.detector, detector_lock,
                                                  self.batcher, self.publisher, self.stop_event, self.policy, replay))
+        # a daemon killed outright sends its intervals in progress at its next start (edge/analytics.py)
+        self.open_intervals = OpenIntervals(Path(f"{self.outbox.path}.analytics.json")) \
+            if not replay and self.outbox.path is not None and config.analytics.enabled else None
         for reader, pipeline in zip(self.readers, self.pipelines):
             pipeline.camera_fault = lambda reader=reader: camera_fault(reader)
             pipeline.camera_status = reader.status
+            pipeline.open_intervals = self.open_intervals
         self.desk = None
         self.notifier = SystemdNotifier.from_env() if not replay else SystemdNotifier()
         self.watchdog = WatchdogFeeder(self.notifier, self.stalled)
@@ -464,7 +475,14 @@ class Service:
         self.publisher.publish_status(self.status())  # sent by on_connect once the broker is there
         if self.desk is not None:
             self.desk.start()
-        self.publisher.start()
+        self.publisher.start()  # first what the previous run left in the outbox
+        if self.open_intervals is not None:  # then what it left counting (after: it would be in that backlog too)
+            left = self.open_intervals.take_left(self.config.outbox.max_age_s)
+            for message in left:  # through the outbox, like every analytics message
+                self.publisher.publish_analytics(message)
+            if left:
+                log.info("analytics intervals the previous run left open sent as partial",
+                         extra={"cameras": [m["camera"] for m in left]})
         for thread in self.pipelines + self.readers:
             thread.start()
         self.notifier.ready(self.summary())  # models loaded, cameras started

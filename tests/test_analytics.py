@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from edge.analytics import AgeBandCounter, band_names, band_of
+from edge.analytics import AgeBandCounter, OpenIntervals, band_names, band_of
 from edge.config import ConfigError, parse_config
 from tskit import tillsight, write_config
 
@@ -101,3 +101,43 @@ def test_a_replay_publishes_the_interval_counts(tmp_path, broker, subscriber, ag
     assert set(counts[0]) == {"id", "schema", "store", "camera", "interval_start", "interval_end", "bands", "k", "partial",
                               "camera_fault_s"}
     assert counts[0]["camera_fault_s"] == 0.0
+
+
+def test_the_interval_in_progress_is_kept_on_disk_and_sent_as_partial_by_the_next_run(tmp_path, caplog):
+    """A daemon killed outright sends no partial interval: the next start sends what the file kept, once."""
+    path = tmp_path / "outbox.sqlite3.analytics.json"
+    counter = AgeBandCounter("till-1", [18, 25], interval_s=900, k=1, utc_offset_s=lambda t: 0.0)
+    kept = OpenIntervals(path)
+    counter.add(40, now=1000.0)  # counting began at 1000 s (a start part way into the 900-1800 slot)
+    kept.save("till-1", counter.state(1000.0))
+    counter.fault_s = 3.0
+    kept.save("till-1", counter.state(1005.0))  # nothing counted since, within SAVE_EVERY_S: not written
+    assert json.loads(path.read_text())["till-1"]["saved_at"] == 1000.0
+    counter.add(16, now=1006.0)
+    kept.save("till-1", counter.state(1006.0))  # a count: written at once
+    [message] = OpenIntervals(path).take_left(max_age_s=86400, now=2000.0)
+    assert message == {"camera": "till-1", "interval_start": 1000.0, "interval_end": 1006.0,
+                       "bands": {"0-17": 1, "18-24": 0, "25+": 1}, "k": 1, "partial": True, "camera_fault_s": 3.0}
+    assert not path.exists() and OpenIntervals(path).take_left(86400) == []  # sent once
+
+    kept.save("till-1", counter.state(1010.0))
+    kept.save("till-1", None)  # a clean stop sent the interval itself
+    assert OpenIntervals(path).take_left(86400, now=2000.0) == []
+    kept.save("till-1", counter.state(1010.0))
+    assert OpenIntervals(path).take_left(max_age_s=3600, now=1010.0 + 3601) == []  # too old, as the outbox drops
+    path.write_text("{not json")
+    assert OpenIntervals(path).take_left(86400) == [] and not path.exists()
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "analytics intervals left by the previous run are too old: not sent",
+        "analytics intervals left by the previous run are unreadable: not sent"]
+
+
+def test_an_interval_that_cannot_be_saved_is_one_warning_and_counting_goes_on(tmp_path, caplog):
+    counter = AgeBandCounter("till-1", [18], interval_s=900, k=1)
+    kept = OpenIntervals(tmp_path / "gone" / "outbox.sqlite3.analytics.json")  # its folder does not exist
+    for age in (20, 30, 40):
+        counter.add(age, now=1000.0)
+        kept.save("till-1", counter.state(1000.0))
+    assert [r.getMessage() for r in caplog.records] == [
+        "analytics intervals in progress cannot be saved: a crash now would lose their counts"]
+    assert counter.flush(1800.0)["bands"] == {"0-17": 0, "18+": 3}

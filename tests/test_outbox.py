@@ -326,3 +326,53 @@ def test_a_second_daemon_on_the_same_outbox_file_is_refused_in_one_line(
         assert daemon.poll() is None  # the first one serves on
     finally:
         stop_daemon(daemon)
+
+
+def test_a_daemon_killed_outright_sends_its_interval_in_progress_at_the_next_start(tmp_path, broker, age_models,
+                                                                                 carphone_clip):
+    """Analytics: the customer counted before a kill -9 is in a partial interval sent by the next run, once."""
+    import cv2
+    import numpy as np
+    from tskit import MjpegCamera
+    from tskit import start_daemon as start_logged
+    from tskit import stop_daemon as stop_logged
+    camera = MjpegCamera(carphone_clip, fps=10).start()
+    customer = camera.jpegs
+    outbox = tmp_path / "outbox.sqlite3"
+    kept = Path(f"{outbox}.analytics.json")
+    config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc",
+                          cameras=[{"id": "till-1", "source": camera.url, "fps_limit": 10}],
+                          mqtt={"host": "127.0.0.1", "port": broker.port}, models={"age_model": str(age_models[40])},
+                          outbox={"path": str(outbox)}, analytics={"k": 1}, tracking={"lost_after_s": 0.5})
+    analytics = Subscriber(broker.port, "tillsight/store-1/till-1/analytics")
+    estimates = Subscriber(broker.port, "tillsight/store-1/till-1/estimate")
+    first = start_logged(config, tmp_path / "first.log")
+    try:
+        counted = lambda: kept.exists() and json.loads(kept.read_text())["till-1"]["counts"] == {"35-44": 1}  # noqa: E731
+        assert estimates.wait_for(lambda s: len(s.messages) >= 3, 60), (tmp_path / "first.log").read_text()
+        empty_till = np.full((144, 176, 3), 90, np.uint8)
+        cv2.rectangle(empty_till, (20, 30), (150, 60), (40, 160, 200), -1)
+        camera.jpegs = [cv2.imencode(".jpg", empty_till)[1].tobytes()]  # the customer left
+        assert wait_until(counted, 20), kept.read_text()
+        first.send_signal(signal.SIGKILL)  # a power cut, an OOM kill: no partial interval sent
+        first.wait(10)
+        assert analytics.messages == []
+        camera.jpegs = customer
+        second = start_logged(config, tmp_path / "second.log")
+        try:
+            assert analytics.wait_for(lambda s: s.messages, 60), (tmp_path / "second.log").read_text()
+        finally:
+            stop_logged(second)
+        assert analytics.wait_for(lambda s: len(s.messages) >= 2, 10)  # and the second run's own, at its stop
+    finally:
+        first.kill()
+        camera.stop()
+        analytics.close()
+        estimates.close()
+    assert len({m["id"] for m in analytics.json("/analytics")}) == len(analytics.messages)  # each sent once
+    left, own = analytics.json("/analytics")[:2]
+    assert left["partial"] and left["bands"]["35-44"] == 1 and sum(v or 0 for v in left["bands"].values()) == 1
+    assert own["partial"] and own["interval_start"] > left["interval_end"]  # the kill's gap is no one's time
+    assert own["bands"]["35-44"] in (0, 1)  # the second run saw the customer again, or not yet: never the first's
+    assert json.loads(kept.read_text()) == {}  # the clean stop sent its interval itself
+    assert "analytics intervals the previous run left open sent as partial" in (tmp_path / "second.log").read_text()
