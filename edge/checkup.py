@@ -88,7 +88,9 @@ def check_camera(camera: CameraConfig, detector=None, watch_s: float = CAMERA_WA
     capture = open_source(camera.source)
     try:
         if not capture.isOpened():
-            return CheckResult(item, False, f"cannot open source {camera.shown_source!r}")
+            busy = " (no such device, or another process reads it: a device has one reader, so stop the " \
+                   "tillsight service first)" if isinstance(camera.source, int) else ""
+            return CheckResult(item, False, f"cannot open source {camera.shown_source!r}{busy}")
         ok, image = capture.read()
         if not ok or image is None:
             return CheckResult(item, False, f"source {camera.shown_source!r} opened but delivered no frame")

@@ -339,3 +339,7 @@ def test_the_live_check_says_a_camera_that_shows_nothing(tmp_path):
     assert (result.ok, result.line()) == (False, (
         f"camera till-1: FAILED: 160x120, 10.0 frames/s (a video file), but the picture is blank (lens covered, "
         f"camera turned away, no signal) ({path})"))
+
+    result = check_camera(CameraConfig(id="usb", source=63))  # no /dev/video63 here, or it is busy
+    assert result.line() == ("camera usb: FAILED: cannot open source '63' (no such device, or another process reads "
+                             "it: a device has one reader, so stop the tillsight service first)")
