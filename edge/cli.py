@@ -523,8 +523,9 @@ def cmd_status(args) -> int:
     by_daemon = {topic.split("/")[-2]: body for topic, body in statuses.items()}  # <prefix>/<store>/<daemon>/status
     bodies = [by_daemon[daemon] for daemon in sorted(by_daemon)]
     now = time.time()
-    if args.json:
-        print(json.dumps({daemon: by_daemon[daemon] for daemon in sorted(by_daemon)}))
+    if args.json:  # the daemons' own bodies, and where one can no longer be believed, why ("stale")
+        print(json.dumps({daemon: {**body, **({"stale": stale(body, now)} if stale(body, now) else {})}
+                          for daemon, body in sorted(by_daemon.items())}))
     else:
         for body in bodies:
             print(describe_status(body, now))

@@ -304,6 +304,8 @@ def test_status_lists_the_stores_daemons_and_exits_1_unless_all_are_online(daemo
                                                                                  ["till-pc-3", "stale"]]
         assert re.fullmatch(r"till-pc-3 +stale +- +- +10\d s ago  silent for 10\d s where it sends a status every "
                             r"10 s: the daemon hung, or went while the broker was down, or a clock is wrong", lines[1])
+        listed = json.loads(tillsight("status", *store, "--json").stdout)
+        assert "stale" not in listed["till-pc"] and listed["till-pc-3"]["stale"].startswith("silent for 10")
         result = tillsight("status", *store, "--forget", "till-pc-3")  # it said online, but long ago: gone
         assert result.returncode == 0, result.stderr
         assert tillsight("status", *store).returncode == 0
