@@ -482,7 +482,8 @@ def problems_from(exc: ValidationError) -> list[str]:
     # A union (camera source) reports one error per branch: keep the most specific.
     branch_types = ("int_type", "string_type")
     for error in errors:
-        if error["type"] in branch_types and any(
+        # (only a union's branch: a plain key's type error beside another key's error is its own problem)
+        if error["type"] in branch_types and str(error["loc"][-1]) in _UNION_TAGS and any(
             e["loc"][: len(error["loc"]) - 1] == error["loc"][:-1] and e["type"] not in branch_types for e in errors
         ):
             continue

@@ -37,7 +37,7 @@ def test_every_problem_is_reported_with_its_path():
         "store_id": "s/1",
         "cameras": [{"id": "a", "source": "nope.mp4"}, {"id": "b", "source": "ftp://x/y"},
                     {"id": "c", "source": "rtsp://"}, {"id": "d", "source": -1, "fps_limit": 0}],
-        "mqtt": {"port": "x", "qos": 3, "colour": "red"},
+        "mqtt": {"host": 5, "port": "x", "qos": 3, "colour": "red"},  # (host: once lost beside the others)
         "policy": {"challenge_age": "old"},
     }) == [
         "store_id: must be 1 to 64 letters, digits, '_' or '-' (it becomes an MQTT topic level)",
@@ -46,6 +46,7 @@ def test_every_problem_is_reported_with_its_path():
         "cameras.2.source: URL 'rtsp://' has no host",
         "cameras.3.source: input should be greater than or equal to 0",
         "cameras.3.fps_limit: input should be greater than 0",
+        "mqtt.host: input should be a valid string",
         "mqtt.port: input should be a number, not the string 'x' (write it without quotes)",
         "mqtt.qos: input should be 0, 1 or 2",
         "mqtt.colour: unknown key",
