@@ -30,6 +30,7 @@ import logging
 import queue
 import threading
 import time
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -131,6 +132,7 @@ class CameraReader(threading.Thread):
         self.realtime = realtime
         self.fps_limit = camera.fps_limit
         self.status = CameraStatus(camera.id)
+        self.store_open: Callable[[], bool] = lambda: True  # the service's opening hours: while closed, quiet faults
         self.clock = time.time  # the frames' wall-clock times (messages carry them); pacing uses time.monotonic
         self._backoff = BACKOFF_START_S
         self._frozen_reopen_s = BACKOFF_START_S  # how long a picture still frozen after a reopen is watched
@@ -242,7 +244,7 @@ class CameraReader(threading.Thread):
             self._backoff = BACKOFF_START_S
             self._frozen_reopen_s, self._reopen_frozen_at = BACKOFF_START_S, None
         if picture != self.status.picture:
-            level = logging.INFO if picture == LIVE else logging.WARNING
+            level = logging.INFO if picture == LIVE or not self.store_open() else logging.WARNING
             if self.status.picture is not None or picture != LIVE:
                 log.log(level, "camera picture %s", picture, extra={"camera": self.camera.id,
                                                                     "fault": self.picture.fault() or None})

@@ -14,12 +14,14 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
 import cv2
 import numpy as np
 
 from edge.capture import BLANK_STD, open_source, picture_detail
-from edge.config import CameraConfig, Config
+from edge.config import CameraConfig, Config, OpeningHours
 from edge.publish import utc_iso
 from edge.runtime import ModelError
 from edge.service import build_age_model, build_detector, clock_problem
@@ -37,9 +39,14 @@ class CheckResult:
         return f"{self.item}: {'' if self.ok else 'FAILED: '}{self.detail}"
 
 
-def check_clock(now: float) -> CheckResult:
+def check_clock(now: float, hours: OpeningHours | None = None) -> CheckResult:
+    """The clock, and by it whether the store is open now (a wrong time zone shows here)."""
     problem = clock_problem(now)
-    return CheckResult("clock", problem is None, problem or f"{utc_iso(now)} (UTC)")
+    local = datetime.fromtimestamp(now, ZoneInfo(hours.timezone)) if hours and hours.timezone else \
+        datetime.fromtimestamp(now).astimezone()  # the machine's zone, named
+    opening = "" if hours is None else \
+        f", {local:%a %H:%M} {local.tzname()} there: the store is {'open' if hours.is_open(now) else 'closed'}"
+    return CheckResult("clock", problem is None, problem or f"{utc_iso(now)} (UTC){opening}")
 
 
 def check_models(config: Config):
@@ -128,7 +135,7 @@ def check_metrics(config: Config) -> CheckResult | None:
 
 def run_checks(config: Config, now: float | None = None) -> Iterator[CheckResult]:
     """Every check, in the order an installer fixes things; each result as soon as it is known."""
-    yield check_clock(time.time() if now is None else now)
+    yield check_clock(time.time() if now is None else now, config.opening_hours)
     models, detector = check_models(config)
     yield from models
     yield check_broker(config)

@@ -10,9 +10,12 @@ import os
 import re
 import ssl
 import tomllib
+from datetime import datetime, timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal, Union, get_args, get_origin
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError, ValidationInfo,
                       field_validator, model_validator)
@@ -423,6 +426,87 @@ class LoggingConfig(Strict):
     format: Literal["json", "text"] = "json"
 
 
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # datetime.weekday()'s order
+HOURS_SPAN = re.compile(r"([01]\d|2[0-4]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)")
+HOURS_EXAMPLES = ('spans like "07:00-22:00", "08:00-12:00, 13:00-20:00", "22:00-06:00" (past midnight), '
+                  '"00:00-24:00" (all day) or "closed"')
+
+
+@lru_cache(maxsize=64)
+def opening_spans(text: str) -> tuple[tuple[int, int], ...]:
+    """A day's opening hours as (start, end) minutes after its midnight; an end past 1440 runs into the next
+    day. ValueError with the line to show for anything else."""
+    if text.strip().lower() == "closed":
+        return ()
+    spans = []
+    for part in text.split(","):
+        match = HOURS_SPAN.fullmatch(part.strip())
+        if match is None:
+            raise ValueError(f"{_clip(text)} is not opening hours: write {HOURS_EXAMPLES}")
+        start, end = int(match[1]) * 60 + int(match[2]), int(match[3]) * 60 + int(match[4])
+        if start >= 1440 or end > 1440:
+            raise ValueError(f"{_clip(part.strip())}: a time runs from 00:00 to 24:00, and 24:00 only ends a span")
+        if start == end:
+            raise ValueError(f"{_clip(part.strip())} opens and closes at the same time: write \"00:00-24:00\" for "
+                             "all day, or \"closed\"")
+        spans.append((start, end if end > start else end + 1440))
+    return tuple(sorted(spans))
+
+
+class OpeningHours(Strict):
+    """When the store is open, in its local time. While it is closed, a camera whose picture is blank or frozen
+    (the lights are off at night) is no problem: its status still says so, and it becomes one if the store
+    opens with it so (edge.service.Service.problems)."""
+    timezone: str | None = None  # an IANA name (Europe/London); None: the machine's own time zone
+    default: str | None = None  # the days not given their own
+    mon: str | None = None
+    tue: str | None = None
+    wed: str | None = None
+    thu: str | None = None
+    fri: str | None = None
+    sat: str | None = None
+    sun: str | None = None
+
+    @field_validator("default", *DAYS)
+    @classmethod
+    def hours_are_spans(cls, value: str | None) -> str | None:
+        if value is not None:
+            opening_spans(value)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def known_zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                if not re.fullmatch(r"[A-Za-z0-9_+-]{1,64}(/[A-Za-z0-9_+-]{1,64}){0,3}", value):
+                    raise ValueError
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder (Europe)
+                raise ValueError(f"unknown time zone {_clip(value)}: an IANA name such as Europe/London "
+                                 "(the system's tzdata lists them)") from None
+        return value
+
+    @model_validator(mode="after")
+    def every_day_has_hours(self) -> OpeningHours:
+        missing = [day for day in DAYS if getattr(self, day) is None and self.default is None]
+        if missing:
+            raise ValueError(f"no hours for {', '.join(missing)}: give each day its hours, or a default for the "
+                             "days not listed")
+        return self
+
+    def is_open(self, when: float) -> bool:
+        """Whether the store is open at this Unix time (a span past midnight belongs to the day it starts)."""
+        local = datetime.fromtimestamp(when, ZoneInfo(self.timezone) if self.timezone else None)
+        minute = local.hour * 60 + local.minute
+        for days_back in (0, 1):
+            day = DAYS[(local - timedelta(days=days_back)).weekday()]
+            for start, end in opening_spans(getattr(self, day) or self.default):
+                if start <= minute + 1440 * days_back < end:
+                    return True
+        return False
+
+
 class Config(Strict):
     _file: Path | None = PrivateAttr(default=None)  # the file it was read from (load_config), for exposed_secrets
     store_id: Annotated[str, Field(pattern=NAME)]
@@ -438,6 +522,7 @@ class Config(Strict):
     outbox: OutboxConfig = OutboxConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    opening_hours: OpeningHours | None = None  # None: always open
     status_interval_s: Annotated[float, Field(gt=0)] = 30.0
 
     @field_validator("cameras")

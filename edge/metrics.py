@@ -40,6 +40,7 @@ DAEMON_SERIES = (
     ("outbox_on_disk", "1 while the outbox is written to disk, 0 when it fell back to memory", False),
     ("age_errors", "Failed age-network calls", True),
     ("degraded", "1 while the daemon reports problems in its status", False),
+    ("store_open", "1 while the store is open by its opening_hours (always without them)", False),
     ("watchdog_ok", "1 while every pipeline and the age batcher make progress", False),
 )
 

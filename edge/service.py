@@ -261,12 +261,16 @@ class CameraPipeline(threading.Thread):
 
 def camera_fault(reader: CameraReader) -> str | None:
     """Why a camera shows nothing usable now (one line), or None while its picture is live."""
+    return connection_fault(reader) or picture_fault(reader)
+
+
+def connection_fault(reader: CameraReader) -> str | None:
     status = reader.status
-    if status.state in ("reconnecting", "failed"):
-        return f"{status.state}: {status.last_error}"
-    if status.picture in (FROZEN, BLANK):
-        return reader.picture.fault()
-    return None
+    return f"{status.state}: {status.last_error}" if status.state in ("reconnecting", "failed") else None
+
+
+def picture_fault(reader: CameraReader) -> str | None:
+    return reader.picture.fault() if reader.status.picture in (FROZEN, BLANK) else None
 
 
 def _customer_view(track: Track) -> CustomerView:
@@ -322,6 +326,7 @@ class Service:
         for camera in config.cameras:
             frames: queue.Queue = queue.Queue(maxsize=8 if replay else 2)
             self.readers.append(CameraReader(camera, frames, self.stop_event, replay, realtime))
+            self.readers[-1].store_open = self.store_open  # a picture fault while closed is logged quietly
             self.pipelines.append(CameraPipeline(camera, config, frames, self.detector, detector_lock,
                                                  self.batcher, self.publisher, self.stop_event, self.policy, replay))
         # a daemon killed outright sends its intervals in progress at its next start (edge/analytics.py)
@@ -357,15 +362,22 @@ class Service:
         reader = next(r for r in self.readers if r.camera.id == camera_id)
         return camera_fault(reader) or (self.peers.camera_conflict(camera_id) if self.peers is not None else None)
 
+    def store_open(self) -> bool:
+        """Whether the store is open now by its `opening_hours` (always, without them; always in replay)."""
+        return self.config.opening_hours is None or self.replay or self.config.opening_hours.is_open(self.clock())
+
     def problems(self) -> list[str]:
-        """Why the daemon is not doing its job fully now: the status says `degraded` with these."""
+        """Why the daemon is not doing its job fully now: the status says `degraded` with these. While the store
+        is closed a blank or frozen picture is none (the lights are off at night; nobody is there to age): it
+        becomes one if the store opens with it so. A camera that does not connect is one at any hour."""
         found = []
+        store_open = self.store_open()
         if self.provider_fallback is not None and self.provider_fallback.problem:  # frames dropped, say why
             found.append(self.provider_fallback.text)
         if self.batcher.stats.failing is not None:
             found.append(f"age model failing: {self.batcher.stats.failing}")
         for reader, pipeline in zip(self.readers, self.pipelines):
-            fault = camera_fault(reader)
+            fault = connection_fault(reader) or (picture_fault(reader) if store_open else None)
             if fault is not None:
                 found.append(f"camera {reader.camera.id} {fault}")
             if pipeline.stats.errors:
@@ -427,13 +439,14 @@ class Service:
                 "mqtt_delivered": self.publisher.delivered, "mqtt_denied": self.publisher.denied,
                 "outbox_depth": outbox["depth"], "outbox_dropped": outbox["dropped"],
                 "outbox_on_disk": int(outbox["state"] == "disk"), "age_errors": self.batcher.stats.errors,
-                "degraded": int(bool(self.problems())),
+                "degraded": int(bool(self.problems())), "store_open": int(self.store_open()),
                 "watchdog_ok": None if not self.watchdog.is_alive() and self.watchdog.stalled is None
                 else int(self.watchdog.stalled is None)}
 
     def _state_key(self) -> tuple:
         """What, when it changes, is worth a status message at once."""
-        return (tuple(r.status.state for r in self.readers), tuple(self.problems()))
+        return (tuple((r.status.state, r.status.picture) for r in self.readers), tuple(self.problems()),
+                self.store_open())
 
     def status(self) -> dict:
         """What the status topic says: cameras, the model, and whether the box keeps up (overload is visible)."""
@@ -441,6 +454,7 @@ class Service:
         return {
             "state": "degraded" if problems else "online",
             "problems": problems,
+            "store_open": self.store_open(),  # by opening_hours: while closed, picture faults are no problem
             "status_interval_s": self.config.status_interval_s,  # so other daemons know when it is overdue
             "provider": self.age_model.providers[0],
             "provider_fallback": None if self.provider_fallback is None else self.provider_fallback.text,
@@ -500,6 +514,10 @@ class Service:
             if key != last_key:
                 # new problems are logged (a replay reports in its closing line instead); ones from the start,
                 # like a GPU provider that did not load, were logged when they arose
+                if key[2] != last_key[2]:  # first: it explains the problems that come or go with it
+                    log.info("store open" if key[2] else "store closed: a blank or frozen picture is no problem "
+                             "until it opens", extra={"opening_hours": self.config.opening_hours.model_dump(
+                                 exclude_none=True) if self.config.opening_hours else None})
                 if key[1] and key[1] != last_key[1]:
                     log.log(logging.INFO if self.replay else logging.WARNING, "degraded",
                             extra={"problems": list(key[1])})

@@ -132,6 +132,10 @@ def test_demo_pos_survives_hostile_payloads(payload, expected):
     ("t/s/till-1/analytics", {"bands": [1, 2]}, 't/s/till-1/analytics  {"bands":[1,2]}'),
     ("t/s/pc/status", {"daemon": "pc", "state": "offline", "cameras": "many", "problems": "none"},
      "t/s/pc/status  STATUS pc               offline   -           -                                         -  -"),
+    ("t/s/pc/status", {"daemon": "pc", "state": "online", "store_open": False, "problems": [],
+                       "cameras": {"till-1": {"state": "online", "picture": "blank"}}},
+     "t/s/pc/status  STATUS pc               online    0/1 cameras -                                         -  "
+     "store closed"),
 ])
 def test_pos_watch_says_statuses_and_analytics_in_a_line(topic, payload, expected):
     """`tillsight pos watch` and the demo: a status or an interval's counts as one readable line, whatever it holds."""

@@ -172,3 +172,79 @@ def test_a_camera_password_is_shown_as_stars_and_a_config_holding_one_must_not_b
         "read (mode 0644): chmod 600 it, owner tillsight (deploy/README)"))
     os.chmod(config, 0o600)
     assert tillsight("config", "check", str(config)).stderr == ""
+
+
+# ---------------------------------------------------------------- opening hours
+
+
+def at(iso: str) -> float:
+    """A Unix time from an ISO time with its offset."""
+    from datetime import datetime
+    return datetime.fromisoformat(iso).timestamp()
+
+
+def test_opening_hours_by_day_past_midnight_and_in_the_stores_time_zone():
+    base = {"store_id": "s", "cameras": [{"id": "a", "source": 0}]}
+    hours = parse_config({**base, "opening_hours": {
+        "timezone": "Europe/London", "default": "07:00-22:00", "sat": "08:00-12:00, 13:00-20:00",
+        "sun": "closed", "fri": "07:00-02:30"}}).opening_hours
+    # 2026-11-26 is a Thursday; London is on UTC in winter and UTC+1 from 2027-03-28
+    assert [hours.is_open(at(t)) for t in ("2026-11-26T06:59:59+00:00", "2026-11-26T07:00:00+00:00",
+                                           "2026-11-26T21:59:59+00:00", "2026-11-26T22:00:00+00:00")] == \
+        [False, True, True, False]
+    # Friday's hours run into Saturday; Saturday's own first span starts at 08:00, with a lunch break
+    assert [hours.is_open(at(t)) for t in ("2026-11-28T02:29:00+00:00", "2026-11-28T02:30:00+00:00",
+                                           "2026-11-28T07:59:00+00:00", "2026-11-28T12:30:00+00:00",
+                                           "2026-11-28T13:00:00+00:00")] == [True, False, False, False, True]
+    assert not hours.is_open(at("2026-11-29T12:00:00+00:00"))  # Sunday: closed all day
+    assert hours.is_open(at("2026-11-30T07:00:00+00:00"))  # Monday: the default
+    # summer time: 06:30 UTC is 07:30 in London
+    assert hours.is_open(at("2027-06-03T06:30:00+00:00")) and not hours.is_open(at("2026-12-03T06:30:00+00:00"))
+    # a 24-hour store, and one whose night span wraps from Sunday into Monday
+    always = parse_config({**base, "opening_hours": {"timezone": "UTC", "default": "00:00-24:00"}}).opening_hours
+    assert all(always.is_open(at(f"2026-11-{day}T{hour:02d}:30:00+00:00")) for day in (26, 29) for hour in range(24))
+    nights = parse_config({**base, "opening_hours": {"timezone": "Asia/Tokyo", "default": "closed",
+                                                     "sun": "22:00-06:00"}}).opening_hours
+    assert nights.is_open(at("2026-11-30T05:59:00+09:00")) and not nights.is_open(at("2026-11-30T06:00:00+09:00"))
+    assert not nights.is_open(at("2026-11-29T05:00:00+09:00"))  # Sunday's early hours are Saturday's: closed
+
+
+def test_opening_hours_mistakes_are_one_line_each():
+    base = {"store_id": "s", "cameras": [{"id": "a", "source": 0}]}
+
+    def problems(hours: dict) -> list[str]:
+        with pytest.raises(ConfigError) as caught:
+            parse_config({**base, "opening_hours": hours})
+        return caught.value.problems
+
+    examples = ('spans like "07:00-22:00", "08:00-12:00, 13:00-20:00", "22:00-06:00" (past midnight), '
+                '"00:00-24:00" (all day) or "closed"')
+    assert problems({"default": "7-22", "mon": "07:00-24:30", "tue": "24:00-01:00", "wed": "09:00-09:00",
+                     "thu": 9, "timezone": "Europe"}) == [
+        "opening_hours.timezone: unknown time zone 'Europe': an IANA name such as Europe/London (the system's "
+        "tzdata lists them)",
+        f"opening_hours.default: '7-22' is not opening hours: write {examples}",
+        "opening_hours.mon: '07:00-24:30': a time runs from 00:00 to 24:00, and 24:00 only ends a span",
+        "opening_hours.tue: '24:00-01:00': a time runs from 00:00 to 24:00, and 24:00 only ends a span",
+        "opening_hours.wed: '09:00-09:00' opens and closes at the same time: write \"00:00-24:00\" for all day, "
+        "or \"closed\"",
+        "opening_hours.thu: input should be a valid string"]
+    assert problems({"mon": "07:00-22:00", "sun": "closed"}) == [
+        "opening_hours: no hours for tue, wed, thu, fri, sat: give each day its hours, or a default for the days "
+        "not listed"]
+    assert problems({"default": "closed", "timezone": "../../etc/passwd"})[0].startswith(
+        "opening_hours.timezone: unknown time zone '../../etc/passwd'")
+    assert problems({"default": "closed", "holidays": "25 Dec"}) == ["opening_hours.holidays: unknown key"]
+
+
+def test_the_live_check_says_the_stores_local_time_and_whether_it_is_open():
+    """`config check --live` at the install: a wrong time zone shows as the wrong local time."""
+    from edge.checkup import check_clock
+    from edge.config import OpeningHours
+    hours = OpeningHours(timezone="America/New_York", default="07:00-22:00")
+    thursday_23_utc = at("2026-11-26T23:00:00+00:00")
+    assert check_clock(thursday_23_utc, hours).line() == \
+        "clock: 2026-11-26T23:00:00.000Z (UTC), Thu 18:00 EST there: the store is open"
+    assert check_clock(thursday_23_utc + 4 * 3600, hours).line() == \
+        "clock: 2026-11-27T03:00:00.000Z (UTC), Thu 22:00 EST there: the store is closed"
+    assert check_clock(thursday_23_utc).line() == "clock: 2026-11-26T23:00:00.000Z (UTC)"  # no hours: not said

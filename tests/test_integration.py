@@ -240,6 +240,70 @@ def test_a_wall_clock_never_set_is_a_problem_until_it_is(age_models, carphone_cl
     assert service.problems() == []
 
 
+def test_a_store_closed_for_the_night_is_quiet_about_its_dark_camera_until_it_opens(broker, subscriber, age_models,
+                                                                                    carphone_clip, caplog):
+    """The lights go off after closing and the till camera shows nothing: with opening hours that is no problem
+    (online, no warning) while the store is closed, and one the moment it opens still dark. A camera that does
+    not connect is a problem at any hour. Checks are answered camera_fault either way."""
+    import logging
+    import threading
+
+    import cv2
+    import numpy as np
+
+    from edge.service import Service
+    from tskit import MjpegCamera
+    camera = MjpegCamera(carphone_clip, fps=10).start()
+    rng = np.random.default_rng(0)
+    camera.jpegs = [cv2.imencode(".jpg", np.clip(rng.normal(5, 3, (144, 176, 3)), 0, 255).astype(np.uint8))[1]
+                    .tobytes() for _ in range(20)]  # a dark store: sensor noise, nothing to see
+    config = parse_config({"store_id": "store-1", "daemon_id": "till-pc", "status_interval_s": 30,
+                           "cameras": [{"id": "till-1", "source": camera.url, "fps_limit": 10, "picture_check_s": 1}],
+                           "mqtt": {"host": "127.0.0.1", "port": broker.port},
+                           "models": {"age_model": str(age_models[40])},
+                           "opening_hours": {"timezone": "Europe/London", "default": "07:00-22:00", "sun": "closed"}})
+    service = Service(config)
+    night, morning = 1795734000.0, 1795764600.0  # Thu 2026-11-26 23:00 and Fri 07:30 in London (UTC in winter)
+    now = [night]
+    service.clock = lambda: now[0]
+    done = threading.Event()
+    caplog.set_level(logging.INFO)
+    service.start()
+    loop = threading.Thread(target=service.run_until_stopped, args=(done,))
+    loop.start()
+    try:
+        assert subscriber.wait_for(lambda s: any(m["cameras"]["till-1"]["picture"] == "blank"
+                                                 for m in s.json("till-pc/status") if "cameras" in m), 30)
+        night_status = service.status()
+        night_fault = service.camera_fault("till-1")
+        night_summary = service.summary()
+        now[0] = morning
+        assert subscriber.wait_for(lambda s: s.json("till-pc/status")[-1].get("store_open") is True, 5)
+        morning_status = subscriber.json("till-pc/status")[-1]
+        now[0] = night + 86400  # the next night
+        assert subscriber.wait_for(lambda s: s.json("till-pc/status")[-1].get("store_open") is False, 5)
+        camera.stop()  # unplugged at night
+        assert subscriber.wait_for(lambda s: s.json("till-pc/status")[-1]["cameras"]["till-1"]["state"]
+                                   == "reconnecting", 20)
+        unplugged = subscriber.json("till-pc/status")[-1]
+    finally:
+        done.set()
+        loop.join()
+        service.stop(5)
+        if camera.running.is_set():
+            camera.stop()
+    fault = "picture blank: no detail for 1 s or more (lens covered, camera turned away, no signal)"
+    assert (night_status["state"], night_status["problems"], night_status["store_open"]) == ("online", [], False)
+    assert night_status["cameras"]["till-1"]["picture"] == "blank" and night_fault == fault
+    assert "degraded" not in night_summary
+    assert (morning_status["state"], morning_status["problems"]) == ("degraded", [f"camera till-1 {fault}"])
+    assert unplugged["state"] == "degraded" and unplugged["store_open"] is False
+    assert unplugged["problems"][0].startswith("camera till-1 reconnecting: "), unplugged["problems"]
+    lines = [(r.getMessage(), r.levelname) for r in caplog.records if r.name.startswith("edge.")]
+    assert ("camera picture blank", "INFO") in lines and ("camera picture blank", "WARNING") not in lines
+    assert lines.index(("store open", "INFO")) < [m for m, _ in lines].index("degraded")
+
+
 def test_a_wall_clock_stepped_back_ends_the_tracks_and_the_interval_and_frames_go_on(broker, subscriber, age_models,
                                                                                      carphone_clip, caplog):
     """NTP steps a till PC's clock back an hour while a customer stands at the till: their track ends with a final
