@@ -27,7 +27,9 @@ frozen. Frozen frames are not passed on: they would age whoever stood there.
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import re
 import threading
 import time
 from typing import Callable
@@ -35,7 +37,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from edge.config import CameraConfig
+from edge.config import CameraConfig, is_v4l_device
 from edge.types import CameraStatus, Frame
 
 log = logging.getLogger(__name__)
@@ -113,9 +115,28 @@ class PictureCheck:
                        "(lens covered, camera turned away, no signal)"}.get(self.state, "")
 
 
+def device_index(path: str) -> int | None:
+    """The index of the V4L2 node a device path names now, or None while there is none (unplugged). Resolved at
+    each open: a by-id or by-path link follows its camera to whatever /dev/videoN it got when plugged in."""
+    target = os.path.realpath(path)
+    match = re.fullmatch(r"video(\d+)", os.path.basename(target))
+    return int(match[1]) if match and os.path.exists(target) else None
+
+
+def missing_device(camera: CameraConfig) -> str | None:
+    """Why a camera named by its device path cannot be opened now, or None."""
+    if is_v4l_device(camera.source) and device_index(camera.source) is None:
+        return f"{camera.source} is not there (the camera is unplugged, or its USB port or hub lost power)"
+    return None
+
+
 def open_source(source: int | str) -> cv2.VideoCapture:
-    """Open a device index, stream URL or file; the caller checks isOpened()."""
+    """Open a device index or path, stream URL or file; the caller checks isOpened()."""
     params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, OPEN_TIMEOUT_MS]
+    if is_v4l_device(source):
+        source = device_index(source)  # OpenCV opens /dev/videoN by its index, through V4L2
+        if source is None:
+            return cv2.VideoCapture()  # not opened: missing_device() says why
     if isinstance(source, int):
         return cv2.VideoCapture(source, cv2.CAP_ANY, params)
     return cv2.VideoCapture(source, cv2.CAP_FFMPEG, params)
@@ -157,9 +178,10 @@ class CameraReader(threading.Thread):
             while not self.stop_event.is_set():
                 capture = open_source(self.camera.source)
                 if not capture.isOpened():
-                    if self._give_up(f"cannot open source {self.camera.shown_source!r}"):
+                    if self._give_up(missing_device(self.camera) or f"cannot open source {self.camera.shown_source!r}"):
                         return
                     continue
+                self._say_device()
                 if self.camera.is_file and cv2.haveImageReader(str(self.camera.source)):
                     # FFmpeg opens a JPEG or PNG as a one-frame video: a replay would "succeed" on one frame.
                     # OpenCV's image decoders know a photo by its first bytes, whatever the file's name.
@@ -182,6 +204,15 @@ class CameraReader(threading.Thread):
         finally:
             if self.replay:
                 self._put(END_OF_STREAM)
+
+    def _say_device(self) -> None:
+        """A camera named by its device path: which /dev/videoN it is now, once and whenever that changes."""
+        if is_v4l_device(self.camera.source):
+            index = device_index(self.camera.source)
+            if index != self.status.extra.get("device_index"):
+                log.info("camera device", extra={"camera": self.camera.id, "source": self.camera.source,
+                                                 "device": f"/dev/video{index}"})
+                self.status.extra["device_index"] = index
 
     def _give_up(self, error: str) -> bool:
         """After a failure: True to stop for good (replay), else wait and retry."""

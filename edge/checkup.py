@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 import cv2
 import numpy as np
 
-from edge.capture import BLANK_STD, open_source, picture_detail
+from edge.capture import BLANK_STD, missing_device, open_source, picture_detail
 from edge.config import CameraConfig, Config, OpeningHours
 from edge.publish import utc_iso
 from edge.runtime import ModelError
@@ -96,8 +96,8 @@ def check_camera(camera: CameraConfig, detector=None, watch_s: float = CAMERA_WA
     try:
         if not capture.isOpened():
             busy = " (no such device, or another process reads it: a device has one reader, so stop the " \
-                   "tillsight service first)" if isinstance(camera.source, int) else ""
-            return CheckResult(item, False, f"cannot open source {camera.shown_source!r}{busy}")
+                   "tillsight service first)" if camera.is_device else ""
+            return CheckResult(item, False, missing_device(camera) or f"cannot open source {camera.shown_source!r}{busy}")
         ok, image = capture.read()
         if not ok or image is None:
             return CheckResult(item, False, f"source {camera.shown_source!r} opened but delivered no frame")

@@ -245,9 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_config_check(args) -> int:
-    from edge.config import exposed_secrets, load_config
+    from edge.config import config_warnings, load_config
     config = load_config(args.file)  # raises ConfigError with every problem
-    for line in exposed_secrets(config):
+    for line in config_warnings(config):
         print(f"warning: {line}", file=sys.stderr)
     print(f"{args.file}: OK")
     if args.live:
@@ -315,8 +315,10 @@ def _config_reloadable(path: Path, service) -> bool:
 
 
 def replay_config(video: Path, config_path: Path | None, fps: float | None):
-    from edge.config import load_config, parse_config
+    from edge.config import is_v4l_device, load_config, parse_config
     camera = {"id": "replay", "source": str(video.resolve()), "fps_limit": fps}
+    if is_v4l_device(camera["source"]):
+        raise UserError(f"{video} is a camera: replay reads a recorded video file (`tillsight run` serves cameras)")
     if config_path is None:
         return parse_config({"store_id": "replay", "cameras": [camera]})
     return load_config(config_path, cameras=[camera])

@@ -76,17 +76,24 @@ def _is_dir(text: str | Path, what: str = "folder") -> bool:
     return _path_test(Path.is_dir, text, what)
 
 
+# A USB camera by its V4L2 node, or by the stable links udev makes for it: by-id (model and serial number) and
+# by-path (the USB port). Indices follow the order cameras were found in, which a reboot or a replug can swap.
+V4L_DEVICE = re.compile(r"/dev/(video\d{1,3}|v4l/by-(id|path)/[A-Za-z0-9._:+@=-]{1,200})")
+
+
+def is_v4l_device(source: int | str) -> bool:
+    return isinstance(source, str) and V4L_DEVICE.fullmatch(source) is not None and \
+        source.rsplit("/", 1)[1] not in (".", "..")
+
+
 def _not_a_video_file(text: str) -> str:
     """Why a camera source that names no regular file is refused: a device node is easily written as its path."""
     path = Path(text)
-    device = re.fullmatch(r"/dev/video(\d+)", text)
-    if device:
-        return f"{text!r} is a device path: give its index instead (source = {int(device[1])})"
     if path.is_dir():
         return f"{text!r} is a folder, not a video file"
     if path.exists():
-        return f"{text!r} is not a regular file (a device is an integer index, a stream an rtsp:// or http:// URL)"
-    return f"video file {text!r} not found (a device is an integer index, a stream an rtsp:// or http:// URL)"
+        return f"{text!r} is not a regular file (a USB camera is an index or its /dev/v4l/by-id/ path, a stream an rtsp:// or http:// URL)"
+    return f"video file {text!r} not found (a USB camera is an index or its /dev/v4l/by-id/ path, a stream an rtsp:// or http:// URL)"
 
 
 def _path_test(test, text: str | Path, what: str) -> bool:
@@ -189,6 +196,8 @@ class CameraConfig(Strict):
     def check_source(cls, value: int | str) -> int | str:
         if isinstance(value, int):
             return value
+        if is_v4l_device(value):  # not checked for presence: a camera unplugged at start is reconnecting, not wrong
+            return value
         if "://" in value:
             if len(value) > MAX_PATH or CONTROL.search(value):
                 raise ValueError(f"URL {_clip(redact_url(value))} is longer than {MAX_PATH} characters or has "
@@ -205,7 +214,12 @@ class CameraConfig(Strict):
 
     @property
     def is_file(self) -> bool:
-        return isinstance(self.source, str) and "://" not in self.source
+        return isinstance(self.source, str) and "://" not in self.source and not is_v4l_device(self.source)
+
+    @property
+    def is_device(self) -> bool:
+        """A USB camera: an index or a V4L2 device path (one reader at a time)."""
+        return isinstance(self.source, int) or is_v4l_device(self.source)
 
     @property
     def shown_source(self) -> str:
@@ -586,6 +600,39 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
         raise ConfigError(problems_from(exc)) from None
     except RecursionError:
         raise ConfigError(["(top level): nested too deeply"]) from None
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What `config check` and the daemon's start warn of, a line each: the daemon runs, but should not so."""
+    return exposed_secrets(config) + unstable_devices(config) + absent_devices(config)
+
+
+def absent_devices(config: Config) -> list[str]:
+    """USB cameras named by a device path that is not there now: a typo, or the camera unplugged (the daemon
+    waits for it, as for a camera unplugged later)."""
+    return [f"cameras.{index}.source: {camera.source} is not there now (a typo, or the camera is unplugged; "
+            "ls -l /dev/v4l/by-id)" for index, camera in enumerate(config.cameras)
+            if is_v4l_device(camera.source) and not _exists(camera.source)]
+
+
+def _exists(path: str) -> bool:
+    try:
+        return os.path.exists(path)
+    except (OSError, ValueError):
+        return False
+
+
+def unstable_devices(config: Config) -> list[str]:
+    """Two or more USB cameras by index: a reboot or a replug can swap the indices, and then each till's answers
+    and alerts go to the other till."""
+    by_index = [(index, camera.source) for index, camera in enumerate(config.cameras)
+                if isinstance(camera.source, int) or re.fullmatch(r"/dev/video\d+", camera.source)]
+    if len(by_index) < 2:
+        return []
+    return [f"{', '.join(f'cameras.{index}.source' for index, _ in by_index)}: USB cameras by index "
+            f"({', '.join(str(source) for _, source in by_index)}) can swap at a reboot or a replug, and each till "
+            "would be answered about the other's customer: name each by its /dev/v4l/by-id/... link (ls -l "
+            "/dev/v4l/by-id), or by-path (the USB port) for cameras of one model without serial numbers"]
 
 
 def exposed_secrets(config: Config) -> list[str]:

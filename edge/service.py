@@ -20,7 +20,7 @@ import numpy as np
 from edge.analytics import AgeBandCounter, OpenIntervals, band_of
 from edge.budget import wants_age
 from edge.capture import BLANK, END_OF_STREAM, FROZEN, LIVE, CameraReader
-from edge.config import CameraConfig, Config, ModelsConfig, exposed_secrets
+from edge.config import CameraConfig, Config, ModelsConfig, config_warnings
 from edge.detect import FaceDetector
 from edge.errors import UserError
 from edge.infer import AgeBatcher, AgeModel
@@ -311,7 +311,7 @@ class Service:
         self._rates_mark = (time.monotonic(), 0, 0)
         self.outbox = Outbox(outbox_path(config, replay), config.outbox.max_messages, config.outbox.max_age_s)
         log.info("outbox", extra=self.outbox.status())
-        for line in exposed_secrets(config):
+        for line in config_warnings(config):
             log.warning(line)
         if self.outbox.path is None and not replay:
             log.warning("outbox in memory only: messages waiting for the broker are lost if the daemon restarts "

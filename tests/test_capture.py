@@ -52,20 +52,53 @@ def test_fps_limit_uses_the_video_clock_in_replay(carphone_clip):
     assert min(gaps) >= 0.19 and max(gaps) <= 0.21
 
 
-def test_unreachable_stream_is_retried_with_backoff_and_reported_without_its_password():
-    port = free_port()  # nothing listens there
+def retried_twice(source: int | str, within_s: float) -> CameraReader:
+    """A live reader of a source that cannot be opened, stopped after its second retry."""
     stop = threading.Event()
-    source = f"rtsp://admin:hunter2@127.0.0.1:{port}/live"  # as IP cameras take their credentials
-    reader = CameraReader(CameraConfig(id="ip", source=source), queue.Queue(), stop)
+    reader = CameraReader(CameraConfig(id="cam", source=source), queue.Queue(), stop)
     reader.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + within_s
     while reader.status.reconnects < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     stop.set()
     reader.join(5)
     assert not reader.is_alive()
+    return reader
+
+
+def test_unreachable_stream_is_retried_with_backoff_and_reported_without_its_password():
+    port = free_port()  # nothing listens there
+    reader = retried_twice(f"rtsp://admin:hunter2@127.0.0.1:{port}/live", 20)  # as IP cameras take credentials
     assert reader.status.state == "reconnecting" and reader.status.reconnects >= 2
     assert reader.status.last_error == f"cannot open source 'rtsp://admin:***@127.0.0.1:{port}/live'"
+
+
+def test_a_device_link_follows_its_camera_to_whatever_index_it_gets(tmp_path):
+    """udev's /dev/v4l/by-id link names one camera whichever /dev/videoN it got when plugged in: it is resolved
+    at each open, and one that points nowhere (unplugged) says so. (No V4L2 device exists on this machine: the
+    links here point at stand-in files; OpenCV opening /dev/videoN by its index is its own documented path.)"""
+    from edge.capture import device_index
+    link = tmp_path / "usb-Logitech_C920_A1B2C3-video-index0"
+    (tmp_path / "video3").touch()
+    link.symlink_to(tmp_path / "video3")
+    assert device_index(str(link)) == 3
+    link.unlink()  # replugged into another port: the camera comes back as video7
+    (tmp_path / "video7").touch()
+    link.symlink_to(tmp_path / "video7")
+    assert device_index(str(link)) == 7
+    (tmp_path / "video7").unlink()  # unplugged: udev leaves no node (and removes the link)
+    assert device_index(str(link)) is None and device_index(str(tmp_path / "gone")) is None
+    (tmp_path / "media0").touch()  # a link to a node that is not a video capture node
+    (tmp_path / "other").symlink_to(tmp_path / "media0")
+    assert device_index(str(tmp_path / "other")) is None
+
+
+def test_an_unplugged_usb_camera_by_its_device_link_is_retried_and_says_it_is_not_there():
+    source = "/dev/v4l/by-id/usb-Nothing_Here_0000-video-index0"
+    reader = retried_twice(source, 10)
+    assert reader.status.state == "reconnecting" and reader.status.reconnects >= 2
+    assert reader.status.last_error == (f"{source} is not there (the camera is unplugged, or its USB port or hub "
+                                        "lost power)")
 
 
 def test_a_live_reader_keeps_the_newest_frame_when_the_pipeline_lags(carphone_clip):

@@ -76,7 +76,10 @@ def test_run_with_a_bad_config_exits_2(tmp_path):
 def test_replay_of_a_missing_video(tmp_path):
     line = one_line_error(tillsight("replay", str(tmp_path / "nope.mp4")), code=2)
     assert line == f"cameras.0.source: video file '{tmp_path / 'nope.mp4'}' not found " \
-                   "(a device is an integer index, a stream an rtsp:// or http:// URL)"
+                   "(a USB camera is an index or its /dev/v4l/by-id/ path, a stream an rtsp:// or http:// URL)"
+    line = one_line_error(tillsight("replay", "/dev/v4l/by-id/usb-Some_Camera-video-index0"), code=1)
+    assert line == ("tillsight: error: /dev/v4l/by-id/usb-Some_Camera-video-index0 is a camera: replay reads a "
+                    "recorded video file (`tillsight run` serves cameras)")
 
 
 def test_edge_install_needs_no_tensorflow():

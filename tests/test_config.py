@@ -41,7 +41,7 @@ def test_every_problem_is_reported_with_its_path():
         "policy": {"challenge_age": "old"},
     }) == [
         "store_id: must be 1 to 64 letters, digits, '_' or '-' (it becomes an MQTT topic level)",
-        "cameras.0.source: video file 'nope.mp4' not found (a device is an integer index, a stream an rtsp:// or http:// URL)",
+        "cameras.0.source: video file 'nope.mp4' not found (a USB camera is an index or its /dev/v4l/by-id/ path, a stream an rtsp:// or http:// URL)",
         "cameras.1.source: URL scheme 'ftp' not supported (use rtsp, rtsps, http, https)",
         "cameras.2.source: URL 'rtsp://' has no host",
         "cameras.3.source: input should be greater than or equal to 0",
@@ -81,11 +81,34 @@ def test_a_camera_source_that_is_no_video_file_says_what_it_is(tmp_path):
     """A folder or a device node is a file path that exists: "not found" sent people looking for a typo."""
     def source_problem(source):
         return problems({"store_id": "s", "cameras": [{"id": "a", "source": source}]})
-    assert source_problem("/dev/video2") == ["cameras.0.source: '/dev/video2' is a device path: give its index "
-                                             "instead (source = 2)"]
+    for device in ("/dev/video2", "/dev/v4l/by-id/usb-Logitech_C920_A1B2C3-video-index0",
+                   "/dev/v4l/by-path/pci-0000:00:14.0-usb-0:2:1.0-video-index0"):  # USB cameras: present or not
+        assert parse_config({"store_id": "s", "cameras": [{"id": "a", "source": device}]}).cameras[0].is_device
     assert source_problem(str(tmp_path)) == [f"cameras.0.source: {str(tmp_path)!r} is a folder, not a video file"]
-    assert source_problem("/dev/null") == ["cameras.0.source: '/dev/null' is not a regular file (a device is an "
-                                           "integer index, a stream an rtsp:// or http:// URL)"]
+    assert source_problem("/dev/null") == ["cameras.0.source: '/dev/null' is not a regular file (a USB camera is an "
+                                           "index or its /dev/v4l/by-id/ path, a stream an rtsp:// or http:// URL)"]
+    assert source_problem("/dev/v4l/by-id/..")[0].startswith("cameras.0.source: video file '/dev/v4l/by-id/..' not")
+    assert source_problem("/dev/v4l/by-id/a/b")[0].startswith("cameras.0.source: video file '/dev/v4l/by-id/a/b' not")
+
+
+def test_usb_cameras_by_index_or_absent_are_warned_of_at_check(tmp_path):
+    """Two USB cameras by index swap at a reboot or a replug, and then each till is answered about the other's
+    customer: config check says so, and so does a device path that is not there (a typo, or unplugged)."""
+    absent = "/dev/v4l/by-id/usb-Nothing_Here_0000-video-index0"
+    config = write_config(tmp_path / "c.toml", store_id="s", cameras=[
+        {"id": "till-1", "source": 0}, {"id": "till-2", "source": "/dev/video2"}, {"id": "till-3", "source": absent}])
+    result = tillsight("config", "check", str(config))
+    assert result.returncode == 0 and result.stdout == f"{config}: OK\n", result
+    assert result.stderr.splitlines() == [
+        "warning: cameras.0.source, cameras.1.source: USB cameras by index (0, /dev/video2) can swap at a reboot or a "
+        "replug, and each till would be answered about the other's customer: name each by its /dev/v4l/by-id/... "
+        "link (ls -l /dev/v4l/by-id), or by-path (the USB port) for cameras of one model without serial numbers",
+        "warning: cameras.1.source: /dev/video2 is not there now (a typo, or the camera is unplugged; ls -l "
+        "/dev/v4l/by-id)",
+        f"warning: cameras.2.source: {absent} is not there now (a typo, or the camera is unplugged; ls -l "
+        "/dev/v4l/by-id)"]
+    one = write_config(tmp_path / "one.toml", store_id="s", cameras=[{"id": "till-1", "source": 0}])
+    assert tillsight("config", "check", str(one)).stderr == ""  # one camera by index cannot swap
 
 
 def test_missing_keys_and_files():

@@ -407,3 +407,6 @@ def test_the_live_check_says_a_camera_that_shows_nothing(tmp_path):
     result = check_camera(CameraConfig(id="usb", source=63))  # no /dev/video63 here, or it is busy
     assert result.line() == ("camera usb: FAILED: cannot open source '63' (no such device, or another process reads "
                              "it: a device has one reader, so stop the tillsight service first)")
+    result = check_camera(CameraConfig(id="usb", source="/dev/v4l/by-id/usb-Nothing_Here_0000-video-index0"))
+    assert result.line() == ("camera usb: FAILED: /dev/v4l/by-id/usb-Nothing_Here_0000-video-index0 is not there (the "
+                             "camera is unplugged, or its USB port or hub lost power)")
