@@ -130,6 +130,29 @@ def missing_device(camera: CameraConfig) -> str | None:
     return None
 
 
+def open_camera(camera: CameraConfig) -> cv2.VideoCapture:
+    """Open a camera's source, and ask a USB camera for the configured pixel format and size (the format first:
+    V4L2 lists the sizes each format offers); the caller checks isOpened(), and size_mismatch() on a frame."""
+    capture = open_source(camera.source)
+    if capture.isOpened() and camera.is_device:
+        if camera.pixel_format is not None:
+            capture.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*camera.pixel_format))
+        if camera.size is not None:
+            capture.set(cv2.CAP_PROP_FRAME_WIDTH, camera.size[0])
+            capture.set(cv2.CAP_PROP_FRAME_HEIGHT, camera.size[1])
+    return capture
+
+
+def size_mismatch(camera: CameraConfig, image: np.ndarray) -> str | None:
+    """A USB camera that does not give the size asked for (V4L2 falls back to the nearest it offers): one line."""
+    if camera.size is None or (image.shape[1], image.shape[0]) == tuple(camera.size):
+        return None
+    device = camera.source if isinstance(camera.source, str) else f"/dev/video{camera.source}"
+    return (f"gives {image.shape[1]}x{image.shape[0]} where size asks {camera.size[0]}x{camera.size[1]}: it does not "
+            f"offer that size{' in ' + camera.pixel_format if camera.pixel_format else ''} (`v4l2-ctl -d {device} "
+            "--list-formats-ext` lists what it does)")
+
+
 def open_source(source: int | str) -> cv2.VideoCapture:
     """Open a device index or path, stream URL or file; the caller checks isOpened()."""
     params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS, cv2.CAP_PROP_READ_TIMEOUT_MSEC, OPEN_TIMEOUT_MS]
@@ -176,7 +199,7 @@ class CameraReader(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stop_event.is_set():
-                capture = open_source(self.camera.source)
+                capture = open_camera(self.camera)
                 if not capture.isOpened():
                     if self._give_up(missing_device(self.camera) or f"cannot open source {self.camera.shown_source!r}"):
                         return
@@ -214,6 +237,13 @@ class CameraReader(threading.Thread):
                                                  "device": f"/dev/video{index}"})
                 self.status.extra["device_index"] = index
 
+    def _say_size(self, image: np.ndarray) -> None:
+        """A USB camera not at the size asked for: a warning, once while it stays so (it still works)."""
+        mismatch = size_mismatch(self.camera, image)
+        if mismatch is not None and mismatch != self.status.extra.get("size_mismatch"):
+            log.warning("camera size", extra={"camera": self.camera.id, "error": mismatch})
+        self.status.extra["size_mismatch"] = mismatch
+
     def _give_up(self, error: str) -> bool:
         """After a failure: True to stop for good (replay), else wait and retry."""
         if self.replay:
@@ -248,6 +278,7 @@ class CameraReader(threading.Thread):
                 return "looping" if self.camera.is_file and index > 0 else "failed"
             if index == 0:
                 self._set_state("online")
+                self._say_size(image)
                 if self.picture is None:
                     self._backoff = BACKOFF_START_S
             media_t = (capture.get(cv2.CAP_PROP_POS_MSEC) / 1000.0) if self.camera.is_file else None

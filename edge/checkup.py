@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 import cv2
 import numpy as np
 
-from edge.capture import BLANK_STD, missing_device, open_source, picture_detail
+from edge.capture import BLANK_STD, missing_device, open_camera, picture_detail, size_mismatch
 from edge.config import CameraConfig, Config, OpeningHours
 from edge.publish import utc_iso
 from edge.runtime import ModelError
@@ -92,7 +92,7 @@ def check_camera(camera: CameraConfig, detector=None, watch_s: float = CAMERA_WA
     """Open the source as the daemon does, read for `watch_s`: its picture size, frame rate, and the faces in
     view of the last frame (aiming the camera), or why not."""
     item = f"camera {camera.id}"
-    capture = open_source(camera.source)
+    capture = open_camera(camera)
     try:
         if not capture.isOpened():
             busy = " (no such device, or another process reads it: a device has one reader, so stop the " \
@@ -114,6 +114,9 @@ def check_camera(camera: CameraConfig, detector=None, watch_s: float = CAMERA_WA
     finally:
         capture.release()
     height, width = image.shape[:2]
+    mismatch = size_mismatch(camera, image)
+    if mismatch is not None:
+        return CheckResult(item, False, f"{rate}, but it {mismatch} ({camera.shown_source})")
     if picture_detail(image) < BLANK_STD:
         return CheckResult(item, False, f"{width}x{height}, {rate}, but the picture is blank (lens covered, camera "
                                         f"turned away, no signal) ({camera.shown_source})")

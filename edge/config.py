@@ -183,6 +183,11 @@ class CameraConfig(Strict):
     # ... but an unchanging picture with no face in it only after this long (never sooner than picture_check_s):
     # an encoder that skips a still scene repeats an empty till to the bit until its next keyframe
     still_scene_s: Annotated[float, Field(ge=0, le=86400)] = 120.0
+    # a USB camera's picture: OpenCV opens most at 640x480, coarse for a face a metre off; MJPG lets a USB 2.0
+    # camera send 720p or more at full rate (raw YUYV at 1080p fits about 5 frames a second)
+    size: tuple[Annotated[int, Field(ge=16, le=8192, strict=True)], Annotated[int, Field(ge=16, le=8192, strict=True)]] \
+        | None = None
+    pixel_format: Literal["MJPG", "YUYV"] | None = None
 
     @field_validator("source", mode="before")
     @classmethod
@@ -211,6 +216,20 @@ class CameraConfig(Strict):
         if not _is_file(value, "video file"):
             raise ValueError(_not_a_video_file(value))
         return value
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def size_is_a_pair(cls, value):
+        if value is not None and not (isinstance(value, (list, tuple)) and len(value) == 2):
+            raise ValueError(f"{_clip(str(value))} is no size: give [width, height] in pixels, e.g. [1280, 720]")
+        return value
+
+    @model_validator(mode="after")
+    def picture_settings_are_for_usb_cameras(self) -> CameraConfig:
+        if (self.size is not None or self.pixel_format is not None) and not self.is_device:
+            raise ValueError("size and pixel_format are for a USB camera: a stream's picture is set in the camera's "
+                             "own settings, and a file's is what it holds")
+        return self
 
     @property
     def is_file(self) -> bool:

@@ -93,6 +93,28 @@ def test_a_device_link_follows_its_camera_to_whatever_index_it_gets(tmp_path):
     assert device_index(str(tmp_path / "other")) is None
 
 
+def test_a_usb_camera_not_at_the_size_asked_for_is_said_once(caplog):
+    """V4L2 falls back to the nearest size a camera offers without an error: the first frame tells, and a
+    warning says so once while it stays so. (Asking the camera, `open_camera`, needs a V4L2 device: none here.)"""
+    import logging
+
+    from edge.capture import size_mismatch
+    camera = CameraConfig(id="usb", source="/dev/v4l/by-id/usb-Cam-video-index0", size=(1280, 720),
+                          pixel_format="MJPG")
+    vga, hd = np.zeros((480, 640, 3), np.uint8), np.zeros((720, 1280, 3), np.uint8)
+    assert size_mismatch(camera, hd) is None and size_mismatch(CameraConfig(id="usb", source=0), vga) is None
+    assert size_mismatch(camera, vga) == (
+        "gives 640x480 where size asks 1280x720: it does not offer that size in MJPG (`v4l2-ctl -d "
+        "/dev/v4l/by-id/usb-Cam-video-index0 --list-formats-ext` lists what it does)")
+    assert "-d /dev/video2 " in size_mismatch(CameraConfig(id="usb", source=2, size=(1920, 1080)), vga)
+    reader = CameraReader(camera, queue.Queue(), threading.Event())
+    caplog.set_level(logging.INFO)
+    for image in (vga, vga, hd, vga):  # reopened three times: small, small, right, small again
+        reader._say_size(image)
+    assert [r.getMessage() for r in caplog.records] == ["camera size", "camera size"]
+    assert caplog.records[0].error == size_mismatch(camera, vga)
+
+
 def test_an_unplugged_usb_camera_by_its_device_link_is_retried_and_says_it_is_not_there():
     source = "/dev/v4l/by-id/usb-Nothing_Here_0000-video-index0"
     reader = retried_twice(source, 10)

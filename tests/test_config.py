@@ -91,6 +91,26 @@ def test_a_camera_source_that_is_no_video_file_says_what_it_is(tmp_path):
     assert source_problem("/dev/v4l/by-id/a/b")[0].startswith("cameras.0.source: video file '/dev/v4l/by-id/a/b' not")
 
 
+def test_a_usb_camera_may_be_asked_for_a_size_and_pixel_format_a_stream_or_file_not(tmp_path, carphone_clip):
+    def camera_problems(**camera) -> list[str]:
+        return problems({"store_id": "s", "cameras": [{"id": "a", "source": 0, **camera}]})
+    usb = parse_config({"store_id": "s", "cameras": [{"id": "a", "source": "/dev/video0", "size": [1280, 720],
+                                                      "pixel_format": "MJPG"}]}).cameras[0]
+    assert (usb.size, usb.pixel_format) == ((1280, 720), "MJPG")
+    assert camera_problems(size=[1280]) == [
+        "cameras.0.size: '[1280]' is no size: give [width, height] in pixels, e.g. [1280, 720]"]
+    assert camera_problems(size="1280x720") == [
+        "cameras.0.size: '1280x720' is no size: give [width, height] in pixels, e.g. [1280, 720]"]
+    assert camera_problems(size=[True, 720]) == ["cameras.0.size: item 0 should be a number, not true"]
+    assert camera_problems(size=[8, 100000]) == ["cameras.0.size.0: input should be greater than or equal to 16",
+                                                 "cameras.0.size.1: input should be less than or equal to 8192"]
+    assert camera_problems(pixel_format="mjpeg") == ["cameras.0.pixel_format: input should be 'MJPG' or 'YUYV'"]
+    for source in ("rtsp://10.0.0.5/live", str(carphone_clip)):
+        assert camera_problems(source=source, size=[1280, 720]) == [
+            "cameras.0: size and pixel_format are for a USB camera: a stream's picture is set in the camera's own "
+            "settings, and a file's is what it holds"]
+
+
 def test_usb_cameras_by_index_or_absent_are_warned_of_at_check(tmp_path):
     """Two USB cameras by index swap at a reboot or a replug, and then each till is answered about the other's
     customer: config check says so, and so does a device path that is not there (a typo, or unplugged)."""
