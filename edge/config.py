@@ -387,6 +387,8 @@ class TrackingConfig(Strict):
     lost_after_s: Annotated[float, Field(gt=0)] = 1.5  # a track unseen this long has left the till
     max_samples: Annotated[int, Field(ge=1, le=100_000)] = 100
     estimate_interval_s: Annotated[float, Field(ge=0)] = 1.0  # at most one estimate message per track per interval
+    # a face that holds its place this long is a picture (a poster, a magazine cover): ignored (edge.track); 0: never
+    picture_face_s: Annotated[float, Field(ge=0, le=86_400)] = 60.0
     # a face joins an overlapping track only if it looks alike (edge/track.py); None: overlap alone
     min_similarity: Annotated[float, Field(ge=-3, le=1)] | None = 0.23
 

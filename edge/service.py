@@ -31,7 +31,7 @@ from edge.peers import Peers
 from edge.policy import Policy, build_policy, needs_id_check
 from edge.publish import Publisher, utc_iso
 from edge.pos import PosDesk
-from edge.track import FaceTracker, Track
+from edge.track import FaceTracker, PictureFaces, Track
 from edge.types import CameraStatus, CustomerView, TillView
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class PipelineStats:
     estimates: int = 0
     alerts: int = 0
     faces_aged: int = 0  # crops sent to the age network (the inference budget's spend)
+    pictures: int = 0  # faces taken for pictures (posters) and left out from then on
     inference_errors: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -85,6 +86,7 @@ class CameraPipeline(threading.Thread):
         self.stop_event = stop
         self.tracker = FaceTracker(camera.id, config.tracking.iou_threshold, config.tracking.lost_after_s,
                                    config.tracking.max_samples, config.tracking.min_similarity)
+        self.pictures = PictureFaces(config.tracking.picture_face_s)
         self.stats = PipelineStats()
         self.lag_s: float | None = None  # wall clock minus the capture time of the last frame processed
         self.view: TillView | None = None  # who is at the till now, for the POS desk (replaced, never mutated)
@@ -181,6 +183,13 @@ class CameraPipeline(threading.Thread):
         self._count(frame.timestamp)
         with self.detector_lock:  # one ONNX session; calls from several threads would serialise anyway
             faces = self.detector(frame.image)
+        faces, recognised = self.pictures.sift(faces, frame.timestamp, frame.image)
+        for picture in recognised:
+            self.stats.pictures += 1
+            dropped = self.tracker.discard_at(picture.box)
+            log.info("a face that held its place is taken for a picture (a poster, a magazine cover) and ignored",
+                     extra={"camera": self.camera.id, "box": [round(v) for v in picture.box],
+                            "seconds": round(frame.timestamp - picture.since, 1), "tracks": [t.track_id for t in dropped]})
         self.stats.frames += 1
         if self.camera_status is not None:  # an unchanging picture with a face in it is frozen, not a still scene
             self.camera_status.face_in_view = bool(faces)
@@ -469,6 +478,7 @@ class Service:
                                       "reconnects": r.status.reconnects, "last_error": r.status.last_error,
                                       "picture": r.status.picture,
                                       "faceless_transactions": p.faceless_transactions,
+                                      "picture_faces": len(p.pictures.pictures),
                                       "dropped": r.status.extra.get("dropped", 0), "queue": r.frames.qsize(),
                                       "lag_s": None if p.lag_s is None else round(p.lag_s, 3)}
                         for r, p in zip(self.readers, self.pipelines)},
@@ -552,7 +562,7 @@ class Service:
         totals = PipelineStats()
         for p in self.pipelines:
             for key in ("frames", "frames_with_faces", "faces", "tracks", "estimates", "alerts", "faces_aged",
-                        "inference_errors"):
+                        "inference_errors", "pictures"):
                 setattr(totals, key, getattr(totals, key) + getattr(p.stats, key))
             totals.errors += p.stats.errors
         return totals.__dict__

@@ -179,3 +179,85 @@ class FaceTracker:
     def end_all(self) -> list[Track]:
         ended, self.tracks = self.tracks, []
         return ended
+
+    def discard_at(self, box: tuple) -> list[Track]:
+        """Drop, unfinished, the tracks at this place (a face taken for a picture): no final estimate, no count."""
+        dropped = [t for t in self.tracks if holds_place(box, t.box)]
+        self.tracks = [t for t in self.tracks if t not in dropped]
+        return dropped
+
+
+# A face on a poster, a magazine cover or a packet in view is no customer, yet it would be tracked, aged, counted
+# in the analytics at every transaction and make every check `several_faces`. A live face never holds its place:
+# in the test clips a face's box moves 10 % of its width or more within every second (and a person standing still
+# sways a centimetre or two, a tenth of a face, over a minute). BlazeFace's own jitter on a face held still under
+# sensor noise and JPEG, measured on those clips' frames: centre 0.7 to 4.2 %, width 1.9 to 9.7 % of the width
+# (87 and 53 px faces). So a face is taken for a picture once it has held its place within these, looking the same
+# (Signature: the same person 0.57 or more, another at most 0.26), for `tracking.picture_face_s`; successive
+# customers who stand on the same spot are told apart by their looks, and so is a customer in front of a poster.
+PICTURE_LOOKS = 0.5  # a face is the still face seen there before only if it looks this much like it
+PICTURE_CENTRE = 0.1  # its centre within this share of its width of where it was first seen
+PICTURE_WIDTH = 0.2  # and its width within this share
+PICTURE_CANDIDATES = 64  # still faces watched at once: beyond, the least lately seen are dropped
+PICTURE_SLACK = 1.5  # a known picture is matched within this many times the tolerances: no outlier slips past
+PICTURE_GAP_S = 10.0  # unseen this long (a customer in front of it), a candidate starts over
+PICTURE_FORGET_S = 3600.0  # a picture unseen this long is forgotten (taken down, or covered for good)
+
+
+def holds_place(anchor: tuple, box: tuple, slack: float = 1.0) -> bool:
+    """Whether `box` is where `anchor` is, to within a face detector's jitter on a still face (times `slack`)."""
+    width = anchor[2] - anchor[0]
+    shift = np.hypot((box[0] + box[2] - anchor[0] - anchor[2]) / 2, (box[1] + box[3] - anchor[1] - anchor[3]) / 2)
+    return bool(shift <= PICTURE_CENTRE * slack * width and
+                abs((box[2] - box[0]) - width) <= PICTURE_WIDTH * slack * width)
+
+
+@dataclass
+class StillFace:
+    box: tuple[float, float, float, float]  # where it was first seen
+    signature: Signature  # what it looked like then
+    since: float  # when it was first seen there
+    last_seen: float
+
+    def is_seen_in(self, face: Face, signature: Signature, slack: float = 1.0) -> bool:
+        return holds_place(self.box, face.box, slack) and self.signature.similarity(signature) >= PICTURE_LOOKS
+
+
+class PictureFaces:
+    """The faces in one camera's view that are pictures, not people: once taken for one, a face at that place is
+    left out before tracking, so it is never aged, counted, alerted on or answered about."""
+
+    def __init__(self, after_s: float):
+        self.after_s = after_s  # 0: no face is ever taken for a picture
+        self.candidates: list[StillFace] = []
+        self.pictures: list[StillFace] = []
+
+    def sift(self, faces: list[Face], now: float, image_bgr: np.ndarray) -> tuple[list[Face], list[StillFace]]:
+        """(this frame's faces that may be people, the pictures recognised at this frame)."""
+        if not self.after_s:
+            return faces, []
+        self.candidates = [c for c in self.candidates if 0 <= now - c.last_seen <= PICTURE_GAP_S]
+        self.pictures = [p for p in self.pictures if now - p.last_seen <= PICTURE_FORGET_S]
+        people, recognised = [], []
+        for face in faces:
+            signature = Signature.of(image_bgr, face)
+            picture = next((p for p in self.pictures if p.is_seen_in(face, signature, PICTURE_SLACK)), None)
+            if picture is not None:
+                picture.last_seen = now
+                continue
+            # the longest-still candidate this face is (its place and looks); else it is watched from here on.
+            # A face that moves leaves a trail of candidates, each dropped once unseen for PICTURE_GAP_S.
+            candidate = next((c for c in self.candidates if c.is_seen_in(face, signature)), None)
+            if candidate is None:
+                self.candidates.append(StillFace(face.box, signature, now, now))
+                if len(self.candidates) > PICTURE_CANDIDATES:
+                    self.candidates.remove(min(self.candidates, key=lambda c: c.last_seen))
+            else:
+                candidate.last_seen = now
+                if now - candidate.since >= self.after_s:
+                    self.candidates.remove(candidate)
+                    self.pictures.append(candidate)
+                    recognised.append(candidate)
+                    continue
+            people.append(face)
+        return people, recognised

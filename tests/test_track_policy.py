@@ -7,7 +7,7 @@ import pytest
 from edge.detect import iou
 from edge.policy import Policy, needs_id_check
 from edge.risk import ResidualTable
-from edge.track import FaceTracker, fuse_ages
+from edge.track import FaceTracker, PictureFaces, fuse_ages
 from edge.types import AgeEstimate, Face, TrackEstimate
 
 
@@ -144,3 +144,88 @@ def test_a_face_walking_off_fast_keeps_its_track_when_it_looks_the_same():
     tracker.update(0.0, [here], frame_with(person, here.box))
     matched, _ = tracker.update(0.1, [too_far], frame_with(person, too_far.box))
     assert matched[0].track_id == 2  # further than a face width: someone else, whatever they look like
+
+
+# ---------------------------------------------------------------- faces that are pictures
+
+
+def face_of(x, y, size):
+    """A face whose eyes are where they are on its box, whatever its size."""
+    return Face((x, y, x + size, y + size), 0.9, (x + 0.3 * size, y + 0.4 * size), (x + 0.7 * size, y + 0.4 * size))
+
+
+def held_still(rng, x, y, size=60.0):
+    """A face on a poster as a detector sees it under sensor noise: its box jitters by a few per cent."""
+    dx, dy = rng.normal(0, 0.02 * size, 2)
+    return face_of(x + dx, y + dy, size * (1 + rng.normal(0, 0.03)))
+
+
+def sift_for(pictures, seconds, start, faces_at, fps=5):
+    """Run `faces_at(t) -> [(face, looks)]` through `pictures` for `seconds`: (t, kept faces, recognised) a frame."""
+    seen = []
+    for step in range(round(seconds * fps)):
+        t = start + step / fps
+        shown = faces_at(t)
+        image = np.full((360, 640, 3), 110, np.uint8)
+        for f, person in shown:
+            image = np.where(frame_with(person, f.box) != 110, frame_with(person, f.box), image)
+        kept, recognised = pictures.sift([f for f, _ in shown], t, image)
+        seen.append((t, kept, recognised))
+    return seen
+
+
+def test_a_face_that_holds_its_place_and_looks_is_a_picture_after_picture_face_s():
+    poster = looks(1, (40, 60, 200))
+    rng = np.random.default_rng(0)
+    pictures = PictureFaces(60.0)
+    seen = sift_for(pictures, 70, 0.0, lambda t: [(held_still(rng, 500, 40), poster)])
+    recognised_at = [t for t, _, recognised in seen if recognised]
+    assert recognised_at == [60.0]
+    assert all(len(kept) == 1 for t, kept, _ in seen if t < 60) and all(kept == [] for t, kept, _ in seen if t >= 60)
+    assert len(pictures.pictures) == 1
+    # hidden for 8 s behind customers, then there again: still the picture; unseen for an hour: forgotten
+    assert sift_for(pictures, 5, 78.0, lambda t: [(held_still(rng, 500, 40), poster)])[-1][1] == []
+    pictures.sift([], 83.0 + 3601, np.zeros((360, 640, 3), np.uint8))
+    assert pictures.pictures == []
+
+
+def test_people_are_never_pictures_a_customer_in_front_of_one_is_still_seen():
+    rng = np.random.default_rng(1)
+    poster, customers = looks(1, (40, 60, 200)), [looks(10 + i, (rng.integers(255), 90, 150)) for i in range(12)]
+    pictures = PictureFaces(60.0)
+
+    def till(t):
+        """The poster, and customers one after another on the same spot, 10 s each, swaying (a tenth of a face
+        width is 1.5 cm: a person standing still sways more) and turning."""
+        sway = 0.15 * 80 * np.sin(t * 1.7)
+        customer = (face_of(250 + sway + rng.normal(0, 1), 150 + rng.normal(0, 1), 80 * (1 + rng.normal(0, 0.03))),
+                    customers[int(t // 10)])
+        return [(held_still(rng, 500, 40), poster), customer]
+    seen = sift_for(pictures, 120, 0.0, till)
+    assert [t for t, _, recognised in seen if recognised] == [60.0]  # the poster, only
+    assert all(any(f.box[0] < 400 for f in kept) for _, kept, _ in seen)  # every customer, in every frame
+    # customers standing stock-still on one spot, one after another: told apart by their looks
+    still_customers = PictureFaces(60.0)
+    seen = sift_for(still_customers, 120, 0.0, lambda t: [(held_still(rng, 250, 150, 80), customers[int(t // 10)])])
+    assert not any(recognised for _, _, recognised in seen) and all(len(kept) == 1 for _, kept, _ in seen)
+    # someone whose face lands on the poster's place is not the poster
+    kept, _ = pictures.sift([held_still(rng, 500, 40)], 121.0, frame_with(customers[0], (500, 40, 560, 100)))
+    assert len(kept) == 1
+
+
+def test_a_still_face_hidden_for_longer_starts_over_and_picture_face_s_0_is_off():
+    poster = looks(1, (40, 60, 200))
+    rng = np.random.default_rng(2)
+    pictures = PictureFaces(20.0)
+    sift_for(pictures, 15, 0.0, lambda t: [(held_still(rng, 500, 40), poster)])
+    seen = sift_for(pictures, 25, 27.0, lambda t: [(held_still(rng, 500, 40), poster)])  # unseen 12 s
+    assert [t for t, _, recognised in seen if recognised] == [47.0]
+    off = PictureFaces(0.0)
+    assert all(len(kept) == 1 for _, kept, _ in sift_for(off, 30, 0.0, lambda t: [(held_still(rng, 500, 40), poster)]))
+
+
+def test_the_track_of_a_face_taken_for_a_picture_is_dropped_unfinished():
+    tracker = FaceTracker("till", first_id=1)
+    tracker.update(0.0, [face(500, 40, 60), face(250, 150, 80)])
+    dropped = tracker.discard_at((501.0, 41.0, 560.0, 100.0))
+    assert [t.track_id for t in dropped] == [1] and [t.track_id for t in tracker.tracks] == [2]

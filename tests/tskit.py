@@ -168,14 +168,15 @@ class MjpegCamera:
 
 def compose_till_video(faces: list, path: Path, fps: float = 10.0, seconds: float = 3.0, gap_s=0.5,
                        size: tuple[int, int] = (640, 360), face_px: int = 140, seed: int = 0,
-                       walk: bool = True, light_steps: bool = False) -> list[tuple[float, float]]:
+                       walk: bool = True, light_steps: bool = False, poster=None) -> list[tuple[float, float]]:
     """A till camera's view of customers one after another, composed from labelled face photos.
 
     `faces`: BGR photos (UTKFace chips: the face fills the photo). Each customer walks in from the side
     (0.4 s; with `walk=False` they appear at the till spot at once, as when the next customer steps
     straight in), stands at the till with small head movements, light drift and sensor noise, walks
     out, then `gap_s` of empty till (a number, or a (low, high) range drawn per customer).
-    `light_steps`: each customer under a different light level. Written with OpenCV (mp4v). Returns
+    `light_steps`: each customer under a different light level. `poster`: a face photo on the wall behind
+    the till, upper right, in every frame. Written with OpenCV (mp4v). Returns
     each customer's (enter, leave) in video seconds. Generated at test time from ../shared: never
     commit the result.
     """
@@ -185,6 +186,10 @@ def compose_till_video(faces: list, path: Path, fps: float = 10.0, seconds: floa
     width, height = size
     texture = cv2.GaussianBlur(rng.integers(60, 200, (height, width, 3), np.uint8), (0, 0), 9)
     background = cv2.addWeighted(texture, 0.6, np.full_like(texture, 110), 0.4, 0)
+    if poster is not None:
+        side = face_px * 2 // 3
+        x, y = int(width * 0.85) - side // 2, int(height * 0.25) - side // 2
+        background[y:y + side, x:x + side] = cv2.resize(poster, (side, side), interpolation=cv2.INTER_AREA)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
     spot = np.array([width * 0.5, height * 0.45])
     # sensor noise drawn once, a frame's worth at a time: drawing it per frame was most of the time
