@@ -29,6 +29,7 @@ CAMERA_SERIES = (
     ("lag_seconds", "Wall clock minus the capture time of the last frame analysed", False),
     ("online", "1 while the camera delivers frames", False),
     ("picture_ok", "1 while the camera's picture is live: 0 when frozen or blank (edge/capture.py)", False),
+    ("picture_faces", "Faces in view taken for pictures (posters) and left out (edge/track.py)", False),
 )
 # whole daemon: (name, help, counter?) read from the snapshot's top level
 DAEMON_SERIES = (

@@ -442,7 +442,8 @@ class Service:
                 "frames": stats.frames, "faces": stats.faces, "dropped_frames": reader.status.extra.get("dropped", 0),
                 "tracks": stats.tracks, "alerts": stats.alerts, "estimates": stats.estimates,
                 "lag_seconds": pipeline.lag_s, "online": int(reader.status.state == "online"),
-                "picture_ok": None if reader.status.picture is None else int(reader.status.picture == LIVE)}
+                "picture_ok": None if reader.status.picture is None else int(reader.status.picture == LIVE),
+                "picture_faces": len(pipeline.pictures.pictures)}
         outbox = self.outbox.status()
         return {"cameras": cameras, "mqtt_connected": int(self.publisher.connected.is_set()),
                 "mqtt_delivered": self.publisher.delivered, "mqtt_denied": self.publisher.denied,

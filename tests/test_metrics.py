@@ -61,6 +61,7 @@ def test_the_endpoint_serves_camera_model_mqtt_and_outbox_figures_during_a_repla
     assert value(last, "tillsight_mqtt_connected") == 1
     assert value(last, "tillsight_outbox_depth") >= 0 and value(last, "tillsight_degraded") == 0
     assert value(last, "tillsight_store_open") == 1  # no opening hours: always open
+    assert value(last, "tillsight_camera_picture_faces", camera="replay") == 0
     calls = value(last, "tillsight_age_network_seconds", "tillsight_age_network_seconds_count")
     assert calls >= 1
     assert value(last, "tillsight_age_batch_faces", "tillsight_age_batch_faces_sum") >= calls
