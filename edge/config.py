@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import ssl
+import time
 import tomllib
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -625,7 +626,17 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
 
 def config_warnings(config: Config) -> list[str]:
     """What `config check` and the daemon's start warn of, a line each: the daemon runs, but should not so."""
-    return exposed_secrets(config) + unstable_devices(config) + absent_devices(config)
+    return exposed_secrets(config) + unstable_devices(config) + absent_devices(config) + hours_in_utc(config)
+
+
+def hours_in_utc(config: Config) -> list[str]:
+    """Opening hours without a time zone on a machine set to UTC (as servers and containers often are): they
+    would be read in UTC, an hour or more off the store's clock."""
+    hours = config.opening_hours
+    if hours is None or hours.timezone is not None or time.tzname[0] not in ("UTC", "Universal", "Zulu"):
+        return []
+    return ["opening_hours: no timezone, and this machine's time zone is UTC: the hours are read in UTC; set "
+            "opening_hours.timezone to the store's (e.g. \"Europe/London\")"]
 
 
 def absent_devices(config: Config) -> list[str]:

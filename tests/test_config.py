@@ -280,6 +280,18 @@ def test_opening_hours_mistakes_are_one_line_each():
     assert problems({"default": "closed", "holidays": "25 Dec"}) == ["opening_hours.holidays: unknown key"]
 
 
+def test_opening_hours_without_a_time_zone_on_a_machine_set_to_utc_are_warned_of(tmp_path):
+    import os
+    config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "a", "source": 0}],
+                          opening_hours={"default": "07:00-22:00"})
+    in_utc = tillsight("config", "check", str(config), env={**os.environ, "TZ": "UTC"})
+    assert in_utc.returncode == 0 and in_utc.stderr == (
+        "warning: opening_hours: no timezone, and this machine's time zone is UTC: the hours are read in UTC; set "
+        "opening_hours.timezone to the store's (e.g. \"Europe/London\")\n")
+    in_london = tillsight("config", "check", str(config), env={**os.environ, "TZ": "Europe/London"})
+    assert in_london.returncode == 0 and in_london.stderr == ""
+
+
 def test_the_live_check_says_the_stores_local_time_and_whether_it_is_open():
     """`config check --live` at the install: a wrong time zone shows as the wrong local time."""
     from edge.checkup import check_clock
