@@ -119,8 +119,10 @@ def base_config(folder: Path, certs: dict[str, Path]) -> dict:
     (folder / "secret").chmod(0o600)  # 0644 is a warning line (edge.config.exposed_secrets)
     config = {
         "store_id": "store-1", "daemon_id": "till-pc", "status_interval_s": 30,
-        "cameras": [{"id": "till-1", "source": 0, "fps_limit": 5}, {"id": "till-2", "source": "till.mp4"},
-                    {"id": "till-3", "source": "rtsp://10.0.0.5:554/stream1", "fps_limit": 2.5}],
+        "cameras": [{"id": "till-1", "source": 0, "fps_limit": 5, "size": [1280, 720], "pixel_format": "MJPG"},
+                    {"id": "till-2", "source": "till.mp4"},
+                    {"id": "till-3", "source": "rtsp://10.0.0.5:554/stream1", "fps_limit": 2.5, "picture_check_s": 3,
+                     "still_scene_s": 120}],  # (a /dev/v4l/by-id/ path: a warning line here, where none is there)
         "mqtt": {"host": "broker.local", "port": 8883, "username": "till", "password_file": "secret",
                  "client_id": "till-pc-1", "qos": 1, "protocol": "5", "topic_prefix": "tillsight/eu",
                  "keepalive_s": 30, "max_queued_messages": 1000,
@@ -131,7 +133,9 @@ def base_config(folder: Path, certs: dict[str, Path]) -> dict:
                    "age_threads": 0, "spinning": False},
         "policy": {"mode": "challenge25", "challenge_age": 25, "legal_age": 18, "max_risk": 0.02, "min_samples": 3},
         "tracking": {"iou_threshold": 0.2, "lost_after_s": 1.5, "max_samples": 100, "estimate_interval_s": 1.0,
-                     "min_similarity": 0.23},
+                     "min_similarity": 0.23, "picture_face_s": 60},
+        "opening_hours": {"timezone": "Europe/London", "default": "07:00-22:00", "sat": "08:00-12:00, 13:00-20:00",
+                          "sun": "closed"},
         "budget": {"enabled": True, "settle_rate_hz": 5, "settle_samples": 12, "min_score": 0.6},
         "pos": {"enabled": True, "deadline_s": 2},
         "analytics": {"enabled": True, "interval_s": 900, "bands": [18, 25, 35], "k": 5},
