@@ -25,6 +25,7 @@ from edge.config import CameraConfig, Config, OpeningHours
 from edge.publish import utc_iso
 from edge.runtime import ModelError
 from edge.service import build_age_model, build_detector, clock_problem
+from edge.track import outside_regions
 
 CAMERA_WATCH_S = 1.5  # long enough to measure a camera's frame rate, short enough for a till of four
 
@@ -120,8 +121,19 @@ def check_camera(camera: CameraConfig, detector=None, watch_s: float = CAMERA_WA
     if picture_detail(image) < BLANK_STD:
         return CheckResult(item, False, f"{width}x{height}, {rate}, but the picture is blank (lens covered, camera "
                                         f"turned away, no signal) ({camera.shown_source})")
-    faces = "" if detector is None else f", {len(detector(image))} face(s) in view"
+    faces = "" if detector is None else f", {_faces_in_view(camera, detector(image), image.shape)}"
     return CheckResult(item, True, f"{width}x{height}, {rate}{faces} ({camera.shown_source})")
+
+
+def _faces_in_view(camera: CameraConfig, faces: list, image_shape: tuple) -> str:
+    """How many faces the camera shows, where they are (to aim it and to set ignore_regions), and how many of
+    them the ignore_regions leave out."""
+    height, width = image_shape[:2]
+    kept = outside_regions(faces, camera.ignore_regions, image_shape)
+    where = ", ".join(f"[{f.box[0] / width:.2f}, {f.box[1] / height:.2f}, {f.box[2] / width:.2f}, "
+                      f"{f.box[3] / height:.2f}]" for f in faces)
+    ignored = f", {len(faces) - len(kept)} in ignore_regions" if camera.ignore_regions else ""
+    return f"{len(faces)} face(s) in view{' at ' + where if faces else ''}{ignored}"
 
 
 def check_metrics(config: Config) -> CheckResult | None:

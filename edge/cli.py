@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     replay = commands.add_parser("replay", help="run the pipeline over a recorded video, then exit")
     replay.add_argument("video", type=Path)
     replay.add_argument("--config", type=Path, help="daemon config (its cameras are replaced by VIDEO)")
+    replay.add_argument("--camera", metavar="ID", help="replay VIDEO as this camera of --config: its id and "
+                        "settings (ignore_regions, picture checks), VIDEO as its source")
     replay.add_argument("--realtime", action="store_true", help="pace frames at the video's own rate")
     replay.add_argument("--fps", type=float, help="process at most this many frames per second of video")
     replay.add_argument("--ack-timeout", type=float, default=30.0, help="seconds to wait for the broker's acks")
@@ -314,11 +316,21 @@ def _config_reloadable(path: Path, service) -> bool:
     return True
 
 
-def replay_config(video: Path, config_path: Path | None, fps: float | None):
+def replay_config(video: Path, config_path: Path | None, fps: float | None, camera_id: str | None = None):
     from edge.config import is_v4l_device, load_config, parse_config
     camera = {"id": "replay", "source": str(video.resolve()), "fps_limit": fps}
     if is_v4l_device(camera["source"]):
         raise UserError(f"{video} is a camera: replay reads a recorded video file (`tillsight run` serves cameras)")
+    if camera_id is not None:
+        if config_path is None:
+            raise UserError("--camera takes a camera of --config: give --config too")
+        cameras = {c.id: c for c in load_config(config_path).cameras}
+        if camera_id not in cameras:
+            raise UserError(f"--camera {camera_id!r}: {config_path} has no such camera (it has "
+                            f"{', '.join(cameras)})")
+        # its settings, the recording as its source (a USB camera's size and format are no file's)
+        camera = {**cameras[camera_id].model_dump(exclude={"source", "size", "pixel_format"}), **camera,
+                  "id": camera_id}
     if config_path is None:
         return parse_config({"store_id": "replay", "cameras": [camera]})
     return load_config(config_path, cameras=[camera])
@@ -327,7 +339,7 @@ def replay_config(video: Path, config_path: Path | None, fps: float | None):
 def cmd_replay(args) -> int:
     from edge.logs import setup_logging
     from edge.service import run_replay
-    config = replay_config(args.video, args.config, args.fps)
+    config = replay_config(args.video, args.config, args.fps, args.camera)
     setup_logging("warning" if args.config is None else config.logging.level, config.logging.format)
     summary = run_replay(config, args.realtime, args.ack_timeout)
     print(json.dumps(summary))

@@ -189,6 +189,32 @@ class CameraConfig(Strict):
     size: tuple[Annotated[int, Field(ge=16, le=8192, strict=True)], Annotated[int, Field(ge=16, le=8192, strict=True)]] \
         | None = None
     pixel_format: Literal["MJPG", "YUYV"] | None = None
+    # parts of the picture where a face is never a customer (the cashier's seat, the next till, a screen showing
+    # ads): [x0, y0, x1, y1] as shares of the picture's width and height; a face whose centre is in one is left out
+    ignore_regions: Annotated[list[tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)],
+                                         Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]]],
+                              Field(max_length=16)] = []
+
+    @field_validator("ignore_regions", mode="before")
+    @classmethod
+    def regions_are_boxes(cls, value):
+        if not isinstance(value, list):
+            raise ValueError("give a list of [x0, y0, x1, y1] boxes, as shares of the picture (0 to 1)")
+        for index, box in enumerate(value):
+            if not (isinstance(box, (list, tuple)) and len(box) == 4):
+                raise ValueError(f"item {index}: {_clip(str(box))} is no box: give [x0, y0, x1, y1], as shares of the "
+                                 "picture's width and height, e.g. [0.7, 0, 1, 0.5] for the upper right")
+            if any(isinstance(v, bool) for v in box):
+                raise ValueError(f"item {index}: a corner should be a number, not true or false")
+        return value
+
+    @field_validator("ignore_regions")
+    @classmethod
+    def regions_have_area(cls, value: list) -> list:
+        for index, (x0, y0, x1, y1) in enumerate(value):
+            if not (x0 < x1 and y0 < y1):
+                raise ValueError(f"item {index}: [{x0:g}, {y0:g}, {x1:g}, {y1:g}] is empty: x0 < x1 and y0 < y1")
+        return value
 
     @field_validator("source", mode="before")
     @classmethod

@@ -31,7 +31,7 @@ from edge.peers import Peers
 from edge.policy import Policy, build_policy, needs_id_check
 from edge.publish import Publisher, utc_iso
 from edge.pos import PosDesk
-from edge.track import FaceTracker, PictureFaces, Track
+from edge.track import FaceTracker, PictureFaces, Track, outside_regions
 from edge.types import CameraStatus, CustomerView, TillView
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,7 @@ class CameraPipeline(threading.Thread):
         self._count(frame.timestamp)
         with self.detector_lock:  # one ONNX session; calls from several threads would serialise anyway
             faces = self.detector(frame.image)
+        faces = outside_regions(faces, self.camera.ignore_regions, frame.image.shape)
         faces, recognised = self.pictures.sift(faces, frame.timestamp, frame.image)
         for picture in recognised:
             self.stats.pictures += 1

@@ -261,3 +261,13 @@ class PictureFaces:
                     continue
             people.append(face)
         return people, recognised
+
+
+def outside_regions(faces: list[Face], regions: list, image_shape: tuple) -> list[Face]:
+    """The faces whose centre lies in none of a camera's `ignore_regions` ([x0, y0, x1, y1] as shares of the
+    picture): the cashier's seat, the next till, a screen showing faces."""
+    if not regions:
+        return faces
+    height, width = image_shape[:2]
+    return [f for f in faces if not any(x0 <= (f.box[0] + f.box[2]) / 2 / width <= x1 and
+                                        y0 <= (f.box[1] + f.box[3]) / 2 / height <= y1 for x0, y0, x1, y1 in regions)]

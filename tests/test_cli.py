@@ -73,10 +73,16 @@ def test_run_with_a_bad_config_exits_2(tmp_path):
     assert line.startswith(f"cameras.0.source: video file '{tmp_path / 'rtsp/x'}' not found")
 
 
-def test_replay_of_a_missing_video(tmp_path):
+def test_replay_of_a_missing_video(tmp_path, carphone_clip):
     line = one_line_error(tillsight("replay", str(tmp_path / "nope.mp4")), code=2)
     assert line == f"cameras.0.source: video file '{tmp_path / 'nope.mp4'}' not found " \
                    "(a USB camera is an index or its /dev/v4l/by-id/ path, a stream an rtsp:// or http:// URL)"
+    config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "till-1", "source": 0},
+                                                                      {"id": "till-2", "source": 1}])
+    line = one_line_error(tillsight("replay", str(carphone_clip), "--config", str(config), "--camera", "till-9"), code=1)
+    assert line == f"tillsight: error: --camera 'till-9': {config} has no such camera (it has till-1, till-2)"
+    line = one_line_error(tillsight("replay", str(carphone_clip), "--camera", "till-1"), code=1)
+    assert line == "tillsight: error: --camera takes a camera of --config: give --config too"
     line = one_line_error(tillsight("replay", "/dev/v4l/by-id/usb-Some_Camera-video-index0"), code=1)
     assert line == ("tillsight: error: /dev/v4l/by-id/usb-Some_Camera-video-index0 is a camera: replay reads a "
                     "recorded video file (`tillsight run` serves cameras)")

@@ -111,6 +111,27 @@ def test_a_usb_camera_may_be_asked_for_a_size_and_pixel_format_a_stream_or_file_
             "settings, and a file's is what it holds"]
 
 
+def test_ignore_regions_are_boxes_of_shares_of_the_picture():
+    def camera_problems(regions) -> list[str]:
+        return problems({"store_id": "s", "cameras": [{"id": "a", "source": 0, "ignore_regions": regions}]})
+    camera = parse_config({"store_id": "s", "cameras": [{"id": "a", "source": 0,
+                                                         "ignore_regions": [[0.7, 0, 1, 0.45]]}]}).cameras[0]
+    assert camera.ignore_regions == [(0.7, 0.0, 1.0, 0.45)]
+    assert camera_problems([[0.7, 0, 1]]) == [
+        "cameras.0.ignore_regions: item 0: '[0.7, 0, 1]' is no box: give [x0, y0, x1, y1], as shares of the picture's "
+        "width and height, e.g. [0.7, 0, 1, 0.5] for the upper right"]
+    assert camera_problems("upper right") == [
+        "cameras.0.ignore_regions: give a list of [x0, y0, x1, y1] boxes, as shares of the picture (0 to 1)"]
+    assert camera_problems([[0.7, 0, 0.5, 0.5]]) == [
+        "cameras.0.ignore_regions: item 0: [0.7, 0, 0.5, 0.5] is empty: x0 < x1 and y0 < y1"]
+    assert camera_problems([[0, 0, 1280, 720]]) == ["cameras.0.ignore_regions.0.2: input should be less than or equal "
+                                                    "to 1", "cameras.0.ignore_regions.0.3: input should be less than "
+                                                    "or equal to 1"]  # pixels, not shares
+    assert camera_problems([[True, 0, 1, 1]]) == [
+        "cameras.0.ignore_regions: item 0: a corner should be a number, not true or false"]
+    assert camera_problems([[0, 0, 1, 1]] * 17)[0].startswith("cameras.0.ignore_regions: list should have at most 16")
+
+
 def test_usb_cameras_by_index_or_absent_are_warned_of_at_check(tmp_path):
     """Two USB cameras by index swap at a reboot or a replug, and then each till is answered about the other's
     customer: config check says so, and so does a device path that is not there (a typo, or unplugged)."""

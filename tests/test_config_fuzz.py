@@ -119,7 +119,8 @@ def base_config(folder: Path, certs: dict[str, Path]) -> dict:
     (folder / "secret").chmod(0o600)  # 0644 is a warning line (edge.config.exposed_secrets)
     config = {
         "store_id": "store-1", "daemon_id": "till-pc", "status_interval_s": 30,
-        "cameras": [{"id": "till-1", "source": 0, "fps_limit": 5, "size": [1280, 720], "pixel_format": "MJPG"},
+        "cameras": [{"id": "till-1", "source": 0, "fps_limit": 5, "size": [1280, 720], "pixel_format": "MJPG",
+                     "ignore_regions": [[0.7, 0, 1, 0.45], [0, 0.8, 0.2, 1]]},
                     {"id": "till-2", "source": "till.mp4"},
                     {"id": "till-3", "source": "rtsp://10.0.0.5:554/stream1", "fps_limit": 2.5, "picture_check_s": 3,
                      "still_scene_s": 120}],  # (a /dev/v4l/by-id/ path: a warning line here, where none is there)

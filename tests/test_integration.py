@@ -366,9 +366,11 @@ def test_a_live_config_check_tries_the_camera_broker_and_models_a_line_each(tmp_
     assert [line.split(":")[0] for line in lines] == [str(good), "clock", "face detector", "age model", "broker",
                                                       "camera till-1"], lines
     assert lines[4] == f"broker: 127.0.0.1:{broker.port}: connected"
-    size, rate, faces, shown = re.fullmatch(r"camera till-1: (\S+), ([0-9.]+) frames/s, (\d+) face\(s\) in view \((.*)\)",
-                                            lines[5]).groups()
+    size, rate, faces, where, shown = re.fullmatch(
+        r"camera till-1: (\S+), ([0-9.]+) frames/s, (\d+) face\(s\) in view at \[(.*)\] \((.*)\)", lines[5]).groups()
     assert (size, faces, shown) == ("176x144", "1", f"http://viewer:***@127.0.0.1:{camera.port}/video.mjpg")
+    x0, y0, x1, y1 = (float(v) for v in where.split(", "))  # where it is, as ignore_regions take it
+    assert 0.2 < x0 < x1 < 0.8 and 0 < y0 < y1 < 0.8, where
     assert 12 < float(rate) < 25 and "hunter2" not in result.stdout  # about the camera's 20 fps
     assert re.fullmatch(r"age model: file fp32 \(.*\.onnx\) on CPUExecutionProvider, [0-9.]+ ms per face", lines[3])
 
@@ -388,9 +390,11 @@ def test_a_live_config_check_tries_the_camera_broker_and_models_a_line_each(tmp_
                           f"camera till-1: FAILED: cannot open source 'http://127.0.0.1:{camera_port}/video.mjpg'"]
 
 
-def test_the_live_check_says_a_camera_that_shows_nothing(tmp_path):
+def test_the_live_check_says_a_camera_that_shows_nothing(tmp_path, carphone_clip):
     import cv2
     import numpy as np
+
+    from edge.detect import FaceDetector
 
     from edge.checkup import check_camera
     from edge.config import CameraConfig
@@ -403,6 +407,14 @@ def test_the_live_check_says_a_camera_that_shows_nothing(tmp_path):
     assert (result.ok, result.line()) == (False, (
         f"camera till-1: FAILED: 160x120, 10.0 frames/s (a video file), but the picture is blank (lens covered, "
         f"camera turned away, no signal) ({path})"))
+
+    result = check_camera(CameraConfig(id="till-1", source=str(carphone_clip), ignore_regions=[(0, 0, 1, 0.25)]),
+                          FaceDetector())  # the man's face is centred lower down
+    assert re.fullmatch(r"camera till-1: 176x144, [0-9.]+ frames/s \(a video file\), 1 face\(s\) in view at "
+                        r"\[[0-9., ]+\], 0 in ignore_regions \(.*\)", result.line()), result.line()
+    result = check_camera(CameraConfig(id="till-1", source=str(carphone_clip), ignore_regions=[(0, 0, 1, 1)]),
+                          FaceDetector())
+    assert ", 1 face(s) in view at [" in result.line() and "], 1 in ignore_regions (" in result.line()
 
     result = check_camera(CameraConfig(id="usb", source=63))  # no /dev/video63 here, or it is busy
     assert result.line() == ("camera usb: FAILED: cannot open source '63' (no such device, or another process reads "

@@ -139,7 +139,8 @@ def test_box_overlap_alone_merges_customers_at_the_same_spot(scenes):
 
 def test_the_daemon_leaves_a_poster_out_of_its_customers_and_counts(tmp_path, broker, subscriber, scenes):
     """The same through `tillsight replay` with a real broker: the poster is one customer more without, none with
-    (picture_face_s cut to 15 s to keep the video short)."""
+    (picture_face_s cut to 15 s to keep the video short); none either, from the start, with the poster's part of
+    the picture in the camera's ignore_regions."""
     import json
 
     from tskit import tillsight, write_config
@@ -152,18 +153,20 @@ def test_the_daemon_leaves_a_poster_out_of_its_customers_and_counts(tmp_path, br
         writer = writer or cv2.VideoWriter(str(short), cv2.VideoWriter_fourcc(*"MJPG"), FPS, image.shape[1::-1])
         writer.write(image)
     writer.release()
-    summaries = {}
-    for picture_face_s in (0, 15):
-        config = write_config(tmp_path / f"p{picture_face_s}.toml", store_id="s", daemon_id="d",
-                              cameras=[{"id": "c", "source": 0}], mqtt={"host": "127.0.0.1", "port": broker.port},
-                              models={"age_model": "light"}, tracking={"picture_face_s": picture_face_s},
-                              logging={"level": "info"})
-        result = tillsight("replay", str(short), "--config", str(config))
+    summaries, stderr = {}, {}
+    for name, picture_face_s, regions in (("off", 0, []), ("rule", 15, []), ("region", 0, [[0.7, 0, 1, 0.45]])):
+        config = write_config(tmp_path / f"{name}.toml", store_id="s", daemon_id="d",
+                              cameras=[{"id": "till-1", "source": 0, "ignore_regions": regions}],
+                              mqtt={"host": "127.0.0.1", "port": broker.port}, models={"age_model": "light"},
+                              tracking={"picture_face_s": picture_face_s}, logging={"level": "info"})
+        result = tillsight("replay", str(short), "--config", str(config), "--camera", "till-1")
         assert result.returncode == 0, result.stderr
-        summaries[picture_face_s] = json.loads(result.stdout)
-    print(f"{len(customers)} customers: {summaries[0]['tracks']} tracks without, {summaries[15]['tracks']} with")
-    assert summaries[0]["tracks"] == summaries[15]["tracks"] + 1 and summaries[15]["pictures"] == 1
-    assert len(customers) - 1 <= summaries[15]["tracks"] <= len(customers)
-    assert summaries[0]["pictures"] == 0
-    [line] = [json.loads(line) for line in result.stderr.splitlines() if "taken for a picture" in line]
-    assert line["camera"] == "replay" and line["seconds"] >= 15 and len(line["tracks"]) == 1
+        summaries[name], stderr[name] = json.loads(result.stdout), result.stderr
+    print(f"{len(customers)} customers: " + ", ".join(f"{s['tracks']} tracks {n}" for n, s in summaries.items()))
+    assert summaries["off"]["tracks"] == summaries["rule"]["tracks"] + 1 and summaries["rule"]["pictures"] == 1
+    assert len(customers) - 1 <= summaries["rule"]["tracks"] <= len(customers)
+    assert summaries["off"]["pictures"] == summaries["region"]["pictures"] == 0
+    assert summaries["region"]["tracks"] == summaries["rule"]["tracks"]
+    assert summaries["region"]["faces"] < summaries["rule"]["faces"] < summaries["off"]["faces"]
+    [line] = [json.loads(line) for line in stderr["rule"].splitlines() if "taken for a picture" in line]
+    assert line["camera"] == "till-1" and line["seconds"] >= 15 and len(line["tracks"]) == 1
