@@ -328,9 +328,10 @@ def replay_config(video: Path, config_path: Path | None, fps: float | None, came
         if camera_id not in cameras:
             raise UserError(f"--camera {camera_id!r}: {config_path} has no such camera (it has "
                             f"{', '.join(cameras)})")
-        # its settings, the recording as its source (a USB camera's size and format are no file's)
+        # its settings (its fps_limit unless --fps), the recording as its source (a USB camera's size and format
+        # are no file's)
         camera = {**cameras[camera_id].model_dump(exclude={"source", "size", "pixel_format"}), **camera,
-                  "id": camera_id}
+                  "id": camera_id, "fps_limit": cameras[camera_id].fps_limit if fps is None else fps}
     if config_path is None:
         return parse_config({"store_id": "replay", "cameras": [camera]})
     return load_config(config_path, cameras=[camera])

@@ -206,6 +206,9 @@ class CameraConfig(Strict):
                                  "picture's width and height, e.g. [0.7, 0, 1, 0.5] for the upper right")
             if any(isinstance(v, bool) for v in box):
                 raise ValueError(f"item {index}: a corner should be a number, not true or false")
+            text = next((v for v in box if not isinstance(v, (int, float))), None)
+            if text is not None:
+                raise ValueError(f"item {index}: {_clip(str(text))} should be a number (write it without quotes)")
         return value
 
     @field_validator("ignore_regions")
@@ -541,7 +544,8 @@ class OpeningHours(Strict):
     def known_zone(cls, value: str | None) -> str | None:
         if value is not None:
             try:
-                if not re.fullmatch(r"[A-Za-z0-9_+-]{1,64}(/[A-Za-z0-9_+-]{1,64}){0,3}", value):
+                if not re.fullmatch(r"[A-Za-z0-9_+-]{1,64}(/[A-Za-z0-9_+-]{1,64}){0,3}", value) or \
+                        value in ("localtime", "posixrules", "Factory"):  # files in the tz folder, no zones
                     raise ValueError
                 ZoneInfo(value)
             except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a folder (Europe)
@@ -656,10 +660,10 @@ def config_warnings(config: Config) -> list[str]:
 
 
 def hours_in_utc(config: Config) -> list[str]:
-    """Opening hours without a time zone on a machine set to UTC (as servers and containers often are): they
-    would be read in UTC, an hour or more off the store's clock."""
+    """Opening hours without a time zone on a machine set to UTC or GMT all year (as servers and containers often
+    are): they would be read in UTC, an hour or more off the store's clock. (London's zone has summer time.)"""
     hours = config.opening_hours
-    if hours is None or hours.timezone is not None or time.tzname[0] not in ("UTC", "Universal", "Zulu"):
+    if hours is None or hours.timezone is not None or time.timezone != 0 or time.daylight:
         return []
     return ["opening_hours: no timezone, and this machine's time zone is UTC: the hours are read in UTC; set "
             "opening_hours.timezone to the store's (e.g. \"Europe/London\")"]
@@ -681,16 +685,34 @@ def _exists(path: str) -> bool:
 
 
 def unstable_devices(config: Config) -> list[str]:
-    """Two or more USB cameras by index: a reboot or a replug can swap the indices, and then each till's answers
-    and alerts go to the other till."""
-    by_index = [(index, camera.source) for index, camera in enumerate(config.cameras)
-                if isinstance(camera.source, int) or re.fullmatch(r"/dev/video\d+", camera.source)]
-    if len(by_index) < 2:
-        return []
-    return [f"{', '.join(f'cameras.{index}.source' for index, _ in by_index)}: USB cameras by index "
-            f"({', '.join(str(source) for _, source in by_index)}) can swap at a reboot or a replug, and each till "
-            "would be answered about the other's customer: name each by its /dev/v4l/by-id/... link (ls -l "
-            "/dev/v4l/by-id), or by-path (the USB port) for cameras of one model without serial numbers"]
+    """USB cameras by index beside other USB cameras: a reboot or a replug can swap the indices (an index can also
+    become the node of a camera named by its link), and then each till's answers and alerts go to the other till.
+    And one device named twice: the second camera would never open (a device has one reader)."""
+    usb = [(index, camera.source) for index, camera in enumerate(config.cameras) if camera.is_device]
+    by_index = [(index, source) for index, source in usb
+                if isinstance(source, int) or re.fullmatch(r"/dev/video\d+", source)]
+    found = []
+    if by_index and len(usb) >= 2:
+        found.append(f"{', '.join(f'cameras.{index}.source' for index, _ in by_index)}: USB cameras by index "
+                     f"({', '.join(str(source) for _, source in by_index)}) beside other USB cameras can swap at a "
+                     "reboot or a replug, and each till would be answered about the other's customer: name each by "
+                     "its /dev/v4l/by-id/... link (ls -l /dev/v4l/by-id), or by-path (the USB port) for cameras of "
+                     "one model without serial numbers")
+    nodes: dict[str, int] = {}
+    for index, source in usb:
+        node = f"/dev/video{source}" if isinstance(source, int) else _real_path(source)
+        if node in nodes:
+            found.append(f"cameras.{nodes[node]}.source, cameras.{index}.source: the same device ({node}) twice: a "
+                         "device has one reader, so the second camera would never open")
+        nodes.setdefault(node, index)
+    return found
+
+
+def _real_path(path: str) -> str:
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):
+        return path
 
 
 def exposed_secrets(config: Config) -> list[str]:

@@ -102,7 +102,7 @@ def _describe_status(body: dict, now: float) -> str:
     problems = body.get("problems") if isinstance(body.get("problems"), list) else []
     old = stale(body, now)
     state, problems = ("stale", [old] + problems) if old is not None else (body.get("state"), problems)
-    if body.get("store_open") is False and old is None:
+    if body.get("store_open") is False and old is None and body.get("state") != "offline":  # said then, not now
         problems = ["store closed"] + problems
     return (f"{str(body.get('daemon')):<16} {str(state):<9} "
             f"{f'{live}/{len(cameras)} cameras' if cameras else '-':<11} {served:<32} {age:>10}  "

@@ -198,6 +198,7 @@ class FaceTracker:
 PICTURE_LOOKS = 0.5  # a face is the still face seen there before only if it looks this much like it
 PICTURE_CENTRE = 0.1  # its centre within this share of its width of where it was first seen
 PICTURE_WIDTH = 0.2  # and its width within this share
+PICTURE_AWAY = 0.1  # a still face whose look-alike was seen elsewhere in more than this share of frames has moved
 PICTURE_CANDIDATES = 64  # still faces watched at once: beyond, the least lately seen are dropped
 PICTURE_SLACK = 1.5  # a known picture is matched within this many times the tolerances: no outlier slips past
 PICTURE_GAP_S = 10.0  # unseen this long (a customer in front of it), a candidate starts over
@@ -218,6 +219,8 @@ class StillFace:
     signature: Signature  # what it looked like then
     since: float  # when it was first seen there
     last_seen: float
+    frames: int = 1  # frames it was seen in its place
+    away: int = 0  # frames in which a face like it was seen elsewhere, and it not in its place
 
     def is_seen_in(self, face: Face, signature: Signature, slack: float = 1.0) -> bool:
         return holds_place(self.box, face.box, slack) and self.signature.similarity(signature) >= PICTURE_LOOKS
@@ -238,28 +241,41 @@ class PictureFaces:
             return faces, []
         self.candidates = [c for c in self.candidates if 0 <= now - c.last_seen <= PICTURE_GAP_S]
         self.pictures = [p for p in self.pictures if now - p.last_seen <= PICTURE_FORGET_S]
-        people, recognised = [], []
+        people, recognised, elsewhere, looks, seen = [], [], [], [], set()
         for face in faces:
             signature = Signature.of(image_bgr, face)
             picture = next((p for p in self.pictures if p.is_seen_in(face, signature, PICTURE_SLACK)), None)
             if picture is not None:
                 picture.last_seen = now
                 continue
-            # the longest-still candidate this face is (its place and looks); else it is watched from here on.
-            # A face that moves leaves a trail of candidates, each dropped once unseen for PICTURE_GAP_S.
-            candidate = next((c for c in self.candidates if c.is_seen_in(face, signature)), None)
+            looks.append(signature)
+            candidate = next((c for c in self.candidates if id(c) not in seen and c.is_seen_in(face, signature)), None)
             if candidate is None:
-                self.candidates.append(StillFace(face.box, signature, now, now))
-                if len(self.candidates) > PICTURE_CANDIDATES:
-                    self.candidates.remove(min(self.candidates, key=lambda c: c.last_seen))
+                elsewhere.append((face, signature))
             else:
+                seen.add(id(candidate))
                 candidate.last_seen = now
+                candidate.frames += 1
                 if now - candidate.since >= self.after_s:
                     self.candidates.remove(candidate)
                     self.pictures.append(candidate)
                     recognised.append(candidate)
                     continue
             people.append(face)
+        # A still face whose look-alike is seen elsewhere in more than a tenth of the frames has moved: it was a
+        # person (a customer who sways and steps about passes back through where they stood, and must not add up a
+        # minute there). A few such frames are the detector's outliers (a poster: about 1 in 300); a still face
+        # seen in place in this frame has not moved (two copies of one poster are both still).
+        moved = {id(c) for c in self.candidates for signature in looks
+                 if id(c) not in seen and c.signature.similarity(signature) >= PICTURE_LOOKS}
+        for candidate in self.candidates:
+            if id(candidate) in moved:
+                candidate.away += 1
+        self.candidates = [c for c in self.candidates if c.away < 3 or c.away <= PICTURE_AWAY * (c.frames + c.away)]
+        for face, signature in elsewhere:  # watched from here on
+            self.candidates.append(StillFace(face.box, signature, now, now))
+        if len(self.candidates) > PICTURE_CANDIDATES:  # the least lately seen go
+            self.candidates = sorted(self.candidates, key=lambda c: c.last_seen)[-PICTURE_CANDIDATES:]
         return people, recognised
 
 

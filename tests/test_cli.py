@@ -145,6 +145,8 @@ def test_demo_pos_survives_hostile_payloads(payload, expected):
                        "cameras": {"till-1": {"state": "online", "picture": "blank"}}},
      "t/s/pc/status  STATUS pc               online    0/1 cameras -                                         -  "
      "store closed"),
+    ("t/s/pc/status", {"daemon": "pc", "state": "offline", "store_open": False, "problems": []},  # said then
+     "t/s/pc/status  STATUS pc               offline   -           -                                         -  -"),
 ])
 def test_pos_watch_says_statuses_and_analytics_in_a_line(topic, payload, expected):
     """`tillsight pos watch` and the demo: a status or an interval's counts as one readable line, whatever it holds."""

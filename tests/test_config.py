@@ -129,27 +129,41 @@ def test_ignore_regions_are_boxes_of_shares_of_the_picture():
                                                     "or equal to 1"]  # pixels, not shares
     assert camera_problems([[True, 0, 1, 1]]) == [
         "cameras.0.ignore_regions: item 0: a corner should be a number, not true or false"]
+    assert camera_problems([[0.1, 0.1, 0.2, "0.3"]]) == [
+        "cameras.0.ignore_regions: item 0: '0.3' should be a number (write it without quotes)"]
     assert camera_problems([[0, 0, 1, 1]] * 17)[0].startswith("cameras.0.ignore_regions: list should have at most 16")
 
 
 def test_usb_cameras_by_index_or_absent_are_warned_of_at_check(tmp_path):
-    """Two USB cameras by index swap at a reboot or a replug, and then each till is answered about the other's
-    customer: config check says so, and so does a device path that is not there (a typo, or unplugged)."""
+    """USB cameras by index swap at a reboot or a replug, and then each till is answered about the other's
+    customer: config check says so, and so does a device path that is not there (a typo, or unplugged), and one
+    device named twice."""
+    import os
     absent = "/dev/v4l/by-id/usb-Nothing_Here_0000-video-index0"
     config = write_config(tmp_path / "c.toml", store_id="s", cameras=[
-        {"id": "till-1", "source": 0}, {"id": "till-2", "source": "/dev/video2"}, {"id": "till-3", "source": absent}])
+        {"id": "till-1", "source": 0}, {"id": "till-2", "source": "/dev/video63"}, {"id": "till-3", "source": absent},
+        {"id": "till-4", "source": "/dev/video0"}])
     result = tillsight("config", "check", str(config))
     assert result.returncode == 0 and result.stdout == f"{config}: OK\n", result
-    assert result.stderr.splitlines() == [
-        "warning: cameras.0.source, cameras.1.source: USB cameras by index (0, /dev/video2) can swap at a reboot or a "
-        "replug, and each till would be answered about the other's customer: name each by its /dev/v4l/by-id/... "
-        "link (ls -l /dev/v4l/by-id), or by-path (the USB port) for cameras of one model without serial numbers",
-        "warning: cameras.1.source: /dev/video2 is not there now (a typo, or the camera is unplugged; ls -l "
-        "/dev/v4l/by-id)",
-        f"warning: cameras.2.source: {absent} is not there now (a typo, or the camera is unplugged; ls -l "
-        "/dev/v4l/by-id)"]
-    one = write_config(tmp_path / "one.toml", store_id="s", cameras=[{"id": "till-1", "source": 0}])
-    assert tillsight("config", "check", str(one)).stderr == ""  # one camera by index cannot swap
+    expected = [
+        "warning: cameras.0.source, cameras.1.source, cameras.3.source: USB cameras by index (0, /dev/video63, "
+        "/dev/video0) beside other USB cameras can swap at a reboot or a replug, and each till would be answered "
+        "about the other's customer: name each by its /dev/v4l/by-id/... link (ls -l /dev/v4l/by-id), or by-path "
+        "(the USB port) for cameras of one model without serial numbers",
+        "warning: cameras.0.source, cameras.3.source: the same device (/dev/video0) twice: a device has one reader, "
+        "so the second camera would never open"]
+    expected += [f"warning: cameras.{index}.source: {path} is not there now (a typo, or the camera is unplugged; "
+                 "ls -l /dev/v4l/by-id)" for index, path in ((1, "/dev/video63"), (2, absent), (3, "/dev/video0"))
+                 if not os.path.exists(path)]  # (none of them is on the machines the tests run on)
+    assert result.stderr.splitlines() == expected
+    # one camera by index beside one by its link: the index may become that camera's node after a reboot
+    mixed = write_config(tmp_path / "mixed.toml", store_id="s", cameras=[{"id": "till-1", "source": 0},
+                                                                         {"id": "till-2", "source": absent}])
+    assert "cameras.0.source: USB cameras by index (0) beside other USB cameras" in \
+        tillsight("config", "check", str(mixed)).stderr
+    one = write_config(tmp_path / "one.toml", store_id="s", cameras=[{"id": "till-1", "source": 0},
+                                                                     {"id": "till-2", "source": "rtsp://10.0.0.5/"}])
+    assert tillsight("config", "check", str(one)).stderr == ""  # one USB camera by index cannot swap
 
 
 def test_missing_keys_and_files():
@@ -298,6 +312,9 @@ def test_opening_hours_mistakes_are_one_line_each():
         "not listed"]
     assert problems({"default": "closed", "timezone": "../../etc/passwd"})[0].startswith(
         "opening_hours.timezone: unknown time zone '../../etc/passwd'")
+    for pseudo in ("localtime", "posixrules", "Factory"):  # files in the zone folder, not a store's zone
+        assert problems({"default": "closed", "timezone": pseudo})[0].startswith(
+            f"opening_hours.timezone: unknown time zone '{pseudo}'")
     assert problems({"default": "closed", "holidays": "25 Dec"}) == ["opening_hours.holidays: unknown key"]
 
 
@@ -310,7 +327,9 @@ def test_opening_hours_without_a_time_zone_on_a_machine_set_to_utc_are_warned_of
         "warning: opening_hours: no timezone, and this machine's time zone is UTC: the hours are read in UTC; set "
         "opening_hours.timezone to the store's (e.g. \"Europe/London\")\n")
     in_london = tillsight("config", "check", str(config), env={**os.environ, "TZ": "Europe/London"})
-    assert in_london.returncode == 0 and in_london.stderr == ""
+    assert in_london.returncode == 0 and in_london.stderr == ""  # GMT in winter, but summer time: set
+    in_gmt = tillsight("config", "check", str(config), env={**os.environ, "TZ": "Etc/GMT"})
+    assert in_gmt.stderr == in_utc.stderr
 
 
 def test_the_live_check_says_the_stores_local_time_and_whether_it_is_open():

@@ -168,5 +168,7 @@ def test_the_daemon_leaves_a_poster_out_of_its_customers_and_counts(tmp_path, br
     assert summaries["off"]["pictures"] == summaries["region"]["pictures"] == 0
     assert summaries["region"]["tracks"] == summaries["rule"]["tracks"]
     assert summaries["region"]["faces"] < summaries["rule"]["faces"] < summaries["off"]["faces"]
+    # as camera till-1, with its settings: its fps_limit (5) too, half the video's 10 frames a second
+    assert abs(summaries["rule"]["frames"] - round(customers[-1][1] * FPS) / 2) <= 2
     [line] = [json.loads(line) for line in stderr["rule"].splitlines() if "taken for a picture" in line]
     assert line["camera"] == "till-1" and line["seconds"] >= 15 and len(line["tracks"]) == 1
