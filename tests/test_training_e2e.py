@@ -212,7 +212,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, utkface):
     result = tillsight("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
     assert (result.returncode, result.stderr.strip()) == (2, f"tillsight: error: data folder not found: {tmp_path / 'nowhere'}")
     no_models = {**os.environ, "TILLSIGHT_MODEL_DIR": str(tmp_path / "empty-cache")}
-    result = tillsight("eval", "--data", str(utkface), "--limit", "3", env=no_models)
+    result = tillsight("eval", "--data", str(utkface), "--limit", "3", "--model", "light", env=no_models)
     assert result.returncode == 1 and "run `tillsight models fetch light`" in result.stderr.strip().splitlines()[-1]
     result = tillsight("ship", str(tmp_path / "run" / "best.keras"), "--data", str(utkface), "--into", str(tmp_path))
     assert (result.returncode, result.stderr.strip()) == (1, f"tillsight: error: checkpoint not found: "
