@@ -173,6 +173,10 @@ def test_ship_refuses_a_model_under_the_gates_and_ships_one_over_them_with_its_c
     card = (into / "AGE.md").read_text()
     assert f"| MAE (years) | {report['n_scored']} | **{mae:.2f}** | {report['compared_with']['mae']:.2f} |" in card
     assert "**Licence: non-commercial research only.**" in card and "--input-size 64 --crop-margin 0.0" in card
+    late = list(csv.DictReader((run_dir / "history.csv").open()))[-20:]  # where training ended, beside the best epoch
+    val_mae = next(c for c in late[0] if c.startswith("val_") and c.endswith("mae"))
+    late_val = sum(float(r[val_mae]) for r in late) / len(late)
+    assert f"over the last {len(late)} epochs the validation MAE averaged {round(late_val, 2):.2f} years" in card
     for name in ("curves.png", "error_by_band.png", "predicted_vs_true.png", "operating_points.png"):
         assert (into / "age-card" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     text = readme.read_text()
