@@ -1,9 +1,11 @@
 """`tillsight bench --model-only` (edge/speed.py) on the CPU, the end-to-end part's batch-size reading, and the
-weightless model of the GPU machine's carry (scripts/device/model_skeleton.py). Tiny models, tiny time budgets:
+models the GPU machine makes from the shipped one (scripts/device/bench_models.py). Tiny models, tiny time budgets:
 that every mode runs, answers what plain calls answer, and reports what the README says; not the figures."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -15,8 +17,8 @@ from test_cli import one_line_error
 from tskit import REPO, tillsight
 
 
-def _skeleton_tool():
-    spec = importlib.util.spec_from_file_location("model_skeleton", REPO / "scripts/device/model_skeleton.py")
+def _bench_models_tool():
+    spec = importlib.util.spec_from_file_location("bench_models", REPO / "scripts/device/bench_models.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -53,7 +55,7 @@ def tiny_age_model(path, size=32, seed=0):
 
 def test_model_only_on_the_cpu_every_mode_answers_as_plain_runs(tmp_path):
     model = tiny_age_model(tmp_path / "age.onnx")
-    onnx.save(_skeleton_tool().to_fp16(onnx.load(str(model))), str(tmp_path / "age_fp16.onnx"))  # export's fp16 path
+    onnx.save(_bench_models_tool().to_fp16(onnx.load(str(model))), str(tmp_path / "age_fp16.onnx"))  # export's fp16 path
     out = tmp_path / "out"
     result = tillsight("bench", "--model-only", "--model", str(model), "--batches", "1,4", "--point-seconds", "0.05",
                        "--modes", "plain,iobinding,upload,cudagraph", "--out", str(out), timeout=120)
@@ -116,27 +118,34 @@ def test_gpu_sampler_without_nvml_says_why():
         assert window == {"available": False, "reason": sampler.reason} and sampler.reason
 
 
-def test_weightless_model_regenerates_the_same_graph_with_finite_outputs(tmp_path):
-    tool = _skeleton_tool()
-    original = tmp_path / "orig"
-    original.mkdir()
-    tiny_age_model(original / "age.onnx")
-    skeleton = tool.strip(original / "age.onnx", tmp_path / "skel", min_elements=1000)
-    emptied = [t for t in onnx.load(str(skeleton)).graph.initializer if t.doc_string.startswith(tool.MARK)]
-    assert [t.name for t in emptied] == ["w2"] and not emptied[0].raw_data  # w1 (216), 1-D scale: kept as they are
-    written = tool.regen(tmp_path / "skel", tmp_path / "regen")
-    assert [p.name for p in written] == ["age.onnx", "age_fp16.onnx"]  # fp16 by export's conversion
-    a, b = onnx.load(str(original / "age.onnx")), onnx.load(str(tmp_path / "regen/age.onnx"))
-    assert tool._signature(a) == tool._signature(b)
-    w2a, w2b = (numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "w2")) for m in (a, b))
-    assert not np.array_equal(w2a, w2b) and abs(w2a.std() - w2b.std()) < 0.1 * w2a.std()
-    assert w2b.min() >= w2a.min() and w2b.max() <= w2a.max()
-    x = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
-    for path in written:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        ages = session.run(None, {"crops": x})[0]
-        assert ages.shape == (3, 1) and np.isfinite(ages).all()
-    assert dict((p.key, p.value) for p in b.metadata_props)["tillsight.contract"] == "1"
+def test_bench_models_from_the_shipped_int8_answer_as_the_daemon_serves_it(tmp_path, two_people_photo):
+    """The GPU machine has only edge/models/age_int8.onnx (int8 weights, float maths): fp32 made from it holds the
+    float weights ONNX Runtime folds at load, so it answers what the daemon's session answers; fp16 within
+    half a year on real faces; the int8 file is the shipped one."""
+    from edge.crop import crop_face
+    from edge.detect import FaceDetector, detect_in_photo
+    from edge.infer import AgeModel
+    import cv2
+    shipped = REPO / "edge" / "models" / "age_int8.onnx"
+    written = _bench_models_tool().from_shipped(shipped, tmp_path)
+    assert [p.name for p in written] == ["age.onnx", "age_fp16.onnx", "age_int8.onnx"]
+    assert (tmp_path / "age_int8.onnx").read_bytes() == shipped.read_bytes()
+    fp32 = onnx.load(str(tmp_path / "age.onnx"))
+    assert not [n for n in fp32.graph.node if n.op_type == "DequantizeLinear"]
+    meta = {p.key: p.value for p in fp32.metadata_props}
+    assert "tillsight.quantization" not in meta and meta["tillsight.input_size"] == "160"
+    image = cv2.imread(str(two_people_photo))
+    crops = np.stack([crop_face(image, f, 160, 0.0) for f in detect_in_photo(FaceDetector(), image)]).astype(np.float32)
+    served = AgeModel.load(shipped, ["cpu"]).session  # the daemon's session: weights folded at load
+    expected = np.ravel(served.run(None, {"crops": crops})[0])
+    ages = {name: np.ravel(ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+                           .run(None, {"crops": crops})[0]) for name in ("age.onnx", "age_fp16.onnx")}
+    assert len(expected) == 2 and np.allclose(ages["age.onnx"], expected, atol=1e-3)
+    assert np.abs(ages["age_fp16.onnx"] - expected).max() < 0.5
+    assert one_line_error(subprocess.run([sys.executable, str(REPO / "scripts/device/bench_models.py"), "shipped",
+                                          str(tmp_path / "age.onnx"), "--out", str(tmp_path / "again")],
+                                         capture_output=True, text=True)) == \
+        "no weights to dequantize: not an int8 weights-only model"
 
 
 def test_gpu_report_ratios_target_and_plot(tmp_path, capsys):

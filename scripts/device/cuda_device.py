@@ -10,9 +10,10 @@ first does what the carried folders allow, each step once per machine (markers u
               checked against the manifest); a part missing from an earlier call means the machine went
               back in between: it says so and which calls to make again
     setup     (the call carrying .device/cuda1) the wheels into /tmp/site, mosquitto into /tmp/mosquitto,
-              the random-init ResNet50 regenerated from its skeleton into /tmp/tsmodels (fp16 converted
-              with the machine's onnxruntime, before it is removed), a smoke test of it; facts about the
-              machine into $OUT/probe.txt
+              the shipped ResNet50 (edge/models/age_int8.onnx, in the tree) made into fp32 and fp16 files
+              in /tmp/tsmodels (scripts/device/bench_models.py; fp16 converted with the machine's
+              onnxruntime, before it is removed), a smoke test of them; facts about the machine into
+              $OUT/probe.txt
     assemble  (once every part is there) the parts joined, checked, unpacked into /tmp/site; the machine's
               CPU onnxruntime uninstalled (tillsight refuses to run with both builds); the CUDA provider's
               libraries resolved (ldd) and a session's get_providers() printed
@@ -53,7 +54,8 @@ PARTS = WORK / "parts"
 SITE = ROOT / "site"
 MOSQUITTO = ROOT / "mosquitto"
 MODELS = ROOT / "tsmodels"
-MODEL = MODELS / "bench-resnet50-random" / "onnx" / "age.onnx"
+MODEL = MODELS / "bench-resnet50" / "onnx" / "age.onnx"
+SHIPPED = REPO / "edge" / "models" / "age_int8.onnx"
 OUT = Path(os.environ.get("OUT") or WORK / "out")
 NEEDED = ("libcublasLt.so.13", "libcublas.so.13", "libcurand.so.10", "libcudart.so.13", "libcudnn.so.9")
 
@@ -63,8 +65,8 @@ SPEED_OPTIONS = ["--model-only", "--providers", "cuda,cpu", "--variants", "fp16"
                  "--cpu-batches", "none", "--modes", "iobinding", "--point-seconds", "1",
                  "--cuda-options", "default", "--cuda-options", "cudnn_conv_algo_search=HEURISTIC",
                  "--cuda-options", "prefer_nhwc=1"]
-# what a store server gets when only age_int8.onnx ships (the 30 MB budget: issue 7): `auto` serves it on
-# CUDA too, where full int8 runs as DequantizeLinear nodes around float kernels
+# what a store server gets, as only age_int8.onnx ships (the 30 MB budget: issue 7): `auto` serves it on CUDA
+# too; its int8 weights are folded into fp32 ones at load (edge/runtime.py), so this should match fp32
 SPEED_INT8 = ["--model-only", "--providers", "cuda,cpu", "--variants", "int8", "--batches", "8,64,256",
               "--cpu-batches", "none", "--modes", "plain,iobinding", "--point-seconds", "1"]
 E2E = ["--skip-model-speed", "--cameras", "1,4,8,16,32", "--fps", "10", "--seconds", "15"]
@@ -171,11 +173,11 @@ def setup() -> None:
         tar.extractall(MOSQUITTO.parent, filter="tar")
     version = subprocess.run([str(MOSQUITTO / "bin" / "mosquitto"), "-h"], capture_output=True, text=True)
     say("mosquitto: " + ((version.stdout + version.stderr).strip().splitlines() or ["did not run"])[0])
-    # the model, regenerated while the machine's own onnxruntime (CPU) is still there for the fp16 conversion
+    # the models, made while the machine's own onnxruntime (CPU) is still there for the fp16 conversion
     plain = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run([sys.executable, "scripts/device/model_skeleton.py", "regen", str(first / "age-resnet50-random.skel.tar.xz"),
-         "--out", str(MODEL.parent)], env=plain)
-    run([sys.executable, "scripts/device/model_skeleton.py", "smoke", str(MODEL.parent),
+    run([sys.executable, "scripts/device/bench_models.py", "shipped", str(SHIPPED), "--out", str(MODEL.parent)],
+        env=plain)
+    run([sys.executable, "scripts/device/bench_models.py", "smoke", str(MODEL.parent),
          "--faces", str(first / "media" / "two_people.jpg")], env={**plain, "PYTHONPATH": str(REPO)})
     done.write_text("ok")
 

@@ -10,9 +10,9 @@ with the working tree.
 ORT-GPU: from the cp312 onnxruntime-gpu wheel (CUDA 13), only what the CUDA path needs: the wheel's
 `onnxruntime/` and its dist-info, less `capi/libonnxruntime_providers_tensorrt.so` (TensorRT, not on the
 machine) and `capi/libonnxruntime.so.<version>` (the C API library: the Python module does not load it,
-readelf -d shows no NEEDED entry for it), in one tar, `xz -9e`, split into parts. The random-init ResNet50
-travels weightless in call 1 (age-resnet50-random.skel.tar.xz, made by model_skeleton.py here)
-and is regenerated on the machine.
+readelf -d shows no NEEDED entry for it), in one tar, `xz -9e`, split into parts. The age model is the
+shipped one, in the tree (edge/models/age_int8.onnx): the machine makes its fp32 and fp16 files
+(scripts/device/bench_models.py).
 
     .venv/bin/python scripts/device/pack_cuda_bench.py [--wheel FILE] [--check-cp311 WHEEL]
 
@@ -51,7 +51,6 @@ DAEMON_WHEELS = ("pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==
                  "typing-extensions==4.16.0", "paho-mqtt==2.2.0", "cysystemd==2.0.5", "prometheus-client==0.26.0")
 PLATFORMS = ("manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 MEDIA = ("short_hamilton_clip.mp4", "two_people.jpg")
-SKELETON_NAME = "age-resnet50-random.skel.tar.xz"
 GLIBC_LIBS = ("libc.so.6", "libm.so.6", "libresolv.so.2", "libpthread.so.0", "libdl.so.2", "librt.so.1")
 
 
@@ -186,33 +185,10 @@ def check_cp311(wheel311: Path, info: dict) -> None:
     print("cp311 selection imports:", done.stdout.strip() or done.stderr.strip().splitlines()[-1])
 
 
-def model_skeleton(data: Path) -> Path:
-    """The weightless random-init ResNet50 (model_skeleton.py strip of its fp32, fp16 and int8 files),
-    made from `tillsight bench`'s cached model. Carried in .device/, never committed: that model's one
-    epoch on 40 UTKFace faces makes it derived from ../shared."""
-    target = CACHE / SKELETON_NAME
-    if target.is_file():
-        return target
-    sys.path.insert(0, str(REPO))
-    from edge.bench import random_resnet50  # the cached one, else made once (a few minutes)
-    onnx_path, _ = random_resnet50(data)
-    folder = CACHE / "skeleton"
-    shutil.rmtree(folder, ignore_errors=True)
-    tool = [sys.executable, str(REPO / "scripts/device/model_skeleton.py"), "strip"]
-    subprocess.run(tool + [str(onnx_path.with_name(n)) for n in ("age.onnx", "age_fp16.onnx", "age_int8.onnx")]
-                   + ["--out", str(folder)], check=True)
-    with tarfile.open(target, "w:xz") as archive:
-        for skel in sorted(folder.glob("*.skel.onnx")):
-            archive.add(skel, arcname=skel.name)
-    return target
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wheel", type=Path, help=f"the cp312 onnxruntime-gpu wheel (default: download {WHEEL_NAME})")
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared", help="for media/ (the clip, the photo)")
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets" / "utkface",
-                        help="labelled faces, to make the random-init ResNet50 if the model cache lacks it")
     parser.add_argument("--check-cp311", type=Path, metavar="WHEEL",
                         help="also unpack the same selection of the cp311 wheel and import it here")
     parser.add_argument("--python-version", default="3.12", help="of the daemon's wheels (3.11: a rehearsal here, "
@@ -223,7 +199,6 @@ def main() -> int:
     ignored = subprocess.run(["git", "check-ignore", "-q", str(into / "x")], cwd=REPO).returncode == 0
     if not ignored:
         raise SystemExit(f"{into} is not git-ignored (add /.device/ to .gitignore or .git/info/exclude)")
-    skeleton = model_skeleton(args.data)
     for old in into.glob("cuda[0-9]*"):
         shutil.rmtree(old)
 
@@ -244,7 +219,6 @@ def main() -> int:
     for wheel_file in sorted(wheels.glob("*.whl")):
         shutil.copy2(wheel_file, first / "whl" / wheel_file.name)
     shutil.copy2(mosquitto, first / mosquitto.name)
-    shutil.copy2(skeleton, first / SKELETON_NAME)
     (first / "media").mkdir()
     for m in media:
         shutil.copy2(m, first / "media" / m.name)

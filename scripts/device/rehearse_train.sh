@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The training job's two calls, here, under a Python 3.12 that has what the GPU machine has (its
+# The training job's four calls, here, under a Python 3.12 that has what the GPU machine has (its
 # image's python3: JAX 0.11.2, onnxruntime 1.30, onnx 1.23 (edge/runtime.py reads model metadata with
 # it), opencv-python-headless, h5py, matplotlib, rich, nvidia-ml-py, typing-extensions; no Keras, no
 # pydantic: KINDS.md in the device library) and nothing else, so that a missing
@@ -24,7 +24,8 @@ rm -rf "$work/data" "$work/site" "$work/run" "$work/out" "$work/local" && mkdir 
 export DATA=$work/data SITE=$work/site RUN=$work/run OUT=$work/out PY=$venv/bin/python
 scripts/device/pack.sh 1
 scripts/device/train_age.sh setup
-scripts/device/pack.sh 2
+for call in 2 3; do scripts/device/pack.sh $call && scripts/device/train_age.sh keep; done
+scripts/device/pack.sh 4
 LIMIT=600 SIZE=64 BATCH=32 MINUTES=1.2 scripts/device/train_age.sh train
 .venv/bin/python scripts/device/weights.py unpack "$OUT" "$work/local"
 echo "rehearsal passed: $work/local/checkpoints/best.keras"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The age model's training run on the lent GPU machine, in two calls chained while it is warm
-# (scripts/device/README.md). The recipe is the `tillsight train` line below.
-#   train_age.sh setup   call 1: install the carried wheels, keep shards 00-01
-#   train_age.sh train   call 2: keep shards 02-03, train, put the results in $OUT
+# The age model's training run on the lent GPU machine, in four calls chained while it is warm
+# (scripts/device/README.md; one UTKFace shard a call, scripts/device/pack.sh). The recipe is the
+# `tillsight train` line below.
+#   train_age.sh setup   call 1: install the carried wheels, keep labels.csv and shard 00
+#   train_age.sh keep    calls 2 and 3: keep shard 01, then 02
+#   train_age.sh train   call 4: keep shard 03, train, put the results in $OUT
 # Rehearsal on any machine: DATA=/path/with/shards LIMIT=60 SIZE=64 MINUTES=0.5 BATCH=16 \
 #   SITE=/tmp/site OUT=/tmp/out scripts/device/train_age.sh train
 set -uo pipefail
@@ -12,12 +14,14 @@ SIZE=${SIZE:-160} BATCH=${BATCH:-256} MINUTES=${MINUTES:-7} LIMIT=${LIMIT:-}
 export KERAS_BACKEND=${KERAS_BACKEND:-jax} PYTHONPATH=$SITE:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 mkdir -p "$DATA" && cp .device/data/* "$DATA"/ 2>/dev/null
-case "${1:?setup or train}" in
+case "${1:?setup, keep or train}" in
   setup)
     $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .device/whl/*.whl || exit 1
     # every module call 2 needs, imported now: a missing one costs this call, not the training's
     $PY -c "import keras, jax, edge.config, training.model, training.progress; print('keras', keras.__version__, 'jax', jax.__version__, jax.devices())" || exit 1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    ls -la "$DATA" ;;
+  keep)
     ls -la "$DATA" ;;
   train)
     # bfloat16 and batch 256 keep the H100 busy; 160 px instead of 224 doubles the epochs that fit
