@@ -28,6 +28,25 @@ def test_bench_measures_model_pipeline_and_cameras(tmp_path, carphone_clip):
     assert "age model alone, faces/s" in result.stdout and "keeps up" in result.stdout
 
 
+def test_bench_of_the_shipped_resnet50_that_ships_as_int8_alone(tmp_path, carphone_clip):
+    """The default model: edge/models holds age_int8.onnx and no age.onnx; both parts measure what ships."""
+    out = tmp_path / "bench-out"
+    result = tillsight("bench", "--video", str(carphone_clip), "--cameras", "1", "--seconds", "3", "--rounds", "1",
+                       "--out", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "bench.json").read_text())
+    assert report["model"] == "resnet50 (age.onnx)" and report["served_variant"] == "int8"
+    assert set(report["model_speed"]) == {"ORT int8"} and all(v > 0 for v in report["model_speed"]["ORT int8"].values())
+    assert report["one_camera"]["budget"]["tracks"] == 1 and report["cameras"][0]["alerts"] >= 1
+    speed = tmp_path / "speed-out"
+    result = tillsight("bench", "--model-only", "--batches", "1", "--point-seconds", "0.05", "--modes", "plain",
+                       "--out", str(speed), timeout=120)
+    assert result.returncode == 0, result.stderr
+    sweep = json.loads((speed / "speed.json").read_text())
+    assert sweep["variants"] == ["int8"] and sweep["input_size"] == 160
+    assert [s["file"] for s in sweep["sessions"]] == ["age_int8.onnx"]
+
+
 def test_bench_bad_options_are_one_line(tmp_path):
     line = one_line_error(tillsight("bench", "--cameras", "four", "--out", str(tmp_path)), code=2)
     assert line == "tillsight: error: --cameras four: counts like 1,2,4"
