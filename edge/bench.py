@@ -252,7 +252,7 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
     gpu = sampler.window(started + min(3.0, seconds / 4), time.monotonic()) if sampler is not None else None
     batches = scrape_batch_sizes(settings["metrics"]) if settings["metrics"].get("enabled") else \
         {"available": False, "reason": "metrics disabled by --set"}
-    peak_rss = _peak_rss_mb(daemon.pid)
+    peak_rss, rss = _memory_mb(daemon.pid, "VmHWM"), _memory_mb(daemon.pid, "VmRSS")
     daemon.send_signal(signal.SIGTERM)
     try:
         _, stderr = daemon.communicate(timeout=30)
@@ -279,6 +279,7 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
         "estimate_p50_ms": _pct(latencies["estimate"], 50), "estimate_p99_ms": _pct(latencies["estimate"], 99),
         "alerts": len(latencies["alert"]), "age_calls_per_s": last.get("age_network", {}).get("calls_per_s"),
         "age_faces_per_s": last.get("age_network", {}).get("faces_per_s"), "peak_rss_mb": peak_rss,
+        "rss_mb": rss,  # at the end: what a long-running daemon holds (the peak includes loading the models)
         "provider": last.get("provider"), "variant": last.get("age_model", {}).get("variant"),
         "problems": sorted({p for s in online for p in s.get("problems", [])}),
         "batch_sizes": batches, **({"gpu": gpu} if gpu is not None else {}),
@@ -347,10 +348,11 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(1000 * float(np.percentile(values, q)), 1) if values else None
 
 
-def _peak_rss_mb(pid: int) -> float | None:
+def _memory_mb(pid: int, field: str) -> float | None:
+    """VmHWM (peak resident set) or VmRSS (now) of a process, in MB."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
@@ -465,7 +467,7 @@ def _print_cameras_row(row: dict) -> None:
           f"{'keeps up' if row['keeps_up'] else 'FALLS BEHIND'}; lag {row['lag_start_s']} -> {row['lag_end_s']} s, "
           f"dropped {row['dropped']}/{row['frames']}; frame->alert p50 {row['alert_p50_ms']} p99 {row['alert_p99_ms']} ms "
           f"({row['alerts']} alerts); frame->estimate p50 {row['estimate_p50_ms']} p99 {row['estimate_p99_ms']} ms; "
-          f"age network {row['age_faces_per_s']} faces/s; peak RSS {row['peak_rss_mb']} MB", flush=True)
+          f"age network {row['age_faces_per_s']} faces/s; RSS {row['rss_mb']} MB (peak {row['peak_rss_mb']})", flush=True)
     sizes, gpu = row.get("batch_sizes") or {}, row.get("gpu") or {}
     print(f"    age model on {row.get('provider')} ({row.get('variant')}); batches formed: "
           + (f"{sizes['calls']} calls, mean {sizes['mean_faces']} faces/call, {sizes['mean_call_ms']} ms/call, "
@@ -522,7 +524,7 @@ def plot_bench(report: dict, path: Path) -> None:
         right.plot(counts, [r[key] or np.nan for r in rows], "o-", label=label)
     right.axhline(150, color="#cc3311", linestyle="--", linewidth=1, label="150 ms target")
     for r in rows:
-        right.annotate(f"lag {r['lag_end_s']} s\n{r['peak_rss_mb']} MB", (r["cameras"], r["alert_p99_ms"] or 0),
+        right.annotate(f"lag {r['lag_end_s']} s\n{r['rss_mb']} MB", (r["cameras"], r["alert_p99_ms"] or 0),
                        fontsize=7, textcoords="offset points", xytext=(4, 4))
     right.set_xlabel(f"cameras at {rows[0]['fps'] if rows else '?'} fps")
     right.set_ylabel("latency (ms)")

