@@ -11,6 +11,11 @@ interval is sent, one without customers too, with the seconds in it during
 which the camera could not see (`camera_fault_s`): so "nobody came" and "the
 camera was covered" are told apart.
 
+Only an open store's customers are counted: with `opening_hours`, the faces
+seen while it is closed are staff (cleaning, restocking), and the interval
+says how many of its seconds the store was closed (`store_closed_s`); a dark
+picture then is not a camera fault.
+
 An interval is exact about the time it covers: one that counting joined part
 way (the daemon started or was reloaded at 08:07, or the wall clock stepped
 back) starts then and is `partial`, like the one a stopping daemon sends. A
@@ -63,6 +68,7 @@ class AgeBandCounter:
     joined: bool = True  # the next interval opened begins where counting (re)started, not at its slot
     counts: dict[str, int] = field(default_factory=dict)
     fault_s: float = 0.0  # seconds of the interval in progress during which the camera could not see
+    closed_s: float = 0.0  # seconds of it during which the store was closed (nobody counted, no camera fault)
     # Slots are aligned in local time: an hourly interval in a UTC+5:30 store runs 09:00-10:00 there, a daily
     # one from local midnight. A summer-time change makes the slot it falls in an hour longer or shorter.
     utc_offset_s: Callable[[float], float] = local_utc_offset_s
@@ -88,8 +94,8 @@ class AgeBandCounter:
         bands = {name: _published(self.counts.get(name, 0), self.k) for name in band_names(self.edges)}
         message = {"camera": self.camera_id, "interval_start": self.started, "interval_end": end,
                    "bands": bands, "k": self.k, "partial": partial or self.started > self.slot,
-                   "camera_fault_s": round(self.fault_s, 1)}
-        self.started, self.slot, self.counts, self.fault_s = None, None, {}, 0.0
+                   "camera_fault_s": round(self.fault_s, 1), "store_closed_s": round(self.closed_s, 1)}
+        self.started, self.slot, self.counts, self.fault_s, self.closed_s = None, None, {}, 0.0, 0.0
         self.joined = partial
         return message
 
@@ -99,13 +105,14 @@ class AgeBandCounter:
             return None
         return {"camera": self.camera_id, "edges": list(self.edges), "interval_s": self.interval_s, "k": self.k,
                 "started": self.started, "slot": self.slot, "counts": dict(self.counts),
-                "fault_s": round(self.fault_s, 1), "saved_at": now}
+                "fault_s": round(self.fault_s, 1), "closed_s": round(self.closed_s, 1), "saved_at": now}
 
     @classmethod
     def left_message(cls, state: dict) -> dict:
         """The message for an interval a previous run left open: partial, ending when it was last saved."""
         counter = cls(state["camera"], state["edges"], state["interval_s"], state["k"], started=state["started"],
-                      slot=state["slot"], counts=dict(state["counts"]), fault_s=state["fault_s"])
+                      slot=state["slot"], counts=dict(state["counts"]), fault_s=state["fault_s"],
+                      closed_s=state.get("closed_s", 0.0))  # a file saved before closed_s existed
         return counter.flush(state["saved_at"], partial=True)
 
     def _open(self, now: float) -> None:

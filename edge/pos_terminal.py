@@ -66,7 +66,8 @@ def _describe_analytics(body: dict) -> str:
     bands = ", ".join(f"{band} {withheld if count is None else count}" for band, count in body["bands"].items())
     partial = " (partial)" if body.get("partial") else ""
     return (f"{clock(body.get('interval_start'))}-{clock(body.get('interval_end'))} UTC{partial}: {bands}; "
-            f"camera fault {body.get('camera_fault_s')} s")
+            f"camera fault {body.get('camera_fault_s')} s"
+            + (f", store closed {body['store_closed_s']} s" if body.get("store_closed_s") else ""))
 
 
 def describe_status(body: dict, now: float) -> str:

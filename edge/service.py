@@ -99,6 +99,7 @@ class CameraPipeline(threading.Thread):
         self.counter = AgeBandCounter(camera.id, analytics.bands, analytics.interval_s, analytics.k) \
             if analytics.enabled else None
         self.camera_fault = lambda: None  # why the camera cannot see now (set by the service), for analytics
+        self.store_open = lambda: True  # by opening_hours (set by the service): only an open store's customers count
         self.open_intervals: OpenIntervals | None = None  # the interval in progress kept on disk (set by the service)
         self.camera_status: CameraStatus | None = None  # its reader's (set by the service): told of faces in view
         self._counted_at: float | None = None  # monotonic time of the last _count
@@ -136,7 +137,9 @@ class CameraPipeline(threading.Thread):
         if self.counter is None:
             return
         tick = time.monotonic()
-        if self._counted_at is not None and self.camera_fault() is not None:
+        if self._counted_at is not None and not self.store_open():
+            self.counter.closed_s += tick - self._counted_at
+        elif self._counted_at is not None and self.camera_fault() is not None:
             self.counter.fault_s += tick - self._counted_at
         self._counted_at = tick
         self.counter.open(now)
@@ -264,7 +267,7 @@ class CameraPipeline(threading.Thread):
             self.stats.estimates += 1
             final = track.estimate()
             self.publisher.publish_estimate(final, True, track.last_seen if now is None else now, self.transaction)
-            if self.counter is not None:
+            if self.counter is not None and self.store_open():  # while closed, the faces are staff
                 self.counter.add(final.age, track.last_seen)
                 self._save_interval(track.last_seen if now is None else now)
 
@@ -344,6 +347,7 @@ class Service:
             if not replay and self.outbox.path is not None and config.analytics.enabled else None
         for reader, pipeline in zip(self.readers, self.pipelines):
             pipeline.camera_fault = lambda reader=reader: camera_fault(reader)
+            pipeline.store_open = self.store_open
             pipeline.camera_status = reader.status
             pipeline.open_intervals = self.open_intervals
         self.desk = None

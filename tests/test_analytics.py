@@ -55,7 +55,8 @@ def test_intervals_cover_only_the_time_counted_so_a_restart_gives_two_partial_ha
     second.open(1800.2)  # from here on whole intervals again, aligned to the clock
     assert second.flush(2700.0) | {"bands": None} == {"camera": "till-1", "interval_start": 1800.0,
                                                      "interval_end": 2700.0, "bands": None, "k": 1,
-                                                     "partial": False, "camera_fault_s": 0.0}
+                                                     "partial": False, "camera_fault_s": 0.0,
+                                                     "store_closed_s": 0.0}
     second.open(2750.0)
     resumed_at = 2750.0 - 3600  # the wall clock stepped back an hour: the interval so far ends, counting resumes
     assert second.flush(2751.0, partial=True)["interval_start"] == 2700.0
@@ -99,8 +100,8 @@ def test_a_replay_publishes_the_interval_counts(tmp_path, broker, subscriber, ag
     assert bands["35-44"] == summary["tracks"] >= 2  # every customer answered 40
     assert all(v == 0 for k, v in bands.items() if k != "35-44")  # nobody in them: 0 points at nobody
     assert set(counts[0]) == {"id", "schema", "store", "camera", "interval_start", "interval_end", "bands", "k", "partial",
-                              "camera_fault_s"}
-    assert counts[0]["camera_fault_s"] == 0.0
+                              "camera_fault_s", "store_closed_s"}
+    assert counts[0]["camera_fault_s"] == counts[0]["store_closed_s"] == 0.0  # a replay's store is open
 
 
 def test_the_interval_in_progress_is_kept_on_disk_and_sent_as_partial_by_the_next_run(tmp_path, caplog):
@@ -110,15 +111,21 @@ def test_the_interval_in_progress_is_kept_on_disk_and_sent_as_partial_by_the_nex
     kept = OpenIntervals(path)
     counter.add(40, now=1000.0)  # counting began at 1000 s (a start part way into the 900-1800 slot)
     kept.save("till-1", counter.state(1000.0))
-    counter.fault_s = 3.0
+    counter.fault_s, counter.closed_s = 3.0, 2.0
     kept.save("till-1", counter.state(1005.0))  # nothing counted since, within SAVE_EVERY_S: not written
     assert json.loads(path.read_text())["till-1"]["saved_at"] == 1000.0
     counter.add(16, now=1006.0)
     kept.save("till-1", counter.state(1006.0))  # a count: written at once
     [message] = OpenIntervals(path).take_left(max_age_s=86400, now=2000.0)
     assert message == {"camera": "till-1", "interval_start": 1000.0, "interval_end": 1006.0,
-                       "bands": {"0-17": 1, "18-24": 0, "25+": 1}, "k": 1, "partial": True, "camera_fault_s": 3.0}
+                       "bands": {"0-17": 1, "18-24": 0, "25+": 1}, "k": 1, "partial": True, "camera_fault_s": 3.0,
+                       "store_closed_s": 2.0}
     assert not path.exists() and OpenIntervals(path).take_left(86400) == []  # sent once
+    before_closed_s = counter.state(1006.0)
+    del before_closed_s["closed_s"]  # kept by a daemon from before store_closed_s, read by its upgrade
+    path.write_text(json.dumps({"till-1": before_closed_s}))
+    [message] = OpenIntervals(path).take_left(max_age_s=86400, now=2000.0)
+    assert (message["bands"], message["store_closed_s"]) == ({"0-17": 1, "18-24": 0, "25+": 1}, 0.0)
 
     kept.save("till-1", counter.state(1010.0))
     kept.save("till-1", None)  # a clean stop sent the interval itself

@@ -304,6 +304,69 @@ def test_a_store_closed_for_the_night_is_quiet_about_its_dark_camera_until_it_op
     assert lines.index(("store open", "INFO")) < [m for m, _ in lines].index("degraded")
 
 
+def test_faces_seen_while_the_store_is_closed_are_staff_not_customers_in_the_analytics(broker, subscriber, age_models,
+                                                                                      carphone_clip):
+    """The cleaner at 23:00 gets an estimate like anyone (the till is the same), but is no customer: the intervals
+    count nobody and say how long the store was closed, not that the camera could not see. Open, the same face
+    is counted."""
+    import threading
+
+    import cv2
+    import numpy as np
+
+    from edge.service import Service
+    from tskit import MjpegCamera
+    camera = MjpegCamera(carphone_clip, fps=10).start()
+    someone = camera.jpegs
+    rng = np.random.default_rng(0)
+    nobody = [cv2.imencode(".jpg", np.clip(rng.normal(90, 30, (144, 176, 3)), 0, 255).astype(np.uint8))[1].tobytes()
+              for _ in range(10)]  # an empty till: detail enough to be a live picture, no face
+    config = parse_config({"store_id": "store-1", "daemon_id": "till-pc", "status_interval_s": 30,
+                           "cameras": [{"id": "till-1", "source": camera.url, "fps_limit": 10}],
+                           "mqtt": {"host": "127.0.0.1", "port": broker.port},
+                           "models": {"age_model": str(age_models[40])}, "analytics": {"interval_s": 1, "k": 1},
+                           "opening_hours": {"timezone": "Europe/London", "default": "07:00-22:00"}})
+    service = Service(config)
+    now = [1795734000.0]  # Thu 2026-11-26 23:00 in London: closed
+    service.clock = lambda: now[0]
+    done = threading.Event()
+    service.start()
+    loop = threading.Thread(target=service.run_until_stopped, args=(done,))
+    loop.start()
+
+    def visit(after: int) -> int:
+        """Someone stands at the till, then leaves: the count of final estimates once they are found gone."""
+        camera.jpegs = someone
+        assert subscriber.wait_for(lambda s: len(s.json("till-1/estimate")) > after, 20)
+        camera.jpegs = nobody
+        assert subscriber.wait_for(lambda s: any(m["final"] for m in s.json("till-1/estimate")[after:]), 20)
+        return len(subscriber.json("till-1/estimate"))
+
+    try:
+        seen_at_night = visit(0)
+        night_intervals = len(subscriber.json("till-1/analytics"))
+        assert subscriber.wait_for(lambda s: len(s.json("till-1/analytics")) >= night_intervals + 2, 10)
+        night = subscriber.json("till-1/analytics")
+        now[0] = 1795764600.0  # Fri 07:30: open
+        open_from = len(subscriber.json("till-1/analytics"))
+        visit(seen_at_night)
+        assert subscriber.wait_for(lambda s: any(sum(v or 0 for v in m["bands"].values())
+                                                 for m in s.json("till-1/analytics")[open_from:]), 10)
+    finally:
+        done.set()
+        loop.join()
+        service.stop(5)
+        camera.stop()
+    finals = [m for m in subscriber.json("till-1/estimate") if m["final"]]
+    assert len(finals) >= 2 and all(m["age"] == 40.0 for m in finals)
+    assert all(v == 0 for m in night for v in m["bands"].values()), [m["bands"] for m in night]
+    assert all(m["camera_fault_s"] == 0.0 for m in night)
+    whole = [m for m in night[1:] if not m["partial"]]  # the first one started with the daemon
+    assert whole and all(0.8 <= m["store_closed_s"] <= 1.2 for m in whole), [m["store_closed_s"] for m in night]
+    day = subscriber.json("till-1/analytics")[open_from + 1:]  # from the first interval wholly after opening
+    assert sum(m["bands"]["35-44"] for m in day) >= 1 and all(m["store_closed_s"] == 0.0 for m in day)
+
+
 def test_a_wall_clock_stepped_back_ends_the_tracks_and_the_interval_and_frames_go_on(broker, subscriber, age_models,
                                                                                      carphone_clip, caplog):
     """NTP steps a till PC's clock back an hour while a customer stands at the till: their track ends with a final
