@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--out", type=Path, default=Path("runs/inspect"))
     inspect.add_argument("--limit", type=int, help="a deterministic subset of this many images")
     inspect.add_argument("--val-fraction", type=float, default=0.1)
+    inspect.add_argument("--test-fraction", type=float, default=0.1)
     inspect.set_defaults(handler=cmd_inspect)
 
     train = commands.add_parser("train", help="train the ResNet50 age model (train extra)")
@@ -201,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=30)
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--learning-rate", type=float, default=1e-3)
-    train.add_argument("--val-fraction", type=float, default=0.1)
+    train.add_argument("--val-fraction", type=float, default=0.1, help="validation: picks the checkpoint")
+    train.add_argument("--test-fraction", type=float, default=0.1, help="held out from training and from choosing "
+                       "the checkpoint; ship reports on it (0: none)")
     train.add_argument("--limit", type=int, help="a deterministic subset of this many images")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--mixed-precision", choices=["auto", "on", "off"], default="auto",
@@ -220,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "errors on these faces, for policy.mode = \"risk\" (use the validation split)")
     evaluate.add_argument("--data", type=Path, required=True)
     evaluate.add_argument("--labels", type=Path)
-    evaluate.add_argument("--split", choices=["all", "train", "val"], default="all")
+    evaluate.add_argument("--split", choices=["all", "train", "val", "test"], default="all")
     evaluate.add_argument("--val-fraction", type=float, default=0.1)
+    evaluate.add_argument("--test-fraction", type=float, default=0.1, help="the run's (0 for runs before test splits)")
     evaluate.add_argument("--limit", type=int)
     evaluate.add_argument("--out", type=Path, help="folder for eval.json and the PNG plots")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
@@ -231,13 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "the gates (train extra)")
     ship.add_argument("checkpoint", type=Path, help="the run's checkpoints/best.keras")
     ship.add_argument("--data", type=Path, required=True, help="the labelled folder the run trained on (its "
-                      "validation split is scored)")
+                      "held-out test split is scored; validation for a run without one)")
     ship.add_argument("--labels", type=Path)
     ship.add_argument("--work", type=Path, help="exports, eval, speed and ship.json (default: the run's ship/)")
     ship.add_argument("--into", type=Path, default=Path("edge/models"), help="where the model and its card go")
     ship.add_argument("--readme", type=Path, default=Path("README.md"), help="the README whose age model "
                       "section is rewritten ('-': none)")
-    ship.add_argument("--limit", type=int, help="score only this many validation photos (rehearsals)")
+    ship.add_argument("--limit", type=int, help="score only this many photos of that split (rehearsals)")
     ship.add_argument("--max-mae", type=float, default=6.04, help="ship only under this MAE (default: the seeds')")
     ship.add_argument("--max-int8-mae-change", type=float, default=0.1)
     ship.add_argument("--max-int8-shift", type=float, default=3.0, help="years any face may move from fp32 to int8")
@@ -636,11 +640,13 @@ def _data_errors():
 
 
 def cmd_inspect(args) -> int:
-    _check_ranges(val_fraction=(args.val_fraction, 0.001, 0.999), limit=(args.limit, 1, 10**9))
+    _check_ranges(val_fraction=(args.val_fraction, 0.001, 0.999), limit=(args.limit, 1, 10**9),
+                  test_fraction=(args.test_fraction, 0, 0.9))
     _training_imports(keras_needed=False)
     from training.inspect import inspect, print_report
     try:
-        report = inspect(args.dir, args.labels, args.out, args.limit, args.val_fraction)
+        report = inspect(args.dir, args.labels, args.out, args.limit, args.val_fraction,
+                         test_fraction=args.test_fraction)
     except _data_errors() as exc:
         raise UserError(str(exc)) from None
     print_report(report)
@@ -660,13 +666,17 @@ def cmd_train(args) -> int:
                   epochs=(args.epochs, 1, 10_000), batch_size=(args.batch_size, 1, 4096),
                   learning_rate=(args.learning_rate, 1e-8, 1), val_fraction=(args.val_fraction, 0.001, 0.999),
                   limit=(args.limit, 2, 10**9), minutes=(args.minutes, 0.1, 100_000), workers=(args.workers, 1, 512),
-                  weight_decay=(args.weight_decay, 0, 1))
+                  weight_decay=(args.weight_decay, 0, 1), test_fraction=(args.test_fraction, 0, 0.9))
+    if args.val_fraction + args.test_fraction >= 0.95:
+        raise UserError(f"--val-fraction {args.val_fraction:g} and --test-fraction {args.test_fraction:g} leave "
+                        "under 5 % of the faces to train on", EXIT_USAGE)
     _training_imports()
     from training.train import TrainOptions, train
     opts = TrainOptions(data=str(args.data), labels=str(args.labels) if args.labels else None, out=str(args.out),
                         input_size=args.input_size, crop_margin=args.crop_margin, head=args.head,
                         weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,
-                        learning_rate=args.learning_rate, val_fraction=args.val_fraction, limit=args.limit,
+                        learning_rate=args.learning_rate, val_fraction=args.val_fraction,
+                        test_fraction=args.test_fraction, limit=args.limit,
                         seed=args.seed, mixed_precision=args.mixed_precision, data_parallel=args.data_parallel,
                         minutes=args.minutes, workers=args.workers, weight_decay=args.weight_decay)
     try:
@@ -682,11 +692,12 @@ def cmd_eval(args) -> int:
     from training.evaluate import evaluate, print_eval
     if not args.data.is_dir():
         raise UserError(f"data folder not found: {args.data}", EXIT_USAGE)
-    _check_ranges(val_fraction=(args.val_fraction, 0.001, 0.999), limit=(args.limit, 1, 10**9))
+    _check_ranges(val_fraction=(args.val_fraction, 0.001, 0.999), limit=(args.limit, 1, 10**9),
+                  test_fraction=(args.test_fraction, 0, 0.9))
     try:
         report = evaluate(args.model, args.data, args.labels, args.split, args.val_fraction,
                           args.limit, args.out, progress=not args.json, compare=args.compare,
-                          residuals_into=args.residuals_into)
+                          residuals_into=args.residuals_into, test_fraction=args.test_fraction)
     except _data_errors() as exc:
         raise UserError(str(exc)) from None
     if args.json:
@@ -738,7 +749,7 @@ def cmd_ship(args) -> int:
                   max_int8_shift=(args.max_int8_shift, 0, 100), speed_seconds=(args.speed_seconds, 0.05, 600))
     _training_imports()
     from edge.speed import SpeedError
-    from export.ship import ShipError, ShipOptions, ship
+    from export.ship import ShipError, ShipOptions, ship, split_words
     from export.age import run_info
     work = args.work or run_info(args.checkpoint)["run_dir"] / "ship"
     opts = ShipOptions(checkpoint=args.checkpoint, data=args.data, work=work, into=args.into,
@@ -751,7 +762,8 @@ def cmd_ship(args) -> int:
         raise UserError(f"{exc} (figures: {work / 'ship.json'})" if (work / "ship.json").is_file() else str(exc)) \
             from None
     print(f"shipped {result['file']['path']} ({result['file']['size_bytes'] / 1e6:.1f} MB): MAE "
-          f"{result['eval']['mae']:.2f} years on {result['eval']['n_scored']} validation faces; model card "
+          f"{result['eval']['mae']:.2f} years on {result['eval']['n_scored']} "
+          f"{split_words(result['eval'])} faces; model card "
           f"{args.into / 'AGE.md'}; figures {work / 'ship.json'}")
     return 0
 

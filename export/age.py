@@ -7,7 +7,7 @@ distribution head, `age_spread`; opset 17. Then a parity check on real face
 crops, and the faster variants:
     age.onnx        fp32, checked: |Keras - ONNX Runtime| < 0.05 years
     age_fp16.onnx   fp16 weights and maths, fp32 inputs/outputs (for GPUs)
-    age_int8.onnx   static int8 (QDQ), calibrated on real crops outside the run's validation split, the
+    age_int8.onnx   static int8 (QDQ), calibrated on real crops of the run's training split, the
                     head after the last convolution in float (for CPUs)
     export.json     parity and MAE figures
 """
@@ -122,9 +122,9 @@ def parity_crops(info: dict, calibration: Path | None, size: int, margin: float,
 
 
 def calibration_crops(folder: Path, size: int, margin: float, limit: int = 200,
-                      val_fraction: float | None = None) -> np.ndarray:
-    """Up to `limit` face crops from a folder of photos; with `val_fraction` (the run's), none of the
-    photos its validation split holds, so that the figures measured on that split owe nothing to them."""
+                      val_fraction: float | None = None, test_fraction: float = 0.0) -> np.ndarray:
+    """Up to `limit` face crops from a folder of photos; with `val_fraction` (and `test_fraction`: the run's),
+    only photos of its training split, so that the figures measured on the others owe nothing to them."""
     from training.data import IMAGE_SUFFIXES, Label, load_faces, split_of
     if not folder.is_dir():
         raise ExportError(f"calibration folder not found: {folder}")
@@ -138,7 +138,7 @@ def calibration_crops(folder: Path, size: int, margin: float, limit: int = 200,
     else:
         labels = [Label(name, 0.0) for name in names]
     if val_fraction is not None:
-        labels = [label for label in labels if split_of(label.file_name, val_fraction) != "val"]
+        labels = [label for label in labels if split_of(label.file_name, val_fraction, test_fraction) == "train"]
     from training.data import select
     labels = select(labels, limit) if shards else labels[:limit]
     if not labels:
@@ -200,7 +200,8 @@ def export_age_model(checkpoint: Path, out_dir: Path, fp16: bool = False, int8: 
     if fp16:
         report["fp16"] = _variant(out_dir / "age_fp16.onnx", _to_fp16(onnx_model), crops, ages, onnx_ages)
     if int8:
-        calib = calibration_crops(calibration, size, margin, val_fraction=options.get("val_fraction"))
+        calib = calibration_crops(calibration, size, margin, val_fraction=options.get("val_fraction"),
+                                  test_fraction=options.get("test_fraction", 0.0))
         report["int8"] = _variant(out_dir / "age_int8.onnx", quantize_int8(fp32_path, calib, out_dir), crops, ages,
                                   onnx_ages)
         report["int8"]["calibration_crops"] = len(calib)

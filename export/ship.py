@@ -2,9 +2,10 @@
 
 What follows a training run, as one command, so that it is done the same way every time:
 
- 1. export: fp32, fp16 and int8 ONNX (export/age.py; int8 calibrated on photos outside the run's
-    validation split);
- 2. eval through the full edge pipeline (detector, crop, ONNX Runtime) on the run's validation split:
+ 1. export: fp32, fp16 and int8 ONNX (export/age.py; int8 calibrated on photos of the run's training
+    split);
+ 2. eval through the full edge pipeline (detector, crop, ONNX Runtime) on the run's held-out test split
+    (which neither trained it nor chose its checkpoint; the validation split for runs made without one):
     the int8 file against the fp32 one on the very same faces (training/evaluate.py), the measured
     errors written into the shipped file's metadata (the risk policy reads them, edge/risk.py);
  3. the gates: MAE under the model it replaces (`max_mae`, the seeds' 6.04 years), int8 within
@@ -50,12 +51,12 @@ class ShipError(Exception):
 @dataclass
 class ShipOptions:
     checkpoint: Path
-    data: Path  # the labelled folder the run trained on: its validation split is scored
+    data: Path  # the labelled folder the run trained on: its held-out test split is scored (validation without one)
     work: Path  # exports, eval, speed and ship.json
     into: Path = Path("edge/models")
     readme: Path | None = Path("README.md")
     labels: Path | None = None
-    limit: int | None = None  # score only this many validation photos (rehearsals)
+    limit: int | None = None  # score only this many photos of that split (rehearsals)
     max_mae: float = SEED_MAE
     max_int8_mae_change: float = 0.1
     max_int8_shift: float = 3.0
@@ -74,7 +75,8 @@ def ship(opts: ShipOptions) -> dict:
     if "run.json" not in info:
         raise ShipError(f"no run.json beside {opts.checkpoint}: ship needs the training run's folder (its split, "
                         "recipe and history go into the model card)")
-    val_fraction = info["run.json"]["options"]["val_fraction"]
+    options = info["run.json"]["options"]
+    val_fraction, test_fraction = options["val_fraction"], options.get("test_fraction", 0.0)
     onnx_dir = opts.work / "onnx"
     exported = _earlier_export(opts, onnx_dir) or export_age_model(opts.checkpoint, onnx_dir, fp16=True, int8=True,
                                                                    calibration=opts.data)
@@ -83,7 +85,8 @@ def ship(opts: ShipOptions) -> dict:
               "shipped": False}
     try:
         for recipe, folder in int8_recipes(onnx_dir):
-            report = evaluate(folder / SHIPPED_NAME, opts.data, opts.labels, split="val", val_fraction=val_fraction,
+            report = evaluate(folder / SHIPPED_NAME, opts.data, opts.labels, split=scored_split(options),
+                              val_fraction=val_fraction, test_fraction=test_fraction,
                               limit=opts.limit, out=folder / "eval", compare=onnx_dir / "age.onnx",
                               residuals_into=candidate)
             print(f"int8, {recipe}:")
@@ -157,7 +160,7 @@ def gates(report: dict, opts: ShipOptions) -> list[dict]:
         rows.append({"gate": name, "value": value, "limit": limit, "passed": passed, "why": why})
 
     if report["mae"] is None:
-        gate("faces", 0, 1, False, f"no face found in the {report['n']} validation photos")
+        gate("faces", 0, 1, False, f"no face found in the {report['n']} {split_words(report)} photos")
         return rows
     gate("mae", report["mae"], opts.max_mae, report["mae"] < opts.max_mae,
          f"int8 MAE {report['mae']:.3f} years is not under {opts.max_mae} (the model it would replace)")
@@ -183,6 +186,15 @@ def cpu_speed(fp32_model: Path, out: Path, seconds: float) -> dict:
                                       batches=[8], modes=["plain"], point_seconds=seconds))
     figures = {p["variant"]: p["faces_per_s"] for p in report["points"]}
     return {"machine": report["machine"], "onnxruntime": report["onnxruntime"], "batch": 8, "faces_per_s": figures}
+
+
+def scored_split(options: dict) -> str:
+    """The split the shipped figures are measured on: the held-out test split, or validation for a run without one."""
+    return "test" if options.get("test_fraction", 0.0) > 0 else "val"
+
+
+def split_words(report: dict) -> str:
+    return "held-out test" if report.get("split") == "test" else "validation"
 
 
 def _run_figures(info: dict) -> dict:
@@ -226,12 +238,12 @@ def _add_metadata(model_path: Path, report: dict, info: dict, recipe: str) -> No
     extra = {"tillsight.kind": f"ResNet50 ({options['head']} head, {options['input_size']} px, random init), int8 "
                                f"{recipe}",
              "tillsight.licence": f"trained on {LICENCE}",
-             "tillsight.measured": f"MAE {report['mae']:.2f} years on {report['n_scored']} UTKFace validation faces "
+             "tillsight.measured": f"MAE {report['mae']:.2f} years on {report['n_scored']} UTKFace {split_words(report)} faces "
                                    f"(full pipeline); Challenge 25 flags {100 * c25['minors_13_17_flagged']:.1f} % "
                                    f"of 13-17-year-olds, challenges {100 * c25['adults_30plus_challenged']:.1f} % "
                                    f"of adults 30+" if c25["minors_13_17_flagged"] is not None
                                    and c25["adults_30plus_challenged"] is not None
-                                   else f"MAE {report['mae']:.2f} years on {report['n_scored']} validation faces"}
+                                   else f"MAE {report['mae']:.2f} years on {report['n_scored']} {split_words(report)} faces"}
     kept = [p for p in model.metadata_props if p.key not in extra]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
@@ -343,7 +355,7 @@ def _target(key: str, value) -> str:
 def _recipe_text(result: dict, export: dict) -> str:
     if result["recipe"] == FULL_INT8:
         return ("static int8 (QDQ, per-channel weights; pooling and the age head after the last convolution in "
-                f"float) calibrated on {export['int8'].get('calibration_crops', '?')} faces outside the validation "
+                f"float) calibrated on {export['int8'].get('calibration_crops', '?')} faces of the training "
                 "split")
     first = result["attempts"][0]
     why = ", ".join(g["why"] for g in first["gates"] if not g["passed"])
@@ -365,8 +377,8 @@ def readme_block(result: dict) -> str:
     report, run = result["eval"], result["run"]
     return "\n".join([
         f"The ResNet50 ships as `edge/models/{SHIPPED_NAME}` (model card: `edge/models/{CARD_NAME}`): "
-        f"MAE {_years(report['mae'])} years through the full pipeline on {report['n_scored']} UTKFace validation "
-        f"faces (fp32: {_years(report['compared_with']['mae'])}), after {run['epochs']} epochs "
+        f"MAE {_years(report['mae'])} years through the full pipeline on {report['n_scored']} UTKFace "
+        f"{split_words(report)} faces (fp32: {_years(report['compared_with']['mae'])}), after {run['epochs']} epochs "
         f"({_minutes(run['train_seconds'])}) on {_device(run)}. It was trained on UTKFace, which is licensed for "
         "**non-commercial research only**: before deploying, a retailer trains it again on data they hold the "
         "rights to, with the same commands (`tillsight train`, then `tillsight ship`).",
@@ -379,14 +391,14 @@ def readme_block(result: dict) -> str:
 def models_readme_block(result: dict) -> str:
     report = result["eval"]
     return (f"`{SHIPPED_NAME}` ({result['file']['size_bytes'] / 1e6:.1f} MB): the trained ResNet50, int8, "
-            f"MAE {_years(report['mae'])} years on UTKFace validation faces (full pipeline). Trained on UTKFace: "
+            f"MAE {_years(report['mae'])} years on UTKFace {split_words(report)} faces (full pipeline). Trained on UTKFace: "
             f"non-commercial research only. Model card: `{CARD_NAME}`. The light tier remains for weak till PCs: "
             "its card is `LIGHT.md`.")
 
 
 # `tillsight train` options that are flags of the command (the rest are fixed by the code)
 TRAIN_FLAGS = ("input_size", "crop_margin", "head", "weights", "epochs", "batch_size", "learning_rate",
-               "weight_decay", "val_fraction", "limit", "seed", "mixed_precision", "minutes")
+               "weight_decay", "val_fraction", "test_fraction", "limit", "seed", "mixed_precision", "minutes")
 
 
 def train_command(options: dict) -> str:
@@ -398,13 +410,31 @@ def train_command(options: dict) -> str:
     return " ".join(words)
 
 
-def _late_text(run: dict) -> str:
+def _late_text(run: dict, report: dict) -> str:
     if run.get("late_val_mae") is None:
         return ""
-    return (f". The checkpoint is the epoch with the best validation MAE, chosen on the split the figures below "
-            f"are measured on, which flatters them a little: over the last {run['late_epochs']} epochs the validation "
+    chosen = ("chosen on the split the figures below are measured on, which flatters them a little"
+              if report["split"] == "val" else "the figures below are on the held-out test split, which chose nothing")
+    return (f". The checkpoint is the epoch with the best validation MAE; {chosen}: over the last "
+            f"{run['late_epochs']} epochs the validation "
             f"MAE averaged {_years(run['late_val_mae'])} years"
             + (f" and the training MAE {_years(run['late_train_mae'])}" if run.get("late_train_mae") is not None else ""))
+
+
+def _split_row(split: dict) -> str:
+    test = split.get("test_fraction", 0.0)
+    if not test:
+        return (f"| Split | by file name: sha1(name) < {split['val_fraction']} → validation ({split['val']} faces), "
+                f"else training ({split['train']}); the same rule as `tillsight eval --split val` |")
+    return (f"| Split | by file name, h = sha1(name) in [0, 1): h < {split['val_fraction']} → validation "
+            f"({split['val']} faces; chose the checkpoint), then {test} more → held-out test ({split['test']}; "
+            f"trained nothing, chose nothing: the figures below), else training ({split['train']}) |")
+
+
+def _eval_split_flags(split: dict, report: dict) -> str:
+    if report["split"] != "test":
+        return "--split val"
+    return f"--split test --val-fraction {split['val_fraction']} --test-fraction {split['test_fraction']}"
 
 
 def _minutes(seconds) -> str:
@@ -446,20 +476,19 @@ def model_card(result: dict, opts: ShipOptions) -> str:
         f"by the shipped detector. **Licence: non-commercial research only.** A retailer must not deploy this "
         "file commercially: train on data you hold the rights to with the same commands, ship that, and check "
         "its figures on your own labelled till footage with `tillsight eval` |",
-        f"| Split | by file name: sha1(name) < {split['val_fraction']} → validation ({split['val']} faces), "
-        f"else training ({split['train']}); the same rule as `tillsight eval --split val` |",
+        _split_row(split),
         f"| Recipe | `{recipe}` (on the GPU machine: `scripts/device/train_age.sh`) |",
         f"| Training | {run['epochs']} epochs, {_minutes(run['train_seconds'])} on {_device(run)}: "
         f"{run['seconds_per_epoch']} s an epoch, {run['images_per_second']} images/s"
         + (f", GPU utilisation {run['gpu_utilisation_mean']} % (NVML, mean of the epochs)"
            if run["gpu_utilisation_mean"] is not None else "")
         + f"; best validation MAE {_years(run['best_val_mae'])} years at epoch {run['best_epoch']} "
-        "(training-time crops, Keras)" + _late_text(run) + " |",
+        "(training-time crops, Keras)" + _late_text(run, report) + " |",
         "",
         "## Accuracy through the full pipeline",
         "",
-        f"`tillsight eval --model {SHIPPED_NAME} --compare age.onnx --split val`: the shipped detector, crop and "
-        f"ONNX Runtime on {report['n']} validation photos of `{Path(report['data']).name}` "
+        f"`tillsight eval --model {SHIPPED_NAME} --compare age.onnx {_eval_split_flags(split, report)}`: the shipped "
+        f"detector, crop and ONNX Runtime on {report['n']} {split_words(report)} photos of `{Path(report['data']).name}` "
         f"({report['n_no_face']} without a face found, {report['n_scored']} scored; both files on the same faces).",
         "",
         "| | faces | int8 (shipped) | fp32 |",
@@ -503,7 +532,7 @@ def model_card(result: dict, opts: ShipOptions) -> str:
         "by a person), its photos are portraits from the web, not till cameras looking down, and its groups are "
         "unequal (see the table): the figures above say how the model does on UTKFace, not in a store. Measure "
         "on your own footage before trusting a threshold.",
-        "- The age bands with few validation faces (see `faces`) have the least certain figures.",
+        f"- The age bands with few {split_words(report)} faces (see `faces`) have the least certain figures.",
         "- Served at the till through the detector: faces under `models.min_face_px` are not aged, and the budget's "
         "face-quality checks (`[budget]`) skip blurred and turned faces.",
         "- Random init: no ImageNet pre-training exists here. Published ResNet-50 results on UTKFace, which start "

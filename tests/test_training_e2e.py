@@ -39,7 +39,7 @@ def test_inspect_reports_counts_and_writes_plots(tmp_path, utkface):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["labelled"] == 60 and report["faces"] + len(report["no_face"]) == 60
     assert report["faces"] >= 55  # portrait padding: the detector finds nearly every UTKFace face
-    assert sum(report["by_band"].values()) == 60 and report["split"]["train"] + report["split"]["val"] == report["faces"]
+    assert sum(report["by_band"].values()) == 60 and sum(report["split"][k] for k in ("train", "val", "test")) == report["faces"]
     assert set(report["by_gender"]) <= {"male", "female"}
     for name in ("age_histogram.png", "sample_faces.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -49,7 +49,10 @@ def test_inspect_reports_counts_and_writes_plots(tmp_path, utkface):
 def test_training_writes_its_run_folder_and_resume_continues(run):
     run_dir, first, resumed = run
     assert first["epochs_done"] == 1 and resumed["epochs_done"] == 2
-    assert first["data"]["labelled"] == 40 and first["split"]["train"] + first["split"]["val"] == first["data"]["faces"]
+    split = first["split"]
+    assert first["data"]["labelled"] == 40 and split["train"] + split["val"] + split["test"] == first["data"]["faces"]
+    assert split["test_fraction"] == 0.1 and split["test"] >= 1  # held out: neither trained on nor choosing
+    assert resumed["split"] == split  # resume keeps the split
     assert resumed["options"]["input_size"] == 64  # resume keeps the run's options
     history = list(csv.DictReader((run_dir / "history.csv").open()))
     assert [row["epoch"] for row in history] == ["0", "1"]
@@ -153,6 +156,7 @@ def test_ship_refuses_a_model_under_the_gates_and_ships_one_over_them_with_its_c
     assert shipped.returncode == 0, shipped.stderr[-2000:]
     figures = json.loads((work / "ship.json").read_text())
     report, mae = figures["eval"], figures["eval"]["mae"]
+    assert report["split"] == "test"  # the run held out a test split: the shipped figures are measured on it
     assert figures["shipped"] is True and all(g["passed"] for g in figures["gates"])
     assert figures["recipe"] == "weights and activations" and len(figures["attempts"]) == 1
     assert "tillsight.quantization" not in AgeModel.load(into / "age_int8.onnx", ["cpu"]).info.metadata
@@ -177,6 +181,8 @@ def test_ship_refuses_a_model_under_the_gates_and_ships_one_over_them_with_its_c
     val_mae = next(c for c in late[0] if c.startswith("val_") and c.endswith("mae"))
     late_val = sum(float(r[val_mae]) for r in late) / len(late)
     assert f"over the last {len(late)} epochs the validation MAE averaged {round(late_val, 2):.2f} years" in card
+    assert "the figures below are on the held-out test split, which chose nothing" in card
+    assert f"on {report['n']} held-out test photos" in card and "--split test --val-fraction 0.1 --test-fraction 0.1" in card
     for name in ("curves.png", "error_by_band.png", "predicted_vs_true.png", "operating_points.png"):
         assert (into / "age-card" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     text = readme.read_text()
@@ -215,6 +221,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path, utkface):
         f"tillsight: error: checkpoint {bad} cannot be loaded: ")
     result = tillsight("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
     assert (result.returncode, result.stderr.strip()) == (2, f"tillsight: error: data folder not found: {tmp_path / 'nowhere'}")
+    result = tillsight("train", "--data", str(utkface), "--out", str(tmp_path / "r"), "--val-fraction", "0.5",
+                       "--test-fraction", "0.5")
+    assert (result.returncode, result.stderr.strip()) == (2, "tillsight: error: --val-fraction 0.5 and --test-fraction "
+                                                             "0.5 leave under 5 % of the faces to train on")
     no_models = {**os.environ, "TILLSIGHT_MODEL_DIR": str(tmp_path / "empty-cache")}
     result = tillsight("eval", "--data", str(utkface), "--limit", "3", "--model", "light", env=no_models)
     assert result.returncode == 1 and "run `tillsight models fetch light`" in result.stderr.strip().splitlines()[-1]

@@ -31,6 +31,21 @@ def test_split_is_deterministic_and_near_the_fraction():
     assert 0.18 < splits.count("val") / len(names) < 0.22
     # growing the fraction only moves images from train to val, never back
     assert all(split_of(n, 0.3) == "val" for n, s in zip(names, splits) if s == "val")
+    # a test split takes faces from training only: validation stays the same faces (runs compare on it)
+    with_test = [split_of(n, 0.2, 0.1) for n in names]
+    assert [s == "val" for s in with_test] == [s == "val" for s in splits]
+    assert 0.08 < with_test.count("test") / len(names) < 0.12
+    assert all(s == "train" for s, t in zip(splits, with_test) if t == "test")
+
+
+def test_ship_scores_the_held_out_test_split_and_runs_without_one_on_validation():
+    from export.ship import _split_row, scored_split
+    assert scored_split({"val_fraction": 0.1}) == "val"  # the shipped run predates test splits
+    assert scored_split({"val_fraction": 0.1, "test_fraction": 0.0}) == "val"
+    assert scored_split({"val_fraction": 0.1, "test_fraction": 0.1}) == "test"
+    assert "→ held-out test (2100; trained nothing, chose nothing" in _split_row(
+        {"val_fraction": 0.1, "test_fraction": 0.1, "train": 16000, "val": 2140, "test": 2100})
+    assert "the same rule as `tillsight eval --split val`" in _split_row({"val_fraction": 0.1, "train": 1, "val": 1})
 
 
 def test_select_takes_a_stable_subset_across_ages():

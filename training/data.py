@@ -87,10 +87,14 @@ def _optional_int(value: str | None) -> int | None:
         return None
 
 
-def split_of(file_name: str, val_fraction: float) -> str:
-    """'val' or 'train', from a hash of the file name: the same on every machine, every run."""
+def split_of(file_name: str, val_fraction: float, test_fraction: float = 0.0) -> str:
+    """'val', 'test' or 'train', from a hash h in [0, 1) of the file name: the same on every machine, every run.
+    h < val_fraction: validation (picks the checkpoint); then test_fraction more: the held-out test split, never
+    trained on nor used to choose anything, which the shipped figures are measured on. Validation is the same
+    faces whatever test_fraction is, so runs with and without a test split compare on it."""
     digest = hashlib.sha1(file_name.encode()).digest()
-    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+    h = int.from_bytes(digest[:8], "big") / 2**64
+    return "val" if h < val_fraction else "test" if h < val_fraction + test_fraction else "train"
 
 
 def sample_fraction(file_name: str) -> float:

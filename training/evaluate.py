@@ -49,7 +49,7 @@ def write_residuals(model_path: Path, table: ResidualTable, out: Path) -> None:
 def evaluate(model: str | Path | None, data_dir: Path, labels_csv: Path | None, split: str = "all",
              val_fraction: float = 0.1, limit: int | None = None, out: Path | None = None,
              challenge_age: float = 25.0, progress: bool = True, compare: str | Path | None = None,
-             residuals_into: Path | None = None) -> dict:
+             residuals_into: Path | None = None, test_fraction: float = 0.1) -> dict:
     """The report of `model` (a tier or a file); with `compare`, its report under 'compared_with'.
 
     `residuals_into`: write a copy of the model that carries its measured errors on these faces
@@ -57,7 +57,7 @@ def evaluate(model: str | Path | None, data_dir: Path, labels_csv: Path | None, 
     models = [AgeModel.load(m, ["cuda", "cpu"]) for m in ([model, compare] if compare is not None else [model])]
     labels = read_labels(labels_csv or data_dir / "labels.csv")
     if split != "all":
-        labels = [label for label in labels if split_of(label.file_name, val_fraction) == split]
+        labels = [label for label in labels if split_of(label.file_name, val_fraction, test_fraction) == split]
     labels = select(labels, limit)
     face_sets = load_face_sets(data_dir, labels, [m.info.crop for m in models],
                                progress=progress)

@@ -13,7 +13,8 @@ from training.metrics import BANDS, band_of
 
 
 def inspect(data_dir: Path, labels_csv: Path | None, out: Path, limit: int | None = None,
-            val_fraction: float = 0.1, input_size: int = 128, crop_margin: float = 0.0) -> dict:
+            val_fraction: float = 0.1, input_size: int = 128, crop_margin: float = 0.0,
+            test_fraction: float = 0.1) -> dict:
     from training.plots import plot_age_histogram, plot_sample_grid
 
     labels = select(read_labels(labels_csv or data_dir / "labels.csv"), limit)
@@ -25,7 +26,7 @@ def inspect(data_dir: Path, labels_csv: Path | None, out: Path, limit: int | Non
     picked = list(range(0, len(faces.labels), step))[:32]
     plot_sample_grid([faces.crops[i] for i in picked], [f"{faces.labels[i].age:g}" for i in picked],
                      out / "sample_faces.png")
-    splits = Counter(split_of(label.file_name, val_fraction) for label in faces.labels)
+    splits = Counter(split_of(label.file_name, val_fraction, test_fraction) for label in faces.labels)
     report = {
         "data": str(data_dir),
         "labelled": len(labels),
@@ -38,7 +39,8 @@ def inspect(data_dir: Path, labels_csv: Path | None, out: Path, limit: int | Non
         "by_band": {band: int(sum(band_of(a) == band for a in ages)) for band in BANDS},
         "by_gender": _named_counts(labels, "gender", GENDERS),
         "by_race": _named_counts(labels, "race", RACES),
-        "split": {"val_fraction": val_fraction, **{k: splits[k] for k in ("train", "val")}},
+        "split": {"val_fraction": val_fraction, "test_fraction": test_fraction,
+                  **{k: splits[k] for k in ("train", "val", "test")}},
         "plots": [str(out / "age_histogram.png"), str(out / "sample_faces.png")],
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -69,5 +71,6 @@ def print_report(report: dict) -> None:
     if report["by_race"]:
         print("by race: " + ", ".join(f"{k} {v}" for k, v in report["by_race"].items()))
     split = report["split"]
-    print(f"split (val fraction {split['val_fraction']}): {split['train']} train, {split['val']} validation")
+    print(f"split (val fraction {split['val_fraction']}, test fraction {split['test_fraction']}): {split['train']} "
+          f"train, {split['val']} validation, {split['test']} held-out test")
     print("plots: " + ", ".join(report["plots"]))

@@ -42,6 +42,8 @@ class TrainOptions:
     weight_decay: float = 0.0  # AdamW's decoupled decay when > 0 (not on biases and batch-norm scales)
     warmup_epochs: float = 1.0
     val_fraction: float = 0.1
+    # Held out from training and from choosing the checkpoint; `tillsight ship` reports on it (training/data.py).
+    test_fraction: float = 0.1
     limit: int | None = None
     seed: int = 0
     mixed_precision: str = "auto"  # auto: bfloat16 maths when a GPU is present
@@ -145,6 +147,7 @@ def train(opts: TrainOptions, resume: bool = False) -> dict:
         if not (checkpoints / "last.keras").is_file() or not state_file.is_file():
             raise TrainError(f"nothing to resume in {run_dir} (no checkpoints/last.keras)")
         saved = json.loads((run_dir / "run.json").read_text())["options"]
+        saved.setdefault("test_fraction", 0.0)  # a run from before test splits had none: its split stays
         opts = TrainOptions(**{**saved, "epochs": opts.epochs, "out": str(run_dir), "workers": opts.workers,
                                "minutes": opts.minutes if opts.minutes is not None else saved.get("minutes")})
     elif (checkpoints / "last.keras").exists():
@@ -153,13 +156,15 @@ def train(opts: TrainOptions, resume: bool = False) -> dict:
     keras.utils.set_random_seed(opts.seed)
     device = configure_devices(opts)
     faces, counts = prepare_faces(opts, run_dir)
-    is_val = np.array([split_of(l.file_name, opts.val_fraction) == "val" for l in faces.labels])
-    train_set, val_set = faces.subset(~is_val), faces.subset(is_val)
+    splits = np.array([split_of(l.file_name, opts.val_fraction, opts.test_fraction) for l in faces.labels])
+    train_set, val_set = faces.subset(splits == "train"), faces.subset(splits == "val")
     if len(train_set.labels) == 0 or len(val_set.labels) == 0:
         raise TrainError(f"split left {len(train_set.labels)} training and {len(val_set.labels)} validation faces; "
                          "use more data or another --val-fraction")
-    split = {"val_fraction": opts.val_fraction, "rule": "sha1(file_name) < val_fraction -> val",
-             "train": len(train_set.labels), "val": len(val_set.labels)}
+    split = {"val_fraction": opts.val_fraction, "test_fraction": opts.test_fraction,
+             "rule": "h = sha1(file_name) in [0, 1): h < val_fraction -> val, "
+                     "< val_fraction + test_fraction -> test, else train",
+             "train": len(train_set.labels), "val": len(val_set.labels), "test": int((splits == "test").sum())}
     (run_dir / "run.json").write_text(json.dumps(
         {"options": asdict(opts), "data": counts, "split": split, "device": device, "tillsight": __version__}, indent=2))
 
