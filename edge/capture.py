@@ -188,13 +188,18 @@ class CameraReader(threading.Thread):
     def _set_state(self, state: str, error: str | None = None) -> None:
         if state != self.status.state:
             # In replay a failure ends the run and the CLI reports it: no second, louder line.
-            level = logging.WARNING if state in ("reconnecting", "failed") and not self.replay else logging.INFO
+            level = logging.WARNING if state in ("reconnecting", "failed") and not self.replay \
+                and not self.off_for_the_night() else logging.INFO
             log.log(level, "camera %s", state, extra={"camera": self.camera.id, "error": error})
         self.status.state = state
         if error is not None:
             self.status.last_error = error
         elif state == "online":
             self.status.last_error = None  # recovered: the status shows the camera as it is now
+
+    def off_for_the_night(self) -> bool:
+        """A camera configured to be powered down with the lanes, while the store is closed: its outage is expected."""
+        return self.camera.off_while_closed and not self.store_open()
 
     def run(self) -> None:
         try:

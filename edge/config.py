@@ -191,6 +191,9 @@ class CameraConfig(Strict):
     pixel_format: Literal["MJPG", "YUYV"] | None = None
     # parts of the picture where a face is never a customer (the cashier's seat, the next till, a screen showing
     # ads): [x0, y0, x1, y1] as shares of the picture's width and height; a face whose centre is in one is left out
+    # powered down with the lanes after closing (a PoE schedule, a lane's power strip): while the store is closed by
+    # its opening_hours, the camera not connecting is no problem; at opening time it is one at once
+    off_while_closed: bool = False
     ignore_regions: Annotated[list[tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)],
                                          Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]]],
                               Field(max_length=16)] = []
@@ -647,11 +650,17 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
     if base_dir is not None:
         data = _resolve_paths(data, base_dir)
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(problems_from(exc)) from None
     except RecursionError:
         raise ConfigError(["(top level): nested too deeply"]) from None
+    problems = [f"cameras.{index}.off_while_closed: without [opening_hours] the store is never closed; give its "
+                "hours, or remove off_while_closed" for index, camera in enumerate(config.cameras)
+                if camera.off_while_closed and config.opening_hours is None]
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def config_warnings(config: Config) -> list[str]:

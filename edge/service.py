@@ -383,7 +383,8 @@ class Service:
     def problems(self) -> list[str]:
         """Why the daemon is not doing its job fully now: the status says `degraded` with these. While the store
         is closed a blank or frozen picture is none (the lights are off at night; nobody is there to age): it
-        becomes one if the store opens with it so. A camera that does not connect is one at any hour."""
+        becomes one if the store opens with it so. A camera that does not connect is one at any hour, unless it
+        is configured `off_while_closed` (powered down with the lanes) and the store is closed."""
         found = []
         store_open = self.store_open()
         if self.provider_fallback is not None and self.provider_fallback.problem:  # frames dropped, say why
@@ -391,7 +392,8 @@ class Service:
         if self.batcher.stats.failing is not None:
             found.append(f"age model failing: {self.batcher.stats.failing}")
         for reader, pipeline in zip(self.readers, self.pipelines):
-            fault = connection_fault(reader) or (picture_fault(reader) if store_open else None)
+            fault = (connection_fault(reader) if store_open or not reader.camera.off_while_closed else None) \
+                or (picture_fault(reader) if store_open else None)
             if fault is not None:
                 found.append(f"camera {reader.camera.id} {fault}")
             if pipeline.stats.errors:

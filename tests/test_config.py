@@ -287,6 +287,16 @@ def test_opening_hours_by_day_past_midnight_and_in_the_stores_time_zone():
     assert not nights.is_open(at("2026-11-29T05:00:00+09:00"))  # Sunday's early hours are Saturday's: closed
 
 
+def test_a_camera_off_while_closed_needs_opening_hours():
+    cameras = [{"id": "a", "source": 0}, {"id": "b", "source": 1, "off_while_closed": True}]
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"store_id": "s", "cameras": cameras})
+    assert caught.value.problems == ["cameras.1.off_while_closed: without [opening_hours] the store is never closed; "
+                                     "give its hours, or remove off_while_closed"]
+    config = parse_config({"store_id": "s", "cameras": cameras, "opening_hours": {"default": "07:00-22:00"}})
+    assert [c.off_while_closed for c in config.cameras] == [False, True]
+
+
 def test_opening_hours_mistakes_are_one_line_each():
     base = {"store_id": "s", "cameras": [{"id": "a", "source": 0}]}
 

@@ -304,6 +304,64 @@ def test_a_store_closed_for_the_night_is_quiet_about_its_dark_camera_until_it_op
     assert lines.index(("store open", "INFO")) < [m for m, _ in lines].index("degraded")
 
 
+def test_a_camera_powered_down_with_the_lanes_at_night_is_no_problem_until_the_store_opens(broker, subscriber,
+                                                                                            age_models, carphone_clip,
+                                                                                            caplog):
+    """`off_while_closed`: a store server whose till cameras are switched off with the lanes after closing stays
+    online all night, the outage logged at info; at opening time a camera still off is a problem at once, and
+    fine again when it comes up. A camera without the setting is a problem at any hour (the night test above)."""
+    import logging
+    import threading
+
+    from edge.service import Service
+    from tskit import MjpegCamera
+    camera = MjpegCamera(carphone_clip, fps=10).start()
+    config = parse_config({"store_id": "store-1", "daemon_id": "till-pc", "status_interval_s": 30,
+                           "cameras": [{"id": "till-1", "source": camera.url, "fps_limit": 10,
+                                        "off_while_closed": True}],
+                           "mqtt": {"host": "127.0.0.1", "port": broker.port},
+                           "models": {"age_model": str(age_models[40])},
+                           "opening_hours": {"timezone": "Europe/London", "default": "07:00-22:00"}})
+    service = Service(config)
+    now = [1795734000.0]  # Thu 2026-11-26 23:00 in London: closed
+    service.clock = lambda: now[0]
+    done = threading.Event()
+    caplog.set_level(logging.INFO)
+    service.start()
+    loop = threading.Thread(target=service.run_until_stopped, args=(done,))
+    loop.start()
+
+    def camera_state(state: str):
+        return lambda s: [m for m in s.json("till-pc/status") if "cameras" in m][-1:] and \
+            s.json("till-pc/status")[-1]["cameras"]["till-1"]["state"] == state
+
+    try:
+        assert subscriber.wait_for(camera_state("online"), 20)
+        camera.stop()  # the lanes' power goes off
+        assert subscriber.wait_for(camera_state("reconnecting"), 20)
+        night = subscriber.json("till-pc/status")[-1]
+        night_fault = service.camera_fault("till-1")
+        now[0] = 1795764600.0  # Fri 07:30: open, and the camera still off
+        assert subscriber.wait_for(lambda s: s.json("till-pc/status")[-1].get("store_open") is True, 5)
+        morning = subscriber.json("till-pc/status")[-1]
+        camera.start()
+        assert subscriber.wait_for(camera_state("online"), 40)  # within the reconnect backoff
+        back = subscriber.json("till-pc/status")[-1]
+    finally:
+        done.set()
+        loop.join()
+        service.stop(5)
+        if camera.running.is_set():
+            camera.stop()
+    assert (night["state"], night["problems"], night["store_open"]) == ("online", [], False)
+    assert night_fault.startswith("reconnecting: ")  # an age check is still answered camera_fault
+    assert morning["state"] == "degraded" and morning["problems"][0].startswith("camera till-1 reconnecting: ")
+    assert (back["state"], back["problems"]) == ("online", [])
+    lines = [(r.getMessage(), r.levelname) for r in caplog.records if r.name.startswith("edge.")]
+    assert ("camera reconnecting", "INFO") in lines and ("camera reconnecting", "WARNING") not in lines
+    assert lines.index(("store open", "INFO")) < [m for m, _ in lines].index("degraded")
+
+
 def test_faces_seen_while_the_store_is_closed_are_staff_not_customers_in_the_analytics(broker, subscriber, age_models,
                                                                                       carphone_clip):
     """The cleaner at 23:00 gets an estimate like anyone (the till is the same), but is no customer: the intervals
