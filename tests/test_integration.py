@@ -1,5 +1,6 @@
 """Recorded video through the real daemon code, against a real mosquitto."""
 
+import contextlib
 import json
 import re
 import os
@@ -240,58 +241,70 @@ def test_a_wall_clock_never_set_is_a_problem_until_it_is(age_models, carphone_cl
     assert service.problems() == []
 
 
-def test_a_store_closed_for_the_night_is_quiet_about_its_dark_camera_until_it_opens(broker, subscriber, age_models,
-                                                                                    carphone_clip, caplog):
-    """The lights go off after closing and the till camera shows nothing: with opening hours that is no problem
-    (online, no warning) while the store is closed, and one the moment it opens still dark. A camera that does
-    not connect is a problem at any hour. Checks are answered camera_fault either way."""
-    import logging
+NIGHT, MORNING = 1795734000.0, 1795764600.0  # Thu 2026-11-26 23:00 and Fri 07:30 in London (UTC in winter)
+
+
+@contextlib.contextmanager
+def store_at_night(camera, broker, age_model, camera_settings: dict, **settings):
+    """A daemon in this process for one MJPEG camera at a store open 07:00-22:00 in London (unless `settings` give
+    other hours), its clock at NIGHT. Yields the service and `now`, a one-item list: set now[0] to move the
+    store's clock. Stops the daemon, and the camera, after."""
     import threading
 
-    import cv2
-    import numpy as np
-
     from edge.service import Service
-    from tskit import MjpegCamera
-    camera = MjpegCamera(carphone_clip, fps=10).start()
-    rng = np.random.default_rng(0)
-    camera.jpegs = [cv2.imencode(".jpg", np.clip(rng.normal(5, 3, (144, 176, 3)), 0, 255).astype(np.uint8))[1]
-                    .tobytes() for _ in range(20)]  # a dark store: sensor noise, nothing to see
     config = parse_config({"store_id": "store-1", "daemon_id": "till-pc", "status_interval_s": 30,
-                           "cameras": [{"id": "till-1", "source": camera.url, "fps_limit": 10, "picture_check_s": 1}],
-                           "mqtt": {"host": "127.0.0.1", "port": broker.port},
-                           "models": {"age_model": str(age_models[40])},
-                           "opening_hours": {"timezone": "Europe/London", "default": "07:00-22:00", "sun": "closed"}})
+                           "cameras": [{"id": "till-1", "source": camera.url, "fps_limit": 10, **camera_settings}],
+                           "mqtt": {"host": "127.0.0.1", "port": broker.port}, "models": {"age_model": str(age_model)},
+                           "opening_hours": {"timezone": "Europe/London", "default": "07:00-22:00"}, **settings})
     service = Service(config)
-    night, morning = 1795734000.0, 1795764600.0  # Thu 2026-11-26 23:00 and Fri 07:30 in London (UTC in winter)
-    now = [night]
+    now = [NIGHT]
     service.clock = lambda: now[0]
     done = threading.Event()
-    caplog.set_level(logging.INFO)
     service.start()
     loop = threading.Thread(target=service.run_until_stopped, args=(done,))
     loop.start()
     try:
-        assert subscriber.wait_for(lambda s: any(m["cameras"]["till-1"]["picture"] == "blank"
-                                                 for m in s.json("till-pc/status") if "cameras" in m), 30)
-        night_status = service.status()
-        night_fault = service.camera_fault("till-1")
-        night_summary = service.summary()
-        now[0] = morning
-        assert subscriber.wait_for(lambda s: s.json("till-pc/status")[-1].get("store_open") is True, 5)
-        morning_status = subscriber.json("till-pc/status")[-1]
-        now[0] = night + 86400  # the next night
-        assert subscriber.wait_for(lambda s: s.json("till-pc/status")[-1].get("store_open") is False, 5)
-        camera.stop()  # unplugged at night
-        assert subscriber.wait_for(lambda s: s.json("till-pc/status")[-1]["cameras"]["till-1"]["state"]
-                                   == "reconnecting", 20)
-        unplugged = subscriber.json("till-pc/status")[-1]
+        yield service, now
     finally:
         done.set()
         loop.join()
         service.stop(5)
         if camera.running.is_set():
             camera.stop()
+
+
+def test_a_store_closed_for_the_night_is_quiet_about_its_dark_camera_until_it_opens(broker, subscriber, age_models,
+                                                                                    carphone_clip, caplog):
+    """The lights go off after closing and the till camera shows nothing: with opening hours that is no problem
+    (online, no warning) while the store is closed, and one the moment it opens still dark. A camera that does
+    not connect is a problem at any hour. Checks are answered camera_fault either way."""
+    import logging
+
+    import cv2
+    import numpy as np
+
+    from tskit import MjpegCamera
+    camera = MjpegCamera(carphone_clip, fps=10).start()
+    rng = np.random.default_rng(0)
+    camera.jpegs = [cv2.imencode(".jpg", np.clip(rng.normal(5, 3, (144, 176, 3)), 0, 255).astype(np.uint8))[1]
+                    .tobytes() for _ in range(20)]  # a dark store: sensor noise, nothing to see
+    caplog.set_level(logging.INFO)
+    hours = {"timezone": "Europe/London", "default": "07:00-22:00", "sun": "closed"}
+    with store_at_night(camera, broker, age_models[40], {"picture_check_s": 1}, opening_hours=hours) as (service, now):
+        assert subscriber.wait_for(lambda s: any(m["cameras"]["till-1"]["picture"] == "blank"
+                                                 for m in s.json("till-pc/status") if "cameras" in m), 30)
+        night_status = service.status()
+        night_fault = service.camera_fault("till-1")
+        night_summary = service.summary()
+        now[0] = MORNING
+        assert subscriber.wait_for(lambda s: s.json("till-pc/status")[-1].get("store_open") is True, 5)
+        morning_status = subscriber.json("till-pc/status")[-1]
+        now[0] = NIGHT + 86400  # the next night
+        assert subscriber.wait_for(lambda s: s.json("till-pc/status")[-1].get("store_open") is False, 5)
+        camera.stop()  # unplugged at night
+        assert subscriber.wait_for(lambda s: s.json("till-pc/status")[-1]["cameras"]["till-1"]["state"]
+                                   == "reconnecting", 20)
+        unplugged = subscriber.json("till-pc/status")[-1]
     fault = "picture blank: no detail for 1 s or more (lens covered, camera turned away, no signal)"
     assert (night_status["state"], night_status["problems"], night_status["store_open"]) == ("online", [], False)
     assert night_status["cameras"]["till-1"]["picture"] == "blank" and night_fault == fault
@@ -311,48 +324,27 @@ def test_a_camera_powered_down_with_the_lanes_at_night_is_no_problem_until_the_s
     online all night, the outage logged at info; at opening time a camera still off is a problem at once, and
     fine again when it comes up. A camera without the setting is a problem at any hour (the night test above)."""
     import logging
-    import threading
 
-    from edge.service import Service
     from tskit import MjpegCamera
     camera = MjpegCamera(carphone_clip, fps=10).start()
-    config = parse_config({"store_id": "store-1", "daemon_id": "till-pc", "status_interval_s": 30,
-                           "cameras": [{"id": "till-1", "source": camera.url, "fps_limit": 10,
-                                        "off_while_closed": True}],
-                           "mqtt": {"host": "127.0.0.1", "port": broker.port},
-                           "models": {"age_model": str(age_models[40])},
-                           "opening_hours": {"timezone": "Europe/London", "default": "07:00-22:00"}})
-    service = Service(config)
-    now = [1795734000.0]  # Thu 2026-11-26 23:00 in London: closed
-    service.clock = lambda: now[0]
-    done = threading.Event()
     caplog.set_level(logging.INFO)
-    service.start()
-    loop = threading.Thread(target=service.run_until_stopped, args=(done,))
-    loop.start()
 
     def camera_state(state: str):
         return lambda s: [m for m in s.json("till-pc/status") if "cameras" in m][-1:] and \
             s.json("till-pc/status")[-1]["cameras"]["till-1"]["state"] == state
 
-    try:
+    with store_at_night(camera, broker, age_models[40], {"off_while_closed": True}) as (service, now):
         assert subscriber.wait_for(camera_state("online"), 20)
         camera.stop()  # the lanes' power goes off
         assert subscriber.wait_for(camera_state("reconnecting"), 20)
         night = subscriber.json("till-pc/status")[-1]
         night_fault = service.camera_fault("till-1")
-        now[0] = 1795764600.0  # Fri 07:30: open, and the camera still off
+        now[0] = MORNING  # open, and the camera still off
         assert subscriber.wait_for(lambda s: s.json("till-pc/status")[-1].get("store_open") is True, 5)
         morning = subscriber.json("till-pc/status")[-1]
         camera.start()
         assert subscriber.wait_for(camera_state("online"), 40)  # within the reconnect backoff
         back = subscriber.json("till-pc/status")[-1]
-    finally:
-        done.set()
-        loop.join()
-        service.stop(5)
-        if camera.running.is_set():
-            camera.stop()
     assert (night["state"], night["problems"], night["store_open"]) == ("online", [], False)
     assert night_fault.startswith("reconnecting: ")  # an age check is still answered camera_fault
     assert morning["state"] == "degraded" and morning["problems"][0].startswith("camera till-1 reconnecting: ")
@@ -367,31 +359,15 @@ def test_faces_seen_while_the_store_is_closed_are_staff_not_customers_in_the_ana
     """The cleaner at 23:00 gets an estimate like anyone (the till is the same), but is no customer: the intervals
     count nobody and say how long the store was closed, not that the camera could not see. Open, the same face
     is counted."""
-    import threading
-
     import cv2
     import numpy as np
 
-    from edge.service import Service
     from tskit import MjpegCamera
     camera = MjpegCamera(carphone_clip, fps=10).start()
     someone = camera.jpegs
     rng = np.random.default_rng(0)
     nobody = [cv2.imencode(".jpg", np.clip(rng.normal(90, 30, (144, 176, 3)), 0, 255).astype(np.uint8))[1].tobytes()
               for _ in range(10)]  # an empty till: detail enough to be a live picture, no face
-    config = parse_config({"store_id": "store-1", "daemon_id": "till-pc", "status_interval_s": 30,
-                           "cameras": [{"id": "till-1", "source": camera.url, "fps_limit": 10}],
-                           "mqtt": {"host": "127.0.0.1", "port": broker.port},
-                           "models": {"age_model": str(age_models[40])}, "analytics": {"interval_s": 1, "k": 1},
-                           "opening_hours": {"timezone": "Europe/London", "default": "07:00-22:00"}})
-    service = Service(config)
-    now = [1795734000.0]  # Thu 2026-11-26 23:00 in London: closed
-    service.clock = lambda: now[0]
-    done = threading.Event()
-    service.start()
-    loop = threading.Thread(target=service.run_until_stopped, args=(done,))
-    loop.start()
-
     def visit(after: int) -> int:
         """Someone stands at the till, then leaves: the count of final estimates once they are found gone."""
         camera.jpegs = someone
@@ -400,21 +376,16 @@ def test_faces_seen_while_the_store_is_closed_are_staff_not_customers_in_the_ana
         assert subscriber.wait_for(lambda s: any(m["final"] for m in s.json("till-1/estimate")[after:]), 20)
         return len(subscriber.json("till-1/estimate"))
 
-    try:
+    with store_at_night(camera, broker, age_models[40], {}, analytics={"interval_s": 1, "k": 1}) as (_, now):
         seen_at_night = visit(0)
         night_intervals = len(subscriber.json("till-1/analytics"))
         assert subscriber.wait_for(lambda s: len(s.json("till-1/analytics")) >= night_intervals + 2, 10)
         night = subscriber.json("till-1/analytics")
-        now[0] = 1795764600.0  # Fri 07:30: open
+        now[0] = MORNING  # open
         open_from = len(subscriber.json("till-1/analytics"))
         visit(seen_at_night)
         assert subscriber.wait_for(lambda s: any(sum(v or 0 for v in m["bands"].values())
                                                  for m in s.json("till-1/analytics")[open_from:]), 10)
-    finally:
-        done.set()
-        loop.join()
-        service.stop(5)
-        camera.stop()
     finals = [m for m in subscriber.json("till-1/estimate") if m["final"]]
     assert len(finals) >= 2 and all(m["age"] == 40.0 for m in finals)
     assert all(v == 0 for m in night for v in m["bands"].values()), [m["bands"] for m in night]
