@@ -71,7 +71,7 @@ class CameraPipeline(threading.Thread):
     """Frames of one camera through detection, age, tracking, policy and publishing."""
 
     def __init__(self, camera: CameraConfig, config: Config, frames: queue.Queue, detector: FaceDetector,
-                 detector_lock: threading.Lock, batcher: AgeBatcher, publisher: Publisher, stop: threading.Event,
+                 batcher: AgeBatcher, publisher: Publisher, stop: threading.Event,
                  policy: Policy, replay: bool = False):
         super().__init__(name=f"pipeline-{camera.id}", daemon=True)
         self.policy = policy
@@ -79,8 +79,9 @@ class CameraPipeline(threading.Thread):
         self.camera = camera
         self.config = config
         self.frames = frames
+        # shared by every camera, called without a lock: ONNX Runtime runs concurrent calls of one session in
+        # parallel, and with one intra-op thread (models.detector_threads) each on its caller's thread
         self.detector = detector
-        self.detector_lock = detector_lock
         self.batcher = batcher
         self.publisher = publisher
         self.stop_event = stop
@@ -184,8 +185,7 @@ class CameraPipeline(threading.Thread):
         self.last_frame_time = frame.timestamp
         self._apply_transactions(frame.timestamp)
         self._count(frame.timestamp)
-        with self.detector_lock:  # one ONNX session; calls from several threads would serialise anyway
-            faces = self.detector(frame.image)
+        faces = self.detector(frame.image)
         faces = outside_regions(faces, self.camera.ignore_regions, frame.image.shape)
         faces, recognised = self.pictures.sift(faces, frame.timestamp, frame.image)
         for picture in recognised:
@@ -334,14 +334,13 @@ class Service:
         self.publisher.on_change = self.status_due.set
         if replay:
             self.publisher.problem_level = self.batcher.problem_level = logging.INFO
-        detector_lock = threading.Lock()
         self.readers, self.pipelines = [], []
         for camera in config.cameras:
             frames: queue.Queue = queue.Queue(maxsize=8 if replay else 2)
             self.readers.append(CameraReader(camera, frames, self.stop_event, replay, realtime))
             self.readers[-1].store_open = self.store_open  # a picture fault while closed is logged quietly
-            self.pipelines.append(CameraPipeline(camera, config, frames, self.detector, detector_lock,
-                                                 self.batcher, self.publisher, self.stop_event, self.policy, replay))
+            self.pipelines.append(CameraPipeline(camera, config, frames, self.detector, self.batcher, self.publisher,
+                                                 self.stop_event, self.policy, replay))
         # a daemon killed outright sends its intervals in progress at its next start (edge/analytics.py)
         self.open_intervals = OpenIntervals(Path(f"{self.outbox.path}.analytics.json")) \
             if not replay and self.outbox.path is not None and config.analytics.enabled else None

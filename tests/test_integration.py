@@ -176,6 +176,31 @@ def test_two_tills_share_batched_age_calls(broker, subscriber, age_models, carph
     assert subscriber.wait_for(lambda s: {b["camera"] for b in s.json("/estimate") if b["final"]} == {"till-1", "till-2"})
 
 
+def test_the_cameras_detect_faces_at_the_same_time(monkeypatch, broker, age_models, carphone_clip):
+    """One detector session serves every camera without a lock, so on a store server's cores they detect in
+    parallel (behind one lock, a core's ~200 frames/s for all: benchmarks/detector_threads.py). The two cameras'
+    first calls must be inside the detector at once, else the barrier breaks and so does the replay."""
+    import itertools
+    import threading
+
+    from edge.detect import FaceDetector
+    inside, calls, detect = threading.Barrier(2, timeout=10), itertools.count(), FaceDetector.__call__
+
+    def meet_then_detect(self, image):
+        if next(calls) < 2:
+            inside.wait()
+        return detect(self, image)
+
+    monkeypatch.setattr(FaceDetector, "__call__", meet_then_detect)
+    config = parse_config({"store_id": "store-1", "daemon_id": "till-pc",
+                           "cameras": [{"id": "till-1", "source": str(carphone_clip), "fps_limit": None},
+                                       {"id": "till-2", "source": str(carphone_clip), "fps_limit": None}],
+                           "mqtt": {"host": "127.0.0.1", "port": broker.port},
+                           "models": {"age_model": str(age_models[40])}})
+    summary = run_replay(config)
+    assert summary["frames"] == summary["faces"] == 240 and not inside.broken
+
+
 def test_a_network_camera_that_vanishes_is_reconnected(tmp_path, broker, subscriber, age_models, carphone_clip):
     """... and its password, in its URL as IP cameras take it, is in no message and no log line."""
     from tskit import MjpegCamera

@@ -91,7 +91,7 @@ def test_a_track_not_seen_in_new_frames_is_not_published_again():
     config = parse_config({"store_id": "s", "cameras": [{"id": "c", "source": 0}],
                            "tracking": {"estimate_interval_s": 1.0, "lost_after_s": 10}})
     publisher = RecordingPublisher()
-    pipeline = CameraPipeline(config.cameras[0], config, queue.Queue(), None, threading.Lock(), None, publisher,
+    pipeline = CameraPipeline(config.cameras[0], config, queue.Queue(), None, None, publisher,
                               threading.Event(), build_policy(config.policy, {}))
     track = Track("c", 7, (0, 0, 50, 50), 0.9, 0.0, 0.0)
     for age in (30, 31, 32):

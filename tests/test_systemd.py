@@ -323,12 +323,17 @@ def test_the_daemon_is_ready_feeds_the_watchdog_and_stops_feeding_when_a_pipelin
         healthy = notify_socket.messages(wait_s=2.0)
         assert healthy[0].startswith("STATUS=") and "cameras online" in healthy[0]  # then READY=1
         assert "READY=1" in healthy and healthy.count("WATCHDOG=1") >= 3
-        with service.pipelines[0].detector_lock:  # the pipeline hangs in its next detector call
+        pipeline, release = service.pipelines[0], threading.Event()
+        detector = pipeline.detector
+        pipeline.detector = lambda image: release.wait() and detector(image)  # it hangs in its next detector call
+        try:
             stalled = notify_socket.messages(wait_s=4.0, until="stalled")
             assert any(m == "STATUS=stalled: pipeline-till-1" for m in stalled), stalled
             after = notify_socket.messages(wait_s=1.5)
             assert "WATCHDOG=1" not in after  # systemd restarts the daemon when WatchdogSec runs out
             assert "stalled: pipeline-till-1" in service.problems()
+        finally:
+            release.set()
     finally:
         service.stop(2)
 
