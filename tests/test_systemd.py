@@ -268,6 +268,45 @@ def test_verify_would_catch_a_mistake(tmp_path):
     assert "strickt" in result.stderr
 
 
+# ------------------------------------------------------------------ the memory the unit allows
+
+PEAK_RSS = """
+import runpy, sys
+sys.argv = ["tillsight", *sys.argv[1:]]
+try:
+    runpy.run_module("edge", run_name="__main__")
+finally:
+    peak = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(f"peak_kib={peak}", file=sys.stderr)
+"""
+
+
+def unit_bytes(setting: str) -> int:
+    """A memory setting of the unit (MemoryHigh=1G) in bytes."""
+    value = re.search(rf"^{setting}=(\d+)([KMG])$", UNIT.read_text(), re.M)
+    assert value, f"{setting}= not in {UNIT}"
+    return int(value.group(1)) << {"K": 10, "M": 20, "G": 30}[value.group(2)]
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
+def test_the_daemon_with_the_shipped_model_peaks_well_under_the_units_memory_high(broker, carphone_clip, tmp_path):
+    """MemoryHigh= slows the daemon past it, MemoryMax= kills it: the daemon's peak with the age model that ships
+    (loading included) must leave MemoryHigh room for more cameras (eight measured 440 MB: README)."""
+    from edge.tiers import resnet50_ships
+    if not resnet50_ships():
+        pytest.skip("the trained ResNet50 is not in edge/models")
+    config = write_config(tmp_path / "tillsight.toml", store_id="store-0042",
+                          mqtt={"host": "127.0.0.1", "port": broker.port}, cameras=[{"id": "till-1", "source": "x"}])
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, "replay", str(carphone_clip), "--config", str(config),
+                             "--fps", "5"], capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert '"faces_aged": 0' not in result.stdout and '"age_model": "resnet50"' in result.stdout, result.stdout
+    peak = int(re.search(r"peak_kib=(\d+)", result.stderr).group(1)) << 10
+    high, most = unit_bytes("MemoryHigh"), unit_bytes("MemoryMax")
+    assert peak < high / 2 and high < most, (peak >> 20, high >> 20, most >> 20)
+
+
 # ------------------------------------------------------------------ the daemon under W^X
 
 W_XOR_X = """
