@@ -210,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixed-precision", choices=["auto", "on", "off"], default="auto",
                        help="bfloat16 maths (on: Ampere or newer GPUs); auto: on when a GPU is present")
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (0: Adam)")
+    train.add_argument("--dropout", type=float, default=0.2, help="before the head")
+    train.add_argument("--label-sigma", type=float, default=2.0, help="the distribution head's label Gaussian (years)")
+    train.add_argument("--oversample-minors", type=int, default=1, help="training faces aged 13-17 this many times "
+                       "an epoch (the Challenge 25 minors target rests on them)")
     train.add_argument("--minutes", type=float, help="the run's training time: the learning rate follows the share "
                        "spent, and training stops before an epoch would overrun it (--epochs is then a maximum)")
     train.add_argument("--workers", type=int, help="processes detecting faces (default: one per core)")
@@ -666,7 +670,9 @@ def cmd_train(args) -> int:
                   epochs=(args.epochs, 1, 10_000), batch_size=(args.batch_size, 1, 4096),
                   learning_rate=(args.learning_rate, 1e-8, 1), val_fraction=(args.val_fraction, 0.001, 0.999),
                   limit=(args.limit, 2, 10**9), minutes=(args.minutes, 0.1, 100_000), workers=(args.workers, 1, 512),
-                  weight_decay=(args.weight_decay, 0, 1), test_fraction=(args.test_fraction, 0, 0.9))
+                  weight_decay=(args.weight_decay, 0, 1), test_fraction=(args.test_fraction, 0, 0.9),
+                  dropout=(args.dropout, 0, 0.9), label_sigma=(args.label_sigma, 0.5, 10),
+                  oversample_minors=(args.oversample_minors, 1, 20))
     if args.val_fraction + args.test_fraction >= 0.95:
         raise UserError(f"--val-fraction {args.val_fraction:g} and --test-fraction {args.test_fraction:g} leave "
                         "under 5 % of the faces to train on", EXIT_USAGE)
@@ -678,7 +684,8 @@ def cmd_train(args) -> int:
                         learning_rate=args.learning_rate, val_fraction=args.val_fraction,
                         test_fraction=args.test_fraction, limit=args.limit,
                         seed=args.seed, mixed_precision=args.mixed_precision, data_parallel=args.data_parallel,
-                        minutes=args.minutes, workers=args.workers, weight_decay=args.weight_decay)
+                        minutes=args.minutes, workers=args.workers, weight_decay=args.weight_decay,
+                        dropout=args.dropout, label_sigma=args.label_sigma, oversample_minors=args.oversample_minors)
     try:
         summary = train(opts, resume=args.resume)
     except _data_errors() as exc:

@@ -398,7 +398,8 @@ def models_readme_block(result: dict) -> str:
 
 # `tillsight train` options that are flags of the command (the rest are fixed by the code)
 TRAIN_FLAGS = ("input_size", "crop_margin", "head", "weights", "epochs", "batch_size", "learning_rate",
-               "weight_decay", "val_fraction", "test_fraction", "limit", "seed", "mixed_precision", "minutes")
+               "weight_decay", "dropout", "label_sigma", "oversample_minors", "val_fraction", "test_fraction", "limit",
+               "seed", "mixed_precision", "minutes")
 
 
 def train_command(options: dict) -> str:

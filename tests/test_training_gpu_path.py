@@ -154,3 +154,38 @@ def test_a_checkpoint_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_pa
     loaded = keras.models.load_model(path, compile=False)
     assert all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), before))
     assert (tmp_path / "last.partial.keras").exists()  # the cut-short file, next to it, overwritten next time
+
+
+def test_oversampled_minors_are_in_each_epoch_that_many_times_and_the_others_once():
+    from training.augment import CropBatches
+    from training.train import minor_repeats
+    ages = np.array([5, 13, 15, 17, 18, 30, 16, 40], np.float32)
+    crops = np.arange(len(ages), dtype=np.uint8).reshape(-1, 1, 1, 1)
+    plain = CropBatches(crops, ages, batch_size=3, train=True, seed=1)
+    assert np.array_equal(plain.order, np.random.default_rng([1, 0]).permutation(len(ages)))  # as before the option
+    batches = CropBatches(crops, ages, batch_size=4, train=True, seed=1, repeats=minor_repeats(ages, 3))
+    assert len(batches) == (4 + 4 * 3) // 4  # 16 items an epoch: full batches only
+    seen = np.concatenate([batches[i][0].reshape(-1) for i in range(len(batches))])
+    assert sorted(np.bincount(seen, minlength=len(ages)).tolist()) == [1, 1, 1, 1, 3, 3, 3, 3]
+    assert {int(i) for i in np.flatnonzero(np.bincount(seen) == 3)} == {1, 2, 3, 6}  # aged 13, 15, 17 and 16
+    validation = CropBatches(crops, ages, batch_size=4, train=False, repeats=minor_repeats(ages, 3))
+    assert sum(len(validation[i][0]) for i in range(len(validation))) == len(ages)  # never oversampled
+
+
+def test_the_label_sigma_shapes_the_loss_and_is_kept_in_the_checkpoint(tmp_path):
+    from training.model import MAX_AGE, DistributionLoss, expected_age_mae
+    y_true = np.array([30.0], np.float32)
+    peaked = np.zeros((1, MAX_AGE + 1), np.float32)
+    peaked[0, 30] = 1.0
+    near = np.clip(peaked, 1e-3, 1)
+    near /= near.sum()
+    # a wider label Gaussian asks for a wider distribution: a spike at the true age costs more
+    def loss(sigma: float) -> float:
+        return float(ops.convert_to_numpy(DistributionLoss(sigma)(y_true, near)))
+    assert loss(3.0) > loss(1.0)
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(MAX_AGE + 1, activation="softmax")(inputs))
+    model.compile(optimizer="adam", loss=DistributionLoss(3.5), metrics=[expected_age_mae])
+    model.fit(np.zeros((2, 4), np.float32), np.array([30.0, 40.0], np.float32), verbose=0)  # a step: as a checkpoint
+    model.save(tmp_path / "m.keras")
+    assert keras.models.load_model(tmp_path / "m.keras").loss.sigma == 3.5  # resume trains with the same sigma

@@ -99,6 +99,8 @@ def test_out_of_range_training_options_are_one_line(tmp_path):
     from tskit import tillsight
     result = tillsight("train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--val-fraction", "2")
     assert (result.returncode, result.stderr.strip()) == (2, "tillsight: error: --val-fraction 2 out of range [0.001, 0.999]")
+    result = tillsight("train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--oversample-minors", "0")
+    assert (result.returncode, result.stderr.strip()) == (2, "tillsight: error: --oversample-minors 0 out of range [1, 20]")
     # `data inspect` took any: --limit 0 was a traceback from the histogram, -4 inspected every photo
     for option, value, expected in (("--limit", "0", "[1, 1e+09]"), ("--limit", "-4", "[1, 1e+09]"),
                                     ("--val-fraction", "2", "[0.001, 0.999]")):

@@ -88,17 +88,21 @@ class CropBatches(keras.utils.PyDataset):
     The crops travel as uint8, a quarter of float32's bytes, and the model's input casts them on
     the device."""
 
-    def __init__(self, crops: np.ndarray, ages: np.ndarray, batch_size: int, train: bool, seed: int = 0, **kwargs):
+    def __init__(self, crops: np.ndarray, ages: np.ndarray, batch_size: int, train: bool, seed: int = 0,
+                 repeats: np.ndarray | None = None, **kwargs):
+        """`repeats`: how many times each crop is in a training epoch (1 each by default; oversampling)."""
         super().__init__(**kwargs)
         self.crops, self.ages = crops, ages.astype(np.float32)
-        self.batch_size, self.train, self.seed = min(batch_size, len(crops)), train, seed
+        self.epoch_items = np.repeat(np.arange(len(crops)), repeats) if repeats is not None and train \
+            else np.arange(len(crops))
+        self.batch_size, self.train, self.seed = min(batch_size, len(self.epoch_items)), train, seed
         self.epoch = 0
-        self.order = np.arange(len(crops))
+        self.order = self.epoch_items
         self.on_epoch_end()
 
     def __len__(self) -> int:
         if self.train:
-            return len(self.crops) // self.batch_size
+            return len(self.epoch_items) // self.batch_size
         return math.ceil(len(self.crops) / self.batch_size)
 
     def __getitem__(self, index: int):
@@ -107,5 +111,5 @@ class CropBatches(keras.utils.PyDataset):
 
     def on_epoch_end(self) -> None:
         if self.train:
-            self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.crops))
+            self.order = np.random.default_rng([self.seed, self.epoch]).permutation(self.epoch_items)
             self.epoch += 1

@@ -130,12 +130,28 @@ def gaussian_targets(ages, sigma: float = LABEL_SIGMA):
 
 
 @keras.saving.register_keras_serializable(package="tillsight")
-def distribution_loss(y_true, y_pred):
-    """DLDL: cross-entropy to a Gaussian around the true age, plus the L1 of the expectation."""
+def distribution_loss(y_true, y_pred, sigma: float = LABEL_SIGMA):
+    """DLDL: cross-entropy to a Gaussian around the true age, plus the L1 of the expectation. (Checkpoints
+    saved before `--label-sigma` name this function: it stays.)"""
     y_pred = ops.clip(ops.cast(y_pred, "float32"), 1e-7, 1.0)
-    ce = -ops.sum(gaussian_targets(y_true) * ops.log(y_pred), axis=-1)
+    ce = -ops.sum(gaussian_targets(y_true, sigma) * ops.log(y_pred), axis=-1)
     expected = ops.sum(y_pred * ops.arange(MAX_AGE + 1, dtype="float32"), axis=-1)
     return ce + 0.1 * ops.abs(expected - ops.reshape(ops.cast(y_true, "float32"), (-1,)))
+
+
+@keras.saving.register_keras_serializable(package="tillsight")
+class DistributionLoss(keras.losses.Loss):
+    """`distribution_loss` with the label Gaussian's sigma as a setting, kept in the checkpoint (resume)."""
+
+    def __init__(self, sigma: float = LABEL_SIGMA, name: str = "distribution_loss", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.sigma = float(sigma)
+
+    def call(self, y_true, y_pred):
+        return distribution_loss(y_true, y_pred, self.sigma)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "sigma": self.sigma}
 
 
 @keras.saving.register_keras_serializable(package="tillsight")
@@ -149,9 +165,9 @@ def age_mae(y_true, y_pred):
     return ops.mean(ops.abs(ops.reshape(ops.cast(y_pred, "float32"), (-1,)) - ops.reshape(ops.cast(y_true, "float32"), (-1,))))
 
 
-def loss_and_metric(head: str):
+def loss_and_metric(head: str, label_sigma: float = LABEL_SIGMA):
     if head == "distribution":
-        return distribution_loss, expected_age_mae
+        return DistributionLoss(label_sigma), expected_age_mae
     return "mean_absolute_error", age_mae
 
 

@@ -7,6 +7,7 @@
 #   train_age.sh train   call 4: keep shard 03, train, put the results in $OUT
 # Rehearsal on any machine: DATA=/path/with/shards LIMIT=60 SIZE=64 MINUTES=0.5 BATCH=16 \
 #   SITE=/tmp/site OUT=/tmp/out scripts/device/train_age.sh train
+# RECIPE: more `tillsight train` flags for this run, e.g. RECIPE="--oversample-minors 4 --label-sigma 3"
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-/tmp/utkface} SITE=${SITE:-/tmp/site} RUN=${RUN:-/tmp/run} OUT=${OUT:?OUT must be set}
@@ -28,7 +29,7 @@ case "${1:?setup, keep or train}" in
     # (and halves the CPU cost per face at the till); augmentation runs inside the compiled step.
     $PY -m edge train --data "$DATA" --out "$RUN" --input-size "$SIZE" --batch-size "$BATCH" \
       --learning-rate 2e-3 --weight-decay 0.02 --head distribution --epochs 400 --minutes "$MINUTES" \
-      ${LIMIT:+--limit $LIMIT} 2>&1 | grep -v "^I0000\|^W0000\|absl::InitializeLog"
+      ${LIMIT:+--limit $LIMIT} ${RECIPE:-} 2>&1 | grep -v "^I0000\|^W0000\|absl::InitializeLog"
     status=${PIPESTATUS[0]}
     $PY scripts/device/weights.py pack "$RUN" "$OUT" && ls -la "$OUT"
     exit "$status" ;;
