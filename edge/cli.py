@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bfloat16 maths (on: Ampere or newer GPUs); auto: on when a GPU is present")
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's decoupled weight decay (0: Adam)")
     train.add_argument("--dropout", type=float, default=0.2, help="before the head")
+    train.add_argument("--augment", choices=["standard", "strong"], default="standard",
+                       help="strong: scale ±20 %%, shift ±10 %%, random erasing (against overfitting)")
     train.add_argument("--label-sigma", type=float, default=2.0, help="the distribution head's label Gaussian (years)")
     train.add_argument("--oversample-minors", type=int, default=1, help="training faces aged 13-17 this many times "
                        "an epoch (the Challenge 25 minors target rests on them)")
@@ -685,7 +687,7 @@ def cmd_train(args) -> int:
                         test_fraction=args.test_fraction, limit=args.limit,
                         seed=args.seed, mixed_precision=args.mixed_precision, data_parallel=args.data_parallel,
                         minutes=args.minutes, workers=args.workers, weight_decay=args.weight_decay,
-                        dropout=args.dropout, label_sigma=args.label_sigma, oversample_minors=args.oversample_minors)
+                        dropout=args.dropout, augment=args.augment, label_sigma=args.label_sigma, oversample_minors=args.oversample_minors)
     try:
         summary = train(opts, resume=args.resume)
     except _data_errors() as exc:

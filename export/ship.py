@@ -398,7 +398,7 @@ def models_readme_block(result: dict) -> str:
 
 # `tillsight train` options that are flags of the command (the rest are fixed by the code)
 TRAIN_FLAGS = ("input_size", "crop_margin", "head", "weights", "epochs", "batch_size", "learning_rate",
-               "weight_decay", "dropout", "label_sigma", "oversample_minors", "val_fraction", "test_fraction", "limit",
+               "weight_decay", "dropout", "augment", "label_sigma", "oversample_minors", "val_fraction", "test_fraction", "limit",
                "seed", "mixed_precision", "minutes")
 
 

@@ -20,7 +20,7 @@ pytest.importorskip("tf2onnx", reason="the train extra is not installed")
 pytestmark = pytest.mark.timeout(900)
 
 TINY = ["--limit", "40", "--input-size", "64", "--batch-size", "8"]
-RECIPE = ["--label-sigma", "3", "--dropout", "0.3", "--oversample-minors", "2"]  # the regularising options
+RECIPE = ["--label-sigma", "3", "--dropout", "0.3", "--oversample-minors", "2", "--augment", "strong"]  # the regularising options
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,8 @@ def test_training_writes_its_run_folder_and_resume_continues(run):
     assert split["test_fraction"] == 0.1 and split["test"] >= 1  # held out: neither trained on nor choosing
     assert resumed["split"] == split  # resume keeps the split
     assert resumed["options"]["input_size"] == 64  # resume keeps the run's options
-    recipe = {key: resumed["options"][key] for key in ("label_sigma", "dropout", "oversample_minors")}
-    assert recipe == {"label_sigma": 3.0, "dropout": 0.3, "oversample_minors": 2}
+    recipe = {key: resumed["options"][key] for key in ("label_sigma", "dropout", "oversample_minors", "augment")}
+    assert recipe == {"label_sigma": 3.0, "dropout": 0.3, "oversample_minors": 2, "augment": "strong"}
     history = list(csv.DictReader((run_dir / "history.csv").open()))
     assert [row["epoch"] for row in history] == ["0", "1"]
     for name in ("checkpoints/best.keras", "checkpoints/last.keras", "curves.png", "summary.json", "run.json"):
@@ -181,7 +181,7 @@ def test_ship_refuses_a_model_under_the_gates_and_ships_one_over_them_with_its_c
     card = (into / "AGE.md").read_text()
     assert f"| MAE (years) | {report['n_scored']} | **{mae:.2f}** | {report['compared_with']['mae']:.2f} |" in card
     assert "**Licence: non-commercial research only.**" in card and "--input-size 64 --crop-margin 0.0" in card
-    assert "--dropout 0.3 --label-sigma 3.0 --oversample-minors 2 --val-fraction 0.1 --test-fraction 0.1" in card
+    assert "--dropout 0.3 --augment strong --label-sigma 3.0 --oversample-minors 2 --val-fraction 0.1" in card
     late = list(csv.DictReader((run_dir / "history.csv").open()))[-20:]  # where training ended, beside the best epoch
     val_mae = next(c for c in late[0] if c.startswith("val_") and c.endswith("mae"))
     late_val = sum(float(r[val_mae]) for r in late) / len(late)

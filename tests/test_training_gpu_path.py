@@ -55,6 +55,30 @@ def test_face_jitter_changes_crops_only_when_training():
     assert len({round(float(v), 3) for v in per_crop}) == 8  # each in its own way
 
 
+def test_strong_augmentation_erases_a_rectangle_in_half_the_crops_and_only_when_training():
+    batch = np.repeat(_smooth_image(), 64, axis=0)
+    layer = FaceJitter(seed=5, strength="strong")
+    assert np.array_equal(np.asarray(layer(batch, training=False)), batch)
+    trained = np.asarray(layer(batch, training=True))
+    # painted in one grey (the crop's mean before erasing): R = G = B = that value, which noise never is
+    grey = np.zeros(trained.shape[:3], bool)
+    for index, crop in enumerate(trained):
+        flat = crop[(crop[..., 0] == crop[..., 1]) & (crop[..., 1] == crop[..., 2])][:, 0]
+        if len(flat):
+            values, counts = np.unique(flat, return_counts=True)
+            grey[index] = (crop == values[counts.argmax()]).all(axis=-1)
+    painted = grey.mean(axis=(1, 2))  # share of each crop's pixels
+    erased = painted > 0.01
+    assert 16 <= erased.sum() <= 48, painted  # about half of them
+    assert painted.max() <= 0.3  # no more than ERASE_AREA's 20 %, plus a pixel's rounding on each side
+    for index in np.flatnonzero(erased)[:4]:  # one solid rectangle
+        rows, cols = np.nonzero(grey[index])
+        assert len(rows) == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert FaceJitter.from_config(layer.get_config()).strength == "strong"  # kept in checkpoints
+    with pytest.raises(ValueError, match="augmentation strength 'wild': one of standard, strong"):
+        FaceJitter(strength="wild")
+
+
 def test_learning_rate_warms_up_then_falls_to_a_hundredth():
     by_epochs = TrainOptions(data="d", epochs=10, learning_rate=1e-3, warmup_epochs=1)
     rates = [learning_rate(by_epochs, e / 10) for e in range(11)]

@@ -54,11 +54,11 @@ class AgeFromDistribution(layers.Layer):
 
 
 def build_model(input_size: int, head: str, weights: str = "none", dropout: float = 0.2,
-                mean_age: float = 33.0, seed: int | None = None) -> keras.Model:
+                mean_age: float = 33.0, seed: int | None = None, augment: str = "standard") -> keras.Model:
     """The training model: outputs the age (regression) or the age probabilities (distribution).
     Augmentation is its first layer (training only; see training/augment.py)."""
     inputs = keras.Input((input_size, input_size, 3), name="crops")
-    x = FaceJitter(seed=seed, name="face_jitter")(inputs)
+    x = FaceJitter(seed=seed, strength=augment, name="face_jitter")(inputs)
     x = CaffePreprocess(name="caffe_preprocess")(x)
     backbone = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(input_size, input_size, 3),
                                            pooling="avg")

@@ -42,6 +42,7 @@ class TrainOptions:
     weight_decay: float = 0.0  # AdamW's decoupled decay when > 0 (not on biases and batch-norm scales)
     warmup_epochs: float = 1.0
     dropout: float = 0.2  # before the head
+    augment: str = "standard"  # or "strong": wider scale and shift, random erasing (training/augment.py)
     label_sigma: float = 2.0  # the distribution head's label Gaussian, in years
     # Training faces aged 13-17 this many times an epoch: the Challenge 25 minors target rests on them and
     # they are 3 % of UTKFace (62 of 2,140 validation faces)
@@ -190,7 +191,7 @@ def train(opts: TrainOptions, resume: bool = False) -> dict:
         model = keras.models.load_model(checkpoints / "last.keras")
         train_batches.epoch = state["epoch"]
     else:
-        model = build_model(opts.input_size, opts.head, opts.weights, dropout=opts.dropout,
+        model = build_model(opts.input_size, opts.head, opts.weights, dropout=opts.dropout, augment=opts.augment,
                             mean_age=float(train_set.ages.mean()), seed=opts.seed)
         loss, metric = loss_and_metric(opts.head, opts.label_sigma)
         # the learning rate is set before every epoch by `Progress`, from the share of the run done
