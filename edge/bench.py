@@ -248,8 +248,12 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
     daemon = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config_path)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     started = time.monotonic()
-    time.sleep(seconds)
-    gpu = sampler.window(started + min(3.0, seconds / 4), time.monotonic()) if sampler is not None else None
+    warm_up = min(3.0, seconds / 4)  # loading the models and the first frames: not the steady state
+    time.sleep(warm_up)
+    cpu_start = cpu_sample(daemon.pid)
+    time.sleep(seconds - warm_up)
+    cpu = cpu_use(cpu_start, cpu_sample(daemon.pid))
+    gpu = sampler.window(started + warm_up, time.monotonic()) if sampler is not None else None
     batches = scrape_batch_sizes(settings["metrics"]) if settings["metrics"].get("enabled") else \
         {"available": False, "reason": "metrics disabled by --set"}
     peak_rss, rss = _memory_mb(daemon.pid, "VmHWM"), _memory_mb(daemon.pid, "VmRSS")
@@ -282,7 +286,7 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
         "rss_mb": rss,  # at the end: what a long-running daemon holds (the peak includes loading the models)
         "provider": last.get("provider"), "variant": last.get("age_model", {}).get("variant"),
         "problems": sorted({p for s in online for p in s.get("problems", [])}),
-        "batch_sizes": batches, **({"gpu": gpu} if gpu is not None else {}),
+        "batch_sizes": batches, "cpu": cpu, **({"gpu": gpu} if gpu is not None else {}),
     }
 
 
@@ -346,6 +350,32 @@ def staggered_copies(video: Path, count: int, workdir: Path) -> list[Path]:
 
 def _pct(values: list[float], q: float) -> float | None:
     return round(1000 * float(np.percentile(values, q)), 1) if values else None
+
+
+def cpu_sample(pid: int) -> dict | None:
+    """The daemon's CPU seconds so far and the machine's busy and total CPU seconds (/proc), at a monotonic time."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        machine = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, IndexError, ValueError):
+        return None
+    idle = machine[3] + machine[4]  # idle and iowait
+    return {"at": time.monotonic(), "daemon_s": (int(fields[11]) + int(fields[12])) / ticks,
+            "machine_busy_s": (sum(machine[:8]) - idle) / ticks, "machine_s": sum(machine[:8]) / ticks}
+
+
+def cpu_use(start: dict | None, end: dict | None) -> dict:
+    """Between two samples: the cores the daemon kept busy, and how busy the whole machine was (what limits a run
+    whose GPU idles: a daemon near all the cores is CPU-bound; one near a single core with the machine idle is
+    held by one thread, such as Python's GIL)."""
+    if start is None or end is None or end["at"] <= start["at"]:
+        return {"available": False, "reason": "no /proc here"}
+    wall, machine = end["at"] - start["at"], end["machine_s"] - start["machine_s"]
+    return {"available": True, "cores": os.cpu_count(),
+            "daemon_cores": round((end["daemon_s"] - start["daemon_s"]) / wall, 2),
+            "machine_busy_pct": round(100 * (end["machine_busy_s"] - start["machine_busy_s"]) / machine, 1)
+            if machine > 0 else None}
 
 
 def _memory_mb(pid: int, field: str) -> float | None:
@@ -475,6 +505,10 @@ def _print_cameras_row(row: dict) -> None:
           + ("; GPU " + (f"{gpu.get('util_mean_pct')}% mean, {gpu.get('util_max_pct')}% max, "
                          f"{gpu.get('mem_max_mib')} MiB" if gpu.get("available") else f"not sampled ({gpu.get('reason')})")
              if gpu else ""), flush=True)
+    cpu = row.get("cpu") or {}
+    if cpu.get("available"):
+        print(f"    CPU: the daemon {cpu['daemon_cores']} cores, the machine {cpu['machine_busy_pct']} % busy "
+              f"({cpu['cores']} cores)", flush=True)
     if row.get("problems"):
         print(f"    daemon degraded: {'; '.join(row['problems'])}", flush=True)
 

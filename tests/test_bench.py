@@ -23,6 +23,7 @@ def test_bench_measures_model_pipeline_and_cameras(tmp_path, carphone_clip):
     assert one["fused_age_diff"]["mean"] is not None and one["fused_age_diff"]["mean"] < 5  # the customer, paired
     assert [row["cameras"] for row in report["cameras"]] == [1, 2]
     for row in report["cameras"]:
+        assert 0 < row["cpu"]["daemon_cores"] <= row["cpu"]["cores"] + 0.2 and 0 < row["cpu"]["machine_busy_pct"] <= 100
         assert row["frames"] > 0 and row["peak_rss_mb"] >= row["rss_mb"] > 50 and row["alerts"] >= 1 and row["alert_p99_ms"] > 0
     assert (out / "bench.png").stat().st_size > 10_000
     assert "age model alone, faces/s" in result.stdout and "keeps up" in result.stdout
