@@ -256,7 +256,7 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
     gpu = sampler.window(started + warm_up, time.monotonic()) if sampler is not None else None
     batches = scrape_batch_sizes(settings["metrics"]) if settings["metrics"].get("enabled") else \
         {"available": False, "reason": "metrics disabled by --set"}
-    peak_rss, rss = _memory_mb(daemon.pid, "VmHWM"), _memory_mb(daemon.pid, "VmRSS")
+    peak_rss, rss = _memory_mb(daemon.pid)
     daemon.send_signal(signal.SIGTERM)
     try:
         _, stderr = daemon.communicate(timeout=30)
@@ -370,7 +370,7 @@ def cpu_use(start: dict | None, end: dict | None) -> dict:
     whose GPU idles: a daemon near all the cores is CPU-bound; one near a single core with the machine idle is
     held by one thread, such as Python's GIL)."""
     if start is None or end is None or end["at"] <= start["at"]:
-        return {"available": False, "reason": "no /proc here"}
+        return {"available": False, "reason": "the daemon had exited, or no /proc here"}
     wall, machine = end["at"] - start["at"], end["machine_s"] - start["machine_s"]
     return {"available": True, "cores": os.cpu_count(),
             "daemon_cores": round((end["daemon_s"] - start["daemon_s"]) / wall, 2),
@@ -378,15 +378,14 @@ def cpu_use(start: dict | None, end: dict | None) -> dict:
             if machine > 0 else None}
 
 
-def _memory_mb(pid: int, field: str) -> float | None:
-    """VmHWM (peak resident set) or VmRSS (now) of a process, in MB."""
+def _memory_mb(pid: int) -> tuple[float | None, float | None]:
+    """(VmHWM, VmRSS) of a process in MB: its peak resident set and now, from one read (a new peak between two
+    reads would put the resident set above the peak)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        return tuple(round(int(fields[name].split()[0]) / 1024, 1) for name in ("VmHWM", "VmRSS"))
+    except (OSError, KeyError, ValueError, IndexError):
+        return None, None
 
 
 class _Subscriber:

@@ -46,6 +46,7 @@ END_OF_STREAM = None  # put on the queue when a replayed file has ended
 OPEN_TIMEOUT_MS = 5000
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
+OFF_FOR_THE_NIGHT_RETRY_S = 5.0  # cameras.off_while_closed: its longest wait between tries
 FRAME_COUNT_SLACK = 2  # containers' frame counts can be off by a frame or two
 LIVE, FROZEN, BLANK = "live", "frozen", "blank"  # CameraStatus.picture
 # Grey-level standard deviation of a 32x24 thumbnail under which a picture shows nothing: the
@@ -256,7 +257,9 @@ class CameraReader(threading.Thread):
             return True
         self._set_state("reconnecting", error)
         self.status.reconnects += 1
-        self.stop_event.wait(self._backoff)
+        # a camera off for the night is tried every few seconds, so it is seen at once when the lanes power up
+        self.stop_event.wait(min(self._backoff, OFF_FOR_THE_NIGHT_RETRY_S) if self.camera.off_while_closed
+                             else self._backoff)
         self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
         return self.stop_event.is_set()
 

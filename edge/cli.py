@@ -677,7 +677,7 @@ def cmd_train(args) -> int:
                   oversample_minors=(args.oversample_minors, 1, 20))
     if args.val_fraction + args.test_fraction >= 0.95:
         raise UserError(f"--val-fraction {args.val_fraction:g} and --test-fraction {args.test_fraction:g} leave "
-                        "under 5 % of the faces to train on", EXIT_USAGE)
+                        "5 % of the faces or fewer to train on", EXIT_USAGE)
     _training_imports()
     from training.train import TrainOptions, train
     opts = TrainOptions(data=str(args.data), labels=str(args.labels) if args.labels else None, out=str(args.out),

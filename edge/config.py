@@ -189,11 +189,11 @@ class CameraConfig(Strict):
     size: tuple[Annotated[int, Field(ge=16, le=8192, strict=True)], Annotated[int, Field(ge=16, le=8192, strict=True)]] \
         | None = None
     pixel_format: Literal["MJPG", "YUYV"] | None = None
-    # parts of the picture where a face is never a customer (the cashier's seat, the next till, a screen showing
-    # ads): [x0, y0, x1, y1] as shares of the picture's width and height; a face whose centre is in one is left out
     # powered down with the lanes after closing (a PoE schedule, a lane's power strip): while the store is closed by
     # its opening_hours, the camera not connecting is no problem; at opening time it is one at once
     off_while_closed: bool = False
+    # parts of the picture where a face is never a customer (the cashier's seat, the next till, a screen showing
+    # ads): [x0, y0, x1, y1] as shares of the picture's width and height; a face whose centre is in one is left out
     ignore_regions: Annotated[list[tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)],
                                          Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]]],
                               Field(max_length=16)] = []

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -100,7 +101,8 @@ class CameraPipeline(threading.Thread):
         self.counter = AgeBandCounter(camera.id, analytics.bands, analytics.interval_s, analytics.k) \
             if analytics.enabled else None
         self.camera_fault = lambda: None  # why the camera cannot see now (set by the service), for analytics
-        self.store_open = lambda: True  # by opening_hours (set by the service): only an open store's customers count
+        # by opening_hours, at a time (set by the service): only an open store's customers count
+        self.store_open: Callable[[float], bool] = lambda at: True
         self.open_intervals: OpenIntervals | None = None  # the interval in progress kept on disk (set by the service)
         self.camera_status: CameraStatus | None = None  # its reader's (set by the service): told of faces in view
         self._counted_at: float | None = None  # monotonic time of the last _count
@@ -123,8 +125,9 @@ class CameraPipeline(threading.Thread):
             # A customer never spans two transactions: whoever is at the till is a new track from here.
             ended = [t for t in self.tracker.end_all() if len(t.ages) >= self.config.policy.min_samples]
             self._finish_tracks(ended, now)
-            if self.transaction is not None and ended and self.config.analytics.per_transaction:
-                customer = max(ended, key=lambda t: t.frames)  # the one who stood at the till longest
+            customer = max(ended, key=lambda t: t.frames) if ended else None  # who stood at the till longest
+            if self.transaction is not None and customer is not None and self.config.analytics.per_transaction \
+                    and self.store_open(customer.last_seen):  # a sale after hours is staff's, as in the counts
                 self.publisher.publish_transaction_band(self.camera.id, self.transaction,
                                                         band_of(customer.estimate().age, self.config.analytics.bands))
             if self.transaction is not None and self._transaction_frames:  # one that ran over frames ends here
@@ -138,7 +141,7 @@ class CameraPipeline(threading.Thread):
         if self.counter is None:
             return
         tick = time.monotonic()
-        if self._counted_at is not None and not self.store_open():
+        if self._counted_at is not None and not self.store_open(now):
             self.counter.closed_s += tick - self._counted_at
         elif self._counted_at is not None and self.camera_fault() is not None:
             self.counter.fault_s += tick - self._counted_at
@@ -267,7 +270,8 @@ class CameraPipeline(threading.Thread):
             self.stats.estimates += 1
             final = track.estimate()
             self.publisher.publish_estimate(final, True, track.last_seen if now is None else now, self.transaction)
-            if self.counter is not None and self.store_open():  # while closed, the faces are staff
+            # the store's hours when the person was last there: while closed, the faces are staff
+            if self.counter is not None and self.store_open(track.last_seen):
                 self.counter.add(final.age, track.last_seen)
                 self._save_interval(track.last_seen if now is None else now)
 
@@ -375,9 +379,11 @@ class Service:
         reader = next(r for r in self.readers if r.camera.id == camera_id)
         return camera_fault(reader) or (self.peers.camera_conflict(camera_id) if self.peers is not None else None)
 
-    def store_open(self) -> bool:
-        """Whether the store is open now by its `opening_hours` (always, without them; always in replay)."""
-        return self.config.opening_hours is None or self.replay or self.config.opening_hours.is_open(self.clock())
+    def store_open(self, at: float | None = None) -> bool:
+        """Whether the store is open now (or at Unix time `at`) by its `opening_hours` (always, without them; always
+        in replay)."""
+        hours = self.config.opening_hours
+        return hours is None or self.replay or hours.is_open(self.clock() if at is None else at)
 
     def problems(self) -> list[str]:
         """Why the daemon is not doing its job fully now: the status says `degraded` with these. While the store

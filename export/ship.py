@@ -85,7 +85,7 @@ def ship(opts: ShipOptions) -> dict:
               "shipped": False}
     try:
         for recipe, folder in int8_recipes(onnx_dir):
-            report = evaluate(folder / SHIPPED_NAME, opts.data, opts.labels, split=scored_split(options),
+            report = evaluate(folder / SHIPPED_NAME, opts.data, opts.labels, split=scored_split(options, info["run.json"].get("split")),
                               val_fraction=val_fraction, test_fraction=test_fraction,
                               limit=opts.limit, out=folder / "eval", compare=onnx_dir / "age.onnx",
                               residuals_into=candidate)
@@ -188,9 +188,10 @@ def cpu_speed(fp32_model: Path, out: Path, seconds: float) -> dict:
     return {"machine": report["machine"], "onnxruntime": report["onnxruntime"], "batch": 8, "faces_per_s": figures}
 
 
-def scored_split(options: dict) -> str:
-    """The split the shipped figures are measured on: the held-out test split, or validation for a run without one."""
-    return "test" if options.get("test_fraction", 0.0) > 0 else "val"
+def scored_split(options: dict, split: dict | None = None) -> str:
+    """The split the shipped figures are measured on: the held-out test split, or validation for a run without one
+    (or whose test split came out empty: a tiny `--limit`)."""
+    return "test" if options.get("test_fraction", 0.0) > 0 and (split or {}).get("test", 1) > 0 else "val"
 
 
 def split_words(report: dict) -> str:
@@ -404,6 +405,7 @@ TRAIN_FLAGS = ("input_size", "crop_margin", "head", "weights", "epochs", "batch_
 
 def train_command(options: dict) -> str:
     """The `tillsight train` command line that repeats the run (run.json's options)."""
+    options = {"test_fraction": 0.0, **options}  # a run from before test splits held none out (now 0.1 by default)
     words = ["tillsight train --data DIR --out RUN"]
     words += [f"--{key.replace('_', '-')} {options[key]}" for key in TRAIN_FLAGS if options.get(key) is not None]
     if options.get("data_parallel"):

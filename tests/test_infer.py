@@ -159,25 +159,31 @@ def test_sessions_run_without_spinning_and_with_the_threads_asked(age_models):
 
 
 _LOAD_RSS = """
-import sys
+import onnx
+from onnx import numpy_helper
 from edge.infer import AgeModel
+from edge.tiers import SHIPPED_AGE_MODEL, variant_of
 def rss_mb():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
+weights = onnx.load(str(variant_of(SHIPPED_AGE_MODEL, "int8"))).graph.initializer
+float_mb = sum(numpy_helper.to_array(w).size for w in weights) * 4 / 2**20  # every weight as float32
+del weights
 before = rss_mb()
 model = AgeModel.load("resnet50", ["cpu"])
-print(model.describe()["variant"], round(rss_mb() - before, 1))
+print(model.describe()["variant"], round(rss_mb() - before, 1), round(float_mb, 1))
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc (Linux)")
 def test_the_shipped_resnet50_holds_its_float_weights_not_the_copies_made_while_loading():
     """Its int8 weights become 95 MB of float at load; building the session also makes copies it then frees.
-    Those went back to the system only with edge/runtime.py `return_freed_memory`: 275 MB held before, ~100 after."""
+    Those went back to the system only with edge/runtime.py `return_freed_memory`: 275 MB held before, ~110 after,
+    for 95 MB of float weights: the bound is relative, for other ONNX Runtime and glibc versions."""
     from edge.tiers import resnet50_ships
     if not resnet50_ships():
         pytest.skip("the trained ResNet50 is not in edge/models")
     out = subprocess.run([sys.executable, "-c", _LOAD_RSS], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr
-    variant, grown_mb = out.stdout.split()
-    assert variant == "int8" and 90 < float(grown_mb) < 180, out.stdout
+    variant, grown_mb, float_mb = out.stdout.split()
+    assert variant == "int8" and 0.8 * float(float_mb) < float(grown_mb) < 1.8 * float(float_mb), out.stdout

@@ -292,7 +292,7 @@ def unit_bytes(setting: str) -> int:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
 def test_the_daemon_with_the_shipped_model_peaks_well_under_the_units_memory_high(broker, carphone_clip, tmp_path):
     """MemoryHigh= slows the daemon past it, MemoryMax= kills it: the daemon's peak with the age model that ships
-    (loading included) must leave MemoryHigh room for more cameras (eight measured 440 MB: README)."""
+    (loading included) must leave MemoryHigh room for more cameras (eight peaked at 440 MB: README)."""
     from edge.tiers import resnet50_ships
     if not resnet50_ships():
         pytest.skip("the trained ResNet50 is not in edge/models")

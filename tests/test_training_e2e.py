@@ -229,7 +229,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, utkface):
     result = tillsight("train", "--data", str(utkface), "--out", str(tmp_path / "r"), "--val-fraction", "0.5",
                        "--test-fraction", "0.5")
     assert (result.returncode, result.stderr.strip()) == (2, "tillsight: error: --val-fraction 0.5 and --test-fraction "
-                                                             "0.5 leave under 5 % of the faces to train on")
+                                                             "0.5 leave 5 % of the faces or fewer to train on")
     no_models = {**os.environ, "TILLSIGHT_MODEL_DIR": str(tmp_path / "empty-cache")}
     result = tillsight("eval", "--data", str(utkface), "--limit", "3", "--model", "light", env=no_models)
     assert result.returncode == 1 and "run `tillsight models fetch light`" in result.stderr.strip().splitlines()[-1]

@@ -39,8 +39,10 @@ def test_split_is_deterministic_and_near_the_fraction():
 
 
 def test_ship_scores_the_held_out_test_split_and_runs_without_one_on_validation():
-    from export.ship import _split_row, scored_split
+    from export.ship import _split_row, scored_split, train_command
     assert scored_split({"val_fraction": 0.1}) == "val"  # the shipped run predates test splits
+    assert "--val-fraction 0.1 --test-fraction 0.0" in train_command({"val_fraction": 0.1})  # and so repeats
+    assert scored_split({"val_fraction": 0.1, "test_fraction": 0.1}, {"test": 0}) == "val"  # a tiny --limit
     assert scored_split({"val_fraction": 0.1, "test_fraction": 0.0}) == "val"
     assert scored_split({"val_fraction": 0.1, "test_fraction": 0.1}) == "test"
     assert "→ held-out test (2100; trained nothing, chose nothing" in _split_row(

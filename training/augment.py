@@ -9,7 +9,8 @@ What it does, per crop, with its reason:
 - brightness (±25 %) and contrast (±20 %): till lighting varies by store and hour;
 - no colour hue changes: skin tone carries age cues we do not want to scramble.
 `strength="strong"` (`tillsight train --augment strong`, against overfitting): scale ±20 %, shift
-±10 %, and half the crops get one rectangle (2-20 % of the area) painted in their mean grey, as a
+±10 %, and half the crops get one rectangle (2-20 % of the area, less where it runs off the crop's edge)
+painted in their mean grey, as a
 hand, a phone or a scarf covers part of a face at the till (random erasing).
 Flip, rotation, scale and shift are one affine map, so each crop is resampled once
 (bilinear, edges repeated as `edge.crop.crop_face` repeats them).
