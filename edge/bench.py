@@ -162,9 +162,17 @@ def _load_keras(path: Path):
 
 def served_variant(onnx_path: Path) -> str:
     """What the daemon serves in the benchmark: the provider's variant, as for a shipped model
-    (int8 on a CPU, fp16 on a GPU), also for the random-init stand-in given as a file."""
-    from edge.runtime import resolve_providers
-    wanted = "fp16" if resolve_providers(["cuda", "cpu"])[0] != "CPUExecutionProvider" else "int8"
+    (int8 on a CPU, fp16 on a GPU), also for the random-init stand-in given as a file. The GPU's only where
+    CUDA really serves (a probe session of the small detector): a GPU build whose CUDA does not load would
+    otherwise have the daemon run fp16, the slowest of all, on the CPU."""
+    from edge.detect import DEFAULT_VARIANT, VARIANTS as DETECTORS
+    from edge.runtime import CPU, ModelError, open_session
+    try:
+        on_gpu = open_session(DETECTORS[DEFAULT_VARIANT].onnx_path, ["cuda", "cpu"],
+                              "GPU probe").get_providers()[0] != CPU
+    except ModelError:
+        on_gpu = False
+    wanted = "fp16" if on_gpu else "int8"
     return wanted if variant_of(onnx_path, wanted).is_file() else "auto"
 
 

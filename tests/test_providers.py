@@ -83,6 +83,18 @@ def test_without_cpu_in_the_providers_every_command_refuses_in_one_line(tmp_path
     assert result.stdout == ""
 
 
+def test_the_benchmark_serves_the_cpus_variant_when_cuda_does_not_load(tmp_path, gpu_build_python):
+    """Before, a GPU build sufficed for the bench to name fp16 (explicitly, so not swapped back): the slowest variant
+    of all ran on the CPU. Where CUDA really serves, fp16 is right; the GPU is hidden here so it cannot."""
+    for name in ("age.onnx", "age_fp16.onnx", "age_int8.onnx"):
+        (tmp_path / name).write_bytes(b"")  # the choice reads which files are there
+    probe = subprocess.run([gpu_build_python, "-c", "import sys; from pathlib import Path; from edge.bench import "
+                            "served_variant; print(served_variant(Path(sys.argv[1])))", str(tmp_path / "age.onnx")],
+                           capture_output=True, text=True, timeout=120, cwd=REPO,
+                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert (probe.returncode, probe.stdout.strip()) == (0, "int8"), probe.stderr[-1000:]
+
+
 def test_cuda_that_does_not_load_is_one_warning_and_the_status_says_degraded(
         tmp_path, broker, subscriber, age_models, carphone_clip, gpu_build_python):
     # Where the CUDA libraries and a GPU are there, hiding the GPU keeps CUDA from starting.
