@@ -374,6 +374,21 @@ class MqttConfig(Strict):
         return self
 
 
+class CudaConfig(Strict):
+    """The CUDA provider's options for both sessions ([models.cuda]). cuDNN's exhaustive search, ONNX Runtime's
+    default, benchmarks every convolution on the first call of each new input shape: the age batcher forms a
+    new batch size on most calls at first, and each such call took about a second on the H100 (issue 10)."""
+    conv_algo_search: Literal["heuristic", "exhaustive", "default"] = "heuristic"
+    prefer_nhwc: bool = True  # channels-last convolutions: the H100's tensor cores (issue 10)
+
+    def provider_options(self) -> dict[str, str]:
+        """As ONNX Runtime's CUDAExecutionProvider takes them."""
+        options = {"prefer_nhwc": "1" if self.prefer_nhwc else "0"}
+        if self.conv_algo_search != "default":
+            options["cudnn_conv_algo_search"] = self.conv_algo_search.upper()
+        return options
+
+
 class ModelsConfig(Strict):
     detector: Path | None = None  # None: the converted BlazeFace that ships in edge/models
     detector_variant: Literal[tuple(VARIANTS)] = DEFAULT_VARIANT  # type: ignore[valid-type]
@@ -391,6 +406,7 @@ class ModelsConfig(Strict):
     detector_threads: Annotated[int, Field(ge=0, le=256)] = 1
     age_threads: Annotated[int, Field(ge=0, le=256)] = 0
     spinning: bool = False
+    cuda: CudaConfig = CudaConfig()
 
     @field_validator("detector")
     @classmethod

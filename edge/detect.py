@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.runtime import open_session, provider_fallback, session_options
+from edge.runtime import CPU, open_session, provider_fallback, session_options
 from edge.types import Face
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -144,10 +144,11 @@ class FaceDetector:
         providers: list[str] | None = None,
         threads: int = 0,
         spinning: bool = False,
+        cuda_options: dict[str, str] | None = None,
     ):
         self.variant = VARIANTS[variant]
         self.session = open_session(model_path or self.variant.onnx_path, providers, "face detector",
-                                    session_options(threads, spinning))
+                                    session_options(threads, spinning), cuda_options)
         self.fallback = provider_fallback(self.session, providers)
         self.input_name = self.session.get_inputs()[0].name
         self.anchors = generate_anchors(self.variant)
@@ -160,6 +161,13 @@ class FaceDetector:
         self.score_threshold = score_threshold
         self.iou_threshold = iou_threshold
         self.min_face_px = min_face_px
+
+    def warm_up(self) -> None:
+        """On a GPU, one call before the first frame: the provider prepares the input shape on its first call
+        (the detector's is fixed). The CPU has nothing to prepare."""
+        if self.session.get_providers()[0] != CPU:
+            size = self.variant.input_size
+            self(np.zeros((size, size, 3), np.uint8))
 
     def __call__(self, image_bgr: np.ndarray) -> list[Face]:
         size = self.variant.input_size

@@ -32,11 +32,12 @@ class AgeModel:
     """An ONNX age model that follows `edge.contract`."""
 
     def __init__(self, path: Path | str, providers: list[str] | None = None, tier: str = "file",
-                 variant: str = "fp32", threads: int = 0, spinning: bool = False):
+                 variant: str = "fp32", threads: int = 0, spinning: bool = False,
+                 cuda_options: dict[str, str] | None = None):
         self.path = Path(path)
         self.tier = tier
         self.variant = variant
-        self.session = open_session(self.path, providers, "age", session_options(threads, spinning))
+        self.session = open_session(self.path, providers, "age", session_options(threads, spinning), cuda_options)
         self.fallback: Fallback | None = provider_fallback(self.session, providers)
         try:
             self.info: AgeModelInfo = read_contract(self.session)
@@ -44,22 +45,24 @@ class AgeModel:
             raise ModelError(f"age model {self.path} breaks the model contract: {exc}") from None
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [self.session.get_outputs()[0].name] + ([SPREAD_OUTPUT] if self.info.has_spread else [])
+        # the batch sizes calls are padded to (warm_up sets them on a GPU); None: each call as it comes
+        self.batch_sizes: list[int] | None = [self.info.fixed_batch] if self.info.fixed_batch else None
 
     @classmethod
     def load(cls, setting: str | Path | None, providers: list[str] | None = None, variant: str = "auto",
-             threads: int = 0, spinning: bool = False) -> "AgeModel":
+             threads: int = 0, spinning: bool = False, cuda_options: dict[str, str] | None = None) -> "AgeModel":
         """A tier name ('auto', 'light', 'resnet50') or a model file, in the precision that suits the provider."""
         base = resolve_age_model(setting)
         resolved = resolve_providers(providers)
         on_gpu = bool(resolved) and resolved[0] != CPU
         choice = pick_variant(base, variant, on_gpu)
-        model = cls(choice.path, providers, choice.tier, choice.variant, threads, spinning)
+        model = cls(choice.path, providers, choice.tier, choice.variant, threads, spinning, cuda_options)
         if variant == "auto" and choice.variant == "fp16" and model.providers[0] == CPU:
             # CUDA was asked for but did not load (said once, by open_session): fp16 on a CPU is the
             # slowest of all, take the CPU's variant
             log.info("GPU provider unavailable, serving the CPU variant", extra={"asked": choice.path.name})
             choice = pick_variant(base, "auto", on_gpu=False)
-            model = cls(choice.path, providers, choice.tier, choice.variant, threads, spinning)
+            model = cls(choice.path, providers, choice.tier, choice.variant, threads, spinning, cuda_options)
         return model
 
     def describe(self) -> dict:
@@ -73,6 +76,38 @@ class AgeModel:
         """The providers ONNX Runtime really uses, not the ones we asked for."""
         return self.session.get_providers()
 
+    def warm_up(self, max_batch: int) -> float:
+        """On a GPU, before any customer: from here on every call is padded to a power of two (up to
+        `max_batch`), and each of those sizes runs once now. A GPU provider prepares each new input shape on its
+        first call (measured on the H100, the shipped ResNet50 in fp16: 1,194 ms with cuDNN's exhaustive search,
+        180 ms with its heuristic, then 5-7 ms a call), and the batcher forms any size from 1 to `max_batch`:
+        warming all 32 up took longer than a 10 s benchmark run (issue 10); padding costs the GPU next to
+        nothing (1.5 ms at batch 1 and at batch 8). Seconds taken; 0 on a CPU, where a call costs what its
+        faces cost and the first is not slower: nothing is padded there."""
+        sizes = self.warm_up_sizes(max_batch)
+        if not sizes:
+            return 0.0
+        started = time.perf_counter()
+        size = self.info.input_size
+        for batch in sizes:
+            self._run(np.zeros((batch, size, size, 3), np.float32))
+        self.batch_sizes = sizes
+        seconds = time.perf_counter() - started
+        log.info("age model warmed up", extra={"batch_sizes": sizes, "seconds": round(seconds, 2)})
+        return seconds
+
+    def warm_up_sizes(self, max_batch: int) -> list[int]:
+        """The batch sizes calls are padded to on a GPU: powers of two and `max_batch` itself (the model's own
+        for a fixed-batch one); none on a CPU."""
+        if self.providers[0] == CPU:
+            return []
+        if self.info.fixed_batch:
+            return [self.info.fixed_batch]
+        return sorted({1 << k for k in range(max_batch.bit_length()) if 1 << k <= max_batch} | {max_batch})
+
+    def _padded(self, count: int) -> int:
+        return next((size for size in self.batch_sizes or [] if size >= count), count)
+
     def _run(self, chunk: np.ndarray) -> list:
         try:
             return self.session.run(self.output_names, {self.input_name: chunk})
@@ -84,21 +119,22 @@ class AgeModel:
         """crops: uint8 or float [N, S, S, 3] RGB."""
         if len(crops) == 0:
             return []
-        step = self.info.fixed_batch or len(crops)
+        step = self.batch_sizes[-1] if self.batch_sizes else len(crops)
         results: list[AgeEstimate] = []
         for start in range(0, len(crops), step):
             chunk = crops[start : start + step].astype(np.float32)
-            if self.info.fixed_batch and len(chunk) < step:  # pad a fixed-batch model's last call
-                chunk = np.concatenate([chunk, np.zeros((step - len(chunk),) + chunk.shape[1:], np.float32)])
+            padded = self._padded(len(chunk))  # a fixed-batch model's size, or a warmed-up one on a GPU
+            if padded > len(chunk):
+                chunk = np.concatenate([chunk, np.zeros((padded - len(chunk),) + chunk.shape[1:], np.float32)])
             outputs = self._run(chunk)
             ages = np.asarray(outputs[0], np.float32).reshape(len(chunk), -1)
             if ages.shape[1] != 1:
                 raise ModelError(f"age model {self.path} answered {ages.shape[1]} values per face, not one age")
-            ages = ages[:, 0]
+            n = min(step, len(crops) - start)  # the faces of this chunk; the rest is padding
+            ages = ages[:n, 0]
             if not np.isfinite(ages).all():  # a broken model must not pass for a room of adults
                 raise ModelError(f"age model {self.path} answered NaN or infinity for an age")
             spreads = np.asarray(outputs[1], np.float32).reshape(len(chunk), -1)[:, 0] if len(outputs) > 1 else None
-            n = min(step, len(crops) - start)
             for i in range(n):
                 results.append(AgeEstimate(float(ages[i]), None if spreads is None else float(spreads[i])))
         return results

@@ -299,13 +299,14 @@ def _customer_view(track: Track) -> CustomerView:
 
 def build_detector(models: ModelsConfig) -> FaceDetector:
     return FaceDetector(models.detector, models.detector_variant, models.detector_score, min_face_px=models.min_face_px,
-                        providers=models.providers, threads=models.detector_threads, spinning=models.spinning)
+                        providers=models.providers, threads=models.detector_threads, spinning=models.spinning,
+                        cuda_options=models.cuda.provider_options())
 
 
 def build_age_model(models: ModelsConfig, setting: str | None = None) -> AgeModel:
     """The configured age model (or `setting`, a tier or file, instead)."""
     return AgeModel.load(setting or models.age_model, models.providers, models.age_variant, models.age_threads,
-                         models.spinning)
+                         models.spinning, models.cuda.provider_options())
 
 
 class Service:
@@ -323,6 +324,8 @@ class Service:
         log.info("age model", extra={"model": self.age_model.describe(), "providers": self.age_model.providers,
                                      "detector_providers": self.detector.session.get_providers()})
         self.provider_fallback = self.age_model.fallback or self.detector.fallback  # logged once by open_session
+        self.detector.warm_up()  # on a GPU: the first calls' preparation before the first customer, not during
+        self.age_model.warm_up(models.max_batch)
         self.policy = build_policy(config.policy, self.age_model.info.metadata)
         self.batcher = AgeBatcher(self.age_model, models.max_batch, models.max_wait_ms, producers=len(config.cameras))
         self._rates_mark = (time.monotonic(), 0, 0)

@@ -67,8 +67,11 @@ class SpeedOptions:
 # ------------------------------------------------------------------ sessions
 
 
+_SHORT_OPTIONS = {"cudnn_conv_algo_search": "algo", "prefer_nhwc": "nhwc"}  # the table's column is narrow
+
+
 def _cuda_label(options: dict) -> str:
-    return "cuda" + "".join(f" {k}={v}" for k, v in sorted(options.items()))
+    return "cuda" + "".join(f" {_SHORT_OPTIONS.get(k, k)}={v}" for k, v in sorted(options.items()))
 
 
 def _open(path: Path, providers: list[str], cuda_options: dict, threads: int, graph: bool = False):
@@ -346,7 +349,7 @@ def print_speed(report: dict) -> None:
     print("\nage model alone, faces/s" + (" (x: ratio to the CPU, same variant and batch; * to its best batch)"
                                          if ratios else "") + ":")
     width = 18
-    print(f"{'setting':<24}{'variant':<8}{'mode':<10}" + "".join(f"{'batch ' + str(b):>{width}}" for b in batches))
+    print(f"{'setting':<36}{'variant':<8}{'mode':<10}" + "".join(f"{'batch ' + str(b):>{width}}" for b in batches))
     for (label, variant, mode), cells in rows.items():
         text = []
         for b in batches:
@@ -357,7 +360,7 @@ def print_speed(report: dict) -> None:
                 text.append(f"{p['faces_per_s']:.0f} ({p['cpu_ratio']:g}x{'*' if p['cpu_ratio_to'].endswith('*') else ''})")
             else:
                 text.append(f"{p['faces_per_s']:.1f}")
-        print(f"{label[:23]:<24}{variant:<8}{mode:<10}" + "".join(f"{t:>{width}}" for t in text))
+        print(f"{label[:35]:<36}{variant:<8}{mode:<10}" + "".join(f"{t:>{width}}" for t in text))
     for s in report["skipped"]:
         if s["batch"] == "*":
             print(f"skipped: [{s['setting']}] {s['variant']} {s['mode'] or ''}: {s['reason']}")

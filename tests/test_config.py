@@ -353,3 +353,17 @@ def test_the_live_check_says_the_stores_local_time_and_whether_it_is_open():
     assert check_clock(thursday_23_utc + 4 * 3600, hours).line() == \
         "clock: 2026-11-27T03:00:00.000Z (UTC), Thu 22:00 EST there: the store is closed"
     assert check_clock(thursday_23_utc).line() == "clock: 2026-11-26T23:00:00.000Z (UTC)"  # no hours: not said
+
+
+def test_the_cuda_providers_options_are_validated_and_default_to_what_the_h100_measured(tmp_path):
+    from edge.runtime import DEFAULT_CUDA_OPTIONS
+    base = {"store_id": "s", "cameras": [{"id": "a", "source": 0}], "mqtt": {"host": "localhost"}}
+    assert parse_config(base).models.cuda.provider_options() == DEFAULT_CUDA_OPTIONS  # one default, two places
+    chosen = parse_config({**base, "models": {"cuda": {"conv_algo_search": "exhaustive", "prefer_nhwc": False}}})
+    assert chosen.models.cuda.provider_options() == {"cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": "0"}
+    ort_default = parse_config({**base, "models": {"cuda": {"conv_algo_search": "default"}}})
+    assert "cudnn_conv_algo_search" not in ort_default.models.cuda.provider_options()
+    for bad in ({"conv_algo_search": "fastest"}, {"prefer_nhwc": "yes"}, {"nhwc": True}):
+        with pytest.raises(ConfigError) as raised:
+            parse_config({**base, "models": {"cuda": bad}})
+        assert "models.cuda." in str(raised.value) and "\n" not in str(raised.value).strip()

@@ -187,3 +187,41 @@ def test_the_shipped_resnet50_holds_its_float_weights_not_the_copies_made_while_
     assert out.returncode == 0, out.stderr
     variant, grown_mb, float_mb = out.stdout.split()
     assert variant == "int8" and 0.8 * float(float_mb) < float(grown_mb) < 1.8 * float(float_mb), out.stdout
+
+
+def test_on_a_gpu_calls_are_padded_to_a_few_batch_sizes_each_run_once_before_the_first_customer(tmp_path,
+                                                                                                monkeypatch):
+    model = AgeModel(_model_with_spread(tmp_path / "mean.onnx"), ["cpu"])
+    assert model.warm_up_sizes(8) == [] and model.warm_up(8) == 0.0  # a CPU has no first-call preparation
+    assert model.batch_sizes is None
+    # the provider's name alone is made a GPU's: the session that runs is the real (CPU) one
+    monkeypatch.setattr(AgeModel, "providers", property(lambda self: ["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    assert model.warm_up_sizes(32) == [1, 2, 4, 8, 16, 32] and model.warm_up_sizes(12) == [1, 2, 4, 8, 12]
+    ran = []
+    real_run = model._run
+    monkeypatch.setattr(model, "_run", lambda chunk: ran.append(len(chunk)) or real_run(chunk))
+    assert model.warm_up(12) > 0 and ran == [1, 2, 4, 8, 12] and model.batch_sizes == [1, 2, 4, 8, 12]
+    ran.clear()
+    crops = np.stack([np.full((32, 32, 3), v, np.uint8) for v in range(10, 160, 10)])  # 15 faces
+    estimates = model.predict(crops[:5])
+    assert ran == [8] and [round(e.age) for e in estimates] == [10, 20, 30, 40, 50]  # padding answers nothing
+    ran.clear()
+    estimates = model.predict(crops)
+    assert ran == [12, 4] and [round(e.age) for e in estimates] == list(range(10, 160, 10))
+    assert [round(e.spread) for e in estimates[:2]] == [1, 2]
+    fixed = tmp_path / "fixed.onnx"
+    fixed.write_bytes(build_constant_age_model(33, input_size=32, fixed_batch=4))
+    assert AgeModel(fixed).warm_up_sizes(32) == [4]  # a fixed-batch model has one shape
+
+
+def test_the_daemon_warms_its_models_up_at_start(tmp_path, monkeypatch, age_models):
+    from edge.config import parse_config
+    from edge.detect import FaceDetector
+    from edge.service import Service
+    warmed = []
+    monkeypatch.setattr(AgeModel, "warm_up", lambda self, max_batch: warmed.append(("age", max_batch)) or 0.0)
+    monkeypatch.setattr(FaceDetector, "warm_up", lambda self: warmed.append(("detector",)))
+    config = parse_config({"store_id": "s", "cameras": [{"id": "a", "source": 0}], "mqtt": {"host": "localhost"},
+                           "models": {"age_model": str(age_models[16]), "max_batch": 12, "providers": ["cpu"]}})
+    Service(config, replay=True)
+    assert warmed == [("detector",), ("age", 12)]
