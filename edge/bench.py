@@ -185,6 +185,7 @@ def pipeline_stages(video: Path, model: str, broker: LocalBroker, config: dict) 
     from edge.detect import FaceDetector
     decode = _frames_per_second(video, lambda image: None)
     detector = FaceDetector(threads=config.get("models", {}).get("detector_threads", 1))
+    detector.warm_up()  # as the daemon does: a GPU's first call is not a frame's
     detect = _frames_per_second(video, detector)
     result = {"decode_fps": round(decode, 1), "detect_fps": round(detect, 1)}
     for budget in (False, True):
@@ -226,6 +227,32 @@ def _frames_per_second(video: Path, work) -> float:
 
 # ------------------------------------------------------------------ N cameras at F fps, live
 
+START_TIMEOUT_S = 180.0  # a daemon not online by then has a problem the benchmark cannot measure past
+
+
+def _online(status: dict) -> bool:
+    return status.get("state") in ("online", "degraded") and bool(status.get("cameras"))
+
+
+def _wait_until_online(daemon: subprocess.Popen, statuses: list[dict], cameras: int,
+                       timeout: float = START_TIMEOUT_S) -> float:
+    """Seconds from the daemon's start to its first status with cameras: the measuring starts there, not at a
+    fixed time (on the H100 loading and warming the models up took longer than a 10 s run, which then measured
+    nothing: issue 10). A daemon that exits or is not online within `timeout` is a BenchError."""
+    started = time.monotonic()
+    while not any(_online(s) for s in list(statuses)):
+        if daemon.poll() is not None:
+            _, stderr = daemon.communicate()
+            raise BenchError(f"the daemon exited ({daemon.returncode}) before it was online with {cameras} cameras: "
+                             f"{(stderr.strip().splitlines() or ['?'])[-1]}")
+        if time.monotonic() - started > timeout:
+            daemon.kill()
+            daemon.communicate()
+            raise BenchError(f"the daemon was not online with {cameras} cameras after {timeout:.0f} s")
+        time.sleep(0.1)
+    return round(time.monotonic() - started, 2)
+
+
 
 def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: float, broker: LocalBroker,
                    config: dict, workdir: Path, sampler=None) -> dict:
@@ -255,13 +282,14 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
                                               for i, source in enumerate(sources)]}))
     daemon = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config_path)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    start_s = _wait_until_online(daemon, statuses, cameras)  # loading and warming the models up: not counted
     started = time.monotonic()
-    warm_up = min(3.0, seconds / 4)  # loading the models and the first frames: not the steady state
-    time.sleep(warm_up)
+    settle = min(3.0, seconds / 4)  # the first frames: not the steady state
+    time.sleep(settle)
     cpu_start = cpu_sample(daemon.pid)
-    time.sleep(seconds - warm_up)
+    time.sleep(seconds - settle)
     cpu = cpu_use(cpu_start, cpu_sample(daemon.pid))
-    gpu = sampler.window(started + warm_up, time.monotonic()) if sampler is not None else None
+    gpu = sampler.window(started + settle, time.monotonic()) if sampler is not None else None
     batches = scrape_batch_sizes(settings["metrics"]) if settings["metrics"].get("enabled") else \
         {"available": False, "reason": "metrics disabled by --set"}
     peak_rss, rss = _memory_mb(daemon.pid)
@@ -276,7 +304,7 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
         raise BenchError(f"the daemon failed with {cameras} cameras: {(stderr.strip().splitlines() or ['?'])[-1]}")
     # "degraded" statuses count too: the cameras' figures are there, and the problems are reported (a GPU that
     # did not load makes the daemon degraded, and is what a GPU benchmark most needs to say)
-    online = [s for s in statuses if s.get("state") in ("online", "degraded") and s.get("cameras")]
+    online = [s for s in statuses if _online(s)]
     lags = [[c["lag_s"] for c in s["cameras"].values() if c.get("lag_s") is not None] for s in online]
     lags = [max(lag) for lag in lags if lag]
     start_lag, end_lag = (lags[min(2, len(lags) - 1)], lags[-1]) if lags else (None, None)
@@ -284,7 +312,7 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
     dropped = sum(c.get("dropped", 0) for c in last["cameras"].values())
     frames = sum(c.get("frames", 0) for c in last["cameras"].values())
     return {
-        "cameras": cameras, "fps": fps, "seconds": seconds, "frames": frames, "dropped": dropped,
+        "cameras": cameras, "fps": fps, "seconds": seconds, "start_s": start_s, "frames": frames, "dropped": dropped,
         "lag_start_s": start_lag, "lag_end_s": end_lag,
         "keeps_up": bool(lags) and dropped <= 0.01 * max(frames, 1) and end_lag < max(0.5, 2 * (start_lag or 0)),
         "alert_p50_ms": _pct(latencies["alert"], 50), "alert_p99_ms": _pct(latencies["alert"], 99),
@@ -500,7 +528,8 @@ def _print_stages(stages: dict) -> None:
 
 
 def _print_cameras_row(row: dict) -> None:
-    print(f"{row['cameras']} camera(s) at {row['fps']:g} fps for {row['seconds']:g} s: "
+    print(f"{row['cameras']} camera(s) at {row['fps']:g} fps for {row['seconds']:g} s "
+          f"(online {row.get('start_s')} s after start): "
           f"{'keeps up' if row['keeps_up'] else 'FALLS BEHIND'}; lag {row['lag_start_s']} -> {row['lag_end_s']} s, "
           f"dropped {row['dropped']}/{row['frames']}; frame->alert p50 {row['alert_p50_ms']} p99 {row['alert_p99_ms']} ms "
           f"({row['alerts']} alerts); frame->estimate p50 {row['estimate_p50_ms']} p99 {row['estimate_p99_ms']} ms; "

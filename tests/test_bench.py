@@ -4,7 +4,13 @@ The figures themselves are the benchmark's job, not a test's: here only that eve
 the real broker, decoder and runtime, and that the report holds what the README promises."""
 
 import json
+import subprocess
+import sys
+import threading
 
+import pytest
+
+from edge.bench import BenchError, _wait_until_online
 from test_cli import one_line_error
 from tskit import tillsight
 
@@ -24,6 +30,7 @@ def test_bench_measures_model_pipeline_and_cameras(tmp_path, carphone_clip):
     assert [row["cameras"] for row in report["cameras"]] == [1, 2]
     for row in report["cameras"]:
         assert 0 < row["cpu"]["daemon_cores"] <= row["cpu"]["cores"] + 0.2 and 0 < row["cpu"]["machine_busy_pct"] <= 100
+        assert row["start_s"] > 0  # measured from the first status with cameras, not from the daemon's start
         assert row["frames"] > 0 and row["peak_rss_mb"] >= row["rss_mb"] > 50 and row["alerts"] >= 1 and row["alert_p99_ms"] > 0
     assert (out / "bench.png").stat().st_size > 10_000
     assert "age model alone, faces/s" in result.stdout and "keeps up" in result.stdout
@@ -100,3 +107,26 @@ def test_the_still_scene_benchmark_shows_an_encoder_repeating_an_empty_till(tmp_
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "still_scene.py"), "--noise", "a,b"],
                          capture_output=True, text=True, timeout=60, cwd=REPO)
     assert bad.returncode == 1 and bad.stderr.strip() == "still_scene: --noise 'a,b': numbers separated by commas"
+
+
+def test_the_camera_runs_measure_from_the_daemons_first_status_and_a_daemon_that_never_gets_there_is_one_line():
+    """On the H100 the models' loading and warm-up outlasted a 10 s run, which then measured nothing (issue 10)."""
+    def child(code):
+        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+
+    with pytest.raises(BenchError, match=r"exited \(3\) before it was online with 4 cameras: bad model"):
+        _wait_until_online(child("import sys; sys.stderr.write('loading\\nbad model\\n'); sys.exit(3)"), [], 4)
+    sleeper = child("import time; time.sleep(30)")
+    with pytest.raises(BenchError, match="not online with 2 cameras after 1 s"):
+        _wait_until_online(sleeper, [{"state": "online", "cameras": {}}, {"state": "offline", "cameras": {"a": {}}}],
+                           2, timeout=1.0)
+    assert sleeper.poll() is not None  # killed, not left behind
+    statuses = []
+    running = child("import time; time.sleep(30)")
+    threading.Timer(0.5, lambda: statuses.append({"state": "degraded", "cameras": {"till-1": {}}})).start()
+    try:
+        assert 0.4 < _wait_until_online(running, statuses, 1, timeout=10) < 5
+    finally:
+        running.kill()
+        running.communicate()
