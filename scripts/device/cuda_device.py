@@ -26,6 +26,9 @@ then VERB:
     e2e       tillsight bench --skip-model-speed: one camera flat out, then 1-32 simulated cameras at 10 fps
               (batch sizes the batcher formed, GPU utilisation), then 16 and 32 cameras with every face aged
               (budget off); $OUT/e2e/, $OUT/e2e-nobudget/ and logs
+    recheck   the daemon's CUDA options and warm-up (after the first run): scripts/device/cuda_agree.py (CUDA
+              against the CPU, in years), a model-only sweep of the options, end to end at 1-32 cameras;
+              $OUT/agree.json, $OUT/speed2/, $OUT/e2e2/ and logs
     env       print the environment the benchmarks run with (to paste into a shell)
 
 Arguments after `--` are added to the tillsight bench command line of the verb.
@@ -69,6 +72,14 @@ SPEED_OPTIONS = ["--model-only", "--providers", "cuda,cpu", "--variants", "fp16"
 # too; its int8 weights are folded into fp32 ones at load (edge/runtime.py), so this should match fp32
 SPEED_INT8 = ["--model-only", "--providers", "cuda,cpu", "--variants", "int8", "--batches", "8,64,256",
               "--cpu-batches", "none", "--modes", "plain,iobinding", "--point-seconds", "1"]
+# the recheck after the first run (2026-11-26): the daemon's sessions now take heuristic cuDNN choices and
+# channels-last convolutions ([models.cuda]) and warm every batch size up at start; does CUDA still answer
+# what the CPU does, which options are fastest, and does the daemon now keep up end to end?
+SPEED_RECHECK = ["--model-only", "--providers", "cuda,cpu", "--variants", "fp16,fp32,int8", "--batches", "8,64,256",
+                 "--cpu-batches", "none", "--modes", "plain,iobinding", "--point-seconds", "1",
+                 "--cuda-options", "cudnn_conv_algo_search=HEURISTIC",
+                 "--cuda-options", "cudnn_conv_algo_search=HEURISTIC,prefer_nhwc=1"]
+E2E_RECHECK = ["--skip-model-speed", "--cameras", "1,4,16,32", "--fps", "10", "--seconds", "10"]
 E2E = ["--skip-model-speed", "--cameras", "1,4,8,16,32", "--fps", "10", "--seconds", "15"]
 # the age network's load without the inference budget: every face aged, the batches the batcher forms then
 E2E_NO_BUDGET = ["--skip-model-speed", "--cameras", "16,32", "--fps", "10", "--seconds", "15",
@@ -254,10 +265,18 @@ def bench(verb: str, extra: list[str]) -> None:
         if os.environ.get("TS_SPEED_INT8", "1") != "0":  # about 20 s; its log joins the options' ($OUT: 8 files)
             run(tool + SPEED_INT8 + ["--model", str(MODEL), "--out", str(OUT / "speed-int8")] + extra,
                 log=OUT / "speed-options.log", check=False)
+        return
+    video = REPO / ".device" / "cuda1" / "media" / "short_hamilton_clip.mp4"
+    if not video.is_file():
+        video = WORK / "media" / "short_hamilton_clip.mp4"
+    if verb == "recheck":  # $OUT: 8 files, its limit
+        run([sys.executable, "scripts/device/cuda_agree.py", str(MODEL.parent), "--faces", str(video),
+             "--out", str(OUT / "agree.json")], log=OUT / "agree.log", check=False)
+        run(tool + SPEED_RECHECK + ["--model", str(MODEL), "--out", str(OUT / "speed2")] + extra,
+            log=OUT / "speed2.log", check=False)
+        run(tool + E2E_RECHECK + ["--model", str(MODEL), "--video", str(video), "--out", str(OUT / "e2e2")] + extra,
+            log=OUT / "e2e2.log", check=False)
     elif verb == "e2e":
-        video = REPO / ".device" / "cuda1" / "media" / "short_hamilton_clip.mp4"
-        if not video.is_file():
-            video = WORK / "media" / "short_hamilton_clip.mp4"
         run(tool + E2E + ["--model", str(MODEL), "--video", str(video), "--out", str(OUT / "e2e")] + extra,
             log=OUT / "e2e.log", check=False)
         run(tool + E2E_NO_BUDGET + ["--model", str(MODEL), "--video", str(video), "--out", str(OUT / "e2e-nobudget")]
@@ -268,8 +287,8 @@ def main(argv: list[str]) -> int:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     verb = argv[0] if argv else ""
-    if verb not in ("", "speed", "e2e", "env"):
-        raise SystemExit(f"unknown verb {verb!r}: speed, e2e, env or none")
+    if verb not in ("", "speed", "e2e", "recheck", "env"):
+        raise SystemExit(f"unknown verb {verb!r}: speed, e2e, recheck, env or none")
     if verb == "env":
         env = environment()
         for key in ("LD_LIBRARY_PATH", "PYTHONPATH", "PATH", "TILLSIGHT_MODEL_DIR"):

@@ -28,7 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 LIMIT = 64 * 2**20
 QUICK = {"speed": ["--", "--batches", "1,8", "--cpu-batches", "1", "--point-seconds", "0.3"],
-         "e2e": ["--", "--cameras", "2", "--seconds", "5"]}
+         "e2e": ["--", "--cameras", "2", "--seconds", "5"],
+         "recheck": ["--", "--batches", "8", "--point-seconds", "0.3", "--cameras", "2", "--seconds", "5"]}
 
 
 def tree_copy(target: Path) -> int:
@@ -52,6 +53,9 @@ def main() -> int:
     parser.add_argument("--packed", type=Path, default=REPO / ".device", help="the folder holding cuda1..cudaN")
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--root", type=Path, default=Path("/tmp/ts-rehearsal"))
+    parser.add_argument("--verbs", default="speed,e2e",
+                        help="the last carrying call's verb, then one more call per further verb (CUDA-BENCH.md: "
+                             "speed,e2e; the recheck after the first run: recheck)")
     parser.add_argument("--keep-carried", action="store_true",
                         help="leave earlier calls' carried folders in the copy (the device keeps ignored files "
                              "while warm); default: each call sees only its own, the stricter case")
@@ -66,7 +70,9 @@ def main() -> int:
         raise SystemExit(f"{args.python} has no CPU onnxruntime (the device has 1.30): "
                          f"{args.python} -m pip install onnxruntime==1.30.0")
     shutil.rmtree(args.root, ignore_errors=True)
-    plan = [(k, "speed" if k == calls[-1] else "") for k in calls] + [(calls[-1] + 1, "e2e")]
+    verbs = args.verbs.split(",")
+    plan = [(k, verbs[0] if k == calls[-1] else "") for k in calls] + [
+        (calls[-1] + 1 + i, verb) for i, verb in enumerate(verbs[1:])]
     copy = args.root / "repo"
     for k, verb in plan:
         if copy.exists() and not args.keep_carried:
