@@ -435,6 +435,57 @@ def test_faces_seen_while_the_store_is_closed_are_staff_not_customers_in_the_ana
     assert sum(m["bands"]["35-44"] for m in day) >= 1 and all(m["store_closed_s"] == 0.0 for m in day)
 
 
+def test_a_customer_at_the_till_across_opening_or_closing_time_counts_as_the_store_was_when_they_left(
+        broker, subscriber, age_models, carphone_clip):
+    """Open or closed is judged when the person was last at the till: someone there from 06:59:52 to after 07:00
+    is a customer (the first one of the day), someone there from 21:59:52 to after 22:00 is not (staff closing
+    up, or a customer let out late: either way not a customer the store had while open)."""
+    import cv2
+    import numpy as np
+
+    from tskit import MjpegCamera
+    camera = MjpegCamera(carphone_clip, fps=10).start()
+    # forward and back: the camera plays its frames in a loop from wherever its count is, and the clip's own loop
+    # point is a jump the tracker rightly takes for another person
+    someone = camera.jpegs[:30] + camera.jpegs[29:0:-1]
+    rng = np.random.default_rng(0)
+    nobody = [cv2.imencode(".jpg", np.clip(rng.normal(90, 30, (144, 176, 3)), 0, 255).astype(np.uint8))[1].tobytes()
+              for _ in range(10)]
+    camera.jpegs = nobody
+    opening, closing = MORNING - 1800, MORNING + 14.5 * 3600  # 07:00 and 22:00 in London
+
+    def at(message: dict, key: str) -> float:
+        from datetime import datetime
+        return datetime.fromisoformat(message[key].replace("Z", "+00:00")).timestamp()
+
+    def visit_across(moment: float, store_open: bool) -> dict:
+        """Someone arrives 8 s before `moment` and leaves once the store's status has changed: their final estimate."""
+        after = len(subscriber.json("till-1/estimate"))
+        set_clock(moment - 8)
+        camera.jpegs = someone
+        assert subscriber.wait_for(lambda s: len(s.json("till-1/estimate")) > after, 20)
+        first = subscriber.json("till-1/estimate")[after]
+        assert at(first, "frame_time") < moment, first  # they were there before the change, and seen
+        assert subscriber.wait_for(lambda s: s.json("till-pc/status")[-1].get("store_open") is store_open, 20)
+        assert subscriber.wait_for(lambda s: at(s.json("till-1/estimate")[-1], "frame_time") > moment + 1, 10)
+        camera.jpegs = nobody
+        assert subscriber.wait_for(lambda s: any(m["final"] for m in s.json("till-1/estimate")[after:]), 20)
+        return next(m for m in subscriber.json("till-1/estimate")[after:] if m["final"])
+
+    with store_at_night(camera, broker, age_models[40], {}, analytics={"interval_s": 1, "k": 1}) as (_, set_clock):
+        morning = visit_across(opening, store_open=True)
+        assert subscriber.wait_for(lambda s: sum(m["bands"]["35-44"] or 0 for m in s.json("till-1/analytics")) >= 1, 10)
+        counted_by_day = sum(m["bands"]["35-44"] or 0 for m in subscriber.json("till-1/analytics"))
+        evening = visit_across(closing, store_open=False)
+        after_evening = len(subscriber.json("till-1/analytics"))
+        assert subscriber.wait_for(lambda s: len(s.json("till-1/analytics")) >= after_evening + 2, 10)
+    assert morning["age"] == evening["age"] == 40.0
+    assert counted_by_day == 1  # the morning customer, once
+    late = [m for m in subscriber.json("till-1/analytics") if at(m, "interval_end") > closing - 8]
+    assert late and all(v == 0 for m in late for v in m["bands"].values()), \
+        [(m["interval_start"], {k: v for k, v in m["bands"].items() if v}) for m in late if any(m["bands"].values())]
+
+
 def test_a_wall_clock_stepped_back_ends_the_tracks_and_the_interval_and_frames_go_on(broker, subscriber, age_models,
                                                                                      carphone_clip, caplog):
     """NTP steps a till PC's clock back an hour while a customer stands at the till: their track ends with a final
