@@ -393,10 +393,17 @@ def plot_speed(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2 if util else 1, figsize=(13 if util else 8, 5), squeeze=False)
     left = axes[0][0]
     markers = {"plain": "o", "iobinding": "s", "upload": "^", "cudagraph": "D"}
+    # one colour per setting and variant, the mode by marker and line (a sweep has up to 12 lines: tab10 repeats)
+    palette = plt.get_cmap("tab20").colors
+    colours = {key: palette[i % len(palette)] for i, key in enumerate(dict.fromkeys((l, v) for l, v, _ in rows))}
+
+    def line(label: str, mode: str) -> str:
+        return ":" if label == "cpu" else "--" if mode == "plain" else "-"
+
     for (label, variant, mode), cells in rows.items():
         b = sorted(cells)
-        left.plot(b, [cells[k]["faces_per_s"] for k in b], marker=markers.get(mode, "o"),
-                  linestyle="--" if label == "cpu" else "-", label=f"{label} {variant} {mode}")
+        left.plot(b, [cells[k]["faces_per_s"] for k in b], marker=markers.get(mode, "o"), color=colours[label, variant],
+                  linestyle=line(label, mode), label=f"{label} {variant} {mode}")
     if any(s["providers"][0] in GPU_PROVIDERS for s in report["sessions"]):
         left.axhline(TARGET_FACES_PER_S, color="#cc3311", linewidth=1, linestyle=":",
                      label=f"{TARGET_FACES_PER_S} faces/s target (batch >= {TARGET_MIN_BATCH})")
@@ -406,7 +413,11 @@ def plot_speed(report: dict, path: Path) -> None:
     left.set_yscale("log")
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}")
     left.yaxis.set_major_formatter(plain)
-    left.yaxis.set_minor_formatter(plain)
+    values = [p["faces_per_s"] for p in report["points"] if p.get("faces_per_s")]
+    if values and max(values) < 10 * min(values):  # within a decade the minor ticks are the only labels; beyond, clutter
+        left.yaxis.set_minor_formatter(plain)
+    else:
+        left.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
     left.set_xlabel("batch (faces per call)")
     left.set_ylabel("faces per second")
     left.set_title(f"age model alone: {Path(report['model']).name}, onnxruntime {report['onnxruntime']}\n"
@@ -419,7 +430,7 @@ def plot_speed(report: dict, path: Path) -> None:
             b = [k for k in sorted(cells) if cells[k].get("gpu_util_mean_pct") is not None]
             if b and label != "cpu":
                 right.plot(b, [cells[k]["gpu_util_mean_pct"] for k in b], marker=markers.get(mode, "o"),
-                           label=f"{label} {variant} {mode}")
+                           color=colours[label, variant], linestyle=line(label, mode), label=f"{label} {variant} {mode}")
         right.set_xscale("log", base=2)
         right.set_xticks(batches, [str(b) for b in batches])
         right.set_ylim(0, 105)
