@@ -281,11 +281,19 @@ finally:
 """
 
 
-def unit_bytes(setting: str) -> int:
+def unit_bytes(setting: str, unit: Path = UNIT) -> int:
     """A memory setting of the unit (MemoryHigh=1G) in bytes."""
-    value = re.search(rf"^{setting}=(\d+)([KMG])$", UNIT.read_text(), re.M)
-    assert value, f"{setting}= not in {UNIT}"
+    value = re.search(rf"^{setting}=(\d+)([KMG])$", unit.read_text(), re.M)
+    assert value, f"{setting}= not in {unit}"
     return int(value.group(1)) << {"K": 10, "M": 20, "G": 30}[value.group(2)]
+
+
+def test_the_gpu_drop_in_sets_a_memory_ceiling_above_what_the_h100_measured():
+    """CUDA's host memory, measured on the H100 (issue 10): 2,329 MB RSS with 32 cameras, about 30 MB a camera
+    on top of 1,421 MB. The drop-in's MemoryHigh must hold 64 cameras at that rate, and MemoryMax be above it."""
+    measured_64 = (1421 + 64 * (2329 - 1421) / 31) * 2**20
+    high, most = unit_bytes("MemoryHigh", GPU_DROP_IN), unit_bytes("MemoryMax", GPU_DROP_IN)
+    assert measured_64 < high < most, (measured_64 / 2**20, high >> 20, most >> 20)
 
 
 @pytest.mark.broker
