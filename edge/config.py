@@ -396,7 +396,8 @@ class ModelsConfig(Strict):
     min_face_px: Annotated[float, Field(ge=0)] = 24.0
     # a tier (auto: the shipped ResNet50, else the light model; see edge/tiers.py) or a model file
     age_model: str = "auto"
-    # precision: auto = int8 on a CPU, fp16 on a GPU, when the tier ships that file; else fp32
+    # precision: auto = int8 on a CPU, fp16 on a GPU, when the tier ships that file (on a GPU, fp16 made at start
+    # from the tier's int8 weights-only file where only that ships: edge.infer.fp16_at_load); else fp32
     age_variant: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     # in order; "cuda" falls back to the CPU only if "cpu" is listed (README, "CPU or GPU")
     providers: Annotated[list[Literal["cuda", "tensorrt", "cpu"]], Field(min_length=1)] = ["cuda", "cpu"]

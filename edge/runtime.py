@@ -157,14 +157,19 @@ def fold_int8_weights(options: ort.SessionOptions, path: Path | str) -> ort.Sess
     QDQ handling on it keeps the DequantizeLinear nodes and runs them on every call (measured on a ResNet50
     at 224 px: 19.2 faces/s against 27.1 for fp32; folded, 26.8). Other models are left as they are:
     a fully quantised one needs that handling for its int8 kernels."""
+    if is_weights_only_int8(path):
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    return options
+
+
+def is_weights_only_int8(path: Path | str) -> bool:
+    """Whether the file is an int8 weights-only model (export's `quantize_weights_int8`), by its metadata."""
     import onnx
     try:
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     except Exception:  # not a readable model: creating the session says why, in one line
-        return options
-    if meta.get(KEY_QUANTIZATION) == WEIGHTS_ONLY:
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
-    return options
+        return False
+    return meta.get(KEY_QUANTIZATION) == WEIGHTS_ONLY
 
 
 # The CUDA provider's options unless [models.cuda] says otherwise (edge.config.CudaConfig, the same values).
@@ -177,16 +182,18 @@ DEFAULT_CUDA_OPTIONS = {"prefer_nhwc": "1", "cudnn_conv_algo_search": "HEURISTIC
 
 def open_session(path: Path | str, providers: list[str] | None, what: str,
                  options: ort.SessionOptions | None = None,
-                 cuda_options: dict[str, str] | None = None) -> ort.InferenceSession:
+                 cuda_options: dict[str, str] | None = None, made: bytes | None = None) -> ort.InferenceSession:
     """A session on the first configured provider that serves. A GPU provider that does not is said once
     (a warning if the GPU build is installed, else info), and refused if `cpu` is not configured.
-    cuda_options: the CUDA provider's options (None: DEFAULT_CUDA_OPTIONS)."""
+    cuda_options: the CUDA provider's options (None: DEFAULT_CUDA_OPTIONS). made: a model made from the file
+    at `path` in memory (edge.precision), loaded instead of the file."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{what} model not found: {path}")
     wanted = resolve_providers(providers)
     cuda = DEFAULT_CUDA_OPTIONS if cuda_options is None else cuda_options
-    session = _create_session(path, fold_int8_weights(options or session_options(), path), wanted, what, cuda)
+    options = options or session_options()
+    session = _create_session(path, options if made else fold_int8_weights(options, path), wanted, what, cuda, made)
     return_freed_memory()
     fallback = provider_fallback(session, providers)
     if fallback is not None and CPU not in wanted:
@@ -211,7 +218,7 @@ def return_freed_memory() -> None:
 
 
 def _create_session(path: Path, options: ort.SessionOptions, wanted: list[str], what: str,
-                    cuda_options: dict[str, str]) -> ort.InferenceSession:
+                    cuda_options: dict[str, str], made: bytes | None = None) -> ort.InferenceSession:
     """The session on `wanted`, else on what follows a provider that fails to register (TensorRT without its
     libraries raises), down to the CPU, even when it is not configured: then open_session refuses with the
     provider's reason, and a model that fails on the CPU too is the file's fault. ONNX Runtime's own
@@ -223,7 +230,7 @@ def _create_session(path: Path, options: ort.SessionOptions, wanted: list[str], 
         for providers in attempts:
             try:
                 with_options = [(p, cuda_options) if p == CUDA else p for p in providers]
-                return ort.InferenceSession(str(path), options, providers=with_options, enable_fallback=0)
+                return ort.InferenceSession(made or str(path), options, providers=with_options, enable_fallback=0)
             except Exception as exc:  # ORT raises several private exception types for bad files
                 error = exc
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]

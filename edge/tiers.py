@@ -75,7 +75,8 @@ def variant_of(path: Path, variant: str) -> Path:
 def pick_variant(choice: AgeModelChoice, variant: str, on_gpu: bool) -> AgeModelChoice:
     """The precision to serve: `variant`, or for "auto" the first file there of int8, fp32, fp16 on a
     CPU and fp16, fp32, int8 on a GPU (fp16 is the slowest of all on a CPU; int8 on a GPU falls back to
-    float kernels). An explicit file is served as given under "auto"."""
+    float kernels, and the daemon makes fp16 from it at load: edge.infer.fp16_at_load). An explicit file is
+    served as given under "auto"."""
     if variant == "auto":
         if choice.tier == "file":
             return choice

@@ -232,10 +232,8 @@ def _variant(path: Path, model_bytes: bytes, crops, ages, fp32_ages) -> dict:
 
 
 def _to_fp16(onnx_model) -> bytes:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-    import copy
-    half = convert_float_to_float16(copy.deepcopy(onnx_model), keep_io_types=True)
-    return half.SerializeToString()
+    from edge.precision import to_fp16  # the daemon's own: it makes fp16 from the int8 file on a GPU
+    return to_fp16(onnx_model).SerializeToString()
 
 
 def head_nodes(model) -> list[str]:

@@ -10,18 +10,18 @@ by export's own conversion.
 
     shipped INT8.onnx --out DIR     DIR/age.onnx (the DequantizeLinear of every weight folded into a
                                     float initializer; the weights-only mark removed from the metadata),
-                                    DIR/age_fp16.onnx (export/age.py `_to_fp16`: onnxruntime.transformers
+                                    DIR/age_fp16.onnx (edge/precision.py `to_fp16`: onnxruntime.transformers
                                     .float16, keep_io_types=True) and DIR/age_int8.onnx (the file itself)
     smoke DIR [--faces PHOTO|VIDEO] finite ages from every variant in DIR on real face crops (CPU)
 
-Pure onnx + numpy (+ onnxruntime for fp16 and smoke); runs on Python 3.11 and 3.12, without the
-`export` package (it needs the train extra, which the machine lacks).
+onnx + numpy + onnxruntime and the daemon's own conversion (edge/precision.py, which makes fp16 from the int8
+file at start on a GPU); runs on Python 3.11 and 3.12, without the `export` package (it needs the train
+extra, which the machine lacks).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import sys
@@ -29,49 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 VARIANT_FILES = ("age.onnx", "age_fp16.onnx", "age_int8.onnx")
-KEY_QUANTIZATION = "tillsight.quantization"  # edge/runtime.py's, read here without importing edge
-
-
-def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """export/age.py `_to_fp16`, without importing the export package."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-    return convert_float_to_float16(copy.deepcopy(model), keep_io_types=True)
-
-
-def dequantize_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Every DequantizeLinear whose inputs are all initializers becomes the float initializer it computes:
-    (q - zero_point) * scale along its axis. Returns the float model and how many weights were folded."""
-    model = copy.deepcopy(model)
-    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
-    folded, kept = {}, []
-    for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or not all(name in initializers for name in node.input):
-            kept.append(node)
-            continue
-        values = [numpy_helper.to_array(initializers[name]) for name in node.input]
-        q, scale = values[0].astype(np.float32), values[1].astype(np.float32)
-        zero = values[2].astype(np.float32) if len(values) > 2 else np.zeros_like(scale)
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        if scale.ndim == 1 and scale.size > 1:  # per channel: broadcast along `axis`
-            shape = [-1 if i == axis % q.ndim else 1 for i in range(q.ndim)]
-            scale, zero = scale.reshape(shape), zero.reshape(shape)
-        folded[node.output[0]] = ((q - zero) * scale).astype(np.float32)
-    if not folded:
-        raise SystemExit("no weights to dequantize: not an int8 weights-only model")
-    used = {name for node in kept for name in node.input}
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    remaining = [t for t in model.graph.initializer if t.name in used and t.name not in folded]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(remaining + [numpy_helper.from_array(v, k) for k, v in folded.items()])
-    meta = [p for p in model.metadata_props if p.key != KEY_QUANTIZATION]
-    del model.metadata_props[:]
-    model.metadata_props.extend(meta)
-    onnx.checker.check_model(model)
-    return model, len(folded)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+# the daemon's own conversion (it makes fp16 from the int8 file at start on a GPU): the benchmark times what it serves
+from edge.precision import NotWeightsOnlyInt8, dequantize_weights, to_fp16  # noqa: E402
 
 
 def from_shipped(int8_path: Path, out: Path) -> list[Path]:
@@ -145,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--faces", type=Path)
     args = parser.parse_args(argv)
     if args.command == "shipped":
-        from_shipped(args.model, args.out)
+        try:
+            from_shipped(args.model, args.out)
+        except NotWeightsOnlyInt8 as exc:
+            raise SystemExit(str(exc)) from None
         return 0
     report = smoke(args.folder, args.faces)
     if not report or not all(r["finite"] for r in report.values()):

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
 TOLERANCE_YEARS = 1.0
+VARIANTS = {"age.onnx": "fp32", "age_fp16.onnx": "fp16", "age_int8.onnx": "int8"}
 SETTINGS = [  # (label, file, providers, CUDA provider options; None: the daemon's default)
     ("cpu fp32 (reference)", "age.onnx", ["cpu"], None),
     ("cpu int8 (a till)", "age_int8.onnx", ["cpu"], None),
@@ -36,6 +37,7 @@ SETTINGS = [  # (label, file, providers, CUDA provider options; None: the daemon
     ("cuda fp16 daemon default", "age_fp16.onnx", ["cuda"], None),
     ("cuda fp32 daemon default", "age.onnx", ["cuda"], None),
     ("cuda int8 daemon default", "age_int8.onnx", ["cuda"], None),
+    ("cuda daemon auto (fp16 made)", None, ["cuda"], None),  # what a store server serves: the shipped int8 file
 ]
 
 
@@ -61,23 +63,24 @@ def check(folder: Path, faces: Path, count: int = 64) -> list[dict]:
     rows, reference = [], None
     for label, name, providers, cuda in SETTINGS:
         try:
-            model = AgeModel(folder / name, providers, cuda_options=cuda)
+            model = AgeModel(folder / name, providers, variant=VARIANTS[name], cuda_options=cuda) if name else \
+                AgeModel.load("auto", providers, cuda_options=cuda)
         except Exception as exc:  # noqa: BLE001 - a setting that does not load is a row, not the end
             rows.append({"setting": label, "error": str(exc).splitlines()[0][:200]})
-            print(f"{label:26s} failed: {rows[-1]['error']}", flush=True)
+            print(f"{label:28s} failed: {rows[-1]['error']}", flush=True)
             continue
         whole = _ages(model, crops)
         alone = np.concatenate([_ages(model, crops[i:i + 1]) for i in range(len(crops))])
         first, second = _first_and_second_call_ms(model, crops, 37)  # a batch size this session has not run
         reference = whole if reference is None else reference
-        row = {"setting": label, "providers": model.providers, "mean_age": round(float(whole.mean()), 2),
+        row = {"setting": label, "variant": model.variant, "providers": model.providers, "mean_age": round(float(whole.mean()), 2),
                "max_diff_years": round(float(np.abs(whole - reference).max()), 3),
                "mean_diff_years": round(float(np.abs(whole - reference).mean()), 3),
                "batch64_vs_batch1_years": round(float(np.abs(whole - alone).max()), 3),
                "new_batch_first_call_ms": first, "new_batch_second_call_ms": second}
         row["agrees"] = row["max_diff_years"] <= TOLERANCE_YEARS and row["batch64_vs_batch1_years"] <= TOLERANCE_YEARS
         rows.append(row)
-        print(f"{label:26s} {model.providers[0]:22s} mean age {row['mean_age']:6.2f}  vs reference max "
+        print(f"{label:28s} {model.variant:5s} {model.providers[0]:22s} mean age {row['mean_age']:6.2f}  vs reference max "
               f"{row['max_diff_years']:.3f} mean {row['mean_diff_years']:.3f} y  batch 64 vs 1 "
               f"{row['batch64_vs_batch1_years']:.3f} y  new batch size: first call {first} ms, then {second} ms"
               + ("" if row["agrees"] else "  DISAGREES"), flush=True)
