@@ -3,8 +3,9 @@
 The trained ResNet50 ships as `edge/models/age_int8.onnx` alone (int8 weights with one scale per output
 channel, dequantized inside the graph, float maths: a quarter of the fp32 file, within the repository's
 budget). On a CPU, ONNX Runtime folds those weights into float at load (`edge.runtime.fold_int8_weights`).
-On a GPU, fp16 runs faster (measured on the H100, issue 10: 18,224 faces/s at batch 64 against 12,678 for
-the folded file; ages within 0.08 years of the CPU's), so the daemon makes fp16 from the int8 file at start:
+On a GPU, fp16 runs faster (measured on the H100, issue 10, batch 64: 11,763 faces/s against 8,780 for the
+folded file with `session.run`, 18,224 against 12,678 with IO binding; ages within 0.08 years of the CPU's),
+so the daemon makes fp16 from the int8 file at start:
 the weights dequantized as ORT would, then export's own fp16 conversion. Also used by
 scripts/device/bench_models.py, which writes the same models to files for the benchmark.
 """
