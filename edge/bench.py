@@ -181,10 +181,12 @@ def served_variant(onnx_path: Path) -> str:
 
 def pipeline_stages(video: Path, model: str, broker: LocalBroker, config: dict) -> dict:
     from edge.service import run_replay
-    from edge.config import parse_config
+    from edge.config import CudaConfig, parse_config
     from edge.detect import FaceDetector
     decode = _frames_per_second(video, lambda image: None)
-    detector = FaceDetector(threads=config.get("models", {}).get("detector_threads", 1))
+    models = config.get("models", {})
+    detector = FaceDetector(threads=models.get("detector_threads", 1), providers=models.get("providers"),
+                            cuda_options=CudaConfig(**models.get("cuda", {})).provider_options())
     detector.warm_up()  # as the daemon does: a GPU's first call is not a frame's
     detect = _frames_per_second(video, detector)
     result = {"decode_fps": round(decode, 1), "detect_fps": round(detect, 1)}
@@ -234,7 +236,12 @@ def _online(status: dict) -> bool:
     return status.get("state") in ("online", "degraded") and bool(status.get("cameras"))
 
 
-def _wait_until_online(daemon: subprocess.Popen, statuses: list[dict], cameras: int,
+def _last_line(log_path: Path) -> str:
+    lines = log_path.read_text(errors="replace").strip().splitlines() if log_path.is_file() else []
+    return lines[-1] if lines else "?"
+
+
+def _wait_until_online(daemon: subprocess.Popen, statuses: list[dict], cameras: int, log_path: Path,
                        timeout: float = START_TIMEOUT_S) -> float:
     """Seconds from the daemon's start to its first status with cameras: the measuring starts there, not at a
     fixed time (on the H100 loading and warming the models up took longer than a 10 s run, which then measured
@@ -242,16 +249,14 @@ def _wait_until_online(daemon: subprocess.Popen, statuses: list[dict], cameras: 
     started = time.monotonic()
     while not any(_online(s) for s in list(statuses)):
         if daemon.poll() is not None:
-            _, stderr = daemon.communicate()
             raise BenchError(f"the daemon exited ({daemon.returncode}) before it was online with {cameras} cameras: "
-                             f"{(stderr.strip().splitlines() or ['?'])[-1]}")
+                             f"{_last_line(log_path)}")
         if time.monotonic() - started > timeout:
             daemon.kill()
-            daemon.communicate()
+            daemon.wait()
             raise BenchError(f"the daemon was not online with {cameras} cameras after {timeout:.0f} s")
         time.sleep(0.1)
     return round(time.monotonic() - started, 2)
-
 
 
 def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: float, broker: LocalBroker,
@@ -280,9 +285,23 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
                                   "mqtt": {"host": "127.0.0.1", "port": broker.port}, **settings,
                                   "cameras": [{"id": f"till-{i + 1}", "source": str(source), "fps_limit": fps}
                                               for i, source in enumerate(sources)]}))
-    daemon = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config_path)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    start_s = _wait_until_online(daemon, statuses, cameras)  # loading and warming the models up: not counted
+    # its log to a file: a pipe nobody reads while it runs could fill and block it (logging.level=info, say)
+    log_path = workdir / f"daemon-{cameras}.log"
+    with open(log_path, "w") as log_file:
+        daemon = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config_path)],
+                                  stdout=subprocess.DEVNULL, stderr=log_file, text=True)
+    try:
+        return _measure(daemon, log_path, statuses, latencies, cameras, fps, seconds, settings, sampler)
+    finally:
+        sub.close()
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
+def _measure(daemon: subprocess.Popen, log_path: Path, statuses: list[dict], latencies: dict, cameras: int,
+             fps: float, seconds: float, settings: dict, sampler) -> dict:
+    start_s = _wait_until_online(daemon, statuses, cameras, log_path)  # loading, warming the models up: not counted
     started = time.monotonic()
     settle = min(3.0, seconds / 4)  # the first frames: not the steady state
     time.sleep(settle)
@@ -295,13 +314,12 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
     peak_rss, rss = _memory_mb(daemon.pid)
     daemon.send_signal(signal.SIGTERM)
     try:
-        _, stderr = daemon.communicate(timeout=30)
+        daemon.wait(timeout=30)
     except subprocess.TimeoutExpired:
         daemon.kill()
-        _, stderr = daemon.communicate()
-    sub.close()
+        daemon.wait()
     if daemon.returncode not in (0, -signal.SIGTERM):
-        raise BenchError(f"the daemon failed with {cameras} cameras: {(stderr.strip().splitlines() or ['?'])[-1]}")
+        raise BenchError(f"the daemon failed with {cameras} cameras: {_last_line(log_path)}")
     # "degraded" statuses count too: the cameras' figures are there, and the problems are reported (a GPU that
     # did not load makes the daemon degraded, and is what a GPU benchmark most needs to say)
     online = [s for s in statuses if _online(s)]
@@ -487,20 +505,23 @@ def run_bench(opts: BenchOptions, data: Path) -> dict:
     report["model_speed"] = model_speed(onnx_path, keras, opts.rounds, threads) if opts.model_speed else {}
     if report["model_speed"]:
         _print_speed(report["model_speed"])
-    workdir = Path(tempfile.mkdtemp(prefix="tillsight-bench-"))
     served = _merge({"models": {"age_variant": served_variant(onnx_path)}}, opts.config)
     report["served_variant"] = served["models"]["age_variant"]
-    with LocalBroker() as broker:
-        report["one_camera"] = pipeline_stages(opts.video, model, broker, served)
-        _print_stages(report["one_camera"])
-        report["cameras"] = []
-        with sampler:
-            for cameras in opts.cameras:
-                row = cameras_at_fps(opts.video, model, cameras, opts.fps, opts.seconds, broker, served, workdir,
-                                     sampler)
-                report["cameras"].append(row)
-                _print_cameras_row(row)
-        report["gpu_utilisation"] = sampler.window()
+    workdir = Path(tempfile.mkdtemp(prefix="tillsight-bench-"))  # the clip's copies, configs, daemons' logs
+    try:
+        with LocalBroker() as broker:
+            report["one_camera"] = pipeline_stages(opts.video, model, broker, served)
+            _print_stages(report["one_camera"])
+            report["cameras"] = []
+            with sampler:
+                for cameras in opts.cameras:
+                    row = cameras_at_fps(opts.video, model, cameras, opts.fps, opts.seconds, broker, served,
+                                         workdir, sampler)
+                    report["cameras"].append(row)
+                    _print_cameras_row(row)
+            report["gpu_utilisation"] = sampler.window()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     opts.out.mkdir(parents=True, exist_ok=True)
     (opts.out / "bench.json").write_text(json.dumps(report, indent=2))
     plot_bench(report, opts.out / "bench.png")

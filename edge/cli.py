@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="plain, iobinding, upload, cudagraph (comma-separated)")
     speed.add_argument("--cuda-options", action="append", metavar="KEY=VALUE[,KEY=VALUE]",
                        help="CUDA provider options, e.g. cudnn_conv_algo_search=DEFAULT; repeat to sweep each "
-                            "setting ('default' for ONNX Runtime's own)")
+                            "setting ('daemon', the default: the daemon's own; 'default': ONNX Runtime's own)")
     speed.add_argument("--point-seconds", type=float, default=1.0, help="timed seconds per point, after warm-up")
     bench.set_defaults(handler=cmd_bench)
 
@@ -473,14 +473,15 @@ def _bench_model_only(args) -> int:
                             EXIT_USAGE)
         return values
 
+    from edge.runtime import DEFAULT_CUDA_OPTIONS
     cuda_options = []
-    for item in args.cuda_options or ["default"]:
-        options = {}
-        if item.strip().lower() != "default":
+    for item in args.cuda_options or ["daemon"]:  # what the daemon serves with ([models.cuda]'s defaults)
+        options = dict(DEFAULT_CUDA_OPTIONS) if item.strip().lower() == "daemon" else {}
+        if item.strip().lower() not in ("default", "daemon"):
             for pair in item.split(","):
                 key, sep, value = pair.partition("=")
                 if not sep or not key.strip():
-                    raise UserError(f"--cuda-options takes KEY=VALUE[,KEY=VALUE] or 'default', not {item!r}",
+                    raise UserError(f"--cuda-options takes KEY=VALUE[,KEY=VALUE], 'daemon' or 'default', not {item!r}",
                                     EXIT_USAGE)
                 options[key.strip()] = value.strip()
         cuda_options.append(options)

@@ -6,7 +6,9 @@ the real broker, decoder and runtime, and that the report holds what the README 
 import json
 import subprocess
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,8 @@ from tskit import tillsight
 
 def test_bench_measures_model_pipeline_and_cameras(tmp_path, carphone_clip):
     out = tmp_path / "bench-out"
+    scratch = Path(tempfile.gettempdir())
+    before = set(scratch.glob("tillsight-bench-*"))
     result = tillsight("bench", "--model", "light", "--video", str(carphone_clip), "--cameras", "1,2",
                        "--seconds", "4", "--rounds", "1", "--out", str(out), timeout=300)
     assert result.returncode == 0, result.stderr
@@ -34,6 +38,7 @@ def test_bench_measures_model_pipeline_and_cameras(tmp_path, carphone_clip):
         assert row["frames"] > 0 and row["peak_rss_mb"] >= row["rss_mb"] > 50 and row["alerts"] >= 1 and row["alert_p99_ms"] > 0
     assert (out / "bench.png").stat().st_size > 10_000
     assert "age model alone, faces/s" in result.stdout and "keeps up" in result.stdout
+    assert set(scratch.glob("tillsight-bench-*")) == before  # the clip's copies and the daemons' logs removed
 
 
 def test_bench_of_the_shipped_resnet50_that_ships_as_int8_alone(tmp_path, carphone_clip):
@@ -109,24 +114,28 @@ def test_the_still_scene_benchmark_shows_an_encoder_repeating_an_empty_till(tmp_
     assert bad.returncode == 1 and bad.stderr.strip() == "still_scene: --noise 'a,b': numbers separated by commas"
 
 
-def test_the_camera_runs_measure_from_the_daemons_first_status_and_a_daemon_that_never_gets_there_is_one_line():
+def test_the_camera_runs_measure_from_the_daemons_first_status_and_a_daemon_that_never_gets_there_is_one_line(
+        tmp_path):
     """On the H100 the models' loading and warm-up outlasted a 10 s run, which then measured nothing (issue 10)."""
-    def child(code):
-        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True)
+    log_path = tmp_path / "daemon.log"
 
-    with pytest.raises(BenchError, match=r"exited \(3\) before it was online with 4 cameras: bad model"):
-        _wait_until_online(child("import sys; sys.stderr.write('loading\\nbad model\\n'); sys.exit(3)"), [], 4)
+    def child(code):
+        with open(log_path, "w") as log_file:  # as cameras_at_fps runs the daemon: its log to a file
+            return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=log_file)
+
+    with pytest.raises(BenchError, match=r"exited \(3\) before it was online with 4 cameras: bad model$"):
+        _wait_until_online(child("import sys; sys.stderr.write('loading\\nbad model\\n'); sys.exit(3)"), [], 4,
+                           log_path)
     sleeper = child("import time; time.sleep(30)")
     with pytest.raises(BenchError, match="not online with 2 cameras after 1 s"):
         _wait_until_online(sleeper, [{"state": "online", "cameras": {}}, {"state": "offline", "cameras": {"a": {}}}],
-                           2, timeout=1.0)
+                           2, log_path, timeout=1.0)
     assert sleeper.poll() is not None  # killed, not left behind
     statuses = []
     running = child("import time; time.sleep(30)")
     threading.Timer(0.5, lambda: statuses.append({"state": "degraded", "cameras": {"till-1": {}}})).start()
     try:
-        assert 0.4 < _wait_until_online(running, statuses, 1, timeout=10) < 5
+        assert 0.4 < _wait_until_online(running, statuses, 1, log_path, timeout=10) < 5
     finally:
         running.kill()
         running.communicate()
