@@ -111,14 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     speed = bench.add_argument_group("the age model alone on any provider (--model-only; writes speed.json, speed.png)")
     speed.add_argument("--model-only", action="store_true",
                        help="only the age model: faces/s per variant, batch and way of calling it (plain run, "
-                            "IO binding, CUDA graphs), a CPU baseline when a GPU serves, GPU utilisation")
+                            "uint8 crops, IO binding, CUDA graphs), a CPU baseline when a GPU serves, GPU utilisation")
     speed.add_argument("--providers", default="cuda,cpu", help="execution providers to measure, in order (cuda,cpu)")
     speed.add_argument("--batches", help="batch sizes (default 1,8,32,64,128,256 on a GPU, 1,8,32 on a CPU)")
     speed.add_argument("--cpu-batches", help="the CPU baseline's batches when a GPU serves (default 1,8,32; "
                        "'none' for none)")
     speed.add_argument("--variants", help="fp32,fp16,int8 (default fp32,fp16 on a GPU, every one present on a CPU)")
-    speed.add_argument("--modes", default="plain,iobinding,cudagraph",
-                       help="plain, iobinding, upload, cudagraph (comma-separated)")
+    speed.add_argument("--modes", default="plain,uint8,iobinding,cudagraph",
+                       help="plain, uint8, iobinding, upload, cudagraph (comma-separated)")
     speed.add_argument("--cuda-options", action="append", metavar="KEY=VALUE[,KEY=VALUE]",
                        help="CUDA provider options, e.g. cudnn_conv_algo_search=DEFAULT; repeat to sweep each "
                             "setting ('daemon', the default: the daemon's own; 'default': ONNX Runtime's own)")

@@ -3,6 +3,9 @@
     input    float32 [N, S, S, 3]: RGB crops from `edge.crop.crop_face`, pixel
              values 0..255; the model does its own normalisation, so the
              preprocessing lives inside the graph. N may be dynamic or fixed.
+             uint8 is taken too, the same pixel values: what a GPU serves is
+             made so at load (edge.precision.with_uint8_input), a quarter of
+             the bytes to upload.
     output 0 float32 [N] or [N, 1]: estimated age in years.
     output "age_spread" (optional) float32 [N] or [N, 1]: the model's own
              standard deviation in years (e.g. from a distribution head).
@@ -75,8 +78,8 @@ def read_contract(session) -> AgeModelInfo:
     if not 16 <= size <= 1024 or not 0 <= margin <= 2 or not (eye_y is None or 0 < eye_y < 1):
         raise ContractError(f"input size {size}, crop margin {margin} or crop eye y {eye_y} out of range")
     inputs = session.get_inputs()
-    if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
-        raise ContractError("expected one float32 input of shape [N, S, S, 3]")
+    if len(inputs) != 1 or inputs[0].type not in ("tensor(float)", "tensor(uint8)") or len(inputs[0].shape) != 4:
+        raise ContractError("expected one float32 (or uint8) input of shape [N, S, S, 3]")
     batch, height, width, channels = inputs[0].shape
     if channels != 3 or any(isinstance(d, int) and d != size for d in (height, width)):
         raise ContractError(f"input shape {inputs[0].shape} does not match [N, {size}, {size}, 3]")

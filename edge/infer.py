@@ -46,6 +46,8 @@ class AgeModel:
         except ContractError as exc:
             raise ModelError(f"age model {self.path} breaks the model contract: {exc}") from None
         self.input_name = self.session.get_inputs()[0].name
+        # float32 as the contract says, or uint8 where the model was made for a GPU (edge.precision)
+        self.input_dtype = np.uint8 if self.session.get_inputs()[0].type == "tensor(uint8)" else np.float32
         self.output_names = [self.session.get_outputs()[0].name] + ([SPREAD_OUTPUT] if self.info.has_spread else [])
         # the batch sizes calls are padded to (warm_up sets them on a GPU); None: each call as it comes
         self.batch_sizes: list[int] | None = [self.info.fixed_batch] if self.info.fixed_batch else None
@@ -65,17 +67,20 @@ class AgeModel:
             log.info("GPU provider unavailable, serving the CPU variant", extra={"asked": choice.path.name})
             choice = pick_variant(base, "auto", on_gpu=False)
             model = cls(choice.path, providers, choice.tier, choice.variant, threads, spinning, cuda_options)
-        elif fp16_at_load(choice, variant, on_gpu) and model.providers[0] != CPU:  # only once CUDA really serves
-            made = made_fp16(choice.path)
+        elif model.providers[0] != CPU:  # only once CUDA really serves: uint8 crops, and fp16 where it pays
+            fp16 = fp16_at_load(choice, variant, on_gpu)
+            made = made_for_gpu(choice.path, fp16) if fp16 or model.input_dtype != np.uint8 else None
             if made is not None:
-                model = cls(choice.path, providers, choice.tier, "fp16", threads, spinning, cuda_options, made)
+                model = cls(choice.path, providers, choice.tier, "fp16" if fp16 else choice.variant, threads,
+                            spinning, cuda_options, made)
         return model
 
     def describe(self) -> dict:
         """Which model answers: logged at start and published in the status topic."""
         kind = self.info.metadata.get("tillsight.kind")
         return {"tier": self.tier, "file": self.path.name, "variant": self.variant,
-                "provider": self.providers[0], **({"kind": kind} if kind else {})}
+                "provider": self.providers[0], **({"kind": kind} if kind else {}),
+                **({"input": "uint8"} if self.input_dtype == np.uint8 else {})}
 
     @property
     def providers(self) -> list[str]:
@@ -98,7 +103,7 @@ class AgeModel:
         ran = []
         for batch in sizes:
             try:
-                self._run(np.zeros((batch, size, size, 3), np.float32))
+                self._run(np.zeros((batch, size, size, 3), self.input_dtype))
             except ModelError as exc:  # e.g. out of GPU memory at a large batch: serve the sizes that ran
                 log.warning("age model warm-up failed, batches capped at the largest size that ran",
                             extra={"batch": batch, "error": str(exc), "largest": ran[-1] if ran else None})
@@ -118,6 +123,11 @@ class AgeModel:
             return [self.info.fixed_batch]
         return sorted({1 << k for k in range(max_batch.bit_length()) if 1 << k <= max_batch} | {max_batch})
 
+    def _as_input(self, crops: np.ndarray) -> np.ndarray:
+        if self.input_dtype == np.uint8 and crops.dtype != np.uint8:  # float crops (none of ours): nearest pixels
+            crops = np.clip(np.rint(crops), 0, 255)
+        return np.ascontiguousarray(crops, self.input_dtype)
+
     def _padded(self, count: int) -> int:
         return next((size for size in self.batch_sizes or [] if size >= count), count)
 
@@ -135,10 +145,10 @@ class AgeModel:
         step = self.batch_sizes[-1] if self.batch_sizes else len(crops)
         results: list[AgeEstimate] = []
         for start in range(0, len(crops), step):
-            chunk = crops[start : start + step].astype(np.float32)
+            chunk = self._as_input(crops[start : start + step])
             padded = self._padded(len(chunk))  # a fixed-batch model's size, or a warmed-up one on a GPU
             if padded > len(chunk):
-                chunk = np.concatenate([chunk, np.zeros((padded - len(chunk),) + chunk.shape[1:], np.float32)])
+                chunk = np.concatenate([chunk, np.zeros((padded - len(chunk),) + chunk.shape[1:], chunk.dtype)])
             outputs = self._run(chunk)
             ages = np.asarray(outputs[0], np.float32).reshape(len(chunk), -1)
             if ages.shape[1] != 1:
@@ -163,18 +173,19 @@ def fp16_at_load(choice: AgeModelChoice, variant: str, on_gpu: bool) -> bool:
         and is_weights_only_int8(choice.path)
 
 
-def made_fp16(path: Path) -> bytes | None:
-    """fp16 made from the int8 file; None, with a warning, if it cannot be made: the int8 file serves (slower)."""
+def made_for_gpu(path: Path, fp16: bool) -> bytes | None:
+    """The model a GPU serves, made from the file: uint8 crops (a quarter of the upload, the same ages), and fp16
+    from the int8 file where `fp16`. None, with a warning, if it cannot be made: the file serves as it is."""
     started = time.perf_counter()
     try:
-        from edge.precision import fp16_from_int8_weights  # onnx's protobuf: loaded only where a GPU needs it
-        made = fp16_from_int8_weights(path)
+        from edge.precision import made_for_gpu as make  # onnx's protobuf: loaded only where a GPU needs it
+        made = make(path, fp16)
     except Exception as exc:  # noqa: BLE001 - onnx's checker, a missing module...: the file itself still serves
-        log.warning("age model not made fp16, serving its int8 file", extra={
-            "file": path.name, "error": (str(exc).splitlines() or [repr(exc)])[0]})
+        log.warning("age model not made for the GPU, serving its file as it is", extra={
+            "file": path.name, "fp16": fp16, "error": (str(exc).splitlines() or [repr(exc)])[0]})
         return None
-    log.info("age model made fp16 from its int8 file", extra={"file": path.name,
-                                                                 "seconds": round(time.perf_counter() - started, 1)})
+    log.info("age model made for the GPU", extra={"file": path.name, "input": "uint8", "fp16": fp16,
+                                                  "seconds": round(time.perf_counter() - started, 1)})
     return made
 
 

@@ -3,8 +3,11 @@
 For an ONNX age model and its `_fp16`/`_int8` siblings, on the providers asked for (`--providers`,
 default cuda then cpu), at each batch size:
 
-    plain      `session.run` with a NumPy batch: what the daemon does (the crops go up, the ages
-               come back, on every call)
+    plain      `session.run` with a float32 NumPy batch, as the model file takes it (the crops go up,
+               the ages come back, on every call): what the daemon does on a CPU
+    uint8      `session.run` with the crops as uint8, into the model made with a uint8 input (a Cast
+               first in the graph, edge.precision): what the daemon does on a GPU, a quarter of the
+               bytes up; the ages must be plain's to the bit
     iobinding  the crops uploaded to the provider's device once (`OrtValue.ortvalue_from_numpy(x,
                device, 0)`), the outputs bound to that device and left there (`run_with_iobinding`):
                the network's own speed
@@ -37,8 +40,8 @@ import numpy as np
 
 from edge.gpu import GpuSampler
 
-MODES = ("plain", "iobinding", "upload", "cudagraph")
-DEFAULT_MODES = ("plain", "iobinding", "cudagraph")
+MODES = ("plain", "uint8", "iobinding", "upload", "cudagraph")
+DEFAULT_MODES = ("plain", "uint8", "iobinding", "cudagraph")
 GPU_BATCHES = (1, 8, 32, 64, 128, 256)
 CPU_BATCHES = (1, 8, 32)
 TARGET_FACES_PER_S, TARGET_MIN_BATCH = 15_000, 64  # issue 10: the age model alone on the store server's GPU
@@ -74,7 +77,8 @@ def _cuda_label(options: dict) -> str:
     return "cuda" + "".join(f" {_SHORT_OPTIONS.get(k, k)}={v}" for k, v in sorted(options.items()))
 
 
-def _open(path: Path, providers: list[str], cuda_options: dict, threads: int, graph: bool = False):
+def _open(path: Path, providers: list[str], cuda_options: dict, threads: int, graph: bool = False,
+          made: bytes | None = None):
     import onnxruntime as ort
     from edge.runtime import fold_int8_weights, resolve_providers, session_options
     chosen = []
@@ -86,9 +90,9 @@ def _open(path: Path, providers: list[str], cuda_options: dict, threads: int, gr
             chosen.append((name, options))
         else:
             chosen.append(name)
-    options = fold_int8_weights(session_options(threads), path)
+    options = session_options(threads) if made else fold_int8_weights(session_options(threads), path)
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=chosen)
+    return ort.InferenceSession(made or str(path), options, providers=chosen)
 
 
 def _device_of(session) -> str:
@@ -120,9 +124,20 @@ class _Variant:
         self.device = _device_of(self.session)
         self.input = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.uint8_session = None  # made at the first uint8 point
 
     def plain(self, x: np.ndarray):
         return lambda: self.session.run(self.outputs, {self.input: x})
+
+    def uint8(self, x: np.ndarray):
+        """The daemon's call on a GPU: the model made with a uint8 input (edge.infer.made_for_gpu, without fp16:
+        each variant's file as it is), the crops as uint8."""
+        from edge.precision import made_for_gpu
+        if self.uint8_session is None:
+            self.uint8_session = _open(self.path, self.providers_asked, self.cuda_options, self.threads,
+                                       made=made_for_gpu(self.path, fp16=False))
+        pixels = np.ascontiguousarray(x, np.uint8)
+        return lambda: self.uint8_session.run(self.outputs, {self.input: pixels})
 
     def bound(self, x: np.ndarray, upload_each_call: bool):
         import onnxruntime as ort
@@ -269,6 +284,10 @@ def _measure(report: dict, sampler: GpuSampler, model: _Variant, label: str, var
         try:
             if mode == "plain":
                 call, sync, outputs = plain, None, None
+            elif mode == "uint8":
+                call = model.uint8(x)
+                call()  # warm-up, as plain's
+                sync, outputs = None, call
             elif mode in ("iobinding", "upload"):
                 call, binding = model.bound(x, upload_each_call=mode == "upload")
                 call()
@@ -313,7 +332,7 @@ def _ratios(report: dict) -> None:
     """Each GPU point / the CPU's plain figure of the same variant at the same batch (else its best, marked *)."""
     cpu: dict[str, dict[int, float]] = {}
     for p in report["points"]:
-        if p["setting"] == "cpu":
+        if p["setting"] == "cpu" and p["mode"] == "plain":
             cpu.setdefault(p["variant"], {})[p["batch"]] = p["faces_per_s"]
     for p in report["points"]:
         figures = cpu.get(p["variant"])
@@ -392,13 +411,13 @@ def plot_speed(report: dict, path: Path) -> None:
     util = any(p.get("gpu_util_mean_pct") is not None for p in report["points"])
     fig, axes = plt.subplots(1, 2 if util else 1, figsize=(13 if util else 8, 5), squeeze=False)
     left = axes[0][0]
-    markers = {"plain": "o", "iobinding": "s", "upload": "^", "cudagraph": "D"}
+    markers = {"plain": "o", "uint8": "v", "iobinding": "s", "upload": "^", "cudagraph": "D"}
     # one colour per setting and variant, the mode by marker and line (a sweep has up to 12 lines: tab10 repeats)
     palette = plt.get_cmap("tab20").colors
     colours = {key: palette[i % len(palette)] for i, key in enumerate(dict.fromkeys((l, v) for l, v, _ in rows))}
 
     def line(label: str, mode: str) -> str:
-        return ":" if label == "cpu" else "--" if mode == "plain" else "-"
+        return ":" if label == "cpu" else "--" if mode in ("plain", "uint8") else "-"
 
     for (label, variant, mode), cells in rows.items():
         b = sorted(cells)

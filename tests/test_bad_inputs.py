@@ -111,8 +111,8 @@ MODELS = {
                    "input shape ['N', 3, 64, 64] does not match [N, 64, 64, 3]"),
     "input size not the metadata's": (age_model_graph(["N", 32, 32, 3], ["N"]),
                                       "input shape ['N', 32, 32, 3] does not match [N, 64, 64, 3]"),
-    "uint8 input": (age_model_graph(["N", 64, 64, 3], ["N"], input_type=TensorProto.UINT8),
-                    "expected one float32 input of shape [N, S, S, 3]"),
+    "int32 input": (age_model_graph(["N", 64, 64, 3], ["N"], input_type=TensorProto.INT32),
+                    "expected one float32 (or uint8) input of shape [N, S, S, 3]"),
     "output of rank 4": (age_model_graph(["N", 64, 64, 3], ["N", 1, 1, 1]),
                          "first output must be the age, shape [N] or [N, 1]"),
 }

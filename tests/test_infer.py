@@ -236,6 +236,63 @@ def test_the_daemon_warms_its_models_up_at_start(tmp_path, monkeypatch, age_mode
     assert warmed == [("detector",), ("age", 12)]
 
 
+def test_on_a_gpu_the_crops_go_up_as_uint8_and_every_age_is_the_same_to_the_bit(two_people_photo):
+    """On the H100 `session.run`, the daemon's call, ran 35-40 % below IO binding: the float32 upload (issue 10). On
+    a GPU the served model takes uint8 crops (a Cast first in the graph), a quarter of the bytes. The crops are
+    whole pixel values, so every age must be the float input's exactly: the shipped ResNet50 as fp32 (its int8
+    weights as ORT folds them) and as the fp16 made at load; float crops are taken as the nearest pixels, and
+    the padding of a GPU's warmed-up batch sizes is uint8 zeros."""
+    import cv2
+
+    from edge.crop import crop_face
+    from edge.detect import FaceDetector, detect_in_photo
+    from edge.infer import made_for_gpu
+    from edge.precision import dequantize_weights, to_fp16
+    from edge.tiers import pick_variant, resolve_age_model, resnet50_ships
+    if not resnet50_ships():
+        pytest.skip("the trained ResNet50 is not in edge/models")
+    shipped = pick_variant(resolve_age_model("auto"), "auto", on_gpu=True).path
+    image = cv2.imread(str(two_people_photo))
+    crops = np.stack([crop_face(image, f, 160, 0.0) for f in detect_in_photo(FaceDetector(), image)])
+    assert crops.dtype == np.uint8 and len(crops) == 2
+
+    def ages(model, batch=crops):
+        return [e.age for e in model.predict(batch)]
+
+    as_file = AgeModel(shipped, ["cpu"])
+    pixels = AgeModel(shipped, ["cpu"], made=made_for_gpu(shipped, fp16=False))
+    assert (as_file.input_dtype, pixels.input_dtype) == (np.float32, np.uint8)
+    assert pixels.session.get_inputs()[0].type == "tensor(uint8)" and pixels.describe()["input"] == "uint8"
+    expected = ages(as_file)
+    assert ages(pixels) == expected and ages(pixels, crops.astype(np.float32)) == expected
+    pixels.batch_sizes = [4]  # as warm_up leaves them on a GPU: two faces padded to four
+    assert ages(pixels) == expected
+    half_float = AgeModel(shipped, ["cpu"], variant="fp16",
+                          made=to_fp16(dequantize_weights(onnx.load(str(shipped)))[0]).SerializeToString())
+    half_pixels = AgeModel(shipped, ["cpu"], variant="fp16", made=made_for_gpu(shipped, fp16=True))
+    assert half_pixels.input_dtype == np.uint8 and ages(half_pixels) == ages(half_float)
+
+
+def test_a_model_file_that_takes_uint8_is_served_on_a_gpu_as_it_is(tmp_path, monkeypatch, caplog):
+    """The contract takes uint8 crops too: on a GPU such a file needs nothing made (no warning, no second load)."""
+    import logging
+
+    from edge.precision import with_uint8_input
+    made = with_uint8_input(onnx.load_from_string(build_constant_age_model(30.0, input_size=64)))
+    assert with_uint8_input(made) == made  # already uint8: unchanged
+    path = tmp_path / "age_uint8.onnx"
+    onnx.save(made, str(path))
+    monkeypatch.setattr("edge.infer.resolve_providers",
+                        lambda providers: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(AgeModel, "providers", property(lambda self: ["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    caplog.set_level(logging.INFO, logger="edge.infer")
+    model = AgeModel.load(str(path), ["cuda", "cpu"])
+    assert (model.input_dtype, model.variant) == (np.uint8, "fp32")
+    assert not [r for r in caplog.records if "made for the GPU" in r.getMessage()]
+    crops = np.full((3, 64, 64, 3), 200, np.uint8)
+    assert [e.age for e in model.predict(crops)] == [30.0] * 3 == [e.age for e in model.predict(crops / 1.0)]
+
+
 def test_on_a_gpu_the_shipped_int8_file_is_served_as_fp16_made_at_load_and_answers_as_the_cpu(two_people_photo,
                                                                                               monkeypatch, caplog):
     """Only age_int8.onnx ships; fp16 runs faster on a GPU (issue 10), so the daemon makes it at start. Here the
@@ -247,7 +304,7 @@ def test_on_a_gpu_the_shipped_int8_file_is_served_as_fp16_made_at_load_and_answe
 
     from edge.crop import crop_face
     from edge.detect import FaceDetector, detect_in_photo
-    from edge.infer import fp16_at_load, made_fp16
+    from edge.infer import fp16_at_load, made_for_gpu
     from edge.tiers import pick_variant, resolve_age_model, resnet50_ships
     if not resnet50_ships():
         pytest.skip("the trained ResNet50 is not in edge/models")
@@ -259,9 +316,10 @@ def test_on_a_gpu_the_shipped_int8_file_is_served_as_fp16_made_at_load_and_answe
     image = cv2.imread(str(two_people_photo))
     crops = np.stack([crop_face(image, f, 160, 0.0) for f in detect_in_photo(FaceDetector(), image)])
     cpu = AgeModel.load("auto", ["cpu"])
-    half = AgeModel(shipped.path, ["cpu"], shipped.tier, "fp16", made=made_fp16(shipped.path))
+    half = AgeModel(shipped.path, ["cpu"], shipped.tier, "fp16", made=made_for_gpu(shipped.path, fp16=True))
     assert (cpu.describe()["variant"], half.describe()["variant"], half.describe()["file"]) == \
         ("int8", "fp16", "age_int8.onnx")
+    assert (half.describe()["input"], "input" in cpu.describe()) == ("uint8", False)  # the crops go up as uint8
     expected, ages = [e.age for e in cpu.predict(crops)], [e.age for e in half.predict(crops)]
     assert len(expected) == 2 and np.abs(np.subtract(ages, expected)).max() < 0.5, (ages, expected)
     # a GPU build whose CUDA does not load: the int8 file is served, nothing made (1.3 s and 0.6 GB saved)
@@ -270,18 +328,19 @@ def test_on_a_gpu_the_shipped_int8_file_is_served_as_fp16_made_at_load_and_answe
     caplog.set_level(logging.INFO, logger="edge.infer")
     fallen = AgeModel.load("auto", ["cuda", "cpu"])
     assert (fallen.variant, fallen.providers[0]) == ("int8", "CPUExecutionProvider")
-    assert "age model made fp16 from its int8 file" not in [r.getMessage() for r in caplog.records]
+    assert "age model made for the GPU" not in [r.getMessage() for r in caplog.records]
     # CUDA serving (the provider's name alone is made a GPU's; the sessions are the CPU's): fp16 is made and served
     monkeypatch.setattr(AgeModel, "providers", property(lambda self: ["CUDAExecutionProvider", "CPUExecutionProvider"]))
     served = AgeModel.load("auto", ["cuda", "cpu"])
-    assert served.variant == "fp16" and [e.age for e in served.predict(crops)] == ages
+    assert (served.variant, served.input_dtype) == ("fp16", np.uint8)
+    assert [e.age for e in served.predict(crops)] == ages
     # a conversion that fails (onnx's checker, a missing module): a warning, and the int8 file serves
-    def broken(path):
+    def broken(path, fp16):
         raise ValueError("shape inference failed\nmore lines")
-    monkeypatch.setattr("edge.precision.fp16_from_int8_weights", broken)
+    monkeypatch.setattr("edge.precision.made_for_gpu", broken)
     caplog.clear()
     kept = AgeModel.load("auto", ["cuda", "cpu"])
     assert kept.variant == "int8" and [e.age for e in kept.predict(crops)] == expected
     warning = next(r for r in caplog.records if r.levelname == "WARNING")
-    assert (warning.getMessage(), warning.error) == ("age model not made fp16, serving its int8 file",
+    assert (warning.getMessage(), warning.error) == ("age model not made for the GPU, serving its file as it is",
                                                      "shape inference failed")

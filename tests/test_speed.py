@@ -54,19 +54,23 @@ def tiny_age_model(path, size=32, seed=0):
 
 
 def test_model_only_on_the_cpu_every_mode_answers_as_plain_runs(tmp_path):
+    """uint8 runs the model made with a uint8 input (the daemon's on a GPU): the same ages to the bit, also from
+    export's fp16 file, whose input casts come last in its node list."""
     model = tiny_age_model(tmp_path / "age.onnx")
     onnx.save(_bench_models_tool().to_fp16(onnx.load(str(model))), str(tmp_path / "age_fp16.onnx"))  # export's fp16 path
     out = tmp_path / "out"
     result = tillsight("bench", "--model-only", "--model", str(model), "--batches", "1,4", "--point-seconds", "0.05",
-                       "--modes", "plain,iobinding,upload,cudagraph", "--out", str(out), timeout=120)
+                       "--modes", "plain,uint8,iobinding,upload,cudagraph", "--out", str(out), timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "speed.json").read_text())
     assert report["variants"] == ["fp32", "fp16"] and report["batches"] == [1, 4]
     assert [s["providers"] for s in report["sessions"]] == [["CPUExecutionProvider"]] * 2
     points = {(p["variant"], p["mode"], p["batch"]): p for p in report["points"]}
-    assert set(points) == {(v, m, b) for v in ("fp32", "fp16") for m in ("plain", "iobinding", "upload") for b in (1, 4)}
+    assert set(points) == {(v, m, b) for v in ("fp32", "fp16") for m in ("plain", "uint8", "iobinding", "upload")
+                           for b in (1, 4)}
     assert all(p["faces_per_s"] > 0 and p["calls"] >= 3 for p in points.values())
     assert all(p["max_abs_diff_vs_plain"] <= 1e-5 for p in points.values())  # IO binding answers what run() answers
+    assert [p["max_abs_diff_vs_plain"] for p in points.values() if p["mode"] == "uint8"] == [0.0] * 4
     assert not any("cpu_ratio" in p for p in points.values())  # no GPU here: nothing to compare with the CPU
     assert [s["mode"] for s in report["skipped"]] == ["cudagraph"] and "CUDA does not serve" in report["skipped"][0]["reason"]
     assert report["gpu_utilisation"]["available"] is False and report["gpu_utilisation"]["reason"]
@@ -81,7 +85,7 @@ def test_model_only_bad_options_are_one_line(tmp_path):
     line = one_line_error(tillsight("bench", "--model-only", "--model", str(model), "--batches", "1,x"), code=2)
     assert line == "tillsight: error: --batches takes batch sizes like 1,8,32"
     line = one_line_error(tillsight("bench", "--model-only", "--model", str(model), "--modes", "plain,fast"), code=2)
-    assert line == "tillsight: error: --modes: fast is not one of plain, iobinding, upload, cudagraph"
+    assert line == "tillsight: error: --modes: fast is not one of plain, uint8, iobinding, upload, cudagraph"
     line = one_line_error(tillsight("bench", "--model-only", "--model", str(tmp_path / "none.onnx")), code=1)
     assert "none.onnx" in line
 
@@ -160,8 +164,8 @@ def test_gpu_report_ratios_target_and_plot(tmp_path, capsys):
               "points": [{"setting": "cuda", "variant": "fp16", "mode": m, "batch": b, "faces_per_s": f,
                           "gpu_util_mean_pct": 90.0} for m, b, f in (("plain", 8, 2000.0), ("plain", 64, 9000.0),
                                                                       ("iobinding", 64, 16000.0))]
-              + [{"setting": "cpu", "variant": "fp16", "mode": "plain", "batch": 8, "faces_per_s": 100.0,
-                  "gpu_util_mean_pct": None}]}
+              + [{"setting": "cpu", "variant": "fp16", "mode": m, "batch": 8, "faces_per_s": f,
+                  "gpu_util_mean_pct": None} for m, f in (("plain", 100.0), ("uint8", 50.0))]}
     _ratios(report)
     report["target"] = _target(report)
     ratios = {(p["mode"], p["batch"]): (p["cpu_ratio"], p["cpu_ratio_to"]) for p in report["points"] if "cpu_ratio" in p}
