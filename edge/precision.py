@@ -122,11 +122,12 @@ def made_for_gpu(path: Path | str, fp16: bool) -> bytes:
     """What a GPU serves of the age model file at `path`: with a uint8 input, and in fp16 made from its int8
     weights if `fp16` (NotWeightsOnlyInt8 if it has none)."""
     model = onnx.load(str(path))
-    if fp16 or is_weights_only_int8(model):  # the float weights ORT would fold them into at load (the session
+    if fp16 or _weights_only_int8(model):  # the float weights ORT would fold them into at load (the session
         model = dequantize_weights(model)[0]  # of a model made in memory does not fold them: edge.runtime)
     model = with_uint8_input(model)
     return (to_fp16(model) if fp16 else model).SerializeToString()
 
 
-def is_weights_only_int8(model: onnx.ModelProto) -> bool:
+def _weights_only_int8(model: onnx.ModelProto) -> bool:
+    """edge.runtime.is_weights_only_int8, of a model in memory."""
     return any(p.key == KEY_QUANTIZATION and p.value == WEIGHTS_ONLY for p in model.metadata_props)
