@@ -67,7 +67,7 @@ class AgeModel:
             log.info("GPU provider unavailable, serving the CPU variant", extra={"asked": choice.path.name})
             choice = pick_variant(base, "auto", on_gpu=False)
             model = cls(choice.path, providers, choice.tier, choice.variant, threads, spinning, cuda_options)
-        elif model.providers[0] != CPU:  # only once CUDA really serves: uint8 crops, and fp16 where it pays
+        elif model.providers[0] != CPU:  # only once CUDA really serves: uint8 crops, all on CUDA, fp16 where it pays
             fp16 = fp16_at_load(choice, variant, on_gpu)
             made = made_for_gpu(choice.path, fp16) if fp16 or model.input_dtype != np.uint8 else None
             if made is not None:
@@ -174,8 +174,9 @@ def fp16_at_load(choice: AgeModelChoice, variant: str, on_gpu: bool) -> bool:
 
 
 def made_for_gpu(path: Path, fp16: bool) -> bytes | None:
-    """The model a GPU serves, made from the file: uint8 crops (a quarter of the upload, the same ages), and fp16
-    from the int8 file where `fp16`. None, with a warning, if it cannot be made: the file serves as it is."""
+    """The model a GPU serves, made from the file: uint8 crops (a quarter of the upload, the same ages), no shape
+    arithmetic left for the CPU (edge.precision.with_whole_reversals_as_gather), and fp16 from the int8 file where
+    `fp16`. None, with a warning, if it cannot be made: the file serves as it is."""
     started = time.perf_counter()
     try:
         from edge.precision import made_for_gpu as make  # onnx's protobuf: loaded only where a GPU needs it

@@ -14,6 +14,10 @@ graph). Crops are uint8 pixels anyway and the model normalises inside the graph 
 are the same to the bit, and a quarter of the bytes cross to the GPU on every call: on the H100 `session.run`,
 the daemon's call, ran fp16 at 11,763 faces/s at batch 64 against 18,224 with the crops already on the GPU
 (IO binding), a gap that is the float32 upload (issue 10).
+
+And every node of it runs on the GPU: tf2onnx's lowering of the channel flip computes its lengths with shape
+nodes, which ONNX Runtime keeps on the CPU, and CUDA graphs refuse such a model (measured on the H100);
+`with_whole_reversals_as_gather` makes it a Gather of constant indices, at load here and at export.
 """
 
 from __future__ import annotations
@@ -97,6 +101,91 @@ def with_uint8_input(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def with_whole_reversals_as_gather(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every ReverseSequence that reverses whole sequences made a Gather of constant indices
+    (T-1 .. 0 along its time axis), and the shape arithmetic that computed its lengths removed.
+
+    tf2onnx lowers Keras' channel flip (`ops.flip`, RGB to BGR in the caffe preprocessing, training/model.py)
+    to ReverseSequence with lengths read at run time: Shape, Gather, Expand. ONNX Runtime runs shape
+    nodes on the CPU, and CUDA graphs refuse a model that is not all on CUDA ("not all nodes partitioned
+    to CUDA"; measured on the H100, issue 10). A lengths tensor is proved whole, not assumed: a constant of
+    T everywhere, or an Expand of `Shape(Y)[k]` where dimension k of Y is fixed at T, the reversed axis's
+    fixed size. Gather copies the same elements in the same order, so every answer is unchanged to the bit.
+    A model without such a node comes back as it is."""
+    model = copy.deepcopy(model)
+    graph = model.graph
+    shapes = _static_shapes(model)
+    makers = {output: node for node in graph.node for output in node.output}
+    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    changed = False
+    for index, node in enumerate(graph.node):
+        if node.op_type != "ReverseSequence":
+            continue
+        time_axis = next((a.i for a in node.attribute if a.name == "time_axis"), 0)
+        shape = shapes.get(node.input[0])
+        if shape is None or not isinstance(shape[time_axis], int):
+            continue
+        length = shape[time_axis]
+        if _uniform_value(node.input[1], makers, constants, shapes) != length:
+            continue
+        indices = f"{node.output[0]}__reversed_indices"
+        graph.initializer.append(numpy_helper.from_array(np.arange(length - 1, -1, -1, dtype=np.int64), indices))
+        graph.node[index].CopyFrom(helper.make_node("Gather", [node.input[0], indices], list(node.output),
+                                                    name=f"{node.name}__as_gather", axis=time_axis))
+        changed = True
+    if changed:
+        _without_dead_nodes(graph)
+        onnx.checker.check_model(model)
+    return model
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Each tensor's inferred shape: ints where fixed, names or None where not."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for info in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if info.type.tensor_type.HasField("shape"):
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                 for d in info.type.tensor_type.shape.dim]
+    return shapes
+
+
+def _uniform_value(name: str, makers: dict, constants: dict, shapes: dict) -> int | None:
+    """The one integer every element of tensor `name` holds, where the graph fixes it; else None."""
+    if name in constants:
+        values = np.unique(constants[name])
+        return int(values[0]) if values.size == 1 else None
+    node = makers.get(name)
+    if node is None:
+        return None
+    if node.op_type == "Expand":  # a broadcast copies its one value everywhere
+        return _uniform_value(node.input[0], makers, constants, shapes)
+    if node.op_type == "Gather" and node.input[1] in constants:  # Shape(Y)[k]
+        source = makers.get(node.input[0])
+        k = constants[node.input[1]]
+        if source is None or source.op_type != "Shape" or source.attribute or k.size != 1:
+            return None
+        dims = shapes.get(source.input[0])
+        dim = None if dims is None or not -len(dims) <= int(k.ravel()[0]) < len(dims) else dims[int(k.ravel()[0])]
+        return dim if isinstance(dim, int) and dim > 0 else None
+    return None
+
+
+def _without_dead_nodes(graph: onnx.GraphProto) -> None:
+    """Removes the nodes (and initializers) nothing reads any more: the graph's outputs are what is read."""
+    while True:
+        read = {output.name for output in graph.output} | {name for node in graph.node for name in node.input}
+        dead = [node for node in graph.node if not any(output in read for output in node.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input}
+    unused = [tensor for tensor in graph.initializer if tensor.name not in read]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+
+
 def _in_topological_order(graph: onnx.GraphProto) -> None:
     """Each node after the nodes whose outputs it reads, as onnx's checker asks. export's fp16 files
     (keep_io_types) list their input casts last: ONNX Runtime does not mind, the checker does. (ORT's
@@ -119,12 +208,13 @@ def _in_topological_order(graph: onnx.GraphProto) -> None:
 
 
 def made_for_gpu(path: Path | str, fp16: bool) -> bytes:
-    """What a GPU serves of the age model file at `path`: with a uint8 input, and in fp16 made from its int8
-    weights if `fp16` (NotWeightsOnlyInt8 if it has none)."""
+    """What a GPU serves of the age model file at `path`: with a uint8 input, its whole reversals as Gathers
+    (every node on the GPU), and in fp16 made from its int8 weights if `fp16` (NotWeightsOnlyInt8 if it has
+    none)."""
     model = onnx.load(str(path))
     if fp16 or _weights_only_int8(model):  # the float weights ORT would fold them into at load (the session
         model = dequantize_weights(model)[0]  # of a model made in memory does not fold them: edge.runtime)
-    model = with_uint8_input(model)
+    model = with_uint8_input(with_whole_reversals_as_gather(model))
     return (to_fp16(model) if fp16 else model).SerializeToString()
 
 

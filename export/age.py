@@ -96,6 +96,8 @@ def to_onnx(model, input_size: int):
     serving = serving_model(model)
     spec = (tf.TensorSpec((None, input_size, input_size, 3), tf.float32, name="crops"),)
     onnx_model, _ = tf2onnx.convert.from_keras(serving, input_signature=spec, opset=OPSET)
+    from edge.precision import with_whole_reversals_as_gather  # the channel flip without shape nodes: all on CUDA
+    onnx_model = with_whole_reversals_as_gather(onnx_model)
     names = [o.name for o in onnx_model.graph.output]
     if names[0] != "age":  # the contract: the age is output 0
         order = sorted(onnx_model.graph.output, key=lambda o: o.name != "age")

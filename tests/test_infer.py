@@ -273,6 +273,79 @@ def test_on_a_gpu_the_crops_go_up_as_uint8_and_every_age_is_the_same_to_the_bit(
     assert half_pixels.input_dtype == np.uint8 and ages(half_pixels) == ages(half_float)
 
 
+def test_on_a_gpu_every_node_of_the_shipped_model_can_run_on_cuda_and_the_ages_are_the_same_to_the_bit(
+        two_people_photo):
+    """CUDA graphs refused the shipped ResNet50 on the H100 ("not all nodes partitioned to CUDA"): tf2onnx lowers the
+    caffe channel flip to ReverseSequence with lengths computed by Shape/Gather/Expand, which ONNX Runtime runs on the
+    CPU. The model a GPU serves has a Gather of constant indices instead, no shape node, and answers the same."""
+    import cv2
+
+    from edge.crop import crop_face
+    from edge.detect import FaceDetector, detect_in_photo
+    from edge.precision import made_for_gpu, with_whole_reversals_as_gather
+    from edge.tiers import pick_variant, resolve_age_model, resnet50_ships
+    if not resnet50_ships():
+        pytest.skip("the trained ResNet50 is not in edge/models")
+    shipped = pick_variant(resolve_age_model("auto"), "auto", on_gpu=True).path
+    original = onnx.load(str(shipped))
+    assert {"ReverseSequence", "Shape", "Expand"} <= {node.op_type for node in original.graph.node}  # what it fixes
+    rewritten = with_whole_reversals_as_gather(original)
+    gathers = [node for node in rewritten.graph.node if node.op_type == "Gather"]
+    indices = {t.name: onnx.numpy_helper.to_array(t) for t in rewritten.graph.initializer}
+    assert len(gathers) == 1 and indices[gathers[0].input[1]].tolist() == [2, 1, 0]  # the three channels, reversed
+    shape_ops = {"ReverseSequence", "Shape", "Expand", "Size"}
+    assert not shape_ops & {node.op_type for node in rewritten.graph.node}
+    assert len(rewritten.graph.node) == len(original.graph.node) - 5  # Shape x2, Gather x2, Expand: gone
+    for fp16 in (False, True):
+        assert not shape_ops & {node.op_type for node in onnx.load_from_string(made_for_gpu(shipped, fp16)).graph.node}
+    image = cv2.imread(str(two_people_photo))
+    crops = np.stack([crop_face(image, f, 160, 0.0) for f in detect_in_photo(FaceDetector(), image)])
+    before = AgeModel(shipped, ["cpu"], made=original.SerializeToString()).predict(crops)
+    after = AgeModel(shipped, ["cpu"], made=rewritten.SerializeToString()).predict(crops)
+    assert len(before) == 2 and [(e.age, e.spread) for e in after] == [(e.age, e.spread) for e in before]
+
+
+def _reversal_model(lengths: np.ndarray | None, time: int | str = 3) -> onnx.ModelProto:
+    """x [time, 2, 4] float reversed along axis 0 by ReverseSequence, with constant `lengths`, or (None) lengths
+    read from x's shape as tf2onnx does: Expand(Shape(x)[0], [2])."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [time, 2, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [time, 2, 4])
+    if lengths is not None:
+        nodes, inits = [], [onnx.numpy_helper.from_array(lengths.astype(np.int64), "lengths")]
+    else:
+        nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Gather", ["shape", "zero"], ["t"]),
+                 helper.make_node("Expand", ["t", "two"], ["lengths"])]
+        inits = [onnx.numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                 onnx.numpy_helper.from_array(np.array([2], np.int64), "two")]
+    nodes.append(helper.make_node("ReverseSequence", ["x", "lengths"], ["y"], time_axis=0, batch_axis=1))
+    return helper.make_model(helper.make_graph(nodes, "reversal", [x], [y], inits),
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("lengths, time, rewritten", [
+    (None, 3, True),  # tf2onnx's lowering, time axis fixed at 3: whole
+    (np.array([3, 3]), 3, True),  # constant, whole
+    (np.array([2, 3]), 3, False),  # one sequence reversed in part
+    (np.array([2, 2]), 3, False),  # every sequence in part
+    (None, "T", False),  # the time axis is not fixed: nothing proves the lengths whole
+])
+def test_only_reversals_proved_whole_become_a_gather(lengths, time, rewritten):
+    import onnxruntime as ort
+
+    from edge.precision import with_whole_reversals_as_gather
+    model = _reversal_model(lengths, time)
+    made = with_whole_reversals_as_gather(model)
+    ops = [node.op_type for node in made.graph.node]
+    assert ops == (["Gather"] if rewritten else [node.op_type for node in model.graph.node])
+    x = np.arange(24, dtype=np.float32).reshape(3, 2, 4)
+
+    def run(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.array_equal(run(made), run(model))
+    if rewritten:
+        assert np.array_equal(run(made), x[::-1])
+
+
 def test_a_model_file_that_takes_uint8_is_served_on_a_gpu_as_it_is(tmp_path, monkeypatch, caplog):
     """The contract takes uint8 crops too: on a GPU such a file needs nothing made (no warning, no second load)."""
     import logging

@@ -90,6 +90,10 @@ def test_export_checks_parity_and_writes_the_variants(run, tmp_path, utkface):
     assert meta["tillsight.crop_margin"] == "0.0" and meta["tillsight.head"] == "distribution"
     assert [o.name for o in model.graph.output] == ["age", "age_spread"]
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    # the channel flip is a Gather, not tf2onnx's ReverseSequence with shape nodes (kept on the CPU: no CUDA graphs)
+    ops = {node.op_type for name in ("age.onnx", "age_fp16.onnx", "age_int8.onnx")
+           for node in onnx.load(out / name).graph.node}
+    assert "Gather" in ops and not ops & {"ReverseSequence", "Shape", "Expand"}, ops
     int8 = onnx.load(out / "age_int8.onnx")
     produced_by = {name: node for node in int8.graph.node for name in node.output}
     softmax = next(node for node in int8.graph.node if node.op_type == "Softmax")

@@ -9,7 +9,8 @@ ONNX Runtime builds from it at load (edge/runtime.py `fold_int8_weights`), and f
 by export's own conversion.
 
     shipped INT8.onnx --out DIR     DIR/age.onnx (the DequantizeLinear of every weight folded into a
-                                    float initializer; the weights-only mark removed from the metadata),
+                                    float initializer; the weights-only mark removed from the metadata; the
+                                    channel flip a Gather, as the daemon serves it on a GPU),
                                     DIR/age_fp16.onnx (edge/precision.py `to_fp16`: onnxruntime.transformers
                                     .float16, keep_io_types=True) and DIR/age_int8.onnx (the file itself)
     smoke DIR [--faces PHOTO|VIDEO] finite ages from every variant in DIR on real face crops (CPU)
@@ -33,12 +34,14 @@ import onnx
 VARIANT_FILES = ("age.onnx", "age_fp16.onnx", "age_int8.onnx")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 # the daemon's own conversion (it makes fp16 from the int8 file at start on a GPU): the benchmark times what it serves
-from edge.precision import NotWeightsOnlyInt8, dequantize_weights, to_fp16  # noqa: E402
+from edge.precision import (NotWeightsOnlyInt8, dequantize_weights, to_fp16,  # noqa: E402
+                            with_whole_reversals_as_gather)
 
 
 def from_shipped(int8_path: Path, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     fp32, count = dequantize_weights(onnx.load(str(int8_path)))
+    fp32 = with_whole_reversals_as_gather(fp32)  # as the daemon serves it: every node on CUDA, CUDA graphs possible
     onnx.save(fp32, str(out / "age.onnx"))
     onnx.save(to_fp16(fp32), str(out / "age_fp16.onnx"))
     shutil.copy2(int8_path, out / "age_int8.onnx")

@@ -25,7 +25,8 @@ then VERB:
               options; $OUT/speed/, $OUT/speed-options/ and logs
     e2e       tillsight bench --skip-model-speed: one camera flat out, then 1-32 simulated cameras at 10 fps
               (batch sizes the batcher formed, GPU utilisation), then 16 and 32 cameras with every face aged
-              (budget off), then fp16 with float32 crops, uint8 crops and IO binding at batch 8, 64, 256;
+              (budget off), then fp16 with float32 crops, uint8 crops, IO binding and CUDA graphs at batch
+              8, 64, 256;
               $OUT/e2e/, $OUT/e2e-nobudget/, $OUT/speed-uint8/ and logs
     recheck   the daemon's CUDA options and warm-up (after the first run): scripts/device/cuda_agree.py (CUDA
               against the CPU, in years), a model-only sweep of the options, end to end at 1-32 cameras;
@@ -88,8 +89,9 @@ E2E_NO_BUDGET = ["--skip-model-speed", "--cameras", "16,32", "--fps", "10", "--s
 # after the e2e runs (about 20 s): the daemon's call on a GPU is now session.run with uint8 crops into a model made
 # with a uint8 input (edge/precision.py): does it close the gap to IO binding that the float32 upload left
 # (fp16, batch 64: 11,763 with session.run against 18,224)? The ages must be plain's to the bit (max |diff| 0).
+# And CUDA graphs, refused on 2026-11-25 for the shape nodes of the channel flip, now a Gather (edge/precision.py).
 SPEED_UINT8 = ["--model-only", "--providers", "cuda,cpu", "--variants", "fp16", "--cpu-batches", "none",
-               "--modes", "plain,uint8,iobinding", "--point-seconds", "1"]
+               "--modes", "plain,uint8,iobinding,cudagraph", "--point-seconds", "1"]
 
 
 def say(text: str) -> None:
