@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from edge.contract import SPREAD_OUTPUT, AgeModelInfo, ContractError, read_contract
 from edge.runtime import CPU, Fallback, ModelError, is_weights_only_int8, open_session, provider_fallback, \
@@ -38,8 +39,11 @@ class AgeModel:
         self.path = Path(path)
         self.tier = tier
         self.variant = variant
-        self.session = open_session(self.path, providers, "age", session_options(threads, spinning), cuda_options,
-                                    made)
+        self._open = lambda: open_session(self.path, providers, "age", session_options(threads, spinning),
+                                          cuda_options, made)
+        self.session = self._open()
+        # on a GPU, after warm_up: one session per padded batch size (see warm_up); else the one above serves all
+        self._sessions: dict[int, ort.InferenceSession] = {}
         self.fallback: Fallback | None = provider_fallback(self.session, providers)
         try:
             self.info: AgeModelInfo = read_contract(self.session)
@@ -89,29 +93,36 @@ class AgeModel:
 
     def warm_up(self, max_batch: int) -> float:
         """On a GPU, before any customer: from here on every call is padded to a power of two (up to
-        `max_batch`), and each of those sizes runs once now. A GPU provider prepares each new input shape on its
-        first call (measured on the H100, the shipped ResNet50 in fp16: 1,194 ms with cuDNN's exhaustive search,
-        180 ms with its heuristic, then 5-7 ms a call), and the batcher forms any size from 1 to `max_batch`:
-        warming all 32 up took longer than a 10 s benchmark run (issue 10); padding costs the GPU next to
-        nothing (1.5 ms at batch 1 and at batch 8). Seconds taken; 0 on a CPU, where a call costs what its
-        faces cost and the first is not slower: nothing is padded there."""
+        `max_batch`), each of those sizes gets a session of its own, and each runs once now. A GPU provider
+        prepares each new input shape on its first call (measured on the H100, the shipped ResNet50 in fp16:
+        1,194 ms with cuDNN's exhaustive search, 180 ms with its heuristic, then 5-7 ms a call), and the batcher
+        forms any size from 1 to `max_batch`: warming all 32 up took longer than a 10 s benchmark run; padding
+        costs the GPU next to nothing (1.5 ms at batch 1 and at batch 8). One session per size because the
+        CUDA provider prepares again whenever the shape differs from its previous call's (measured on the H100,
+        2026-11-26: 2 ms a call at any one size, about 200 ms at every change of size; the daemon, whose
+        batches change size from call to call, spent 170-290 ms a call, 4 calls a second; issue 10). Seconds
+        taken; 0 on a CPU, where a call costs what its faces cost and the first is not slower: nothing is
+        padded there. Run it on the thread that makes the calls (AgeBatcher.warm_up): the provider also
+        prepares once per calling thread."""
         sizes = self.warm_up_sizes(max_batch)
         if not sizes:
             return 0.0
         started = time.perf_counter()
         size = self.info.input_size
-        ran = []
+        ran: dict[int, ort.InferenceSession] = {}
         for batch in sizes:
-            try:
-                self._run(np.zeros((batch, size, size, 3), self.input_dtype))
+            try:  # the loaded session serves the first size; ~50 MB of fp16 weights on the GPU for each other
+                session = self._open() if ran else self.session
+                self._run(np.zeros((batch, size, size, 3), self.input_dtype), session)
             except ModelError as exc:  # e.g. out of GPU memory at a large batch: serve the sizes that ran
                 log.warning("age model warm-up failed, batches capped at the largest size that ran",
-                            extra={"batch": batch, "error": str(exc), "largest": ran[-1] if ran else None})
+                            extra={"batch": batch, "error": str(exc), "largest": max(ran) if ran else None})
                 break
-            ran.append(batch)
-        self.batch_sizes = ran or self.batch_sizes
+            ran[batch] = session
+        self._sessions = ran
+        self.batch_sizes = list(ran) or self.batch_sizes
         seconds = time.perf_counter() - started
-        log.info("age model warmed up", extra={"batch_sizes": ran, "seconds": round(seconds, 2)})
+        log.info("age model warmed up", extra={"batch_sizes": list(ran), "seconds": round(seconds, 2)})
         return seconds
 
     def warm_up_sizes(self, max_batch: int) -> list[int]:
@@ -131,9 +142,10 @@ class AgeModel:
     def _padded(self, count: int) -> int:
         return next((size for size in self.batch_sizes or [] if size >= count), count)
 
-    def _run(self, chunk: np.ndarray) -> list:
+    def _run(self, chunk: np.ndarray, session: ort.InferenceSession | None = None) -> list:
+        session = session or self._sessions.get(len(chunk), self.session)
         try:
-            return self.session.run(self.output_names, {self.input_name: chunk})
+            return session.run(self.output_names, {self.input_name: chunk})
         except Exception as exc:  # ONNX Runtime's own errors: the model loads but cannot run
             raise ModelError(f"age model {self.path} failed when run: {(str(exc).splitlines() or [repr(exc)])[0]}") \
                 from None
@@ -198,6 +210,11 @@ class _Request:
 
 
 @dataclass
+class _WarmUp:
+    future: Future
+
+
+@dataclass
 class BatchStats:
     calls: int = 0
     crops: int = 0
@@ -219,7 +236,7 @@ class AgeBatcher:
         self.stats = BatchStats()
         self.on_call = None  # (faces, seconds) -> None after each successful call: the metrics
         self.problem_level = logging.ERROR  # a replay says it in its closing line instead
-        self._requests: queue.Queue[_Request | None] = queue.Queue()
+        self._requests: queue.Queue[_Request | _WarmUp | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="age-batcher", daemon=True)
         self._thread.start()
 
@@ -230,6 +247,14 @@ class AgeBatcher:
         else:
             self._requests.put(_Request(crops, future, time.monotonic()))
         return future
+
+    def warm_up(self) -> float:
+        """The model's warm-up (AgeModel.warm_up), run on the batcher's own thread, before the cameras start: the
+        CUDA provider prepares once per calling thread as well (measured on the H100: a fresh thread's first
+        call 341 ms, then 2 ms). Seconds taken."""
+        future: Future = Future()
+        self._requests.put(_WarmUp(future))
+        return future.result()
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -258,6 +283,12 @@ class AgeBatcher:
             first = self._requests.get()
             if first is None:
                 break
+            if isinstance(first, _WarmUp):
+                try:
+                    first.future.set_result(self.model.warm_up(self.max_batch))
+                except Exception as exc:  # noqa: BLE001 - said by the caller, on its own thread
+                    first.future.set_exception(exc)
+                continue
             batch, closing = self._gather(first)
             crops = np.concatenate([r.crops for r in batch])
             self.stats.busy_since = started = time.monotonic()

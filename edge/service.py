@@ -325,9 +325,9 @@ class Service:
                                      "detector_providers": self.detector.session.get_providers()})
         self.provider_fallback = self.age_model.fallback or self.detector.fallback  # logged once by open_session
         self.detector.warm_up()  # on a GPU: the first calls' preparation before the first customer, not during
-        self.age_model.warm_up(models.max_batch)
         self.policy = build_policy(config.policy, self.age_model.info.metadata)
         self.batcher = AgeBatcher(self.age_model, models.max_batch, models.max_wait_ms, producers=len(config.cameras))
+        self.batcher.warm_up()  # on the thread that will make the calls (edge.infer)
         self._rates_mark = (time.monotonic(), 0, 0)
         self.outbox = Outbox(outbox_path(config, replay), config.outbox.max_messages, config.outbox.max_age_s)
         log.info("outbox", extra=self.outbox.status())

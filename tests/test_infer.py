@@ -199,22 +199,33 @@ def test_on_a_gpu_calls_are_padded_to_a_few_batch_sizes_each_run_once_before_the
     assert model.warm_up_sizes(32) == [1, 2, 4, 8, 16, 32] and model.warm_up_sizes(12) == [1, 2, 4, 8, 12]
     ran = []
     real_run = model._run
-    monkeypatch.setattr(model, "_run", lambda chunk: ran.append(len(chunk)) or real_run(chunk))
+    monkeypatch.setattr(model, "_run", lambda chunk, *session: ran.append(len(chunk)) or real_run(chunk, *session))
     assert model.warm_up(12) > 0 and ran == [1, 2, 4, 8, 12] and model.batch_sizes == [1, 2, 4, 8, 12]
+    # a session per size: the CUDA provider prepares again whenever a call's shape differs from the previous one's
+    # (about 200 ms a change on the H100), and the batcher's sizes change from call to call
+    assert list(model._sessions) == [1, 2, 4, 8, 12] and model._sessions[1] is model.session
+    assert len({id(session) for session in model._sessions.values()}) == 5
+    used = []
+    for size, session in model._sessions.items():
+        monkeypatch.setattr(session, "run", (lambda real, size: lambda *a, **k: used.append(size) or real(*a, **k))(
+            session.run, size))
     ran.clear()
     crops = np.stack([np.full((32, 32, 3), v, np.uint8) for v in range(10, 160, 10)])  # 15 faces
     estimates = model.predict(crops[:5])
     assert ran == [8] and [round(e.age) for e in estimates] == [10, 20, 30, 40, 50]  # padding answers nothing
+    assert used == [8]  # on the session of its size
+    model.predict(crops[:1]), model.predict(crops[:12])
+    assert used == [8, 1, 12]
     ran.clear()
     estimates = model.predict(crops)
     assert ran == [12, 4] and [round(e.age) for e in estimates] == list(range(10, 160, 10))
     assert [round(e.spread) for e in estimates[:2]] == [1, 2]
     # a size that fails at warm-up (out of GPU memory, say): calls are capped at the largest size that ran
-    def out_of_memory(chunk):
+    def out_of_memory(chunk, *session):
         if len(chunk) >= 8:
             raise ModelError("age model x failed when run: CUDA failure 2: out of memory")
-        return real_run(chunk)
-    monkeypatch.setattr(model, "_run", lambda chunk: ran.append(len(chunk)) or out_of_memory(chunk))
+        return real_run(chunk, *session)
+    monkeypatch.setattr(model, "_run", lambda chunk, *session: ran.append(len(chunk)) or out_of_memory(chunk, *session))
     assert model.warm_up(32) > 0 and model.batch_sizes == [1, 2, 4]
     ran.clear()
     assert [round(e.age) for e in model.predict(crops)] == list(range(10, 160, 10)) and ran == [4, 4, 4, 4]
@@ -228,12 +239,24 @@ def test_the_daemon_warms_its_models_up_at_start(tmp_path, monkeypatch, age_mode
     from edge.detect import FaceDetector
     from edge.service import Service
     warmed = []
-    monkeypatch.setattr(AgeModel, "warm_up", lambda self, max_batch: warmed.append(("age", max_batch)) or 0.0)
+    # the age model's on the batcher's thread, the one that makes the calls: CUDA prepares once per calling thread
+    monkeypatch.setattr(AgeModel, "warm_up", lambda self, max_batch: warmed.append(
+        ("age", max_batch, threading.current_thread().name)) or 0.0)
     monkeypatch.setattr(FaceDetector, "warm_up", lambda self: warmed.append(("detector",)))
     config = parse_config({"store_id": "s", "cameras": [{"id": "a", "source": 0}], "mqtt": {"host": "localhost"},
                            "models": {"age_model": str(age_models[16]), "max_batch": 12, "providers": ["cpu"]}})
     Service(config, replay=True)
-    assert warmed == [("detector",), ("age", 12)]
+    assert warmed == [("detector",), ("age", 12, "age-batcher")]
+
+
+def test_a_warm_up_that_fails_is_raised_to_the_caller_and_the_batcher_serves_on(age_models, monkeypatch):
+    model = AgeModel(age_models[40])
+    batcher = AgeBatcher(model, max_batch=4, max_wait_ms=0)
+    monkeypatch.setattr(model, "warm_up", lambda max_batch: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        batcher.warm_up()
+    assert batcher.alive() and round(batcher.submit(np.zeros((1, 64, 64, 3), np.uint8)).result(timeout=10)[0].age) == 40
+    batcher.close()
 
 
 def test_on_a_gpu_the_crops_go_up_as_uint8_and_every_age_is_the_same_to_the_bit(two_people_photo):

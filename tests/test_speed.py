@@ -177,3 +177,19 @@ def test_gpu_report_ratios_target_and_plot(tmp_path, capsys):
     assert "2000 (20x)" in printed and "16000 (160x*)" in printed and "MET, best 16000" in printed
     plot_speed(report, tmp_path / "speed.png")
     assert (tmp_path / "speed.png").stat().st_size > 10_000
+
+
+def test_cuda_contention_times_the_daemons_age_calls_under_camera_threads(tmp_path, hamilton_clip):
+    """The device's diagnosis of issue 10 (a change of batch size cost 200 ms a call on the H100), rehearsed on the
+    CPU: every case has a timing per batch size, the load cases the rate their threads kept."""
+    out = tmp_path / "contention.json"
+    done = subprocess.run([sys.executable, str(REPO / "scripts/device/cuda_contention.py"), "--model", "light",
+                           "--video", str(hamilton_clip), "--providers", "cpu", "--loads", "2", "--calls", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["age_model"]["provider"] == "CPUExecutionProvider"
+    for case in ("main", "thread", "cuda-det 2", "cpu-det 2", "resize 2"):
+        assert set(report[case]) >= {"1", "8", "32"}, case
+        assert 0 < report[case]["1"]["p50"] <= report[case]["1"]["max"]
+    assert report["cpu-det 2"]["rate"] > 0 and report["resize 2"]["rate"] > report["cpu-det 2"]["rate"]
