@@ -66,6 +66,7 @@ class BenchOptions:
     out: Path
     config: dict  # extra daemon config sections, e.g. {"models": {"age_threads": 1}}
     model_speed: bool = True  # part 1 (the model alone, CPU); `--model-only` (edge/speed.py) does any provider
+    daemons: int = 1  # the cameras of a run shared among this many daemon processes (a store server's instances)
 
 
 # ------------------------------------------------------------------ the model
@@ -260,88 +261,136 @@ def _wait_until_online(daemon: subprocess.Popen, statuses: list[dict], cameras: 
 
 
 def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: float, broker: LocalBroker,
-                   config: dict, workdir: Path, sampler=None) -> dict:
+                   config: dict, workdir: Path, sampler=None, daemons: int = 1) -> dict:
     """The daemon with `cameras` copies of `video` as live cameras; latency, lag, drops and peak RSS; the batches
-    the age batcher really formed (from the daemon's metrics endpoint); GPU utilisation (`sampler`, NVML)."""
+    the age batcher really formed (from the daemon's metrics endpoint); GPU utilisation (`sampler`, NVML).
+    daemons > 1: the cameras shared among that many daemon processes on the same broker (and GPU), as a store
+    server runs one instance per group of tills; the figures are the group's (sums, or over all the messages)."""
     from edge.broker import free_port
     latencies: dict[str, list[float]] = {"alert": [], "estimate": []}
-    statuses: list[dict] = []
+    statuses: dict[str, list[dict]] = {}  # by daemon
 
     def on_message(topic: str, body: dict, received: float) -> None:
         if topic.endswith("/status"):
-            statuses.append({**body, "received": received})
+            statuses.setdefault(str(body.get("daemon")), []).append({**body, "received": received})
         elif "frame_time" in body and (topic.endswith("/alert") or not body.get("final")):
             kind = "alert" if topic.endswith("/alert") else "estimate"
             latencies[kind].append(received - datetime.fromisoformat(body["frame_time"].replace("Z", "+00:00")).timestamp())
 
     sources = staggered_copies(video, cameras, workdir)
+    daemons = max(1, min(daemons, cameras))
     sub = _Subscriber(broker.port, on_message)
-    settings = _merge({"policy": {"challenge_age": 100}, "logging": {"level": "warning"},
-                       "models": {"age_model": model},
-                       # the batch-size histogram is read from here at the end (edge/metrics.py)
-                       "metrics": {"enabled": True, "host": "127.0.0.1", "port": free_port()}}, config)
-    config_path = workdir / f"bench-{cameras}.toml"
-    config_path.write_text(_toml({"store_id": "bench", "daemon_id": "bench", "status_interval_s": 1.0,
-                                  "mqtt": {"host": "127.0.0.1", "port": broker.port}, **settings,
-                                  "cameras": [{"id": f"till-{i + 1}", "source": str(source), "fps_limit": fps}
-                                              for i, source in enumerate(sources)]}))
-    # its log to a file: a pipe nobody reads while it runs could fill and block it (logging.level=info, say)
-    log_path = workdir / f"daemon-{cameras}.log"
-    with open(log_path, "w") as log_file:
-        daemon = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config_path)],
-                                  stdout=subprocess.DEVNULL, stderr=log_file, text=True)
+    procs, logs, all_settings = [], [], []
     try:
-        return _measure(daemon, log_path, statuses, latencies, cameras, fps, seconds, settings, sampler)
+        for k in range(daemons):
+            name = "bench" if daemons == 1 else f"bench-{k + 1}"
+            settings = _merge({"policy": {"challenge_age": 100}, "logging": {"level": "warning"},
+                               "models": {"age_model": model},
+                               # the batch-size histogram is read from here at the end (edge/metrics.py)
+                               "metrics": {"enabled": True, "host": "127.0.0.1", "port": free_port()}}, config)
+            config_path = workdir / f"{name}-{cameras}.toml"
+            config_path.write_text(_toml({"store_id": "bench", "daemon_id": name, "status_interval_s": 1.0,
+                                          "mqtt": {"host": "127.0.0.1", "port": broker.port}, **settings,
+                                          "cameras": [{"id": f"till-{i + 1}", "source": str(sources[i]),
+                                                       "fps_limit": fps} for i in range(k, cameras, daemons)]}))
+            # its log to a file: a pipe nobody reads while it runs could fill and block it (logging.level=info)
+            log_path = workdir / f"daemon-{cameras}-{k + 1}.log"
+            with open(log_path, "w") as log_file:
+                procs.append(subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config_path)],
+                                              stdout=subprocess.DEVNULL, stderr=log_file, text=True))
+            logs.append(log_path)
+            all_settings.append(settings)
+        row = _measure(procs, logs, statuses, latencies, cameras, fps, seconds, all_settings, sampler)
+        return {**row, "daemons": daemons} if daemons > 1 else row
     finally:
         sub.close()
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
+        for daemon in procs:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
 
 
-def _measure(daemon: subprocess.Popen, log_path: Path, statuses: list[dict], latencies: dict, cameras: int,
-             fps: float, seconds: float, settings: dict, sampler) -> dict:
-    start_s = _wait_until_online(daemon, statuses, cameras, log_path)  # loading, warming the models up: not counted
+def _measure(procs: list[subprocess.Popen], logs: list[Path], statuses: dict[str, list[dict]], latencies: dict,
+             cameras: int, fps: float, seconds: float, all_settings: list[dict], sampler) -> dict:
+    start_s = 0.0
+    for k, (daemon, log_path) in enumerate(zip(procs, logs)):  # loading, warming the models up: not counted
+        name = "bench" if len(procs) == 1 else f"bench-{k + 1}"
+        start_s = max(start_s, _wait_until_online(daemon, statuses.setdefault(name, []), cameras, log_path))
     started = time.monotonic()
     settle = min(3.0, seconds / 4)  # the first frames: not the steady state
     time.sleep(settle)
-    cpu_start = cpu_sample(daemon.pid)
+    cpu_start = [cpu_sample(daemon.pid) for daemon in procs]
     time.sleep(seconds - settle)
-    cpu = cpu_use(cpu_start, cpu_sample(daemon.pid))
+    cpu = _cpu_of_all([cpu_use(start, cpu_sample(daemon.pid)) for start, daemon in zip(cpu_start, procs)])
     gpu = sampler.window(started + settle, time.monotonic()) if sampler is not None else None
-    batches = scrape_batch_sizes(settings["metrics"]) if settings["metrics"].get("enabled") else \
-        {"available": False, "reason": "metrics disabled by --set"}
-    peak_rss, rss = _memory_mb(daemon.pid)
-    daemon.send_signal(signal.SIGTERM)
-    try:
-        daemon.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        daemon.kill()
-        daemon.wait()
-    if daemon.returncode not in (0, -signal.SIGTERM):
-        raise BenchError(f"the daemon failed with {cameras} cameras: {_last_line(log_path)}")
+    batches = _batches_of_all([scrape_batch_sizes(settings["metrics"]) if settings["metrics"].get("enabled") else
+                               {"available": False, "reason": "metrics disabled by --set"} for settings in all_settings])
+    memory = [_memory_mb(daemon.pid) for daemon in procs]
+    peak_rss, rss = (None if any(m[i] is None for m in memory) else round(sum(m[i] for m in memory), 1)
+                     for i in (0, 1))
+    for daemon in procs:
+        daemon.send_signal(signal.SIGTERM)
+    for daemon, log_path in zip(procs, logs):
+        try:
+            daemon.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+        if daemon.returncode not in (0, -signal.SIGTERM):
+            raise BenchError(f"the daemon failed with {cameras} cameras: {_last_line(log_path)}")
     # "degraded" statuses count too: the cameras' figures are there, and the problems are reported (a GPU that
     # did not load makes the daemon degraded, and is what a GPU benchmark most needs to say)
-    online = [s for s in statuses if _online(s)]
-    lags = [[c["lag_s"] for c in s["cameras"].values() if c.get("lag_s") is not None] for s in online]
-    lags = [max(lag) for lag in lags if lag]
-    start_lag, end_lag = (lags[min(2, len(lags) - 1)], lags[-1]) if lags else (None, None)
-    last = online[-1] if online else {"cameras": {}, "age_network": {}}
-    dropped = sum(c.get("dropped", 0) for c in last["cameras"].values())
-    frames = sum(c.get("frames", 0) for c in last["cameras"].values())
+    by_daemon = [[s for s in history if _online(s)] for history in statuses.values()]
+    by_daemon = [online for online in by_daemon if online]
+    lags = []  # the worst camera's lag at each status, per daemon; the worst daemon's at the start and the end
+    for online in by_daemon:
+        per_status = [max(lag) for lag in ([c["lag_s"] for c in s["cameras"].values() if c.get("lag_s") is not None]
+                                           for s in online) if lag]
+        if per_status:
+            lags.append((per_status[min(2, len(per_status) - 1)], per_status[-1]))
+    start_lag, end_lag = (max(a for a, _ in lags), max(b for _, b in lags)) if lags else (None, None)
+    lasts = [online[-1] for online in by_daemon] or [{"cameras": {}, "age_network": {}}]
+    dropped = sum(c.get("dropped", 0) for last in lasts for c in last["cameras"].values())
+    frames = sum(c.get("frames", 0) for last in lasts for c in last["cameras"].values())
+    network = [last.get("age_network", {}) for last in lasts]
+    total = lambda key: round(sum(n[key] for n in network), 2) if all(n.get(key) is not None for n in network) \
+        else None  # noqa: E731
     return {
         "cameras": cameras, "fps": fps, "seconds": seconds, "start_s": start_s, "frames": frames, "dropped": dropped,
         "lag_start_s": start_lag, "lag_end_s": end_lag,
         "keeps_up": bool(lags) and dropped <= 0.01 * max(frames, 1) and end_lag < max(0.5, 2 * (start_lag or 0)),
         "alert_p50_ms": _pct(latencies["alert"], 50), "alert_p99_ms": _pct(latencies["alert"], 99),
         "estimate_p50_ms": _pct(latencies["estimate"], 50), "estimate_p99_ms": _pct(latencies["estimate"], 99),
-        "alerts": len(latencies["alert"]), "age_calls_per_s": last.get("age_network", {}).get("calls_per_s"),
-        "age_faces_per_s": last.get("age_network", {}).get("faces_per_s"), "peak_rss_mb": peak_rss,
+        "alerts": len(latencies["alert"]), "age_calls_per_s": total("calls_per_s"),
+        "age_faces_per_s": total("faces_per_s"), "peak_rss_mb": peak_rss,
         "rss_mb": rss,  # at the end: what a long-running daemon holds (the peak includes loading the models)
-        "provider": last.get("provider"), "variant": last.get("age_model", {}).get("variant"),
-        "problems": sorted({p for s in online for p in s.get("problems", [])}),
+        "provider": lasts[0].get("provider"), "variant": lasts[0].get("age_model", {}).get("variant"),
+        "problems": sorted({p for online in by_daemon for s in online for p in s.get("problems", [])}),
         "batch_sizes": batches, "cpu": cpu, **({"gpu": gpu} if gpu is not None else {}),
     }
+
+
+def _cpu_of_all(uses: list[dict]) -> dict:
+    """cpu_use of several daemons: their cores added up (the machine's share is the same for all)."""
+    if len(uses) == 1 or not all(u.get("available") for u in uses):
+        return uses[0] if len(uses) == 1 else next(u for u in uses if not u.get("available"))
+    return {**uses[-1], "daemon_cores": round(sum(u["daemon_cores"] for u in uses), 2)}
+
+
+def _batches_of_all(sizes: list[dict]) -> dict:
+    """scrape_batch_sizes of several daemons as one: calls and buckets added, means weighted by calls."""
+    if len(sizes) == 1 or not all(s.get("available") for s in sizes):
+        return sizes[0] if len(sizes) == 1 else next(s for s in sizes if not s.get("available"))
+    calls = sum(s["calls"] for s in sizes)
+    buckets: dict[str, int] = {}
+    for s in sizes:
+        for name, count in s["buckets"].items():
+            buckets[name] = buckets.get(name, 0) + count
+    buckets = dict(sorted(buckets.items(), key=lambda item: int(item[0].lstrip(">").split("-")[0])))
+    weighted = lambda key: round(sum(s[key] * s["calls"] for s in sizes if s[key] is not None) / calls, 2) \
+        if calls else None  # noqa: E731
+    return {"available": True, "calls": calls, "mean_faces": weighted("mean_faces"), "buckets": buckets,
+            "largest_bucket": next(reversed(buckets), None), "mean_call_ms": weighted("mean_call_ms")}
 
 
 def scrape_batch_sizes(metrics: dict) -> dict:
@@ -516,7 +565,7 @@ def run_bench(opts: BenchOptions, data: Path) -> dict:
             with sampler:
                 for cameras in opts.cameras:
                     row = cameras_at_fps(opts.video, model, cameras, opts.fps, opts.seconds, broker, served,
-                                         workdir, sampler)
+                                         workdir, sampler, opts.daemons)
                     report["cameras"].append(row)
                     _print_cameras_row(row)
             report["gpu_utilisation"] = sampler.window()
@@ -550,6 +599,7 @@ def _print_stages(stages: dict) -> None:
 
 def _print_cameras_row(row: dict) -> None:
     print(f"{row['cameras']} camera(s) at {row['fps']:g} fps for {row['seconds']:g} s "
+          + (f"in {row['daemons']} daemons " if row.get("daemons", 1) > 1 else "") +
           f"(online {row.get('start_s')} s after start): "
           f"{'keeps up' if row['keeps_up'] else 'FALLS BEHIND'}; lag {row['lag_start_s']} -> {row['lag_end_s']} s, "
           f"dropped {row['dropped']}/{row['frames']}; frame->alert p50 {row['alert_p50_ms']} p99 {row['alert_p99_ms']} ms "

@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cameras", default="1,2,4,6", help="camera counts to try, comma-separated")
     bench.add_argument("--fps", type=float, default=10.0)
     bench.add_argument("--seconds", type=float, default=20.0, help="per camera count")
+    bench.add_argument("--daemons", type=int, default=1, help="share each run's cameras among this many daemon "
+                       "processes (one store server, an instance per group of tills)")
     bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the model timings")
     bench.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="daemon config for the run, e.g. models.age_threads=1 (TOML values)")
@@ -426,7 +428,8 @@ def cmd_bench(args) -> int:
         except (ValueError, tomllib.TOMLDecodeError):
             raise UserError(f"--set {item}: SECTION.KEY=VALUE with a TOML value, e.g. models.age_threads=1",
                             EXIT_USAGE) from None
-    _check_ranges(fps=(args.fps, 0.1, 120), seconds=(args.seconds, 2, 3600), rounds=(args.rounds, 1, 100))
+    _check_ranges(fps=(args.fps, 0.1, 120), seconds=(args.seconds, 2, 3600), rounds=(args.rounds, 1, 100),
+                  daemons=(args.daemons, 1, 16))
     if not all(1 <= count <= MAX_BENCH_CAMERAS for count in cameras):
         raise UserError(f"--cameras {args.cameras}: each count from 1 to {MAX_BENCH_CAMERAS}", EXIT_USAGE)
     from edge.config import parse_config
@@ -439,7 +442,8 @@ def cmd_bench(args) -> int:
         _training_imports()  # the random-init ResNet50 and the Keras figures need the train extra
     try:
         run_bench(BenchOptions(args.model, args.keras, Path(video).resolve(), cameras, args.fps, args.seconds, args.rounds,
-                               args.out, config, model_speed=not args.skip_model_speed), args.data)
+                               args.out, config, model_speed=not args.skip_model_speed, daemons=args.daemons),
+                  args.data)
     except BenchError as exc:
         raise UserError(str(exc)) from None
     return 0

@@ -41,6 +41,22 @@ def test_bench_measures_model_pipeline_and_cameras(tmp_path, carphone_clip):
     assert set(scratch.glob("tillsight-bench-*")) == before  # the clip's copies and the daemons' logs removed
 
 
+def test_a_run_can_share_its_cameras_among_several_daemons(tmp_path, carphone_clip):
+    """On the H100 one daemon kept up with 16 cameras and not 24 or 32, the GPU a quarter busy: the process is the
+    limit (issue 10). A store server would run an instance per group of tills; the bench measures that."""
+    out = tmp_path / "bench-out"
+    result = tillsight("bench", "--model", "light", "--video", str(carphone_clip), "--cameras", "3", "--daemons", "2",
+                       "--seconds", "4", "--skip-model-speed", "--out", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr
+    row = json.loads((out / "bench.json").read_text())["cameras"][0]
+    assert row["cameras"] == 3 and row["daemons"] == 2 and "3 camera(s) at 10 fps for 4 s in 2 daemons" in result.stdout
+    assert row["frames"] > 3 * 10 and row["alerts"] >= 2 and row["keeps_up"]  # every camera's frames, both daemons'
+    assert row["batch_sizes"]["available"] and row["batch_sizes"]["calls"] > 0
+    assert 0 < row["cpu"]["daemon_cores"] and row["rss_mb"] > 100  # two processes' memory added up
+    bad = tillsight("bench", "--daemons", "0", "--out", str(out), timeout=60)
+    assert one_line_error(bad, 2) == "tillsight: error: --daemons 0 out of range [1, 16]"
+
+
 def test_bench_of_the_shipped_resnet50_that_ships_as_int8_alone(tmp_path, carphone_clip):
     """The default model: edge/models holds age_int8.onnx and no age.onnx; both parts measure what ships."""
     out = tmp_path / "bench-out"
