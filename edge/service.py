@@ -32,7 +32,7 @@ from edge.peers import Peers
 from edge.policy import Policy, build_policy, needs_id_check
 from edge.publish import Publisher, utc_iso
 from edge.pos import PosDesk
-from edge.track import FaceTracker, PictureFaces, Track, outside_regions
+from edge.track import FaceTracker, PictureFaces, Signature, Track, outside_regions
 from edge.types import CameraStatus, CustomerView, TillView
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,11 @@ class CameraPipeline(threading.Thread):
         self._count(frame.timestamp)
         faces = self.detector(frame.image)
         faces = outside_regions(faces, self.camera.ignore_regions, frame.image.shape)
-        faces, recognised = self.pictures.sift(faces, frame.timestamp, frame.image)
+        # each face's looks made once a frame: the picture check and the tracker compare the same ones
+        looks = {id(f): Signature.of(frame.image, f) for f in faces} \
+            if self.pictures.after_s or self.tracker.min_similarity is not None else None
+        faces, recognised = self.pictures.sift(faces, frame.timestamp, frame.image,
+                                               [looks[id(f)] for f in faces] if looks is not None else None)
         for picture in recognised:
             self.stats.pictures += 1
             dropped = self.tracker.discard_at(picture.box)
@@ -206,7 +210,8 @@ class CameraPipeline(threading.Thread):
         if self.transaction is not None:
             self._transaction_frames += 1
             self._transaction_faces += len(faces)
-        tracks, ended = self.tracker.update(frame.timestamp, faces, frame.image)
+        tracks, ended = self.tracker.update(frame.timestamp, faces, frame.image,
+                                            [looks[id(f)] for f in faces] if looks is not None else None)
         chosen = [(track, face) for track, face in zip(tracks, faces)
                   if wants_age(track, frame.image, face, frame.timestamp, self.config.budget,
                                self.policy.boundary_age, self.policy.min_samples)]

@@ -15,6 +15,7 @@ decide, a face also counts as near a track when it moved up to a face width
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -54,6 +55,14 @@ class Signature:
         0.23 starts a new track; above, it joins the track it looks most like."""
         return float(self.grey @ other.grey) - 2 * float(cv2.compareHist(self.colour, other.colour,
                                                                         cv2.HISTCMP_BHATTACHARYYA))
+
+    def is_alike(self, other: "Signature", least: float) -> bool:
+        """similarity(other) >= least, without the histogram comparison where the grey faces alone rule it out (the
+        histogram term only lowers the similarity): a camera compares every face of every frame with up to 64
+        still-face candidates."""
+        grey = float(self.grey @ other.grey)
+        return grey >= least and grey - 2 * float(cv2.compareHist(self.colour, other.colour,
+                                                                  cv2.HISTCMP_BHATTACHARYYA)) >= least
 
     def blend(self, newest: "Signature") -> "Signature":
         grey = (1 - SIGNATURE_MEMORY) * self.grey + SIGNATURE_MEMORY * newest.grey
@@ -95,20 +104,26 @@ class Track:
     last_sampled: float | None = None  # when the age network last saw this face
     frames: int = 0  # frames the face was seen in
     signature: Signature | None = None
+    # the ages last fused and what they gave: a track is judged and shown at every frame, and new ages come at
+    # a few frames of its hundreds (the inference budget); fusing took a sixth of a camera thread's Python time
+    _fused: tuple = field(default=((), 0.0, 0.0), repr=False, compare=False)
 
     def add_age(self, age: AgeEstimate, timestamp: float) -> None:
         self.ages.append(age.age)
         self.last_sampled = timestamp
 
     def estimate(self) -> TrackEstimate:
-        age, spread = fuse_ages(list(self.ages))
+        ages = tuple(self.ages)
+        if ages != self._fused[0]:
+            self._fused = (ages, *fuse_ages(ages))
+        _, age, spread = self._fused
         return TrackEstimate(self.camera_id, self.track_id, age, spread, len(self.ages),
                              self.first_seen, self.last_seen, self.box, self.face_score)
 
 
 def moved_at_most_a_face(before, after) -> bool:
     """Whether box `after`'s centre is within one width of box `before` of its centre (x0, y0, x1, y1)."""
-    shift = np.hypot((after[0] + after[2] - before[0] - before[2]) / 2, (after[1] + after[3] - before[1] - before[3]) / 2)
+    shift = math.hypot((after[0] + after[2] - before[0] - before[2]) / 2, (after[1] + after[3] - before[1] - before[3]) / 2)
     return bool(shift <= before[2] - before[0])
 
 
@@ -128,15 +143,16 @@ class FaceTracker:
         # run made more than 1,000 tracks a second); well inside JSON's exact integers (2**53).
         self._next_id = int(time.time() * 1000) if first_id is None else first_id
 
-    def update(self, timestamp: float, faces: list[Face], image_bgr: np.ndarray | None = None
-               ) -> tuple[list[Track], list[Track]]:
+    def update(self, timestamp: float, faces: list[Face], image_bgr: np.ndarray | None = None,
+               looks: list[Signature] | None = None) -> tuple[list[Track], list[Track]]:
         """Match this frame's faces to tracks: (the track of each face, in order; the tracks that have now ended).
 
-        With the frame, faces are also compared by appearance. Ages are added afterwards
-        (`Track.add_age`), for the faces the inference budget picks."""
+        With the frame, faces are also compared by appearance (`looks`: their signatures, if already made).
+        Ages are added afterwards (`Track.add_age`), for the faces the inference budget picks."""
         matched: list[Track | None] = [None] * len(faces)
         use_looks = image_bgr is not None and self.min_similarity is not None
-        signatures = [Signature.of(image_bgr, f) if use_looks else None for f in faces]
+        signatures = (looks if looks is not None else [Signature.of(image_bgr, f) for f in faces]) if use_looks \
+            else [None] * len(faces)
         if self.tracks and faces:
             boxes = np.array([f.box for f in faces], np.float32)
             candidates = []  # (how well they match, track, face): overlapping enough, and alike where looked at
@@ -208,7 +224,7 @@ PICTURE_FORGET_S = 3600.0  # a picture unseen this long is forgotten (taken down
 def holds_place(anchor: tuple, box: tuple, slack: float = 1.0) -> bool:
     """Whether `box` is where `anchor` is, to within a face detector's jitter on a still face (times `slack`)."""
     width = anchor[2] - anchor[0]
-    shift = np.hypot((box[0] + box[2] - anchor[0] - anchor[2]) / 2, (box[1] + box[3] - anchor[1] - anchor[3]) / 2)
+    shift = math.hypot((box[0] + box[2] - anchor[0] - anchor[2]) / 2, (box[1] + box[3] - anchor[1] - anchor[3]) / 2)
     return bool(shift <= PICTURE_CENTRE * slack * width and
                 abs((box[2] - box[0]) - width) <= PICTURE_WIDTH * slack * width)
 
@@ -223,7 +239,7 @@ class StillFace:
     away: int = 0  # frames in which a face like it was seen elsewhere, and it not in its place
 
     def is_seen_in(self, face: Face, signature: Signature, slack: float = 1.0) -> bool:
-        return holds_place(self.box, face.box, slack) and self.signature.similarity(signature) >= PICTURE_LOOKS
+        return holds_place(self.box, face.box, slack) and self.signature.is_alike(signature, PICTURE_LOOKS)
 
 
 class PictureFaces:
@@ -235,15 +251,17 @@ class PictureFaces:
         self.candidates: list[StillFace] = []
         self.pictures: list[StillFace] = []
 
-    def sift(self, faces: list[Face], now: float, image_bgr: np.ndarray) -> tuple[list[Face], list[StillFace]]:
-        """(this frame's faces that may be people, the pictures recognised at this frame)."""
+    def sift(self, faces: list[Face], now: float, image_bgr: np.ndarray, signatures: list[Signature] | None = None
+             ) -> tuple[list[Face], list[StillFace]]:
+        """(this frame's faces that may be people, the pictures recognised at this frame). `signatures`: the
+        faces' own, if already made."""
         if not self.after_s:
             return faces, []
         self.candidates = [c for c in self.candidates if 0 <= now - c.last_seen <= PICTURE_GAP_S]
         self.pictures = [p for p in self.pictures if now - p.last_seen <= PICTURE_FORGET_S]
         people, recognised, elsewhere, looks, seen = [], [], [], [], set()
-        for face in faces:
-            signature = Signature.of(image_bgr, face)
+        for i, face in enumerate(faces):
+            signature = signatures[i] if signatures is not None else Signature.of(image_bgr, face)
             picture = next((p for p in self.pictures if p.is_seen_in(face, signature, PICTURE_SLACK)), None)
             if picture is not None:
                 picture.last_seen = now
@@ -267,7 +285,7 @@ class PictureFaces:
         # minute there). A few such frames are the detector's outliers (a poster: about 1 in 300); a still face
         # seen in place in this frame has not moved (two copies of one poster are both still).
         moved = {id(c) for c in self.candidates for signature in looks
-                 if id(c) not in seen and c.signature.similarity(signature) >= PICTURE_LOOKS}
+                 if id(c) not in seen and c.signature.is_alike(signature, PICTURE_LOOKS)}
         for candidate in self.candidates:
             if id(candidate) in moved:
                 candidate.away += 1

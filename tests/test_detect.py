@@ -87,3 +87,27 @@ def test_detector_finds_the_face_in_every_carphone_frame(carphone_clip):
         frames += 1
         found += len(detector(image)) == 1
     assert frames == 30 and found == 30
+
+
+def test_decoding_only_the_anchors_that_score_enough_finds_the_same_faces(hamilton_clip):
+    """Every frame of every camera is decoded in its pipeline's Python thread; only the anchors over the score
+    threshold are (a few dozen of 2,304). The faces must be those of decoding them all, to the bit."""
+    from edge.detect import _to_frame_pixels
+    detector = FaceDetector(score_threshold=0.5)
+    size = detector.variant.input_size
+    capture = cv2.VideoCapture(str(hamilton_clip))
+    compared = found = 0
+    while compared < 40:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        tensor, lb = letterbox(frame, size)
+        raw_boxes, raw_scores = detector.session.run(None, {detector.input_name: tensor[None]})
+        boxes, keypoints, scores = decode(raw_boxes[0], raw_scores[0], detector.anchors, size)  # all of them
+        keep = (scores >= 0.5) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        every = [_to_frame_pixels(b, k, s, lb, frame.shape)
+                 for b, k, s in weighted_nms(boxes[keep], keypoints[keep], scores[keep], 0.3)]
+        every = [f for f in every if min(f.width, f.height) >= detector.min_face_px]
+        assert detector(frame) == every
+        compared, found = compared + 1, found + len(every)
+    assert compared == 40 and found >= 20

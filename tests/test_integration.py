@@ -201,6 +201,20 @@ def test_the_cameras_detect_faces_at_the_same_time(monkeypatch, broker, age_mode
     assert summary["frames"] == summary["faces"] == 240 and not inside.broken
 
 
+def test_each_face_is_looked_at_once_a_frame(monkeypatch, broker, age_models, carphone_clip):
+    """The picture check and the tracker compare the same signature of a face: made once, not once each (the
+    aligned crop, two colour conversions and a histogram, in the camera's Python thread)."""
+    from edge.track import Signature
+    made, real = [], Signature.of
+    monkeypatch.setattr(Signature, "of", staticmethod(lambda image, face: made.append(face) or real(image, face)))
+    config = parse_config({"store_id": "store-1", "cameras": [{"id": "till-1", "source": str(carphone_clip),
+                                                                "fps_limit": None}],
+                           "mqtt": {"host": "127.0.0.1", "port": broker.port},
+                           "models": {"age_model": str(age_models[40])}})
+    summary = run_replay(config)
+    assert summary["faces"] == 120 and len(made) == 120 and summary["tracks"] == 1
+
+
 def test_a_network_camera_that_vanishes_is_reconnected(tmp_path, broker, subscriber, age_models, carphone_clip):
     """... and its password, in its URL as IP cameras take it, is in no message and no log line."""
     from tskit import MjpegCamera

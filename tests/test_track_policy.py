@@ -247,3 +247,49 @@ def test_the_track_of_a_face_taken_for_a_picture_is_dropped_unfinished():
     tracker.update(0.0, [face(500, 40, 60), face(250, 150, 80)])
     dropped = tracker.discard_at((501.0, 41.0, 560.0, 100.0))
     assert [t.track_id for t in dropped] == [1] and [t.track_id for t in tracker.tracks] == [2]
+
+
+def test_a_tracks_ages_are_fused_again_only_when_they_change(monkeypatch):
+    """A track is judged and shown at every frame and gets new ages at a few: fusing them every frame took a sixth
+    of a camera thread's Python time."""
+    import edge.track
+    from edge.track import Track
+    fused = []
+    real = edge.track.fuse_ages
+    monkeypatch.setattr(edge.track, "fuse_ages", lambda ages: fused.append(len(ages)) or real(ages))
+    track = Track("c", 1, (0, 0, 50, 50), 0.9, 0.0, 0.0)
+    for age in (30, 31, 29):
+        track.add_age(AgeEstimate(age), 0.0)
+    first = track.estimate()
+    assert [track.estimate().age for _ in range(5)] == [first.age] * 5 and fused == [3]
+    track.add_age(AgeEstimate(60), 1.0)
+    assert track.estimate().age == pytest.approx(real([30, 31, 29, 60])[0]) and fused == [3, 4]
+    track.ages.append(16)  # written directly, not through add_age: still seen
+    assert track.estimate().age == pytest.approx(real([30, 31, 29, 60, 16])[0]) and fused == [3, 4, 5]
+    track.box, track.last_seen = (5, 5, 55, 55), 2.0  # what changes every frame is read fresh
+    assert track.estimate().box == (5, 5, 55, 55) and track.estimate().last_seen == 2.0 and fused == [3, 4, 5]
+
+
+def test_is_alike_answers_as_the_similarity_does(two_people_photo):
+    """The picture check's shortcut (the grey term bounds the similarity) must never change an answer."""
+    from edge.detect import FaceDetector
+    from edge.track import Signature
+    image = cv2.imread(str(two_people_photo))
+    faces = FaceDetector()(image)
+    rng = np.random.default_rng(3)
+    signatures = [Signature.of(image, f) for f in faces]
+    for _ in range(60):  # the faces moved, scaled and lit otherwise: near and far from each other
+        f = faces[int(rng.integers(len(faces)))]
+        dx, dy, scale = rng.normal(0, 6), rng.normal(0, 6), rng.uniform(0.8, 1.2)
+        x0, y0, x1, y1 = f.box
+        moved = Face((x0 + dx, y0 + dy, x0 + dx + (x1 - x0) * scale, y0 + dy + (y1 - y0) * scale), f.score,
+                     (f.left_eye[0] + dx, f.left_eye[1] + dy), (f.right_eye[0] + dx, f.right_eye[1] + dy))
+        lit = np.clip(image.astype(np.float32) * rng.uniform(0.5, 1.5), 0, 255).astype(np.uint8)
+        signatures.append(Signature.of(lit, moved))
+    answers = {True: 0, False: 0}
+    for a in signatures:
+        for b in signatures[:8]:
+            for least in (0.23, 0.5, 0.57):
+                assert a.is_alike(b, least) == (a.similarity(b) >= least)
+                answers[a.similarity(b) >= least] += 1
+    assert min(answers.values()) > 50  # both answers were put to the test
