@@ -76,17 +76,17 @@ def test_detector_finds_nothing_in_a_blank_frame():
     assert FaceDetector()(np.full((360, 640, 3), 128, np.uint8)) == []
 
 
+def first_frames(video, count: int) -> list[np.ndarray]:
+    capture = cv2.VideoCapture(str(video))
+    frames = [image for ok, image in (capture.read() for _ in range(count)) if ok]
+    capture.release()
+    return frames
+
+
 def test_detector_finds_the_face_in_every_carphone_frame(carphone_clip):
     detector = FaceDetector()
-    capture = cv2.VideoCapture(str(carphone_clip))
-    found = frames = 0
-    while frames < 30:
-        ok, image = capture.read()
-        if not ok:
-            break
-        frames += 1
-        found += len(detector(image)) == 1
-    assert frames == 30 and found == 30
+    frames = first_frames(carphone_clip, 30)
+    assert len(frames) == 30 and all(len(detector(image)) == 1 for image in frames)
 
 
 def test_decoding_only_the_anchors_that_score_enough_finds_the_same_faces(hamilton_clip):
@@ -95,12 +95,8 @@ def test_decoding_only_the_anchors_that_score_enough_finds_the_same_faces(hamilt
     from edge.detect import _to_frame_pixels
     detector = FaceDetector(score_threshold=0.5)
     size = detector.variant.input_size
-    capture = cv2.VideoCapture(str(hamilton_clip))
     compared = found = 0
-    while compared < 40:
-        ok, frame = capture.read()
-        if not ok:
-            break
+    for frame in first_frames(hamilton_clip, 40):
         tensor, lb = letterbox(frame, size)
         raw_boxes, raw_scores = detector.session.run(None, {detector.input_name: tensor[None]})
         boxes, keypoints, scores = decode(raw_boxes[0], raw_scores[0], detector.anchors, size)  # all of them
