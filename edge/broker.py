@@ -57,18 +57,24 @@ class LocalBroker:
     def start(self) -> "LocalBroker":
         self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE)
+        # every listener of the config, not only the first: mosquitto opens them one after the other, and a client
+        # of the second one could otherwise be refused (a test's plain POS beside the daemon's TLS listener)
+        waiting = [int(line.split()[1]) for line in self.config.read_text().splitlines()
+                   if line.startswith("listener ")] or [self.port]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 error = self.process.stderr.read().decode(errors="replace").strip().splitlines()
                 raise BrokerError(f"mosquitto exited at start: {error[-1] if error else 'no message'}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
+                socket.create_connection(("127.0.0.1", waiting[0]), timeout=0.2).close()
+                waiting.pop(0)
+                if not waiting:
+                    return self
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise BrokerError(f"mosquitto did not listen on port {self.port} within 10 s")
+        raise BrokerError(f"mosquitto did not listen on port {waiting[0]} within 10 s")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
