@@ -186,7 +186,8 @@ def pipeline_stages(video: Path, model: str, broker: LocalBroker, config: dict) 
     from edge.detect import FaceDetector
     decode = _frames_per_second(video, lambda image: None)
     models = config.get("models", {})
-    detector = FaceDetector(threads=models.get("detector_threads", 1), providers=models.get("providers"),
+    detector = FaceDetector(threads=models.get("detector_threads", 1),
+                            providers=models.get("detector_providers") or models.get("providers"),
                             cuda_options=CudaConfig(**models.get("cuda", {})).provider_options())
     detector.warm_up()  # as the daemon does: a GPU's first call is not a frame's
     detect = _frames_per_second(video, detector)
@@ -365,6 +366,7 @@ def _measure(procs: list[subprocess.Popen], logs: list[Path], statuses: dict[str
         "age_faces_per_s": total("faces_per_s"), "peak_rss_mb": peak_rss,
         "rss_mb": rss,  # at the end: what a long-running daemon holds (the peak includes loading the models)
         "provider": lasts[0].get("provider"), "variant": lasts[0].get("age_model", {}).get("variant"),
+        "detector_provider": lasts[0].get("detector_provider"),
         "problems": sorted({p for online in by_daemon for s in online for p in s.get("problems", [])}),
         "batch_sizes": batches, "cpu": cpu, **({"gpu": gpu} if gpu is not None else {}),
     }
@@ -606,7 +608,8 @@ def _print_cameras_row(row: dict) -> None:
           f"({row['alerts']} alerts); frame->estimate p50 {row['estimate_p50_ms']} p99 {row['estimate_p99_ms']} ms; "
           f"age network {row['age_faces_per_s']} faces/s; RSS {row['rss_mb']} MB (peak {row['peak_rss_mb']})", flush=True)
     sizes, gpu = row.get("batch_sizes") or {}, row.get("gpu") or {}
-    print(f"    age model on {row.get('provider')} ({row.get('variant')}); batches formed: "
+    print(f"    age model on {row.get('provider')} ({row.get('variant')}), detector on {row.get('detector_provider')}; "
+          "batches formed: "
           + (f"{sizes['calls']} calls, mean {sizes['mean_faces']} faces/call, {sizes['mean_call_ms']} ms/call, "
              f"calls per size {sizes['buckets']}" if sizes.get("available") else f"unknown ({sizes.get('reason')})")
           + ("; GPU " + (f"{gpu.get('util_mean_pct')}% mean, {gpu.get('util_max_pct')}% max, "

@@ -401,6 +401,10 @@ class ModelsConfig(Strict):
     age_variant: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     # in order; "cuda" falls back to the CPU only if "cpu" is listed (README, "CPU or GPU")
     providers: Annotated[list[Literal["cuda", "tensorrt", "cpu"]], Field(min_length=1)] = ["cuda", "cpu"]
+    # the face detector's own, where it should differ (None: `providers`): on a store server, ["cpu"] keeps the
+    # GPU for the age model; BlazeFace is a millisecond a frame on a core, and one CUDA session shared by every
+    # camera thread served 601 frames/s under 16 threads on the H100 where 16 CPU sessions served 1,177 (issue 10)
+    detector_providers: Annotated[list[Literal["cuda", "tensorrt", "cpu"]], Field(min_length=1)] | None = None
     max_batch: Annotated[int, Field(ge=1, le=256)] = 32
     max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 10.0
     # ONNX Runtime threads per session (0: one per core) and busy-waiting; measured by `tillsight bench`

@@ -150,10 +150,11 @@ class FaceDetector:
         threads: int = 0,
         spinning: bool = False,
         cuda_options: dict[str, str] | None = None,
+        providers_setting: str = "models.providers",
     ):
         self.variant = VARIANTS[variant]
         self.session = open_session(model_path or self.variant.onnx_path, providers, "face detector",
-                                    session_options(threads, spinning), cuda_options)
+                                    session_options(threads, spinning), cuda_options, setting=providers_setting)
         self.fallback = provider_fallback(self.session, providers)
         self.input_name = self.session.get_inputs()[0].name
         self.anchors = generate_anchors(self.variant)

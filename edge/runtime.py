@@ -182,11 +182,13 @@ DEFAULT_CUDA_OPTIONS = {"prefer_nhwc": "1", "cudnn_conv_algo_search": "HEURISTIC
 
 def open_session(path: Path | str, providers: list[str] | None, what: str,
                  options: ort.SessionOptions | None = None,
-                 cuda_options: dict[str, str] | None = None, made: bytes | None = None) -> ort.InferenceSession:
+                 cuda_options: dict[str, str] | None = None, made: bytes | None = None,
+                 setting: str = "models.providers") -> ort.InferenceSession:
     """A session on the first configured provider that serves. A GPU provider that does not is said once
     (a warning if the GPU build is installed, else info), and refused if `cpu` is not configured.
     cuda_options: the CUDA provider's options (None: DEFAULT_CUDA_OPTIONS). made: a model made from the file
-    at `path` in memory (edge.precision), loaded instead of the file."""
+    at `path` in memory (edge.precision), loaded instead of the file. setting: the config key that named
+    `providers`, for the refusal."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{what} model not found: {path}")
@@ -197,7 +199,7 @@ def open_session(path: Path | str, providers: list[str] | None, what: str,
     return_freed_memory()
     fallback = provider_fallback(session, providers)
     if fallback is not None and CPU not in wanted:
-        raise ModelError(f"{fallback.reasons}; models.providers has no \"cpu\" to fall back on")
+        raise ModelError(f"{fallback.reasons}; {setting} has no \"cpu\" to fall back on")
     if fallback is not None and fallback.text not in _reported:  # the detector and the age model: one line
         _reported.add(fallback.text)
         log.log(logging.WARNING if fallback.problem else logging.INFO, fallback.text)

@@ -304,8 +304,9 @@ def _customer_view(track: Track) -> CustomerView:
 
 def build_detector(models: ModelsConfig) -> FaceDetector:
     return FaceDetector(models.detector, models.detector_variant, models.detector_score, min_face_px=models.min_face_px,
-                        providers=models.providers, threads=models.detector_threads, spinning=models.spinning,
-                        cuda_options=models.cuda.provider_options())
+                        providers=models.detector_providers or models.providers, threads=models.detector_threads,
+                        spinning=models.spinning, cuda_options=models.cuda.provider_options(),
+                        providers_setting="models.detector_providers" if models.detector_providers else "models.providers")
 
 
 def build_age_model(models: ModelsConfig, setting: str | None = None) -> AgeModel:
@@ -487,6 +488,7 @@ class Service:
             "store_open": self.store_open(),  # by opening_hours: while closed, picture faults are no problem
             "status_interval_s": self.config.status_interval_s,  # so other daemons know when it is overdue
             "provider": self.age_model.providers[0],
+            "detector_provider": self.detector.session.get_providers()[0],
             "provider_fallback": None if self.provider_fallback is None else self.provider_fallback.text,
             "age_model": self.age_model.describe(),
             "age_network": self._age_network_rates(),

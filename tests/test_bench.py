@@ -50,6 +50,7 @@ def test_a_run_can_share_its_cameras_among_several_daemons(tmp_path, carphone_cl
     assert result.returncode == 0, result.stderr
     row = json.loads((out / "bench.json").read_text())["cameras"][0]
     assert row["cameras"] == 3 and row["daemons"] == 2 and "3 camera(s) at 10 fps for 4 s in 2 daemons" in result.stdout
+    assert row["detector_provider"] == row["provider"] == "CPUExecutionProvider" and "detector on CPU" in result.stdout
     assert row["frames"] > 3 * 10 and row["alerts"] >= 2 and row["keeps_up"]  # every camera's frames, both daemons'
     assert row["batch_sizes"]["available"] and row["batch_sizes"]["calls"] > 0
     assert 0 < row["cpu"]["daemon_cores"] and row["rss_mb"] > 100  # two processes' memory added up

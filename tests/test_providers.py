@@ -117,3 +117,26 @@ def test_cuda_that_does_not_load_is_one_warning_and_the_status_says_degraded(
                              models={"age_model": str(age_models[40]), "providers": ["cuda"]})
     refused = one_line_error(tillsight("run", "--config", str(cuda_only), env=env, python=gpu_build_python))
     assert refused.startswith("tillsight: error: cuda not loaded: ") and refused.endswith('no "cpu" to fall back on')
+
+
+@cpu_build
+def test_the_detector_can_have_providers_of_its_own(tmp_path, age_models):
+    """On a store server the detector can run on the cores and leave the GPU to the age model (on the H100, one
+    CUDA detector session shared by 16 camera threads served half the frames 16 CPU sessions did: issue 10)."""
+    from edge.config import parse_config
+    from edge.runtime import ModelError
+    from edge.service import Service
+
+    def service(**models):
+        return Service(parse_config({"store_id": "s", "cameras": [{"id": "a", "source": 0}],
+                                     "mqtt": {"host": "localhost"},
+                                     "models": {"age_model": str(age_models[40]), **models}}), replay=True)
+
+    own = service(providers=["cuda", "cpu"], detector_providers=["cpu"])
+    assert own.detector.fallback is None and own.age_model.fallback is not None  # asked cuda: the CPU build says why
+    assert own.status()["detector_provider"] == own.status()["provider"] == CPU
+    shared = service(providers=["cuda", "cpu"])  # by default the detector's are the age model's
+    assert shared.detector.fallback is not None and shared.detector.fallback.text == shared.age_model.fallback.text
+    with pytest.raises(ModelError, match=r'^cuda not in this build: .*; models.detector_providers has no "cpu" to '
+                                         r'fall back on$'):
+        service(providers=["cpu"], detector_providers=["cuda"])

@@ -25,7 +25,8 @@ then VERB:
               options; $OUT/speed/, $OUT/speed-options/ and logs
     e2e       tillsight bench --skip-model-speed: one camera flat out, then 1-32 simulated cameras at 10 fps
               (batch sizes the batcher formed, GPU utilisation, the daemon's cores), then 24 and 32 cameras
-              shared by two daemons; $OUT/e2e/, $OUT/e2e-2daemons/ and their logs
+              shared by two daemons, then in one daemon with the detector on the CPU; $OUT/e2e/,
+              $OUT/e2e-2daemons/, $OUT/e2e-cpudetector/ and logs
     recheck   the daemon's CUDA options and warm-up (after the first run): scripts/device/cuda_agree.py (CUDA
               against the CPU, in years), a model-only sweep of the options, end to end at 1-32 cameras;
               $OUT/agree.json, $OUT/speed2/, $OUT/e2e2/ and logs
@@ -84,6 +85,10 @@ E2E_RECHECK = ["--skip-model-speed", "--cameras", "1,4,16,32", "--fps", "10", "-
 # quarter busy; the whole curve again, then the cameras of 24 and 32 shared by two daemons (is the process the limit?)
 E2E = ["--skip-model-speed", "--cameras", "1,4,8,16,24,32", "--fps", "10", "--seconds", "10"]
 E2E_TWO_DAEMONS = ["--skip-model-speed", "--cameras", "24,32", "--daemons", "2", "--fps", "10", "--seconds", "10"]
+# and one daemon with the detector on the CPU ([models] detector_providers): 16 camera threads on one CUDA detector
+# session served 601 frames/s, 16 CPU sessions 1,177 (scripts/device/cuda_contention.py)
+E2E_CPU_DETECTOR = ["--skip-model-speed", "--cameras", "24,32", "--fps", "10", "--seconds", "10",
+                    "--set", 'models.detector_providers=["cpu"]']
 
 
 def say(text: str) -> None:
@@ -281,6 +286,9 @@ def bench(verb: str, extra: list[str]) -> None:
             log=OUT / "e2e.log", check=False)
         run(tool + E2E_TWO_DAEMONS + ["--model", str(MODEL), "--video", str(video), "--out", str(OUT / "e2e-2daemons")]
             + extra, log=OUT / "e2e-2daemons.log", check=False)
+        run(tool + E2E_CPU_DETECTOR + ["--model", str(MODEL), "--video", str(video), "--out",
+                                       str(OUT / "e2e-cpudetector")] + extra, log=OUT / "e2e-2daemons.log",
+            check=False)  # its log joins the last one's ($OUT: 8 files)
 
 
 def main(argv: list[str]) -> int:
