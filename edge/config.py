@@ -406,7 +406,11 @@ class ModelsConfig(Strict):
     # camera thread served 601 frames/s under 16 threads on the H100 where 16 CPU sessions served 1,177 (issue 10)
     detector_providers: Annotated[list[Literal["cuda", "tensorrt", "cpu"]], Field(min_length=1)] | None = None
     max_batch: Annotated[int, Field(ge=1, le=256)] = 32
-    max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 10.0
+    # how long the first crops of a batch wait for other cameras' (0: none, what queued while the last call ran
+    # is the next batch). Waiting bought nothing on a till PC and cost latency (2 cores, the shipped ResNet50,
+    # 4 cameras: frame->alert p50 54-57 ms with 10, 36-45 with 0, the same CPU; README "Performance on a till
+    # PC"), and a GPU's call is 2-3 ms (issue 10)
+    max_wait_ms: Annotated[float, Field(ge=0, le=1000)] = 0.0
     # ONNX Runtime threads per session (0: one per core) and busy-waiting; measured by `tillsight bench`
     detector_threads: Annotated[int, Field(ge=0, le=256)] = 1
     age_threads: Annotated[int, Field(ge=0, le=256)] = 0

@@ -1,10 +1,11 @@
 """Age inference: one ONNX Runtime session, fed in batches gathered from all cameras.
 
 Every camera pipeline submits the crops of one frame and waits on a Future.
-One worker thread gathers requests into a batch until it is full
-(`max_batch` crops), every registered camera has a request waiting, or
-`max_wait_ms` has passed since the first one, then runs a single session
-call. Batching is what makes a GPU worth having at a multi-till site.
+One worker thread takes every request queued (up to `max_batch` crops) into one
+session call: what arrives while a call runs is the next batch, so batches grow
+with the load and a lone face is never kept waiting. `max_wait_ms` (0 by default)
+makes the first request of a batch wait that long for the other cameras' as well,
+until every registered camera has one in.
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ class BatchStats:
 class AgeBatcher:
     """Gathers crops from several camera threads into batched `AgeModel` calls."""
 
-    def __init__(self, model: AgeModel, max_batch: int = 32, max_wait_ms: float = 10.0, producers: int = 1):
+    def __init__(self, model: AgeModel, max_batch: int = 32, max_wait_ms: float = 0.0, producers: int = 1):
         self.model = model
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000

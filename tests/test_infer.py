@@ -91,6 +91,31 @@ def test_batcher_gathers_crops_from_several_cameras_into_one_call(age_models):
     assert batcher.stats.calls == 1 and batcher.stats.max_batch_seen == 8
 
 
+def test_by_default_a_lone_face_is_not_kept_waiting_and_what_queues_during_a_call_is_the_next_batch(age_models):
+    """max_wait_ms 0 (the default): waiting for other cameras bought nothing on a till PC and cost latency."""
+    model = AgeModel(age_models[40])
+    batcher = AgeBatcher(model, max_batch=32, producers=4)
+    assert batcher.max_wait_s == 0
+    inside, release, sizes = threading.Event(), threading.Event(), []
+    real = model.predict
+
+    def slow_predict(crops):
+        sizes.append(len(crops))
+        inside.set()
+        release.wait(10)
+        return real(crops)
+
+    model.predict = slow_predict
+    crops = np.zeros((1, 64, 64, 3), np.uint8)
+    first = batcher.submit(crops)  # alone: called at once, though 4 cameras are registered
+    assert inside.wait(5) and sizes == [1]
+    queued = [batcher.submit(crops) for _ in range(3)]  # while that call runs
+    release.set()
+    assert [len(f.result(timeout=10)) for f in [first] + queued] == [1, 1, 1, 1]
+    batcher.close()
+    assert sizes == [1, 3] and batcher.stats.calls == 2
+
+
 def test_batcher_respects_max_batch(age_models):
     batcher = AgeBatcher(AgeModel(age_models[40]), max_batch=3, max_wait_ms=0, producers=1)
     estimates = batcher.submit(np.zeros((7, 64, 64, 3), np.uint8)).result(timeout=10)
