@@ -193,3 +193,4 @@ def test_cuda_contention_times_the_daemons_age_calls_under_camera_threads(tmp_pa
         assert set(report[case]) >= {"1", "8", "32"}, case
         assert 0 < report[case]["1"]["p50"] <= report[case]["1"]["max"]
     assert report["cpu-det 2"]["rate"] > 0 and report["resize 2"]["rate"] > report["cpu-det 2"]["rate"]
+    assert 0 < report["cpu-det 2"]["cores"] <= 2.5  # this VM's 2 cores, busy with the detector and the age calls

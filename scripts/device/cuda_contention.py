@@ -11,6 +11,8 @@ defaults), the age model's `predict` timed at batch 1, 8 and 32:
     cpu-det K   the same with a CPU detector session per thread
     resize K    while K threads only letterbox frames (OpenCV, no ORT)
 
+with the cores the process kept busy in each load case (`--blocking-sync`: CUDA's waiting threads sleep instead).
+
     python3 scripts/device/cuda_contention.py --model M --variant fp16 --video CLIP [--providers cuda,cpu]
 
 Prints one line per case (p50 / p90 / max ms a call, detector calls/s) and writes --out JSON.
@@ -71,7 +73,8 @@ def in_thread(fn):
 
 
 def with_load(work, threads: int, fn) -> tuple[dict, float]:
-    """fn's result while `threads` threads loop `work(i)`; and their calls per second."""
+    """fn's result while `threads` threads loop `work(i)`, with the cores the process kept busy meanwhile (threads
+    waiting on CUDA may spin); and their calls per second."""
     stop = threading.Event()
     counts = [0] * threads
 
@@ -84,9 +87,11 @@ def with_load(work, threads: int, fn) -> tuple[dict, float]:
     for w in workers:
         w.start()
     time.sleep(0.5)
-    started, before = time.perf_counter(), sum(counts)
+    started, before, cpu = time.perf_counter(), sum(counts), time.process_time()
     result = fn()
-    rate = (sum(counts) - before) / (time.perf_counter() - started)
+    wall = time.perf_counter() - started
+    rate = (sum(counts) - before) / wall
+    result = {**result, "cores": (time.process_time() - cpu) / wall}
     stop.set()
     for w in workers:
         w.join()
@@ -94,8 +99,23 @@ def with_load(work, threads: int, fn) -> tuple[dict, float]:
 
 
 def line(name: str, timings: dict, rate: float | None = None) -> str:
-    parts = [f"b{b}: {t['p50']:.1f}/{t['p90']:.1f}/{t['max']:.1f}" for b, t in timings.items()]
-    return f"{name:14s} " + "  ".join(parts) + (f"  detector/letterbox {rate:.0f} calls/s" if rate is not None else "")
+    parts = [f"b{b}: {t['p50']:.1f}/{t['p90']:.1f}/{t['max']:.1f}" for b, t in timings.items() if isinstance(t, dict)]
+    return f"{name:14s} " + "  ".join(parts) + (f"  detector/letterbox {rate:.0f} calls/s" if rate is not None else "") \
+        + (f", {timings['cores']:.1f} cores busy" if "cores" in timings else "")
+
+
+def blocking_sync() -> str:
+    """CUDA's host threads sleep while they wait for the GPU instead of spinning (cudaDeviceScheduleBlockingSync),
+    set before the first session makes the context: with one core per waiting thread, 16 camera threads spin on
+    16 cores."""
+    import ctypes
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            runtime = ctypes.CDLL(name)
+        except OSError:
+            continue
+        return f"cudaSetDeviceFlags(cudaDeviceScheduleBlockingSync) in {name}: {runtime.cudaSetDeviceFlags(4)} (0: set)"
+    return "no libcudart found: CUDA's default scheduling"
 
 
 def main() -> int:
@@ -107,10 +127,13 @@ def main() -> int:
     parser.add_argument("--loads", default="1,4,16")
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--prefer-nhwc", type=int, choices=(0, 1), default=1, help="[models.cuda] prefer_nhwc")
+    parser.add_argument("--blocking-sync", action="store_true", help="CUDA's waiting threads sleep, not spin")
     parser.add_argument("--out", type=Path)
     opts = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     providers = opts.providers.split(",")
+    if opts.blocking_sync:
+        print(blocking_sync(), flush=True)
     models = ModelsConfig(age_model=opts.model, age_variant=opts.variant, providers=providers,
                           cuda=CudaConfig(prefer_nhwc=bool(opts.prefer_nhwc)))
     started = time.perf_counter()
