@@ -255,7 +255,12 @@ class AgeBatcher:
         call 341 ms, then 2 ms). Seconds taken."""
         future: Future = Future()
         self._requests.put(_WarmUp(future))
-        return future.result()
+        while True:  # as long as it takes (loading kernels, a first TensorRT build), while the thread is there
+            try:
+                return future.result(timeout=1.0)
+            except TimeoutError:
+                if not self.alive():
+                    raise ModelError("the age batcher stopped before the model's warm-up ran") from None
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -274,6 +279,9 @@ class AgeBatcher:
                 break
             if request is None:
                 return batch, True
+            if isinstance(request, _WarmUp):  # next, on its own: this batch runs first
+                self._requests.put(request)
+                break
             batch.append(request)
             count += len(request.crops)
         return batch, False

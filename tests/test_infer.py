@@ -1,6 +1,7 @@
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,17 @@ def test_by_default_a_lone_face_is_not_kept_waiting_and_what_queues_during_a_cal
     assert [len(f.result(timeout=10)) for f in [first] + queued] == [1, 1, 1, 1]
     batcher.close()
     assert sizes == [1, 3] and batcher.stats.calls == 2
+
+
+def test_a_warm_up_that_arrives_while_a_batch_gathers_runs_after_it(age_models):
+    batcher = AgeBatcher(AgeModel(age_models[40]), max_batch=32, max_wait_ms=2000, producers=2)
+    pending = batcher.submit(np.zeros((1, 64, 64, 3), np.uint8))  # gathering: waits for the second camera
+    time.sleep(0.1)
+    assert batcher.warm_up() == 0.0 and len(pending.result(timeout=1)) == 1  # not the 2 s deadline
+    assert batcher.alive() and len(batcher.submit(np.zeros((1, 64, 64, 3), np.uint8)).result(timeout=5)) == 1
+    batcher.close()
+    with pytest.raises(ModelError, match="^the age batcher stopped before the model's warm-up ran$"):
+        batcher.warm_up()  # a one-line error, not a daemon that hangs at start
 
 
 def test_batcher_respects_max_batch(age_models):
