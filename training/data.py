@@ -26,6 +26,7 @@ import hashlib
 import multiprocessing
 import os
 import tarfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -209,10 +210,26 @@ def _detected(data_dir: Path, wanted: set[str], detector: FaceDetector | None, w
             image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
             yield name, encoded, image, None if image is None else detect_portrait_face(detector, image)
         return
+    stop = threading.Event()
+
+    def fed():
+        for item in images:
+            if stop.is_set():
+                return
+            yield item
+
     # spawn, not fork: the trainer has JAX or TensorFlow running (threads) by the time faces load
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker) as pool:
-        for name, encoded, face in pool.imap(_detect_encoded, images, chunksize=32):
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_start_worker)
+    try:
+        for name, encoded, face in pool.imap(_detect_encoded, fed(), chunksize=32):
             yield name, encoded, None, face
+    finally:
+        # Wound down, not terminated: Pool.terminate() can catch its task thread sending a chunk that nobody
+        # will read, and wait for it for ever (the test of a worker that cannot start hung so in CI, once in
+        # four runs). The feeding stops at the next image; the workers finish what was sent and exit.
+        stop.set()
+        pool.close()
+        pool.join()
 
 
 _worker_detector: FaceDetector | None = None
