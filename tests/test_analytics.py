@@ -6,7 +6,7 @@ import pytest
 
 from edge.analytics import AgeBandCounter, OpenIntervals, band_names, band_of
 from edge.config import ConfigError, parse_config
-from tskit import tillsight, write_config
+from tskit import clear_of_a_day_boundary, tillsight, write_config
 
 
 def test_bands_and_suppression_of_small_counts():
@@ -86,15 +86,16 @@ def test_band_edges_must_increase():
 
 
 def test_a_replay_publishes_the_interval_counts(tmp_path, broker, subscriber, age_models, hamilton_clip):
+    clear_of_a_day_boundary()  # the replay's clock starts at now: an hourly interval could end inside the clip
     config = write_config(tmp_path / "c.toml", store_id="store-1", daemon_id="d", cameras=[{"id": "c", "source": 0}],
                           mqtt={"host": "127.0.0.1", "port": broker.port}, models={"age_model": str(age_models[40])},
-                          analytics={"interval_s": 3600, "k": 2})
+                          analytics={"interval_s": 86_400, "k": 2})
     result = tillsight("replay", str(hamilton_clip), "--config", str(config))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert subscriber.wait_for(lambda s: s.json("replay/analytics"))
     counts = subscriber.json("replay/analytics")
-    assert len(counts) == 1 and counts[0]["partial"] is True  # the replay ended inside the hour
+    assert len(counts) == 1 and counts[0]["partial"] is True  # the replay ended inside the day
     bands = counts[0]["bands"]
     assert list(bands) == ["0-17", "18-24", "25-34", "35-44", "45-54", "55-64", "65+"]
     assert bands["35-44"] == summary["tracks"] >= 2  # every customer answered 40

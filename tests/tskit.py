@@ -89,6 +89,16 @@ def tillsight(*args: str, timeout: float = 240, python: str = sys.executable, **
                           timeout=timeout, cwd=kwargs.pop("cwd", REPO), **kwargs)
 
 
+def clear_of_a_day_boundary(needed_s: float = 180.0) -> None:
+    """Wait out local midnight if it is less than `needed_s` away: a test that counts customers in a daily
+    analytics interval (aligned in local time, edge/analytics.py) must not see that interval end under it."""
+    now = time.time()
+    local = now + time.localtime(now).tm_gmtoff
+    to_midnight = 86_400 - local % 86_400
+    if to_midnight < needed_s:
+        time.sleep(to_midnight + 1)
+
+
 def start_daemon(config: Path, log: Path) -> subprocess.Popen:
     """`tillsight run` in a child process, its log lines (JSON) into `log`."""
     with log.open("w") as stderr:
