@@ -23,6 +23,7 @@ from tskit import REPO, write_config
 
 UNIT = REPO / "deploy" / "tillsight.service"
 GPU_DROP_IN = REPO / "deploy" / "tillsight-gpu.conf"
+INSTANCE_DROP_IN = REPO / "deploy" / "tillsight-instance.conf"
 MAX_EXPOSURE = 2.0
 INSTALLED_TILLSIGHT = "/opt/tillsight/.venv/bin/tillsight"
 
@@ -222,19 +223,25 @@ def systemd_analyze() -> str:
     return found
 
 
-def installable_copy(folder: Path, gpu: bool = False) -> Path:
+def installable_copy(folder: Path, gpu: bool = False, instance: bool = False) -> Path:
     """The shipped unit (and the GPU drop-in beside it, as systemd loads drop-ins) in `folder`,
-    its ExecStart pointing at this checkout's tillsight: /opt/tillsight is not installed here."""
+    its ExecStart pointing at this checkout's tillsight: /opt/tillsight is not installed here.
+    `instance`: installed as the template tillsight@.service with the instance drop-in, as on a store
+    server; the unit returned is its instance tills-a."""
     here = shutil.which("tillsight", path=str(Path(sys.executable).parent))
     assert here, "the tillsight entry point is not installed in this venv"
     text = UNIT.read_text()
     assert text.count(INSTALLED_TILLSIGHT) == 2  # ExecStartPre and ExecStart: nothing else changes
-    unit = folder / "tillsight.service"
-    unit.write_text(text.replace(INSTALLED_TILLSIGHT, here))
+    name = "tillsight@.service" if instance else "tillsight.service"
+    (folder / name).write_text(text.replace(INSTALLED_TILLSIGHT, here))
+    drop_ins = folder / f"{name}.d"
+    if gpu or instance:
+        drop_ins.mkdir()
     if gpu:
-        (folder / "tillsight.service.d").mkdir()
-        shutil.copy(GPU_DROP_IN, folder / "tillsight.service.d" / "gpu.conf")
-    return unit
+        shutil.copy(GPU_DROP_IN, drop_ins / "gpu.conf")
+    if instance:
+        (drop_ins / "instance.conf").write_text(INSTANCE_DROP_IN.read_text().replace(INSTALLED_TILLSIGHT, here))
+    return folder / ("tillsight@tills-a.service" if instance else name)
 
 
 def exposure(unit: Path) -> tuple[float, str]:
@@ -245,20 +252,52 @@ def exposure(unit: Path) -> tuple[float, str]:
     return float(found.group(1)), result.stdout
 
 
-@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu-drop-in"])
-def test_unit_exposure_is_at_most_2(tmp_path, gpu):
-    level, report = exposure(installable_copy(tmp_path, gpu))
+INSTALLS = pytest.mark.parametrize("gpu, instance", [(False, False), (True, False), (False, True), (True, True)],
+                                   ids=["cpu", "gpu-drop-in", "instance", "instance-gpu"])
+
+
+@INSTALLS
+def test_unit_exposure_is_at_most_2(tmp_path, gpu, instance):
+    level, report = exposure(installable_copy(tmp_path, gpu, instance))
     failed = "\n".join(line for line in report.splitlines() if line.startswith("✗"))
     assert level <= MAX_EXPOSURE, f"exposure {level} > {MAX_EXPOSURE}:\n{failed}"
     if gpu:
         assert "MemoryDenyWriteExecute=" in failed and "/dev/nvidia0:rw" in report  # the drop-in was read
 
 
-@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu-drop-in"])
-def test_unit_verifies_clean(tmp_path, gpu):
-    result = subprocess.run([systemd_analyze(), "verify", str(installable_copy(tmp_path, gpu))],
+@INSTALLS
+def test_unit_verifies_clean(tmp_path, gpu, instance):
+    result = subprocess.run([systemd_analyze(), "verify", str(installable_copy(tmp_path, gpu, instance))],
                             capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_verify_reads_the_instance_drop_in(tmp_path):
+    """The template's checks above mean something only if systemd-analyze reads the drop-in of an instance."""
+    unit = installable_copy(tmp_path, instance=True)
+    drop_in = tmp_path / "tillsight@.service.d" / "instance.conf"
+    drop_in.write_text(drop_in.read_text().replace("StateDirectory=tillsight/%i", "StateDirectory=/var/lib/%i"))
+    result = subprocess.run([systemd_analyze(), "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert "instance.conf" in result.stderr and "StateDirectory" in result.stderr, result.stderr
+
+
+def unit_lines(text: str, key: str) -> list[str]:
+    return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith(f"{key}=")]
+
+
+def test_each_instance_runs_the_units_own_commands_on_its_own_config_and_state():
+    """The drop-in replaces only the config's path in the unit's commands (they cannot drift apart), and gives
+    each instance its own state directory: two daemons sharing an outbox would send each other's messages."""
+    unit, drop_in = UNIT.read_text(), INSTANCE_DROP_IN.read_text()
+    for key in ("ExecStartPre", "ExecStart"):
+        [own] = unit_lines(unit, key)
+        assert own.endswith("/etc/tillsight/tillsight.toml")
+        assert unit_lines(drop_in, key) == ["", own.replace("/etc/tillsight/tillsight.toml", "/etc/tillsight/%i.toml")]
+    assert unit_lines(unit, "StateDirectory") == ["tillsight"]
+    assert unit_lines(drop_in, "StateDirectory") == ["", "tillsight/%i"]
+    [gpu_cache] = [v for v in unit_lines(GPU_DROP_IN.read_text(), "Environment") if v.startswith("CUDA_CACHE_PATH=")]
+    [own_cache] = [v for v in unit_lines(drop_in, "Environment") if v.startswith("CUDA_CACHE_PATH=")]
+    assert own_cache == gpu_cache.replace("/var/lib/tillsight/", "/var/lib/tillsight/%i/")
 
 
 def test_verify_would_catch_a_mistake(tmp_path):
