@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from edge.crop import crop_face
-from edge.detect import iou
+from edge.detect import box_iou
 from edge.types import AgeEstimate, Face, TrackEstimate
 
 MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
@@ -154,14 +154,14 @@ class FaceTracker:
         signatures = (looks if looks is not None else [Signature.of(image_bgr, f) for f in faces]) if use_looks \
             else [None] * len(faces)
         if self.tracks and faces:
-            boxes = np.array([f.box for f in faces], np.float32)
             candidates = []  # (how well they match, track, face): overlapping enough, and alike where looked at
             for t, track in enumerate(self.tracks):
-                for d, overlap in enumerate(iou(np.array(track.box, np.float32), boxes)):
-                    looked_at = use_looks and track.signature is not None
+                looked_at = use_looks and track.signature is not None
+                for d, face in enumerate(faces):
+                    overlap = box_iou(track.box, face.box)
                     # with looks to decide, a face that moved up to a face width since its track was last seen
                     # (a customer walking off, at 10 fps) is near enough: the overlap alone would start a new track
-                    if overlap < self.iou_threshold and not (looked_at and moved_at_most_a_face(track.box, boxes[d])):
+                    if overlap < self.iou_threshold and not (looked_at and moved_at_most_a_face(track.box, face.box)):
                         continue
                     if looked_at:
                         alike = track.signature.similarity(signatures[d])

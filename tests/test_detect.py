@@ -2,7 +2,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge.detect import VARIANTS, FaceDetector, decode, generate_anchors, iou, letterbox, weighted_nms
+from edge.detect import (VARIANTS, FaceDetector, box_iou, decode, generate_anchors, iou, iou_matrix, letterbox,
+                         weighted_nms)
 
 
 @pytest.mark.parametrize("variant, count", [("short_range", 896), ("full_range", 2304), ("back", 896)])
@@ -52,6 +53,20 @@ def test_weighted_nms_merges_overlaps_and_keeps_separate_faces():
 def test_iou():
     assert iou(np.array([0, 0, 10, 10.0]), np.array([[0, 0, 10, 10.0], [5, 0, 15, 10], [20, 20, 30, 30]])) == \
         pytest.approx([1.0, 1 / 3, 0.0])
+
+
+def test_the_plain_and_the_matrix_iou_agree_with_iou():
+    rng = np.random.default_rng(7)
+    corners = rng.uniform(0, 100, (40, 2))
+    boxes = np.concatenate([corners, corners + rng.uniform(1, 60, (40, 2))], axis=1)
+    boxes[5] = boxes[4]  # the same box twice, and one inside another
+    boxes[6] = boxes[4] + [5, 5, -5, -5]
+    matrix = iou_matrix(boxes)
+    for i, box in enumerate(boxes):
+        assert matrix[i] == pytest.approx(iou(box, boxes))
+        assert [box_iou(tuple(box), tuple(other)) for other in boxes] == pytest.approx(iou(box, boxes))
+    assert (matrix > 0).sum() > len(boxes) and (matrix == 0).any()  # overlaps and misses both checked
+    assert box_iou((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0  # touching is not overlapping
 
 
 def test_letterbox_keeps_aspect_and_scales_to_minus_one_one():
