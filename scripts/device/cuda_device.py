@@ -25,8 +25,9 @@ then VERB:
               options; $OUT/speed/, $OUT/speed-options/ and logs
     e2e       tillsight bench --skip-model-speed: one camera flat out, then 1-32 simulated cameras at 10 fps
               (batch sizes the batcher formed, GPU utilisation, the daemon's cores), then 24 and 32 cameras
-              shared by two daemons, then in one daemon with the detector on the CPU; $OUT/e2e/,
-              $OUT/e2e-2daemons/, $OUT/e2e-cpudetector/ and logs
+              shared by two daemons, then in one daemon with the detector on the CPU, then 24 cameras in
+              one daemon under py-spy --gil (what holds its interpreter lock); $OUT/e2e/, $OUT/e2e-2daemons/,
+              $OUT/e2e-cpudetector/ and logs (the profile's summary ends e2e-2daemons.log)
     recheck   the daemon's CUDA options and warm-up (after the first run): scripts/device/cuda_agree.py (CUDA
               against the CPU, in years), a model-only sweep of the options, end to end at 1-32 cameras;
               $OUT/agree.json, $OUT/speed2/, $OUT/e2e2/ and logs
@@ -83,12 +84,16 @@ SPEED_RECHECK = ["--model-only", "--providers", "cuda,cpu", "--variants", "fp16,
 E2E_RECHECK = ["--skip-model-speed", "--cameras", "1,4,16,32", "--fps", "10", "--seconds", "10"]
 # 2026-11-26 evening, after the per-size sessions: one daemon kept up with 16 cameras, not with 24 or 32, the GPU a
 # quarter busy; the whole curve again, then the cameras of 24 and 32 shared by two daemons (is the process the limit?)
-E2E = ["--skip-model-speed", "--cameras", "1,4,8,16,24,32", "--fps", "10", "--seconds", "10"]
+E2E = ["--skip-model-speed", "--cameras", "1,8,16,24,32", "--fps", "10", "--seconds", "10"]
 E2E_TWO_DAEMONS = ["--skip-model-speed", "--cameras", "24,32", "--daemons", "2", "--fps", "10", "--seconds", "10"]
 # and one daemon with the detector on the CPU ([models] detector_providers): 16 camera threads on one CUDA detector
 # session served 601 frames/s, 16 CPU sessions 1,177 (scripts/device/cuda_contention.py)
 E2E_CPU_DETECTOR = ["--skip-model-speed", "--cameras", "24,32", "--fps", "10", "--seconds", "10",
                     "--set", 'models.detector_providers=["cpu"]']
+# then what holds the one daemon's interpreter lock at 24 cameras, where it fell behind (py-spy --gil, a static
+# binary carried among the wheels; scripts/device/gil_summary.py): is it the tracking, the detector's Python, MQTT?
+GIL_PROFILE = ["--skip-model-speed", "--cameras", "24", "--fps", "10", "--seconds", "20"]
+GIL_RATE = 100
 
 
 def say(text: str) -> None:
@@ -289,6 +294,25 @@ def bench(verb: str, extra: list[str]) -> None:
         run(tool + E2E_CPU_DETECTOR + ["--model", str(MODEL), "--video", str(video), "--out",
                                        str(OUT / "e2e-cpudetector")] + extra, log=OUT / "e2e-2daemons.log",
             check=False)  # its log joins the last one's ($OUT: 8 files)
+        gil_profile(tool + GIL_PROFILE + ["--model", str(MODEL), "--video", str(video)] + extra,
+                    log=OUT / "e2e-2daemons.log")  # and so does the profile's summary
+
+
+def gil_profile(bench_cmd: list[str], log: Path) -> None:
+    """The bench under py-spy --gil (its daemons are the bench's children), summarised into `log`."""
+    spy = SITE / "bin" / "py-spy"
+    if not spy.is_file():
+        say(f"no {spy}: the GIL profile is skipped (pack again: py-spy is among the wheels)")
+        return
+    raw, out = WORK / "gil-raw.txt", WORK / "gil-bench"
+    run([str(spy), "record", "--gil", "--subprocesses", "--nonblocking", "--rate", str(GIL_RATE), "--format", "raw",
+         "--output", str(raw), "--"] + bench_cmd + ["--out", str(out)], log=log, check=False)
+    try:
+        frames = sum(row.get("frames", 0) for row in json.loads((out / "bench.json").read_text())["cameras"])
+    except (OSError, ValueError, KeyError, TypeError):
+        frames = 0
+    run([sys.executable, "scripts/device/gil_summary.py", str(raw), "--rate", str(GIL_RATE)]
+        + (["--frames", str(frames)] if frames else []), log=log, check=False)
 
 
 def main(argv: list[str]) -> int:

@@ -48,7 +48,8 @@ DROPPED = ("onnxruntime/capi/libonnxruntime_providers_tensorrt.so", f"onnxruntim
 # numpy, opencv-python-headless, onnx, protobuf, flatbuffers, packaging, matplotlib and nvidia-ml-py
 # (pynvml) are there
 DAEMON_WHEELS = ("pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0", "typing-inspection==0.4.5",
-                 "typing-extensions==4.16.0", "paho-mqtt==2.2.0", "cysystemd==2.0.5", "prometheus-client==0.26.0")
+                 "typing-extensions==4.16.0", "paho-mqtt==2.2.0", "cysystemd==2.0.5", "prometheus-client==0.26.0",
+                 "py-spy==0.4.3")  # the profiler (a static binary, 2.9 MB): what holds a daemon's GIL (e2e)
 PLATFORMS = ("manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 MEDIA = ("short_hamilton_clip.mp4", "two_people.jpg")
 GLIBC_LIBS = ("libc.so.6", "libm.so.6", "libresolv.so.2", "libpthread.so.0", "libdl.so.2", "librt.so.1")
