@@ -324,8 +324,11 @@ def _measure(procs: list[subprocess.Popen], logs: list[Path], statuses: dict[str
     time.sleep(seconds - settle)
     cpu = _cpu_of_all([cpu_use(start, cpu_sample(daemon.pid)) for start, daemon in zip(cpu_start, procs)])
     gpu = sampler.window(started + settle, time.monotonic()) if sampler is not None else None
-    batches = _batches_of_all([scrape_batch_sizes(settings["metrics"]) if settings["metrics"].get("enabled") else
-                               {"available": False, "reason": "metrics disabled by --set"} for settings in all_settings])
+    scraped = [scrape_metrics(settings["metrics"]) if settings["metrics"].get("enabled") else
+               (None, "metrics disabled by --set") for settings in all_settings]
+    batches = _batches_of_all([batch_sizes(text) if text is not None else {"available": False, "reason": reason}
+                               for text, reason in scraped])
+    stages = frame_stages([text for text, _ in scraped if text is not None])
     memory = [_memory_mb(daemon.pid) for daemon in procs]
     peak_rss, rss = (None if any(m[i] is None for m in memory) else round(sum(m[i] for m in memory), 1)
                      for i in (0, 1))
@@ -368,7 +371,7 @@ def _measure(procs: list[subprocess.Popen], logs: list[Path], statuses: dict[str
         "provider": lasts[0].get("provider"), "variant": lasts[0].get("age_model", {}).get("variant"),
         "detector_provider": lasts[0].get("detector_provider"),
         "problems": sorted({p for online in by_daemon for s in online for p in s.get("problems", [])}),
-        "batch_sizes": batches, "cpu": cpu, **({"gpu": gpu} if gpu is not None else {}),
+        "batch_sizes": batches, "frame_stages": stages, "cpu": cpu, **({"gpu": gpu} if gpu is not None else {}),
     }
 
 
@@ -395,16 +398,25 @@ def _batches_of_all(sizes: list[dict]) -> dict:
             "largest_bucket": next(reversed(buckets), None), "mean_call_ms": weighted("mean_call_ms")}
 
 
-def scrape_batch_sizes(metrics: dict) -> dict:
-    """The age batcher's batch sizes from the daemon's Prometheus endpoint: calls, mean faces per call, calls per
-    size bucket ("3-4": calls of 3 or 4 faces), the largest bucket used, and the mean call duration."""
+def scrape_metrics(metrics: dict) -> tuple[str | None, str | None]:
+    """(the text of the daemon's Prometheus endpoint, None) or (None, why it could not be read)."""
     import urllib.request
     url = f"http://{metrics.get('host', '127.0.0.1')}:{metrics.get('port', 9464)}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=5) as answer:
-            text = answer.read().decode()
+            return answer.read().decode(), None
     except OSError as exc:
-        return {"available": False, "reason": f"{url}: {getattr(exc, 'reason', exc)}"}
+        return None, f"{url}: {getattr(exc, 'reason', exc)}"
+
+
+def scrape_batch_sizes(metrics: dict) -> dict:
+    text, reason = scrape_metrics(metrics)
+    return batch_sizes(text) if text is not None else {"available": False, "reason": reason}
+
+
+def batch_sizes(text: str) -> dict:
+    """The age batcher's batch sizes from the daemon's metrics: calls, mean faces per call, calls per size bucket
+    ("3-4": calls of 3 or 4 faces), the largest bucket used, and the mean call duration."""
     cumulative, values = [], {}
     for line in text.splitlines():
         if line.startswith("tillsight_age_batch_faces_bucket{"):
@@ -427,6 +439,37 @@ def scrape_batch_sizes(metrics: dict) -> dict:
             "mean_faces": round(values.get("tillsight_age_batch_faces_sum", 0) / calls, 2) if calls else None,
             "buckets": buckets, "largest_bucket": next(reversed(buckets), None),
             "mean_call_ms": round(1000 * seconds / calls, 2) if calls and seconds is not None else None}
+
+
+def frame_stages(texts: list[str]) -> dict:
+    """Where a frame's time goes in the camera pipelines of one or more daemons (their metrics' texts, the
+    histogram tillsight_frame_stage_seconds added up): per stage (edge/metrics.py, FRAME_STAGES) the frames
+    that passed it, the mean and the p99 in ms (p99: the upper edge of the bucket it falls in, so "at most")."""
+    from edge.metrics import FRAME_STAGES
+    buckets: dict[str, dict[float, float]] = {}
+    sums: dict[str, float] = {}
+    for text in texts:
+        for line in text.splitlines():
+            if not line.startswith("tillsight_frame_stage_seconds_") or 'stage="' not in line:
+                continue
+            name, value = line.rsplit(" ", 1)
+            stage = name.split('stage="', 1)[1].split('"', 1)[0]
+            if name.startswith("tillsight_frame_stage_seconds_bucket"):
+                le = name.split('le="', 1)[1].split('"', 1)[0]
+                edge = float("inf") if le == "+Inf" else float(le)
+                buckets.setdefault(stage, {})[edge] = buckets.get(stage, {}).get(edge, 0.0) + float(value)
+            elif name.startswith("tillsight_frame_stage_seconds_sum"):
+                sums[stage] = sums.get(stage, 0.0) + float(value)
+    stages = {}
+    for stage in FRAME_STAGES:
+        cumulative = sorted(buckets.get(stage, {}).items())
+        frames = int(cumulative[-1][1]) if cumulative else 0
+        if not frames:
+            continue
+        p99 = next(edge for edge, count in cumulative if count >= 0.99 * frames)
+        stages[stage] = {"frames": frames, "mean_ms": round(1000 * sums.get(stage, 0.0) / frames, 2),
+                         "p99_ms": None if p99 == float("inf") else round(1000 * p99, 1)}
+    return stages
 
 
 def staggered_copies(video: Path, count: int, workdir: Path) -> list[Path]:
@@ -615,6 +658,11 @@ def _print_cameras_row(row: dict) -> None:
           + ("; GPU " + (f"{gpu.get('util_mean_pct')}% mean, {gpu.get('util_max_pct')}% max, "
                          f"{gpu.get('mem_max_mib')} MiB" if gpu.get("available") else f"not sampled ({gpu.get('reason')})")
              if gpu else ""), flush=True)
+    if row.get("frame_stages"):
+        print("    a frame's time in the pipeline, mean / p99 ms: " + ", ".join(
+            f"{stage} {v['mean_ms']} / {v['p99_ms'] if v['p99_ms'] is not None else '>2000'}"
+            + (f" ({v['frames']} frames)" if stage == "age" else "") for stage, v in row["frame_stages"].items()),
+            flush=True)
     cpu = row.get("cpu") or {}
     if cpu.get("available"):
         print(f"    CPU: the daemon {cpu['daemon_cores']} cores, the machine {cpu['machine_busy_pct']} % busy "
@@ -644,11 +692,32 @@ def _plot_batch_sizes(axis, report: dict) -> None:
         axis.legend(fontsize=7)
 
 
+def _plot_frame_stages(axis, rows: list[dict]) -> None:
+    """Mean ms a frame spends in each pipeline stage, stacked, per camera count (age: over the frames asking)."""
+    from edge.metrics import FRAME_STAGES
+    bottom = np.zeros(len(rows))
+    for stage in FRAME_STAGES:
+        means = np.array([(r["frame_stages"].get(stage) or {}).get("mean_ms") or 0.0 for r in rows])
+        axis.bar(np.arange(len(rows)), means, 0.6, bottom=bottom, label=stage)
+        bottom += means
+    for i, r in enumerate(rows):
+        axis.annotate(f"p99 {r['alert_p99_ms']} ms" if r.get("alert_p99_ms") is not None else "", (i, bottom[i]),
+                      fontsize=7, ha="center", textcoords="offset points", xytext=(0, 3))
+    axis.set_xticks(np.arange(len(rows)), [f"{r['cameras']} cameras" for r in rows])
+    axis.set_ylabel("mean ms a frame")
+    axis.set_title("where a frame's time goes (annotated: frame->alert p99)", fontsize=9)
+    axis.legend(fontsize=7)
+
+
 def plot_bench(report: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    staged = [r for r in report["cameras"] if r.get("frame_stages")]
+    fig, axes = plt.subplots(1, 3 if staged else 2, figsize=(18 if staged else 12, 4))
+    left, right = axes[0], axes[1]
+    if staged:
+        _plot_frame_stages(axes[2], staged)
     speed = report["model_speed"]
     if speed:
         width = 0.8 / len(speed)

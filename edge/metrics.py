@@ -3,7 +3,8 @@
 Most figures already exist as the service's own counters (the status topic shows them), so they are
 read when Prometheus scrapes, by a custom collector (prometheus-client's documented way to export
 existing stats), rather than counted a second time on the hot path. Only what needs a distribution
-is observed as it happens: the age network's call latency and batch sizes (histograms).
+is observed as it happens: the age network's call latency and batch sizes, and the time a frame spends in
+each stage of its camera's pipeline (histograms).
 
 The service passes itself (anything with `metrics_snapshot()`) in; this module never imports the
 service, so the stages keep pointing one way. deploy/grafana-dashboard.json shows these series.
@@ -46,6 +47,13 @@ DAEMON_SERIES = (
 )
 
 
+# The stages of a frame in its camera's pipeline (edge/service.py, CameraPipeline._process): queued, from its
+# capture to its pick-up by the pipeline (a pipeline behind, or waiting for the GIL); detect, from the pick-up
+# through the face detector; track, the looks, the picture check, the tracker and the inference budget; age, the
+# crops, the wait for a batch and the network (frames that asked for ages only); judge, the policy and publishing.
+FRAME_STAGES = ("queued", "detect", "track", "age", "judge")
+
+
 class ServiceCollector:
     def __init__(self, service):
         self.service = service
@@ -78,11 +86,22 @@ class Metrics:
                                      buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
         self.batch_size = Histogram("tillsight_age_batch_faces", "Faces per age-network call",
                                     registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+        self.frame_stage = Histogram("tillsight_frame_stage_seconds", "Time a frame spends in each stage of its "
+                                     "camera pipeline: queued, detect, track, age, judge (edge/metrics.py)",
+                                     ["stage"], registry=self.registry,
+                                     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2))
+        self._stages = [self.frame_stage.labels(stage) for stage in FRAME_STAGES]  # bound once: every frame
         self.server = None
 
     def observe_age_call(self, faces: int, seconds: float) -> None:
         self.age_latency.observe(seconds)
         self.batch_size.observe(faces)
+
+    def observe_frame(self, seconds: tuple[float | None, ...]) -> None:
+        """One frame's seconds in each of FRAME_STAGES, in order (None: the frame did not pass that stage)."""
+        for stage, value in zip(self._stages, seconds):
+            if value is not None:
+                stage.observe(value)
 
     def serve(self, host: str, port: int) -> str | None:
         """Start the endpoint; the reason it could not, else None (the daemon runs on without it)."""

@@ -104,6 +104,8 @@ class CameraPipeline(threading.Thread):
         # by opening_hours, at a time (set by the service): only an open store's customers count
         self.store_open: Callable[[float], bool] = lambda at: True
         self.open_intervals: OpenIntervals | None = None  # the interval in progress kept on disk (set by the service)
+        # told each frame's seconds in its stages (edge/metrics.py, FRAME_STAGES), where metrics are on
+        self.on_frame: Callable[[tuple[float | None, ...]], None] | None = None
         self.camera_status: CameraStatus | None = None  # its reader's (set by the service): told of faces in view
         self._counted_at: float | None = None  # monotonic time of the last _count
         self.finished = threading.Event()
@@ -183,12 +185,15 @@ class CameraPipeline(threading.Thread):
             self.finished.set()
 
     def _process(self, frame) -> None:
+        picked = time.perf_counter()
+        queued = None if self.replay else max(0.0, self.clock() - frame.timestamp)  # a replay's times are the video's
         if self.last_frame_time is not None and frame.timestamp < self.last_frame_time - CLOCK_STEP_S:
             self._clock_stepped_back(frame.timestamp)
         self.last_frame_time = frame.timestamp
         self._apply_transactions(frame.timestamp)
         self._count(frame.timestamp)
         faces = self.detector(frame.image)
+        detected = time.perf_counter()
         faces = outside_regions(faces, self.camera.ignore_regions, frame.image.shape)
         # each face's looks made once a frame: the picture check and the tracker compare the same ones
         looks = {id(f): Signature.of(frame.image, f) for f in faces} \
@@ -215,8 +220,10 @@ class CameraPipeline(threading.Thread):
         chosen = [(track, face) for track, face in zip(tracks, faces)
                   if wants_age(track, frame.image, face, frame.timestamp, self.config.budget,
                                self.policy.boundary_age, self.policy.min_samples)]
+        tracked = time.perf_counter()
         if chosen:
             self._age(frame, chosen)
+        aged = time.perf_counter()
         for track in self.tracker.tracks:
             self._judge(track, frame.timestamp)
         self._finish_tracks(ended, frame.timestamp)
@@ -224,6 +231,9 @@ class CameraPipeline(threading.Thread):
                              self.transaction)
         if not self.replay:  # a replay's frame times are the video's, not the wall clock's
             self.lag_s = self.clock() - frame.timestamp
+        if self.on_frame is not None:
+            self.on_frame((queued, detected - picked, tracked - detected, aged - tracked if chosen else None,
+                           time.perf_counter() - aged))
 
     def _clock_stepped_back(self, now: float) -> None:
         """Close what measures time at the last time before the step, and start again from the new clock:
@@ -369,6 +379,8 @@ class Service:
         self.metrics_problem: str | None = None
         if self.metrics is not None:
             self.batcher.on_call = self.metrics.observe_age_call
+            for pipeline in self.pipelines:
+                pipeline.on_frame = self.metrics.observe_frame
         # a replay is a one-off over a recording, not a till's daemon: no roll call of the store's daemons
         self.peers = None if replay else Peers(self.daemon_id, self.publisher.instance, self.publisher.base,
                                                [c.id for c in config.cameras])

@@ -53,6 +53,9 @@ def test_a_run_can_share_its_cameras_among_several_daemons(tmp_path, carphone_cl
     assert row["detector_provider"] == row["provider"] == "CPUExecutionProvider" and "detector on CPU" in result.stdout
     assert row["frames"] > 3 * 10 and row["alerts"] >= 2 and row["keeps_up"]  # every camera's frames, both daemons'
     assert row["batch_sizes"]["available"] and row["batch_sizes"]["calls"] > 0
+    stages = row["frame_stages"]  # both daemons' frames, from their metrics
+    assert stages["detect"]["frames"] >= 0.9 * row["frames"] and stages["queued"]["frames"] == stages["detect"]["frames"]
+    assert 0 < stages["detect"]["mean_ms"] <= stages["detect"]["p99_ms"] and "a frame's time in the pipeline" in result.stdout
     assert 0 < row["cpu"]["daemon_cores"] and row["rss_mb"] > 100  # two processes' memory added up
     bad = tillsight("bench", "--daemons", "0", "--out", str(out), timeout=60)
     assert one_line_error(bad, 2) == "tillsight: error: --daemons 0 out of range [1, 16]"

@@ -66,6 +66,15 @@ def test_the_endpoint_serves_camera_model_mqtt_and_outbox_figures_during_a_repla
     assert calls >= 1
     assert value(last, "tillsight_age_batch_faces", "tillsight_age_batch_faces_sum") >= calls
     assert value(last, "tillsight_mqtt_delivered", "tillsight_mqtt_delivered_total") >= 1
+    stage_frames = {stage: value(last, "tillsight_frame_stage_seconds", "tillsight_frame_stage_seconds_count",
+                                 stage=stage) for stage in ("detect", "track", "age", "judge")}
+    # every frame (read a moment apart from the frame counter in one scrape: a frame may come in between)
+    assert all(abs(stage_frames[stage] - frames) <= 2 for stage in ("detect", "track", "judge")), (stage_frames, frames)
+    assert 1 <= stage_frames["age"] <= frames  # the frames that asked for ages
+    # a replay's frame times are the video's: no queueing measured
+    assert value(last, "tillsight_frame_stage_seconds", "tillsight_frame_stage_seconds_count", stage="queued") == 0
+    detect_s = value(last, "tillsight_frame_stage_seconds", "tillsight_frame_stage_seconds_sum", stage="detect")
+    assert 0 < detect_s / frames < 1  # seconds a frame: the detector runs on every one
 
 
 def test_a_metrics_port_in_use_is_one_line_and_a_status_problem(tmp_path, broker, subscriber, age_models,
@@ -98,7 +107,7 @@ def test_the_dashboard_asks_only_for_metrics_the_daemon_serves():
     from edge.metrics import CAMERA_SERIES, DAEMON_SERIES
     served = {f"tillsight_camera_{name}" + ("_total" if counter else "") for name, _, counter in CAMERA_SERIES}
     served |= {f"tillsight_{name}" + ("_total" if counter else "") for name, _, counter in DAEMON_SERIES}
-    served |= {f"tillsight_{h}_{part}" for h in ("age_network_seconds", "age_batch_faces")
+    served |= {f"tillsight_{h}_{part}" for h in ("age_network_seconds", "age_batch_faces", "frame_stage_seconds")
                for part in ("bucket", "sum", "count")}
     dashboard = json.loads(DASHBOARD.read_text())
     asked = {name for panel in dashboard["panels"] for target in panel.get("targets", [])

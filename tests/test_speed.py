@@ -113,6 +113,36 @@ def test_batch_sizes_are_read_from_the_daemons_metrics():
     assert scrape_batch_sizes({"host": "127.0.0.1", "port": free_port()})["available"] is False
 
 
+def test_frame_stages_are_read_from_the_metrics_of_every_daemon():
+    from edge.bench import frame_stages, scrape_metrics
+    from edge.broker import free_port
+    from edge.metrics import Metrics
+
+    class Service:
+        def metrics_snapshot(self):
+            return {"cameras": {}}
+
+    texts = []
+    for frames in ([(0.001, 0.004, 0.0003, None, 0.0002)] * 99 + [(0.3, 0.004, 0.0003, 0.03, 0.0002)],
+                   [(None, 0.006, 0.0003, 0.01, 0.0002)] * 100):  # two daemons; the second a replay (no queue)
+        metrics, port = Metrics(Service()), free_port()
+        assert metrics.serve("127.0.0.1", port) is None
+        try:
+            for seconds in frames:
+                metrics.observe_frame(seconds)
+            text, reason = scrape_metrics({"host": "127.0.0.1", "port": port})
+        finally:
+            metrics.close()
+        assert reason is None
+        texts.append(text)
+    stages = frame_stages(texts)
+    assert list(stages) == ["queued", "detect", "track", "age", "judge"]
+    assert stages["queued"] == {"frames": 100, "mean_ms": round((99 * 1 + 300) / 100, 2), "p99_ms": 1.0}
+    assert stages["detect"] == {"frames": 200, "mean_ms": 5.0, "p99_ms": 10.0}  # 4 and 6 ms: the 5-10 ms bucket
+    assert stages["age"]["frames"] == 101 and stages["age"]["p99_ms"] == 10.0  # only the frames that asked ages
+    assert frame_stages([]) == {} and scrape_metrics({"port": free_port()})[0] is None
+
+
 def test_gpu_sampler_without_nvml_says_why():
     from edge.gpu import GpuSampler
     sampler = GpuSampler()
