@@ -604,7 +604,7 @@ class OpeningHours(Strict):
 class Config(Strict):
     _file: Path | None = PrivateAttr(default=None)  # the file it was read from (load_config), for exposed_secrets
     store_id: Annotated[str, Field(pattern=NAME)]
-    daemon_id: Annotated[str, Field(pattern=NAME)] | None = None  # default: the host name
+    daemon_id: Annotated[str, Field(pattern=NAME)] | None = None  # default: the host name (-instance under tillsight@)
     cameras: Annotated[list[CameraConfig], Field(min_length=1)]
     mqtt: MqttConfig = MqttConfig()
     models: ModelsConfig = ModelsConfig()

@@ -615,8 +615,12 @@ def outbox_path(config: Config, replay: bool) -> Path | None:
 
 
 def _hostname_id() -> str:
-    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in socket.gethostname())[:64]
-    return name or "tillsight"
+    """The default daemon_id: the host name, and on a store server the systemd instance (tillsight@NAME sets
+    TILLSIGHT_INSTANCE, deploy/tillsight-instance.conf), so that its daemons never publish as one."""
+    instance = os.environ.get("TILLSIGHT_INSTANCE", "")
+    name = socket.gethostname() + (f"-{instance}" if instance else "")
+    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+    return name[-64:].lstrip("-_") or "tillsight"  # too long: the instance, the end, is what differs
 
 
 def run_replay(config, realtime: bool = False, ack_timeout: float = 30.0, on_start=None) -> dict:

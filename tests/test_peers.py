@@ -58,6 +58,24 @@ def test_a_camera_served_by_another_daemon_is_a_conflict_until_it_goes_offline()
     assert watch.problems() == [] and said_offline == [True]  # a copy's offline on our topic: re-announce
 
 
+def test_a_store_servers_instances_get_daemon_ids_of_their_own(monkeypatch):
+    """tillsight@NAME sets TILLSIGHT_INSTANCE (deploy/tillsight-instance.conf): the default daemon_id takes it on,
+    or every instance of a server would publish as its host name, and each find the others a copy of itself."""
+    import socket
+
+    from edge.service import _hostname_id
+    monkeypatch.setattr(socket, "gethostname", lambda: "store-server.local")
+    monkeypatch.delenv("TILLSIGHT_INSTANCE", raising=False)
+    assert _hostname_id() == "store-server-local"
+    monkeypatch.setenv("TILLSIGHT_INSTANCE", "tills-a")
+    assert _hostname_id() == "store-server-local-tills-a"
+    monkeypatch.setenv("TILLSIGHT_INSTANCE", "x" * 70)  # too long: the end, where instances differ, is kept
+    assert _hostname_id() == "x" * 64
+    monkeypatch.setattr(socket, "gethostname", lambda: "")
+    monkeypatch.setenv("TILLSIGHT_INSTANCE", "")
+    assert _hostname_id() == "tillsight"
+
+
 def test_a_peer_silent_for_three_of_its_intervals_is_gone(monkeypatch):
     monkeypatch.setattr(edge.peers, "GRACE_S", 0.0)
     watch = peers()

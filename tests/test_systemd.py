@@ -298,6 +298,7 @@ def test_each_instance_runs_the_units_own_commands_on_its_own_config_and_state()
     [gpu_cache] = [v for v in unit_lines(GPU_DROP_IN.read_text(), "Environment") if v.startswith("CUDA_CACHE_PATH=")]
     [own_cache] = [v for v in unit_lines(drop_in, "Environment") if v.startswith("CUDA_CACHE_PATH=")]
     assert own_cache == gpu_cache.replace("/var/lib/tillsight/", "/var/lib/tillsight/%i/")
+    assert "TILLSIGHT_INSTANCE=%i" in unit_lines(drop_in, "Environment")  # the default daemon_id's instance
 
 
 def test_verify_would_catch_a_mistake(tmp_path):
