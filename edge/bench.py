@@ -288,7 +288,9 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
             settings = _merge({"policy": {"challenge_age": 100}, "logging": {"level": "warning"},
                                "models": {"age_model": model},
                                # the batch-size histogram is read from here at the end (edge/metrics.py)
-                               "metrics": {"enabled": True, "host": "127.0.0.1", "port": free_port()}}, config)
+                               "metrics": {"enabled": True, "host": "127.0.0.1", "port": free_port()},
+                               # on disk, as under systemd: every message costs a write and an fsync first
+                               "outbox": {"path": str(workdir / f"{name}-{cameras}.outbox.sqlite3")}}, config)
             config_path = workdir / f"{name}-{cameras}.toml"
             config_path.write_text(_toml({"store_id": "bench", "daemon_id": name, "status_interval_s": 1.0,
                                           "mqtt": {"host": "127.0.0.1", "port": broker.port}, **settings,

@@ -4,7 +4,8 @@ A missed age check is the failure that matters. paho keeps unacknowledged QoS 1 
 only, so a daemon restart during a broker outage (a power cut at the till, an OOM kill, a systemd
 restart) would lose them. The outbox is an SQLite database in WAL mode (the standard library's
 `sqlite3`; `synchronous=FULL`, so a committed message survives a power cut, not only a crash): a row
-is written before the message goes to paho and deleted when the broker acknowledges it. On start,
+is written before the message goes to paho and deleted when the broker acknowledges it (the delete
+without an fsync of its own: a power cut may bring back a delivered message, never lose one). On start,
 the rows left by the previous run are published again, oldest first, before anything new.
 
 At-least-once: a message the broker received just before a crash, but whose acknowledgement did
@@ -207,9 +208,22 @@ class Outbox:
     def _remove(self, keys: list[int]) -> None:
         for key in keys:
             self._rows.pop(key, None)
+        # A delete is committed without an fsync of its own (synchronous=NORMAL in WAL mode: durable across a
+        # crash, and made durable across a power cut by the next message's fsync): a power cut can only bring
+        # back a message the broker already has, which at-least-once allows (every message carries an id). It
+        # halves the fsyncs a message costs, each made under the lock the cameras' threads add under.
+        self._pragma("synchronous=NORMAL")
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
             self._write(f"DELETE FROM outbox WHERE key IN ({','.join('?' * len(chunk))})", tuple(chunk))
+        self._pragma("synchronous=FULL")  # every add: on disk before it is published
+
+    def _pragma(self, setting: str) -> None:
+        if self._db is not None:
+            try:
+                self._db.execute(f"PRAGMA {setting}")
+            except sqlite3.Error as exc:
+                self._to_memory(f"cannot use {self.path}: {exc}")
 
     def add(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> int:
         """Keep a message until `done(key)`; returns its key."""

@@ -44,6 +44,22 @@ def test_rows_survive_a_reopen_in_order_and_acknowledged_ones_are_gone(tmp_path)
     assert again.backlog()[-1].topic == "t/new"
 
 
+def test_only_acknowledgements_skip_the_fsync_and_every_add_is_synced(tmp_path):
+    """A delete may be lost to a power cut (the message is sent again: at-least-once), an add never: the
+    connection is back at synchronous=FULL (2) after every delete, before the next message is written."""
+    box = Outbox(tmp_path / "outbox.sqlite3")
+    synchronous = lambda: box._db.execute("PRAGMA synchronous").fetchone()[0]  # noqa: E731
+    assert synchronous() == 2
+    keys = [box.add(f"t/{i}", b"{}", 1) for i in range(3)]
+    box.done(keys[0])
+    assert synchronous() == 2
+    box.max_messages = 1
+    box.add("t/3", b"{}", 1)  # over the bound: the oldest are removed in the add's own call
+    assert synchronous() == 2 and [row.topic for row in box.backlog()] == ["t/3"]
+    box.close()
+    assert [row.topic for row in Outbox(tmp_path / "outbox.sqlite3").backlog()] == ["t/3"]
+
+
 def test_bounded_by_count_and_by_age(tmp_path):
     path = tmp_path / "outbox.sqlite3"
     box = Outbox(path, max_messages=100)
