@@ -128,7 +128,13 @@ def test_bridge_delivers_everything_in_order_across_an_hq_outage(brokers):
         took = time.monotonic() - back
         received = seqs(consumer)
         assert arrived, f"{len(received)} of {sent} at HQ {DELIVERY_S} s after it came back"
-        assert received == list(range(sent)), "lost, duplicated or reordered messages"
+        # At least once (deploy/README.md): a message in flight on the bridge when HQ stopped (its PUBACK lost)
+        # is sent again when HQ is back, as HQ's consumers expect; they drop it by its key (here `seq`).
+        first_seen = list(dict.fromkeys(received))
+        assert first_seen == list(range(sent)), "lost or reordered messages"
+        again = sorted(seq for seq in set(received) if received.count(seq) > 1)
+        assert all(seq < BEFORE_OUTAGE for seq in again) and len(received) - len(first_seen) == len(again), \
+            f"sent again beyond those in flight at the outage: {again}"
         print(f"{sent} messages, {DURING_OUTAGE} during a {OUTAGE_S:.0f} s outage; all at HQ {took:.1f} s after it was back")
     finally:
         daemon.loop_stop()
