@@ -617,10 +617,12 @@ def outbox_path(config: Config, replay: bool) -> Path | None:
 def _hostname_id() -> str:
     """The default daemon_id: the host name, and on a store server the systemd instance (tillsight@NAME sets
     TILLSIGHT_INSTANCE, deploy/tillsight-instance.conf), so that its daemons never publish as one."""
+    def named(text: str) -> str:
+        return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)
     instance = os.environ.get("TILLSIGHT_INSTANCE", "")
-    name = socket.gethostname() + (f"-{instance}" if instance else "")
-    name = "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
-    return name[-64:].lstrip("-_") or "tillsight"  # too long: the instance, the end, is what differs
+    suffix = named(f"-{instance}")[:64] if instance else ""
+    name = named(socket.gethostname())[: 64 - len(suffix)] + suffix  # too long: the host name gives way
+    return name.lstrip("-") or "tillsight"
 
 
 def run_replay(config, realtime: bool = False, ack_timeout: float = 30.0, on_start=None) -> dict:

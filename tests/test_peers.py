@@ -69,8 +69,13 @@ def test_a_store_servers_instances_get_daemon_ids_of_their_own(monkeypatch):
     assert _hostname_id() == "store-server-local"
     monkeypatch.setenv("TILLSIGHT_INSTANCE", "tills-a")
     assert _hostname_id() == "store-server-local-tills-a"
-    monkeypatch.setenv("TILLSIGHT_INSTANCE", "x" * 70)  # too long: the end, where instances differ, is kept
-    assert _hostname_id() == "x" * 64
+    monkeypatch.setattr(socket, "gethostname", lambda: "h" * 70)
+    monkeypatch.setenv("TILLSIGHT_INSTANCE", "tills-a")  # too long: the host name gives way, the instance stays
+    assert _hostname_id() == "h" * 56 + "-tills-a"
+    monkeypatch.delenv("TILLSIGHT_INSTANCE")
+    assert _hostname_id() == "h" * 64  # a till PC's default as before
+    monkeypatch.setenv("TILLSIGHT_INSTANCE", "x" * 70)
+    assert _hostname_id() == "x" * 63
     monkeypatch.setattr(socket, "gethostname", lambda: "")
     monkeypatch.setenv("TILLSIGHT_INSTANCE", "")
     assert _hostname_id() == "tillsight"
