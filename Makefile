@@ -28,13 +28,15 @@ GPU_BUILD := $(if $(filter cpu,$(ORT)),$(GPU_VENV)/.installed)
 GPU_BUILD_PYTHON := $(CURDIR)/$(if $(GPU_BUILD),$(GPU_VENV),$(VENV))/bin/python
 
 # Debian packages the demo and tests use: the broker, strace for the no-file-written test,
-# systemd-analyze (package systemd) for the unit's security and verify checks, and openssl for the
-# broker security tests' certificates.
+# systemd-analyze (package systemd) for the unit's security and verify checks, systemd-nspawn (package
+# systemd-container) to boot a systemd that starts the unit for real, and openssl for the broker security
+# tests' certificates.
 mosquitto:
 	@missing=""; \
 	{ command -v mosquitto || test -x /usr/sbin/mosquitto; } >/dev/null 2>&1 || missing="mosquitto"; \
 	command -v strace >/dev/null 2>&1 || missing="$$missing strace"; \
 	command -v systemd-analyze >/dev/null 2>&1 || missing="$$missing systemd"; \
+	command -v systemd-nspawn >/dev/null 2>&1 || missing="$$missing systemd-container"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \

@@ -231,7 +231,7 @@ def installable_copy(folder: Path, gpu: bool = False, instance: bool = False) ->
     here = shutil.which("tillsight", path=str(Path(sys.executable).parent))
     assert here, "the tillsight entry point is not installed in this venv"
     text = UNIT.read_text()
-    assert text.count(INSTALLED_TILLSIGHT) == 2  # ExecStartPre and ExecStart: nothing else changes
+    assert text.count(INSTALLED_TILLSIGHT) == 3  # ExecStartPre, ExecStart, ExecReload: nothing else changes
     name = "tillsight@.service" if instance else "tillsight.service"
     (folder / name).write_text(text.replace(INSTALLED_TILLSIGHT, here))
     drop_ins = folder / f"{name}.d"
@@ -289,10 +289,11 @@ def test_each_instance_runs_the_units_own_commands_on_its_own_config_and_state()
     """The drop-in replaces only the config's path in the unit's commands (they cannot drift apart), and gives
     each instance its own state directory: two daemons sharing an outbox would send each other's messages."""
     unit, drop_in = UNIT.read_text(), INSTANCE_DROP_IN.read_text()
-    for key in ("ExecStartPre", "ExecStart"):
-        [own] = unit_lines(unit, key)
-        assert own.endswith("/etc/tillsight/tillsight.toml")
-        assert unit_lines(drop_in, key) == ["", own.replace("/etc/tillsight/tillsight.toml", "/etc/tillsight/%i.toml")]
+    for key in ("ExecStartPre", "ExecStart", "ExecReload"):
+        own = unit_lines(unit, key)
+        assert own[0].endswith("/etc/tillsight/tillsight.toml")  # ExecReload: the check, then the SIGHUP
+        assert unit_lines(drop_in, key) == ["", *(line.replace("/etc/tillsight/tillsight.toml", "/etc/tillsight/%i.toml")
+                                                  for line in own)]
     assert unit_lines(unit, "StateDirectory") == ["tillsight"]
     assert unit_lines(drop_in, "StateDirectory") == ["", "tillsight/%i"]
     [gpu_cache] = [v for v in unit_lines(GPU_DROP_IN.read_text(), "Environment") if v.startswith("CUDA_CACHE_PATH=")]
