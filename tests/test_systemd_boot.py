@@ -132,17 +132,20 @@ def install_config(machine: Machine, name: str, **sections) -> Path:
     return path
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
+def _container_init(nspawn: subprocess.Popen, log: Path, timeout: float = 30) -> int:
+    """The PID, here, of the container's systemd: nspawn's child once it runs systemd (before, a child that
+    prepares the container)."""
+    deadline = time.monotonic() + timeout
+    while nspawn.poll() is None and time.monotonic() < deadline:
+        for entry in Path("/proc").iterdir():
             try:
-                stat = (entry / "stat").read_text()
+                stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
+            if stat and int(stat.rsplit(")", 1)[1].split()[1]) == nspawn.pid and "(systemd)" in stat:
+                return int(entry.name)
+        time.sleep(0.1)
+    raise AssertionError(f"the container did not start: {log.read_text()[-2000:]}")
 
 
 def _mount(*args: str) -> None:
@@ -169,15 +172,15 @@ def machine(tmp_path_factory):
         with (base / "nspawn.log").open("w") as log:
             nspawn = subprocess.Popen([NSPAWN, "--quiet", "--directory", str(root), "--boot", "--register=no",
                                        "--keep-unit", "--link-journal=no", "--console=passive",
-                                       "--machine=till-pc", "--", "systemd.unit=tillsight-check.target"],
+                                       f"--machine=till-pc-{os.getpid()}", "--", "systemd.unit=tillsight-check.target"],
                                       stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while not (leaders := _children(nspawn.pid)) and nspawn.poll() is None and time.monotonic() < deadline:
+        booted = Machine(root, nspawn, _container_init(nspawn, base / "nspawn.log"))
+        deadline = time.monotonic() + 90
+        state = ""
+        while state not in ("running", "degraded") and time.monotonic() < deadline:  # until its bus answers
+            state = booted.run("systemctl", "is-system-running", "--wait", timeout=90, check=False).stdout.strip()
             time.sleep(0.1)
-        assert leaders, f"the container did not start: {(base / 'nspawn.log').read_text()[-2000:]}"
-        booted = Machine(root, nspawn, leaders[0])
-        state = booted.run("systemctl", "is-system-running", "--wait", timeout=90, check=False).stdout.strip()
-        assert state in ("running", "degraded"), f"the container's systemd: {state}"
+        assert state in ("running", "degraded"), f"the container's systemd: {state!r}"
         yield booted
     finally:
         if nspawn is not None and nspawn.poll() is None:
@@ -257,15 +260,18 @@ def test_the_unit_starts_reloads_restarts_after_a_kill_and_stops_under_systemd(m
     assert subscriber.wait_for(lambda s: retained_status(s, host)[-1]["state"] == "offline", 10)
 
 
-def test_a_store_servers_instance_runs_on_its_own_config_and_state(machine, broker, subscriber, hamilton_clip):
+def test_a_store_servers_instance_runs_on_its_own_config_and_state_and_feeds_the_watchdog(
+        machine, broker, subscriber, hamilton_clip):
     """tillsight@NAME with the instance and GPU drop-ins (deploy/README.md, "Installing on a store server"); on
-    this machine the GPU drop-in's daemon runs on the CPU."""
+    this machine the GPU drop-in's daemon runs on the CPU. The watchdog is shortened to 3 s by a drop-in of the
+    test's own: the daemon must feed it to live, and is restarted when it stops (a frozen process here)."""
     units = machine.root / "etc/systemd/system"
-    text = UNIT.read_text()
-    (units / "tillsight@.service").write_text(text)
-    (units / "tillsight@.service.d").mkdir(exist_ok=True)
-    shutil.copy(INSTANCE_DROP_IN, units / "tillsight@.service.d/instance.conf")
-    shutil.copy(GPU_DROP_IN, units / "tillsight@.service.d/gpu.conf")
+    (units / "tillsight@.service").write_text(UNIT.read_text())
+    drop_ins = units / "tillsight@.service.d"
+    drop_ins.mkdir(exist_ok=True)
+    shutil.copy(INSTANCE_DROP_IN, drop_ins / "instance.conf")
+    shutil.copy(GPU_DROP_IN, drop_ins / "gpu.conf")
+    (drop_ins / "zz-test-watchdog.conf").write_text("[Service]\nWatchdogSec=3\nTimeoutAbortSec=1\n")
     install_config(machine, "tills-a", store_id="s1", mqtt={"host": "127.0.0.1", "port": broker.port},
                    cameras=[{"id": "till-9", "source": str(hamilton_clip), "fps_limit": 5}])
     machine.run("systemctl", "daemon-reload")
@@ -279,5 +285,14 @@ def test_a_store_servers_instance_runs_on_its_own_config_and_state(machine, brok
         assert (own / "outbox.sqlite3").stat().st_uid == uid
         state = machine.wait_until("tillsight@tills-a", lambda st: "1/1 cameras online" in st["StatusText"], 30)
         assert "1/1 cameras online" in state["StatusText"], state
+        time.sleep(8)  # well past WatchdogSec=3: the daemon fed it every 1.5 s
+        fed = machine.show("tillsight@tills-a")
+        assert (fed["NRestarts"], fed["MainPID"], fed["SubState"]) == ("0", state["MainPID"], "running"), fed
+
+        machine.run("systemctl", "kill", "--signal=SIGSTOP", "tillsight@tills-a")  # hung: no more WATCHDOG=1
+        restarted = machine.wait_until("tillsight@tills-a",
+                                       lambda st: st["NRestarts"] == "1" and st["SubState"] == "running", 40)
+        assert restarted["NRestarts"] == "1" and restarted["MainPID"] != state["MainPID"], restarted
+        assert any("Watchdog timeout" in line for line in machine.journal("tillsight@tills-a"))
     finally:
         machine.run("systemctl", "stop", "tillsight@tills-a", timeout=60)
