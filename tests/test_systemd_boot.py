@@ -19,7 +19,7 @@ import pytest
 
 from container import UNIT, boot_problem, booted, install_config
 from test_systemd import exposure
-from tskit import REPO
+from tskit import REPO, MjpegCamera
 
 INSTANCE_DROP_IN = REPO / "deploy" / "tillsight-instance.conf"
 GPU_DROP_IN = REPO / "deploy" / "tillsight-gpu.conf"
@@ -103,10 +103,11 @@ def test_the_unit_starts_reloads_restarts_after_a_kill_and_stops_under_systemd(m
 
 
 def test_a_store_servers_instance_runs_on_its_own_config_and_state_and_feeds_the_watchdog(
-        machine, broker, subscriber, hamilton_clip):
-    """tillsight@NAME with the instance and GPU drop-ins (deploy/README.md, "Installing on a store server"); on
-    this machine the GPU drop-in's daemon runs on the CPU. The watchdog is shortened to 3 s by a drop-in of the
-    test's own: the daemon must feed it to live, and is restarted when it stops (a frozen process here)."""
+        machine, broker, subscriber, carphone_clip):
+    """tillsight@NAME with the instance and GPU drop-ins (deploy/README.md, "Installing on a store server"), its
+    camera an IP camera (MJPEG over HTTP, as a store server's are); on this machine the GPU drop-in's daemon runs
+    on the CPU. The watchdog is shortened to 3 s by a drop-in of the test's own: the daemon must feed it to live,
+    and is restarted when it stops (a frozen process here)."""
     units = machine.root / "etc/systemd/system"
     (units / "tillsight@.service").write_text(UNIT.read_text())
     drop_ins = units / "tillsight@.service.d"
@@ -114,11 +115,12 @@ def test_a_store_servers_instance_runs_on_its_own_config_and_state_and_feeds_the
     shutil.copy(INSTANCE_DROP_IN, drop_ins / "instance.conf")
     shutil.copy(GPU_DROP_IN, drop_ins / "gpu.conf")
     (drop_ins / "zz-test-watchdog.conf").write_text("[Service]\nWatchdogSec=3\nTimeoutAbortSec=1\n")
+    camera = MjpegCamera(carphone_clip, fps=10).start()
     install_config(machine, "tills-a", store_id="s1", mqtt={"host": "127.0.0.1", "port": broker.port},
-                   cameras=[{"id": "till-9", "source": str(hamilton_clip), "fps_limit": 5}])
+                   cameras=[{"id": "till-9", "source": camera.url}])
     machine.run("systemctl", "daemon-reload")
-    machine.run("systemctl", "start", "tillsight@tills-a", timeout=150)
     try:
+        machine.run("systemctl", "start", "tillsight@tills-a", timeout=150)
         host = machine.run("hostname").stdout.strip()
         assert subscriber.wait_for(lambda s: any(b["state"] == "online"
                                                  for b in retained_status(s, f"{host}-tills-a")), 30)
@@ -138,6 +140,7 @@ def test_a_store_servers_instance_runs_on_its_own_config_and_state_and_feeds_the
         assert any("Watchdog timeout" in line for line in machine.journal("tillsight@tills-a"))
     finally:
         machine.run("systemctl", "stop", "tillsight@tills-a", timeout=60)
+        camera.stop()
 
 
 def test_the_sandbox_benchmark_measures_under_the_units_own_sandbox(tmp_path):
