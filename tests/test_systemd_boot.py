@@ -116,8 +116,9 @@ def test_a_store_servers_instance_runs_on_its_own_config_and_state_and_feeds_the
     shutil.copy(GPU_DROP_IN, drop_ins / "gpu.conf")
     (drop_ins / "zz-test-watchdog.conf").write_text("[Service]\nWatchdogSec=3\nTimeoutAbortSec=1\n")
     camera = MjpegCamera(carphone_clip, fps=10).start()
-    install_config(machine, "tills-a", store_id="s1", mqtt={"host": "127.0.0.1", "port": broker.port},
-                   cameras=[{"id": "till-9", "source": camera.url}])
+    # names, not addresses: resolved inside the sandbox, which has no AF_NETLINK
+    install_config(machine, "tills-a", store_id="s1", mqtt={"host": "localhost", "port": broker.port},
+                   cameras=[{"id": "till-9", "source": camera.url.replace("127.0.0.1", "localhost")}])
     machine.run("systemctl", "daemon-reload")
     try:
         machine.run("systemctl", "start", "tillsight@tills-a", timeout=150)
