@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -145,6 +146,18 @@ def session_options(threads: int = 0, spinning: bool = False) -> ort.SessionOpti
     options.add_session_config_entry("session.intra_op.allow_spinning", flag)
     options.add_session_config_entry("session.inter_op.allow_spinning", flag)
     return options
+
+
+def cores_hidden(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True where ONNX Runtime cannot count the cores for its default thread pool (Linux): it reads /proc/cpuinfo,
+    and with it hidden (systemd's ProcSubset=pid) runs one thread a session: the age model 1.7-1.9x slower on a
+    2-core till PC (deploy/README.md). Other systems count otherwise."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return "processor" not in cpuinfo.read_text()
+    except OSError:
+        return True
 
 
 # Metadata of a model whose int8 weights are dequantized inside the graph and whose maths is float

@@ -31,6 +31,7 @@ from edge.outbox import Outbox
 from edge.peers import Peers
 from edge.policy import Policy, build_policy, needs_id_check
 from edge.publish import Publisher, utc_iso
+from edge.runtime import CPU, cores_hidden
 from edge.pos import PosDesk
 from edge.track import FaceTracker, PictureFaces, Signature, Track, outside_regions
 from edge.types import CameraStatus, CustomerView, TillView
@@ -340,6 +341,9 @@ class Service:
         log.info("age model", extra={"model": self.age_model.describe(), "providers": self.age_model.providers,
                                      "detector_providers": self.detector.session.get_providers()})
         self.provider_fallback = self.age_model.fallback or self.detector.fallback  # logged once by open_session
+        if models.age_threads == 0 and self.age_model.providers[0] == CPU and cores_hidden():
+            log.warning("ONNX Runtime cannot count the cores (/proc/cpuinfo hidden): the age model runs on one thread",
+                        extra={"fix": "ProcSubset=all in the systemd unit (as shipped), or set models.age_threads"})
         self.detector.warm_up()  # on a GPU: the first calls' preparation before the first customer, not during
         self.policy = build_policy(config.policy, self.age_model.info.metadata)
         self.batcher = AgeBatcher(self.age_model, models.max_batch, models.max_wait_ms, producers=len(config.cameras))

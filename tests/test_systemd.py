@@ -4,6 +4,7 @@ watchdog feeder against a deliberately stalled pipeline, and the shipped unit's 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -370,6 +371,32 @@ except OSError:
 sys.argv = ["tillsight", *sys.argv[1:]]
 runpy.run_module("edge", run_name="__main__")
 """
+
+
+def test_cores_hidden_reads_what_onnx_runtime_reads(tmp_path):
+    from edge.runtime import cores_hidden
+    assert not cores_hidden()  # this machine's own /proc/cpuinfo
+    (tmp_path / "empty").write_text("")
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n")
+    assert cores_hidden(tmp_path / "empty") and cores_hidden(tmp_path / "absent")
+    assert not cores_hidden(tmp_path / "cpuinfo")
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="hiding /proc/cpuinfo from one process takes a mount namespace of its own: root")
+def test_a_hidden_cpuinfo_is_said_in_one_warning(broker, carphone_clip, age_models, tmp_path):
+    """As under ProcSubset=pid: ONNX Runtime would quietly run the age model on one thread."""
+    config = write_config(tmp_path / "c.toml", store_id="s", mqtt={"host": "127.0.0.1", "port": broker.port},
+                          models={"age_model": str(age_models[40])})
+    replay = [sys.executable, "-m", "edge", "replay", str(carphone_clip), "--config", str(config), "--fps", "2"]
+    hidden = subprocess.run(["unshare", "--mount", "sh", "-c", 'mount --bind /dev/null /proc/cpuinfo && exec "$@"',
+                             "sh", *replay], capture_output=True, text=True, cwd=REPO, timeout=120)
+    visible = subprocess.run(replay, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert hidden.returncode == 0 and visible.returncode == 0, hidden.stderr[-1000:] + visible.stderr[-1000:]
+    said = [line for line in hidden.stderr.splitlines() if "cannot count the cores" in line]
+    assert len(said) == 1 and json.loads(said[0])["level"] == "warning", hidden.stderr[-2000:]
+    assert "cannot count the cores" not in visible.stderr
 
 
 @pytest.mark.broker
