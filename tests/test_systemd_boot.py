@@ -21,7 +21,7 @@ import pytest
 
 from container import UNIT, boot_problem, booted, install_config
 from test_systemd import exposure
-from tskit import REPO, MjpegCamera
+from tskit import REPO, MjpegCamera, tillsight
 
 INSTANCE_DROP_IN = REPO / "deploy" / "tillsight-instance.conf"
 GPU_DROP_IN = REPO / "deploy" / "tillsight-gpu.conf"
@@ -58,6 +58,11 @@ def test_the_unit_starts_reloads_restarts_after_a_kill_and_stops_under_systemd(m
     # the daemon's own view, over MQTT: online under the host's name, and a customer's age on its way
     assert subscriber.wait_for(lambda s: any(b["state"] == "online" for b in retained_status(s, host)), 30)
     assert subscriber.wait_for(lambda s: s.json("s1/till-1/estimate"), 60), "no estimate from the service"
+    # and the POS conversation: an age check, asked the way a till's POS asks it, answered from the sandbox
+    asked = tillsight("pos", "--port", str(broker.port), "--store", "s1", "check", "--camera", "till-1",
+                      "--item", "alcohol", timeout=60)
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout)["camera"] == "till-1" and json.loads(asked.stdout)["decision"], asked.stdout
 
     # the sandbox, as the kernel sees the process
     status = dict(line.split(":\t", 1) for line in machine.run("cat", f"/proc/{pid}/status").stdout.splitlines()
