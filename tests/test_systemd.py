@@ -232,7 +232,7 @@ def installable_copy(folder: Path, gpu: bool = False, instance: bool = False) ->
     here = shutil.which("tillsight", path=str(Path(sys.executable).parent))
     assert here, "the tillsight entry point is not installed in this venv"
     text = UNIT.read_text()
-    assert text.count(INSTALLED_TILLSIGHT) == 3  # ExecStartPre, ExecStart, ExecReload: nothing else changes
+    assert text.count(INSTALLED_TILLSIGHT) == 2  # ExecStart, ExecReload: nothing else changes
     name = "tillsight@.service" if instance else "tillsight.service"
     (folder / name).write_text(text.replace(INSTALLED_TILLSIGHT, here))
     drop_ins = folder / f"{name}.d"
@@ -290,7 +290,7 @@ def test_each_instance_runs_the_units_own_commands_on_its_own_config_and_state()
     """The drop-in replaces only the config's path in the unit's commands (they cannot drift apart), and gives
     each instance its own state directory: two daemons sharing an outbox would send each other's messages."""
     unit, drop_in = UNIT.read_text(), INSTANCE_DROP_IN.read_text()
-    for key in ("ExecStartPre", "ExecStart", "ExecReload"):
+    for key in ("ExecStart", "ExecReload"):
         own = unit_lines(unit, key)
         assert own[0].endswith("/etc/tillsight/tillsight.toml")  # ExecReload: the check, then the SIGHUP
         assert unit_lines(drop_in, key) == ["", *(line.replace("/etc/tillsight/tillsight.toml", "/etc/tillsight/%i.toml")

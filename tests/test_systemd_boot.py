@@ -129,6 +129,13 @@ def test_a_store_servers_instance_runs_on_its_own_config_and_state_and_feeds_the
     install_config(machine, "tills-a", store_id="s1", mqtt={"host": "localhost", "port": broker.port},
                    cameras=[{"id": "till-9", "source": camera.url.replace("127.0.0.1", "localhost")}])
     machine.run("systemctl", "daemon-reload")
+
+    # an instance without its config: the daemon refuses it at start (exit 2), and is not restarted in a loop
+    assert machine.run("systemctl", "start", "tillsight@tills-z", check=False, timeout=60).returncode != 0
+    time.sleep(6)  # past RestartSec=5
+    refused = machine.show("tillsight@tills-z")
+    assert (refused["ActiveState"], refused["NRestarts"]) == ("failed", "0"), refused
+    assert "/etc/tillsight/tills-z.toml: config file not found" in machine.journal("tillsight@tills-z")
     try:
         machine.run("systemctl", "start", "tillsight@tills-a", timeout=150)
         host = machine.run("hostname").stdout.strip()
