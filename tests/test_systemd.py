@@ -303,6 +303,22 @@ def test_each_instance_runs_the_units_own_commands_on_its_own_config_and_state()
     assert "TILLSIGHT_INSTANCE=%i" in unit_lines(drop_in, "Environment")  # the default daemon_id's instance
 
 
+def unit_seconds(key: str, unit: Path = UNIT) -> float:
+    [value] = unit_lines(unit.read_text(), key)
+    return float(value)
+
+
+def test_the_start_limit_ends_a_failing_start_but_never_a_daemon_the_watchdog_restarts():
+    """systemd refuses a start once StartLimitBurst starts came within StartLimitIntervalSec: with a run of t s
+    between restarts, after burst * (t + RestartSec) s. A start that fails within 10 s (a slow till PC loading a
+    corrupt model) must reach it: the unit ends failed, and the journal is not an error every 5 s for ever. A
+    daemon restarted by the watchdog (it ran WatchdogSec at the least) must never reach it: it did work."""
+    burst, interval = unit_seconds("StartLimitBurst"), unit_seconds("StartLimitIntervalSec")
+    restart, watchdog = unit_seconds("RestartSec"), unit_seconds("WatchdogSec")
+    assert burst * (10 + restart) < interval <= burst * (watchdog + restart), (burst, interval)
+    assert "StartLimitBurst=" not in GPU_DROP_IN.read_text() + INSTANCE_DROP_IN.read_text()
+
+
 def test_verify_would_catch_a_mistake(tmp_path):
     unit = installable_copy(tmp_path)
     unit.write_text(unit.read_text().replace("ProtectSystem=strict", "ProtectSystem=strickt"))

@@ -176,3 +176,36 @@ def test_the_sandbox_benchmark_measures_under_the_units_own_sandbox(tmp_path):
     (tmp_path / "shipped.service").write_text(UNIT.read_text())
     (tmp_path / "measuring.service").write_text("\n".join(unit) + "\n")
     assert exposure(tmp_path / "measuring.service")[0] == exposure(tmp_path / "shipped.service")[0]
+
+
+def test_a_start_that_keeps_failing_ends_failed_after_the_units_start_limit(machine, carphone_clip):
+    """A corrupt model (exit 1) is retried, then the unit ends failed ("Start request repeated too quickly") for
+    monitoring to see, rather than logging the same error every 5 s for ever. A drop-in of the test's own shortens
+    RestartSec to 0.2 s, so the unit's own limit (StartLimitBurst=10 in StartLimitIntervalSec=180) comes in seconds."""
+    units = machine.root / "etc/systemd/system"
+    (units / "tillsight@.service").write_text(UNIT.read_text())
+    (units / "tillsight@.service.d").mkdir(exist_ok=True)
+    shutil.copy(INSTANCE_DROP_IN, units / "tillsight@.service.d" / "instance.conf")
+    own = units / "tillsight@tills-m.service.d"
+    own.mkdir(exist_ok=True)
+    (own / "zz-test-fast-restart.conf").write_text("[Service]\nRestartSec=200ms\n")
+    corrupt = machine.root / "etc/tillsight/corrupt-age.onnx"
+    corrupt.write_bytes(b"not an ONNX model, a half-copied file" * 100)
+    install_config(machine, "tills-m", store_id="s1", models={"age_model": "/etc/tillsight/corrupt-age.onnx"},
+                   cameras=[{"id": "till-7", "source": str(carphone_clip)}])
+    machine.run("systemctl", "daemon-reload")
+
+    machine.run("systemctl", "start", "--no-block", "tillsight@tills-m")
+    gave_up = machine.wait_until("tillsight@tills-m", lambda st: st["ActiveState"] == "failed", 120)
+    lines = machine.journal("tillsight@tills-m")
+    # ten runs; the tenth restart is refused
+    assert (gave_up["ActiveState"], gave_up["NRestarts"]) == ("failed", "10"), "\n".join([str(gave_up)] + lines[-5:])
+    assert lines.count("tillsight@tills-m.service: Start request repeated too quickly.") == 1
+    time.sleep(1)  # well past RestartSec=0.2: nothing starts it again
+    assert machine.show("tillsight@tills-m")["NRestarts"] == "10"
+    errors = [line for line in lines if "corrupt-age.onnx" in line]
+    assert len(errors) == 10 and not any("Traceback" in line for line in lines), lines[-20:]
+    # what an operator does once the model is fixed: a start alone is refused until the failure is reset
+    assert machine.run("systemctl", "start", "tillsight@tills-m", check=False).returncode != 0
+    machine.run("systemctl", "reset-failed", "tillsight@tills-m")
+    assert machine.show("tillsight@tills-m")["ActiveState"] == "inactive"
