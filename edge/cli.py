@@ -281,12 +281,18 @@ def cmd_run(args) -> int:
 
     from edge.config import load_config
     from edge.logs import setup_logging
-    from edge.service import Service
+    from edge.publish import publish_start_failure
+    from edge.runtime import ModelError
+    from edge.service import Service, daemon_id
     config = load_config(args.config)
     setup_logging(config.logging.level, config.logging.format)
     reload_asked = threading.Event()
     signal.signal(signal.SIGHUP, lambda *_: reload_asked.set())  # systemctl reload; before the models load
-    service = Service(config)
+    try:
+        service = Service(config)
+    except ModelError as exc:  # said on the status topic too, for the store's monitoring; then the one line
+        publish_start_failure(config.mqtt, config.store_id, daemon_id(config), str(exc))
+        raise
     signal.signal(signal.SIGTERM, lambda *_: service.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: service.stop_event.set())
     service.start()

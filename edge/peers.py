@@ -32,6 +32,9 @@ MAX_STATUS_BYTES = 256 * 1024  # a status lists every camera: kilobytes, never t
 SILENT_INTERVALS = 3  # a peer not heard for this many of its status intervals is gone
 DEFAULT_INTERVAL_S = 30.0  # a peer that does not say its interval (an older version)
 GRACE_S = 5.0  # on top of the silent intervals: a status in flight, a broker busy for a moment
+# The states of a daemon that is not running: stopped ("offline", also its will), or refused at start ("failed",
+# with the reason). Neither renews its status, so neither goes stale, and neither serves a camera.
+NOT_RUNNING = ("offline", "failed")
 
 
 def new_instance() -> str:
@@ -94,7 +97,7 @@ class Peers:
             return  # on our own topic a retained status can be this daemon's previous run: only live ones count
         key = status.instance or topic
         with self._lock:
-            if status.state == "offline":
+            if status.state in NOT_RUNNING:
                 self._peers.pop(key, None)
                 copy_went = daemon_id == self.daemon_id
             else:

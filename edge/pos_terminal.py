@@ -21,7 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.logs import printable
-from edge.peers import DEFAULT_INTERVAL_S, SILENT_INTERVALS
+from edge.peers import DEFAULT_INTERVAL_S, NOT_RUNNING, SILENT_INTERVALS
 
 # `tillsight status` reads retained statuses, stamped by the daemon's clock, with this machine's: a store's
 # machines keep time by NTP, but one that lost it drifts, so a status is called stale only when it is this
@@ -76,11 +76,11 @@ def describe_status(body: dict, now: float) -> str:
 
 
 def stale(body: dict, now: float) -> str | None:
-    """Why a retained status that does not say `offline` cannot be believed any more, or None. A daemon that
-    died without its will (the broker was down, or restarted from its store, when it went) or hung leaves its
-    last `online` retained for ever; a live one renews it every `status_interval_s`."""
+    """Why a retained status of a running daemon (not `offline`, not `failed`) can no longer be believed, or
+    None. A daemon that died without its will (the broker was down, or restarted from its store, when it went)
+    or hung leaves its last `online` retained for ever; a live one renews it every `status_interval_s`."""
     said_at = _seconds(body["time"]) if isinstance(body.get("time"), str) else None
-    if body.get("state") == "offline" or said_at is None:
+    if body.get("state") in NOT_RUNNING or said_at is None:
         return None
     interval = body.get("status_interval_s")
     interval = interval if isinstance(interval, (int, float)) and not isinstance(interval, bool) and \
@@ -103,7 +103,7 @@ def _describe_status(body: dict, now: float) -> str:
     problems = body.get("problems") if isinstance(body.get("problems"), list) else []
     old = stale(body, now)
     state, problems = ("stale", [old] + problems) if old is not None else (body.get("state"), problems)
-    if body.get("store_open") is False and old is None and body.get("state") != "offline":  # said then, not now
+    if body.get("store_open") is False and old is None and body.get("state") not in NOT_RUNNING:  # said then
         problems = ["store closed"] + problems
     return (f"{str(body.get('daemon')):<16} {str(state):<9} "
             f"{f'{live}/{len(cameras)} cameras' if cameras else '-':<11} {served:<32} {age:>10}  "
@@ -201,13 +201,13 @@ class Terminal:
 
     def forget(self, daemon: str, wait_s: float = 1.0) -> None:
         """Clear the retained status of a daemon that is gone for good (decommissioned, renamed), so `status`
-        stops listing it; refused while its last word is not `offline`, unless that word is stale (a daemon gone
-        without its will): a running daemon would publish it again."""
+        stops listing it; refused while its last word is not `offline` (or `failed`: refused at start), unless
+        that word is stale (a daemon gone without its will): a running daemon would publish it again."""
         topic = f"{self.base}/{daemon}/status"
         status = self.statuses(wait_s).get(topic)
         if status is None:
             raise PosError(f"no retained status of daemon {daemon!r} under {self.base}/")
-        if status.get("state") != "offline" and stale(status, time.time()) is None:
+        if status.get("state") not in NOT_RUNNING and stale(status, time.time()) is None:
             raise PosError(f"daemon {daemon} says it is {status.get('state')}: stop it first (systemctl stop "
                            "tillsight), or it publishes its status again")
         self.send(topic, None, retain=True)

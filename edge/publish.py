@@ -1,7 +1,7 @@
 """MQTT publishing with paho-mqtt 2.x (callback API v2).
 
 Topics, under `<prefix>/<store_id>/`:
-    <daemon_id>/status      retained, QoS 1; last will {"state": "offline"}
+    <daemon_id>/status      retained, QoS 1; last will {"state": "offline"}; "failed" when refused at start
     <camera_id>/estimate    one per track: updates, then a final one
     <camera_id>/alert       QoS 1: the customer needs an ID check
     (reply topics)          answers to the POS's age checks (edge/pos.py)
@@ -384,6 +384,27 @@ class Publisher:
                                                                               "path": str(self.outbox.path)})
             return True
         return delivered
+
+
+def publish_start_failure(cfg: MqttConfig, store_id: str, daemon_id: str, problem: str,
+                          timeout_s: float = 3.0) -> bool:
+    """A daemon refused at start (a missing or corrupt model) says why in its retained status, `failed` with the
+    one-line reason, so the store's monitoring (`tillsight status`) sees why a till is not watched, where it
+    saw only the `offline` of its last stop. True once the broker has it; a broker away costs `timeout_s`."""
+    try:
+        publisher = Publisher(cfg, store_id, daemon_id)
+    except (OSError, ValueError, ssl.SSLError) as exc:  # a password file or TLS key it cannot read now
+        log.info("start failure not reported over MQTT", extra={"reason": str(exc)})
+        return False  # the start's own error line still says what matters
+    publisher.problem_level = logging.INFO  # the start's own error line is what the journal needs
+    publisher.publish_status({"state": "failed", "problems": [problem]})  # sent once connected
+    publisher.start()
+    deadline = time.monotonic() + timeout_s
+    while publisher.delivered + publisher.denied == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    publisher.client.disconnect()  # a clean disconnect: the will (offline) is not sent
+    publisher.client.loop_stop()
+    return publisher.delivered > 0
 
 
 def mqtt_client(cfg: MqttConfig, client_id: str, protocol: str | None = None) -> mqtt.Client:

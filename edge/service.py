@@ -334,7 +334,7 @@ class Service:
         self.replay = replay
         self.clock = time.time  # the wall clock, judged by problems() (tests set one)
         self.stop_event = threading.Event()
-        self.daemon_id = config.daemon_id or _hostname_id()
+        self.daemon_id = daemon_id(config)
         models = config.models
         self.detector = build_detector(models)
         self.age_model = build_age_model(models)
@@ -618,9 +618,12 @@ def outbox_path(config: Config, replay: bool) -> Path | None:
     return None
 
 
-def _hostname_id() -> str:
-    """The default daemon_id: the host name, and on a store server the systemd instance (tillsight@NAME sets
-    TILLSIGHT_INSTANCE, deploy/tillsight-instance.conf), so that its daemons never publish as one."""
+def daemon_id(config: Config) -> str:
+    """The config's daemon_id, or by default the host name, and on a store server the systemd instance
+    (tillsight@NAME sets TILLSIGHT_INSTANCE, deploy/tillsight-instance.conf), so that its daemons never publish
+    as one."""
+    if config.daemon_id:
+        return config.daemon_id
     def named(text: str) -> str:
         return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)
     instance = os.environ.get("TILLSIGHT_INSTANCE", "")

@@ -56,14 +56,28 @@ def test_a_camera_served_by_another_daemon_is_a_conflict_until_it_goes_offline()
     watch.see(f"{BASE}/till-pc/status", status(instance="clone"), retained=False)
     watch.see(f"{BASE}/till-pc/status", status(state="offline", instance="clone", cameras=None), retained=False)
     assert watch.problems() == [] and said_offline == [True]  # a copy's offline on our topic: re-announce
+    # a copy refused at start (a corrupt model) says failed on our topic: it runs no camera, and our topic's
+    # retained status is now its failure, so we say we are here again
+    watch.see(f"{BASE}/till-pc/status", status(instance="clone-2"), retained=False)
+    watch.see(f"{BASE}/till-pc/status", status(state="failed", instance="clone-3", cameras=None), retained=False)
+    watch.see(f"{BASE}/till-pc-9/status", status(state="failed", instance="d", cameras=None), retained=False)
+    assert watch.problems() != [] and said_offline == [True, True]
+    watch.see(f"{BASE}/till-pc/status", status(state="failed", instance="clone-2", cameras=None), retained=False)
+    assert watch.problems() == []
 
 
 def test_a_store_servers_instances_get_daemon_ids_of_their_own(monkeypatch):
     """tillsight@NAME sets TILLSIGHT_INSTANCE (deploy/tillsight-instance.conf): the default daemon_id takes it on,
     or every instance of a server would publish as its host name, and each find the others a copy of itself."""
     import socket
+    from types import SimpleNamespace
 
-    from edge.service import _hostname_id
+    from edge.service import daemon_id
+    assert daemon_id(SimpleNamespace(daemon_id="till-3")) == "till-3"  # the config's, where it names one
+
+    def _hostname_id() -> str:
+        return daemon_id(SimpleNamespace(daemon_id=None))
+
     monkeypatch.setattr(socket, "gethostname", lambda: "store-server.local")
     monkeypatch.delenv("TILLSIGHT_INSTANCE", raising=False)
     assert _hostname_id() == "store-server-local"

@@ -314,6 +314,42 @@ def test_status_lists_the_stores_daemons_and_exits_1_unless_all_are_online(daemo
         hung.loop_stop()
 
 
+def test_a_daemon_refused_at_start_says_failed_and_why_on_its_status_topic(broker, tmp_path, carphone_clip):
+    """A corrupt model stops the daemon at start with one line; the store's monitoring sees the same line in the
+    daemon's retained status (`failed`), not the `offline` of its last stop. `failed` is never stale (it is not
+    renewed), and a failed daemon can be forgotten. With the broker away, the start fails as quickly as before
+    but for the few seconds the report waits."""
+    corrupt = tmp_path / "age.onnx"
+    corrupt.write_bytes(b"half a model" * 50)
+    sections = dict(store_id="store-1", daemon_id="till-pc-7", models={"age_model": str(corrupt)},
+                    cameras=[{"id": "till-7", "source": str(carphone_clip)}])
+    config = write_config(tmp_path / "daemon.toml", mqtt={"host": "127.0.0.1", "port": broker.port}, **sections)
+
+    def start_error(config: Path) -> str:  # the one line, among the daemon's JSON log lines (level info)
+        result = tillsight("run", "--config", str(config))
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        [error] = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+        return error
+
+    line = start_error(config)
+    assert line.startswith(f"tillsight: error: age model {corrupt} cannot be loaded: "), line
+    store = ["--port", str(broker.port), "--store", "store-1", "--wait", "0.3"]
+    result = tillsight("status", *store)
+    [listed] = result.stdout.splitlines()
+    assert result.returncode == 1 and listed.split()[:2] == ["till-pc-7", "failed"], result.stdout
+    assert listed.endswith(line.removeprefix("tillsight: error: ")), listed
+    body = json.loads(tillsight("status", *store, "--json").stdout)["till-pc-7"]
+    assert (body["state"], body["problems"], body["schema"]) == ("failed", [line.removeprefix("tillsight: error: ")], 1)
+    assert stale({**body, "time": "2020-01-01T00:00:00.000Z"}, time.time()) is None
+    result = tillsight("status", *store, "--forget", "till-pc-7")
+    assert result.returncode == 0, result.stderr
+
+    away = write_config(tmp_path / "away.toml", mqtt={"host": "127.0.0.1", "port": 9}, **sections)
+    started = time.monotonic()
+    assert start_error(away) == line
+    assert time.monotonic() - started < 15
+
+
 def test_pos_cli_check_and_its_one_line_errors(daemon, broker):
     _, _, config = daemon
     result = tillsight("pos", "--config", str(config), "check", "--camera", "till-1", "--item", "alcohol")

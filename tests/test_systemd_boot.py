@@ -178,7 +178,8 @@ def test_the_sandbox_benchmark_measures_under_the_units_own_sandbox(tmp_path):
     assert exposure(tmp_path / "measuring.service")[0] == exposure(tmp_path / "shipped.service")[0]
 
 
-def test_a_start_that_keeps_failing_ends_failed_after_the_units_start_limit(machine, carphone_clip):
+def test_a_start_that_keeps_failing_ends_failed_after_the_units_start_limit(machine, broker, subscriber,
+                                                                            carphone_clip):
     """A corrupt model (exit 1) is retried, then the unit ends failed ("Start request repeated too quickly") for
     monitoring to see, rather than logging the same error every 5 s for ever. A drop-in of the test's own shortens
     RestartSec to 0.2 s, so the unit's own limit (StartLimitBurst=10 in StartLimitIntervalSec=180) comes in seconds."""
@@ -192,6 +193,7 @@ def test_a_start_that_keeps_failing_ends_failed_after_the_units_start_limit(mach
     corrupt = machine.root / "etc/tillsight/corrupt-age.onnx"
     corrupt.write_bytes(b"not an ONNX model, a half-copied file" * 100)
     install_config(machine, "tills-m", store_id="s1", models={"age_model": "/etc/tillsight/corrupt-age.onnx"},
+                   mqtt={"host": "127.0.0.1", "port": broker.port},
                    cameras=[{"id": "till-7", "source": str(carphone_clip)}])
     machine.run("systemctl", "daemon-reload")
 
@@ -205,6 +207,11 @@ def test_a_start_that_keeps_failing_ends_failed_after_the_units_start_limit(mach
     assert machine.show("tillsight@tills-m")["NRestarts"] == "10"
     errors = [line for line in lines if "corrupt-age.onnx" in line]
     assert len(errors) == 10 and not any("Traceback" in line for line in lines), lines[-20:]
+    # and the store's monitoring sees why, in the daemon's retained status
+    host = machine.run("hostname").stdout.strip()
+    assert subscriber.wait_for(lambda s: retained_status(s, f"{host}-tills-m"), 10)
+    said = retained_status(subscriber, f"{host}-tills-m")[-1]
+    assert said["state"] == "failed" and "corrupt-age.onnx cannot be loaded" in said["problems"][0], said
     # what an operator does once the model is fixed: a start alone is refused until the failure is reset
     assert machine.run("systemctl", "start", "tillsight@tills-m", check=False).returncode != 0
     machine.run("systemctl", "reset-failed", "tillsight@tills-m")
