@@ -291,7 +291,8 @@ def cmd_run(args) -> int:
     try:
         service = Service(config)
     except ModelError as exc:  # said on the status topic too, for the store's monitoring; then the one line
-        publish_start_failure(config.mqtt, config.store_id, daemon_id(config), str(exc))
+        publish_start_failure(config.mqtt, config.store_id, daemon_id(config), str(exc),
+                              [camera.id for camera in config.cameras])
         raise
     signal.signal(signal.SIGTERM, lambda *_: service.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: service.stop_event.set())

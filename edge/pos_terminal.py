@@ -235,9 +235,33 @@ class Terminal:
         sent = time.monotonic()
         self.send(f"{self.base}/{camera}/check", {k: v for k, v in body.items() if v is not None}, properties)
         if not done.wait(timeout_s):
-            raise PosError(f"no answer from the daemon for camera {camera} within {timeout_s:g} s "
-                           "(is it running, and is the camera id right?)")
+            raise PosError(self.unanswered(camera, timeout_s))
         return {**answered[0], "round_trip_ms": round(1000 * (time.monotonic() - sent), 1)}
+
+    def unanswered(self, camera: str, timeout_s: float) -> str:
+        """The line for a check no daemon answered, with why where the daemons' retained statuses tell: the
+        camera's daemon stopped, refused at start (its reason), or silent; or no daemon has that camera."""
+        said = f"no answer from the daemon for camera {camera} within {timeout_s:g} s"
+        bodies, now = list(self.statuses(0.5).values()), time.time()
+        serving = [body for body in bodies if isinstance(body.get("cameras"), dict) and camera in body["cameras"]]
+        if not serving:  # a will says offline without the cameras: name the daemons that are not running
+            down = sorted(str(b.get("daemon")) for b in bodies if b.get("state") in NOT_RUNNING or stale(b, now))
+            return printable(f"{said}: no daemon under {self.base}/ has camera {camera} in its status (is the "
+                             f"camera id right?{' Not running: ' + ', '.join(down) if down else ''})")
+        body, old = serving[0], stale(serving[0], now)
+        daemon, state = body.get("daemon"), body.get("state")
+        problems = body.get("problems") if isinstance(body.get("problems"), list) else []
+        if old is not None:
+            why = f"is stale: {old}"
+        elif state == "failed":  # refused at start: its reason
+            why = f"is failed{': ' + str(problems[0]) if problems else ''}"
+        elif state == "offline":
+            why = "is offline (stopped)"
+        elif "pos" not in body:  # a daemon without the desk has no "pos" counts
+            why = "has the POS conversation off (pos.enabled)"
+        else:
+            why = f"says {state} (overloaded? or the broker's ACL keeps {self.base}/{camera}/check from it)"
+        return printable(f"{said}: its daemon {daemon} {why}")
 
     def statuses(self, wait_s: float = 1.0) -> dict[str, dict]:
         """The store's daemons' latest statuses (retained on the broker), by daemon topic; what is not JSON is

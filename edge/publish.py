@@ -386,18 +386,20 @@ class Publisher:
         return delivered
 
 
-def publish_start_failure(cfg: MqttConfig, store_id: str, daemon_id: str, problem: str,
+def publish_start_failure(cfg: MqttConfig, store_id: str, daemon_id: str, problem: str, cameras: list[str],
                           timeout_s: float = 3.0) -> bool:
     """A daemon refused at start (a missing or corrupt model) says why in its retained status, `failed` with the
     one-line reason, so the store's monitoring (`tillsight status`) sees why a till is not watched, where it
-    saw only the `offline` of its last stop. True once the broker has it; a broker away costs `timeout_s`."""
+    saw only the `offline` of its last stop, and a POS's check to one of its `cameras` is told why it got no
+    answer. True once the broker has it; a broker away costs `timeout_s`."""
     try:
         publisher = Publisher(cfg, store_id, daemon_id)
     except (OSError, ValueError, ssl.SSLError) as exc:  # a password file or TLS key it cannot read now
         log.info("start failure not reported over MQTT", extra={"reason": str(exc)})
         return False  # the start's own error line still says what matters
     publisher.problem_level = logging.INFO  # the start's own error line is what the journal needs
-    publisher.publish_status({"state": "failed", "problems": [problem]})  # sent once connected
+    publisher.publish_status({"state": "failed", "problems": [problem],  # sent once connected
+                              "cameras": {camera: {"state": "not_started"} for camera in cameras}})
     publisher.start()
     deadline = time.monotonic() + timeout_s
     while publisher.delivered + publisher.denied == 0 and time.monotonic() < deadline:

@@ -336,11 +336,43 @@ def test_a_daemon_refused_at_start_says_failed_and_why_on_its_status_topic(broke
     store = ["--port", str(broker.port), "--store", "store-1", "--wait", "0.3"]
     result = tillsight("status", *store)
     [listed] = result.stdout.splitlines()
-    assert result.returncode == 1 and listed.split()[:2] == ["till-pc-7", "failed"], result.stdout
+    assert result.returncode == 1 and listed.split()[:4] == ["till-pc-7", "failed", "0/1", "cameras"], result.stdout
     assert listed.endswith(line.removeprefix("tillsight: error: ")), listed
     body = json.loads(tillsight("status", *store, "--json").stdout)["till-pc-7"]
     assert (body["state"], body["problems"], body["schema"]) == ("failed", [line.removeprefix("tillsight: error: ")], 1)
+    assert body["cameras"] == {"till-7": {"state": "not_started"}}
     assert stale({**body, "time": "2020-01-01T00:00:00.000Z"}, time.time()) is None
+    # a POS asking about that daemon's till is told why nobody answers
+    asked = ["pos", "--port", str(broker.port), "--store", "store-1", "check", "--timeout", "0.5", "--camera"]
+    assert one_line_error(tillsight(*asked, "till-7")) == (
+        "tillsight: error: no answer from the daemon for camera till-7 within 0.5 s: its daemon till-pc-7 is "
+        f"failed: {line.removeprefix('tillsight: error: ')}")
+    assert one_line_error(tillsight(*asked, "till-8")) == (
+        "tillsight: error: no answer from the daemon for camera till-8 within 0.5 s: no daemon under "
+        "tillsight/store-1/ has camera till-8 in its status (is the camera id right? Not running: till-pc-7)")
+    # a daemon that is up, but with the POS conversation off, or not answering
+    other = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="another-daemon")
+    other.connect("127.0.0.1", broker.port)
+    other.loop_start()
+    up = {"schema": 1, "store": "store-1", "daemon": "till-pc-8", "state": "online", "status_interval_s": 30,
+          "time": datetime.now(timezone.utc).isoformat(), "cameras": {"till-8": {"state": "online"}}}
+    try:
+        long_ago = datetime.fromtimestamp(time.time() - 1000, timezone.utc).isoformat()
+        for body, why in ((up, "its daemon till-pc-8 has the POS conversation off (pos.enabled)"),
+                          ({**up, "pos": {"requests": 0}}, "its daemon till-pc-8 says online (overloaded? or the "
+                                                           "broker's ACL keeps tillsight/store-1/till-8/check from it)"),
+                          ({**up, "state": "offline", "problems": ["camera till-8 reconnecting"]},
+                           "its daemon till-pc-8 is offline (stopped)"),
+                          ({**up, "time": long_ago}, "its daemon till-pc-8 is stale: silent for <n> s where it sends "
+                                                     "a status every 30 s: the daemon hung, or went while the broker "
+                                                     "was down, or a clock is wrong")):
+            other.publish(f"{BASE}/till-pc-8/status", json.dumps(body), qos=1, retain=True).wait_for_publish(5)
+            said = re.escape("tillsight: error: no answer from the daemon for camera till-8 within 0.5 s: ")
+            answered = one_line_error(tillsight(*asked, "till-8"))
+            assert re.fullmatch(said + re.escape(why).replace("<n>", "10[0-9][0-9]"), answered), answered
+    finally:
+        other.publish(f"{BASE}/till-pc-8/status", b"", qos=1, retain=True).wait_for_publish(5)
+        other.loop_stop()
     result = tillsight("status", *store, "--forget", "till-pc-7")
     assert result.returncode == 0, result.stderr
 
@@ -359,8 +391,8 @@ def test_pos_cli_check_and_its_one_line_errors(daemon, broker):
     assert line == "tillsight: error: the daemon refused the check: unknown camera 'till-9'"
     line = one_line_error(tillsight("pos", "--port", str(broker.port), "--store", "other-store", "check",
                                     "--camera", "till-1", "--timeout", "1"))
-    assert line == ("tillsight: error: no answer from the daemon for camera till-1 within 1 s "
-                    "(is it running, and is the camera id right?)")
+    assert line == ("tillsight: error: no answer from the daemon for camera till-1 within 1 s: no daemon under "
+                    "tillsight/other-store/ has camera till-1 in its status (is the camera id right?)")
     line = one_line_error(tillsight("pos", "--port", "9", "--store", "s", "check", "--camera", "x"))
     assert line.startswith("tillsight: error: cannot reach the MQTT broker at localhost:9")
 
