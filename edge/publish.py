@@ -395,9 +395,9 @@ def publish_start_failure(cfg: MqttConfig, store_id: str, daemon_id: str, proble
     try:
         publisher = Publisher(cfg, store_id, daemon_id)
     except (OSError, ValueError, ssl.SSLError) as exc:  # a password file or TLS key it cannot read now
-        log.info("start failure not reported over MQTT", extra={"reason": str(exc)})
+        log.debug("start failure not reported over MQTT", extra={"reason": str(exc)})
         return False  # the start's own error line still says what matters
-    publisher.problem_level = logging.INFO  # the start's own error line is what the journal needs
+    publisher.problem_level = logging.DEBUG  # a broker away: the start's own error line is all that is said
     publisher.publish_status({"state": "failed", "problems": [problem],  # sent once connected
                               "cameras": {camera: {"state": "not_started"} for camera in cameras}})
     publisher.start()
