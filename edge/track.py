@@ -16,6 +16,7 @@ decide, a face also counts as near a track when it moved up to a face width
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -78,15 +79,16 @@ def fuse_ages(ages: list[float] | np.ndarray) -> tuple[float, float]:
     gives wild single-frame ages); the spread is the robust standard
     deviation, MAD * 1.4826.
     """
-    values = np.asarray(ages, np.float64)
-    if values.size == 0:
+    # plain Python: a track holds at most 100 ages, where numpy's calls cost 28 us a fusion and these 2-12 us
+    values = [float(age) for age in ages]
+    if not values:
         raise ValueError("no ages to fuse")
-    median = float(np.median(values))
-    spread = MAD_TO_STD * float(np.median(np.abs(values - median)))
+    median = statistics.median(values)
+    spread = MAD_TO_STD * statistics.median([abs(v - median) for v in values])
     if spread == 0:
         return median, 0.0
-    inliers = values[np.abs(values - median) <= 2.5 * spread]
-    return float(inliers.mean()), spread
+    inliers = [v for v in values if abs(v - median) <= 2.5 * spread]
+    return math.fsum(inliers) / len(inliers), spread
 
 
 @dataclass
