@@ -190,6 +190,7 @@ class FaceDetector:
                 f"{len(self.anchors)} expected for variant {variant}"
             )
         self.score_threshold = score_threshold
+        self._raw_threshold = _logit(score_threshold)  # once: every frame of every camera compares with it
         self.iou_threshold = iou_threshold
         self.min_face_px = min_face_px
 
@@ -206,7 +207,7 @@ class FaceDetector:
         raw_boxes, raw_scores = self.session.run(None, {self.input_name: tensor[None]})
         # only the anchors that score enough are decoded (a few dozen of 2,304): this runs for every frame of
         # every camera in the Python thread of its pipeline (the sigmoid keeps the order, the answers are the same)
-        likely = np.flatnonzero(raw_scores[0].reshape(-1) >= _logit(self.score_threshold))
+        likely = np.flatnonzero(raw_scores[0].reshape(-1) >= self._raw_threshold)
         boxes, keypoints, scores = decode(raw_boxes[0][likely], raw_scores[0].reshape(-1)[likely], self.anchors[likely],
                                           size)
         keep = (scores >= self.score_threshold) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
