@@ -104,3 +104,15 @@ def test_a_track_not_seen_in_new_frames_is_not_published_again():
     pipeline._judge(track, 6.0)
     assert publisher.estimates[-1] == (7, False, 6.0) and len(publisher.estimates) == 2
     assert np.isclose(track.estimate().age, 31)
+
+
+def test_every_phrase_of_the_operators_table_is_one_the_daemon_says():
+    """deploy/README.md's "When a till is not right" quotes the status's states and problems: each quoted phrase
+    must be in the code that says it, or an operator searching for it would find nothing."""
+    import re
+    section = (REPO / "deploy" / "README.md").read_text().split("## When a till is not right", 1)[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    said = "".join(path.read_text() for path in sorted((REPO / "edge").glob("*.py"))).replace('\\"', '"')
+    quoted = [phrase for row in rows for phrase in re.findall(r"`([^`]+)`", row.split(" | ")[0])]
+    assert len(rows) >= 18 and {"failed", "offline", "stale", "degraded"} <= set(quoted), quoted
+    assert [phrase for phrase in quoted if phrase not in said] == []
