@@ -22,6 +22,7 @@ import numpy as np
 
 from edge.capture import BLANK_STD, missing_device, open_camera, picture_detail, size_mismatch
 from edge.config import CameraConfig, Config, OpeningHours
+from edge.policy import build_policy
 from edge.publish import utc_iso
 from edge.runtime import ModelError
 from edge.service import build_age_model, build_detector, clock_problem
@@ -63,6 +64,7 @@ def check_models(config: Config):
         detected = CheckResult("face detector", False, str(exc))
     try:
         model = build_age_model(config.models)
+        build_policy(config.policy, model.info.metadata)  # risk mode needs a model that carries its errors
         size = model.info.input_size
         model.predict(np.zeros((1, size, size, 3), np.uint8))  # the first call sets ONNX Runtime up
         started = time.perf_counter()

@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--live", action="store_true",
                        help="then try what it names, a line each: clock, models, broker, each camera (size, frame "
                             "rate, faces in view), metrics port; exit 1 if any fails")
+    check.add_argument("--models", action="store_true",
+                       help="then load and run its models as the daemon would, a line each; exit 1 if one fails "
+                            "(the unit's reload check: cameras and broker stay the running daemon's)")
     check.set_defaults(handler=cmd_config_check)
 
     export = commands.add_parser("export", help="age checkpoint (or 'detector') to ONNX (needs the train extra)")
@@ -264,15 +267,16 @@ def cmd_config_check(args) -> int:
     for line in config_warnings(config):
         print(f"warning: {line}", file=sys.stderr)
     print(f"{args.file}: OK")
-    if args.live:
-        from edge.checkup import run_checks
+    if args.live or args.models:
+        from edge.checkup import check_models, run_checks
         results = []
-        for result in run_checks(config):
+        for result in run_checks(config) if args.live else check_models(config)[0]:
             results.append(result)
             print(result.line(), flush=True)
         failed = [r for r in results if not r.ok]
         if failed:
-            raise UserError(f"{len(failed)} of {len(results)} live checks failed, first the {failed[0].item}")
+            kind = "live checks" if args.live else "model checks"
+            raise UserError(f"{len(failed)} of {len(results)} {kind} failed, first the {failed[0].item}")
     return 0
 
 
@@ -319,12 +323,21 @@ def _config_reloadable(path: Path, service) -> bool:
 
     from edge.config import ConfigError, load_config
     log = logging.getLogger("edge.cli")
+    from edge.checkup import check_models
     try:
-        load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         log.error("config not reloaded: running on with the one loaded at start",
                   extra={"problems": exc.problems})
         service.notifier.status(f"config not reloaded: {exc.problems[0]}; {service.summary()}")
+        return False
+    # its models too, as the restart would load them (a model file replaced in place is the usual update):
+    # one that would not load leaves the till without a daemon
+    failed = [result.line() for result in check_models(config)[0] if not result.ok]
+    if failed:
+        log.error("config not reloaded: its models would not load; running on with the ones loaded at start",
+                  extra={"problems": failed})
+        service.notifier.status(f"config not reloaded: {failed[0]}; {service.summary()}")
         return False
     if service.outbox.path is None and not service.publisher.connected.is_set() and service.publisher.unacknowledged():
         log.error("config not reloaded: messages wait for the broker in memory only and a restart would lose them "

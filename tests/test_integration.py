@@ -586,6 +586,30 @@ def test_a_live_config_check_tries_the_camera_broker_and_models_a_line_each(tmp_
                           f"camera till-1: FAILED: cannot open source 'http://127.0.0.1:{camera_port}/video.mjpg'"]
 
 
+def test_the_reload_check_loads_the_models_and_nothing_else(tmp_path, age_models):
+    """`config check --models` (the unit's ExecReload): the models as the daemon would load them, a line each; the
+    camera and the broker, which the running daemon holds, are not tried. A corrupt model, or risk mode with a model
+    that carries no measured errors, fails it in one line."""
+    from test_cli import one_line_error
+    sections = dict(store_id="store-1", cameras=[{"id": "till-1", "source": "rtsp://127.0.0.1:9/none"}],
+                    mqtt={"host": "127.0.0.1", "port": 9})  # nothing listens: never tried
+    good = write_config(tmp_path / "good.toml", models={"age_model": str(age_models[40])}, **sections)
+    result = tillsight("config", "check", "--models", str(good))
+    assert result.returncode == 0 and result.stderr == "", result
+    assert [line.split(":")[0] for line in result.stdout.splitlines()] == [str(good), "face detector", "age model"]
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"a model half copied")
+    bad = write_config(tmp_path / "bad.toml", models={"age_model": str(corrupt)}, **sections)
+    result = tillsight("config", "check", "--models", str(bad))
+    assert one_line_error(result) == "tillsight: error: 1 of 2 model checks failed, first the age model"
+    assert result.stdout.splitlines()[2].startswith(f"age model: FAILED: age model {corrupt} cannot be loaded: ")
+    risky = write_config(tmp_path / "risk.toml", models={"age_model": str(age_models[40])},
+                         policy={"mode": "risk"}, **sections)
+    result = tillsight("config", "check", "--models", str(risky))
+    assert one_line_error(result) == "tillsight: error: 1 of 2 model checks failed, first the age model"
+    assert 'policy.mode = "risk" needs an age model that carries its measured errors' in result.stdout
+
+
 def test_the_live_check_says_a_camera_that_shows_nothing(tmp_path, carphone_clip):
     import cv2
     import numpy as np

@@ -637,8 +637,8 @@ def test_a_camera_that_sees_no_face_in_transactions_is_reported_until_it_sees_cu
 
 def test_sighup_reloads_a_good_config_in_place_and_keeps_running_on_a_bad_one(tmp_path, broker, age_models,
                                                                              carphone_clip):
-    """`systemctl reload` (SIGHUP): a broken edit is one error line and the daemon runs on as it was; a good one
-    restarts it in place (same PID, a new instance) with the new cameras."""
+    """`systemctl reload` (SIGHUP): a broken edit, or a model file that would not load, is one error line and the
+    daemon runs on as it was; a good one restarts it in place (same PID, a new instance) with the new cameras."""
     def config_with(camera_id: str, **extra) -> Path:
         return write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=1,
                             cameras=[{"id": camera_id, "source": str(carphone_clip), "fps_limit": 10}],
@@ -662,6 +662,18 @@ def test_sighup_reloads_a_good_config_in_place_and_keeps_running_on_a_bad_one(tm
         process.send_signal(signal.SIGHUP)
         time.sleep(3)
         assert process.poll() is None and latest(status)["instance"] == first  # running on, as it was
+        corrupt = tmp_path / "corrupt.onnx"  # a good config, but its model file was half copied
+        corrupt.write_bytes(b"half a model")
+        write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=1,
+                     cameras=[{"id": "till-1", "source": str(carphone_clip), "fps_limit": 10}],
+                     mqtt={"host": "127.0.0.1", "port": broker.port}, models={"age_model": str(corrupt)},
+                     logging={"level": "info"})
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "its models would not load" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+        assert process.poll() is None and latest(status)["instance"] == first  # running on, as it was
         config_with("till-7")
         broker.stop()  # estimates pile up in the daemon's memory (no outbox file here): a restart would lose them
         time.sleep(2)
@@ -682,9 +694,11 @@ def test_sighup_reloads_a_good_config_in_place_and_keeps_running_on_a_bad_one(tm
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     refused = [line for line in lines if line["msg"].startswith("config not reloaded")]
     assert refused[0]["level"] == "error" and refused[0]["problems"] == ["bogus: unknown key"]
-    assert broker_was_down and len(refused) == 2 and refused[1]["level"] == "error" and refused[1]["msg"] == (
+    assert refused[1]["msg"] == "config not reloaded: its models would not load; running on with the ones loaded " \
+                                "at start" and refused[1]["problems"][0].startswith("age model: FAILED: age model ")
+    assert broker_was_down and len(refused) == 3 and refused[2]["level"] == "error" and refused[2]["msg"] == (
         "config not reloaded: messages wait for the broker in memory only and a restart would lose them "
-        "(set [outbox] path, or reload once the broker is back)") and refused[1]["messages"] >= 1
+        "(set [outbox] path, or reload once the broker is back)") and refused[2]["messages"] >= 1
     assert [line["msg"] for line in lines if line["msg"].startswith("config reloaded")] == [
         "config reloaded: restarting in place"]
 

@@ -89,6 +89,15 @@ def test_the_unit_starts_reloads_restarts_after_a_kill_and_stops_under_systemd(m
     state = machine.show("tillsight")
     assert (state["ActiveState"], state["MainPID"], state["ReloadResult"]) == ("active", pid, "exit-code"), state
     assert any("fps_limit" in line for line in machine.journal("tillsight")), "the reason is not in the journal"
+    # a good config whose model would not load (half copied): the reload's own check loads the models, and fails
+    (machine.root / "etc/tillsight/half-copied.onnx").write_bytes(b"the first bytes of a model" * 40)
+    config.write_text(good.replace("[models]", '[models]\nage_model = "/etc/tillsight/half-copied.onnx"')
+                      if "[models]" in good else good + '\n[models]\nage_model = "/etc/tillsight/half-copied.onnx"\n')
+    refused = machine.run("systemctl", "reload", "tillsight", check=False, timeout=120)
+    assert refused.returncode != 0
+    state = machine.show("tillsight")
+    assert (state["ActiveState"], state["MainPID"], state["ReloadResult"]) == ("active", pid, "exit-code"), state
+    assert any("half-copied.onnx cannot be loaded" in line for line in machine.journal("tillsight"))
 
     # a good one: the same process, a new daemon instance in the status
     config.write_text(good)
