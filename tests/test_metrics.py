@@ -114,3 +114,8 @@ def test_the_dashboard_asks_only_for_metrics_the_daemon_serves():
              for name in re.findall(r"tillsight_[a-z_]+", target["expr"])}
     assert asked and asked <= served, asked - served
     assert len(dashboard["panels"]) >= 6
+    # a daemon that is not running serves nothing: only Prometheus's own `up` shows it, by the scrape job's name
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    assert 'count(up{job="$job"} == 0) or vector(0)' in exprs
+    assert {"name": "job", "type": "textbox", "label": "Prometheus job of the daemons", "query": "tillsight",
+            "current": {"text": "tillsight", "value": "tillsight"}} in dashboard["templating"]["list"]
