@@ -321,9 +321,9 @@ def _config_reloadable(path: Path, service) -> bool:
     (a `systemctl restart` with a bad config would leave the till without a daemon)."""
     import logging
 
+    from edge.checkup import check_models
     from edge.config import ConfigError, load_config
     log = logging.getLogger("edge.cli")
-    from edge.checkup import check_models
     try:
         config = load_config(path)
     except ConfigError as exc:

@@ -394,7 +394,7 @@ def publish_start_failure(cfg: MqttConfig, store_id: str, daemon_id: str, proble
     answer. True once the broker has it; a broker away costs `timeout_s`."""
     try:
         publisher = Publisher(cfg, store_id, daemon_id)
-    except (OSError, ValueError, ssl.SSLError) as exc:  # a password file or TLS key it cannot read now
+    except (OSError, ValueError) as exc:  # a password file or TLS key it cannot read now (ssl.SSLError too)
         log.debug("start failure not reported over MQTT", extra={"reason": str(exc)})
         return False  # the start's own error line still says what matters
     publisher.problem_level = logging.DEBUG  # a broker away: the start's own error line is all that is said
