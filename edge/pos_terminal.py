@@ -248,7 +248,9 @@ class Terminal:
             down = sorted(str(b.get("daemon")) for b in bodies if b.get("state") in NOT_RUNNING or stale(b, now))
             return printable(f"{said}: no daemon under {self.base}/ has camera {camera} in its status (is the "
                              f"camera id right?{' Not running: ' + ', '.join(down) if down else ''})")
-        body, old = serving[0], stale(serving[0], now)
+        # a camera moved to another daemon stays in the old one's last status: the running one should have answered
+        body = min(serving, key=lambda b: (stale(b, now) is not None, b.get("state") in NOT_RUNNING))
+        old = stale(body, now)
         daemon, state = body.get("daemon"), body.get("state")
         problems = body.get("problems") if isinstance(body.get("problems"), list) else []
         if old is not None:

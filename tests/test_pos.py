@@ -370,6 +370,11 @@ def test_a_daemon_refused_at_start_says_failed_and_why_on_its_status_topic(broke
             said = re.escape("tillsight: error: no answer from the daemon for camera till-8 within 0.5 s: ")
             answered = one_line_error(tillsight(*asked, "till-8"))
             assert re.fullmatch(said + re.escape(why).replace("<n>", "10[0-9][0-9]"), answered), answered
+        # till-7 moved to the running daemon: that one is named, not the failed one whose last status still has it
+        moved = {**up, "pos": {"requests": 0}, "cameras": {"till-7": {"state": "online"}}}
+        other.publish(f"{BASE}/till-pc-8/status", json.dumps(moved), qos=1, retain=True).wait_for_publish(5)
+        assert one_line_error(tillsight(*asked, "till-7")).startswith(
+            "tillsight: error: no answer from the daemon for camera till-7 within 0.5 s: its daemon till-pc-8 says online")
     finally:
         other.publish(f"{BASE}/till-pc-8/status", b"", qos=1, retain=True).wait_for_publish(5)
         other.loop_stop()
