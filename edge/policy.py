@@ -66,7 +66,8 @@ def needs_id_check(estimate: TrackEstimate, policy: Policy) -> bool:
 def decide(view: TillView | None, policy: Policy, at_deadline: bool) -> Decision | None:
     """The answer to an age check about the customer at the till now, or None to wait for more frames.
 
-    One customer seen long enough (`min_samples` ages): challenge or not. Nobody: wait, then `no_face`.
+    One customer seen long enough (`min_samples` ages): challenge or not. Nobody: wait, then `no_face`; one
+    face with no age by the deadline: `not_aged`.
     Several people at the till: `several_faces` once each has been seen long enough (the cashier
     decides who is buying; each face's figures go with it). At the deadline: what there is,
     marked incomplete."""
@@ -76,9 +77,11 @@ def decide(view: TillView | None, policy: Policy, at_deadline: bool) -> Decision
     if not ready and not at_deadline:
         return None
     frame_time = view.frame_time if view else None
-    if not aged:
+    if not customers:
         return Decision("no_face", (), True, frame_time)
-    if len(customers) > 1:
+    if len(customers) > 1:  # the faces aged so far go with it
         return Decision("several_faces", aged, ready, frame_time)
+    if not aged:  # someone is there, but the age model has not aged them (failing, or far behind): never no_face
+        return Decision("not_aged", (), False, frame_time)
     verdict = "challenge" if policy.challenge(aged[0].age) else "no_challenge"
     return Decision(verdict, aged, ready, frame_time)

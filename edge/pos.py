@@ -6,7 +6,7 @@ Topics under `<prefix>/<store>/` (README, "The POS conversation"):
                                           Correlation Data, or {"request_id": ..., "reply_to": ...}
                                           in the payload for MQTT 3.1.1 clients
     the reply topic       daemon -> POS   {"decision": "challenge" | "no_challenge" | "no_face" |
-                                          "several_faces" | "camera_fault" | "error", ...}
+                                          "not_aged" | "several_faces" | "camera_fault" | "error", ...}
 
 Everything on these topics comes from the network and is treated as hostile:
 payloads over `MAX_PAYLOAD` bytes are refused unread, JSON is parsed and

@@ -105,7 +105,7 @@ class TillView:
 class Decision:
     """The answer to an age check."""
 
-    decision: str  # challenge | no_challenge | no_face | several_faces | camera_fault
+    decision: str  # challenge | no_challenge | no_face | not_aged | several_faces | camera_fault
     customers: tuple[CustomerView, ...]
     complete: bool  # False: answered at the deadline with fewer samples than the policy wants
     frame_time: float | None

@@ -89,6 +89,23 @@ def test_nobody_at_the_till_is_no_face_at_the_deadline_and_two_people_are_severa
     assert body["decision"] == "several_faces" and [f["age"] for f in body["faces"]] == [40.0, 15.0]
 
 
+def test_someone_at_the_till_without_an_age_is_never_no_face():
+    """A face the age model has not aged by the deadline (it fails, or is far behind) is someone there:
+    `not_aged`, incomplete; two such faces are still `several_faces`."""
+    unaged = CustomerView(4, None, None, 0, (0, 0, 50, 50))
+    for till, decision, faces in ((Till(unaged), "not_aged", []),
+                                  (Till(unaged, CustomerView(5, 30.0, 1.0, 1, (60, 0, 110, 50))), "several_faces",
+                                   [30.0]),
+                                  (Till(unaged, CustomerView(6, None, None, 0, (60, 0, 110, 50))), "several_faces",
+                                   [])):
+        desk, replies = desk_with(till, deadline_s=0.2)
+        check(desk, {"reply_to": REPLY})
+        [(_, body, _)] = wait_for(replies)
+        desk.close()
+        assert (body["decision"], body["complete"], [f["age"] for f in body["faces"]]) == (decision, False, faces)
+        assert body["waited_ms"] >= 190
+
+
 def test_a_customer_just_arrived_is_answered_with_what_there_is_at_the_deadline():
     desk, replies = desk_with(Till(CustomerView(3, 30.0, 0.0, 1, (0, 0, 50, 50))), deadline_s=0.2)
     check(desk, {"reply_to": REPLY})
