@@ -683,9 +683,21 @@ def parse_config(data: dict, base_dir: Path | None = None) -> Config:
     problems = [f"cameras.{index}.off_while_closed: without [opening_hours] the store is never closed; give its "
                 "hours, or remove off_while_closed" for index, camera in enumerate(config.cameras)
                 if camera.off_while_closed and config.opening_hours is None]
+    problems += too_few_samples_kept(config)
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def too_few_samples_kept(config: Config) -> list[str]:
+    """A track keeps its last `max_samples` ages: fewer than the policy wants and no track is ever judged (no
+    alert, no estimate); fewer than `settle_samples` and an uncertain track is aged on every frame for ever."""
+    kept, wanted = config.tracking.max_samples, {"policy.min_samples": config.policy.min_samples}
+    if config.budget.enabled:
+        wanted["budget.settle_samples"] = config.budget.settle_samples
+    short = [f"{key} ({value})" for key, value in wanted.items() if value > kept]
+    return [f"tracking.max_samples: {kept} is below {' and '.join(short)}: a track keeps that many ages at most, "
+            "so raise it or lower those"] if short else []
 
 
 def config_warnings(config: Config) -> list[str]:

@@ -194,6 +194,18 @@ def test_duplicate_camera_ids_and_empty_camera_list():
         "cameras: list should have at least 1 item after validation, not 0"]
 
 
+def test_a_track_must_keep_as_many_ages_as_the_policy_and_the_budget_want():
+    camera = [{"id": "a", "source": 0}]
+    assert problems({"store_id": "s", "cameras": camera, "tracking": {"max_samples": 2}}) == [
+        "tracking.max_samples: 2 is below policy.min_samples (3) and budget.settle_samples (12): a track keeps that "
+        "many ages at most, so raise it or lower those"]
+    assert problems({"store_id": "s", "cameras": camera, "tracking": {"max_samples": 5},
+                     "budget": {"enabled": False}, "policy": {"min_samples": 6}}) == [
+        "tracking.max_samples: 5 is below policy.min_samples (6): a track keeps that many ages at most, so raise it "
+        "or lower those"]
+    parse_config({"store_id": "s", "cameras": camera, "tracking": {"max_samples": 5}, "budget": {"enabled": False}})
+
+
 def test_config_check_cli_prints_each_problem_and_exits_2(tmp_path):
     path = write_config(tmp_path / "bad.toml", store_id="s", mqtt={"port": 70000},
                         cameras=[{"id": "a", "source": 0, "fps": 5}])
