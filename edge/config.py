@@ -18,13 +18,23 @@ from typing import Annotated, Literal, Union, get_args, get_origin
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError, ValidationInfo,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
 from edge.detect import DEFAULT_VARIANT, VARIANTS
 from edge.tiers import TIERS
 URL_SCHEMES = ("rtsp", "rtsps", "http", "https")
 NAME = r"^[A-Za-z0-9_-]{1,64}$"  # ids become MQTT topic levels: no '/', '+', '#'
+# <prefix>/<store>/pos/... is where POS clients take their answers: a camera or daemon named pos would have its
+# alert, estimate or status topics there, where any POS's check may name a reply topic
+RESERVED_ID = "pos"
+
+
+def not_reserved(value: str | None) -> str | None:
+    if value == RESERVED_ID:
+        raise ValueError(f"{RESERVED_ID!r} is reserved: <prefix>/<store>/{RESERVED_ID}/ holds the POS clients' "
+                         "reply topics")
+    return value
 TOPIC_PREFIX = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"  # levels of NAME's characters: no wildcard, no empty level
 MAX_FILE_BYTES = 1 << 20  # a config file is a few KiB; a larger one is refused unread
 MAX_KEY_DEPTH = 32  # dotted keys: tomllib's cost grows with the square of a key's parts
@@ -176,7 +186,7 @@ class Strict(BaseModel):
 
 
 class CameraConfig(Strict):
-    id: Annotated[str, Field(pattern=NAME)]
+    id: Annotated[str, Field(pattern=NAME), AfterValidator(not_reserved)]
     source: Union[Annotated[int, Field(ge=0, le=65535, strict=True)], str]
     fps_limit: Annotated[float, Field(gt=0, le=120)] | None = 5.0  # None: every frame
     # a picture frozen or blank this long is a fault (edge.capture.PictureCheck); 0: not checked
@@ -604,7 +614,7 @@ class OpeningHours(Strict):
 class Config(Strict):
     _file: Path | None = PrivateAttr(default=None)  # the file it was read from (load_config), for exposed_secrets
     store_id: Annotated[str, Field(pattern=NAME)]
-    daemon_id: Annotated[str, Field(pattern=NAME)] | None = None  # default: the host name (-instance under tillsight@)
+    daemon_id: Annotated[str, Field(pattern=NAME), AfterValidator(not_reserved)] | None = None  # default: the host name (-instance under tillsight@)
     cameras: Annotated[list[CameraConfig], Field(min_length=1)]
     mqtt: MqttConfig = MqttConfig()
     models: ModelsConfig = ModelsConfig()

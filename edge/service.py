@@ -21,7 +21,7 @@ import numpy as np
 from edge.analytics import AgeBandCounter, OpenIntervals, band_of
 from edge.budget import wants_age
 from edge.capture import BLANK, END_OF_STREAM, FROZEN, LIVE, CameraReader
-from edge.config import CameraConfig, Config, ModelsConfig, config_warnings
+from edge.config import RESERVED_ID, CameraConfig, Config, ModelsConfig, config_warnings
 from edge.detect import FaceDetector
 from edge.errors import UserError
 from edge.infer import AgeBatcher, AgeModel
@@ -629,7 +629,8 @@ def daemon_id(config: Config) -> str:
     instance = os.environ.get("TILLSIGHT_INSTANCE", "")
     suffix = named(f"-{instance}")[:64] if instance else ""
     name = named(socket.gethostname())[: 64 - len(suffix)] + suffix  # too long: the host name gives way
-    return name.lstrip("-") or "tillsight"
+    name = name.lstrip("-") or "tillsight"
+    return "tillsight-pos" if name == RESERVED_ID else name  # a till PC called pos: not the POS's reply topics
 
 
 def run_replay(config, realtime: bool = False, ack_timeout: float = 30.0, on_start=None) -> dict:

@@ -206,6 +206,19 @@ def test_a_track_must_keep_as_many_ages_as_the_policy_and_the_budget_want():
     parse_config({"store_id": "s", "cameras": camera, "tracking": {"max_samples": 5}, "budget": {"enabled": False}})
 
 
+def test_pos_is_no_camera_or_daemon_id_since_the_pos_clients_replies_live_there(monkeypatch):
+    """A camera or daemon named pos would put its alert, estimate or status topics under <prefix>/<store>/pos/,
+    where a POS's check may name the reply topic."""
+    from edge.service import daemon_id
+    reserved = "'pos' is reserved: <prefix>/<store>/pos/ holds the POS clients' reply topics"
+    assert problems({"store_id": "s", "daemon_id": "pos", "cameras": [{"id": "pos", "source": 0}]}) == [
+        f"daemon_id: {reserved}", f"cameras.0.id: {reserved}"]
+    config = parse_config({"store_id": "s", "cameras": [{"id": "POS-1", "source": 0}]})
+    monkeypatch.setattr("socket.gethostname", lambda: "pos")
+    monkeypatch.delenv("TILLSIGHT_INSTANCE", raising=False)
+    assert daemon_id(config) == "tillsight-pos"
+
+
 def test_config_check_cli_prints_each_problem_and_exits_2(tmp_path):
     path = write_config(tmp_path / "bad.toml", store_id="s", mqtt={"port": 70000},
                         cameras=[{"id": "a", "source": 0, "fps": 5}])
