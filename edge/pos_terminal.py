@@ -132,7 +132,7 @@ class RecentIds:
     def repeated(self, payload: bytes) -> bool:
         try:
             message_id = json.loads(payload).get("id")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # deep nesting: its own exception, not ValueError
             return False
         if not isinstance(message_id, str):
             return False

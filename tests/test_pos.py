@@ -576,7 +576,8 @@ def test_hostile_input_and_floods_do_not_stop_the_daemon(daemon, broker):
 
 
 def test_the_terminal_shows_a_message_delivered_twice_once(broker):
-    """At least once: the same message (same id) may arrive again after a daemon restart."""
+    """At least once: the same message (same id) may arrive again after a daemon restart. A hostile payload
+    (100,000-deep JSON) is shown as what it is, and the watch goes on."""
     import paho.mqtt.client as mqtt
     terminal = Terminal("127.0.0.1", broker.port, BASE)
     lines = []
@@ -587,11 +588,13 @@ def test_the_terminal_shows_a_message_delivered_twice_once(broker):
     sender.connect("127.0.0.1", broker.port)
     sender.loop_start()
     alert = {"id": "a" * 32, "schema": 1, "track": 3, "age": 16.2, "challenge_age": 25}
+    sender.publish(f"{BASE}/pos/t1/reply", b"[" * 100_000, qos=1).wait_for_publish(5)
     for body in (alert, alert, {**alert, "id": "b" * 32}):
         sender.publish(f"{BASE}/till-1/alert", json.dumps(body), qos=1).wait_for_publish(5)
     watching.join(5)
     sender.loop_stop()
     terminal.close()
+    assert lines[0] == f"{BASE}/pos/t1/reply  (not JSON, 100000 bytes)"
     assert len([line for line in lines if "ASK FOR ID" in line]) == 2
 
 
