@@ -555,7 +555,8 @@ def _check_broker_options(host: str, port: int, store: str, prefix: str) -> None
 def cmd_status(args) -> int:
     import time
 
-    from edge.pos_terminal import PosError, describe_status, stale
+    from edge.peers import stale
+    from edge.pos_terminal import PosError, describe_status
     if not 0 <= args.wait <= 60:
         raise UserError(f"--wait {args.wait:g}: seconds from 0 to 60", EXIT_USAGE)
     if args.forget is not None:

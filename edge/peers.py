@@ -7,7 +7,8 @@ its age checks, perhaps differently. Every daemon subscribes to `<prefix>/<store
 status carries the daemon's `instance` (random per process) and its cameras. A conflict makes the
 daemon `degraded`, and checks at a shared camera are answered `camera_fault` by both daemons, so the
 cashier decides, until one of them goes (its `offline` status or will) or falls silent for three of
-its status intervals.
+its status intervals (a retained status: counted from its own time, so that one left by a daemon that died
+while the broker was down does not make a conflict with the daemon that replaced it).
 
 A status message is network input like any other: size-capped, parsed by pydantic, never trusted
 beyond these fields. Anyone allowed to publish on the status topics could fake a conflict (the
@@ -21,6 +22,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -35,10 +37,47 @@ GRACE_S = 5.0  # on top of the silent intervals: a status in flight, a broker bu
 # The states of a daemon that is not running: stopped ("offline", also its will), or refused at start ("failed",
 # with the reason). Neither renews its status, so neither goes stale, and neither serves a camera.
 NOT_RUNNING = ("offline", "failed")
+# A retained status is stamped by its daemon's clock and read by this machine's: a store's machines keep time
+# by NTP, but one that lost it drifts, so a status is called stale only when it is this much later than its
+# daemon's silent intervals allow.
+CLOCK_SLACK_S = 60.0
 
 
 def new_instance() -> str:
     return secrets.token_hex(8)
+
+
+def iso_seconds(iso: str) -> float | None:
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _interval(value) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 86400
+    return value if ok else DEFAULT_INTERVAL_S
+
+
+def belief_left(body: dict, now: float) -> float | None:
+    """For how many more seconds a retained status of a running daemon can be believed (negative: it is stale),
+    from its own time; None where it says no time, or its daemon is not running."""
+    said_at = iso_seconds(body["time"]) if isinstance(body.get("time"), str) else None
+    if body.get("state") in NOT_RUNNING or said_at is None:
+        return None
+    return SILENT_INTERVALS * _interval(body.get("status_interval_s")) + CLOCK_SLACK_S - (now - said_at)
+
+
+def stale(body: dict, now: float) -> str | None:
+    """Why a retained status of a running daemon (not `offline`, not `failed`) can no longer be believed, or
+    None. A daemon that died without its will (the broker was down, or restarted from its store, when it went)
+    or hung leaves its last `online` retained for ever; a live one renews it every `status_interval_s`."""
+    left = belief_left(body, now)
+    if left is None or left >= 0:
+        return None
+    silent = now - iso_seconds(body["time"])
+    return (f"silent for {silent:.0f} s where it sends a status every {_interval(body.get('status_interval_s')):g} "
+            "s: the daemon hung, or went while the broker was down, or a clock is wrong")
 
 
 class PeerStatus(BaseModel):
@@ -47,6 +86,7 @@ class PeerStatus(BaseModel):
     instance: Annotated[str, Field(max_length=64)] | None = None
     status_interval_s: Annotated[float, Field(gt=0, le=86400)] | None = None
     cameras: dict[Annotated[str, Field(max_length=128)], object] | None = None
+    time: Annotated[str, Field(max_length=64)] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,9 +141,14 @@ class Peers:
                 self._peers.pop(key, None)
                 copy_went = daemon_id == self.daemon_id
             else:
-                interval = status.status_interval_s or DEFAULT_INTERVAL_S
-                self._peers[key] = Peer(daemon_id, frozenset(status.cameras or ()),
-                                        time.monotonic() + SILENT_INTERVALS * interval + GRACE_S)
+                believed = SILENT_INTERVALS * (status.status_interval_s or DEFAULT_INTERVAL_S) + GRACE_S
+                if retained:  # said before we subscribed, perhaps long ago by a daemon that died without its will
+                    left = belief_left(status.model_dump(), time.time())
+                    believed = believed if left is None else min(believed, left)
+                if believed > 0:
+                    self._peers[key] = Peer(daemon_id, frozenset(status.cameras or ()), time.monotonic() + believed)
+                else:
+                    self._peers.pop(key, None)
                 copy_went = False
         if copy_went and self.on_change is not None:
             self.on_change()  # its offline is now the retained status of our topic: say we are here

@@ -21,12 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.logs import printable
-from edge.peers import DEFAULT_INTERVAL_S, NOT_RUNNING, SILENT_INTERVALS
-
-# `tillsight status` reads retained statuses, stamped by the daemon's clock, with this machine's: a store's
-# machines keep time by NTP, but one that lost it drifts, so a status is called stale only when it is this
-# much later than its daemon's silent intervals allow.
-CLOCK_SLACK_S = 60.0
+from edge.peers import NOT_RUNNING, iso_seconds, stale
 
 
 def describe(topic: str, payload: bytes) -> str:
@@ -75,30 +70,13 @@ def describe_status(body: dict, now: float) -> str:
     return printable(_describe_status(body, now))
 
 
-def stale(body: dict, now: float) -> str | None:
-    """Why a retained status of a running daemon (not `offline`, not `failed`) can no longer be believed, or
-    None. A daemon that died without its will (the broker was down, or restarted from its store, when it went)
-    or hung leaves its last `online` retained for ever; a live one renews it every `status_interval_s`."""
-    said_at = _seconds(body["time"]) if isinstance(body.get("time"), str) else None
-    if body.get("state") in NOT_RUNNING or said_at is None:
-        return None
-    interval = body.get("status_interval_s")
-    interval = interval if isinstance(interval, (int, float)) and not isinstance(interval, bool) and \
-        0 < interval <= 86400 else DEFAULT_INTERVAL_S
-    silent = now - said_at
-    if silent <= SILENT_INTERVALS * interval + CLOCK_SLACK_S:
-        return None
-    return (f"silent for {silent:.0f} s where it sends a status every {interval:g} s: the daemon hung, or went "
-            "while the broker was down, or a clock is wrong")
-
-
 def _describe_status(body: dict, now: float) -> str:
     cameras = body.get("cameras") if isinstance(body.get("cameras"), dict) else {}
     live = sum(1 for c in cameras.values() if isinstance(c, dict) and c.get("state") == "online"
                and c.get("picture") in (None, "live"))
     model = body.get("age_model") if isinstance(body.get("age_model"), dict) else {}
     served = " ".join(str(model[k]) for k in ("tier", "variant", "provider") if model.get(k)) or "-"
-    age = f"{now - _seconds(body['time']):.0f} s ago" if isinstance(body.get("time"), str) and _seconds(body["time"]) \
+    age = f"{now - iso_seconds(body['time']):.0f} s ago" if isinstance(body.get("time"), str) and iso_seconds(body["time"]) \
         else "-"
     problems = body.get("problems") if isinstance(body.get("problems"), list) else []
     old = stale(body, now)
@@ -108,14 +86,6 @@ def _describe_status(body: dict, now: float) -> str:
     return (f"{str(body.get('daemon')):<16} {str(state):<9} "
             f"{f'{live}/{len(cameras)} cameras' if cameras else '-':<11} {served:<32} {age:>10}  "
             + ("; ".join(str(p) for p in problems) or "-"))
-
-
-def _seconds(iso: str) -> float | None:
-    from datetime import datetime
-    try:
-        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 class PosError(Exception):

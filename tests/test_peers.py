@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,30 @@ def test_a_peer_silent_for_three_of_its_intervals_is_gone(monkeypatch):
     assert watch.camera_conflict("till-1") is not None
     time.sleep(0.35)
     assert watch.camera_conflict("till-1") is None and watch.problems() == []
+
+
+def test_a_retained_status_is_believed_only_as_long_as_its_own_time_allows():
+    """A daemon that died without its will (the broker was down) leaves its `online` retained: the daemon that
+    replaces it at that camera must not see a conflict at every start and every reconnect. A retained status is
+    believed for what is left of its silent intervals, counted from its own time (with a minute for the clocks);
+    one heard live is believed for the whole of them, whatever its clock says."""
+    def said(seconds_ago: float) -> str:
+        return datetime.fromtimestamp(time.time() - seconds_ago, timezone.utc).isoformat()
+
+    watch = peers()
+    watch.see(f"{BASE}/old-pc/status", status(instance="dead", time=said(3600), status_interval_s=30), retained=True)
+    assert watch.camera_conflict("till-1") is None and watch.problems() == []
+    watch.see(f"{BASE}/till-pc-9/status", status(instance="b", time=said(10), status_interval_s=30), retained=True)
+    assert watch.camera_conflict("till-1") is not None  # 10 s ago: running, as far as anyone can tell
+    watch.see(f"{BASE}/till-pc-9/status", status(instance="b", time=said(149.2), status_interval_s=30),
+              retained=True)  # 3 x 30 s + 60 s for the clocks: 0.8 s left
+    assert watch.camera_conflict("till-1") is not None
+    time.sleep(1.0)
+    assert watch.camera_conflict("till-1") is None
+    watch.see(f"{BASE}/till-pc-8/status", status(instance="c", time=said(3600), status_interval_s=30), retained=False)
+    assert watch.camera_conflict("till-1") is not None  # live: its clock is wrong, not its life
+    assert edge.peers.stale(json.loads(status(time=said(3600), status_interval_s=30)), time.time()).startswith(
+        "silent for 3600 s where it sends a status every 30 s")
 
 
 def test_hostile_status_payloads_are_ignored_and_logged_in_bounds(caplog):

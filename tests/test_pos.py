@@ -20,7 +20,8 @@ import pytest
 
 from edge.policy import Policy
 from edge.pos import PosDesk
-from edge.pos_terminal import Terminal, describe, stale
+from edge.peers import stale
+from edge.pos_terminal import Terminal, describe
 from edge.types import CustomerView, TillView
 from test_cli import one_line_error
 from tskit import REPO, Subscriber, start_daemon, stop_daemon, tillsight, write_config
