@@ -42,7 +42,7 @@ from paho.mqtt.properties import Properties
 from edge import __version__
 from edge.config import MqttConfig
 from edge.outbox import Outbox
-from edge.peers import new_instance
+from edge.peers import MAX_STATUS_BYTES, new_instance
 from edge.types import TrackEstimate
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 SHORT_SESSION_S = 5.0
 SHORT_SESSIONS = 3
 SCHEMA = 1
+# The largest packet the daemon's listener takes: a status (MAX_STATUS_BYTES) with its topic and properties. The
+# POS's checks and transactions are refused over 16 KB (edge/pos.py) anyway, but only once read.
+LISTENER_MAX_PACKET = MAX_STATUS_BYTES + 16 * 1024
 
 
 def utc_iso(timestamp: float | None = None) -> str:
@@ -181,8 +184,19 @@ class Publisher:
             self.listener = self._make_client(f"{self.client_id}-pos")
             self.listener.on_connect = self._on_listener_connect
             self.listener.on_message = self._on_listener_message
-            self.listener.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+            self.listener.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s,
+                                        properties=self._listener_limits())
             self.listener.loop_start()
+
+    def _listener_limits(self) -> Properties | None:
+        """MQTT 5: the broker is told the largest packet the listener takes, and drops a larger one for it, so a
+        hostile 100 MB payload on a POS topic never reaches the daemon's memory (paho reads a packet whole before
+        anyone can look at its size). MQTT 3.1.1 has no such field: the broker's own `max_packet_size` is all."""
+        if self.cfg.protocol != "5":
+            return None
+        limits = Properties(PacketTypes.CONNECT)
+        limits.MaximumPacketSize = LISTENER_MAX_PACKET
+        return limits
 
     def _on_listener_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:

@@ -576,6 +576,31 @@ def test_hostile_input_and_floods_do_not_stop_the_daemon(daemon, broker):
           f"lines, RSS {rss_before:.0f} -> {_rss_mb(process.pid):.0f} MB")
 
 
+def test_a_payload_too_large_for_any_status_never_reaches_the_daemon(daemon, broker):
+    """MQTT 5: the daemon's listener tells the broker the largest packet it takes, so a 4 MB payload on a
+    POS topic is dropped by the broker, not read whole into the daemon's memory; a 20 KB one still arrives and
+    is refused unread, with its error reply."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    reply = f"{BASE}/pos/big/reply"
+    replies = Subscriber(broker.port, reply)
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="big-sender", protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    asking = Properties(PacketTypes.PUBLISH)
+    asking.ResponseTopic = reply
+    try:
+        for size in (4_000_000, 20_000):
+            client.publish(f"{BASE}/till-1/check", b" " * size, qos=1, properties=asking).wait_for_publish(10)
+        assert replies.wait_for(lambda s: len(s.messages) >= 1, 10)
+        time.sleep(0.5)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    assert [b["error"] for b in replies.json("/pos/big/reply")] == ["payload of 20000 bytes is over 16384"]
+    replies.close()
+
+
 def test_the_terminal_shows_a_message_delivered_twice_once(broker):
     """At least once: the same message (same id) may arrive again after a daemon restart. A hostile payload
     (100,000-deep JSON) is shown as what it is, and the watch goes on."""
