@@ -41,6 +41,7 @@ from paho.mqtt.properties import Properties
 
 from edge import __version__
 from edge.config import MqttConfig
+from edge.errors import UserError
 from edge.outbox import Outbox
 from edge.peers import MAX_STATUS_BYTES, new_instance
 from edge.types import TrackEstimate
@@ -408,7 +409,7 @@ def publish_start_failure(cfg: MqttConfig, store_id: str, daemon_id: str, proble
     answer. True once the broker has it; a broker away costs `timeout_s`."""
     try:
         publisher = Publisher(cfg, store_id, daemon_id)
-    except (OSError, ValueError) as exc:  # a password file or TLS key it cannot read now (ssl.SSLError too)
+    except (OSError, ValueError, UserError) as exc:  # a password file or TLS key it cannot read now (ssl.SSLError too)
         log.debug("start failure not reported over MQTT", extra={"reason": str(exc)})
         return False  # the start's own error line still says what matters
     publisher.problem_level = logging.DEBUG  # a broker away: the start's own error line is all that is said
@@ -429,13 +430,23 @@ def mqtt_client(cfg: MqttConfig, client_id: str, protocol: str | None = None) ->
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=mqtt.MQTTv5 if (protocol or cfg.protocol) == "5" else mqtt.MQTTv311)
     if cfg.username is not None:
-        password = cfg.password_file.read_text().strip() if cfg.password_file else None
-        client.username_pw_set(cfg.username, password)
+        client.username_pw_set(cfg.username, read_password(cfg.password_file) if cfg.password_file else None)
     if cfg.tls is not None:
         client.tls_set(ca_certs=_s(cfg.tls.ca_file), certfile=_s(cfg.tls.cert_file),
                        keyfile=_s(cfg.tls.key_file), cert_reqs=ssl.CERT_REQUIRED)
         client.tls_insecure_set(cfg.tls.insecure)
     return client
+
+
+def read_password(path) -> str:
+    """The broker password, from its file now (it may have been replaced since the config was checked)."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UserError(f"mqtt.password_file {path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"mqtt.password_file {path} is not UTF-8 text: a password file holds the password "
+                        "alone, on one line") from None
 
 
 def no_delay(client: mqtt.Client) -> None:

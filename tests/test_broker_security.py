@@ -128,6 +128,23 @@ def test_each_misconfiguration_is_one_clear_line(tmp_path, pki, age_models, hami
     assert line.startswith("tillsight: error: MQTT broker at 127.0.0.1:") and expected in line, line
 
 
+def test_a_password_file_that_is_no_text_is_one_line_for_the_daemon_and_the_tools(tmp_path, pki, age_models,
+                                                                                   hamilton_clip):
+    """Read when the connection is made (it may have changed since the check): bytes that are no UTF-8 text are
+    one line from every command that connects, never a traceback."""
+    garbled = tmp_path / "garbled-password"
+    garbled.write_bytes(b"\xff\xfesecret\n")
+    garbled.chmod(0o600)
+    config = config_file(tmp_path, tmp_path, 1, age_models[40], camera=str(hamilton_clip))
+    text = config.read_text().replace(str(tmp_path / "mqtt-password"), str(garbled))
+    config.write_text(text.replace(f'[mqtt.tls]\nca_file = "{tmp_path / "ca.pem"}"\n', ""))
+    expected = f"tillsight: error: mqtt.password_file {garbled} is not UTF-8 text"
+    for command in (["replay", str(hamilton_clip), "--config", str(config)], ["status", "--config", str(config)],
+                    ["pos", "--config", str(config), "check", "--camera", "till-1"]):
+        line = one_error_line(tillsight(*command))
+        assert line.startswith(expected), (command, line)
+
+
 def test_a_publish_the_acl_denies_is_counted_and_never_reported_delivered(tmp_path, pki, age_models, hamilton_clip):
     # the daemon may publish estimates and its status, not alerts: the broker answers PUBACK 0x87
     acl = ("user tillsight\ntopic write tillsight/store-1/+/estimate\ntopic readwrite tillsight/store-1/+/status\n"
