@@ -251,6 +251,11 @@ class Outbox:
             if key in self._rows:
                 self._remove([key])
 
+    def get(self, key: int) -> Queued | None:
+        """A message still kept, or None once done or dropped (over the bound)."""
+        with self._lock:
+            return self._rows.get(key)
+
     def backlog(self) -> list[Queued]:
         """What the previous run left unsent (and anything not yet acknowledged), oldest first."""
         with self._lock:

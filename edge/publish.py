@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from datetime import datetime, timezone
 
 import paho.mqtt.client as mqtt
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 SHORT_SESSION_S = 5.0
 SHORT_SESSIONS = 3
 SCHEMA = 1
+EARLY_ACKS_KEPT = 1024  # acks of QoS 0 messages pile up here (nothing claims them): the bound
 # The largest packet the daemon's listener takes: a status (MAX_STATUS_BYTES) with its topic and properties. The
 # POS's checks and transactions are refused over 16 KB (edge/pos.py) anyway, but only once read.
 LISTENER_MAX_PACKET = MAX_STATUS_BYTES + 16 * 1024
@@ -140,8 +142,14 @@ class Publisher:
         self.problem_level = logging.ERROR  # a replay says it in its one closing line instead
         self._pending: dict[int, tuple[int | None, str]] = {}  # mid -> (outbox key, topic) not yet acknowledged
         self._denied_topics: set[str] = set()  # logged once each
-        self._acked_early: dict[int, object] = {}  # acks (mid -> reason code) that raced ahead of publish()
+        # acks that raced ahead of publish() returning its mid: mid -> (reason code, monotonic ns when it came)
+        self._acked_early: dict[int, tuple[object, int]] = {}
         self._lock = threading.Lock()
+        # outbox keys (and MQTT 5 properties) of event messages paho would not take (its queue full, or all
+        # 65,535 message ids in flight): they wait in the outbox, in order, and go as soon as paho takes them
+        self._held: deque[tuple[int, object]] = deque()
+        self._held_lock = threading.Lock()  # taken around paho's publish(): never from a paho callback
+        self._status_refused = False  # the latest status found paho full: sent again by send_held()
         self._status: dict = {"state": "online"}
         self.subscriptions: list[tuple[str, int]] = []  # set before start(); renewed on every connect
         self.on_message = None  # (topic, payload, properties) -> None, for the subscriptions
@@ -176,7 +184,7 @@ class Publisher:
         if backlog:
             log.warning("outbox: sending messages left by the previous run", extra={"messages": len(backlog)})
         for row in backlog:
-            self._send(row.topic, row.payload, row.qos, row.retain, None, row.key)
+            self._submit(row.key, row.topic, row.payload, row.qos, row.retain, None)
         self.client.on_connect_fail = self._on_connect_fail
         # connect_async + loop_start: the daemon runs (and queues) while the broker is down.
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
@@ -319,38 +327,94 @@ class Publisher:
         self._publish(f"{self.base}/{camera_id}/analytics/transaction", body, qos=1)
 
     def publish_reply(self, topic: str, body: dict, correlation: bytes | None) -> None:
-        """An answer to the POS, with the request's MQTT 5 Correlation Data when it had one."""
+        """An answer to the POS, with the request's MQTT 5 Correlation Data when it had one. Not kept in the
+        outbox: it matters for the seconds the POS waits for it (paho re-sends it over a reconnect), and after a
+        restart it would come minutes late, without its Correlation Data, to a POS that has moved on."""
         properties = None
         if correlation is not None and self.cfg.protocol == "5":
             properties = Properties(PacketTypes.PUBLISH)
             properties.CorrelationData = correlation
         body = {"schema": SCHEMA, "store": self.store_id, **body, "time": utc_iso()}
-        self._publish(topic, body, qos=1, properties=properties)
+        self._publish(topic, body, qos=1, properties=properties, durable=False)
 
-    def _publish(self, topic: str, body: dict, qos: int, retain: bool = False, properties=None) -> None:
-        """An event message: a unique id, into the outbox (QoS>0), then to paho."""
+    def _publish(self, topic: str, body: dict, qos: int, retain: bool = False, properties=None,
+                 durable: bool = True) -> None:
+        """An event message: a unique id, into the outbox (QoS>0), then to paho, after any it holds back."""
         payload = json.dumps({"id": uuid.uuid4().hex, **body}, separators=(",", ":")).encode()
-        key = self.outbox.add(topic, payload, qos, retain) if qos > 0 else None
-        self._send(topic, payload, qos, retain, properties, key)
+        if qos == 0 or not durable:  # not kept, so never held back either: paho takes it or it is dropped
+            self._send(topic, payload, qos, retain, properties, None)
+        else:
+            self._submit(self.outbox.add(topic, payload, qos, retain), topic, payload, qos, retain, properties)
 
-    def _send(self, topic: str, payload: bytes, qos: int, retain: bool, properties, key: int | None) -> None:
+    def _submit(self, key: int, topic: str, payload: bytes, qos: int, retain: bool, properties) -> None:
+        """A message kept in the outbox: to paho, after any it holds back; held back itself if paho is full."""
+        with self._held_lock:
+            if self._held and not self._send_held():  # paho still full: this one waits behind them
+                self._held.append((key, properties))
+            elif not self._send(topic, payload, qos, retain, properties, key):
+                log.error("MQTT queue full: messages wait in the outbox until the broker takes more",
+                          extra={"unacknowledged": self.unacknowledged(),
+                                 "max_queued_messages": self.cfg.max_queued_messages})
+                self._held.append((key, properties))
+
+    def _refused(self, topic: str) -> None:
+        """A message paho would not take and the outbox does not keep (an answer): dropped."""
+        self.dropped += 1
+        log.error("MQTT queue full, message dropped", extra={"topic": topic, "dropped": self.dropped})
+
+    def _send_held(self) -> bool:
+        """Hand paho what it held back, oldest first, as far as it takes them; True when none is left.
+        Called with _held_lock held."""
+        while self._held:
+            key, properties = self._held[0]
+            row = self.outbox.get(key)
+            if row is not None and not self._send(row.topic, row.payload, row.qos, row.retain, properties, key):
+                return False
+            self._held.popleft()  # sent, or dropped from the outbox meanwhile (over its bound)
+        log.info("MQTT queue has room again: the messages held in the outbox were handed on")
+        return True
+
+    def send_held(self) -> None:
+        """Called every tick by the service (and while stopping): what paho held back goes once it has room, and
+        a status it refused (the one that says we are back after an outage, say) is tried again."""
+        if self._held:
+            with self._held_lock:
+                self._send_held()
+        if self._status_refused:
+            self._status_refused = False
+            self.publish_status(self._status)
+
+    def _send(self, topic: str, payload: bytes, qos: int, retain: bool, properties, key: int | None) -> bool:
+        """Hand one message to paho; False if it would not take it (its queue full, or every id in flight)."""
+        asked_at = time.monotonic_ns()
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-            self.dropped += 1  # still in the outbox (if on disk): sent after a restart
-            log.error("MQTT queue full, message not sent now", extra={"topic": topic, "dropped": self.dropped})
-            return
-        if qos > 0:  # queued even while disconnected (rc NO_CONN): paho sends it on reconnect
-            with self._lock:
-                early = self._acked_early.pop(info.mid, None)
-                if early is None:
-                    self._pending[info.mid] = (key, topic)
-            if early is not None:
-                self._acknowledged(topic, key, early)
+            if topic == self.status_topic:
+                self._status_refused = True  # send_held() tries again, once paho has room
+            elif key is None:  # an answer: dropped
+                self._refused(topic)
+            return False
+        with self._lock:
+            early = self._acked_early.pop(info.mid, None)
+            # paho numbers QoS 0 messages from the same 65,535 ids: an ack from before this publish was one of
+            # theirs, and taking it for this message's would delete it from the outbox unsent
+            if early is not None and early[1] < asked_at:
+                early = None
+            if qos > 0 and early is None:  # queued even while disconnected (rc NO_CONN): sent on reconnect
+                self._pending[info.mid] = (key, topic)
+        if qos > 0 and early is not None:
+            self._acknowledged(topic, key, early[0])
+        return True
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         with self._lock:
             if mid not in self._pending:
-                self._acked_early[mid] = reason_code
+                self._acked_early[mid] = (reason_code, time.monotonic_ns())
+                if len(self._acked_early) > EARLY_ACKS_KEPT:  # a QoS 0 message's, sent after its publish()
+                    # returned: an early ack lives microseconds, so the oldest half can go
+                    for old in sorted(self._acked_early, key=lambda m: self._acked_early[m][1])[
+                            : EARLY_ACKS_KEPT // 2]:
+                        del self._acked_early[old]
                 return
             key, topic = self._pending.pop(mid)
         self._acknowledged(topic, key, reason_code)
@@ -368,8 +432,9 @@ class Publisher:
             self.outbox.done(key)
 
     def unacknowledged(self) -> int:
+        """QoS>0 messages the broker has not acknowledged: with paho, or held back in the outbox."""
         with self._lock:
-            return len(self._pending)
+            return len(self._pending) + len(self._held)
 
     def wait_for_delivery(self, timeout_s: float) -> bool:
         """Wait until the broker has acknowledged every QoS>0 message."""
@@ -377,6 +442,7 @@ class Publisher:
         while self.unacknowledged():
             if time.monotonic() > deadline:
                 return False
+            self.send_held()
             time.sleep(0.02)
         return True
 

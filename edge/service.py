@@ -559,6 +559,7 @@ class Service:
             if self.replay and all(p.finished.is_set() for p in self.pipelines):
                 break
             self.stop_event.wait(0.1)
+            self.publisher.send_held()  # what paho's full queue held back in the outbox, once it has room
             key = self._state_key()
             if key != last_key:
                 # new problems are logged (a replay reports in its closing line instead); ones from the start,

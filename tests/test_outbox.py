@@ -20,7 +20,12 @@ from pathlib import Path
 import pytest
 
 from edge.broker import LocalBroker, find_mosquitto
+from edge.config import MqttConfig
 from edge.outbox import Outbox
+from edge.peers import iso_seconds
+from edge.policy import Policy
+from edge.publish import Publisher
+from edge.types import TrackEstimate
 from tskit import REPO, Subscriber, write_config
 
 OUTAGE_S = 60  # the issue's broker outage
@@ -117,6 +122,7 @@ DISK_FULL = """
 import resource, sys
 from pathlib import Path
 from edge.outbox import Outbox
+from edge.peers import iso_seconds
 box = Outbox(Path(sys.argv[1]))
 resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))  # the file may grow no further
 for i in range(2000):
@@ -129,6 +135,7 @@ DISK_FILLS_AND_FREES = """
 import resource, sys, time
 from pathlib import Path
 from edge.outbox import Outbox
+from edge.peers import iso_seconds
 path = Path(sys.argv[1])
 box = Outbox(path)
 box.retry_after_s = 0.2
@@ -163,6 +170,67 @@ def test_a_full_disk_keeps_every_message_in_memory(tmp_path):
     state, depth, reason = result.stdout.split(" ", 2)
     assert state == "memory" and int(depth) == 2000 and "cannot write" in reason
     assert len([line for line in result.stderr.splitlines() if '"level": "error"' in line or "ERROR" in line]) <= 1
+
+
+# ---------------------------------------------------------------- paho's limits, on a real broker
+
+def connected_publisher(port: int, outbox: Outbox, **mqtt) -> Publisher:
+    publisher = Publisher(MqttConfig(host="127.0.0.1", port=port, keepalive_s=5, **mqtt), "store-1", "till-pc",
+                          outbox)
+    publisher.start()
+    assert publisher.connected.wait(10)
+    return publisher
+
+
+def test_what_pahos_full_queue_cannot_take_waits_in_the_outbox_and_goes_in_order_once_it_has_room(tmp_path):
+    """paho holds at most max_queued_messages unacknowledged, and never more than its 65,535 message ids: what
+    it refuses during a long outage waits in the outbox and goes, after the rest and in order, as soon as the
+    broker is back, not at the next start."""
+    needs_broker()
+    with LocalBroker(persistence=True) as broker:
+        pos = Subscriber(broker.port, "tillsight/store-1/till-1/analytics/transaction", persistent_id="pos-1")
+        publisher = connected_publisher(broker.port, Outbox(tmp_path / "outbox.sqlite3"), max_queued_messages=100)
+        broker.stop()
+        assert wait_until(lambda: not publisher.connected.is_set(), 15)
+        for n in range(150):
+            publisher.publish_transaction_band("till-1", f"T-{n}", "25-34")
+        assert (publisher.unacknowledged(), publisher.outbox.depth(), publisher.dropped) == (150, 150, 0)
+        broker.start()
+        back = time.time()
+        delivered = lambda: [b["transaction"] for b in pos.json("/analytics/transaction")]  # noqa: E731
+        # the service calls send_held() every 0.1 s
+        assert wait_until(lambda: publisher.send_held() or len(delivered()) >= 150, 30), len(delivered())
+        # the status that says it is back found paho full too: it is sent once paho has room
+        status = Subscriber(broker.port, "tillsight/store-1/till-pc/status")  # retained: the latest
+        assert status.wait_for(lambda s: s.json("/status") and iso_seconds(s.json("/status")[-1]["time"]) >= back, 5)
+        status.close()
+        publisher.publish_transaction_band("till-1", "T-150", "25-34")
+        assert wait_until(lambda: len(delivered()) >= 151, 10)
+        assert publisher.stop({"state": "online"}) and publisher.dropped == 0
+        pos.close()
+    assert delivered() == [f"T-{n}" for n in range(151)]
+    assert sqlite3.connect(tmp_path / "outbox.sqlite3").execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
+
+
+def test_an_alert_is_never_taken_as_acknowledged_by_the_ack_of_a_qos0_estimate_under_the_same_id(tmp_path):
+    """mqtt.qos = 0: paho numbers QoS 0 and QoS 1 messages from the same 65,535 ids. Once they wrap, an
+    alert must not be taken as acknowledged by a QoS 0 estimate's ack of long ago (and deleted from the outbox
+    while the broker is down)."""
+    needs_broker()
+    with LocalBroker() as broker:
+        publisher = connected_publisher(broker.port, Outbox(tmp_path / "outbox.sqlite3"), qos=0)
+        estimate = TrackEstimate("till-1", 1, 40.0, 2.0, 5, time.time(), time.time(), (0, 0, 50, 50), 0.9)
+        for _ in range(65_600):  # past the wrap
+            publisher.publish_estimate(estimate, False, time.time())
+        time.sleep(1.0)  # the last QoS 0 acks come in
+        broker.stop()
+        assert wait_until(lambda: not publisher.connected.is_set(), 15)
+        delivered = publisher.delivered  # its statuses
+        for _ in range(3):
+            publisher.publish_alert(estimate, Policy(), time.time())
+        assert (publisher.unacknowledged(), publisher.outbox.depth(), publisher.delivered) == (3, 3, delivered)
+        assert len(publisher._acked_early) <= 1024  # the QoS 0 acks nothing claims are bounded
+        publisher.stop({"state": "online"}, timeout_s=0.5)
 
 
 # ---------------------------------------------------------------- the daemon, a broker that goes away
@@ -279,7 +347,7 @@ def test_broker_down_daemon_killed_and_restarted_then_broker_back_loses_no_alert
 def test_a_corrupt_outbox_file_gives_one_line_and_the_daemon_serves_on_from_a_new_file(
         tmp_path, broker, subscriber, age_models, hamilton_clip):
     outbox = tmp_path / "outbox.sqlite3"
-    outbox.write_bytes(os.urandom(8192))
+    outbox.write_bytes(b"SQLite format 3\x00" + os.urandom(8192))  # damaged past its header (a crash, the disk)
     daemon = start_daemon(daemon_config(tmp_path, broker.port, hamilton_clip, age_models[16], outbox))
     try:
         assert subscriber.wait_for(lambda s: len(s.json("till-1/alert")) >= 1, 60)
