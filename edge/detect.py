@@ -161,6 +161,45 @@ def weighted_nms(boxes, keypoints, scores, iou_threshold: float):
     return kept
 
 
+def _fixed(dim) -> int | None:
+    """A dimension of a model's input or output: its size, or None where the model leaves it open ('N')."""
+    return dim if isinstance(dim, int) and not isinstance(dim, bool) else None
+
+
+def _shape_fits(shape, wanted: tuple) -> bool:
+    """Whether a declared shape has the rank of `wanted` and its sizes where both are fixed (None: any)."""
+    return shape is not None and len(shape) == len(wanted) and all(
+        want is None or _fixed(dim) is None or _fixed(dim) == want for dim, want in zip(shape, wanted))
+
+
+def check_contract(session, variant: BlazeFaceVariant, path: Path) -> None:
+    """The model's inputs and outputs are those of the configured BlazeFace variant: ModelError (one line) if
+    not. Another file (an age model, another variant's detector) would fail in the first frame's decode with an
+    IndexError or a shape error: at start, in `config check --models` and in a reload's model check alike."""
+    from edge.runtime import ModelError
+    size, anchors = variant.input_size, len(generate_anchors(variant))
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or inputs[0].type != "tensor(float)" or not _shape_fits(inputs[0].shape, (None, size, size, 3)):
+        shown = ", ".join(f"{i.type} {i.shape}" for i in inputs)
+        other = [v.name for v in VARIANTS.values() if len(inputs) == 1 and inputs[0].type == "tensor(float)"
+                 and _shape_fits(inputs[0].shape, (None, v.input_size, v.input_size, 3))]
+        which = f", the {other[0]} variant's" if other else ""
+        raise ModelError(f"face detector {path}: its input is {shown}{which}; models.detector_variant = "
+                         f"{variant.name!r} takes a {size}x{size} RGB float picture")
+    if len(outputs) < 2 or not (_shape_fits(outputs[0].shape, (None, None, 16))
+                                and _shape_fits(outputs[1].shape, (None, None, 1))):
+        shown = ", ".join(str(o.shape) for o in outputs)
+        raise ModelError(f"face detector {path}: its outputs are {shown}, not BlazeFace's boxes [1, N, 16] and "
+                         "scores [1, N, 1]: not a face detector")
+    found = {_fixed(outputs[0].shape[1]), _fixed(outputs[1].shape[1])} - {None}
+    if found and found != {anchors}:
+        count = found.pop()
+        matching = [v.name for v in VARIANTS.values() if len(generate_anchors(v)) == count]
+        which = f", which is the {matching[0]} variant's count" if matching else ""
+        raise ModelError(f"face detector {path}: {count} anchors in the model{which}; models.detector_variant = "
+                         f"{variant.name!r} expects {anchors}")
+
+
 class FaceDetector:
     """BlazeFace through ONNX Runtime; call it with a BGR frame."""
 
@@ -183,12 +222,7 @@ class FaceDetector:
         self.fallback = provider_fallback(self.session, providers)
         self.input_name = self.session.get_inputs()[0].name
         self.anchors = generate_anchors(self.variant)
-        outputs = self.session.get_outputs()
-        if outputs[0].shape[1] != len(self.anchors):
-            raise ValueError(
-                f"face detector {model_path}: {outputs[0].shape[1]} anchors in the model, "
-                f"{len(self.anchors)} expected for variant {variant}"
-            )
+        check_contract(self.session, self.variant, model_path or self.variant.onnx_path)
         self.score_threshold = score_threshold
         self._raw_threshold = _logit(score_threshold)  # once: every frame of every camera compares with it
         self.iou_threshold = iou_threshold

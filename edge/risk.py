@@ -63,6 +63,12 @@ class ResidualTable:
             body = json.loads(text)
             if body["bin_years"] != BIN_YEARS:
                 return None
-            return ResidualTable(tuple(tuple(float(r) for r in row) for row in body["residuals"]))
+            rows = tuple(tuple(float(r) for r in row) for row in body["residuals"])
         except (ValueError, KeyError, TypeError):
             return None
+        # a table that cannot answer is no table (risk mode then refuses the model, in one line): NaN answers
+        # "never under age" (alerts silently off), no rows an IndexError in the pipeline, and an empty row is
+        # what measure() makes of no faces at all
+        if not rows or not all(rows) or not np.isfinite([r for row in rows for r in row]).all():
+            return None
+        return ResidualTable(rows)

@@ -98,7 +98,11 @@ def resnet50_ships() -> bool:
 
 def model_dir() -> Path:
     if os.environ.get("TILLSIGHT_MODEL_DIR"):
-        return Path(os.environ["TILLSIGHT_MODEL_DIR"]).expanduser()
+        try:
+            return Path(os.environ["TILLSIGHT_MODEL_DIR"]).expanduser()
+        except RuntimeError:  # "~nosuchuser/m": expanduser's traceback otherwise
+            raise ModelError(f"TILLSIGHT_MODEL_DIR={os.environ['TILLSIGHT_MODEL_DIR']!r}: there is no user "
+                             f"{os.environ['TILLSIGHT_MODEL_DIR'][1:].split('/')[0]!r} to expand it") from None
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "tillsight" / "models"
 

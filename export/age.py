@@ -86,7 +86,13 @@ def run_info(checkpoint: Path) -> dict:
     for name in ("run.json", "summary.json", "state.json"):
         path = run_dir / name
         if path.is_file():
-            info[name] = json.loads(path.read_text())
+            try:
+                info[name] = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8 (a file cut short, edited)
+                raise ExportError(f"{path}: cannot be read as the training run's JSON "
+                                  f"({getattr(exc, 'strerror', None) or exc})") from None
+            if not isinstance(info[name], dict) or name == "run.json" and not isinstance(info[name].get("options"), dict):
+                raise ExportError(f"{path}: not the {name} that `tillsight train` writes")
     return info
 
 

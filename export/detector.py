@@ -41,8 +41,11 @@ def export_detector(variant: str, out: Path) -> Path:
         raise ExportError("tf2onnx is not installed: pip install 'tillsight[train]'") from None
     logging.getLogger("tf2onnx").setLevel(logging.WARNING)
     source = tflite_path(variant)
-    out.parent.mkdir(parents=True, exist_ok=True)
     model, _ = convert.from_tflite(str(source), opset=OPSET, output_path=None)
     model.doc_string = f"MediaPipe BlazeFace {variant} ({source.name}), converted by tillsight with tf2onnx, opset {OPSET}"
-    out.write_bytes(model.SerializeToString())
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(model.SerializeToString())
+    except OSError as exc:  # a folder named as --out, a full disk: the CLI checks the usual ones before converting
+        raise ExportError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out

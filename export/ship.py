@@ -66,7 +66,12 @@ class ShipOptions:
 def ship(opts: ShipOptions) -> dict:
     from export.age import export_age_model, run_info
     from training.evaluate import evaluate, print_eval
-    (opts.work / "ship.json").unlink(missing_ok=True)  # it must describe this attempt, never an older one
+    if opts.work.exists() and not opts.work.is_dir():  # unlink below raised NotADirectoryError
+        raise ShipError(f"--work {opts.work}: a file, not a folder")
+    try:
+        (opts.work / "ship.json").unlink(missing_ok=True)  # it must describe this attempt, never an older one
+    except OSError as exc:  # a file above it, no permission
+        raise ShipError(f"--work {opts.work}: {exc.strerror or exc}") from None
     if not opts.into.is_dir():
         raise ShipError(f"{opts.into} is not a folder: run from the repository root or pass --into edge/models")
     if not opts.checkpoint.is_file():
@@ -76,6 +81,12 @@ def ship(opts: ShipOptions) -> dict:
         raise ShipError(f"no run.json beside {opts.checkpoint}: ship needs the training run's folder (its split, "
                         "recipe and history go into the model card)")
     options = info["run.json"]["options"]
+    # what the model card and the scoring read, checked before the export (minutes): a hand-edited run.json
+    missing = [key for key in ("data", "split") if key not in info["run.json"]] + \
+        [f"options.{key}" for key in ("val_fraction", "head", "input_size") if key not in options]
+    if missing:
+        raise ShipError(f"{info['run_dir'] / 'run.json'}: {', '.join(missing)} missing: not the run.json "
+                        "`tillsight train` writes")
     val_fraction, test_fraction = options["val_fraction"], options.get("test_fraction", 0.0)
     onnx_dir = opts.work / "onnx"
     exported = _earlier_export(opts, onnx_dir) or export_age_model(opts.checkpoint, onnx_dir, fp16=True, int8=True,

@@ -209,6 +209,54 @@ def test_an_out_folder_that_is_a_file_is_one_line_before_any_work(command, tmp_p
     taken = tmp_path / "taken"
     taken.write_text("someone's file")
     out = taken / "x.onnx" if command == ["export", "detector"] else taken
-    assert one_line_error(tillsight(*command, "--out", str(out))) == \
+    assert one_line_error(tillsight(*command, "--out", str(out)), code=2) == \
         f"tillsight: error: --out {out}: {taken} is a file, not a folder"
     assert taken.read_text() == "someone's file"
+
+
+@pytest.mark.parametrize("command, option", [(["export", "detector"], "--out"),
+                                             (["eval", "--data", "."], "--residuals-into")])
+def test_a_folder_named_as_the_file_to_write_is_one_line_before_any_work(command, option, tmp_path):
+    """`export detector --out DIR` converted, then raised IsADirectoryError; `eval --residuals-into DIR` only
+    failed after the whole evaluation."""
+    line = one_line_error(tillsight(*command, option, str(tmp_path)), code=2)
+    assert line.startswith(f"tillsight: error: {option} {tmp_path}: a folder; name the .onnx file to write")
+
+
+def test_ship_with_a_work_file_or_a_corrupt_run_json_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    checkpoint = run / "checkpoints" / "best.keras"
+    checkpoint.write_bytes(b"")
+    taken = tmp_path / "taken"
+    taken.write_text("someone's file")
+    line = one_line_error(tillsight("ship", str(checkpoint), "--data", str(tmp_path), "--work", str(taken)), code=2)
+    assert line == f"tillsight: error: --work {taken}: {taken} is a file, not a folder"
+    (run / "run.json").write_text('{"options": ')  # cut short
+    line = one_line_error(tillsight("ship", str(checkpoint), "--data", str(tmp_path), timeout=120))
+    assert line.startswith(f"tillsight: error: {run / 'run.json'}: cannot be read as the training run's JSON (")
+    assert taken.read_text() == "someone's file"
+
+
+def test_ship_refuses_a_work_file_itself():
+    """ship() unlinked <work>/ship.json first: NotADirectoryError."""
+    from pathlib import Path
+
+    from export.ship import ShipError, ShipOptions, ship
+    with pytest.raises(ShipError, match="--work .*pyproject.toml: a file, not a folder"):
+        ship(ShipOptions(checkpoint=Path("x.keras"), data=Path("."), work=Path("pyproject.toml")))
+
+
+@pytest.mark.parametrize("table", ['{"bin_years":5,"residuals":[[NaN]]}', '{"bin_years":5,"residuals":[[1.0, Infinity]]}',
+                                   '{"bin_years":5,"residuals":[]}', '{"bin_years":5,"residuals":[[1.0],[]]}'])
+def test_a_residual_table_that_cannot_answer_is_no_table(table):
+    """NaN said "never under age" (alerts silently off in risk mode), no rows an IndexError in the pipeline: risk
+    mode now refuses such a model in one line, as one without a table."""
+    from edge.config import PolicyConfig
+    from edge.policy import build_policy
+    from edge.risk import KEY_RESIDUALS, ResidualTable
+    from edge.runtime import ModelError
+    assert ResidualTable.from_metadata({KEY_RESIDUALS: table}) is None
+    with pytest.raises(ModelError, match='policy.mode = "risk" needs an age model that carries its measured errors'):
+        build_policy(PolicyConfig(mode="risk"), {KEY_RESIDUALS: table})
+    assert ResidualTable.from_metadata({KEY_RESIDUALS: '{"bin_years":5,"residuals":[[1.0],[-2.5]]}'}) is not None

@@ -82,11 +82,12 @@ def test_replay_of_a_missing_video(tmp_path, carphone_clip):
                    "(a USB camera is an index or its /dev/v4l/by-id/ path, a stream an rtsp:// or http:// URL)"
     config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "till-1", "source": 0},
                                                                       {"id": "till-2", "source": 1}])
-    line = one_line_error(tillsight("replay", str(carphone_clip), "--config", str(config), "--camera", "till-9"), code=1)
+    # usage errors, exit 2 (were 1)
+    line = one_line_error(tillsight("replay", str(carphone_clip), "--config", str(config), "--camera", "till-9"), code=2)
     assert line == f"tillsight: error: --camera 'till-9': {config} has no such camera (it has till-1, till-2)"
-    line = one_line_error(tillsight("replay", str(carphone_clip), "--camera", "till-1"), code=1)
+    line = one_line_error(tillsight("replay", str(carphone_clip), "--camera", "till-1"), code=2)
     assert line == "tillsight: error: --camera takes a camera of --config: give --config too"
-    line = one_line_error(tillsight("replay", "/dev/v4l/by-id/usb-Some_Camera-video-index0"), code=1)
+    line = one_line_error(tillsight("replay", "/dev/v4l/by-id/usb-Some_Camera-video-index0"), code=2)
     assert line == ("tillsight: error: /dev/v4l/by-id/usb-Some_Camera-video-index0 is a camera: replay reads a "
                     "recorded video file (`tillsight run` serves cameras)")
 
@@ -167,3 +168,72 @@ def test_pos_watch_says_statuses_and_analytics_in_a_line(topic, payload, expecte
 
     from edge.pos_terminal import describe
     assert describe(topic, json.dumps(payload).encode()) == expected
+
+
+class _RunningService:
+    """What the reload check touches of the running daemon: its status line."""
+
+    def __init__(self):
+        self.said = []
+        self.notifier = type("Notifier", (), {"status": lambda _, text: self.said.append(text)})()
+
+    def summary(self) -> str:
+        return "running"
+
+
+def test_a_reload_onto_a_detector_of_another_variant_keeps_the_daemon_running(tmp_path, age_models, caplog):
+    """The model check's ValueError (detector_variant not the file's) ended the running daemon on SIGHUP."""
+    from edge.cli import _config_reloadable
+    from edge.detect import VARIANTS
+    config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "a", "source": 0}],
+                          models={"detector": str(VARIANTS["full_range"].onnx_path), "detector_variant": "short_range",
+                                  "age_model": str(age_models[40])})
+    service = _RunningService()
+    assert _config_reloadable(config, service) is False
+    assert service.said[0].startswith("config not reloaded: face detector: FAILED: face detector ")
+    assert "config not reloaded: its models would not load" in caplog.text
+    line = one_line_error(tillsight("config", "check", "--models", str(config), timeout=120))
+    assert line == "tillsight: error: 1 of 2 model checks failed, first the face detector"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_replay_ack_timeout_is_range_checked(value, carphone_clip):
+    line = one_line_error(tillsight("replay", str(carphone_clip), f"--ack-timeout={value}"), code=2)
+    assert line == f"tillsight: error: --ack-timeout {value} out of range [0, 86400]"
+
+
+def test_predict_refuses_a_fifo_image_instead_of_hanging(tmp_path, two_people_photo, age_models):
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    result = tillsight("predict", str(fifo), str(two_people_photo), "--age-model", str(age_models[40]), timeout=120)
+    assert one_line_error(result) == f"tillsight: error: cannot read image {fifo}: not a regular file"
+    assert len(result.stdout.splitlines()) == 1  # the other image is still answered
+
+
+def test_models_list_names_the_file_that_loads_and_a_bad_model_dir_is_one_line():
+    result = tillsight("models", "list")
+    assert result.returncode == 0, result.stderr
+    from edge.tiers import SHIPPED_AGE_MODEL, resnet50_ships, variant_of
+    if resnet50_ships() and variant_of(SHIPPED_AGE_MODEL, "int8").is_file():  # the CPU's pick (no GPU build here)
+        import onnxruntime
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            assert f"resnet50  resnet50  {variant_of(SHIPPED_AGE_MODEL, 'int8')}" in result.stdout.splitlines()
+    result = tillsight("models", "fetch", "light", env={**os.environ, "TILLSIGHT_MODEL_DIR": "~nosuchuser-ts/m"})
+    assert one_line_error(result) == ("tillsight: error: TILLSIGHT_MODEL_DIR='~nosuchuser-ts/m': there is no user "
+                                      "'nosuchuser-ts' to expand it")
+
+
+@pytest.mark.parametrize("arguments, line", [
+    (["--video", "nonexist.mp4"], "--video: video file 'nonexist.mp4' not found"),
+    (["--age-model", "heavy"], "--age-model: 'heavy' is neither a tier (auto, resnet50, light) nor an existing model file"),
+])
+def test_demo_options_are_checked_before_the_broker_starts(arguments, line):
+    """They named config keys (cameras.0.source, models.age_model) the user never wrote, after a broker started."""
+    result = tillsight("demo", *arguments, timeout=60)
+    assert one_line_error(result, code=2).startswith(f"tillsight: error: {line}")
+    assert "broker on" not in result.stdout
+
+
+def test_status_host_the_resolver_refuses_is_a_usage_error():
+    line = one_line_error(tillsight("status", "--host", "a..b", "--store", "s", "--wait", "0"), code=2)
+    assert line.startswith("tillsight: error: --host: 'a..b' is not a host name")

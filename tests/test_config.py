@@ -392,3 +392,87 @@ def test_the_cuda_providers_options_are_validated_and_default_to_what_the_h100_m
         with pytest.raises(ConfigError) as raised:
             parse_config({**base, "models": {"cuda": bad}})
         assert "models.cuda." in str(raised.value) and "\n" not in str(raised.value).strip()
+
+
+def base(**sections) -> dict:
+    return {"store_id": "s", "cameras": [{"id": "a", "source": 0}], **sections}
+
+
+def test_a_detector_variant_that_does_not_ship_needs_its_file():
+    """short_range without models.detector passed `config check`, then the daemon found no such file at start."""
+    assert problems(base(models={"detector_variant": "short_range"})) == [
+        "models.detector_variant: 'short_range' does not ship with tillsight (only 'full_range' does): convert it "
+        "with `tillsight export detector --variant short_range --out FILE.onnx` and set models.detector to that file"]
+    from edge.detect import VARIANTS
+    assert parse_config(base(models={"detector_variant": "short_range",
+                                     "detector": str(VARIANTS["full_range"].onnx_path)})).models.detector
+
+
+def test_an_outbox_path_that_is_someone_elses_file_is_refused(tmp_path):
+    """The outbox moves a file it cannot open as SQLite away as "corrupt": a path naming the config itself, or any
+    other file, lost it. A device, FIFO or /proc file is no database either."""
+    import os
+    import sqlite3
+    mine = tmp_path / "notes.txt"
+    mine.write_text("the store's own notes")
+    assert problems(base(outbox={"path": str(mine)})) == [
+        f"outbox.path: {str(mine)!r} is an existing file that is not an SQLite database: the outbox would move it "
+        "away as corrupt; name a new file, e.g. outbox.sqlite3"]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path in ("/dev/null", str(fifo)):
+        assert problems(base(outbox={"path": path})) == [
+            f"outbox.path: {path!r} is not a regular file (a device, FIFO or /proc file): name a new file, e.g. "
+            "/var/lib/tillsight/outbox.sqlite3"]
+    assert problems(base(outbox={"path": "/proc/self/outbox"}))[0].startswith(
+        "outbox.path: '/proc/self/outbox' is in a kernel file system (/proc, /sys)")
+    assert mine.read_text() == "the store's own notes"
+    empty, database = tmp_path / "empty.sqlite3", tmp_path / "db.sqlite3"
+    empty.write_bytes(b"")
+    sqlite3.connect(database).execute("create table t (x)").connection.close()
+    for path in (empty, database, tmp_path / "new.sqlite3"):
+        assert parse_config(base(outbox={"path": str(path)})).outbox.path == path
+
+
+@pytest.mark.parametrize("host", ["a..b", "x" * 64 + ".example", ".broker", "a." + "b" * 70])
+def test_a_host_name_the_resolver_refuses_is_a_config_problem(host):
+    """Labels empty or over 63 characters passed, then raised UnicodeError in paho's thread (a traceback)."""
+    assert problems(base(mqtt={"host": host}))[0].startswith(f"mqtt.host: {host[:60]!r}")
+    assert "is not a host name: dot-separated labels of 1 to 63 characters" in problems(base(mqtt={"host": host}))[0]
+
+
+@pytest.mark.parametrize("host", ["localhost", "broker.local.", "10.0.0.5", "::1", "fe80::1", "bücher.example"])
+def test_host_names_and_addresses_pass(host):
+    assert parse_config(base(mqtt={"host": host})).mqtt.host == host
+
+
+def test_status_interval_is_bounded():
+    """Peers refuse a status that claims more than a day between statuses, and took the daemon for silent."""
+    assert problems(base(status_interval_s=86_401)) == ["status_interval_s: input should be less than or equal to 86400"]
+    assert problems(base(status_interval_s=0.5)) == ["status_interval_s: input should be greater than or equal to 1"]
+    assert parse_config(base(status_interval_s=86_400)).status_interval_s == 86_400
+
+
+def test_a_config_path_that_is_a_fifo_or_folder_is_one_line_not_a_hang(tmp_path):
+    import os
+    fifo = tmp_path / "c.toml"
+    os.mkfifo(fifo)
+    result = tillsight("config", "check", str(fifo), timeout=60)  # open() waited for a writer for ever
+    assert (result.returncode, result.stderr.strip()) == (
+        2, f"{fifo}: not a regular file (a FIFO, device or socket): give the config file itself")
+    result = tillsight("config", "check", str(tmp_path), timeout=60)
+    assert (result.returncode, result.stderr.strip()) == (2, f"{tmp_path}: is a folder, not a config file")
+
+
+def test_a_folder_or_fifo_named_as_a_file_says_what_it_is(tmp_path):
+    """"not found" sent people looking for a typo in a path that is there."""
+    import os
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert problems(base(cameras=[{"id": "a", "source": ""}])) == [
+        "cameras.0.source: empty: give a device index, a stream URL or a video file path"]
+    for path, what in ((tmp_path, "is a folder, not a"), (fifo, "is a FIFO, device or socket, not a")):
+        assert problems(base(models={"detector": str(path)})) == [f"models.detector: {str(path)!r} {what} model file"]
+        assert problems(base(mqtt={"username": "u", "password_file": str(path)})) == [
+            f"mqtt.password_file: {str(path)!r} {what} file"]
+        assert problems(base(mqtt={"tls": {"ca_file": str(path)}})) == [f"mqtt.tls.ca_file: {str(path)!r} {what} file"]

@@ -122,3 +122,58 @@ def test_decoding_only_the_anchors_that_score_enough_finds_the_same_faces(hamilt
         assert detector(frame) == every
         compared, found = compared + 1, found + len(every)
     assert compared == 40 and found >= 20
+
+
+def detector_graph(input_shape, outputs: dict) -> bytes:
+    """A model with a picture input (unused) and the given outputs (name: shape), each a constant of zeros."""
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.FLOAT, shape,
+                                                                               [0.0] * int(np.prod(shape))))
+             for name, shape in outputs.items()]
+    graph = helper.make_graph(nodes, "not_blazeface", [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in outputs.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_a_detector_of_another_variant_is_one_model_error():
+    """A ValueError traceback at start, in `config check --models` and, through the reload's model check, one that
+    ended the running daemon."""
+    from edge.runtime import ModelError
+    shipped = VARIANTS["full_range"].onnx_path
+    with pytest.raises(ModelError) as caught:
+        FaceDetector(shipped, "short_range")
+    assert str(caught.value) == (f"face detector {shipped}: its input is tensor(float) [1, 192, 192, 3], the full_range "
+                                 "variant's; models.detector_variant = 'short_range' takes a 128x128 RGB float picture")
+
+
+def test_a_detector_with_a_rank_1_output_is_one_model_error(tmp_path):
+    """outputs[0].shape[1] was an IndexError."""
+    from edge.runtime import ModelError
+    model = tmp_path / "flat.onnx"
+    model.write_bytes(detector_graph([1, 192, 192, 3], {"age": [1]}))
+    with pytest.raises(ModelError, match=r"its outputs are \[1\], not BlazeFace's boxes \[1, N, 16\] and scores"):
+        FaceDetector(model)
+
+
+def test_a_detector_with_other_anchors_is_one_model_error(tmp_path):
+    from edge.runtime import ModelError
+    model = tmp_path / "anchors.onnx"
+    model.write_bytes(detector_graph([1, 192, 192, 3], {"boxes": [1, 896, 16], "scores": [1, 896, 1]}))
+    with pytest.raises(ModelError) as caught:
+        FaceDetector(model)
+    assert str(caught.value) == (f"face detector {model}: 896 anchors in the model, which is the short_range variant's "
+                                 "count; models.detector_variant = 'full_range' expects 2304")
+
+
+def test_the_model_check_says_a_detector_of_another_variant_and_goes_on(tmp_path, age_models):
+    """check_models is what a SIGHUP reload runs: a failed line, never an exception out of it."""
+    from edge.checkup import check_models
+    from edge.config import parse_config
+    config = parse_config({"store_id": "s", "cameras": [{"id": "c", "source": 0}],
+                           "models": {"detector": str(VARIANTS["full_range"].onnx_path),
+                                      "detector_variant": "short_range", "age_model": str(age_models[40])}})
+    (detected, aged), detector = check_models(config)
+    assert not detected.ok and "models.detector_variant = 'short_range'" in detected.detail and detector is None
+    assert aged.ok

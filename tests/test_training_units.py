@@ -166,3 +166,40 @@ def test_a_worker_whose_detector_cannot_start_ends_the_load_in_one_line(tmp_path
         load_faces(utkface, labels, 32, 0.2, progress=False, workers=2)
     assert str(caught.value) == ("the face detector could not start in a worker process: "
                                  "ImportError: No module named 'onnx'")
+
+
+def test_labels_that_are_not_utf8_or_name_no_file_are_one_line(tmp_path):
+    """A UTF-16 or binary labels file raised UnicodeDecodeError; a NUL in a name a ValueError in the workers."""
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(b"file_name,real_age\n\xff\xfe.jpg,20\n")
+    with pytest.raises(DataError, match=r"labels.csv: not UTF-8 text \(byte 19: b'\\xff'\): save it as CSV UTF-8"):
+        read_labels(labels)
+    labels.write_bytes(b"file_name,real_age\na\x00.jpg,20\n")
+    with pytest.raises(DataError, match=r"labels.csv:2: bad row"):
+        read_labels(labels)
+
+
+def test_a_resumed_run_with_a_missing_or_edited_run_json_or_state_is_one_line(tmp_path):
+    """KeyError, TypeError and JSONDecodeError tracebacks, some only after the faces were prepared."""
+    import json
+
+    from training.train import TrainError, read_state, saved_options
+    with pytest.raises(TrainError, match="run.json is missing"):
+        saved_options(tmp_path)
+    for body, problem in [("{bad", "not valid JSON"), ("[]", 'no "options" object'),
+                          ('{"options": {"data": "d", "colour": 1}}', "unknown option\\(s\\) 'colour'"),
+                          ('{"options": {"epochs": 3}}', "options.data is missing"),
+                          ('{"options": {"data": "d", "epochs": "3"}}', "options.epochs = \"3\" should be of type int"),
+                          ('{"options": {"data": "d", "batch_size": true}}', "options.batch_size = true")]:
+        (tmp_path / "run.json").write_text(body)
+        with pytest.raises(TrainError, match=problem):
+            saved_options(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"options": {"data": "d", "limit": None, "minutes": 2.5}}))
+    assert saved_options(tmp_path) == {"test_fraction": 0.0, "data": "d", "limit": None, "minutes": 2.5}
+    state = tmp_path / "state.json"
+    for body in ("{bad", "[1]", '{"epoch": 1}', '{"epoch": -1, "best_val_mae": null, "best_epoch": null}'):
+        state.write_text(body)
+        with pytest.raises(TrainError, match="state.json"):
+            read_state(state)
+    state.write_text('{"epoch": 2, "best_val_mae": 5.5, "best_epoch": 1, "epoch_seconds": [3.0, 2.5]}')
+    assert read_state(state)["epoch"] == 2

@@ -62,6 +62,21 @@ def read_labels(path: Path) -> list[Label]:
     """Parse labels.csv; a row with a bad age is a DataError naming its line."""
     if not path.is_file():
         raise DataError(f"labels file not found: {path}")
+    try:
+        labels = _read_rows(path)
+    except UnicodeDecodeError as exc:  # a spreadsheet's own encoding (UTF-16, Latin-1), or not text at all
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}): "
+                        "save it as CSV UTF-8") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not labels:
+        raise DataError(f"{path}: no rows")
+    return labels
+
+
+def _read_rows(path: Path) -> list[Label]:
     labels = []
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
@@ -73,11 +88,10 @@ def read_labels(path: Path) -> list[Label]:
                 age = float(row["real_age"])
             except (TypeError, ValueError):
                 raise DataError(f"{path}:{line}: real_age {row['real_age']!r} is not a number") from None
-            if not 0 <= age <= 130 or not row["file_name"]:
+            # a NUL in a name is no file's (opening it raised ValueError deep in the detection workers)
+            if not 0 <= age <= 130 or not row["file_name"] or "\0" in row["file_name"]:
                 raise DataError(f"{path}:{line}: bad row (file_name {row['file_name']!r}, age {age:g})")
             labels.append(Label(row["file_name"], age, _optional_int(row.get("gender")), _optional_int(row.get("race"))))
-    if not labels:
-        raise DataError(f"{path}: no rows")
     return labels
 
 

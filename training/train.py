@@ -147,6 +147,61 @@ def configure_devices(opts: TrainOptions) -> dict:
     return {"backend": keras.backend.backend(), "gpu": gpu, "mixed_precision": mixed, "devices": devices}
 
 
+_OPTION_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _read_json(path: Path, what: str):
+    """A run folder's JSON file; TrainError (one line) if it is missing, unreadable or not JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TrainError(f"{path} is missing: {what}") from None
+    except OSError as exc:
+        raise TrainError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise TrainError(f"{path}: not valid JSON ({exc}); {what}") from None
+
+
+def saved_options(run_dir: Path) -> dict:
+    """The options of the run in `run_dir` (its run.json), checked against TrainOptions: a run.json edited by
+    hand, or from another version, gave a KeyError or TypeError traceback."""
+    path = run_dir / "run.json"
+    body = _read_json(path, "a run folder holds the run.json train writes first")
+    saved = body.get("options") if isinstance(body, dict) else None
+    if not isinstance(saved, dict):
+        raise TrainError(f"{path}: no \"options\" object: not a run.json written by `tillsight train`")
+    saved = {"test_fraction": 0.0, **saved}  # a run from before test splits had none: its split stays
+    fields = TrainOptions.__dataclass_fields__
+    unknown = sorted(set(saved) - set(fields))
+    if unknown:
+        raise TrainError(f"{path}: unknown option(s) {', '.join(map(repr, unknown))[:200]} (from another version?)")
+    if "data" not in saved:
+        raise TrainError(f"{path}: options.data is missing")
+    for name, value in saved.items():
+        kinds = [_OPTION_TYPES.get(part.strip(), ()) for part in str(fields[name].type).split("|")]
+        optional = "None" in str(fields[name].type)
+        bad_bool = isinstance(value, bool) and (bool,) not in kinds
+        if not (value is None and optional) and (bad_bool or not any(isinstance(value, k) for k in kinds if k)):
+            raise TrainError(f"{path}: options.{name} = {json.dumps(value)[:60]} should be of type {fields[name].type}")
+    return saved
+
+
+def read_state(state_file: Path) -> dict:
+    """The resumed run's progress (state.json), as training.progress.Progress writes it."""
+    state = _read_json(state_file, "the run's progress; resume needs it")
+    number = (int, float)
+    if not (isinstance(state, dict) and {"epoch", "best_val_mae", "best_epoch"} <= set(state)
+            and isinstance(state["epoch"], int) and not isinstance(state["epoch"], bool)
+            and state["epoch"] >= 0 and isinstance(state.get("best_val_mae"), (*number, type(None)))
+            and isinstance(state.get("best_epoch"), (int, type(None)))
+            and isinstance(state.get("train_seconds", 0.0), number)
+            and isinstance(state.get("epoch_seconds", []), list)
+            and all(isinstance(s, number) for s in state.get("epoch_seconds", []))):
+        raise TrainError(f"{state_file}: not the progress `tillsight train` writes (epoch, best_val_mae, "
+                         "best_epoch): restore it, or start a new run in another --out")
+    return state
+
+
 def train(opts: TrainOptions, resume: bool = False) -> dict:
     import keras
 
@@ -160,10 +215,10 @@ def train(opts: TrainOptions, resume: bool = False) -> dict:
     if resume:
         if not (checkpoints / "last.keras").is_file() or not state_file.is_file():
             raise TrainError(f"nothing to resume in {run_dir} (no checkpoints/last.keras)")
-        saved = json.loads((run_dir / "run.json").read_text())["options"]
-        saved.setdefault("test_fraction", 0.0)  # a run from before test splits had none: its split stays
+        saved = saved_options(run_dir)
         opts = TrainOptions(**{**saved, "epochs": opts.epochs, "out": str(run_dir), "workers": opts.workers,
                                "minutes": opts.minutes if opts.minutes is not None else saved.get("minutes")})
+        read_state(state_file)  # before the faces are prepared (minutes): a bad one is said at once
     elif (checkpoints / "last.keras").exists():
         raise TrainError(f"{run_dir} already holds a run: pass --resume to continue it, or another --out")
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -186,7 +241,7 @@ def train(opts: TrainOptions, resume: bool = False) -> dict:
     train_batches = CropBatches(train_set.crops, train_set.ages, opts.batch_size, train=True, seed=opts.seed,
                                 repeats=minor_repeats(train_set.ages, opts.oversample_minors), workers=4)
     val_batches = CropBatches(val_set.crops, val_set.ages, opts.batch_size, train=False, workers=4)
-    state = json.loads(state_file.read_text()) if resume else {"epoch": 0, "best_val_mae": None, "best_epoch": None}
+    state = read_state(state_file) if resume else {"epoch": 0, "best_val_mae": None, "best_epoch": None}
     if resume:
         model = keras.models.load_model(checkpoints / "last.keras")
         train_batches.epoch = state["epoch"]
