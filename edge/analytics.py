@@ -146,8 +146,9 @@ class OpenIntervals:
         self._failing = False
         self._lock = threading.Lock()
 
-    def take_left(self, max_age_s: float, now: float | None = None) -> list[dict]:
-        """The messages of the intervals the previous run left open (the file is removed); those saved more than
+    def take_left(self, max_age_s: float, now: float | None = None, send=None) -> list[dict]:
+        """The messages of the intervals the previous run left open, each given to `send` (into the outbox) before
+        the file is removed: a crash in between sends them twice, never loses them. Those saved more than
         `max_age_s` ago are dropped, as the outbox drops its old messages."""
         now = time.time() if now is None else now
         try:
@@ -159,11 +160,13 @@ class OpenIntervals:
             log.warning("analytics intervals left by the previous run are unreadable: not sent",
                         extra={"file": str(self.path), "error": repr(exc)[:200]})
             messages = []
-        self.path.unlink(missing_ok=True)
         fresh = [m for m in messages if now - m["interval_end"] <= max_age_s]
         if len(fresh) < len(messages):
             log.warning("analytics intervals left by the previous run are too old: not sent",
                         extra={"dropped": len(messages) - len(fresh), "max_age_s": max_age_s})
+        for message in fresh if send is not None else ():
+            send(message)
+        self.path.unlink(missing_ok=True)
         return fresh
 
     def save(self, camera_id: str, state: dict | None) -> None:

@@ -540,9 +540,8 @@ class Service:
             self.desk.start()
         self.publisher.start()  # first what the previous run left in the outbox
         if self.open_intervals is not None:  # then what it left counting (after: it would be in that backlog too)
-            left = self.open_intervals.take_left(self.config.outbox.max_age_s)
-            for message in left:  # through the outbox, like every analytics message
-                self.publisher.publish_analytics(message)
+            # through the outbox, like every analytics message, before the file that kept them goes
+            left = self.open_intervals.take_left(self.config.outbox.max_age_s, send=self.publisher.publish_analytics)
             if left:
                 log.info("analytics intervals the previous run left open sent as partial",
                          extra={"cameras": [m["camera"] for m in left]})

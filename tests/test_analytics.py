@@ -117,7 +117,14 @@ def test_the_interval_in_progress_is_kept_on_disk_and_sent_as_partial_by_the_nex
     assert json.loads(path.read_text())["till-1"]["saved_at"] == 1000.0
     counter.add(16, now=1006.0)
     kept.save("till-1", counter.state(1006.0))  # a count: written at once
-    [message] = OpenIntervals(path).take_left(max_age_s=86400, now=2000.0)
+    def crash(message):
+        raise KeyboardInterrupt  # the daemon killed before its outbox had the message
+
+    with pytest.raises(KeyboardInterrupt):
+        OpenIntervals(path).take_left(max_age_s=86400, now=2000.0, send=crash)
+    sent = []
+    [message] = OpenIntervals(path).take_left(max_age_s=86400, now=2000.0, send=sent.append)  # still there
+    assert sent == [message]
     assert message == {"camera": "till-1", "interval_start": 1000.0, "interval_end": 1006.0,
                        "bands": {"0-17": 1, "18-24": 0, "25+": 1}, "k": 1, "partial": True, "camera_fault_s": 3.0,
                        "store_closed_s": 2.0}
