@@ -44,8 +44,10 @@ class FaceQuality:
 def face_quality(image_bgr: np.ndarray, face: Face) -> FaceQuality:
     x0, y0, x1, y1 = (int(round(v)) for v in face.box)
     region = image_bgr[max(0, y0):max(y0 + 1, y1), max(0, x0):max(x0 + 1, x1)]
-    grey = cv2.resize(cv2.cvtColor(region, cv2.COLOR_BGR2GRAY), (48, 48), interpolation=cv2.INTER_AREA)
-    sharpness = float(cv2.Laplacian(grey, cv2.CV_32F).var())
+    sharpness = 0.0  # a sliver at the picture's edge (models.min_face_px = 0 lets one through) shows nothing
+    if region.size:
+        grey = cv2.resize(cv2.cvtColor(region, cv2.COLOR_BGR2GRAY), (48, 48), interpolation=cv2.INTER_AREA)
+        sharpness = float(cv2.Laplacian(grey, cv2.CV_32F).var())
     return FaceQuality(min(face.width, face.height), face.score, face.turn, sharpness)
 
 

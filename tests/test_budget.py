@@ -43,6 +43,8 @@ def test_quality_of_a_good_a_small_a_turned_and_a_blurred_face():
     profile = Face((x, y, x + 80, y + 80), 0.9, (x + 25, y + 30), (x + 55, y + 30), (x + 70, y + 50))
     assert face_quality(image, profile).turn == pytest.approx(1.0) and not is_good(face_quality(image, profile), CFG)
     assert not is_good(face_quality(np.full((240, 320, 3), 128, np.uint8), frontal()), CFG)  # nothing sharp
+    sliver = Face((319.6, 100, 320.4, 180), 0.9, (319.8, 120), (320.0, 120))  # rounds to past the right edge
+    assert face_quality(image, sliver).sharpness == 0.0 and not is_good(face_quality(image, sliver), CFG)
 
 
 def test_an_adult_is_aged_back_to_back_first_then_settles_to_one_recheck_a_second():
