@@ -34,6 +34,7 @@ MAX_STATUS_BYTES = 256 * 1024  # a status lists every camera: kilobytes, never t
 SILENT_INTERVALS = 3  # a peer not heard for this many of its status intervals is gone
 DEFAULT_INTERVAL_S = 30.0  # a peer that does not say its interval (an older version)
 GRACE_S = 5.0  # on top of the silent intervals: a status in flight, a broker busy for a moment
+MAX_PEERS = 10_000  # daemons remembered at once: a store has tens; anyone who may write status topics could add more
 # The states of a daemon that is not running: stopped ("offline", also its will), or refused at start ("failed",
 # with the reason). Neither renews its status, so neither goes stale, and neither serves a camera.
 NOT_RUNNING = ("offline", "failed")
@@ -147,6 +148,9 @@ class Peers:
                     believed = believed if left is None else min(believed, left)
                 if believed > 0:
                     self._peers[key] = Peer(daemon_id, frozenset(status.cameras or ()), time.monotonic() + believed)
+                    if len(self._peers) > MAX_PEERS:  # a flood of made-up instances: the soonest to expire go
+                        for gone in sorted(self._peers, key=lambda k: self._peers[k].expires)[: MAX_PEERS // 10]:
+                            del self._peers[gone]
                 else:
                     self._peers.pop(key, None)
                 copy_went = False

@@ -129,6 +129,16 @@ def test_a_retained_status_is_believed_only_as_long_as_its_own_time_allows():
         "silent for 3600 s where it sends a status every 30 s")
 
 
+def test_a_flood_of_made_up_daemons_is_remembered_in_bounds(monkeypatch):
+    monkeypatch.setattr(edge.peers, "MAX_PEERS", 100)
+    watch = peers()
+    for n in range(1000):
+        watch.see(f"{BASE}/fake-{n}/status", status(instance=f"i{n}", cameras=["till-9"]), retained=False)
+    assert len(watch._current()) <= 100
+    watch.see(f"{BASE}/till-pc-9/status", status(instance="real"), retained=False)
+    assert watch.camera_conflict("till-1") == "also served by daemon till-pc-9: each camera id belongs to one daemon"
+
+
 def test_hostile_status_payloads_are_ignored_and_logged_in_bounds(caplog):
     watch = peers()
     hostile = [b"\xff\xfe", b"[" * 100_000, b"{}" + b" " * (300 * 1024), json.dumps({"state": 1}).encode(),
