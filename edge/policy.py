@@ -51,9 +51,12 @@ class Policy:
 def build_policy(config, model_metadata: dict) -> Policy:
     """The configured policy, with the age model's residual table; risk mode needs one (one-line error)."""
     from edge.runtime import ModelError
+    from edge.risk import KEY_RESIDUALS
     residuals = ResidualTable.from_metadata(model_metadata)
     if config.mode == "risk" and residuals is None:
-        raise ModelError("policy.mode = \"risk\" needs an age model that carries its measured errors: "
+        carried = " (its table cannot be used: no rows, an empty row, or a value that is no number)" \
+            if KEY_RESIDUALS in model_metadata else ""
+        raise ModelError(f"policy.mode = \"risk\" needs an age model that carries its measured errors{carried}: "
                          "tillsight eval --model M --data DIR --split val --residuals-into M_WITH_RISK.onnx")
     return Policy(config.mode, config.challenge_age, config.legal_age, config.max_risk, config.min_samples, residuals)
 
