@@ -37,6 +37,8 @@ DAEMON_SERIES = (
     ("mqtt_connected", "1 while connected to the MQTT broker", False),
     ("mqtt_delivered", "Messages acknowledged by the broker", True),
     ("mqtt_denied", "Messages the broker refused (ACL), never delivered", True),
+    ("mqtt_dropped", "Messages paho's full queue refused that nothing keeps (answers to the POS)", True),
+    ("mqtt_unacknowledged", "Messages sent or held back, not yet acknowledged by the broker", False),
     ("outbox_depth", "Messages waiting in the outbox for the broker's acknowledgement", False),
     ("outbox_dropped", "Messages dropped from the outbox unsent (over its bounds)", True),
     ("outbox_on_disk", "1 while the outbox is written to disk, 0 when it fell back to memory", False),

@@ -484,6 +484,7 @@ class Service:
         outbox = self.outbox.status()
         return {"cameras": cameras, "mqtt_connected": int(self.publisher.connected.is_set()),
                 "mqtt_delivered": self.publisher.delivered, "mqtt_denied": self.publisher.denied,
+                "mqtt_dropped": self.publisher.dropped, "mqtt_unacknowledged": self.publisher.unacknowledged(),
                 "outbox_depth": outbox["depth"], "outbox_dropped": outbox["dropped"],
                 "outbox_on_disk": int(outbox["state"] == "disk"), "age_errors": self.batcher.stats.errors,
                 "degraded": int(bool(self.problems())), "store_open": int(self.store_open()),

@@ -66,6 +66,8 @@ def test_the_endpoint_serves_camera_model_mqtt_and_outbox_figures_during_a_repla
     assert calls >= 1
     assert value(last, "tillsight_age_batch_faces", "tillsight_age_batch_faces_sum") >= calls
     assert value(last, "tillsight_mqtt_delivered", "tillsight_mqtt_delivered_total") >= 1
+    assert value(last, "tillsight_mqtt_dropped", "tillsight_mqtt_dropped_total") == 0
+    assert value(last, "tillsight_mqtt_unacknowledged") >= 0
     stage_frames = {stage: value(last, "tillsight_frame_stage_seconds", "tillsight_frame_stage_seconds_count",
                                  stage=stage) for stage in ("detect", "track", "age", "judge")}
     # every frame (read a moment apart from the frame counter in one scrape: a frame may come in between)
