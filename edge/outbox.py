@@ -83,6 +83,7 @@ class Outbox:
         self._retry_at: float | None = None  # monotonic time of the next try after a failed write; None: no retry
         self.set_aside: dict | None = None  # a corrupt file moved away at start: {"file", "recovered"}
         self._lock_fd: int | None = None
+        self._closed = False
         if path is not None:
             self._claim(path)
             self._open(path)
@@ -229,6 +230,8 @@ class Outbox:
         """Keep a message until `done(key)`; returns its key."""
         created = time.time()
         with self._lock:
+            if self._closed:  # a pipeline that outlived the stop's wait for it: nothing will send or keep this
+                log.error("a message came after the outbox closed: lost", extra={"topic": topic[:200]})
             if self._retry_at is not None and time.monotonic() >= self._retry_at:
                 self._retry_disk()
             key = self._write("INSERT INTO outbox (created, topic, payload, qos, retain) VALUES (?, ?, ?, ?, ?)",
@@ -273,6 +276,7 @@ class Outbox:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._db is not None:
                 try:
                     self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

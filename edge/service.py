@@ -590,6 +590,9 @@ class Service:
         self.stop_event.set()
         for thread in self.readers + self.pipelines:
             thread.join(timeout=5)
+        stuck = [thread.name for thread in self.readers + self.pipelines if thread.is_alive()]
+        if stuck:  # what they publish from now on comes after the outbox closed, and is said lost then
+            log.error("threads did not stop within 5 s", extra={"threads": stuck})
         self.batcher.close()
         if self.desk is not None:
             self.desk.close()

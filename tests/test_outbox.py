@@ -65,6 +65,14 @@ def test_only_acknowledgements_skip_the_fsync_and_every_add_is_synced(tmp_path):
     assert [row.topic for row in Outbox(tmp_path / "outbox.sqlite3").backlog()] == ["t/3"]
 
 
+def test_a_message_after_the_outbox_closed_is_said_lost(tmp_path, caplog):
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    outbox.close()
+    outbox.add("t/alert", b"late", 1)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "a message came after the outbox closed: lost"]
+
+
 def test_bounded_by_count_and_by_age(tmp_path):
     path = tmp_path / "outbox.sqlite3"
     box = Outbox(path, max_messages=100)
