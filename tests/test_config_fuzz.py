@@ -447,7 +447,7 @@ def test_files_that_are_not_configs(tmp_path):
     digits = tmp_path / "digits.toml"
     digits.write_text(f"status_interval_s = {'9' * 5000}\n")
     assert refused(digits) == [f"{digits}: not valid TOML: Exceeds the limit (4300 digits) for integer string conversion"]
-    assert refused(tmp_path) == [f"{tmp_path}: cannot read config file (Is a directory)"]
+    assert refused(tmp_path) == [f"{tmp_path}: is a folder, not a config file"]
     long = tmp_path / ("c" * 300)
     assert refused(long) == [f"{long}: cannot read config file (File name too long)"]
 
