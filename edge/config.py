@@ -30,6 +30,7 @@ NAME = r"^[A-Za-z0-9_-]{1,64}$"  # ids become MQTT topic levels: no '/', '+', '#
 # <prefix>/<store>/pos/... is where POS clients take their answers: a camera or daemon named pos would have its
 # alert, estimate or status topics there, where any POS's check may name a reply topic
 RESERVED_ID = "pos"
+MIN_PICTURE_FACE_S = 10.0  # tracking.picture_face_s: shorter, and a customer standing still is taken for a poster
 
 
 def not_reserved(value: str | None) -> str | None:
@@ -267,6 +268,10 @@ class CameraConfig(Strict):
                 raise ValueError(f"URL scheme {url.scheme!r} not supported (use {', '.join(URL_SCHEMES)})")
             if not url.hostname:
                 raise ValueError(f"URL {redact_url(value)!r} has no host")
+            try:
+                url.port  # a port over 65535, or not a number: the camera would reconnect for ever
+            except ValueError:
+                raise ValueError(f"URL {redact_url(value)!r} has no valid port (1 to 65535)") from None
             return value
         if not value.strip():
             raise ValueError("empty: give a device index, a stream URL or a video file path")
@@ -490,6 +495,14 @@ class PolicyConfig(Strict):
     max_risk: Annotated[float, Field(gt=0, lt=1)] = 0.02  # risk mode: challenge above this P(under legal_age)
     min_samples: Annotated[int, Field(ge=1, le=1000)] = 3  # per-frame ages before a track is judged
 
+    @model_validator(mode="after")
+    def challenge_at_or_over_the_legal_age(self) -> PolicyConfig:
+        # the margin for the estimate's error lies above the law's age: below it, minors near it pass unasked
+        if self.mode == "challenge25" and self.challenge_age < self.legal_age:
+            raise ValueError(f"challenge_age ({self.challenge_age:g}) is below legal_age ({self.legal_age:g}): "
+                             "customers who look older than challenge_age but are under age would never be asked")
+        return self
+
 
 class TrackingConfig(Strict):
     iou_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.2
@@ -498,6 +511,14 @@ class TrackingConfig(Strict):
     estimate_interval_s: Annotated[float, Field(ge=0)] = 1.0  # at most one estimate message per track per interval
     # a face that holds its place this long is a picture (a poster, a magazine cover): ignored (edge.track); 0: never
     picture_face_s: Annotated[float, Field(ge=0, le=86_400)] = 60.0
+
+    @field_validator("picture_face_s")
+    @classmethod
+    def long_enough_for_a_customer(cls, value: float) -> float:
+        if 0 < value < MIN_PICTURE_FACE_S:  # a customer paying holds still for tens of seconds: not a poster
+            raise ValueError(f"{value:g} s would take customers standing at the till for pictures: 0 (never) or at "
+                             f"least {MIN_PICTURE_FACE_S:g} s")
+        return value
     # a face joins an overlapping track only if it looks alike (edge/track.py); None: overlap alone
     min_similarity: Annotated[float, Field(ge=-3, le=1)] | None = 0.23
 

@@ -219,6 +219,21 @@ def test_pos_is_no_camera_or_daemon_id_since_the_pos_clients_replies_live_there(
     assert daemon_id(config) == "tillsight-pos"
 
 
+def test_settings_that_would_let_minors_pass_unasked_are_refused():
+    """A challenge age below the legal age; a poster rule that takes a customer standing still for a picture;
+    a camera URL whose port no camera has (it would reconnect for ever)."""
+    camera = [{"id": "a", "source": 0}]
+    assert problems({"store_id": "s", "cameras": camera, "policy": {"challenge_age": 16}}) == [
+        "policy: challenge_age (16) is below legal_age (18): customers who look older than challenge_age but are "
+        "under age would never be asked"]
+    parse_config({"store_id": "s", "cameras": camera, "policy": {"mode": "risk", "challenge_age": 16}})  # unused there
+    assert problems({"store_id": "s", "cameras": camera, "tracking": {"picture_face_s": 2}}) == [
+        "tracking.picture_face_s: 2 s would take customers standing at the till for pictures: 0 (never) or at least "
+        "10 s"]
+    assert problems({"store_id": "s", "cameras": [{"id": "a", "source": "rtsp://user:pw@cam:99999/stream"}]}) == [
+        "cameras.0.source: URL 'rtsp://user:***@cam:99999/stream' has no valid port (1 to 65535)"]
+
+
 def test_config_check_cli_prints_each_problem_and_exits_2(tmp_path):
     path = write_config(tmp_path / "bad.toml", store_id="s", mqtt={"port": 70000},
                         cameras=[{"id": "a", "source": 0, "fps": 5}])
