@@ -729,7 +729,12 @@ def cmd_train(args) -> int:
         raise UserError(f"--val-fraction {args.val_fraction:g} and --test-fraction {args.test_fraction:g} leave "
                         "5 % of the faces or fewer to train on", EXIT_USAGE)
     _training_imports()
+    from training.model import WeightsError, check_weights
     from training.train import TrainOptions, train
+    try:
+        check_weights(args.weights)  # before the faces are found: a typo there cost minutes
+    except WeightsError as exc:
+        raise UserError(str(exc)) from None
     opts = TrainOptions(data=str(args.data), labels=str(args.labels) if args.labels else None, out=str(args.out),
                         input_size=args.input_size, crop_margin=args.crop_margin, head=args.head,
                         weights=args.weights, epochs=args.epochs, batch_size=args.batch_size,

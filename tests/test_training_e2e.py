@@ -7,6 +7,7 @@ step works and that the numbers are computed, not that the model is good.
 import csv
 import json
 import os
+import time
 
 import numpy as np
 import onnx
@@ -244,9 +245,19 @@ def test_bad_inputs_are_one_line_errors(tmp_path, utkface):
     assert (result.returncode, result.stderr.strip()) == (1, f"tillsight: error: {tmp_path / 'nowhere'} is not a "
                                                              "folder: run from the repository root or pass --into "
                                                              "edge/models")
-    result = tillsight("train", "--data", str(utkface), "--out", str(tmp_path / "w"), "--weights", "imagenet", *TINY)
+    # nothing is downloaded: ImageNet weights only from Keras' cache, and both checked before any work
+    started = time.monotonic()
+    result = tillsight("train", "--data", str(utkface), "--out", str(tmp_path / "w"), "--weights", "imagenet", *TINY,
+                       env={**os.environ, "KERAS_HOME": str(tmp_path / "keras")})
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith("tillsight: error: ImageNet weights cannot be had")
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"tillsight: error: ImageNet weights are not in Keras' cache ({tmp_path / 'keras'}/models/")
+    result = tillsight("train", "--data", str(utkface), "--out", str(tmp_path / "w"), "--weights",
+                       str(tmp_path / "typo.h5"), *TINY)
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+        1, f"tillsight: error: weights file not found: {tmp_path / 'typo.h5'}")
+    assert time.monotonic() - started < 60  # no face was looked for
+    assert not (tmp_path / "w").exists()
 
 
 def test_a_mixed_precision_checkpoint_exports_as_float32(tmp_path, utkface):

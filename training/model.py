@@ -12,10 +12,7 @@ The serving model takes RGB crops 0..255 (edge/contract.py): the ImageNet
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import socket
 from pathlib import Path
 
 import keras
@@ -91,29 +88,21 @@ def imagenet_cache_path() -> Path:
     return keras_home / "models" / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
+def check_weights(weights: str) -> None:
+    """Before any work: the weights named are here. Nothing is downloaded, ever (no internet at the till or on
+    the training machines; a download at run time is not ours to make): ImageNet weights only from Keras' cache."""
+    if weights == "imagenet" and not imagenet_cache_path().is_file():
+        raise WeightsError(f"ImageNet weights are not in Keras' cache ({imagenet_cache_path()}) and tillsight "
+                           "downloads nothing: copy the file there, or use --weights none or a file")
+    if weights not in ("none", "imagenet") and not Path(weights).is_file():
+        raise WeightsError(f"weights file not found: {weights}")
+
+
 def load_backbone_weights(backbone: keras.Model, weights: str) -> None:
+    check_weights(weights)
     if weights == "none":
         return
-    if weights == "imagenet":
-        previous = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(15)  # no internet must mean a quick answer, not a hang
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # Keras prints "Downloading..." before failing
-                path = keras.utils.get_file(
-                imagenet_cache_path().name,
-                    "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" + imagenet_cache_path().name,
-                    cache_subdir="models", file_hash="4d473c1dd8becc155b73f8504c6f6626")
-        except Exception as exc:
-            raise WeightsError(f"ImageNet weights cannot be had: not in Keras' cache ({imagenet_cache_path()}) and "
-                               f"the download failed ({str(exc).splitlines()[0][:240] or type(exc).__name__}); "
-                               "use --weights none or a file") from None
-        finally:
-            socket.setdefaulttimeout(previous)
-        backbone.load_weights(path)
-        return
-    path = Path(weights)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
+    path = imagenet_cache_path() if weights == "imagenet" else Path(weights)
     try:
         backbone.load_weights(str(path))
     except Exception as exc:
