@@ -698,6 +698,8 @@ def _data_errors():
 def cmd_inspect(args) -> int:
     _check_ranges(val_fraction=(args.val_fraction, 0.001, 0.999), limit=(args.limit, 1, 10**9),
                   test_fraction=(args.test_fraction, 0, 0.9))
+    if not args.dir.is_dir():  # as train and eval say it
+        raise UserError(f"data folder not found: {args.dir}", EXIT_USAGE)
     _training_imports(keras_needed=False)
     from training.inspect import inspect, print_report
     try:
@@ -706,6 +708,9 @@ def cmd_inspect(args) -> int:
     except _data_errors() as exc:
         raise UserError(str(exc)) from None
     print_report(report)
+    if not report["faces"]:  # the report says why (missing, unreadable, no face found); a script sees it too
+        raise UserError(f"no face to train on in {args.dir}: {len(report['missing'])} missing, "
+                        f"{len(report['unreadable'])} unreadable, {len(report['no_face'])} with no face found")
     return 0
 
 

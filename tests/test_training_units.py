@@ -203,3 +203,16 @@ def test_a_resumed_run_with_a_missing_or_edited_run_json_or_state_is_one_line(tm
             read_state(state)
     state.write_text('{"epoch": 2, "best_val_mae": 5.5, "best_epoch": 1, "epoch_seconds": [3.0, 2.5]}')
     assert read_state(state)["epoch"] == 2
+
+
+def test_inspect_of_a_folder_without_a_usable_face_reports_and_fails(tmp_path):
+    """The report (and its plots) still tell what is wrong; the exit says it to a script: nothing to train on."""
+    from tskit import tillsight
+    (tmp_path / "labels.csv").write_text("file_name,real_age\na.jpg,20\nb.jpg,30\n")
+    result = tillsight("data", "inspect", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "2 missing" in result.stdout, result.stderr
+    assert result.stderr.strip() == f"tillsight: error: no face to train on in {tmp_path}: 2 missing, 0 unreadable, " \
+                                    "0 with no face found"
+    result = tillsight("data", "inspect", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"))
+    assert (result.returncode, result.stderr.strip()) == (2, f"tillsight: error: data folder not found: "
+                                                             f"{tmp_path / 'nowhere'}")
