@@ -37,6 +37,9 @@ from edge.track import FaceTracker, PictureFaces, Signature, Track, outside_regi
 from edge.types import CameraStatus, CustomerView, TillView
 
 log = logging.getLogger(__name__)
+# The camera threads' time to finish at a stop, all of them together: then the broker's acks (up to 10 s), within
+# the unit's TimeoutStopSec=20 (a hung camera read must not let systemd kill the daemon before its offline status).
+THREADS_STOP_S = 5.0
 STALL_AFTER_S = 15.0  # a pipeline or an age-network call without progress this long is stuck (WatchdogSec=30)
 # A live camera's frame times going back more than this: the wall clock was stepped back (NTP correcting
 # a till PC's clock after boot). Tracks, the inference budget and analytics intervals measure time
@@ -588,11 +591,12 @@ class Service:
             self.notifier.stopping("stopping")
         self.watchdog.stop()
         self.stop_event.set()
+        deadline = time.monotonic() + THREADS_STOP_S  # all together: systemd's TimeoutStopSec counts the whole stop
         for thread in self.readers + self.pipelines:
-            thread.join(timeout=5)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         stuck = [thread.name for thread in self.readers + self.pipelines if thread.is_alive()]
         if stuck:  # what they publish from now on comes after the outbox closed, and is said lost then
-            log.error("threads did not stop within 5 s", extra={"threads": stuck})
+            log.error(f"threads did not stop within {THREADS_STOP_S:g} s", extra={"threads": stuck})
         self.batcher.close()
         if self.desk is not None:
             self.desk.close()
