@@ -227,6 +227,9 @@ class CameraReader(threading.Thread):
         # was decoded flat out (thousands of frames a second).
         self._last_emitted: float | None = None  # monotonic (media time in replay): NTP may step the wall clock back
         self._next_pass_at: float | None = None  # monotonic: when a looping file's next pass starts
+        # monotonic time the current open or read began (None between them), for the watchdog: a USB camera whose
+        # firmware hangs blocks a V4L2 read for ever (streams time out by themselves, OPEN_TIMEOUT_MS)
+        self.busy_since: float | None = None
         # a recorded file in replay is evidence, not a live feed: a still scene in it is no fault
         self.picture = PictureCheck(camera.picture_check_s, camera.still_scene_s) \
             if camera.picture_check_s and not replay else None
@@ -250,7 +253,9 @@ class CameraReader(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stop_event.is_set():
+                self.busy_since = time.monotonic()
                 capture = open_camera(self.camera)
+                self.busy_since = None
                 if not capture.isOpened():
                     if self._give_up(missing_device(self.camera) or f"cannot open source {self.camera.shown_source!r}"):
                         return
@@ -324,7 +329,9 @@ class CameraReader(threading.Thread):
         started_monotonic = max(time.monotonic(), self._next_pass_at or 0.0)
         index, media_t = 0, None
         while not self.stop_event.is_set():
+            self.busy_since = time.monotonic()
             ok, image = capture.read()
+            self.busy_since = None
             if not ok or image is None:
                 return self._stopped(capture, index, started_monotonic + (media_t or 0.0))
             if index == 0:

@@ -456,6 +456,7 @@ class Service:
         now = time.monotonic()
         beats = {p.name: p.beat for p in self.pipelines if not p.finished.is_set()}
         beats["age-batcher"] = self.batcher.stats.busy_since  # watched only while a call is running
+        beats.update({r.name: r.busy_since for r in self.readers})  # a camera's open or read, while it runs
         stuck = stalled_parts(beats, now, STALL_AFTER_S)
         # a thread that died (an unexpected exception) is as stuck as a hung one: the restart heals both
         stuck += [f"{t.name} (thread ended)" for t in self.pipelines + self.readers

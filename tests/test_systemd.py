@@ -488,3 +488,45 @@ def test_a_pipeline_thread_that_dies_counts_as_stalled(broker, age_models, carph
         assert "camera till-1 pipeline stopped: RuntimeError: a bug" in service.problems()
     finally:
         service.stop(2)
+
+
+def test_a_camera_read_that_hangs_counts_as_stalled(broker, age_models, carphone_clip, monkeypatch):
+    """A USB camera whose firmware hangs blocks its V4L2 read for ever, which no camera here can do: the real
+    capture of the clip, whose read blocks after a few frames. The watchdog must see the reader stuck."""
+    import threading
+
+    import edge.capture
+    import edge.service
+    from edge.config import parse_config
+    from edge.service import Service
+    hang = threading.Event()
+
+    class HangingAfterFiveFrames:
+        def __init__(self, capture):
+            self.capture, self.reads = capture, 0
+
+        def read(self):
+            self.reads += 1
+            if self.reads > 5:
+                hang.wait(30)
+            return self.capture.read()
+
+        def __getattr__(self, name):
+            return getattr(self.capture, name)
+
+    real_open = edge.capture.open_camera
+    monkeypatch.setattr(edge.capture, "open_camera", lambda camera: HangingAfterFiveFrames(real_open(camera)))
+    monkeypatch.setattr(edge.service, "STALL_AFTER_S", 0.5)
+    config = parse_config({"store_id": "s", "cameras": [{"id": "till-1", "source": str(carphone_clip)}],
+                           "mqtt": {"host": "127.0.0.1", "port": broker.port},
+                           "models": {"age_model": str(age_models[40])}})
+    service = Service(config)
+    service.start()
+    try:
+        deadline = time.monotonic() + 20
+        while "capture-till-1" not in service.stalled() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "capture-till-1" in service.stalled()
+    finally:
+        hang.set()
+        service.stop(2)
