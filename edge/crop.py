@@ -44,5 +44,8 @@ def crop_face(image_bgr: np.ndarray, face: Face, size: int, margin: float, eye_y
     bars for the model to learn from.
     """
     matrix = crop_transform(face, size, margin, eye_y)
-    crop = cv2.warpAffine(image_bgr, matrix, (size, size), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REPLICATE)
+    # Bilinear, with no anti-aliasing: what every model so far was trained on. (This said INTER_AREA until
+    # 2026-11-27, which warpAffine takes for bilinear: the same pixels.) An area-averaged crop, kinder to large
+    # faces at the till, would change what the network sees: a change of the model contract, with a retrain.
+    crop = cv2.warpAffine(image_bgr, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     return cv2.cvtColor(crop, cv2.COLOR_BGR2RGB)

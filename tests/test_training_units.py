@@ -216,3 +216,21 @@ def test_inspect_of_a_folder_without_a_usable_face_reports_and_fails(tmp_path):
     result = tillsight("data", "inspect", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"))
     assert (result.returncode, result.stderr.strip()) == (2, f"tillsight: error: data folder not found: "
                                                              f"{tmp_path / 'nowhere'}")
+
+
+def test_the_validation_mae_is_per_face_when_the_last_batch_is_short():
+    """It picks best.keras and goes into the model card: a short last batch counts for its faces, not as a full
+    batch. 64 faces exact and 6 off by 40 years: 40 * 6 / 70 years, where a mean of batch means said 20."""
+    from training import quiet_import
+    keras = quiet_import("keras")
+    from training.augment import CropBatches
+    from training.model import MAX_AGE, DistributionLoss, expected_age_mae
+    crops = keras.Input((4, 4, 3))
+    thirty = keras.layers.Lambda(lambda x: keras.ops.one_hot(keras.ops.full((keras.ops.shape(x)[0],), 30, "int32"),
+                                                            MAX_AGE + 1))(crops)
+    model = keras.Model(crops, thirty)
+    model.compile(loss=DistributionLoss(), metrics=[expected_age_mae])
+    ages = np.array([30.0] * 64 + [70.0] * 6, np.float32)
+    result = model.evaluate(CropBatches(np.zeros((70, 4, 4, 3), np.uint8), ages, 64, train=False), verbose=0,
+                            return_dict=True)
+    assert result["expected_age_mae"] == pytest.approx(40 * 6 / 70, rel=1e-5)

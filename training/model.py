@@ -143,15 +143,18 @@ class DistributionLoss(keras.losses.Loss):
         return {**super().get_config(), "sigma": self.sigma}
 
 
+# The metrics return each face's error, not the batch's mean: Keras averages what a metric returns over the
+# faces it was given, so a short last batch counts for its faces, not as much as a full batch (the validation
+# MAE picks best.keras and goes into the model card).
 @keras.saving.register_keras_serializable(package="tillsight")
 def expected_age_mae(y_true, y_pred):
     expected = ops.sum(ops.cast(y_pred, "float32") * ops.arange(MAX_AGE + 1, dtype="float32"), axis=-1)
-    return ops.mean(ops.abs(expected - ops.reshape(ops.cast(y_true, "float32"), (-1,))))
+    return ops.abs(expected - ops.reshape(ops.cast(y_true, "float32"), (-1,)))
 
 
 @keras.saving.register_keras_serializable(package="tillsight")
 def age_mae(y_true, y_pred):
-    return ops.mean(ops.abs(ops.reshape(ops.cast(y_pred, "float32"), (-1,)) - ops.reshape(ops.cast(y_true, "float32"), (-1,))))
+    return ops.abs(ops.reshape(ops.cast(y_pred, "float32"), (-1,)) - ops.reshape(ops.cast(y_true, "float32"), (-1,)))
 
 
 def loss_and_metric(head: str, label_sigma: float = LABEL_SIGMA):
