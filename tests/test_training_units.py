@@ -234,3 +234,32 @@ def test_the_validation_mae_is_per_face_when_the_last_batch_is_short():
     result = model.evaluate(CropBatches(np.zeros((70, 4, 4, 3), np.uint8), ages, 64, train=False), verbose=0,
                             return_dict=True)
     assert result["expected_age_mae"] == pytest.approx(40 * 6 / 70, rel=1e-5)
+
+
+def test_a_validation_or_test_image_that_is_a_training_images_copy_is_left_out(tmp_path):
+    """The split goes by file name; UTKFace holds some pictures under several names. A copy in validation or
+    test would score a face the network was trained on."""
+    from training.data import copies_of_training
+    names = [f"face{i}.jpg" for i in range(200)]
+    by_split = {s: [n for n in names if split_of(n, 0.2, 0.2) == s] for s in ("train", "val", "test")}
+    picture, other = b"\xff\xd8 one picture", b"\xff\xd8 another"
+    copies = {by_split["train"][0]: picture, by_split["val"][0]: picture, by_split["test"][0]: picture,
+              by_split["val"][1]: other, by_split["test"][1]: other}  # `other` is in no training image
+    for name, data in copies.items():
+        (tmp_path / name).write_bytes(data)
+    labels = [Label(name, 30.0) for name in copies]
+    assert copies_of_training(tmp_path, labels, 0.2, 0.2) == {by_split["val"][0], by_split["test"][0]}
+
+
+def test_the_risk_modes_operating_points_score_each_face_with_a_table_it_was_not_measured_on():
+    """A minor whose own error is the only one that would flag them: in-sample their own residual puts them at
+    risk; measured on the other faces (all estimated right), nothing does."""
+    from training.evaluate import cross_fitted_risks, operating_points
+    names = [f"f{i}.jpg" for i in range(400)]
+    true = np.full(400, 30.0)
+    predicted = true.copy()
+    true[0] = 15.0  # a minor who looks 30
+    risks = cross_fitted_risks(true, predicted, names)
+    assert risks[0] == 0.0 and risks[1:].max() < 0.01
+    points = operating_points(true, predicted, risks)["risk"]
+    assert all(p["minors_flagged"] == 0.0 for p in points)

@@ -146,6 +146,18 @@ def iter_image_bytes(data_dir: Path, wanted: set[str]) -> Iterator[tuple[str, by
                 break
 
 
+def copies_of_training(data_dir: Path, labels: list[Label], val_fraction: float, test_fraction: float) -> set[str]:
+    """The validation and test images whose bytes are also a training image's: the split goes by file name, and
+    UTKFace holds 285 pictures under two or more names (95 of them across splits, 4 of those minors). Left out
+    of validation and test, where they would score a face the network was trained on."""
+    split = {label.file_name: split_of(label.file_name, val_fraction, test_fraction) for label in labels}
+    if all(s == "train" for s in split.values()) or all(s != "train" for s in split.values()):
+        return set()
+    digests = {name: hashlib.sha1(data).digest() for name, data in iter_image_bytes(data_dir, set(split))}
+    trained = {digest for name, digest in digests.items() if split[name] == "train"}
+    return {name for name, digest in digests.items() if split[name] != "train" and digest in trained}
+
+
 @dataclass
 class FaceSet:
     """Cropped faces with their labels, in a fixed order."""

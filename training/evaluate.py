@@ -13,14 +13,29 @@ from pathlib import Path
 import numpy as np
 
 from edge.infer import AgeModel
-from training.data import GENDERS, RACES, FaceSet, load_face_sets, read_labels, select, split_of
+from training.data import (GENDERS, RACES, FaceSet, copies_of_training, load_face_sets, read_labels,
+                           sample_fraction, select, split_of)
 from edge.risk import KEY_RESIDUALS, ResidualTable
 from training.metrics import age_metrics
 
 
-def operating_points(true: np.ndarray, predicted: np.ndarray, table: ResidualTable, legal_age: float = 18.0) -> dict:
+def cross_fitted_risks(true: np.ndarray, predicted: np.ndarray, names: list[str], legal_age: float = 18.0) -> np.ndarray:
+    """P(under legal_age) of each face from a residual table measured on the other half of the faces (halves by
+    a hash of the file name): a table scored on the faces it was measured on flatters the risk mode (at a
+    maximum risk of 0.5 %, 100 % of minors flagged in-sample against 96.5 % out of it, shipped ResNet50)."""
+    true, predicted = np.asarray(true, np.float64), np.asarray(predicted, np.float64)
+    first = np.array([sample_fraction(name) < 0.5 for name in names], bool)
+    risks = np.ones(len(true))
+    for half in (first, ~first):
+        table = ResidualTable.measure(predicted[~half], true[~half])
+        risks[half] = [table.probability_under(p, legal_age) for p in predicted[half]]
+    return risks
+
+
+def operating_points(true: np.ndarray, predicted: np.ndarray, risks: np.ndarray, legal_age: float = 18.0) -> dict:
     """Minors (13-17) flagged against adults (25+) challenged, for each mode over its setting:
-    Challenge N for N from 16 to 40, and the risk mode for a maximum risk from 0.1 % to 50 %."""
+    Challenge N for N from 16 to 40, and the risk mode (each face's `risks`) for a maximum risk from 0.1 % to
+    50 %."""
     true, predicted = np.asarray(true, np.float64), np.asarray(predicted, np.float64)
     minors, adults = (true >= 13) & (true < legal_age), true >= 25
 
@@ -29,7 +44,7 @@ def operating_points(true: np.ndarray, predicted: np.ndarray, table: ResidualTab
                 "minors_flagged": round(float(flagged[minors].mean()), 4) if minors.any() else None,
                 "adults_challenged": round(float(flagged[adults].mean()), 4) if adults.any() else None}
 
-    risks = np.array([table.probability_under(p, legal_age) for p in predicted])
+    risks = np.asarray(risks, np.float64)
     return {"challenge_age": [point(predicted < n, n) for n in np.arange(16, 40.5, 1.0)],
             "risk": [point(risks > r, r) for r in np.geomspace(0.001, 0.5, 25)]}
 
@@ -56,8 +71,11 @@ def evaluate(model: str | Path | None, data_dir: Path, labels_csv: Path | None, 
     (edge/risk.py), which the risk policy needs."""
     models = [AgeModel.load(m, ["cuda", "cpu"]) for m in ([model, compare] if compare is not None else [model])]
     labels = read_labels(labels_csv or data_dir / "labels.csv")
+    copies: set[str] = set()
     if split != "all":
-        labels = [label for label in labels if split_of(label.file_name, val_fraction, test_fraction) == split]
+        copies = copies_of_training(data_dir, labels, val_fraction, test_fraction) if split != "train" else set()
+        labels = [label for label in labels if split_of(label.file_name, val_fraction, test_fraction) == split
+                  and label.file_name not in copies]
     labels = select(labels, limit)
     face_sets = load_face_sets(data_dir, labels, [m.info.crop for m in models],
                                progress=progress)
@@ -66,14 +84,17 @@ def evaluate(model: str | Path | None, data_dir: Path, labels_csv: Path | None, 
     reports = [_report(m, faces, predicted, data_dir, split, len(labels), challenge_age)
                for m, faces, predicted in zip(models, face_sets, predictions)]
     report = reports[0]
+    report["copies_of_training_left_out"] = len(copies)
     if len(reports) > 1:
         report["compared_with"] = reports[1]
         report["agreement"] = agreement(face_sets, predictions)
-    table = ResidualTable.from_metadata(models[0].info.metadata)
     if face_sets[0].labels:
         measured = ResidualTable.measure(predictions[0], face_sets[0].ages)
-        report["operating_points"] = operating_points(face_sets[0].ages, predictions[0], table or measured)
-        report["operating_points"]["risk_table"] = "the model's own" if table else "measured on these faces"
+        # the risk mode as a table measured on like faces serves it (the model's own may have been measured on
+        # these very faces: `ship` writes it from them)
+        risks = cross_fitted_risks(face_sets[0].ages, predictions[0], [l.file_name for l in face_sets[0].labels])
+        report["operating_points"] = operating_points(face_sets[0].ages, predictions[0], risks)
+        report["operating_points"]["risk_table"] = "cross-fitted: each half of the faces scored with the other's"
         if residuals_into is not None:
             write_residuals(models[0].path, measured, residuals_into)
             report["residuals_into"] = str(residuals_into)

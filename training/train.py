@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from edge import __version__
-from training.data import DataError, FaceSet, Label, load_faces, read_labels, select, split_of
+from training.data import (DataError, FaceSet, Label, copies_of_training, load_faces, read_labels, select,
+                           split_of)
 
 
 @dataclass
@@ -226,14 +227,18 @@ def train(opts: TrainOptions, resume: bool = False) -> dict:
     device = configure_devices(opts)
     faces, counts = prepare_faces(opts, run_dir)
     splits = np.array([split_of(l.file_name, opts.val_fraction, opts.test_fraction) for l in faces.labels])
+    copies = copies_of_training(Path(opts.data), faces.labels, opts.val_fraction, opts.test_fraction)
+    splits[[l.file_name in copies for l in faces.labels]] = "copy"  # picks no checkpoint, scores nothing
     train_set, val_set = faces.subset(splits == "train"), faces.subset(splits == "val")
     if len(train_set.labels) == 0 or len(val_set.labels) == 0:
         raise TrainError(f"split left {len(train_set.labels)} training and {len(val_set.labels)} validation faces; "
                          "use more data or another --val-fraction")
     split = {"val_fraction": opts.val_fraction, "test_fraction": opts.test_fraction,
              "rule": "h = sha1(file_name) in [0, 1): h < val_fraction -> val, "
-                     "< val_fraction + test_fraction -> test, else train",
-             "train": len(train_set.labels), "val": len(val_set.labels), "test": int((splits == "test").sum())}
+                     "< val_fraction + test_fraction -> test, else train; a val or test image whose bytes are a "
+                     "train image's too is left out",
+             "train": len(train_set.labels), "val": len(val_set.labels), "test": int((splits == "test").sum()),
+             "copies_of_training_left_out": len(copies)}
     (run_dir / "run.json").write_text(json.dumps(
         {"options": asdict(opts), "data": counts, "split": split, "device": device, "tillsight": __version__}, indent=2))
 
