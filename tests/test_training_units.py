@@ -263,3 +263,23 @@ def test_the_risk_modes_operating_points_score_each_face_with_a_table_it_was_not
     assert risks[0] == 0.0 and risks[1:].max() < 0.01
     points = operating_points(true, predicted, risks)["risk"]
     assert all(p["minors_flagged"] == 0.0 for p in points)
+
+
+def test_a_resumed_run_shuffles_and_logs_as_the_uninterrupted_one(tmp_path):
+    """Resumed at epoch 2: epoch 2's order (it had epoch 0's), and history.csv without the epochs that ran after
+    the saved state (they run again)."""
+    from training.augment import CropBatches
+    from training.train import keep_history
+    crops, ages = np.zeros((40, 4, 4, 3), np.uint8), np.arange(40, dtype=np.float32)
+    uninterrupted = CropBatches(crops, ages, 8, train=True, seed=3)
+    orders = []
+    for _ in range(3):
+        orders.append(uninterrupted.order.copy())
+        uninterrupted.on_epoch_end()
+    resumed = CropBatches(crops, ages, 8, train=True, seed=3)
+    resumed.resume_at(2)
+    assert np.array_equal(resumed.order, orders[2]) and not np.array_equal(orders[2], orders[0])
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,loss\n0,9.0\n1,8.0\n2,7.0\n3,6.5\n")
+    keep_history(history, 2)
+    assert history.read_text() == "epoch,loss\n0,9.0\n1,8.0\n"

@@ -135,6 +135,11 @@ class CropBatches(keras.utils.PyDataset):
         picked = self.order[index * self.batch_size : (index + 1) * self.batch_size]
         return self.crops[picked], self.ages[picked]
 
+    def resume_at(self, epoch: int) -> None:
+        """Carry on at `epoch` (a resumed run) in the order the uninterrupted run had there."""
+        self.epoch = epoch
+        self.on_epoch_end()
+
     def on_epoch_end(self) -> None:
         if self.train:
             self.order = np.random.default_rng([self.seed, self.epoch]).permutation(self.epoch_items)

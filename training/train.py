@@ -249,7 +249,8 @@ def train(opts: TrainOptions, resume: bool = False) -> dict:
     state = read_state(state_file) if resume else {"epoch": 0, "best_val_mae": None, "best_epoch": None}
     if resume:
         model = keras.models.load_model(checkpoints / "last.keras")
-        train_batches.epoch = state["epoch"]
+        train_batches.resume_at(state["epoch"])
+        keep_history(run_dir / "history.csv", state["epoch"])
     else:
         model = build_model(opts.input_size, opts.head, opts.weights, dropout=opts.dropout, augment=opts.augment,
                             mean_age=float(train_set.ages.mean()), seed=opts.seed)
@@ -274,6 +275,16 @@ def train(opts: TrainOptions, resume: bool = False) -> dict:
                "tillsight": __version__}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def keep_history(path: Path, epochs: int) -> None:
+    """history.csv as it was at the saved state: the epochs that ran after it (the state is saved every few
+    minutes, the CSV every epoch) run again on resume, and would be in it twice, in the curves and the card."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines[1:] if line.split(",", 1)[0].strip().isdigit() and int(line.split(",", 1)[0]) < epochs]
+    path.write_text("".join(lines[:1] + kept))
 
 
 def _optimizer(opts: TrainOptions):
