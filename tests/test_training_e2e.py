@@ -281,3 +281,14 @@ def test_a_mixed_precision_checkpoint_exports_as_float32(tmp_path, utkface):
     assert not [n for n in model.graph.node if n.op_type == "Cast"
                 and any(a.name == "to" and a.i in halves for a in n.attribute)]
     assert all(t.data_type not in halves for t in model.graph.initializer)
+
+
+def test_the_face_cache_of_a_run_folder_is_made_anew_for_other_data_or_limit(tmp_path, utkface):
+    """A run folder reused (a crashed first run, then another --limit) must not train on the old faces."""
+    from training.train import TrainOptions, prepare_faces
+    opts = TrainOptions(data=str(utkface), out=str(tmp_path), input_size=64, crop_margin=0.0, limit=6, workers=1)
+    first, _ = prepare_faces(opts, tmp_path)
+    again, _ = prepare_faces(opts, tmp_path)  # the cache
+    assert [l.file_name for l in again.labels] == [l.file_name for l in first.labels]
+    more, counts = prepare_faces(TrainOptions(**{**opts.__dict__, "limit": 9}), tmp_path)
+    assert counts["labelled"] == 9 and len(more.labels) > len(first.labels)

@@ -81,9 +81,12 @@ def labels_path(data_dir: Path, labels: str | None) -> Path:
 def prepare_faces(opts: TrainOptions, run_dir: Path) -> tuple[FaceSet, dict]:
     """Crop every labelled face once; later runs and resumes read faces.npz."""
     cache = run_dir / "faces.npz"
+    # what the crops were made from: a run folder reused with other data, labels or --limit makes them anew
+    source = json.dumps({"data": str(Path(opts.data).resolve()), "labels": opts.labels, "limit": opts.limit})
     if cache.is_file():
         stored = np.load(cache, allow_pickle=False)
-        if int(stored["input_size"]) == opts.input_size and float(stored["crop_margin"]) == opts.crop_margin:
+        if int(stored["input_size"]) == opts.input_size and float(stored["crop_margin"]) == opts.crop_margin \
+                and "source" in stored and str(stored["source"]) == source:
             labels = [Label(str(n), float(a), _none(g), _none(r))
                       for n, a, g, r in zip(stored["names"], stored["ages"], stored["genders"], stored["races"])]
             return FaceSet(stored["crops"], labels), json.loads(str(stored["counts"]))
@@ -96,7 +99,7 @@ def prepare_faces(opts: TrainOptions, run_dir: Path) -> tuple[FaceSet, dict]:
         raise DataError(f"no usable face in {data_dir} ({counts})")
     np.savez(cache, crops=faces.crops, names=[l.file_name for l in faces.labels], ages=faces.ages,
              genders=[_int(l.gender) for l in faces.labels], races=[_int(l.race) for l in faces.labels],
-             input_size=opts.input_size, crop_margin=opts.crop_margin, counts=json.dumps(counts))
+             input_size=opts.input_size, crop_margin=opts.crop_margin, counts=json.dumps(counts), source=source)
     return faces, counts
 
 
