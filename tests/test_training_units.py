@@ -283,3 +283,11 @@ def test_a_resumed_run_shuffles_and_logs_as_the_uninterrupted_one(tmp_path):
     history.write_text("epoch,loss\n0,9.0\n1,8.0\n2,7.0\n3,6.5\n")
     keep_history(history, 2)
     assert history.read_text() == "epoch,loss\n0,9.0\n1,8.0\n"
+
+
+def test_an_fp16_file_that_disagrees_with_fp32_is_no_export():
+    from export.age import ExportError, check_fp16
+    assert check_fp16({"path": "a.onnx", "max_abs_diff_vs_fp32": 0.11})["max_abs_diff_vs_fp32"] == 0.11
+    with pytest.raises(ExportError, match=r"fp16 differs from fp32 by up to 4.200 years \(tolerance 1.0\); "
+                                          r"a.onnx is not trustworthy"):
+        check_fp16({"path": "a.onnx", "max_abs_diff_vs_fp32": 4.2})
