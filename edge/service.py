@@ -361,6 +361,7 @@ class Service:
                         "(set [outbox] path, or run under the systemd unit)")
         self.publisher = Publisher(config.mqtt, config.store_id, self.daemon_id, self.outbox)
         self.status_due = threading.Event()  # something changed: publish the status now, not at the next tick
+        self._said_key: tuple | None = None  # the state the status published at start() said (run_until_stopped)
         self.publisher.on_change = self.status_due.set
         if replay:
             self.publisher.problem_level = self.batcher.problem_level = logging.INFO
@@ -541,6 +542,9 @@ class Service:
         if self.metrics is not None:
             self.metrics_problem = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
         self.publisher.publish_status(self.status())  # sent by on_connect once the broker is there
+        # what that status said: the status loop compares with it, so a camera that comes online before the loop
+        # runs (a busy machine) is said at once, not at the next status interval
+        self._said_key = self._state_key()
         if self.desk is not None:
             self.desk.start()
         self.publisher.start()  # first what the previous run left in the outbox
@@ -558,7 +562,7 @@ class Service:
     def run_until_stopped(self, until: threading.Event | None = None) -> None:
         """Publish status periodically, and at once when a camera, the model or the outbox changes state,
         until stop() is called (or, in replay, the files end), or `until` is set."""
-        last_status, last_key = time.monotonic(), self._state_key()
+        last_status, last_key = time.monotonic(), self._said_key or self._state_key()
         while not self.stop_event.is_set() and not (until is not None and until.is_set()):
             if self.replay and all(p.finished.is_set() for p in self.pipelines):
                 break

@@ -409,4 +409,5 @@ def test_a_looping_file_shorter_than_a_frame_keeps_to_fps_limit_and_its_own_rate
     times = [received.get_nowait().timestamp for _ in range(received.qsize())]
     rate = fps_limit or 25
     assert 3 <= len(times) <= rate * 1.5 + 2, len(times)  # at most the rate (a loaded machine may pass on fewer)
-    assert min(np.diff(times)) > 0.9 / rate
+    assert np.median(np.diff(times)) > 0.9 / rate  # the median: one frame late to a busy machine's core and the
+    # next comes sooner, as the pacing catches up

@@ -642,3 +642,30 @@ def test_the_live_check_says_a_camera_that_shows_nothing(tmp_path, carphone_clip
     result = check_camera(CameraConfig(id="usb", source="/dev/v4l/by-id/usb-Nothing_Here_0000-video-index0"))
     assert result.line() == ("camera usb: FAILED: /dev/v4l/by-id/usb-Nothing_Here_0000-video-index0 is not there (the "
                              "camera is unplugged, or its USB port or hub lost power)")
+
+
+def test_a_camera_online_before_the_status_loop_runs_is_said_at_once(broker, subscriber, age_models, carphone_clip):
+    """On a busy machine the status loop may start after a camera came online: the status must say so at once,
+    not at the next status interval (30 s), which left the store seeing the camera `starting`."""
+    import threading
+
+    from edge.service import Service
+    config = parse_config({"store_id": "store-1", "daemon_id": "till-pc", "status_interval_s": 30,
+                           "cameras": [{"id": "till-1", "source": str(carphone_clip), "fps_limit": 10}],
+                           "mqtt": {"host": "127.0.0.1", "port": broker.port}, "models": {"age_model": str(age_models[40])}})
+    service = Service(config)
+    service.start()
+    done = threading.Event()
+    loop = threading.Thread(target=service.run_until_stopped, args=(done,))
+    try:
+        deadline = time.monotonic() + 20
+        while service.readers[0].status.state != "online" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        loop.start()  # only now
+        assert subscriber.wait_for(lambda s: any(m.get("cameras", {}).get("till-1", {}).get("state") == "online"
+                                                 for m in s.json("till-pc/status")), 5)
+    finally:
+        done.set()
+        if loop.is_alive():
+            loop.join()
+        service.stop(5)
