@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     ship.add_argument("--into", type=Path, default=Path("edge/models"), help="where the model and its card go")
     ship.add_argument("--readme", type=Path, default=Path("README.md"), help="the README whose age model "
                       "section is rewritten ('-': none)")
-    ship.add_argument("--limit", type=int, help="score only this many photos of that split (rehearsals)")
+    ship.add_argument("--limit", type=int,
+                      help="score only this many photos of that split, and of validation for the risk table (rehearsals)")
     ship.add_argument("--max-mae", type=float, default=6.04, help="ship only under this MAE (default: the seeds')")
     ship.add_argument("--max-int8-mae-change", type=float, default=0.1)
     ship.add_argument("--max-int8-shift", type=float, default=3.0, help="years any face may move from fp32 to int8")

@@ -5,10 +5,13 @@ given what the model said, how likely is this customer under 18? The answer
 comes from the model's measured errors: on a validation split, the residuals
 (true age - estimated age) of the faces whose estimate fell in each band of
 estimated ages (5-year bands). The table travels in the model's metadata
-(`tillsight.residuals`), written by `tillsight eval --residuals-into`; P(under
-legal age | estimate e) is the share of that band's residuals r with e + r <
-legal age. The per-image residuals are used for the fused estimate: fusing
-frames only narrows the error, so the risk is over-, never under-stated.
+(`tillsight.residuals`), written by `tillsight eval --residuals-into`, and by
+`tillsight ship` from the run's validation split, never from the held-out test
+split it reports on (the risk mode's figures there score the test faces with
+this very table); P(under legal age | estimate e) is the share of that band's
+residuals r with e + r < legal age. The per-image residuals are used for the
+fused estimate: fusing frames only narrows the error, so the risk is over-,
+never under-stated.
 """
 
 from __future__ import annotations

@@ -6,8 +6,11 @@ What follows a training run, as one command, so that it is done the same way eve
     split);
  2. eval through the full edge pipeline (detector, crop, ONNX Runtime) on the run's held-out test split
     (which neither trained it nor chose its checkpoint; the validation split for runs made without one):
-    the int8 file against the fp32 one on the very same faces (training/evaluate.py), the measured
-    errors written into the shipped file's metadata (the risk policy reads them, edge/risk.py);
+    the int8 file against the fp32 one on the very same faces (training/evaluate.py). The errors written
+    into the shipped file's metadata (the risk policy's table, edge/risk.py) are always measured on the
+    validation split, which chose the checkpoint and is reported on only by a run without a test split; the
+    risk mode's operating points score the test faces with that very table (out of sample, as served), or,
+    without a test split, are cross-fitted on validation (`risk_text`);
  3. the gates: MAE under the model it replaces (`max_mae`, the seeds' 6.04 years), int8 within
     `max_int8_mae_change` (0.1) years of fp32's MAE, and no face moved by int8 more than
     `max_int8_shift` (3) years; if full int8 fails them, int8 weights with float maths
@@ -51,12 +54,13 @@ class ShipError(Exception):
 @dataclass
 class ShipOptions:
     checkpoint: Path
-    data: Path  # the labelled folder the run trained on: its held-out test split is scored (validation without one)
+    data: Path  # the labelled folder the run trained on: its held-out test split is scored (validation without one);
+    # the risk policy's table is measured on its validation split
     work: Path  # exports, eval, speed and ship.json
     into: Path = Path("edge/models")
     readme: Path | None = Path("README.md")
     labels: Path | None = None
-    limit: int | None = None  # score only this many photos of that split (rehearsals)
+    limit: int | None = None  # score only this many photos of that split, and of validation for the table (rehearsals)
     max_mae: float = SEED_MAE
     max_int8_mae_change: float = 0.1
     max_int8_shift: float = 3.0
@@ -96,10 +100,12 @@ def ship(opts: ShipOptions) -> dict:
               "shipped": False}
     try:
         for recipe, folder in int8_recipes(onnx_dir):
-            report = evaluate(folder / SHIPPED_NAME, opts.data, opts.labels, split=scored_split(options, info["run.json"].get("split")),
+            # the table the model serves from validation; on test, the risk mode's points are scored with it
+            report = evaluate(folder / SHIPPED_NAME, opts.data, opts.labels,
+                              split=scored_split(options, info["run.json"].get("split")),
                               val_fraction=val_fraction, test_fraction=test_fraction,
                               limit=opts.limit, out=folder / "eval", compare=onnx_dir / "age.onnx",
-                              residuals_into=candidate)
+                              residuals_into=candidate, residuals_split=TABLE_SPLIT)
             print(f"int8, {recipe}:")
             print_eval(report)
             checks = gates(report, opts)
@@ -115,6 +121,9 @@ def ship(opts: ShipOptions) -> dict:
             raise ShipError("not shipped: " + "; ".join(
                 f"int8 ({a['recipe']}): " + ", ".join(g["why"] for g in a["gates"] if not g["passed"])
                 for a in result["attempts"]))
+        if "residuals_into" not in report:  # no validation face found (a tiny --limit): risk mode would refuse it
+            raise ShipError(f"not shipped: no face found in the {report['residual_table']['n']} validation photos: "
+                            "the risk policy's table cannot be measured")
         result["speed"] = cpu_speed(Path(result["attempts"][-1]["folder"]) / "age.onnx", opts.work / "speed",
                                     opts.speed_seconds)
         _add_metadata(candidate, report, info, recipe)
@@ -128,6 +137,7 @@ def ship(opts: ShipOptions) -> dict:
 
 
 FULL_INT8, WEIGHTS_INT8 = "weights and activations", "weights only"
+TABLE_SPLIT = "val"  # the served residual table's faces: never the split whose figures the model card reports
 
 
 def int8_recipes(onnx_dir: Path):
@@ -441,7 +451,8 @@ def _split_row(split: dict) -> str:
         return (f"| Split | by file name: sha1(name) < {split['val_fraction']} → validation ({split['val']} faces), "
                 f"else training ({split['train']}); the same rule as `tillsight eval --split val` |")
     return (f"| Split | by file name, h = sha1(name) in [0, 1): h < {split['val_fraction']} → validation "
-            f"({split['val']} faces; chose the checkpoint), then {test} more → held-out test ({split['test']}; "
+            f"({split['val']} faces; chose the checkpoint, measured the risk policy's table), then {test} more → "
+            f"held-out test ({split['test']}; "
             f"trained nothing, chose nothing: the figures below), else training ({split['train']}) |")
 
 
@@ -449,6 +460,42 @@ def _eval_split_flags(split: dict, report: dict) -> str:
     if report["split"] != "test":
         return "--split val"
     return f"--split test --val-fraction {split['val_fraction']} --test-fraction {split['test_fraction']}"
+
+
+def _table_faces(report: dict) -> int:
+    """How many faces the shipped residual table was measured on: validation's, or the scored ones without a test
+    split (the scored split is validation then)."""
+    return report["residual_table"]["n_scored"] if "residual_table" in report else report["n_scored"]
+
+
+def risk_text(report: dict) -> str:
+    """The model card's risk mode paragraph: where the served table was measured, where its operating points were
+    scored, and the points around the default maximum risk."""
+    from edge.policy import Policy
+    risk = report["operating_points"]["risk"]  # settings ascending
+    near = [p for p in risk if p["setting"] <= Policy.max_risk][-1:] + \
+        [p for p in risk if p["setting"] > Policy.max_risk][:1]
+    figures = "13–17-year-olds flagged and adults 25+ challenged at a maximum risk of " + "; at ".join(
+        f"{100 * p['setting']:.1f} %: {_pct(p['minors_flagged'])} and {_pct(p['adults_challenged'])}" for p in near)
+    minors = f"13–17: {report['n_by_band']['13-17']} of the {report['n_scored']} faces"
+    head = "**Risk mode** (`policy.mode = \"risk\"`, default maximum risk " \
+           f"{100 * Policy.max_risk:g} %, single photos): "
+    if "residual_table" in report:
+        table = report["residual_table"]
+        return (head + f"the table in the file was measured on {table['n_scored']} validation faces (the split "
+                "that chose the checkpoint; left out: its photos whose bytes are a training photo's, "
+                f"{table['copies_of_training_left_out']}, or a held-out test photo's, "
+                f"{table['copies_of_scored_split_left_out']}), never on the test faces above. The operating points "
+                f"(plot; `operating_points` in `ship.json`) score the held-out test faces with that very table, as "
+                f"the daemon serves it, so they are out of sample ({minors}): {figures}. (`tillsight eval --split "
+                "test` cross-fits them on the test faces instead: each half scored with a table measured on the "
+                "other half.)")
+    return (head + f"the table in the file was measured on these {report['n_scored']} validation faces: the run "
+            "holds no test split, and validation is the only split the model did not train on, for the table and "
+            "for the figures alike. So the operating points (plot) are cross-fitted: each half of the faces is "
+            "scored with a table measured on the other half, never with its own error, and not with the served "
+            f"table itself, which holds every face ({minors}): {figures}. A run with a test split "
+            "(`tillsight train --test-fraction`, 0.1 by default) gives figures of the served table out of sample.")
 
 
 def _minutes(seconds) -> str:
@@ -482,7 +529,8 @@ def model_card(result: dict, opts: ShipOptions) -> str:
         f"input {options['input_size']}×{options['input_size']} RGB face crops, crop margin {options['crop_margin']} "
         "(`edge.crop.crop_face`, as in training) |",
         f"| File | `{SHIPPED_NAME}`, {result['file']['size_bytes'] / 1e6:.1f} MB, sha256 `{result['file']['sha256']}`: "
-        + _recipe_text(result, export) + "; its measured errors are in the metadata (the risk policy's table). The "
+        + _recipe_text(result, export) + f"; its errors measured on {_table_faces(report)} validation faces are in "
+        "the metadata (the risk policy's table, below). The "
         f"fp32 file ({export['fp32']['size_bytes'] / 1e6:.0f} MB) and fp16 "
         f"({export.get('fp16', {}).get('size_bytes', 0) / 1e6:.0f} MB) do not fit the repository's 30 MB: "
         "`tillsight export CHECKPOINT --fp16` writes them for a GPU server |",
@@ -526,6 +574,8 @@ def model_card(result: dict, opts: ShipOptions) -> str:
         f"{_target('adults_30plus_challenged', c25['adults_30plus_challenged'])} |",
         f"| true adults 25+ challenged | | {_pct(c25['adults_25plus_challenged'])} | "
         f"{_pct(c25_fp32['adults_25plus_challenged'])} | |",
+        "",
+        risk_text(report),
         "",
         f"**int8 against fp32**, face by face: {agreement.get('mean_abs_diff', 'n/a')} years apart on average, "
         f"{agreement.get('p99_abs_diff', 'n/a')} at the 99th percentile, {agreement.get('max_abs_diff', 'n/a')} at "

@@ -7,19 +7,23 @@ over the other.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from edge.infer import AgeModel
-from training.data import (GENDERS, RACES, FaceSet, copies_of_training, load_face_sets, read_labels,
-                           sample_fraction, select, split_of)
+from training.data import (GENDERS, RACES, FaceSet, Label, copies_of_training, iter_image_bytes, load_face_sets,
+                           read_labels, sample_fraction, select, split_of)
 from edge.risk import KEY_RESIDUALS, ResidualTable
 from training.metrics import age_metrics
 
+LEGAL_AGE = 18.0  # the risk mode's operating points: P(under 18), as `policy.legal_age` defaults
 
-def cross_fitted_risks(true: np.ndarray, predicted: np.ndarray, names: list[str], legal_age: float = 18.0) -> np.ndarray:
+
+def cross_fitted_risks(true: np.ndarray, predicted: np.ndarray, names: list[str],
+                       legal_age: float = LEGAL_AGE) -> np.ndarray:
     """P(under legal_age) of each face from a residual table measured on the other half of the faces (halves by
     a hash of the file name): a table scored on the faces it was measured on flatters the risk mode (at a
     maximum risk of 0.5 %, 100 % of minors flagged in-sample against 96.5 % out of it, shipped ResNet50)."""
@@ -32,7 +36,8 @@ def cross_fitted_risks(true: np.ndarray, predicted: np.ndarray, names: list[str]
     return risks
 
 
-def operating_points(true: np.ndarray, predicted: np.ndarray, risks: np.ndarray, legal_age: float = 18.0) -> dict:
+def operating_points(true: np.ndarray, predicted: np.ndarray, risks: np.ndarray,
+                     legal_age: float = LEGAL_AGE) -> dict:
     """Minors (13-17) flagged against adults (25+) challenged, for each mode over its setting:
     Challenge N for N from 16 to 40, and the risk mode (each face's `risks`) for a maximum risk from 0.1 % to
     50 %."""
@@ -64,39 +69,55 @@ def write_residuals(model_path: Path, table: ResidualTable, out: Path) -> None:
 def evaluate(model: str | Path | None, data_dir: Path, labels_csv: Path | None, split: str = "all",
              val_fraction: float = 0.1, limit: int | None = None, out: Path | None = None,
              challenge_age: float = 25.0, progress: bool = True, compare: str | Path | None = None,
-             residuals_into: Path | None = None, test_fraction: float = 0.1) -> dict:
+             residuals_into: Path | None = None, test_fraction: float = 0.1,
+             residuals_split: str | None = None) -> dict:
     """The report of `model` (a tier or a file); with `compare`, its report under 'compared_with'.
 
-    `residuals_into`: write a copy of the model that carries its measured errors on these faces
-    (edge/risk.py), which the risk policy needs."""
+    `residuals_into`: write a copy of the model that carries its measured errors (edge/risk.py), which the risk
+    policy needs: measured on these faces, and the risk mode's operating points cross-fitted on them.
+    `residuals_split` ('val' while `split` is 'test': `tillsight ship`): measure that table on the other split's
+    faces instead (`limit` of them too; without the photos whose bytes are one of `split`'s), and score the
+    operating points with it: out of sample, the table exactly as it will be served."""
+    if residuals_split == split:
+        residuals_split = None
+    if residuals_split is not None and {split, residuals_split} != {"val", "test"}:
+        raise ValueError(f"a residual table from {residuals_split!r} for figures on {split!r}: val and test only")
     models = [AgeModel.load(m, ["cuda", "cpu"]) for m in ([model, compare] if compare is not None else [model])]
-    labels = read_labels(labels_csv or data_dir / "labels.csv")
-    copies: set[str] = set()
-    if split != "all":
-        copies = copies_of_training(data_dir, labels, val_fraction, test_fraction) if split != "train" else set()
-        labels = [label for label in labels if split_of(label.file_name, val_fraction, test_fraction) == split
-                  and label.file_name not in copies]
-    labels = select(labels, limit)
+    pool = read_labels(labels_csv or data_dir / "labels.csv")
+    copies = copies_of_training(data_dir, pool, val_fraction, test_fraction) if split not in ("all", "train") \
+        else set()
+    in_split = split_labels(pool, split, val_fraction, test_fraction, copies)
+    labels = select(in_split, limit)
     face_sets = load_face_sets(data_dir, labels, [m.info.crop for m in models],
                                progress=progress)
-    predictions = [np.array([e.age for e in m.predict(faces.crops)], np.float64) if faces.labels else np.zeros(0)
-                   for m, faces in zip(models, face_sets)]
+    predictions = [_ages(m, faces) for m, faces in zip(models, face_sets)]
     reports = [_report(m, faces, predicted, data_dir, split, len(labels), challenge_age)
                for m, faces, predicted in zip(models, face_sets, predictions)]
     report = reports[0]
-    report["copies_of_training_left_out"] = len(copies)
+    report["copies_of_training_left_out"] = len(copies)  # validation's and test's together
     if len(reports) > 1:
         report["compared_with"] = reports[1]
         report["agreement"] = agreement(face_sets, predictions)
+    table = None
+    if residuals_split is not None:
+        table, report["residual_table"] = _table_of_split(models[0], data_dir, pool, residuals_split, in_split,
+                                                          val_fraction, test_fraction, limit, copies, progress)
     if face_sets[0].labels:
-        measured = ResidualTable.measure(predictions[0], face_sets[0].ages)
-        # the risk mode as a table measured on like faces serves it (the model's own may have been measured on
-        # these very faces: `ship` writes it from them)
-        risks = cross_fitted_risks(face_sets[0].ages, predictions[0], [l.file_name for l in face_sets[0].labels])
-        report["operating_points"] = operating_points(face_sets[0].ages, predictions[0], risks)
-        report["operating_points"]["risk_table"] = "cross-fitted: each half of the faces scored with the other's"
-        if residuals_into is not None:
-            write_residuals(models[0].path, measured, residuals_into)
+        ages, names = face_sets[0].ages, [l.file_name for l in face_sets[0].labels]
+        if table is None:
+            table = ResidualTable.measure(predictions[0], ages)
+            # the model's own table was measured on these very faces (`eval --residuals-into`): scored on them,
+            # it would flatter the risk mode
+            risks = cross_fitted_risks(ages, predictions[0], names)
+            source = "cross-fitted: each half of the faces scored with the other's"
+        else:
+            risks = np.array([table.probability_under(p, LEGAL_AGE) for p in predictions[0]])
+            source = (f"the table of {report['residual_table']['n_scored']} "
+                      f"{'validation' if residuals_split == 'val' else 'test'} faces")
+        report["operating_points"] = operating_points(ages, predictions[0], risks)
+        report["operating_points"]["risk_table"] = source
+        if residuals_into is not None and all(table.residuals):  # an empty row: measured on no face
+            write_residuals(models[0].path, table, residuals_into)
             report["residuals_into"] = str(residuals_into)
     if out is not None and face_sets[0].labels:
         from training.plots import plot_error_by_band, plot_operating_points, plot_predicted_vs_true
@@ -106,6 +127,46 @@ def evaluate(model: str | Path | None, data_dir: Path, labels_csv: Path | None, 
         plot_operating_points(report["operating_points"], out / "operating_points.png")
         (out / "eval.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def split_labels(labels: list[Label], split: str, val_fraction: float, test_fraction: float,
+                 copies: set[str]) -> list[Label]:
+    """The labels of `split` ('all': every one), less `copies` (copies_of_training: the validation and test photos
+    whose bytes are a training photo's)."""
+    if split == "all":
+        return labels
+    return [label for label in labels if split_of(label.file_name, val_fraction, test_fraction) == split
+            and label.file_name not in copies]
+
+
+def copies_among(data_dir: Path, names: list[str], others: list[str]) -> set[str]:
+    """The `names` whose bytes are also one of `others`' (UTKFace holds some pictures under two names)."""
+    digests = {name: hashlib.sha1(data).digest() for name, data in iter_image_bytes(data_dir, {*names, *others})}
+    theirs = {digests[name] for name in others if name in digests}
+    return {name for name in names if digests.get(name) in theirs}
+
+
+def _table_of_split(model: AgeModel, data_dir: Path, pool: list[Label], split: str, scored: list[Label],
+                    val_fraction: float, test_fraction: float, limit: int | None, copies: set[str],
+                    progress: bool) -> tuple[ResidualTable, dict]:
+    """The residual table of `model` on `split`'s faces, and what it was measured on. Without the photos whose
+    bytes are one of the `scored` split's (all of it, not only the --limit scored): a picture in both would be
+    scored with a table that holds its own error."""
+    labels = split_labels(pool, split, val_fraction, test_fraction, copies)
+    shared = copies_among(data_dir, [l.file_name for l in labels], [l.file_name for l in scored])
+    labels = select([l for l in labels if l.file_name not in shared], limit)
+    (faces,) = load_face_sets(data_dir, labels, [model.info.crop], progress=progress)
+    predicted = _ages(model, faces)
+    return ResidualTable.measure(predicted, faces.ages), {
+        "split": split, "n": len(labels), "n_no_face": len(faces.no_face),
+        "n_unreadable": len(faces.unreadable) + len(faces.missing), "n_scored": len(faces.labels),
+        "copies_of_training_left_out": sum(split_of(name, val_fraction, test_fraction) == split for name in copies),
+        "copies_of_scored_split_left_out": len(shared),
+        "mae": age_metrics(faces.ages, predicted)["mae"]}
+
+
+def _ages(model: AgeModel, faces: FaceSet) -> np.ndarray:
+    return np.array([e.age for e in model.predict(faces.crops)], np.float64) if faces.labels else np.zeros(0)
 
 
 def agreement(face_sets: list[FaceSet], predictions: list[np.ndarray]) -> dict | None:
