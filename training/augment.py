@@ -108,6 +108,25 @@ def inverse_affine(flip, angle, scale, shift_x, shift_y, size: int):
     return ops.stack([sign * a0, sign * a1, sign * a2 + flip * (size - 1), b0, b1, b2, zero, zero], axis=1)
 
 
+def seed_epoch(model: keras.Model, seed: int, epoch: int) -> None:
+    """Start every random stream of `model` (FaceJitter's augmentation, Dropout's masks: each a
+    keras.random.SeedGenerator) for `epoch` from (seed, epoch, its place in the model) alone, as CropBatches
+    orders the epoch's crops: a resumed run draws in epoch k what the uninterrupted run drew there. Keras keeps
+    a SeedGenerator's state out of the .keras file, so a resumed run started its streams over and drew epoch 1's
+    augmentation and dropout again.
+
+    Called at the epoch's start (Progress.on_epoch_begin), before its first step, where every backend's trainer
+    reads the variables afresh: the JAX trainer holds them in state of its own from that step to the epoch's end
+    (Keras 3.15 gives them back to the model whenever a callback reads `self.model`; at the epoch's start they
+    are the model's whatever the version)."""
+    states = [v for v in model.non_trainable_variables if v.name == "seed_generator_state"]
+    for index, state in enumerate(states):
+        # [start, counter]: the counter steps by one a draw. start < 2**31 fits every backend's seed dtype
+        # (uint32 on JAX, int64 on TensorFlow, int32 on PyTorch)
+        start = int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0]) >> 1
+        state.assign(np.array([start, 0], dtype=state.dtype))
+
+
 class CropBatches(keras.utils.PyDataset):
     """Batches of (crops uint8 0..255, ages); training batches in a new order each epoch, all full
     (the few crops left over go in the next epoch's order: one batch shape, one compiled step).

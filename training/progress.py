@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from edge.gpu import GpuSampler
+from training.augment import seed_epoch
 
 CHECKPOINT_EVERY_S = 120.0  # last.keras and best.keras this often, and at the end (training/train.py says why)
 
@@ -43,6 +44,7 @@ class Progress(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.rate = learning_rate(self.opts, self.done(epoch))
         self.model.optimizer.learning_rate = self.rate
+        seed_epoch(self.model, self.opts.seed, epoch)  # the epoch's augmentation and dropout, resumed or not
         self.started, self.started_monotonic = time.perf_counter(), time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):

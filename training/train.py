@@ -251,7 +251,7 @@ def train(opts: TrainOptions, resume: bool = False) -> dict:
     val_batches = CropBatches(val_set.crops, val_set.ages, opts.batch_size, train=False, workers=4)
     state = read_state(state_file) if resume else {"epoch": 0, "best_val_mae": None, "best_epoch": None}
     if resume:
-        model = keras.models.load_model(checkpoints / "last.keras")
+        model = keras.models.load_model(checkpoints / "last.keras")  # random state: none; Progress sets it each epoch
         train_batches.resume_at(state["epoch"])
         keep_history(run_dir / "history.csv", state["epoch"])
     else:
@@ -264,8 +264,11 @@ def train(opts: TrainOptions, resume: bool = False) -> dict:
     progress = Progress(opts, state, state_file, checkpoints, len(train_batches) * train_batches.batch_size)
     callbacks = [progress, keras.callbacks.CSVLogger(run_dir / "history.csv", append=resume)]
     if state["epoch"] < opts.epochs and not progress.out_of_time():
+        # shuffle=False: train_batches orders each epoch from the seed and the epoch alone (a resumed epoch as the
+        # uninterrupted run had it); Keras' shuffle would permute its batches again with Python's global `random`,
+        # whose state a resumed run does not have
         model.fit(train_batches, validation_data=val_batches, epochs=opts.epochs, initial_epoch=state["epoch"],
-                  callbacks=callbacks, verbose="auto" if sys.stdout.isatty() else 2)  # logs: a line an epoch
+                  shuffle=False, callbacks=callbacks, verbose="auto" if sys.stdout.isatty() else 2)  # a line an epoch
     plot_curves(run_dir / "history.csv", run_dir / "curves.png")
     epoch_times = state.get("epoch_seconds", [])
     summary = {"run_dir": str(run_dir), "data": counts, "split": split, "options": asdict(opts), "device": device,
