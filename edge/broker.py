@@ -4,6 +4,8 @@ process on a free loopback port, with its own config file, no persistence
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -46,6 +48,10 @@ class LocalBroker:
         self.config = self.dir / "mosquitto.conf"
         stored = f"persistence true\npersistence_location {self.dir}/\n" if persistence else "persistence false\n"
         self.config.write_text(
+            # as root, mosquitto switches to its own user, which cannot write the 0700 folder above: its
+            # persistence then failed at every save ("Permission denied" in its log), and a test's restarted
+            # broker had no session; as any other user, `user` is ignored
+            f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{stored}"
             # small messages out at once: without it, Nagle and delayed ACKs add ~40 ms to an answer
             "set_tcp_nodelay true\n"

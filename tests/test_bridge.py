@@ -5,8 +5,6 @@ outage, and HQ told when a store's link goes down and comes back."""
 from __future__ import annotations
 
 import json
-import os
-import pwd
 import re
 import shutil
 import subprocess
@@ -55,9 +53,7 @@ def hq_broker(tmp_path: Path) -> LocalBroker:
     passwords, acl = tmp_path / "hq-passwords", tmp_path / "hq-acl"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), STORE, STORE_PASSWORD], check=True)
     acl.write_text(HQ_ACL)
-    # as root, mosquitto would switch to its own user, which cannot read pytest's private folders
-    return LocalBroker(persistence=True, extra_config=f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
-                                                      f"password_file {passwords}\nacl_file {acl}\n")
+    return LocalBroker(persistence=True, extra_config=f"password_file {passwords}\nacl_file {acl}\n")
 
 
 def hq_consumer(port: int) -> Subscriber:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from paho.mqtt import publish
 
 from edge.broker import LocalBroker, find_mosquitto
 from edge.config import MqttConfig
@@ -181,6 +182,21 @@ def test_a_full_disk_keeps_every_message_in_memory(tmp_path):
 
 
 # ---------------------------------------------------------------- paho's limits, on a real broker
+
+def test_the_test_brokers_persistence_keeps_a_retained_message_across_a_restart():
+    """LocalBroker(persistence=True), which the outage tests below rely on: as root (CI), mosquitto switched to its
+    own user, could not write its folder, and came back from a restart with nothing (no session, no retained
+    message): those tests then failed now and then, for the broker's sake, not the daemon's."""
+    needs_broker()
+    with LocalBroker(persistence=True) as broker:
+        publish.single("kept/status", b"online", qos=1, retain=True, hostname="127.0.0.1", port=broker.port)
+        broker.stop()
+        assert (broker.dir / "mosquitto.db").is_file()
+        broker.start()
+        back = Subscriber(broker.port, "kept/status")
+        assert back.wait_for(lambda s: s.messages, 5), "the retained message did not survive the restart"
+        back.close()
+
 
 def connected_publisher(port: int, outbox: Outbox, **mqtt) -> Publisher:
     publisher = Publisher(MqttConfig(host="127.0.0.1", port=port, keepalive_s=5, **mqtt), "store-1", "till-pc",
