@@ -16,6 +16,15 @@ broker outage loses nothing, nor does a daemon restart during one (delivery is
 at least once: a consumer drops repeated ids). paho keeps the in-flight copy
 and re-sends on reconnect; reconnection is tried every 1-2 s.
 
+In order, across outages: from the start of each connection attempt until the
+broker has acknowledged a message on the new connection, new event messages
+wait in the outbox (the held-back queue) and go to paho only after that. paho
+2.2 sends a publish() as soon as its socket exists, before CONNACK, while it
+re-sends what it already held only once it has handled the CONNACK: a message
+made in between would reach the broker ahead of older ones (measured: with a
+camera publishing every millisecond, 1 to 5 of 5 reconnects did). The first
+PUBACK on a connection is read after that re-send, so it is the sign to go on.
+
 Delivery problems are never silent: a refused connection (wrong password, bad
 certificate) is one log line per distinct reason and shows in `problem()`; a
 publish the broker refuses (an ACL denial: MQTT 5 PUBACK reason code >= 0x80)
@@ -146,9 +155,14 @@ class Publisher:
         self._acked_early: dict[int, tuple[object, int]] = {}
         self._lock = threading.Lock()
         # outbox keys (and MQTT 5 properties) of event messages paho would not take (its queue full, or all
-        # 65,535 message ids in flight): they wait in the outbox, in order, and go as soon as paho takes them
+        # 65,535 message ids in flight) or that came during a (re)connect (see _resent): they wait in the outbox,
+        # in order, and go as soon as paho takes them
         self._held: deque[tuple[int, object]] = deque()
-        self._held_lock = threading.Lock()  # taken around paho's publish(): never from a paho callback
+        self._held_lock = threading.Lock()  # taken around paho's publish(): never from a paho callback under its locks
+        # False from the start of each connection attempt until a PUBACK on the new connection: paho has re-sent
+        # what it held (it does that while handling CONNACK), so new messages may follow; until then they are held
+        self._resent = False
+        self._full_said = False  # "MQTT queue full" was logged: "has room again" follows once it is over
         self._status_refused = False  # the latest status found paho full: sent again by send_held()
         self._status: dict = {"state": "online"}
         self.subscriptions: list[tuple[str, int]] = []  # set before start(); renewed on every connect
@@ -186,6 +200,7 @@ class Publisher:
         for row in backlog:
             self._submit(row.key, row.topic, row.payload, row.qos, row.retain, None)
         self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_pre_connect = self._on_pre_connect
         # connect_async + loop_start: the daemon runs (and queues) while the broker is down.
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         self.client.loop_start()
@@ -232,6 +247,14 @@ class Publisher:
     def _on_connect_fail(self, client, userdata) -> None:
         # paho calls this inside its `except OSError:`, so the exception is still at hand
         self._problem(connect_failure(sys.exc_info()[1]))
+
+    def _on_pre_connect(self, client, userdata) -> None:
+        """Before paho opens a socket (each attempt): from here until a PUBACK on the new connection, event messages
+        are held, since paho would send them at once, ahead of the ones it re-sends after CONNACK. Under the lock,
+        so that a publish() already under way lands in paho's queue before the socket exists (paho holds none of
+        its locks here)."""
+        with self._held_lock:
+            self._resent = False
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -347,14 +370,16 @@ class Publisher:
             self._submit(self.outbox.add(topic, payload, qos, retain), topic, payload, qos, retain, properties)
 
     def _submit(self, key: int, topic: str, payload: bytes, qos: int, retain: bool, properties) -> None:
-        """A message kept in the outbox: to paho, after any it holds back; held back itself if paho is full."""
+        """A message kept in the outbox: to paho, after any it holds back; held back itself if paho is full or
+        its re-send after a (re)connect may still be ahead."""
         with self._held_lock:
-            if self._held and not self._send_held():  # paho still full: this one waits behind them
+            if not self._send_held():  # paho still full, or its re-send is still ahead: this one waits behind them
                 self._held.append((key, properties))
             elif not self._send(topic, payload, qos, retain, properties, key):
                 log.error("MQTT queue full: messages wait in the outbox until the broker takes more",
                           extra={"unacknowledged": self.unacknowledged(),
                                  "max_queued_messages": self.cfg.max_queued_messages})
+                self._full_said = True
                 self._held.append((key, properties))
 
     def _refused(self, topic: str) -> None:
@@ -363,20 +388,25 @@ class Publisher:
         log.error("MQTT queue full, message dropped", extra={"topic": topic, "dropped": self.dropped})
 
     def _send_held(self) -> bool:
-        """Hand paho what it held back, oldest first, as far as it takes them; True when none is left.
-        Called with _held_lock held."""
+        """Hand paho what it held back, oldest first, as far as it takes them; True when none is left. Nothing
+        while paho's re-send after a (re)connect may still be ahead. Called with _held_lock held."""
+        if not self._resent:
+            return False
         while self._held:
             key, properties = self._held[0]
             row = self.outbox.get(key)
             if row is not None and not self._send(row.topic, row.payload, row.qos, row.retain, properties, key):
                 return False
             self._held.popleft()  # sent, or dropped from the outbox meanwhile (over its bound)
-        log.info("MQTT queue has room again: the messages held in the outbox were handed on")
+        if self._full_said:
+            self._full_said = False
+            log.info("MQTT queue has room again: the messages held in the outbox were handed on")
         return True
 
     def send_held(self) -> None:
-        """Called every tick by the service (and while stopping): what paho held back goes once it has room, and
-        a status it refused (the one that says we are back after an outage, say) is tried again."""
+        """Called every tick by the service (and while stopping): what paho held back goes once it has room (after
+        a reconnect, once paho has re-sent what it had), and a status it refused (the one that says we are back
+        after an outage, say) is tried again."""
         if self._held:
             with self._held_lock:
                 self._send_held()
@@ -403,6 +433,7 @@ class Publisher:
             if qos > 0 and early is None:  # queued even while disconnected (rc NO_CONN): sent on reconnect
                 self._pending[info.mid] = (key, topic)
         if qos > 0 and early is not None:
+            self._resent = True  # a PUBACK read before publish() returned: paho's re-send is behind it too
             self._acknowledged(topic, key, early[0])
         return True
 
@@ -417,6 +448,9 @@ class Publisher:
                         del self._acked_early[old]
                 return
             key, topic = self._pending.pop(mid)
+            # a PUBACK (a QoS 0 message's call comes when it is written, in paho's re-send too), which paho reads
+            # only once it has handled CONNACK, re-send included: what is held back may follow (send_held())
+            self._resent = True
         self._acknowledged(topic, key, reason_code)
 
     def _acknowledged(self, topic: str, key: int | None, reason_code) -> None:
