@@ -556,8 +556,12 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 
 def _not_someone_elses_file(path: Path) -> None:
     """The outbox takes an existing file that does not open as SQLite for a corrupt outbox and renames it away:
-    a path that names another file (the config itself, a log) would lose it. So only no file, an empty file or
-    an SQLite database; a device (/dev/null), FIFO or /proc file is never one."""
+    a path that names another file (the config itself, a log, notes) would lose it. Those are text, so a text
+    file is refused; anything else that is not SQLite (zeros after a power cut, a torn write) is a damaged outbox,
+    which the outbox sets aside at start with one error line while the daemon serves on: refused here, the till
+    would stop, and stay stopped (a config error is exit 2, which systemd does not restart). A device (/dev/null),
+    FIFO or /proc file is never one. A file this user cannot read is the service user's outbox (UMask=0077):
+    an operator's `config check` does not judge it."""
     try:
         if str(path.resolve()).startswith(("/proc/", "/sys/")):
             raise ValueError(f"{str(path)!r} is in a kernel file system (/proc, /sys): name a file on disk, e.g. "
@@ -568,12 +572,29 @@ def _not_someone_elses_file(path: Path) -> None:
             raise ValueError(f"{str(path)!r} is not a regular file (a device, FIFO or /proc file): name a new "
                              "file, e.g. /var/lib/tillsight/outbox.sqlite3")
         with path.open("rb") as file:
-            head = file.read(len(SQLITE_HEADER))
+            head = file.read(TEXT_SNIFF_BYTES)
+    except PermissionError:
+        return
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop (resolve)
         raise ValueError(f"{str(path)!r} cannot be checked ({getattr(exc, 'strerror', None) or exc})") from None
-    if head and head != SQLITE_HEADER:
-        raise ValueError(f"{str(path)!r} is an existing file that is not an SQLite database: the outbox would move "
+    if head and not head.startswith(SQLITE_HEADER) and _is_text(head):
+        raise ValueError(f"{str(path)!r} is an existing text file, not an SQLite database: the outbox would move "
                          "it away as corrupt; name a new file, e.g. outbox.sqlite3")
+
+
+TEXT_SNIFF_BYTES = 4096
+
+
+def _is_text(head: bytes) -> bool:
+    """UTF-8 without NUL bytes (a cut multi-byte character at the end allowed): a config, a log, notes. SQLite
+    pages, zeros and random damage are not."""
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(head) - 3 and exc.reason == "unexpected end of data"
+    return True
 
 
 class MetricsConfig(Strict):

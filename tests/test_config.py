@@ -431,7 +431,7 @@ def test_an_outbox_path_that_is_someone_elses_file_is_refused(tmp_path):
     mine = tmp_path / "notes.txt"
     mine.write_text("the store's own notes")
     assert problems(base(outbox={"path": str(mine)})) == [
-        f"outbox.path: {str(mine)!r} is an existing file that is not an SQLite database: the outbox would move it "
+        f"outbox.path: {str(mine)!r} is an existing text file, not an SQLite database: the outbox would move it "
         "away as corrupt; name a new file, e.g. outbox.sqlite3"]
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -445,7 +445,12 @@ def test_an_outbox_path_that_is_someone_elses_file_is_refused(tmp_path):
     empty, database = tmp_path / "empty.sqlite3", tmp_path / "db.sqlite3"
     empty.write_bytes(b"")
     sqlite3.connect(database).execute("create table t (x)").connection.close()
-    for path in (empty, database, tmp_path / "new.sqlite3"):
+    # a damaged outbox (zeros after a power cut, random damage) is the outbox's to set aside at start, serving on:
+    # refused here, the till stopped for good (exit 2 is not restarted)
+    zeros, damaged = tmp_path / "zeros.sqlite3", tmp_path / "damaged.sqlite3"
+    zeros.write_bytes(bytes(8192))
+    damaged.write_bytes(os.urandom(8192))
+    for path in (empty, database, tmp_path / "new.sqlite3", zeros, damaged):
         assert parse_config(base(outbox={"path": str(path)})).outbox.path == path
 
 
