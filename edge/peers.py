@@ -137,18 +137,24 @@ class Peers:
         if daemon_id == self.daemon_id and retained:
             return  # on our own topic a retained status can be this daemon's previous run: only live ones count
         key = status.instance or topic
+        cameras = frozenset(status.cameras or ())
         with self._lock:
             if status.state in NOT_RUNNING:
                 self._peers.pop(key, None)
                 copy_went = daemon_id == self.daemon_id
+            elif daemon_id != self.daemon_id and not cameras & self.cameras:
+                # only a copy of us or a daemon with one of our cameras is a problem: the others are not remembered,
+                # so made-up statuses of a long interval can never crowd a real conflict out of the bound below
+                self._peers.pop(key, None)
+                copy_went = False
             else:
                 believed = SILENT_INTERVALS * (status.status_interval_s or DEFAULT_INTERVAL_S) + GRACE_S
                 if retained:  # said before we subscribed, perhaps long ago by a daemon that died without its will
                     left = belief_left(status.model_dump(), time.time())
                     believed = believed if left is None else min(believed, left)
                 if believed > 0:
-                    self._peers[key] = Peer(daemon_id, frozenset(status.cameras or ()), time.monotonic() + believed)
-                    if len(self._peers) > MAX_PEERS:  # a flood of made-up instances: the soonest to expire go
+                    self._peers[key] = Peer(daemon_id, cameras, time.monotonic() + believed)
+                    if len(self._peers) > MAX_PEERS:  # a flood of made-up conflicts: the soonest to expire go
                         for gone in sorted(self._peers, key=lambda k: self._peers[k].expires)[: MAX_PEERS // 10]:
                             del self._peers[gone]
                 else:

@@ -133,10 +133,27 @@ def test_a_flood_of_made_up_daemons_is_remembered_in_bounds(monkeypatch):
     monkeypatch.setattr(edge.peers, "MAX_PEERS", 100)
     watch = peers()
     for n in range(1000):
-        watch.see(f"{BASE}/fake-{n}/status", status(instance=f"i{n}", cameras=["till-9"]), retained=False)
+        watch.see(f"{BASE}/fake-{n}/status", status(instance=f"i{n}", cameras=["till-1"]), retained=False)
     assert len(watch._current()) <= 100
     watch.see(f"{BASE}/till-pc-9/status", status(instance="real"), retained=False)
+    assert watch.camera_conflict("till-1").startswith("also served by daemon ")
+    assert "till-pc-9" in watch.camera_conflict("till-1")
+
+
+def test_a_flood_of_long_lived_made_up_daemons_never_hides_a_real_conflict(monkeypatch):
+    """Statuses of other cameras claiming a day's interval were remembered too: past the bound, the soonest to
+    expire went first, and that was always the real peer (a 30 s interval)."""
+    monkeypatch.setattr(edge.peers, "MAX_PEERS", 100)
+    watch = peers()
+    watch.see(f"{BASE}/till-pc-9/status", status(instance="real", status_interval_s=30), retained=False)
+    for n in range(1000):
+        watch.see(f"{BASE}/fake-{n}/status", status(instance=f"i{n}", cameras=["till-9"], status_interval_s=86_400),
+                  retained=False)
     assert watch.camera_conflict("till-1") == "also served by daemon till-pc-9: each camera id belongs to one daemon"
+    assert len(watch._current()) == 1
+    # a daemon that moves off our camera is forgotten
+    watch.see(f"{BASE}/till-pc-9/status", status(instance="real", cameras=["till-7"]), retained=False)
+    assert watch.camera_conflict("till-1") is None
 
 
 def test_hostile_status_payloads_are_ignored_and_logged_in_bounds(caplog):
