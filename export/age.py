@@ -222,7 +222,8 @@ def export_age_model(checkpoint: Path, out_dir: Path, fp16: bool = False, int8: 
 
 def check_fp16(row: dict) -> dict:
     """The fp16 file's figures, if it agrees with fp32: else ExportError (a conversion gone wrong, not rounding)."""
-    if row["max_abs_diff_vs_fp32"] > FP16_TOLERANCE_YEARS:
+    # not `>` alone: NaN (fp16's overflow, the usual way its conversion goes wrong) compares false with anything
+    if not row["max_abs_diff_vs_fp32"] <= FP16_TOLERANCE_YEARS:
         raise ExportError(f"fp16 differs from fp32 by up to {row['max_abs_diff_vs_fp32']:.3f} years (tolerance "
                           f"{FP16_TOLERANCE_YEARS}); {row['path']} is not trustworthy")
     return row

@@ -291,3 +291,5 @@ def test_an_fp16_file_that_disagrees_with_fp32_is_no_export():
     with pytest.raises(ExportError, match=r"fp16 differs from fp32 by up to 4.200 years \(tolerance 1.0\); "
                                           r"a.onnx is not trustworthy"):
         check_fp16({"path": "a.onnx", "max_abs_diff_vs_fp32": 4.2})
+    with pytest.raises(ExportError, match=r"up to nan years"):  # a face's estimate overflowed: NaN compares false
+        check_fp16({"path": "a.onnx", "max_abs_diff_vs_fp32": float("nan")})
