@@ -57,6 +57,8 @@ from edge.peers import MAX_STATUS_BYTES, new_instance
 from edge.types import TrackEstimate
 
 log = logging.getLogger(__name__)
+# analytics ids: uuid5 of the store, camera and interval in this namespace (fixed: ids must not change)
+ANALYTICS_IDS = uuid.UUID("6b0c1c7e-6f1e-4d0e-9a57-7a1f3c2b8d41")
 # A connection the broker drops this soon after accepting it, this many times in a row, is being taken
 # over by another client under the same client id (a cloned config with mqtt.client_id set).
 SHORT_SESSION_S = 5.0
@@ -339,7 +341,10 @@ class Publisher:
 
     def publish_analytics(self, counts: dict) -> None:
         """One camera's age-band counts for one interval (edge/analytics.py)."""
-        body = {"schema": SCHEMA, "store": self.store_id, **counts,
+        # the id is the interval's own: a crash between the outbox taking the intervals a killed run left and their
+        # file's removal sends them again at the next start, and a consumer drops the repeat by its id
+        interval = f"{self.store_id}/{counts['camera']}/{counts['interval_start']!r}/{counts['interval_end']!r}"
+        body = {"id": uuid.uuid5(ANALYTICS_IDS, interval).hex, "schema": SCHEMA, "store": self.store_id, **counts,
                 "interval_start": utc_iso(counts["interval_start"]), "interval_end": utc_iso(counts["interval_end"])}
         self._publish(f"{self.base}/{counts['camera']}/analytics", body, qos=1)
 
@@ -362,7 +367,8 @@ class Publisher:
 
     def _publish(self, topic: str, body: dict, qos: int, retain: bool = False, properties=None,
                  durable: bool = True) -> None:
-        """An event message: a unique id, into the outbox (QoS>0), then to paho, after any it holds back."""
+        """An event message: a unique id (unless `body` has its own), into the outbox (QoS>0), then to paho, after
+        any it holds back."""
         payload = json.dumps({"id": uuid.uuid4().hex, **body}, separators=(",", ":")).encode()
         if qos == 0 or not durable:  # not kept, so never held back either: paho takes it or it is dropped
             self._send(topic, payload, qos, retain, properties, None)

@@ -147,6 +147,30 @@ def test_the_interval_in_progress_is_kept_on_disk_and_sent_as_partial_by_the_nex
         "analytics intervals left by the previous run are unreadable: not sent"]
 
 
+def test_an_interval_sent_again_after_a_crash_carries_the_same_id(tmp_path):
+    """A daemon killed after its outbox took the intervals the previous run left, before their file was removed,
+    sends them again at the next start: under one id, which a consumer drops as a repeat (at least once, README).
+    They had a fresh random id each time, so HQ counted those customers twice."""
+    from edge.config import MqttConfig
+    from edge.outbox import Outbox
+    from edge.publish import Publisher
+    path = tmp_path / "outbox.sqlite3.analytics.json"
+    counter = AgeBandCounter("till-1", [18, 25], interval_s=900, k=1, utc_offset_s=lambda t: 0.0)
+    counter.add(40, now=1000.0)
+    OpenIntervals(path).save("till-1", counter.state(1000.0))
+    left = path.read_text()
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    publisher = Publisher(MqttConfig(host="127.0.0.1", port=1), "store-1", "till-pc", outbox)  # never connected
+    OpenIntervals(path).take_left(max_age_s=86400, now=2000.0, send=publisher.publish_analytics)
+    path.write_text(left)  # as the kill left it: the file not yet removed
+    OpenIntervals(path).take_left(max_age_s=86400, now=2000.0, send=publisher.publish_analytics)
+    counter.add(30, now=1001.0)
+    publisher.publish_analytics(counter.flush(1002.0, partial=True))  # another interval: another id
+    ids = [json.loads(row.payload)["id"] for row in outbox.backlog()]
+    outbox.close()
+    assert len(ids) == 3 and ids[0] == ids[1] != ids[2], ids
+
+
 def test_an_interval_that_cannot_be_saved_is_one_warning_and_counting_goes_on(tmp_path, caplog):
     counter = AgeBandCounter("till-1", [18], interval_s=900, k=1)
     kept = OpenIntervals(tmp_path / "gone" / "outbox.sqlite3.analytics.json")  # its folder does not exist
