@@ -213,7 +213,15 @@ class FaceTracker:
 # (87 and 53 px faces). So a face is taken for a picture once it has held its place within these, looking the same
 # (Signature: the same person 0.57 or more, another at most 0.26), for `tracking.picture_face_s`; successive
 # customers who stand on the same spot are told apart by their looks, and so is a customer in front of a poster.
+# Its looks are compared with a running signature of the frames it was seen in (as a track's): one frame's signature
+# of a face 35-80 px wide under sensor noise, light flicker and JPEG matched the same poster's later frames under
+# 0.5 in up to half of them; with the camera shaking by half a pixel, the frames that failed the looks test (never
+# the place) were tracked again as a customer after it was taken for a picture, in tracks of 13 to 21 frames within
+# 40 s (tests/test_pipeline_still_faces.py).
 PICTURE_LOOKS = 0.5  # a face is the still face seen there before only if it looks this much like it
+# ... and a face within a known picture's place (no slack) only this much, as a track asks of its own face
+# (tracking.min_similarity's default): the frames a shaking camera spoils most still reach it
+PICTURE_KNOWN_LOOKS = 0.23
 PICTURE_CENTRE = 0.1  # its centre within this share of its width of where it was first seen
 PICTURE_WIDTH = 0.2  # and its width within this share
 PICTURE_AWAY = 0.1  # a still face whose look-alike was seen elsewhere in more than this share of frames has moved
@@ -234,7 +242,7 @@ def holds_place(anchor: tuple, box: tuple, slack: float = 1.0) -> bool:
 @dataclass
 class StillFace:
     box: tuple[float, float, float, float]  # where it was first seen
-    signature: Signature  # what it looked like then
+    signature: Signature  # what it looks like: first seen, then blended with each frame it is seen in its place
     since: float  # when it was first seen there
     last_seen: float
     frames: int = 1  # frames it was seen in its place
@@ -242,6 +250,19 @@ class StillFace:
 
     def is_seen_in(self, face: Face, signature: Signature, slack: float = 1.0) -> bool:
         return holds_place(self.box, face.box, slack) and self.signature.is_alike(signature, PICTURE_LOOKS)
+
+    def shows(self, face: Face, signature: Signature) -> bool:
+        """Whether this known picture is `face`: in its place within PICTURE_SLACK and alike, or in its place and
+        as alike as a track's own face must be."""
+        if not holds_place(self.box, face.box, PICTURE_SLACK):
+            return False
+        return self.signature.is_alike(signature, PICTURE_KNOWN_LOOKS if holds_place(self.box, face.box)
+                                       else PICTURE_LOOKS)
+
+    def seen(self, signature: Signature, now: float) -> None:
+        """Seen in its place at `now`: its running signature takes this frame in."""
+        self.last_seen = now
+        self.signature = self.signature.blend(signature)
 
 
 class PictureFaces:
@@ -264,9 +285,9 @@ class PictureFaces:
         people, recognised, elsewhere, looks, seen = [], [], [], [], set()
         for i, face in enumerate(faces):
             signature = signatures[i] if signatures is not None else Signature.of(image_bgr, face)
-            picture = next((p for p in self.pictures if p.is_seen_in(face, signature, PICTURE_SLACK)), None)
+            picture = next((p for p in self.pictures if p.shows(face, signature)), None)
             if picture is not None:
-                picture.last_seen = now
+                picture.seen(signature, now)
                 continue
             looks.append(signature)
             candidate = next((c for c in self.candidates if id(c) not in seen and c.is_seen_in(face, signature)), None)
@@ -274,7 +295,7 @@ class PictureFaces:
                 elsewhere.append((face, signature))
             else:
                 seen.add(id(candidate))
-                candidate.last_seen = now
+                candidate.seen(signature, now)
                 candidate.frames += 1
                 if now - candidate.since >= self.after_s:
                     self.candidates.remove(candidate)

@@ -1,0 +1,79 @@
+"""A face on a poster behind the till, through the real detector, under what a real camera adds to a still picture:
+sensor noise, light flicker, JPEG (an MJPEG camera) and a camera that shakes by a fraction of a pixel (a till's
+conveyor belt). Posters composed at test time from UTKFace validation faces (../shared, never committed)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from edge.detect import FaceDetector
+from edge.track import FaceTracker, PictureFaces
+from training.data import iter_image_bytes, read_labels, select, split_of
+
+FPS = 5  # a camera's default fps_limit
+PICTURE_FACE_S = 20.0
+SIZE = (640, 360)
+
+
+@pytest.fixture(scope="module")
+def posters(utkface):
+    labels = select([l for l in read_labels(utkface / "labels.csv") if split_of(l.file_name, 0.1) == "val"], 4)
+    photos = dict(iter_image_bytes(utkface, {l.file_name for l in labels}))
+    return [cv2.imdecode(np.frombuffer(photos[l.file_name], np.uint8), cv2.IMREAD_COLOR) for l in labels]
+
+
+def still_poster_frames(poster, side: int, shake_px: float, seconds: float, seed: int):
+    """A till's background with `poster` on the wall (upper right, `side` px), frame after frame: the camera
+    shaken by `shake_px` (standard deviation, sub-pixel), the light flickering by up to 15 %, sensor noise, and each
+    frame JPEG-coded at quality 60 and decoded again."""
+    rng = np.random.default_rng(seed)
+    width, height = SIZE
+    texture = cv2.GaussianBlur(rng.integers(60, 200, (height, width, 3), np.uint8), (0, 0), 9)
+    wall = cv2.addWeighted(texture, 0.6, np.full_like(texture, 110), 0.4, 0)
+    x, y = int(width * 0.8) - side // 2, int(height * 0.28) - side // 2
+    wall[y:y + side, x:x + side] = cv2.resize(poster, (side, side), interpolation=cv2.INTER_AREA)
+    for _ in range(round(seconds * FPS)):
+        shift = np.float32([[1, 0, rng.normal(0, shake_px)], [0, 1, rng.normal(0, shake_px)]])
+        frame = cv2.warpAffine(wall, shift, SIZE, borderMode=cv2.BORDER_REFLECT) if shake_px else wall
+        frame = frame.astype(np.float32) * (1 + rng.uniform(-0.15, 0.15)) + rng.normal(0, 5, frame.shape)
+        jpeg = cv2.imencode(".jpg", np.clip(frame, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 60])[1]
+        yield cv2.imdecode(jpeg, cv2.IMREAD_COLOR)
+
+
+@pytest.mark.parametrize("side, shake_px", [(80, 0.0), (50, 0.6)])
+def test_a_still_poster_under_a_real_cameras_noise_stays_a_picture_once_taken_for_one(posters, side, shake_px):
+    """Before, a poster taken for a picture was compared with the signature of the one frame it was first seen in:
+    in the frames whose looks fell under 0.5 of that (its place held in every one), it was a customer again after
+    picture_face_s, in tracks of 3 frames (no shake) and 13 to 21 (shaken): aged, counted, alerted on. Now: at most
+    a glimpse, never aged enough to be judged."""
+    detector = FaceDetector(min_face_px=24)  # models.min_face_px's default
+    results, lines = [], []
+    for k, poster in enumerate(posters):
+        pictures, tracker = PictureFaces(PICTURE_FACE_S), FaceTracker("till", first_id=1)
+        recognised_at, boxes, leaked, longest = None, [], 0, 0
+        for i, image in enumerate(still_poster_frames(poster, side, shake_px, PICTURE_FACE_S + 40, seed=k)):
+            t = i / FPS
+            faces = detector(image)
+            boxes += [f.box for f in faces]
+            kept, recognised = pictures.sift(faces, t, image)
+            for picture in recognised:
+                tracker.discard_at(picture.box)
+                recognised_at = recognised_at or t
+            tracks, _ = tracker.update(t, kept, image)
+            if recognised_at is not None:
+                leaked += len(kept)
+                longest = max([longest] + [track.frames for track in tracks])
+        b = np.array(boxes)
+        widths = b[:, 2] - b[:, 0]
+        centres = (b[:, :2] + b[:, 2:]) / 2
+        jitter = np.hypot(*(centres - np.median(centres, axis=0)).T) / np.median(widths)
+        results.append((recognised_at, leaked, longest))
+        lines.append(f"poster {k}: {np.median(widths):.0f} px, centre jitter p95 {np.percentile(jitter, 95):.1%}, "
+                     f"taken for a picture at {recognised_at} s, then {leaked} frames kept as a face, "
+                     f"the longest track {longest} frames")
+    print(f"side {side} px, shake {shake_px} px:\n  " + "\n  ".join(lines))
+    assert all(at is not None and at <= PICTURE_FACE_S + 2 for at, _, _ in results), lines  # on time, every one
+    # after: never a customer's track (min_samples = 3 ages need 3 frames), and seldom a glimpse
+    assert all(longest <= 2 and leaked <= 0.03 * 40 * FPS for _, leaked, longest in results), lines
