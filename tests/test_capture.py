@@ -286,6 +286,85 @@ def test_an_unchanging_picture_with_nobody_in_view_is_a_still_scene_until_still_
     assert any(still_from + 2.0 < f.timestamp < still_from + 2.4 for f in received)  # still passed on to look for faces
 
 
+def covered_lens_jpegs(shape: tuple, count: int) -> list[bytes]:
+    """A covered lens as an MJPEG camera sends it: black with the sensor's noise (every frame differs)."""
+    rng = np.random.default_rng(0)
+    return [cv2.imencode(".jpg", np.clip(rng.normal(6, 3, shape), 0, 255).astype(np.uint8))[1].tobytes()
+            for _ in range(count)]
+
+
+def watch_pictures(reader: CameraReader, seconds: float) -> list[tuple[str, str | None]]:
+    """(state, picture) of the reader every 20 ms for `seconds`."""
+    seen, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seen.append((reader.status.state, reader.status.picture))
+        time.sleep(0.02)
+    return seen
+
+
+def test_a_camera_back_after_an_outage_is_blank_only_after_picture_check_s_without_detail(carphone_clip):
+    """A network camera gone for longer than picture_check_s comes back with a few dark frames (its exposure
+    settling): not blank. The outage is a connection fault of its own; before, the blank timer ran through it, and
+    the first dark frame after the reconnect was "picture blank" (a warning, the status degraded, checks answered
+    camera_fault)."""
+    from tskit import MjpegCamera
+    camera = MjpegCamera(carphone_clip, fps=20).start()
+    live = camera.jpegs
+    stop = threading.Event()
+    reader = CameraReader(CameraConfig(id="c", source=camera.url, fps_limit=None, picture_check_s=1.0),
+                          queue.Queue(maxsize=10000), stop)
+    try:
+        reader.start()
+        before = watch_pictures(reader, 1.5)
+        camera.stop()
+        deadline = time.monotonic() + 10
+        while reader.status.state != "reconnecting" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(1.5)  # away for longer than picture_check_s
+        camera.jpegs = covered_lens_jpegs(cv2.imdecode(np.frombuffer(live[0], np.uint8), cv2.IMREAD_COLOR).shape,
+                                          6) + live  # 0.3 s dark, then the till
+        camera.start()
+        after = watch_pictures(reader, 4.0)
+    finally:
+        stop.set()
+        reader.join(5)
+        camera.stop()
+    assert before[-1] == ("online", LIVE) and reader.status.reconnects >= 1
+    assert ("online", LIVE) in after and BLANK not in {picture for _, picture in after}, after
+
+
+def test_a_blank_camera_that_keeps_reconnecting_is_still_blank(carphone_clip):
+    """The other side of the outage not counting: the frames a covered camera sends between its reconnects add up,
+    so one that drops its stream every 0.6 s (less than picture_check_s) is blank all the same."""
+    from tskit import MjpegCamera
+    camera = MjpegCamera(carphone_clip, fps=20).start()
+    shape = cv2.imdecode(np.frombuffer(camera.jpegs[0], np.uint8), cv2.IMREAD_COLOR).shape
+    stop = threading.Event()
+    reader = CameraReader(CameraConfig(id="c", source=camera.url, fps_limit=None, picture_check_s=1.0),
+                          queue.Queue(maxsize=10000), stop)
+    pictures = []
+    try:
+        reader.start()
+        watch_pictures(reader, 1.0)
+        camera.jpegs = covered_lens_jpegs(shape, 40)
+        for _ in range(5):
+            pictures += watch_pictures(reader, 0.6)
+            camera.stop()  # the stream drops
+            deadline = time.monotonic() + 10
+            while reader.status.state != "reconnecting" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            camera.start()  # and is there again when the reader tries
+            while reader.status.state != "online" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if BLANK in {picture for _, picture in pictures}:
+                break
+    finally:
+        stop.set()
+        reader.join(5)
+        camera.stop()
+    assert ("online", BLANK) in pictures and reader.status.reconnects >= 2, pictures
+
+
 def test_replay_does_not_judge_the_picture(tmp_path, carphone_clip):
     clip = write_faulty_clip(carphone_clip, tmp_path / "freezes.avi", live_s=1.0, frozen_s=2.0)
     frames: queue.Queue = queue.Queue()
