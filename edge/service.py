@@ -608,6 +608,8 @@ class Service:
         delivered = self.publisher.stop(self.status(), delivery_timeout_s)
         if self.metrics is not None:
             self.metrics.close()
+        if reloading:
+            close_at_exec()
         return delivered
 
     def stats(self) -> dict:
@@ -618,6 +620,20 @@ class Service:
                 setattr(totals, key, getattr(totals, key) + getattr(p.stats, key))
             totals.errors += p.stats.errors
         return totals.__dict__
+
+
+def close_at_exec() -> None:
+    """Mark every descriptor but stdin, stdout and stderr to close at the reload's exec: the new program opens what it
+    needs itself. Python's own and FFmpeg's files and sockets close at exec already, but OpenCV's V4L2 backend opens
+    a USB camera without O_CLOEXEC (strace: O_RDWR|O_NONBLOCK, no fcntl after), and a reader stuck in a hung camera's
+    read past THREADS_STOP_S still holds it at the exec: inherited, it would keep the device's stream (V4L2 serves one
+    file handle) from the new program's own open, one handle more at every reload."""
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) > 2:
+            try:
+                os.set_inheritable(int(name), False)
+            except OSError:
+                pass  # closed since the listing (the listing's own descriptor, or another thread's)
 
 
 def outbox_path(config: Config, replay: bool) -> Path | None:
