@@ -61,8 +61,12 @@ class LocalBroker:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "LocalBroker":
+        # not our systemd's to hear from: mosquitto says READY=1 to a NOTIFY_SOCKET it inherits (a test's stand-in
+        # for systemd, or the demo run under a unit), as if it were the daemon
+        environment = {k: v for k, v in os.environ.items()
+                       if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
         self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE)
+                                        stderr=subprocess.PIPE, env=environment)
         # every listener of the config, not only the first: mosquitto opens them one after the other, and a client
         # of the second one could otherwise be refused (a test's plain POS beside the daemon's TLS listener)
         waiting = [int(line.split()[1]) for line in self.config.read_text().splitlines()

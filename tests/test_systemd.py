@@ -454,7 +454,7 @@ def test_the_daemon_is_ready_feeds_the_watchdog_and_stops_feeding_when_a_pipelin
     service.start()
     try:
         healthy = notify_socket.messages(wait_s=2.0)
-        assert healthy[0].startswith("STATUS=") and "cameras online" in healthy[0]  # then READY=1
+        assert healthy[0].startswith("STATUS=") and "cameras online" in healthy[0], healthy  # then READY=1
         assert "READY=1" in healthy and healthy.count("WATCHDOG=1") >= 3
         pipeline, release = service.pipelines[0], threading.Event()
         detector = pipeline.detector
