@@ -168,7 +168,7 @@ class Publisher:
         self._status_refused = False  # the latest status found paho full: sent again by send_held()
         self._status: dict = {"state": "online"}
         self.subscriptions: list[tuple[str, int]] = []  # set before start(); renewed on every connect
-        self.on_message = None  # (topic, payload, properties) -> None, for the subscriptions
+        self.on_message = None  # (topic, payload, properties, retained) -> None, for the subscriptions
         self.on_status = None  # (topic, payload, retained) -> None: the store's daemons' statuses, if subscribed
         # one per process unless configured: two daemons under one client id would have the broker drop each
         # in turn as the other reconnects (a cloned till PC), and neither would hear the other's status
@@ -234,7 +234,7 @@ class Publisher:
             if self.on_status is not None:
                 self.on_status(msg.topic, msg.payload, bool(msg.retain))
         elif self.on_message is not None:
-            self.on_message(msg.topic, msg.payload, getattr(msg, "properties", None))
+            self.on_message(msg.topic, msg.payload, getattr(msg, "properties", None), bool(msg.retain))
 
     def _problem(self, reason: str | None) -> None:
         """Log each new connection problem once (retries every 2 s would flood the journal)."""

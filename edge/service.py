@@ -514,7 +514,7 @@ class Service:
             "provider_fallback": None if self.provider_fallback is None else self.provider_fallback.text,
             "age_model": self.age_model.describe(),
             "age_network": self._age_network_rates(),
-            **({"pos": vars(self.desk.stats).copy()} if self.desk is not None else {}),
+            **({"pos": {**vars(self.desk.stats), "deadline_s": self.desk.deadline_s}} if self.desk is not None else {}),
             "mqtt": {"delivered": self.publisher.delivered, "denied": self.publisher.denied,
                      "dropped": self.publisher.dropped, "unacknowledged": self.publisher.unacknowledged()},
             "outbox": self.outbox.status(),

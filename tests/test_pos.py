@@ -33,11 +33,21 @@ BASE = "tillsight/store-1"
 
 
 class Till:
-    """Stands in for a camera pipeline: what the desk reads (view) and calls (mark_transaction)."""
+    """Stands in for a camera pipeline: what the desk reads (view, stop_event) and calls (mark_transaction). A live
+    camera: each view is of a frame just captured, unless `last_frame` (a capture time: the camera hung then) is
+    set; `last_frame = "never"`: no frame yet."""
 
     def __init__(self, *customers: CustomerView):
-        self.view = TillView("till-1", time.time(), customers) if customers else None
+        self.customers = customers
+        self.last_frame: float | str | None = None
         self.transactions: list[tuple[str, str]] = []
+        self.stop_event = threading.Event()
+
+    @property
+    def view(self) -> TillView | None:
+        if self.last_frame == "never":
+            return None
+        return TillView("till-1", time.time() if self.last_frame is None else self.last_frame, self.customers)
 
     def mark_transaction(self, event, transaction):
         self.transactions.append((event, transaction))
@@ -127,7 +137,8 @@ def test_a_camera_that_cannot_be_trusted_is_answered_camera_fault_at_once_whoeve
     check(desk, {"item": "alcohol", "reply_to": REPLY})
     wait_for(replies, 2)
     desk.close()
-    assert (body["decision"], body["camera_fault"], body["age"], body["faces"]) == ("camera_fault", fault, None, [])
+    assert (body["decision"], body["camera_fault"], body["age"], body["faces"], body["complete"]) == \
+        ("camera_fault", fault, None, [], False)
     assert body["waited_ms"] < 100
     assert replies[1][1]["decision"] == "no_challenge" and "camera_fault" not in replies[1][1]
     assert describe(REPLY, json.dumps(body).encode()) == f"{REPLY}  ANSWER for till-1: CAMERA_FAULT ({fault})"
@@ -152,11 +163,15 @@ def test_replies_only_go_under_the_pos_topics_and_unknown_cameras_are_refused():
     desk, replies = desk_with(Till(CustomerView(1, 40.0, 2.0, 4, (0, 0, 50, 50))))
     check(desk, {"reply_to": f"{BASE}/till-1/alert"})  # would forge an alert
     check(desk, {"reply_to": f"{BASE}/pos/#"})
+    for level in ("check", "transaction", "status", "x/check", "x/transaction"):  # read by the daemons themselves
+        check(desk, {"reply_to": f"{BASE}/pos/{level}"})
+        check(desk, {"reply_to": f"{BASE}/pos/{level}"}, camera="till-9")  # nor an error reply
     check(desk, {"reply_to": REPLY}, camera="till-9")
     time.sleep(0.3)
     desk.close()
     assert [(t, b["decision"], b["error"]) for t, b, _ in replies] == [(REPLY, "error", "unknown camera 'till-9'")]
-    assert desk.stats.rejected == 3 and desk.stats.answered == 0
+    assert desk.stats.rejected == 13 and desk.stats.answered == 0
+    assert desk.valid_reply_topic(f"{BASE}/pos/lane-3/checks") and desk.valid_reply_topic(f"{BASE}/pos/check/reply")
 
 
 def test_transaction_events_reach_the_till():
@@ -167,6 +182,176 @@ def test_transaction_events_reach_the_till():
     time.sleep(0.2)
     desk.close()
     assert till.transactions == [("start", "T-1")] and desk.stats.rejected == 1
+
+
+def test_error_replies_carry_the_requests_own_ids_camera_and_item_where_valid():
+    """A POS with several checks in flight matches error replies as it does answers (MQTT 3.1.1: by request_id)."""
+    desk, replies = desk_with(Till())
+    refused = [  # (topic's camera, payload, what the reply echoes, error)
+        ("till-9", {"item": "alcohol", "request_id": "R-7", "reply_to": REPLY}, ("R-7", "till-9", "alcohol"),
+         "unknown camera 'till-9'"),
+        ("till-1", {"item": 5, "request_id": "R-1", "reply_to": REPLY}, ("R-1", "till-1", None),
+         "item: Input should be a valid string"),
+        ("till-1", {"item": "red wine", "request_id": "R-2", "reply_to": REPLY}, ("R-2", "till-1", None),
+         "item: String should match pattern"),
+        ("till-1", {"item": "alcohol", "request_id": "R 4", "reply_to": REPLY}, (None, "till-1", "alcohol"),
+         "request_id: String should match pattern"),
+        ("till-1", {"item": "alcohol", "request_id": "R-3", "reply_to": REPLY, "deadline_s": 11},
+         ("R-3", "till-1", "alcohol"), "deadline_s: Input should be less than or equal to 10"),
+    ]
+    for camera, body, _, _ in refused:
+        check(desk, body, camera=camera)
+    desk.receive(f"{BASE}/till-1/check", b'{"request_id": "R-5", "deadline_s": NaN, "reply_to": "%s"}' % REPLY.encode())
+    wait_for(replies, len(refused) + 1)
+    desk.close()
+    bodies = [body for _, body, _ in replies]
+    assert [(b["request_id"], b["camera"], b["item"]) for b in bodies[:-1]] == [echo for _, _, echo, _ in refused]
+    assert all(b["error"].startswith(error) for b, (_, _, _, error) in zip(bodies, refused)), bodies
+    assert (bodies[-1]["request_id"], bodies[-1]["error"]) == ("R-5", "deadline_s: Input should be a finite number")
+    assert all(b["decision"] == "error" for b in bodies) and desk.stats.rejected == len(refused) + 1
+
+
+def test_a_refused_transaction_message_that_names_a_reply_topic_gets_an_error_reply():
+    till = Till()
+    desk, replies = desk_with(till)
+    desk.receive(f"{BASE}/till-1/transaction", json.dumps({"event": "start", "transaction": "T 5", "request_id": "X-5",
+                                                           "reply_to": REPLY}).encode())
+    desk.receive(f"{BASE}/till-1/transaction", json.dumps({"event": "START", "transaction": "T-6"}).encode(),
+                 _properties(REPLY, b"tx"))
+    desk.receive(f"{BASE}/till-1/transaction", b'{"event": "start"}')  # no reply topic: refused quietly
+    [first, second] = [(body, corr) for _, body, corr in wait_for(replies, 2)]
+    time.sleep(0.1)
+    desk.close()
+    assert till.transactions == [] and desk.stats.rejected == 3 and len(replies) == 2
+    assert first[0] == {"request_id": "X-5", "camera": "till-1", "transaction": None, "decision": "error",
+                        "error": "transaction: String should match pattern '^[\\x21-\\x7e]{1,128}$'"}
+    assert (second[0]["transaction"], second[0]["error"], second[1]) == (
+        "T-6", "event: Input should be 'start' or 'end'", b"tx")
+
+
+def test_retained_pos_messages_are_ignored(caplog):
+    """A check or transaction start left retained on the broker reaches every daemon again at each start: an
+    old transaction reopened, an old check answered. Ignored, counted, said (rate-limited)."""
+    till = Till(CustomerView(7, 40.0, 1.0, 5, (0, 0, 50, 50)))
+    desk, replies = desk_with(till)
+    for _ in range(10):
+        desk.receive(f"{BASE}/till-1/transaction", b'{"event": "start", "transaction": "T-OLD"}', retained=True)
+        desk.receive(f"{BASE}/till-1/check", json.dumps({"request_id": "OLD-1", "reply_to": REPLY}).encode(),
+                     retained=True)
+    check(desk, {"request_id": "NEW-1", "reply_to": REPLY})
+    wait_for(replies)
+    time.sleep(0.1)
+    desk.close()
+    assert [body["request_id"] for _, body, _ in replies] == ["NEW-1"] and till.transactions == []
+    assert desk.stats.rejected == 20 and desk.stats.requests == 1
+    said = [r for r in caplog.records if r.getMessage() == "POS messages must be published with retain=false"]
+    assert 1 <= len(said) <= 5
+
+
+def test_an_answer_never_comes_from_an_old_frame():
+    """A hung stream (connected, no frames) is not yet a camera fault: the last frame stays the latest. A check
+    waits for a frame at most FRESH_FRAME_S old until its deadline, then is camera_fault: never an answer from the
+    old picture, never no_face without a fresh frame that showed nobody."""
+    from edge.pos import FRESH_FRAME_S
+    adult = CustomerView(7, 40.0, 1.0, 5, (0, 0, 50, 50))
+    for till, reason in ((Till(adult), r"no frame for 1\.[56] s \(a hung camera stream, or the daemon far behind\)"),
+                         (Till(), r"no frame for 1\.[56] s .*"),
+                         (Till(adult), "no frame from the camera yet")):
+        till.last_frame = "never" if reason.startswith("no frame from") else time.time() - FRESH_FRAME_S - 0.2
+        desk, replies = desk_with(till, deadline_s=0.3)
+        check(desk, {"reply_to": REPLY})
+        [(_, body, _)] = wait_for(replies)
+        desk.close()
+        assert (body["decision"], body["complete"], body["age"], body["frame_time"]) == \
+            ("camera_fault", False, None, None), body
+        assert re.fullmatch(reason, body["camera_fault"]) and body["waited_ms"] >= 290, body
+    till = Till(adult)  # the stream comes back before the deadline: answered from the new frame
+    till.last_frame = time.time() - 5
+    desk, replies = desk_with(till, deadline_s=2)
+    check(desk, {"reply_to": REPLY})
+    time.sleep(0.3)
+    assert replies == []
+    till.last_frame = None
+    [(_, body, _)] = wait_for(replies)
+    desk.close()
+    assert (body["decision"], body["complete"], body["age"]) == ("no_challenge", True, 40.0)
+    assert 290 <= body["waited_ms"] < 1000
+
+
+def test_correlation_data_and_pending_checks_are_bounded():
+    """MQTT 5 Correlation Data (up to 64 KB) is kept while a check waits and echoed: over 1 KB, refused. At most
+    MAX_PENDING checks wait at a camera; beyond, each is refused at once and counted."""
+    from edge.pos import MAX_CORRELATION, MAX_PENDING
+    desk, replies = desk_with(Till(CustomerView(7, 40.0, 1.0, 5, (0, 0, 50, 50))))
+    for size in (MAX_CORRELATION, MAX_CORRELATION + 1, 65_535):
+        desk.receive(f"{BASE}/till-1/check", b'{"request_id": "C-%d"}' % size, _properties(REPLY, b"c" * size))
+    wait_for(replies, 3)
+    desk.close()
+    answered = sorted((b["request_id"], b["decision"], b.get("error"), len(c or b"")) for _, b, c in replies)
+    assert answered == [(f"C-{MAX_CORRELATION}", "no_challenge", None, MAX_CORRELATION),
+                        (f"C-{MAX_CORRELATION + 1}", "error", f"correlation data of {MAX_CORRELATION + 1} bytes is "
+                         f"over {MAX_CORRELATION}", 0),
+                        ("C-65535", "error", f"correlation data of 65535 bytes is over {MAX_CORRELATION}", 0)]
+    desk, replies = desk_with(Till(), deadline_s=10)  # nobody at the till: each check waits for a face
+    for number in range(MAX_PENDING + 3):
+        check(desk, {"request_id": f"P-{number}", "reply_to": REPLY})
+    wait_for(replies, 3)
+    time.sleep(0.1)
+    assert [(b["request_id"], b["decision"], b["error"]) for _, b, _ in replies] == [
+        (f"P-{n}", "error", f"too many pending checks at camera till-1 ({MAX_PENDING})")
+        for n in range(MAX_PENDING, MAX_PENDING + 3)]
+    assert (desk.stats.overloaded, desk.stats.requests) == (3, MAX_PENDING + 3)
+    desk.close()
+    assert len(replies) == MAX_PENDING + 3
+
+
+def test_an_end_of_another_transaction_is_ignored_and_answers_carry_the_open_transaction(caplog):
+    till = Till()
+    desk, replies = desk_with(till, deadline_s=0.2, camera_fault={"till-1": None}.get)
+    transaction = f"{BASE}/till-1/transaction"
+    desk.receive(transaction, b'{"event": "start", "transaction": "T-1"}')
+    desk.receive(transaction, b'{"event": "start", "transaction": "T-1"}')  # QoS 1 delivered it twice
+    desk.receive(transaction, b'{"event": "end", "transaction": "T-9"}')  # not the open one: T-1 stays open
+    desk.receive(transaction, json.dumps({"event": "end", "transaction": "T-8", "request_id": "E-8"}).encode(),
+                 _properties(REPLY, b"e8"))
+    check(desk, {"request_id": "R-1", "reply_to": REPLY})
+    wait_for(replies, 2)
+    desk.receive(transaction, b'{"event": "start", "transaction": "T-2"}')  # T-1 was never ended: said
+    till.last_frame = time.time() - 10  # and the camera hangs: camera_fault, still in T-2
+    check(desk, {"request_id": "R-2", "reply_to": REPLY})
+    wait_for(replies, 3)
+    desk.close()
+    assert till.transactions == [("start", "T-1"), ("start", "T-2")]
+    error, no_face, fault = (body for _, body, _ in replies)
+    assert (error["request_id"], error["transaction"], error["error"], replies[0][2]) == (
+        "E-8", "T-8", "transaction T-8 is not the one open at camera till-1 (T-1)", b"e8")
+    assert (no_face["decision"], no_face["transaction"]) == ("no_face", "T-1")
+    assert (fault["decision"], fault["transaction"]) == ("camera_fault", "T-2")
+    assert desk.stats.rejected == 2 and desk.stats.transactions == 2
+    said = [r.getMessage() for r in caplog.records if r.name == "edge.pos"]
+    assert said == ["transaction end ignored: not the open transaction"] * 2 + [
+        "transaction started while another was open: that one ends here"]
+
+
+def test_checks_waiting_when_the_daemon_stops_are_answered_camera_fault_at_once():
+    """Not no_face: nobody looked. As soon as the daemon stops (its pipelines' stop event), and at the desk's
+    close for any left."""
+    till = Till()
+    desk, replies = desk_with(till, deadline_s=10)
+    check(desk, {"request_id": "S-1", "reply_to": REPLY})
+    time.sleep(0.2)
+    till.stop_event.set()
+    [(_, body, _)] = wait_for(replies)
+    assert (body["decision"], body["camera_fault"], body["complete"]) == ("camera_fault", "daemon stopping", False)
+    assert body["waited_ms"] < 1000
+    desk.close()
+    till = Till()
+    desk, replies = desk_with(till, deadline_s=10)
+    check(desk, {"request_id": "S-2", "reply_to": REPLY})
+    time.sleep(0.2)
+    desk.close()
+    assert [(b["request_id"], b["decision"], b["camera_fault"], b["complete"]) for _, b, _ in replies] == [
+        ("S-2", "camera_fault", "daemon stopping", False)]
 
 
 def _properties(response_topic: str, correlation: bytes = b"c") -> object:
