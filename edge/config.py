@@ -447,9 +447,9 @@ class ModelsConfig(Strict):
     age_variant: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     # in order; "cuda" falls back to the CPU only if "cpu" is listed (README, "CPU or GPU")
     providers: Annotated[list[Literal["cuda", "tensorrt", "cpu"]], Field(min_length=1)] = ["cuda", "cpu"]
-    # the face detector's own, where it should differ (None: `providers`): on a store server, ["cpu"] keeps the
-    # GPU for the age model; BlazeFace is a millisecond a frame on a core, and one CUDA session shared by every
-    # camera thread served 601 frames/s under 16 threads on the H100 where 16 CPU sessions served 1,177 (issue 10)
+    # the face detector's own, where it should differ (None: `providers`); ["cpu"] keeps the GPU for the age model.
+    # A whole store server on the H100 served better with the detector on CUDA (32 cameras in four daemons,
+    # frame->alert p99 79 ms against 147 on the CPU; issue 10, README "Measured on the H100"), so None stays
     detector_providers: Annotated[list[Literal["cuda", "tensorrt", "cpu"]], Field(min_length=1)] | None = None
     max_batch: Annotated[int, Field(ge=1, le=256)] = 32
     # how long the first crops of a batch wait for other cameras' (0: none, what queued while the last call ran
