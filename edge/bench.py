@@ -445,33 +445,45 @@ def batch_sizes(text: str) -> dict:
 
 def frame_stages(texts: list[str]) -> dict:
     """Where a frame's time goes in the camera pipelines of one or more daemons (their metrics' texts, the
-    histogram tillsight_frame_stage_seconds added up): per stage (edge/metrics.py, FRAME_STAGES) the frames
-    that passed it, the mean and the p99 in ms (p99: the upper edge of the bucket it falls in, so "at most")."""
-    from edge.metrics import FRAME_STAGES
-    buckets: dict[str, dict[float, float]] = {}
-    sums: dict[str, float] = {}
+    histogram tillsight_frame_stage_seconds added up): per stage (edge/metrics.py, FRAME_STAGES, then "total")
+    the frames that passed it, the mean and the p99 in ms (p99: the upper edge of the bucket it falls in, so
+    "at most"); then "mqtt_ack", the broker's time to acknowledge a message (tillsight_mqtt_ack_seconds), with
+    "messages" for "frames"."""
+    from edge.metrics import FRAME_STAGES, FRAME_TOTAL
+    stages = {}
+    for stage in FRAME_STAGES + (FRAME_TOTAL,):
+        summary = _histogram(texts, "tillsight_frame_stage_seconds", f'stage="{stage}"')
+        if summary is not None:
+            stages[stage] = summary
+    ack = _histogram(texts, "tillsight_mqtt_ack_seconds", None)
+    if ack is not None:
+        stages["mqtt_ack"] = {"messages": ack.pop("frames"), **ack}
+    return stages
+
+
+def _histogram(texts: list[str], metric: str, label: str | None) -> dict | None:
+    """One histogram added up over several scrapes (one label's series, e.g. 'stage="detect"', or the
+    unlabelled one): count as "frames", mean and p99 (the upper edge of its bucket) in ms; None when empty."""
+    buckets: dict[float, float] = {}
+    total_s = 0.0
     for text in texts:
         for line in text.splitlines():
-            if not line.startswith("tillsight_frame_stage_seconds_") or 'stage="' not in line:
+            if not line.startswith(f"{metric}_") or (label is not None and label not in line):
                 continue
             name, value = line.rsplit(" ", 1)
-            stage = name.split('stage="', 1)[1].split('"', 1)[0]
-            if name.startswith("tillsight_frame_stage_seconds_bucket"):
+            if name.startswith(f"{metric}_bucket"):
                 le = name.split('le="', 1)[1].split('"', 1)[0]
                 edge = float("inf") if le == "+Inf" else float(le)
-                buckets.setdefault(stage, {})[edge] = buckets.get(stage, {}).get(edge, 0.0) + float(value)
-            elif name.startswith("tillsight_frame_stage_seconds_sum"):
-                sums[stage] = sums.get(stage, 0.0) + float(value)
-    stages = {}
-    for stage in FRAME_STAGES:
-        cumulative = sorted(buckets.get(stage, {}).items())
-        frames = int(cumulative[-1][1]) if cumulative else 0
-        if not frames:
-            continue
-        p99 = next(edge for edge, count in cumulative if count >= 0.99 * frames)
-        stages[stage] = {"frames": frames, "mean_ms": round(1000 * sums.get(stage, 0.0) / frames, 2),
-                         "p99_ms": None if p99 == float("inf") else round(1000 * p99, 1)}
-    return stages
+                buckets[edge] = buckets.get(edge, 0.0) + float(value)
+            elif name.startswith(f"{metric}_sum"):
+                total_s += float(value)
+    cumulative = sorted(buckets.items())
+    count = int(cumulative[-1][1]) if cumulative else 0
+    if not count:
+        return None
+    p99 = next(edge for edge, seen in cumulative if seen >= 0.99 * count)
+    return {"frames": count, "mean_ms": round(1000 * total_s / count, 2),
+            "p99_ms": None if p99 == float("inf") else round(1000 * p99, 1)}
 
 
 def staggered_copies(video: Path, count: int, workdir: Path) -> list[Path]:
@@ -662,7 +674,7 @@ def _print_cameras_row(row: dict) -> None:
              if gpu else ""), flush=True)
     if row.get("frame_stages"):
         print("    a frame's time in the pipeline, mean / p99 ms: " + ", ".join(
-            f"{stage} {v['mean_ms']} / {v['p99_ms'] if v['p99_ms'] is not None else '>2000'}"
+            f"{stage.replace('mqtt_ack', 'MQTT ack')} {v['mean_ms']} / {v['p99_ms'] if v['p99_ms'] is not None else '>max'}"
             + (f" ({v['frames']} frames)" if stage == "age" else "") for stage, v in row["frame_stages"].items()),
             flush=True)
     cpu = row.get("cpu") or {}

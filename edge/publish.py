@@ -151,7 +151,9 @@ class Publisher:
         self.connection_error: str | None = None  # why the broker cannot be reached now; None when connected
         self.on_change = None  # () -> None: the connection's state changed (the service re-publishes status)
         self.problem_level = logging.ERROR  # a replay says it in its one closing line instead
-        self._pending: dict[int, tuple[int | None, str]] = {}  # mid -> (outbox key, topic) not yet acknowledged
+        # mid -> (outbox key, topic, monotonic ns when handed to paho), not yet acknowledged
+        self._pending: dict[int, tuple[int | None, str, int]] = {}
+        self.on_ack = None  # (seconds from handing a QoS 1 message to paho to its PUBACK) -> None: the metrics
         self._denied_topics: set[str] = set()  # logged once each
         # acks that raced ahead of publish() returning its mid: mid -> (reason code, monotonic ns when it came)
         self._acked_early: dict[int, tuple[object, int]] = {}
@@ -437,9 +439,11 @@ class Publisher:
             if early is not None and early[1] < asked_at:
                 early = None
             if qos > 0 and early is None:  # queued even while disconnected (rc NO_CONN): sent on reconnect
-                self._pending[info.mid] = (key, topic)
+                self._pending[info.mid] = (key, topic, asked_at)
         if qos > 0 and early is not None:
             self._resent = True  # a PUBACK read before publish() returned: paho's re-send is behind it too
+            if self.on_ack is not None:
+                self.on_ack((early[1] - asked_at) / 1e9)
             self._acknowledged(topic, key, early[0])
         return True
 
@@ -453,10 +457,12 @@ class Publisher:
                             : EARLY_ACKS_KEPT // 2]:
                         del self._acked_early[old]
                 return
-            key, topic = self._pending.pop(mid)
+            key, topic, asked_at = self._pending.pop(mid)
             # a PUBACK (a QoS 0 message's call comes when it is written, in paho's re-send too), which paho reads
             # only once it has handled CONNACK, re-send included: what is held back may follow (send_held())
             self._resent = True
+        if self.on_ack is not None:
+            self.on_ack((time.monotonic_ns() - asked_at) / 1e9)
         self._acknowledged(topic, key, reason_code)
 
     def _acknowledged(self, topic: str, key: int | None, reason_code) -> None:

@@ -237,7 +237,7 @@ class CameraPipeline(threading.Thread):
             self.lag_s = self.clock() - frame.timestamp
         if self.on_frame is not None:
             self.on_frame((queued, detected - picked, tracked - detected, aged - tracked if chosen else None,
-                           time.perf_counter() - aged))
+                           time.perf_counter() - aged, None if self.replay else self.clock() - frame.timestamp))
 
     def _clock_stepped_back(self, now: float) -> None:
         """Close what measures time at the last time before the step, and start again from the new clock:
@@ -389,6 +389,7 @@ class Service:
             self.batcher.on_call = self.metrics.observe_age_call
             for pipeline in self.pipelines:
                 pipeline.on_frame = self.metrics.observe_frame
+            self.publisher.on_ack = self.metrics.observe_ack
         # a replay is a one-off over a recording, not a till's daemon: no roll call of the store's daemons
         self.peers = None if replay else Peers(self.daemon_id, self.publisher.instance, self.publisher.base,
                                                [c.id for c in config.cameras])

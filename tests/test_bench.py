@@ -56,6 +56,12 @@ def test_a_run_can_share_its_cameras_among_several_daemons(tmp_path, carphone_cl
     stages = row["frame_stages"]  # both daemons' frames, from their metrics
     assert stages["detect"]["frames"] >= 0.9 * row["frames"] and stages["queued"]["frames"] == stages["detect"]["frames"]
     assert 0 < stages["detect"]["mean_ms"] <= stages["detect"]["p99_ms"] and "a frame's time in the pipeline" in result.stdout
+    # the whole of a frame's time (live cameras: every frame) is at least its detection, and the MQTT leg is timed
+    # (a scrape reads the stages one after the other while frames go on: a frame or two may come in between)
+    assert abs(stages["total"]["frames"] - stages["detect"]["frames"]) <= 4
+    assert stages["total"]["mean_ms"] > stages["detect"]["mean_ms"]
+    assert stages["mqtt_ack"]["messages"] >= row["alerts"] and 0 < stages["mqtt_ack"]["mean_ms"] <= stages["mqtt_ack"]["p99_ms"]
+    assert "total " in result.stdout and "MQTT ack " in result.stdout
     assert 0 < row["cpu"]["daemon_cores"] and row["rss_mb"] > 100  # two processes' memory added up
     bad = tillsight("bench", "--daemons", "0", "--out", str(out), timeout=60)
     assert one_line_error(bad, 2) == "tillsight: error: --daemons 0 out of range [1, 16]"

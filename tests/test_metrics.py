@@ -73,8 +73,12 @@ def test_the_endpoint_serves_camera_model_mqtt_and_outbox_figures_during_a_repla
     # every frame (read a moment apart from the frame counter in one scrape: a frame may come in between)
     assert all(abs(stage_frames[stage] - frames) <= 2 for stage in ("detect", "track", "judge")), (stage_frames, frames)
     assert 1 <= stage_frames["age"] <= frames  # the frames that asked for ages
-    # a replay's frame times are the video's: no queueing measured
+    # a replay's frame times are the video's: no queueing measured, nor a frame's whole time since its capture
     assert value(last, "tillsight_frame_stage_seconds", "tillsight_frame_stage_seconds_count", stage="queued") == 0
+    assert value(last, "tillsight_frame_stage_seconds", "tillsight_frame_stage_seconds_count", stage="total") == 0
+    # every QoS 1 message the broker acknowledged was timed (the estimates are QoS 1 by default)
+    acks = value(last, "tillsight_mqtt_ack_seconds", "tillsight_mqtt_ack_seconds_count")
+    assert 1 <= acks <= value(last, "tillsight_mqtt_delivered", "tillsight_mqtt_delivered_total") + 2
     detect_s = value(last, "tillsight_frame_stage_seconds", "tillsight_frame_stage_seconds_sum", stage="detect")
     assert 0 < detect_s / frames < 1  # seconds a frame: the detector runs on every one
 
@@ -109,8 +113,8 @@ def test_the_dashboard_asks_only_for_metrics_the_daemon_serves():
     from edge.metrics import CAMERA_SERIES, DAEMON_SERIES
     served = {f"tillsight_camera_{name}" + ("_total" if counter else "") for name, _, counter in CAMERA_SERIES}
     served |= {f"tillsight_{name}" + ("_total" if counter else "") for name, _, counter in DAEMON_SERIES}
-    served |= {f"tillsight_{h}_{part}" for h in ("age_network_seconds", "age_batch_faces", "frame_stage_seconds")
-               for part in ("bucket", "sum", "count")}
+    served |= {f"tillsight_{h}_{part}" for h in ("age_network_seconds", "age_batch_faces", "frame_stage_seconds",
+                                                 "mqtt_ack_seconds") for part in ("bucket", "sum", "count")}
     dashboard = json.loads(DASHBOARD.read_text())
     asked = {name for panel in dashboard["panels"] for target in panel.get("targets", [])
              for name in re.findall(r"tillsight_[a-z_]+", target["expr"])}

@@ -123,23 +123,29 @@ def test_frame_stages_are_read_from_the_metrics_of_every_daemon():
             return {"cameras": {}}
 
     texts = []
-    for frames in ([(0.001, 0.004, 0.0003, None, 0.0002)] * 99 + [(0.3, 0.004, 0.0003, 0.03, 0.0002)],
-                   [(None, 0.006, 0.0003, 0.01, 0.0002)] * 100):  # two daemons; the second a replay (no queue)
+    for frames in ([(0.001, 0.004, 0.0003, None, 0.0002, 0.0056)] * 99 + [(0.3, 0.004, 0.0003, 0.03, 0.0002, 0.335)],
+                   [(None, 0.006, 0.0003, 0.01, 0.0002, None)] * 100):  # two daemons; the second a replay (no queue)
         metrics, port = Metrics(Service()), free_port()
         assert metrics.serve("127.0.0.1", port) is None
         try:
             for seconds in frames:
                 metrics.observe_frame(seconds)
+            for ack_s in (0.001,) * 98 + (0.035, 0.035):
+                metrics.observe_ack(ack_s)
             text, reason = scrape_metrics({"host": "127.0.0.1", "port": port})
         finally:
             metrics.close()
         assert reason is None
         texts.append(text)
     stages = frame_stages(texts)
-    assert list(stages) == ["queued", "detect", "track", "age", "judge"]
+    assert list(stages) == ["queued", "detect", "track", "age", "judge", "total", "mqtt_ack"]
     assert stages["queued"] == {"frames": 100, "mean_ms": round((99 * 1 + 300) / 100, 2), "p99_ms": 1.0}
     assert stages["detect"] == {"frames": 200, "mean_ms": 5.0, "p99_ms": 10.0}  # 4 and 6 ms: the 5-10 ms bucket
     assert stages["age"]["frames"] == 101 and stages["age"]["p99_ms"] == 10.0  # only the frames that asked ages
+    # the whole, live frames only; 5.6 ms falls in the 5-10 ms bucket, one frame in 100 at 335 ms is the p99's edge
+    assert stages["total"] == {"frames": 100, "mean_ms": round((99 * 5.6 + 335) / 100, 2), "p99_ms": 10.0}
+    # the broker's acks of both daemons: 4 in 200 at 35 ms put the p99 in the 30-40 ms bucket (finer than 20-50)
+    assert stages["mqtt_ack"] == {"messages": 200, "mean_ms": round((196 * 1 + 4 * 35) / 200, 2), "p99_ms": 40.0}
     assert frame_stages([]) == {} and scrape_metrics({"port": free_port()})[0] is None
 
 
