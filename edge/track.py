@@ -220,8 +220,14 @@ class FaceTracker:
 # 40 s (tests/test_pipeline_still_faces.py).
 PICTURE_LOOKS = 0.5  # a face is the still face seen there before only if it looks this much like it
 # ... and a face within a known picture's place (no slack) only this much, as a track asks of its own face
-# (tracking.min_similarity's default): the frames a shaking camera spoils most still reach it
+# (tracking.min_similarity's default): the frames a shaking camera spoils most still reach it. But two different
+# people reach it too (up to 0.26, Signature.similarity), and a customer standing where a poster hangs was taken
+# for it frame after frame, never aged or alerted on, as each such frame was blended into the picture's looks
+# (2026-11-27 review: 12 of 68 look-alike pairs mostly swallowed). So a weak likeness counts only within
+# PICTURE_WEAK_S of the picture's last full one (a poster under noise reaches 0.5 every few frames; a customer
+# in front of it hides it), and only a full likeness moves the picture's signature.
 PICTURE_KNOWN_LOOKS = 0.23
+PICTURE_WEAK_S = 1.0
 PICTURE_CENTRE = 0.1  # its centre within this share of its width of where it was first seen
 PICTURE_WIDTH = 0.2  # and its width within this share
 PICTURE_AWAY = 0.1  # a still face whose look-alike was seen elsewhere in more than this share of frames has moved
@@ -247,22 +253,30 @@ class StillFace:
     last_seen: float
     frames: int = 1  # frames it was seen in its place
     away: int = 0  # frames in which a face like it was seen elsewhere, and it not in its place
+    alike_at: float | None = None  # when it was last seen fully alike (PICTURE_LOOKS); None: `since`
 
     def is_seen_in(self, face: Face, signature: Signature, slack: float = 1.0) -> bool:
         return holds_place(self.box, face.box, slack) and self.signature.is_alike(signature, PICTURE_LOOKS)
 
-    def shows(self, face: Face, signature: Signature) -> bool:
-        """Whether this known picture is `face`: in its place within PICTURE_SLACK and alike, or in its place and
-        as alike as a track's own face must be."""
+    def shows(self, face: Face, signature: Signature, now: float) -> str | None:
+        """Whether this known picture is `face`: "alike" (in its place within PICTURE_SLACK, and alike), "weakly" (in
+        its place, as alike as a track's own face must be, and seen alike within PICTURE_WEAK_S), else None."""
         if not holds_place(self.box, face.box, PICTURE_SLACK):
-            return False
-        return self.signature.is_alike(signature, PICTURE_KNOWN_LOOKS if holds_place(self.box, face.box)
-                                       else PICTURE_LOOKS)
+            return None
+        if self.signature.is_alike(signature, PICTURE_LOOKS):
+            return "alike"
+        alike_at = self.since if self.alike_at is None else self.alike_at
+        if 0 <= now - alike_at <= PICTURE_WEAK_S and holds_place(self.box, face.box) and \
+                self.signature.is_alike(signature, PICTURE_KNOWN_LOOKS):
+            return "weakly"
+        return None
 
-    def seen(self, signature: Signature, now: float) -> None:
-        """Seen in its place at `now`: its running signature takes this frame in."""
+    def seen(self, signature: Signature, now: float, alike: bool = True) -> None:
+        """Seen in its place at `now`: if fully alike, its running signature takes this frame in."""
         self.last_seen = now
-        self.signature = self.signature.blend(signature)
+        if alike:
+            self.alike_at = now
+            self.signature = self.signature.blend(signature)
 
 
 class PictureFaces:
@@ -285,9 +299,10 @@ class PictureFaces:
         people, recognised, elsewhere, looks, seen = [], [], [], [], set()
         for i, face in enumerate(faces):
             signature = signatures[i] if signatures is not None else Signature.of(image_bgr, face)
-            picture = next((p for p in self.pictures if p.shows(face, signature)), None)
+            picture, how = next(((p, how) for p in self.pictures if (how := p.shows(face, signature, now))),
+                                (None, None))
             if picture is not None:
-                picture.seen(signature, now)
+                picture.seen(signature, now, alike=how == "alike")
                 continue
             looks.append(signature)
             candidate = next((c for c in self.candidates if id(c) not in seen and c.is_seen_in(face, signature)), None)

@@ -77,3 +77,51 @@ def test_a_still_poster_under_a_real_cameras_noise_stays_a_picture_once_taken_fo
     assert all(at is not None and at <= PICTURE_FACE_S + 2 for at, _, _ in results), lines  # on time, every one
     # after: never a customer's track (min_samples = 3 ages need 3 frames), and seldom a glimpse
     assert all(longest <= 2 and leaked <= 0.03 * 40 * FPS for _, leaked, longest in results), lines
+
+
+def poster_then_customer_frames(poster, customer, side: int, poster_s: float, customer_s: float, seed: int):
+    """`poster` alone on the wall for `poster_s`, then `customer`'s face exactly in its place (standing in front of
+    it) for `customer_s`, under sensor noise and flicker (the review's scene). Yields (t, frame)."""
+    rng = np.random.default_rng(seed)
+    width, height = SIZE
+    texture = cv2.GaussianBlur(rng.integers(60, 200, (height, width, 3), np.uint8), (0, 0), 9)
+    wall = cv2.addWeighted(texture, 0.6, np.full_like(texture, 110), 0.4, 0)
+    x, y = int(width * 0.5) - side // 2, int(height * 0.4) - side // 2
+    for i in range(round((poster_s + customer_s) * FPS)):
+        t = i / FPS
+        frame = wall.copy()
+        frame[y:y + side, x:x + side] = cv2.resize(poster if t < poster_s else customer, (side, side),
+                                                   interpolation=cv2.INTER_AREA)
+        frame = frame.astype(np.float32) * (1 + rng.uniform(-0.1, 0.1)) + rng.normal(0, 4, frame.shape)
+        yield t, np.clip(frame, 0, 255).astype(np.uint8)
+
+
+def test_a_customer_standing_where_a_poster_hangs_is_a_customer_after_a_second(utkface):
+    """A face in a known picture's place needs only a track's likeness (0.23) to be the picture, and two different
+    people reach that (up to 0.26). With every such frame blended into the picture's looks, a look-alike customer
+    standing in front of a poster was the poster frame after frame (2026-11-27 review: these two UTKFace faces,
+    similarity 0.23: 50 of 50 frames): never aged, never alerted on. Now a weak likeness counts only within
+    PICTURE_WEAK_S of a full one, and only a full one moves the picture's looks."""
+    from edge.track import PICTURE_WEAK_S
+    labels = select([l for l in read_labels(utkface / "labels.csv") if split_of(l.file_name, 0.1) == "val"], 40)
+    chosen = [labels[23], labels[39]]  # the look-alike pair the review found (a 35- and a 26-year-old)
+    photos = dict(iter_image_bytes(utkface, {l.file_name for l in chosen}))
+    poster, customer = (cv2.imdecode(np.frombuffer(photos[l.file_name], np.uint8), cv2.IMREAD_COLOR) for l in chosen)
+    detector = FaceDetector(min_face_px=24)
+    pictures, tracker = PictureFaces(PICTURE_FACE_S), FaceTracker("till", first_id=1)
+    recognised_at, swallowed, longest = None, 0, 0
+    arrives = PICTURE_FACE_S + 5
+    for t, image in poster_then_customer_frames(poster, customer, 80, arrives, 10.0, seed=23):
+        faces = detector(image)
+        kept, recognised = pictures.sift(faces, t, image)
+        for picture in recognised:
+            tracker.discard_at(picture.box)
+            recognised_at = recognised_at or t
+        tracks, _ = tracker.update(t, kept, image)
+        if t >= arrives:
+            swallowed += len(faces) - len(kept)
+            longest = max([longest] + [track.frames for track in tracks])
+    assert recognised_at is not None and recognised_at <= PICTURE_FACE_S + 2  # the poster was taken for one
+    # at most the first PICTURE_WEAK_S of the customer goes as the poster; then a track long enough to be aged
+    assert swallowed <= PICTURE_WEAK_S * FPS + 1, swallowed
+    assert longest >= 10 * FPS - PICTURE_WEAK_S * FPS - 2, longest
