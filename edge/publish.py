@@ -161,7 +161,7 @@ class Publisher:
         # outbox keys (and MQTT 5 properties) of event messages paho would not take (its queue full, or all
         # 65,535 message ids in flight) or that came during a (re)connect (see _resent): they wait in the outbox,
         # in order, and go as soon as paho takes them
-        self._held: deque[tuple[int, object]] = deque()
+        self._held: deque[tuple[int | None, object, tuple | None]] = deque()
         self._held_lock = threading.Lock()  # taken around paho's publish(): never from a paho callback under its locks
         # False from the start of each connection attempt until a PUBACK on the new connection: paho has re-sent
         # what it held (it does that while handling CONNACK), so new messages may follow; until then they are held
@@ -359,7 +359,8 @@ class Publisher:
     def publish_reply(self, topic: str, body: dict, correlation: bytes | None) -> None:
         """An answer to the POS, with the request's MQTT 5 Correlation Data when it had one. Not kept in the
         outbox: it matters for the seconds the POS waits for it (paho re-sends it over a reconnect), and after a
-        restart it would come minutes late, without its Correlation Data, to a POS that has moved on."""
+        restart it would come minutes late, without its Correlation Data, to a POS that has moved on. During a
+        reconnect it waits in memory behind what is held back, so answers keep their order like events."""
         properties = None
         if correlation is not None and self.cfg.protocol == "5":
             properties = Properties(PacketTypes.PUBLISH)
@@ -372,8 +373,14 @@ class Publisher:
         """An event message: a unique id (unless `body` has its own), into the outbox (QoS>0), then to paho, after
         any it holds back."""
         payload = json.dumps({"id": uuid.uuid4().hex, **body}, separators=(",", ":")).encode()
-        if qos == 0 or not durable:  # not kept, so never held back either: paho takes it or it is dropped
+        if qos == 0:  # not kept, so never held back either: paho takes it or it is dropped
             self._send(topic, payload, qos, retain, properties, None)
+        elif not durable:  # an answer: not kept on disk, but behind what is held (a reconnect's re-send) like events
+            with self._held_lock:
+                if self._send_held():
+                    self._send(topic, payload, qos, retain, properties, None)
+                else:
+                    self._held.append((None, properties, (topic, payload, qos, retain)))
         else:
             self._submit(self.outbox.add(topic, payload, qos, retain), topic, payload, qos, retain, properties)
 
@@ -382,13 +389,13 @@ class Publisher:
         its re-send after a (re)connect may still be ahead."""
         with self._held_lock:
             if not self._send_held():  # paho still full, or its re-send is still ahead: this one waits behind them
-                self._held.append((key, properties))
+                self._held.append((key, properties, None))
             elif not self._send(topic, payload, qos, retain, properties, key):
                 log.error("MQTT queue full: messages wait in the outbox until the broker takes more",
                           extra={"unacknowledged": self.unacknowledged(),
                                  "max_queued_messages": self.cfg.max_queued_messages})
                 self._full_said = True
-                self._held.append((key, properties))
+                self._held.append((key, properties, None))
 
     def _refused(self, topic: str) -> None:
         """A message paho would not take and the outbox does not keep (an answer): dropped."""
@@ -401,10 +408,13 @@ class Publisher:
         if not self._resent:
             return False
         while self._held:
-            key, properties = self._held[0]
-            row = self.outbox.get(key)
-            if row is not None and not self._send(row.topic, row.payload, row.qos, row.retain, properties, key):
-                return False
+            key, properties, answer = self._held[0]
+            if answer is not None:  # an answer held over a reconnect: paho takes it now, or it is dropped (counted)
+                self._send(*answer, properties, None)
+            else:
+                row = self.outbox.get(key)
+                if row is not None and not self._send(row.topic, row.payload, row.qos, row.retain, properties, key):
+                    return False
             self._held.popleft()  # sent, or dropped from the outbox meanwhile (over its bound)
         if self._full_said:
             self._full_said = False

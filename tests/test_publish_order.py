@@ -246,3 +246,32 @@ def test_a_stream_of_alerts_across_outages_arrives_complete_and_in_order(tmp_pat
         publisher.stop({"state": "online"}, timeout_s=2)
         relay.close()
         pos.close()
+
+
+def test_answers_to_the_pos_made_during_a_reconnect_keep_their_order(tmp_path, broker):
+    """Answers are not kept in the outbox (publish_reply), and so were never held either: one made while the CONNACK
+    was on its way went out right after CONNECT, ahead of the answers paho re-sent from the outage (2026-11-27
+    review: R-3, R-0, R-1, R-2). Now they wait behind what is held, in memory."""
+    reply = "tillsight/store-1/pos/lane-1/reply"
+    pos = Subscriber(broker.port, reply)
+    relay = Relay(broker.port, connack_delay_s=0.4)
+    publisher = publisher_via(relay, Outbox(tmp_path / "outbox.sqlite3"))
+    try:
+        publisher.start()
+        assert publisher.connected.wait(10)
+        relay.cut()
+        assert wait_until(lambda: not publisher.connected.is_set(), 10)
+        for n in range(3):  # answers made during the outage: paho keeps them and re-sends them after CONNACK
+            publisher.publish_reply(reply, {"request_id": f"R-{n}", "decision": "challenge"}, None)
+        relay.connack_held.clear()
+        relay.up = True
+        assert relay.connack_held.wait(10)  # CONNECT is out, the CONNACK on its way
+        publisher.publish_reply(reply, {"request_id": "R-3", "decision": "no_challenge"}, None)
+        assert publisher.wait_for_delivery(10)
+        assert pos.wait_for(lambda s: len(s.json("/reply")) >= 4, 10)
+        assert [b["request_id"] for b in pos.json("/reply")] == ["R-0", "R-1", "R-2", "R-3"]
+        assert publisher.dropped == 0
+    finally:
+        publisher.stop({"state": "online"}, timeout_s=2)
+        relay.close()
+        pos.close()
