@@ -179,7 +179,11 @@ class PosDesk(threading.Thread):
 
     @property
     def subscriptions(self) -> list[tuple[str, int]]:
-        return [(f"{self.base}/+/transaction", 1), (f"{self.base}/+/check", 1)]
+        # its own cameras' topics only: with a wildcard, every other daemon of the store (the instances of a store
+        # server, the next till's PC) answered each check for a camera it does not serve, "unknown camera", ahead
+        # of the real answer (2026-11-27 review); a check for a camera nobody serves gets no answer, and
+        # `tillsight pos check` says why from the statuses
+        return [(f"{self.base}/{camera}/{kind}", 1) for camera in self.cameras for kind in ("transaction", "check")]
 
     # ------------------------------------------------------------ on the network thread: check, queue
 
