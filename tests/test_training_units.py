@@ -293,3 +293,12 @@ def test_an_fp16_file_that_disagrees_with_fp32_is_no_export():
         check_fp16({"path": "a.onnx", "max_abs_diff_vs_fp32": 4.2})
     with pytest.raises(ExportError, match=r"up to nan years"):  # a face's estimate overflowed: NaN compares false
         check_fp16({"path": "a.onnx", "max_abs_diff_vs_fp32": float("nan")})
+
+
+def test_an_onnx_file_that_disagrees_with_keras_is_no_export():
+    from export.age import ExportError, check_parity
+    check_parity(0.01, "a.onnx")
+    with pytest.raises(ExportError, match=r"ONNX output differs from Keras by up to 0.300 years"):
+        check_parity(0.3, "a.onnx")
+    with pytest.raises(ExportError, match=r"up to nan years"):  # NaN passed the > check before
+        check_parity(float("nan"), "a.onnx")
