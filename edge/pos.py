@@ -21,7 +21,8 @@ valid. Reply topics must lie under `<prefix>/<store>/pos/`, so a request cannot
 make the daemon publish into its own alert or status topics, and may not end in
 a level the daemons read (check, transaction, status).
 
-An answer is made only from a frame captured at most `FRESH_FRAME_S` ago: while
+An answer is made only from a frame captured at most `FRESH_FRAME_S` (plus one
+frame interval of the camera's `fps_limit`) ago: while
 the camera gives none (a hung stream that has not failed yet, a pipeline far
 behind) a check waits for one until its deadline, then is answered
 `camera_fault` ("no frame for N s"), never from an older picture.
@@ -55,7 +56,8 @@ MAX_PENDING = 256
 # (`fps_limit`) and the pipeline is well under a frame behind, so a live camera's latest frame is 0.2-0.4 s old;
 # a customer steps up to or away from the till in about a second. Older, the picture may show someone who has
 # gone (or nobody where someone stands now): the check waits for a newer frame until its deadline.
-FRESH_FRAME_S = 1.0
+FRESH_FRAME_S = 1.0  # plus the camera's own frame interval (1 / fps_limit): at 1 frame/s a live camera's latest
+# frame is up to 1 s old plus the pipeline's time, and such a camera was answered camera_fault now and then
 STOPPING = "daemon stopping"
 TEXT = r"^[\x21-\x7e]{1,128}$"  # printable ASCII, no spaces: ids travel on into logs and messages
 MAX_REPLY_TOPIC = 256
@@ -153,6 +155,12 @@ class DeskStats:
     rejected: int = 0
     dropped: int = 0  # inbox full
     overloaded: int = 0  # checks refused: MAX_PENDING already waiting at their camera
+
+
+def fresh_s(pipeline) -> float:
+    """The oldest a camera's frame may be for an answer: FRESH_FRAME_S plus its frame interval, where it has one."""
+    fps_limit = getattr(getattr(pipeline, "camera", None), "fps_limit", None)
+    return FRESH_FRAME_S + (1.0 / fps_limit if fps_limit else 0.0)
 
 
 class PosDesk(threading.Thread):
@@ -335,7 +343,7 @@ class PosDesk(threading.Thread):
             stop = getattr(pipeline, "stop_event", None)
             fault = STOPPING if closing or (stop is not None and stop.is_set()) else self.camera_fault(camera_id)
             # a frozen, blank or lost picture: what it shows says nothing of who is there; an old one neither
-            unseen = None if fault is not None or (view is not None and wall - view.frame_time <= FRESH_FRAME_S) \
+            unseen = None if fault is not None or (view is not None and wall - view.frame_time <= fresh_s(pipeline)) \
                 else "no frame from the camera yet" if view is None else \
                 f"no frame for {wall - view.frame_time:.1f} s (a hung camera stream, or the daemon far behind)"
             decided: dict[bool, Decision | None] = {}

@@ -255,6 +255,22 @@ def test_retained_pos_messages_are_ignored(caplog):
     assert 1 <= len(said) <= 5
 
 
+def test_a_camera_at_one_frame_a_second_is_answered_from_its_latest_frame():
+    """At fps_limit 1 a live camera's latest frame is up to 1 s old plus the pipeline's time: with a fixed 1 s
+    bound a check decided then was camera_fault (2026-11-27 review: 4 of 20). The bound adds a frame interval."""
+    from types import SimpleNamespace
+    adult = CustomerView(7, 40.0, 1.0, 5, (0, 0, 50, 50))
+    for fps_limit, decision in ((1.0, "no_challenge"), (5.0, "camera_fault"), (None, "camera_fault")):
+        till = Till(adult)
+        till.camera = SimpleNamespace(fps_limit=fps_limit)
+        till.last_frame = time.time() - 1.5  # 1.5 s: within 1 s + 1 s, over 1 s + 0.2 s and over 1 s
+        desk, replies = desk_with(till, deadline_s=0.3)
+        check(desk, {"reply_to": REPLY})
+        [(_, body, _)] = wait_for(replies)
+        desk.close()
+        assert body["decision"] == decision, (fps_limit, body)
+
+
 def test_an_answer_never_comes_from_an_old_frame():
     """A hung stream (connected, no frames) is not yet a camera fault: the last frame stays the latest. A check
     waits for a frame at most FRESH_FRAME_S old until its deadline, then is camera_fault: never an answer from the
