@@ -396,6 +396,12 @@ class MqttConfig(Strict):
     def password_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not _is_file(value):
             raise ValueError(_not_a_file(value))
+        if value is not None:  # as the TLS files are: `config check` as the daemon's user must catch what `run` would
+            try:
+                with open(value, "rb"):
+                    pass
+            except OSError as exc:
+                raise ValueError(f"cannot be read ({exc.strerror or exc})") from None
         return value
 
     @model_validator(mode="after")

@@ -496,3 +496,25 @@ def test_a_folder_or_fifo_named_as_a_file_says_what_it_is(tmp_path):
         assert problems(base(mqtt={"username": "u", "password_file": str(path)})) == [
             f"mqtt.password_file: {str(path)!r} {what} file"]
         assert problems(base(mqtt={"tls": {"ca_file": str(path)}})) == [f"mqtt.tls.ca_file: {str(path)!r} {what} file"]
+
+
+def test_a_password_file_the_daemons_user_cannot_read_fails_the_check(tmp_path):
+    """`config check` as the daemon's user (deploy/README) said OK for a password file that user could not read;
+    `run` then failed at every start (restarted 10 times, then `failed`) with no status said. Run here as root
+    without its power to read any file (setpriv drops CAP_DAC_OVERRIDE), on a mode 000 file."""
+    import os
+    import shutil
+    import sys
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to read as a user without the file's permission")
+    password = tmp_path / "mqtt-password"
+    password.write_text("secret\n")
+    password.chmod(0o000)
+    config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "a", "source": 0}],
+                          mqtt={"username": "tillsight", "password_file": str(password)})
+    import subprocess
+    from tskit import REPO
+    result = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", sys.executable, "-m",
+                             "edge", "config", "check", str(config)], capture_output=True, text=True, cwd=REPO,
+                            timeout=120)
+    assert one_line_error(result, 2) == "mqtt.password_file: cannot be read (Permission denied)"
