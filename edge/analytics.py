@@ -31,6 +31,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -69,6 +70,10 @@ class AgeBandCounter:
     counts: dict[str, int] = field(default_factory=dict)
     fault_s: float = 0.0  # seconds of the interval in progress during which the camera could not see
     closed_s: float = 0.0  # seconds of it during which the store was closed (nobody counted, no camera fault)
+    # a random id of the interval in progress, made when it opens and kept with it on disk: the message's id is
+    # made from it (edge/publish.py), so a re-send after a crash repeats the id, while the same clock slot counted
+    # again over other customers (the wall clock stepped back) is another interval, with another id
+    opening: str | None = None
     # Slots are aligned in local time: an hourly interval in a UTC+5:30 store runs 09:00-10:00 there, a daily
     # one from local midnight. A summer-time change makes the slot it falls in an hour longer or shorter.
     utc_offset_s: Callable[[float], float] = local_utc_offset_s
@@ -94,8 +99,10 @@ class AgeBandCounter:
         bands = {name: _published(self.counts.get(name, 0), self.k) for name in band_names(self.edges)}
         message = {"camera": self.camera_id, "interval_start": self.started, "interval_end": end,
                    "bands": bands, "k": self.k, "partial": partial or self.started > self.slot,
-                   "camera_fault_s": round(self.fault_s, 1), "store_closed_s": round(self.closed_s, 1)}
+                   "camera_fault_s": round(self.fault_s, 1), "store_closed_s": round(self.closed_s, 1),
+                   "opening": self.opening}
         self.started, self.slot, self.counts, self.fault_s, self.closed_s = None, None, {}, 0.0, 0.0
+        self.opening = None
         self.joined = partial
         return message
 
@@ -105,14 +112,16 @@ class AgeBandCounter:
             return None
         return {"camera": self.camera_id, "edges": list(self.edges), "interval_s": self.interval_s, "k": self.k,
                 "started": self.started, "slot": self.slot, "counts": dict(self.counts),
-                "fault_s": round(self.fault_s, 1), "closed_s": round(self.closed_s, 1), "saved_at": now}
+                "fault_s": round(self.fault_s, 1), "closed_s": round(self.closed_s, 1), "saved_at": now,
+                "opening": self.opening}
 
     @classmethod
     def left_message(cls, state: dict) -> dict:
         """The message for an interval a previous run left open: partial, ending when it was last saved."""
         counter = cls(state["camera"], state["edges"], state["interval_s"], state["k"], started=state["started"],
                       slot=state["slot"], counts=dict(state["counts"]), fault_s=state["fault_s"],
-                      closed_s=state.get("closed_s", 0.0))  # a file saved before closed_s existed
+                      closed_s=state.get("closed_s", 0.0),  # a file saved before closed_s existed
+                      opening=state.get("opening"))  # (or before opening did: its id is its times' alone)
         return counter.flush(state["saved_at"], partial=True)
 
     def _open(self, now: float) -> None:
@@ -121,6 +130,7 @@ class AgeBandCounter:
             self.slot = math.floor((now + offset) / self.interval_s) * self.interval_s - offset
             self.started = now if self.joined else self.slot
             self.joined = False
+            self.opening = uuid.uuid4().hex
 
 
 def _published(count: int, k: int) -> int | None:

@@ -345,7 +345,11 @@ class Publisher:
         """One camera's age-band counts for one interval (edge/analytics.py)."""
         # the id is the interval's own: a crash between the outbox taking the intervals a killed run left and their
         # file's removal sends them again at the next start, and a consumer drops the repeat by its id
-        interval = f"{self.store_id}/{counts['camera']}/{counts['interval_start']!r}/{counts['interval_end']!r}"
+        # (and its opening's random id: the same slot counted again after the wall clock stepped back is another)
+        counts = dict(counts)
+        opening = counts.pop("opening", None)
+        interval = f"{self.store_id}/{counts['camera']}/{counts['interval_start']!r}/{counts['interval_end']!r}" \
+            + (f"/{opening}" if opening else "")
         body = {"id": uuid.uuid5(ANALYTICS_IDS, interval).hex, "schema": SCHEMA, "store": self.store_id, **counts,
                 "interval_start": utc_iso(counts["interval_start"]), "interval_end": utc_iso(counts["interval_end"])}
         self._publish(f"{self.base}/{counts['camera']}/analytics", body, qos=1)

@@ -1,6 +1,7 @@
 """Store analytics: age-band counts per camera per interval, small bands suppressed, nothing per person."""
 
 import json
+import re
 
 import pytest
 
@@ -53,10 +54,12 @@ def test_intervals_cover_only_the_time_counted_so_a_restart_gives_two_partial_ha
     assert (after_start["interval_start"], after_start["interval_end"], after_start["partial"]) == (1332.0, 1800.0, True)
     assert before_stop["bands"] == {"0-17": 0, "18-24": 1, "25+": 0} and after_start["bands"]["25+"] == 1
     second.open(1800.2)  # from here on whole intervals again, aligned to the clock
-    assert second.flush(2700.0) | {"bands": None} == {"camera": "till-1", "interval_start": 1800.0,
-                                                     "interval_end": 2700.0, "bands": None, "k": 1,
-                                                     "partial": False, "camera_fault_s": 0.0,
-                                                     "store_closed_s": 0.0}
+    whole = second.flush(2700.0)
+    assert whole | {"bands": None, "opening": None} == {"camera": "till-1", "interval_start": 1800.0,
+                                                        "interval_end": 2700.0, "bands": None, "k": 1,
+                                                        "partial": False, "camera_fault_s": 0.0,
+                                                        "store_closed_s": 0.0, "opening": None}
+    assert re.fullmatch(r"[0-9a-f]{32}", whole["opening"]) and whole["opening"] != after_start["opening"]
     second.open(2750.0)
     resumed_at = 2750.0 - 3600  # the wall clock stepped back an hour: the interval so far ends, counting resumes
     assert second.flush(2751.0, partial=True)["interval_start"] == 2700.0
@@ -127,7 +130,7 @@ def test_the_interval_in_progress_is_kept_on_disk_and_sent_as_partial_by_the_nex
     assert sent == [message]
     assert message == {"camera": "till-1", "interval_start": 1000.0, "interval_end": 1006.0,
                        "bands": {"0-17": 1, "18-24": 0, "25+": 1}, "k": 1, "partial": True, "camera_fault_s": 3.0,
-                       "store_closed_s": 2.0}
+                       "store_closed_s": 2.0, "opening": counter.opening}  # kept on disk with it
     assert not path.exists() and OpenIntervals(path).take_left(86400) == []  # sent once
     before_closed_s = counter.state(1006.0)
     del before_closed_s["closed_s"]  # kept by a daemon from before store_closed_s, read by its upgrade
@@ -169,6 +172,28 @@ def test_an_interval_sent_again_after_a_crash_carries_the_same_id(tmp_path):
     ids = [json.loads(row.payload)["id"] for row in outbox.backlog()]
     outbox.close()
     assert len(ids) == 3 and ids[0] == ids[1] != ids[2], ids
+
+
+def test_a_slot_counted_again_after_the_clock_stepped_back_is_another_interval_with_another_id(tmp_path):
+    """The wall clock stepped back 30 minutes (NTP fixing a clock that ran ahead): the whole 00:15-00:30 slot is
+    counted again, over other customers. Its id was the slot's times alone, so a consumer dropping repeated ids
+    dropped the second count (2026-11-27 review). Now each opening of an interval has an id of its own."""
+    from edge.config import MqttConfig
+    from edge.outbox import Outbox
+    from edge.publish import Publisher
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    publisher = Publisher(MqttConfig(host="127.0.0.1", port=1), "store-1", "till-pc", outbox)  # never connected
+    counter = AgeBandCounter("till-1", [18, 25], interval_s=900, k=1, utc_offset_s=lambda t: 0.0)
+    for first_pass, age in ((True, 16.0), (False, 40.0)):
+        counter.open(900.0 if first_pass else 900.5)  # 00:15 (after the step back, the slot begins again)
+        counter.add(age, 1200.0)
+        publisher.publish_analytics(counter.flush(1800.0))  # 00:30: the whole slot, twice
+    bodies = [json.loads(row.payload) for row in outbox.backlog()]
+    outbox.close()
+    assert [(b["interval_start"], b["interval_end"], b["partial"]) for b in bodies] == \
+        [("1970-01-01T00:15:00.000Z", "1970-01-01T00:30:00.000Z", False)] * 2
+    assert [b["bands"] for b in bodies] == [{"0-17": 1, "18-24": 0, "25+": 0}, {"0-17": 0, "18-24": 0, "25+": 1}]
+    assert bodies[0]["id"] != bodies[1]["id"] and all("opening" not in b for b in bodies)
 
 
 def test_an_interval_that_cannot_be_saved_is_one_warning_and_counting_goes_on(tmp_path, caplog):
