@@ -591,11 +591,17 @@ def _not_someone_elses_file(path: Path) -> None:
 TEXT_SNIFF_BYTES = 4096
 
 
+TEXT_CONTROLS = frozenset(b"\t\n\r\f\x1b")  # the control bytes text has (tabs, lines, pages, a log's colours)
+
+
 def _is_text(head: bytes) -> bool:
-    """UTF-8 without NUL bytes (a cut multi-byte character at the end allowed): a config, a log, notes. SQLite
-    pages, zeros and random damage are not."""
+    """UTF-8 without NUL bytes (a cut multi-byte character at the end allowed), or text in any 8-bit encoding (no
+    control bytes but TEXT_CONTROLS: Latin-1 notes passed for damage and were set aside): a config, a log, notes.
+    SQLite pages, zeros and random damage are not (a tenth of random bytes are controls)."""
     if b"\0" in head:
         return False
+    if all(byte >= 0x20 and byte != 0x7f or byte in TEXT_CONTROLS for byte in head):
+        return True
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -830,7 +836,28 @@ def too_few_samples_kept(config: Config) -> list[str]:
 
 def config_warnings(config: Config) -> list[str]:
     """What `config check` and the daemon's start warn of, a line each: the daemon runs, but should not so."""
-    return exposed_secrets(config) + unstable_devices(config) + absent_devices(config) + hours_in_utc(config)
+    return (exposed_secrets(config) + unstable_devices(config) + repeated_streams(config) + absent_devices(config)
+            + hours_in_utc(config))
+
+
+def repeated_streams(config: Config) -> list[str]:
+    """One network stream named by two cameras (a copied [[cameras]] block, the address not changed): both tills
+    would be answered, alerted and counted from one till's picture. A file twice is a demo's or a test's."""
+    first: dict[str, int] = {}
+    found = []
+    for index, camera in enumerate(config.cameras):
+        if not (isinstance(camera.source, str) and "://" in camera.source):
+            continue
+        try:  # the scheme and host as any case; user and password aside (the same camera under two logins)
+            parts = urlsplit(camera.source)
+            key = f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{parts.port}{parts.path}?{parts.query}"
+        except ValueError:
+            continue
+        if key in first:
+            found.append(f"cameras.{first[key]}.source, cameras.{index}.source: the same stream "
+                         f"({camera.shown_source}) twice: both tills would be answered about one till's customer")
+        first.setdefault(key, index)
+    return found
 
 
 def hours_in_utc(config: Config) -> list[str]:

@@ -442,6 +442,10 @@ def test_an_outbox_path_that_is_someone_elses_file_is_refused(tmp_path):
     assert problems(base(outbox={"path": "/proc/self/outbox"}))[0].startswith(
         "outbox.path: '/proc/self/outbox' is in a kernel file system (/proc, /sys)")
     assert mine.read_text() == "the store's own notes"
+    latin1 = tmp_path / "notizen.txt"  # text in another encoding than UTF-8 passed for damage and was set aside
+    latin1.write_bytes("Kasse 3: Kühlschrank defekt, Größe prüfen\r\n\tBestellung für Müller\n".encode("latin-1"))
+    assert problems(base(outbox={"path": str(latin1)}))[0].startswith(
+        f"outbox.path: {str(latin1)!r} is an existing text file, not an SQLite database")
     empty, database = tmp_path / "empty.sqlite3", tmp_path / "db.sqlite3"
     empty.write_bytes(b"")
     sqlite3.connect(database).execute("create table t (x)").connection.close()
@@ -518,3 +522,17 @@ def test_a_password_file_the_daemons_user_cannot_read_fails_the_check(tmp_path):
                              "edge", "config", "check", str(config)], capture_output=True, text=True, cwd=REPO,
                             timeout=120)
     assert one_line_error(result, 2) == "mqtt.password_file: cannot be read (Permission denied)"
+
+
+def test_one_stream_named_by_two_cameras_is_a_warning(tmp_path):
+    """A copied [[cameras]] block with the address left as it was: two tills answered from one till's picture. The
+    same camera under another login is the same stream; another path on it (a second channel) is not."""
+    config = write_config(tmp_path / "c.toml", store_id="s", cameras=[
+        {"id": "till-1", "source": "rtsp://admin:hunter2@10.1.2.3:554/stream1"},
+        {"id": "till-2", "source": "rtsp://10.1.2.3:554/stream2"},
+        {"id": "till-3", "source": "RTSP://10.1.2.3:554/stream1"}])
+    config.chmod(0o600)  # (its password readable by all would be a warning of its own)
+    checked = tillsight("config", "check", str(config))
+    assert (checked.returncode, checked.stderr.strip()) == (0, (
+        "warning: cameras.0.source, cameras.2.source: the same stream (rtsp://10.1.2.3:554/stream1) twice: both "
+        "tills would be answered about one till's customer")), checked.stderr
