@@ -302,6 +302,7 @@ def cmd_run(args) -> int:
 
     from edge.config import load_config
     from edge.logs import setup_logging
+    from edge.outbox import OutboxInUse
     from edge.publish import publish_start_failure
     from edge.runtime import ModelError
     from edge.service import Service, daemon_id
@@ -314,6 +315,13 @@ def cmd_run(args) -> int:
     except ModelError as exc:  # said on the status topic too, for the store's monitoring; then the one line
         publish_start_failure(config.mqtt, config.store_id, daemon_id(config), str(exc),
                               [camera.id for camera in config.cameras])
+        raise
+    except OutboxInUse as exc:
+        # two instances given one outbox path: this one watches none of its tills, which the store's monitoring
+        # must see; but a second start of this very daemon (the same id) must not mark the running one failed
+        if exc.holder != daemon_id(config):
+            publish_start_failure(config.mqtt, config.store_id, daemon_id(config), str(exc),
+                                  [camera.id for camera in config.cameras])
         raise
     signal.signal(signal.SIGTERM, lambda *_: service.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: service.stop_event.set())

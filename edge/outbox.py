@@ -52,7 +52,12 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS outbox (
 
 
 class OutboxInUse(Exception):
-    """Another process has this queue file: two daemons would send and delete each other's messages."""
+    """Another process has this queue file: two daemons would send and delete each other's messages. `holder`:
+    the daemon id that process wrote into the lock file (None: unknown)."""
+
+    def __init__(self, message: str, holder: str | None = None):
+        super().__init__(message)
+        self.holder = holder
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,8 @@ class Queued:
 class Outbox:
     """Messages not yet acknowledged by the broker, oldest first. Thread-safe."""
 
-    def __init__(self, path: Path | None, max_messages: int = 100_000, max_age_s: float = 86_400.0):
+    def __init__(self, path: Path | None, max_messages: int = 100_000, max_age_s: float = 86_400.0,
+                 owner: str | None = None):
         self.path = path
         self.max_messages = max_messages
         self.max_age_s = max_age_s
@@ -85,12 +91,13 @@ class Outbox:
         self._lock_fd: int | None = None
         self._closed = False
         if path is not None:
-            self._claim(path)
+            self._claim(path, owner)
             self._open(path)
 
-    def _claim(self, path: Path) -> None:
+    def _claim(self, path: Path, owner: str | None) -> None:
         """One process per queue file, held by an flock on `<path>.lock` until close() or exit (not on the
-        database itself: closing any other descriptor of an SQLite file drops SQLite's own locks)."""
+        database itself: closing any other descriptor of an SQLite file drops SQLite's own locks). The lock file
+        names its holder (`owner`, a daemon id), so a second daemon refused can say whose it is."""
         try:
             fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
@@ -98,10 +105,21 @@ class Outbox:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            try:
+                holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or None
+            except OSError:
+                holder = None
             os.close(fd)
-            raise OutboxInUse(f"outbox.path {path} is in use by another tillsight process: "
-                              "each daemon needs its own outbox file") from None
+            raise OutboxInUse(f"outbox.path {path} is in use by another tillsight process"
+                              + (f" (daemon {holder})" if holder else "")
+                              + ": each daemon needs its own outbox file", holder) from None
         self._lock_fd = fd
+        if owner:
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, owner.encode(), 0)
+            except OSError:
+                pass  # only the refusal's wording needs it
 
     def _open(self, path: Path, salvaged: list[tuple] | None = None) -> None:
         try:

@@ -509,7 +509,13 @@ class Publisher:
     def stop(self, final_status: dict, timeout_s: float = 10.0) -> bool:
         """Clean shutdown: retained 'offline' status, wait for acks, disconnect. True if nothing is lost:
         all acknowledged, or what is not waits in the outbox on disk for the next start."""
-        self.publish_status({**final_status, "state": "offline"})
+        # its cameras are no longer watched: "stopped", not the "online" of the moment before (the status stays
+        # retained until the next start, and `tillsight status` counted them live); an ended replay stays "ended"
+        cameras = final_status.get("cameras")
+        stopped = {camera: {**info, "state": "stopped"} if isinstance(info, dict) and info.get("state") == "online"
+                   else info for camera, info in cameras.items()} if isinstance(cameras, dict) else cameras
+        self.publish_status({**final_status, "state": "offline",
+                             **({"cameras": stopped} if stopped is not None else {})})
         # With the broker away and the messages safe on disk, waiting would only delay the stop.
         safe_on_disk = not self.connected.is_set() and self.outbox.state == "disk"
         delivered = self.wait_for_delivery(0.5 if safe_on_disk else timeout_s)

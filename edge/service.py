@@ -352,7 +352,8 @@ class Service:
         self.batcher = AgeBatcher(self.age_model, models.max_batch, models.max_wait_ms, producers=len(config.cameras))
         self.batcher.warm_up()  # on the thread that will make the calls (edge.infer)
         self._rates_mark = (time.monotonic(), 0, 0)
-        self.outbox = Outbox(outbox_path(config, replay), config.outbox.max_messages, config.outbox.max_age_s)
+        self.outbox = Outbox(outbox_path(config, replay), config.outbox.max_messages, config.outbox.max_age_s,
+                             owner=self.daemon_id)
         log.info("outbox", extra=self.outbox.status())
         for line in config_warnings(config):
             log.warning(line)

@@ -416,6 +416,12 @@ def test_one_queue_file_serves_one_process(tmp_path):
         Outbox(path)
     first.close()
     Outbox(path).close()  # free again once the first is closed
+    first = Outbox(path, owner="till-pc-1")  # the lock file names its holder: the refusal says whose it is
+    with pytest.raises(OutboxInUse, match=r"in use by another tillsight process \(daemon till-pc-1\): each daemon "
+                                          r"needs its own outbox file") as refused:
+        Outbox(path, owner="till-pc-2")
+    assert refused.value.holder == "till-pc-1"
+    first.close()
 
 
 def test_a_second_daemon_on_the_same_outbox_file_is_refused_in_one_line(
@@ -430,8 +436,8 @@ def test_a_second_daemon_on_the_same_outbox_file_is_refused_in_one_line(
         assert subscriber.wait_for(lambda s: s.json("till-pc/status"), 60), "the first daemon did not start"
         config = replay_config(tmp_path, broker.port, age_models[40], outbox={"path": str(outbox)})
         line = one_line_error(tillsight("replay", str(carphone_clip), "--config", str(config), timeout=120))
-        assert line == (f"tillsight: error: outbox.path {outbox} is in use by another tillsight process: "
-                        "each daemon needs its own outbox file")
+        assert line == (f"tillsight: error: outbox.path {outbox} is in use by another tillsight process "
+                        "(daemon till-pc): each daemon needs its own outbox file")
         assert daemon.poll() is None  # the first one serves on
     finally:
         stop_daemon(daemon)

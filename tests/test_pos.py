@@ -388,6 +388,48 @@ def _properties(response_topic: str, correlation: bytes = b"c") -> object:
 # ---------------------------------------------------------------- against a real daemon and broker
 
 
+def test_an_instance_given_another_daemons_outbox_says_failed_and_a_second_start_of_a_daemon_does_not(
+        broker, tmp_path, age_models, carphone_clip):
+    """Two instances of a store server given one outbox.path: the second is refused at start (one line, exit 1) and
+    no status ever said so: `tillsight status` showed the first alone, exit 0, with a group of tills unwatched
+    (2026-11-27 review). Now it says failed on its own status topic. A second start of the running daemon itself
+    (the same daemon id) is refused the same way, but must not mark the running one failed."""
+    shared = tmp_path / "outbox.sqlite3"
+
+    def config(daemon_id: str, camera: str) -> Path:
+        return write_config(tmp_path / f"{daemon_id}.toml", store_id="store-1", daemon_id=daemon_id,
+                            status_interval_s=1, cameras=[{"id": camera, "source": str(carphone_clip), "fps_limit": 5}],
+                            mqtt={"host": "127.0.0.1", "port": broker.port}, models={"age_model": str(age_models[40])},
+                            logging={"level": "warning"}, outbox={"path": str(shared)})
+
+    first = start_daemon(config("tills-a", "till-1"), tmp_path / "a.log")
+    store = ["--port", str(broker.port), "--store", "store-1", "--wait", "0.5", "--json"]
+    try:
+        deadline = time.monotonic() + 40
+        while json.loads(tillsight("status", *store).stdout or "{}").get("tills-a", {}).get("state") != "online":
+            assert time.monotonic() < deadline and first.poll() is None, (tmp_path / "a.log").read_text()
+            time.sleep(0.5)
+        for daemon_id, camera in (("tills-a", "till-1"), ("tills-b", "till-9")):
+            result = tillsight("run", "--config", str(config(daemon_id, camera)))
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+            [line] = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+            assert line == (f"tillsight: error: outbox.path {shared} is in use by another tillsight process "
+                            "(daemon tills-a): each daemon needs its own outbox file"), line
+        statuses = json.loads(tillsight("status", *store).stdout)
+        assert statuses["tills-a"]["state"] == "online"  # its own second start did not say it failed
+        assert (statuses["tills-b"]["state"], statuses["tills-b"]["problems"]) == ("failed", [line.removeprefix(
+            "tillsight: error: ")])
+        assert tillsight("status", *store).returncode == 1  # the monitoring's exit status sees it
+        stop_daemon(first)  # a clean stop: offline, and its cameras no longer said online (they were, and counted)
+        body = json.loads(tillsight("status", *store).stdout)["tills-a"]
+        assert (body["state"], body["cameras"]["till-1"]["state"]) == ("offline", "stopped")
+        [line] = [line for line in tillsight("status", *store[:-1]).stdout.splitlines() if line.startswith("tills-a")]
+        assert line.split()[:4] == ["tills-a", "offline", "0/1", "cameras"], line
+    finally:
+        stop_daemon(first)
+        tillsight("status", "--port", str(broker.port), "--store", "store-1", "--forget", "tills-b")
+
+
 @pytest.fixture
 def daemon(tmp_path, broker, age_models, carphone_clip):
     """`tillsight run` with the carphone clip as a live camera (an adult, answering 40), logs to a file."""
