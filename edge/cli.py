@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     broker_args.add_argument("--port", type=int, default=1883)
     broker_args.add_argument("--store", help="store id (default: the config's)")
     broker_args.add_argument("--prefix", default="tillsight", help="topic prefix")
+    broker_args.add_argument("--username", help="the broker's user (instead of the config's): e.g. the POS's, which "
+                                                "may read what the daemon's may not under the shipped ACL")
+    broker_args.add_argument("--password-file", type=Path,
+                             help="a file holding that user's password (never on the command line: ps shows it)")
 
     status = commands.add_parser("status", parents=[broker_args],
                                  help="the store's daemons from their status topics; exit 1 unless all are online")
@@ -560,27 +564,32 @@ def _bench_model_only(args) -> int:
 def _terminal(args):
     """A terminal on the store's topics: the broker from --config (with its credentials and TLS) or --host."""
     from edge.pos_terminal import Terminal
-    host, port, store, prefix, mqtt_config = args.host, args.port, args.store, args.prefix, None
+    host, port, store, prefix, mqtt = args.host, args.port, args.store, args.prefix, None
     if args.config is not None:
         from edge.config import load_config
         config = load_config(args.config)
-        mqtt_config = config.mqtt
-        host, port, prefix, store = mqtt_config.host, mqtt_config.port, mqtt_config.topic_prefix, store or config.store_id
+        mqtt = config.mqtt.model_dump(mode="json", exclude_none=True)
+        host, port, prefix, store = config.mqtt.host, config.mqtt.port, config.mqtt.topic_prefix, store or config.store_id
     if not store:
         raise UserError("--store (or --config) is needed: topics live under <prefix>/<store>/", EXIT_USAGE)
-    _check_broker_options(host, port, store, prefix)
-    return Terminal(host, port, f"{prefix}/{store}", mqtt_config=mqtt_config)
+    credentials = {key: str(value) for key, value in (("username", args.username),
+                                                       ("password_file", args.password_file)) if value is not None}
+    mqtt_config = _check_broker_options(host, port, store, prefix, {**(mqtt or {}), **credentials})
+    return Terminal(host, port, f"{prefix}/{store}", mqtt_config=mqtt_config if mqtt or credentials else None)
 
 
-def _check_broker_options(host: str, port: int, store: str, prefix: str) -> None:
-    """--host, --port, --store and --prefix by the config's own rules (a '/', '+' or '#' in --store would read
-    other topics; port 0 was paho's traceback), the first problem in one line."""
+def _check_broker_options(host: str, port: int, store: str, prefix: str, mqtt: dict):
+    """--host, --port, --store, --prefix, --username and --password-file by the config's own rules (a '/', '+' or
+    '#' in --store would read other topics; port 0 was paho's traceback), the first problem in one line; the
+    broker's settings (MqttConfig) they make with the config's `mqtt`."""
     from edge.config import ConfigError, parse_config
     try:
-        parse_config({"store_id": store, "cameras": [{"id": "c", "source": 0}],
-                      "mqtt": {"host": host, "port": port, "topic_prefix": prefix}})
+        return parse_config({"store_id": store, "cameras": [{"id": "c", "source": 0}],
+                             "mqtt": {**mqtt, "host": host, "port": port, "topic_prefix": prefix}}).mqtt
     except ConfigError as exc:
-        option = {"store_id": "--store", "mqtt.host": "--host", "mqtt.port": "--port", "mqtt.topic_prefix": "--prefix"}
+        option = {"store_id": "--store", "mqtt.host": "--host", "mqtt.port": "--port", "mqtt.topic_prefix": "--prefix",
+                  "mqtt.username": "--username", "mqtt.password_file": "--password-file",
+                  "mqtt": "--password-file"}  # without a user
         key, _, problem = exc.problems[0].partition(": ")
         raise UserError(f"{option.get(key, key)}: {problem}", EXIT_USAGE) from None
 

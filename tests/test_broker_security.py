@@ -261,6 +261,14 @@ def test_the_shipped_store_acl_lets_daemon_and_pos_talk_and_the_pos_speak_for_no
                                                "cameras": {"till-1": {}}}), qos=1).wait_for_publish(5)
             time.sleep(1)
             statuses = tillsight("status", "--config", str(config), "--wait", "0.5")
+            # the tools with the daemon's config: under this ACL the daemon's user may not ask a check (it was
+            # deploy/README's diagnostic); with the POS's user instead, from the command line, it may
+            ask = ["pos", "--config", str(config), "check", "--camera", "till-1", "--timeout", "10"]
+            as_daemon = tillsight(*ask)
+            as_pos_cli = tillsight(*ask[:3], "--username", "pos", "--password-file", str(tmp_path / "pos-password"),
+                                   *ask[3:])
+            no_user = tillsight("status", "--port", str(broker.pos_port), "--store", "store-1", "--password-file",
+                                str(tmp_path / "pos-password"))
         finally:
             pos.loop_stop()
             daemon.terminate()
@@ -282,5 +290,10 @@ def test_the_shipped_store_acl_lets_daemon_and_pos_talk_and_the_pos_speak_for_no
     assert seen.get("estimate") and seen.get("alert") and seen.get("status"), seen  # the POS reads what it needs
     assert answer["camera"] == "till-1" and answer["decision"] != "error"  # the daemon read the check, answered
     assert acks == ["Not authorized"] * 3  # no fake alert, status or estimate from a POS
+    assert as_daemon.returncode == 1 and as_daemon.stderr.strip() == (
+        "tillsight: error: the MQTT broker refused tillsight/store-1/till-1/check: Not authorized"), as_daemon.stderr
+    assert as_pos_cli.returncode == 0 and json.loads(as_pos_cli.stdout)["camera"] == "till-1", as_pos_cli.stderr
+    assert (no_user.returncode, no_user.stderr.strip()) == (
+        2, "tillsight: error: --password-file: password_file is set but username is not")
     # the fake status never reached the daemon: no conflict
     assert statuses.returncode == 0 and statuses.stdout.split()[:2] == ["till-pc", "online"], statuses.stdout
