@@ -31,6 +31,10 @@ then VERB:
     recheck   the daemon's CUDA options and warm-up (after the first run): scripts/device/cuda_agree.py (CUDA
               against the CPU, in years), a model-only sweep of the options, end to end at 1-32 cameras;
               $OUT/agree.json, $OUT/speed2/, $OUT/e2e2/ and logs
+    tail      where the frame->alert p99 goes (2026-11-27: 60-80 ms from 8 cameras in any layout, p50 14): one
+              daemon at 1 and 8 cameras, 8 with the detector on the CPU, 32 in four daemons, 30 / 30 / 20 s a count,
+              each row's stage line with `total` (capture to judged) and `MQTT ack`; $OUT/tail-1daemon/,
+              $OUT/tail-cpudet/, $OUT/tail-4daemons/ and tail.log
     env       print the environment the benchmarks run with (to paste into a shell)
 
 Arguments after `--` are added to the tillsight bench command line of the verb.
@@ -94,6 +98,12 @@ E2E_CPU_DETECTOR = ["--skip-model-speed", "--cameras", "24,32", "--fps", "10", "
 # binary carried among the wheels; scripts/device/gil_summary.py): is it the tracking, the detector's Python, MQTT?
 GIL_PROFILE = ["--skip-model-speed", "--cameras", "24", "--fps", "10", "--seconds", "20"]
 GIL_RATE = 100
+# 2026-11-27: every layout kept up to 32 cameras, the p50 13-19 ms, the p99 60-80 ms from 8 cameras whether a daemon
+# had 4 or 8: is the tail in the daemon (`total`, capture to judged) or the MQTT leg (`MQTT ack`), and which stage?
+TAIL = ["--skip-model-speed", "--cameras", "1,8", "--fps", "10", "--seconds", "30"]
+TAIL_CPU_DETECTOR = ["--skip-model-speed", "--cameras", "8", "--fps", "10", "--seconds", "30",
+                     "--set", 'models.detector_providers=["cpu"]']
+TAIL_FOUR_DAEMONS = ["--skip-model-speed", "--cameras", "32", "--daemons", "4", "--fps", "10", "--seconds", "20"]
 
 
 def say(text: str) -> None:
@@ -286,6 +296,11 @@ def bench(verb: str, extra: list[str]) -> None:
             log=OUT / "speed2.log", check=False)
         run(tool + E2E_RECHECK + ["--model", str(MODEL), "--video", str(video), "--out", str(OUT / "e2e2")] + extra,
             log=OUT / "e2e2.log", check=False)
+    elif verb == "tail":  # $OUT: 7 files
+        for name, args in (("tail-1daemon", TAIL), ("tail-cpudet", TAIL_CPU_DETECTOR),
+                           ("tail-4daemons", TAIL_FOUR_DAEMONS)):
+            run(tool + args + ["--model", str(MODEL), "--video", str(video), "--out", str(OUT / name)] + extra,
+                log=OUT / "tail.log", check=False)
     elif verb == "e2e":
         run(tool + E2E + ["--model", str(MODEL), "--video", str(video), "--out", str(OUT / "e2e")] + extra,
             log=OUT / "e2e.log", check=False)
@@ -319,8 +334,8 @@ def main(argv: list[str]) -> int:
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     verb = argv[0] if argv else ""
-    if verb not in ("", "speed", "e2e", "recheck", "env"):
-        raise SystemExit(f"unknown verb {verb!r}: speed, e2e, recheck, env or none")
+    if verb not in ("", "speed", "e2e", "recheck", "tail", "env"):
+        raise SystemExit(f"unknown verb {verb!r}: speed, e2e, recheck, tail, env or none")
     if verb == "env":
         env = environment()
         for key in ("LD_LIBRARY_PATH", "PYTHONPATH", "PATH", "TILLSIGHT_MODEL_DIR"):

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 LIMIT = 64 * 2**20
 QUICK = {"speed": ["--", "--batches", "1,8", "--cpu-batches", "1", "--point-seconds", "0.3"],
          "e2e": ["--", "--cameras", "2", "--seconds", "5"],
+         "tail": ["--", "--cameras", "2", "--seconds", "5"],
          "recheck": ["--", "--batches", "8", "--point-seconds", "0.3", "--cameras", "2", "--seconds", "5"]}
 
 
