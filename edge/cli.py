@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="the store's daemons from their status topics; exit 1 unless all are online")
     status.add_argument("--wait", type=float, default=1.0, help="seconds to listen (retained statuses come at once)")
     status.add_argument("--json", action="store_true", help="the statuses themselves, one JSON object")
+    status.add_argument("--expect", metavar="DAEMON[,DAEMON...]",
+                        help="daemons that must be there: one that never published a status (not started, or refused "
+                             "before it could say) is listed 'missing', and the exit is 1")
     status.add_argument("--forget", metavar="DAEMON",
                         help="clear the retained status of a daemon gone for good (it must say offline); needs "
                              "credentials that may write status topics (a daemon's --config)")
@@ -603,6 +606,7 @@ def cmd_status(args) -> int:
         raise UserError(f"--wait {args.wait:g}: seconds from 0 to 60", EXIT_USAGE)
     if args.forget is not None:
         return _forget_daemon(args)
+    expected = _expected_daemons(args.expect)
     try:
         terminal = _terminal(args)
         try:
@@ -611,9 +615,13 @@ def cmd_status(args) -> int:
             terminal.close()
     except PosError as exc:
         raise UserError(str(exc)) from None
-    if not statuses:
+    if not statuses and not expected:
         raise UserError(f"no daemon has published a status under {terminal.base}/ (is the store id right?)")
     by_daemon = {topic.split("/")[-2]: body for topic, body in statuses.items()}  # <prefix>/<store>/<daemon>/status
+    for daemon in expected:  # a new instance refused before it could say anything is otherwise simply not there
+        by_daemon.setdefault(daemon, {"daemon": daemon, "state": "missing",
+                                      "problems": ["never published a status: not started, or refused at start "
+                                                   "before it could say why (its journal says)"]})
     bodies = [by_daemon[daemon] for daemon in sorted(by_daemon)]
     now = time.time()
     if args.json:  # the daemons' own bodies, and where one can no longer be believed, why ("stale")
@@ -623,6 +631,17 @@ def cmd_status(args) -> int:
         for body in bodies:
             print(describe_status(body, now))
     return 0 if all(body.get("state") == "online" and stale(body, now) is None for body in bodies) else 1
+
+
+def _expected_daemons(text: str | None) -> list[str]:
+    import re
+
+    from edge.config import NAME
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    bad = next((name for name in names if not re.fullmatch(NAME, name)), None)
+    if bad is not None:
+        raise UserError(f"--expect {bad!r}: a daemon id is 1 to 64 letters, digits, '_' or '-'", EXIT_USAGE)
+    return names
 
 
 def _forget_daemon(args) -> int:

@@ -420,6 +420,13 @@ def test_an_instance_given_another_daemons_outbox_says_failed_and_a_second_start
         assert (statuses["tills-b"]["state"], statuses["tills-b"]["problems"]) == ("failed", [line.removeprefix(
             "tillsight: error: ")])
         assert tillsight("status", *store).returncode == 1  # the monitoring's exit status sees it
+        # an instance that never said anything (refused before it could, or never started): --expect names it
+        expect = tillsight("status", *store[:-1], "--expect", "tills-a,tills-c")
+        lines = {line.split()[0]: line for line in expect.stdout.splitlines()}
+        assert expect.returncode == 1 and sorted(lines) == ["tills-a", "tills-b", "tills-c"], expect.stdout
+        assert lines["tills-c"].split()[1] == "missing" and "never published a status" in lines["tills-c"]
+        assert one_line_error(tillsight("status", *store[:-1], "--expect", "tills-a,a/b"), 2) == (
+            "tillsight: error: --expect 'a/b': a daemon id is 1 to 64 letters, digits, '_' or '-'")
         stop_daemon(first)  # a clean stop: offline, and its cameras no longer said online (they were, and counted)
         body = json.loads(tillsight("status", *store).stdout)["tills-a"]
         assert (body["state"], body["cameras"]["till-1"]["state"]) == ("offline", "stopped")
