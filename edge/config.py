@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -145,6 +146,9 @@ def _path_test(test, text: str | Path, what: str) -> bool:
 
 # Query parameters that carry a camera's credentials (MJPEG cameras: ...video.cgi?user=admin&pwd=...)
 SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|auth|sig", re.IGNORECASE)
+
+
+LOGIN_PARAM = re.compile(r"(?i)user(name)?|login|account|usr")  # who logs in: not which stream
 
 
 def redact_url(url: str) -> str:
@@ -840,18 +844,35 @@ def config_warnings(config: Config) -> list[str]:
             + hours_in_utc(config))
 
 
+def stream_key(source: str | int) -> str | None:
+    """A network stream as one camera: the scheme and host in any case, user and password aside, in the URL's
+    user part or its query (the same camera under two logins); None for a USB camera or a file."""
+    if not (isinstance(source, str) and "://" in source):
+        return None
+    try:
+        parts = urlsplit(source)
+        query = sorted((name, value) for name, value in parse_qsl(parts.query, keep_blank_values=True)
+                       if not SECRET_PARAM.search(name) and not LOGIN_PARAM.fullmatch(name))
+        return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{parts.port}{parts.path}?{urlencode(query)}"
+    except ValueError:
+        return None
+
+
+def stream_fingerprint(source: str | int) -> str | None:
+    """What a daemon's status says of a camera's network stream, so that another daemon with the same stream under
+    another camera id finds it (edge/peers.py): a hash of its stream_key, no address or password in clear."""
+    key = stream_key(source)
+    return None if key is None else hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def repeated_streams(config: Config) -> list[str]:
     """One network stream named by two cameras (a copied [[cameras]] block, the address not changed): both tills
     would be answered, alerted and counted from one till's picture. A file twice is a demo's or a test's."""
     first: dict[str, int] = {}
     found = []
     for index, camera in enumerate(config.cameras):
-        if not (isinstance(camera.source, str) and "://" in camera.source):
-            continue
-        try:  # the scheme and host as any case; user and password aside (the same camera under two logins)
-            parts = urlsplit(camera.source)
-            key = f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{parts.port}{parts.path}?{parts.query}"
-        except ValueError:
+        key = stream_key(camera.source)
+        if key is None:
             continue
         if key in first:
             found.append(f"cameras.{first[key]}.source, cameras.{index}.source: the same stream "

@@ -21,7 +21,7 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated
 
@@ -95,15 +95,20 @@ class Peer:
     daemon_id: str
     cameras: frozenset[str]
     expires: float  # monotonic
+    streams: dict[str, str] = field(default_factory=dict)  # stream fingerprint -> its camera id there
 
 
 class Peers:
     """What the other daemons of the store say; fed by the MQTT network thread, read by the service."""
 
-    def __init__(self, daemon_id: str, instance: str, status_base: str, cameras: list[str]):
+    def __init__(self, daemon_id: str, instance: str, status_base: str, cameras: list[str],
+                 streams: dict[str, str] | None = None):
         self.daemon_id, self.instance = daemon_id, instance
         self.status_base = status_base  # <prefix>/<store>
         self.cameras = set(cameras)
+        # camera id -> the fingerprint of its network stream (edge.config.stream_fingerprint), as statuses carry it:
+        # another daemon's camera on one of our streams, under another id, is the same till twice
+        self.streams = dict(streams or {})
         # () -> None: a copy said offline on our topic (the service notices conflicts by polling problems())
         self.on_change = None
         self.warn = RateLimitedLog(log)
@@ -138,11 +143,14 @@ class Peers:
             return  # on our own topic a retained status can be this daemon's previous run: only live ones count
         key = status.instance or topic
         cameras = frozenset(status.cameras or ())
+        streams = {info["stream"]: str(camera)[:128] for camera, info in (status.cameras or {}).items()
+                   if isinstance(info, dict) and isinstance(info.get("stream"), str) and len(info["stream"]) <= 64}
         with self._lock:
             if status.state in NOT_RUNNING:
                 self._peers.pop(key, None)
                 copy_went = daemon_id == self.daemon_id
-            elif daemon_id != self.daemon_id and not cameras & self.cameras:
+            elif daemon_id != self.daemon_id and not cameras & self.cameras and \
+                    not streams.keys() & set(self.streams.values()):
                 # only a copy of us or a daemon with one of our cameras is a problem: the others are not remembered,
                 # so made-up statuses of a long interval can never crowd a real conflict out of the bound below
                 self._peers.pop(key, None)
@@ -153,7 +161,7 @@ class Peers:
                     left = belief_left(status.model_dump(), time.time())
                     believed = believed if left is None else min(believed, left)
                 if believed > 0:
-                    self._peers[key] = Peer(daemon_id, cameras, time.monotonic() + believed)
+                    self._peers[key] = Peer(daemon_id, cameras, time.monotonic() + believed, streams)
                     if len(self._peers) > MAX_PEERS:  # a flood of made-up conflicts: the soonest to expire go
                         for gone in sorted(self._peers, key=lambda k: self._peers[k].expires)[: MAX_PEERS // 10]:
                             del self._peers[gone]
@@ -172,11 +180,17 @@ class Peers:
 
     def camera_conflict(self, camera_id: str) -> str | None:
         """Why this camera's customers may be another daemon's too, or None."""
+        peers = self._current()
         others = sorted({p.daemon_id + (" (another instance)" if p.daemon_id == self.daemon_id else "")
-                         for p in self._current() if camera_id in p.cameras})
-        if not others:
+                         for p in peers if camera_id in p.cameras})
+        if others:
+            return f"also served by daemon {', '.join(others)}: each camera id belongs to one daemon"
+        stream = self.streams.get(camera_id)
+        shared = sorted({f"{p.daemon_id}'s {p.streams[stream]}" for p in peers if stream in p.streams})
+        if stream is None or not shared:
             return None
-        return f"also served by daemon {', '.join(others)}: each camera id belongs to one daemon"
+        return (f"shows the same stream as daemon {', '.join(shared)}: two tills would be answered about one "
+                "till's customer")
 
     def problems(self) -> list[str]:
         peers = self._current()

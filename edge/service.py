@@ -21,7 +21,7 @@ import numpy as np
 from edge.analytics import AgeBandCounter, OpenIntervals, band_of
 from edge.budget import wants_age
 from edge.capture import BLANK, END_OF_STREAM, FROZEN, LIVE, CameraReader
-from edge.config import RESERVED_ID, CameraConfig, Config, ModelsConfig, config_warnings
+from edge.config import RESERVED_ID, CameraConfig, Config, ModelsConfig, config_warnings, stream_fingerprint
 from edge.detect import FaceDetector
 from edge.errors import UserError
 from edge.infer import AgeBatcher, AgeModel
@@ -338,6 +338,9 @@ class Service:
         self.clock = time.time  # the wall clock, judged by problems() (tests set one)
         self.stop_event = threading.Event()
         self.daemon_id = daemon_id(config)
+        # each network camera's stream fingerprint, in the status: a daemon with the same stream under another
+        # camera id says so (edge/peers.py)
+        self.streams = {c.id: fp for c in config.cameras if (fp := stream_fingerprint(c.source)) is not None}
         models = config.models
         self.detector = build_detector(models)
         self.age_model = build_age_model(models)
@@ -393,7 +396,7 @@ class Service:
             self.publisher.on_ack = self.metrics.observe_ack
         # a replay is a one-off over a recording, not a till's daemon: no roll call of the store's daemons
         self.peers = None if replay else Peers(self.daemon_id, self.publisher.instance, self.publisher.base,
-                                               [c.id for c in config.cameras])
+                                               [c.id for c in config.cameras], self.streams)
         if self.peers is not None:
             self.publisher.subscriptions = [self.peers.subscription]
             self.publisher.on_status = self.peers.see
@@ -527,7 +530,8 @@ class Service:
                                       "faceless_transactions": p.faceless_transactions,
                                       "picture_faces": len(p.pictures.pictures),
                                       "dropped": r.status.extra.get("dropped", 0), "queue": r.frames.qsize(),
-                                      "lag_s": None if p.lag_s is None else round(p.lag_s, 3)}
+                                      "lag_s": None if p.lag_s is None else round(p.lag_s, 3),
+                                      **({"stream": self.streams[r.camera.id]} if r.camera.id in self.streams else {})}
                         for r, p in zip(self.readers, self.pipelines)},
         }
 

@@ -250,6 +250,8 @@ def test_a_network_camera_that_vanishes_is_reconnected(tmp_path, broker, subscri
         assert camera_state(subscriber)["reconnects"] >= 1
         back = subscriber.json("till-pc/status")[-1]
         assert back["state"] == "online" and back["problems"] == [] and back["cameras"]["till-1"]["last_error"] is None
+        from edge.config import stream_fingerprint  # for another daemon to find the same stream under another id
+        assert back["cameras"]["till-1"]["stream"] == stream_fingerprint(source) == stream_fingerprint(camera.url)
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(20) == 0, daemon.stderr.read()
         shown = f"http://viewer:***@127.0.0.1:{camera.port}/video.mjpg?user=viewer&pwd=***"

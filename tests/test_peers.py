@@ -67,6 +67,28 @@ def test_a_camera_served_by_another_daemon_is_a_conflict_until_it_goes_offline()
     assert watch.problems() == []
 
 
+def test_one_stream_under_two_camera_ids_in_two_daemons_is_a_conflict():
+    """Two instances of a store server, a [[cameras]] block copied from one config to the other with its id changed
+    and its address not: both tills answered from one till's picture. Statuses carry each network camera's stream
+    fingerprint (a hash: no address or password in clear), and the other daemon's same stream is a conflict."""
+    from edge.config import stream_fingerprint
+    mine = stream_fingerprint("rtsp://admin:secret@10.1.2.3:554/stream1")
+    watch = Peers("tills-a", "mine", BASE, ["till-1", "till-2"], {"till-2": mine})
+    other = lambda stream: json.dumps({"schema": 1, "state": "online", "instance": "b", "cameras": {  # noqa: E731
+        "till-9": {"state": "online", "stream": stream}}}).encode()
+    watch.see(f"{BASE}/tills-b/status", other(stream_fingerprint("rtsp://10.1.2.3:554/stream2")), retained=False)
+    assert watch.problems() == [] and watch.camera_conflict("till-2") is None  # another channel of that camera
+    watch.see(f"{BASE}/tills-b/status", other(stream_fingerprint("RTSP://viewer@10.1.2.3:554/stream1")), retained=False)
+    assert watch.camera_conflict("till-2") == ("shows the same stream as daemon tills-b's till-9: two tills would be "
+                                               "answered about one till's customer")
+    assert watch.problems() == [f"camera till-2 {watch.camera_conflict('till-2')}"]
+    assert watch.camera_conflict("till-1") is None
+    watch.see(f"{BASE}/tills-b/status", status(state="offline", instance="b", cameras=None), retained=False)
+    assert watch.problems() == []
+    assert stream_fingerprint(0) is None and stream_fingerprint("/videos/till.mp4") is None
+    assert "10.1.2.3" not in mine and "secret" not in mine and len(mine) == 16
+
+
 def test_a_store_servers_instances_get_daemon_ids_of_their_own(monkeypatch):
     """tillsight@NAME sets TILLSIGHT_INSTANCE (deploy/tillsight-instance.conf): the default daemon_id takes it on,
     or every instance of a server would publish as its host name, and each find the others a copy of itself."""
