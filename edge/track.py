@@ -228,6 +228,7 @@ PICTURE_LOOKS = 0.5  # a face is the still face seen there before only if it loo
 # in front of it hides it), and only a full likeness moves the picture's signature.
 PICTURE_KNOWN_LOOKS = 0.23
 PICTURE_WEAK_S = 1.0
+PICTURE_WEAK_FRAMES = 3  # ... or within this many weak frames in a row: at 1-2 frames/s a second is one or two
 PICTURE_CENTRE = 0.1  # its centre within this share of its width of where it was first seen
 PICTURE_WIDTH = 0.2  # and its width within this share
 PICTURE_AWAY = 0.1  # a still face whose look-alike was seen elsewhere in more than this share of frames has moved
@@ -254,26 +255,29 @@ class StillFace:
     frames: int = 1  # frames it was seen in its place
     away: int = 0  # frames in which a face like it was seen elsewhere, and it not in its place
     alike_at: float | None = None  # when it was last seen fully alike (PICTURE_LOOKS); None: `since`
+    weak: int = 0  # frames in a row it was seen only weakly alike since
 
     def is_seen_in(self, face: Face, signature: Signature, slack: float = 1.0) -> bool:
         return holds_place(self.box, face.box, slack) and self.signature.is_alike(signature, PICTURE_LOOKS)
 
     def shows(self, face: Face, signature: Signature, now: float) -> str | None:
         """Whether this known picture is `face`: "alike" (in its place within PICTURE_SLACK, and alike), "weakly" (in
-        its place, as alike as a track's own face must be, and seen alike within PICTURE_WEAK_S), else None."""
+        its place, as alike as a track's own face must be, and seen alike within PICTURE_WEAK_S or
+        PICTURE_WEAK_FRAMES), else None."""
         if not holds_place(self.box, face.box, PICTURE_SLACK):
             return None
         if self.signature.is_alike(signature, PICTURE_LOOKS):
             return "alike"
         alike_at = self.since if self.alike_at is None else self.alike_at
-        if 0 <= now - alike_at <= PICTURE_WEAK_S and holds_place(self.box, face.box) and \
-                self.signature.is_alike(signature, PICTURE_KNOWN_LOOKS):
+        recent = 0 <= now - alike_at <= PICTURE_WEAK_S or self.weak < PICTURE_WEAK_FRAMES
+        if recent and holds_place(self.box, face.box) and self.signature.is_alike(signature, PICTURE_KNOWN_LOOKS):
             return "weakly"
         return None
 
     def seen(self, signature: Signature, now: float, alike: bool = True) -> None:
         """Seen in its place at `now`: if fully alike, its running signature takes this frame in."""
         self.last_seen = now
+        self.weak = 0 if alike else self.weak + 1
         if alike:
             self.alike_at = now
             self.signature = self.signature.blend(signature)

@@ -125,3 +125,31 @@ def test_a_customer_standing_where_a_poster_hangs_is_a_customer_after_a_second(u
     # at most the first PICTURE_WEAK_S of the customer goes as the poster; then a track long enough to be aged
     assert swallowed <= PICTURE_WEAK_S * FPS + 1, swallowed
     assert longest >= 10 * FPS - PICTURE_WEAK_S * FPS - 2, longest
+
+
+def test_a_known_pictures_weak_likeness_holds_a_second_or_three_frames_after_a_full_one():
+    """At 5 frames/s a second of weak frames is 5; at 1-2 frames/s it was one or two, and a small poster under
+    noise came back as a customer's track of up to 8 frames (2026-11-27 review). Three weak frames in a row are
+    taken whatever the rate; then a full likeness again, or the face is someone else."""
+    from edge.track import PICTURE_WEAK_FRAMES, Signature, StillFace
+    from edge.types import Face
+
+    def looks(similarity: float) -> Signature:
+        grey = np.zeros(576, np.float32)
+        grey[0], grey[1] = similarity, np.sqrt(1 - similarity ** 2)
+        colour = np.full(96, 1 / 96, np.float32)
+        return Signature(grey, colour)
+
+    box = (100.0, 50.0, 150.0, 100.0)
+    face = Face(box, 0.9, left_eye=(115.0, 65.0), right_eye=(135.0, 65.0))
+    for fps, weak_frames in ((1.0, PICTURE_WEAK_FRAMES), (5.0, 5)):
+        picture = StillFace(box, looks(1.0), since=0.0, last_seen=0.0)
+        answers = []
+        for i in range(1, 10):
+            t = i / fps
+            how = picture.shows(face, looks(0.3), t)  # weakly alike: 0.3, between 0.23 and 0.5
+            answers.append(how)
+            if how is not None:
+                picture.seen(looks(0.3), t, alike=how == "alike")
+        assert answers == ["weakly"] * weak_frames + [None] * (9 - weak_frames), (fps, answers)
+        assert picture.shows(face, looks(1.0), 10 / fps) == "alike"  # a full likeness is the picture at any time
