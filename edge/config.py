@@ -148,6 +148,7 @@ def _path_test(test, text: str | Path, what: str) -> bool:
 SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|auth|sig", re.IGNORECASE)
 
 
+DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443, "rtmp": 1935}
 LOGIN_PARAM = re.compile(r"(?i)user(name)?|login|account|usr")  # who logs in: not which stream
 
 
@@ -604,7 +605,10 @@ def _is_text(head: bytes) -> bool:
     SQLite pages, zeros and random damage are not (a tenth of random bytes are controls)."""
     if b"\0" in head:
         return False
-    if all(byte >= 0x20 and byte != 0x7f or byte in TEXT_CONTROLS for byte in head):
+    printable = sum(0x20 <= byte < 0x7f or byte in TEXT_CONTROLS for byte in head)
+    # text in any language is mostly ASCII (spaces, digits, punctuation); erased flash (0xFF) or a fill of one
+    # high byte is damage, which the outbox sets aside and the daemon serves on (refused here: exit 2, for good)
+    if 2 * printable >= len(head) and all(byte >= 0x20 and byte != 0x7f or byte in TEXT_CONTROLS for byte in head):
         return True
     try:
         head.decode("utf-8")
@@ -853,7 +857,9 @@ def stream_key(source: str | int) -> str | None:
         parts = urlsplit(source)
         query = sorted((name, value) for name, value in parse_qsl(parts.query, keep_blank_values=True)
                        if not SECRET_PARAM.search(name) and not LOGIN_PARAM.fullmatch(name))
-        return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{parts.port}{parts.path}?{urlencode(query)}"
+        scheme = parts.scheme.lower()
+        port = parts.port or DEFAULT_PORTS.get(scheme)  # rtsp://h/x and rtsp://h:554/x are one stream
+        return f"{scheme}://{(parts.hostname or '').lower()}:{port}{parts.path}?{urlencode(query)}"
     except ValueError:
         return None
 

@@ -451,10 +451,11 @@ def test_an_outbox_path_that_is_someone_elses_file_is_refused(tmp_path):
     sqlite3.connect(database).execute("create table t (x)").connection.close()
     # a damaged outbox (zeros after a power cut, random damage) is the outbox's to set aside at start, serving on:
     # refused here, the till stopped for good (exit 2 is not restarted)
-    zeros, damaged = tmp_path / "zeros.sqlite3", tmp_path / "damaged.sqlite3"
+    zeros, damaged, erased = tmp_path / "zeros.sqlite3", tmp_path / "damaged.sqlite3", tmp_path / "erased.sqlite3"
     zeros.write_bytes(bytes(8192))
     damaged.write_bytes(os.urandom(8192))
-    for path in (empty, database, tmp_path / "new.sqlite3", zeros, damaged):
+    erased.write_bytes(b"\xff" * 8192)  # erased flash, a torn write on an SD card: no control byte, yet no text
+    for path in (empty, database, tmp_path / "new.sqlite3", zeros, damaged, erased):
         assert parse_config(base(outbox={"path": str(path)})).outbox.path == path
 
 
