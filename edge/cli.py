@@ -325,10 +325,11 @@ def cmd_run(args) -> int:
         raise
     except OutboxInUse as exc:
         # two instances given one outbox path: this one watches none of its tills, which the store's monitoring
-        # must see; but a second start of this very daemon (the same id) must not mark the running one failed
-        if exc.holder != daemon_id(config):
-            publish_start_failure(config.mqtt, config.store_id, daemon_id(config), str(exc),
-                                  [camera.id for camera in config.cameras])
+        # must see; but a second start of the running daemon (its id, or its cameras: run by hand beside its
+        # systemd instance, without the instance's name), or a holder unknown, must not have a status say failed
+        cameras = [camera.id for camera in config.cameras]
+        if exc.holder is not None and exc.holder[0] != daemon_id(config) and not set(exc.holder[1:]) & set(cameras):
+            publish_start_failure(config.mqtt, config.store_id, daemon_id(config), str(exc), cameras)
         raise
     signal.signal(signal.SIGTERM, lambda *_: service.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: service.stop_event.set())
@@ -577,6 +578,8 @@ def _terminal(args):
         raise UserError("--store (or --config) is needed: topics live under <prefix>/<store>/", EXIT_USAGE)
     credentials = {key: str(value) for key, value in (("username", args.username),
                                                        ("password_file", args.password_file)) if value is not None}
+    if args.username is not None and mqtt:  # another user: never with the config user's password
+        mqtt.pop("password_file", None)
     mqtt_config = _check_broker_options(host, port, store, prefix, {**(mqtt or {}), **credentials})
     return Terminal(host, port, f"{prefix}/{store}", mqtt_config=mqtt_config if mqtt or credentials else None)
 

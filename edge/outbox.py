@@ -53,9 +53,9 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS outbox (
 
 class OutboxInUse(Exception):
     """Another process has this queue file: two daemons would send and delete each other's messages. `holder`:
-    the daemon id that process wrote into the lock file (None: unknown)."""
+    what that process wrote into the lock file, its daemon id and then its camera ids a line each (None: unknown)."""
 
-    def __init__(self, message: str, holder: str | None = None):
+    def __init__(self, message: str, holder: list[str] | None = None):
         super().__init__(message)
         self.holder = holder
 
@@ -97,7 +97,8 @@ class Outbox:
     def _claim(self, path: Path, owner: str | None) -> None:
         """One process per queue file, held by an flock on `<path>.lock` until close() or exit (not on the
         database itself: closing any other descriptor of an SQLite file drops SQLite's own locks). The lock file
-        names its holder (`owner`, a daemon id), so a second daemon refused can say whose it is."""
+        names its holder (`owner`: its daemon id, then its camera ids, a line each), so a second daemon refused can
+        say whose it is."""
         try:
             fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         except OSError:
@@ -106,20 +107,20 @@ class Outbox:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             try:
-                holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or None
+                holder = os.pread(fd, 16384, 0).decode("utf-8", "replace").split() or None
             except OSError:
                 holder = None
             os.close(fd)
             raise OutboxInUse(f"outbox.path {path} is in use by another tillsight process"
-                              + (f" (daemon {holder})" if holder else "")
+                              + (f" (daemon {holder[0][:64]})" if holder else "")
                               + ": each daemon needs its own outbox file", holder) from None
         self._lock_fd = fd
-        if owner:
-            try:
-                os.ftruncate(fd, 0)
+        try:  # a previous holder's name goes either way: never said of this process
+            os.ftruncate(fd, 0)
+            if owner:
                 os.pwrite(fd, owner.encode(), 0)
-            except OSError:
-                pass  # only the refusal's wording needs it
+        except OSError:
+            pass  # only the refusal's wording needs it
 
     def _open(self, path: Path, salvaged: list[tuple] | None = None) -> None:
         try:

@@ -237,7 +237,8 @@ class CameraPipeline(threading.Thread):
             self.lag_s = self.clock() - frame.timestamp
         if self.on_frame is not None:
             self.on_frame((queued, detected - picked, tracked - detected, aged - tracked if chosen else None,
-                           time.perf_counter() - aged, None if self.replay else self.clock() - frame.timestamp))
+                           time.perf_counter() - aged,
+                           None if self.replay else max(0.0, self.clock() - frame.timestamp)))  # a clock step: 0
 
     def _clock_stepped_back(self, now: float) -> None:
         """Close what measures time at the last time before the step, and start again from the new clock:
@@ -356,7 +357,7 @@ class Service:
         self.batcher.warm_up()  # on the thread that will make the calls (edge.infer)
         self._rates_mark = (time.monotonic(), 0, 0)
         self.outbox = Outbox(outbox_path(config, replay), config.outbox.max_messages, config.outbox.max_age_s,
-                             owner=self.daemon_id)
+                             owner="\n".join([self.daemon_id] + [c.id for c in config.cameras]))
         log.info("outbox", extra=self.outbox.status())
         for line in config_warnings(config):
             log.warning(line)

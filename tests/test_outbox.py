@@ -416,11 +416,16 @@ def test_one_queue_file_serves_one_process(tmp_path):
         Outbox(path)
     first.close()
     Outbox(path).close()  # free again once the first is closed
-    first = Outbox(path, owner="till-pc-1")  # the lock file names its holder: the refusal says whose it is
+    first = Outbox(path, owner="till-pc-1\ntill-1\ntill-2")  # the lock file names its holder: the refusal says whose
     with pytest.raises(OutboxInUse, match=r"in use by another tillsight process \(daemon till-pc-1\): each daemon "
                                           r"needs its own outbox file") as refused:
+        Outbox(path, owner="till-pc-2\ntill-9")
+    assert refused.value.holder == ["till-pc-1", "till-1", "till-2"]
+    first.close()
+    first = Outbox(path)  # a holder that wrote nothing (a version before): unknown, and said as before
+    with pytest.raises(OutboxInUse, match=r"in use by another tillsight process: each daemon") as refused:
         Outbox(path, owner="till-pc-2")
-    assert refused.value.holder == "till-pc-1"
+    assert refused.value.holder is None
     first.close()
 
 

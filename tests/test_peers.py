@@ -86,6 +86,7 @@ def test_one_stream_under_two_camera_ids_in_two_daemons_is_a_conflict():
     watch.see(f"{BASE}/tills-b/status", status(state="offline", instance="b", cameras=None), retained=False)
     assert watch.problems() == []
     assert stream_fingerprint(0) is None and stream_fingerprint("/videos/till.mp4") is None
+    assert stream_fingerprint("rtsp://10.1.2.3/stream1") == mine  # the default port is the port
     assert "10.1.2.3" not in mine and "secret" not in mine and len(mine) == 16
 
 

@@ -409,7 +409,9 @@ def test_an_instance_given_another_daemons_outbox_says_failed_and_a_second_start
         while json.loads(tillsight("status", *store).stdout or "{}").get("tills-a", {}).get("state") != "online":
             assert time.monotonic() < deadline and first.poll() is None, (tmp_path / "a.log").read_text()
             time.sleep(0.5)
-        for daemon_id, camera in (("tills-a", "till-1"), ("tills-b", "till-9")):
+        # tills-a again; tills-a's config run by hand beside its instance (another id: no TILLSIGHT_INSTANCE, the
+        # same cameras); and tills-b, another instance given the same path
+        for daemon_id, camera in (("tills-a", "till-1"), ("vm", "till-1"), ("tills-b", "till-9")):
             result = tillsight("run", "--config", str(config(daemon_id, camera)))
             assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
             [line] = [line for line in result.stderr.splitlines() if not line.startswith("{")]
@@ -417,6 +419,7 @@ def test_an_instance_given_another_daemons_outbox_says_failed_and_a_second_start
                             "(daemon tills-a): each daemon needs its own outbox file"), line
         statuses = json.loads(tillsight("status", *store).stdout)
         assert statuses["tills-a"]["state"] == "online"  # its own second start did not say it failed
+        assert "vm" not in statuses  # nor did a second start of it under another id
         assert (statuses["tills-b"]["state"], statuses["tills-b"]["problems"]) == ("failed", [line.removeprefix(
             "tillsight: error: ")])
         assert tillsight("status", *store).returncode == 1  # the monitoring's exit status sees it
