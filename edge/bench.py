@@ -10,7 +10,8 @@
    (age-network calls per customer, and the fused ages each way).
 3. Cameras x fps: the daemon (`tillsight run`, a child process) with N copies
    of the clip as live cameras at F fps for S seconds (each copy starting at a
-   different point, as independent tills would), against a local
+   different point, and its frames out of step with the others' by a share of
+   a frame interval, as independent tills would: `--phases`), against a local
    mosquitto. From its status topic: frames dropped and the lag behind real
    time, at the start and the end (a lag that grows means the box cannot keep
    up); from the messages: frame->alert and frame->estimate latency p50/p99
@@ -67,6 +68,9 @@ class BenchOptions:
     config: dict  # extra daemon config sections, e.g. {"models": {"age_threads": 1}}
     model_speed: bool = True  # part 1 (the model alone, CPU); `--model-only` (edge/speed.py) does any provider
     daemons: int = 1  # the cameras of a run shared among this many daemon processes (a store server's instances)
+    # "spread": the cameras' frames evenly out of step (start_offset_s), as independent tills' clocks are; "in-step":
+    # all together, a burst at every tick (the bench's only way until 2026-11-27, and a worst case)
+    phases: str = "spread"
 
 
 # ------------------------------------------------------------------ the model
@@ -262,7 +266,7 @@ def _wait_until_online(daemon: subprocess.Popen, statuses: list[dict], cameras: 
 
 
 def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: float, broker: LocalBroker,
-                   config: dict, workdir: Path, sampler=None, daemons: int = 1) -> dict:
+                   config: dict, workdir: Path, sampler=None, daemons: int = 1, phases: str = "spread") -> dict:
     """The daemon with `cameras` copies of `video` as live cameras; latency, lag, drops and peak RSS; the batches
     the age batcher really formed (from the daemon's metrics endpoint); GPU utilisation (`sampler`, NVML).
     daemons > 1: the cameras shared among that many daemon processes on the same broker (and GPU), as a store
@@ -295,7 +299,9 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
             config_path.write_text(_toml({"store_id": "bench", "daemon_id": name, "status_interval_s": 1.0,
                                           "mqtt": {"host": "127.0.0.1", "port": broker.port}, **settings,
                                           "cameras": [{"id": f"till-{i + 1}", "source": str(sources[i]),
-                                                       "fps_limit": fps} for i in range(k, cameras, daemons)]}))
+                                                       "fps_limit": fps,
+                                                       "start_offset_s": _phase(i, cameras, fps, phases)}
+                                                      for i in range(k, cameras, daemons)]}))
             # its log to a file: a pipe nobody reads while it runs could fill and block it (logging.level=info)
             log_path = workdir / f"daemon-{cameras}-{k + 1}.log"
             with open(log_path, "w") as log_file:
@@ -303,7 +309,8 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
                                               stdout=subprocess.DEVNULL, stderr=log_file, text=True))
             logs.append(log_path)
             all_settings.append(settings)
-        row = _measure(procs, logs, statuses, latencies, cameras, fps, seconds, all_settings, sampler)
+        row = {**_measure(procs, logs, statuses, latencies, cameras, fps, seconds, all_settings, sampler),
+               "phases": phases}
         return {**row, "daemons": daemons} if daemons > 1 else row
     finally:
         sub.close()
@@ -311,6 +318,11 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
             if daemon.poll() is None:
                 daemon.kill()
                 daemon.wait()
+
+
+def _phase(index: int, cameras: int, fps: float, phases: str) -> float:
+    """Camera `index`'s start offset: spread, the cameras' frames evenly over one frame interval."""
+    return round(index / cameras / fps, 4) if phases == "spread" else 0.0
 
 
 def _measure(procs: list[subprocess.Popen], logs: list[Path], statuses: dict[str, list[dict]], latencies: dict,
@@ -624,7 +636,7 @@ def run_bench(opts: BenchOptions, data: Path) -> dict:
             with sampler:
                 for cameras in opts.cameras:
                     row = cameras_at_fps(opts.video, model, cameras, opts.fps, opts.seconds, broker, served,
-                                         workdir, sampler, opts.daemons)
+                                         workdir, sampler, opts.daemons, opts.phases)
                     report["cameras"].append(row)
                     _print_cameras_row(row)
             report["gpu_utilisation"] = sampler.window()
@@ -658,7 +670,8 @@ def _print_stages(stages: dict) -> None:
 
 def _print_cameras_row(row: dict) -> None:
     print(f"{row['cameras']} camera(s) at {row['fps']:g} fps for {row['seconds']:g} s "
-          + (f"in {row['daemons']} daemons " if row.get("daemons", 1) > 1 else "") +
+          + (f"in {row['daemons']} daemons " if row.get("daemons", 1) > 1 else "")
+          + ("in step " if row.get("phases") == "in-step" and row["cameras"] > 1 else "") +
           f"(online {row.get('start_s')} s after start): "
           f"{'keeps up' if row['keeps_up'] else 'FALLS BEHIND'}; lag {row['lag_start_s']} -> {row['lag_end_s']} s, "
           f"dropped {row['dropped']}/{row['frames']}; frame->alert p50 {row['alert_p50_ms']} p99 {row['alert_p99_ms']} ms "

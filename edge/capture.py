@@ -344,6 +344,8 @@ class CameraReader(threading.Thread):
         started = self.clock()
         # a looping file's media time 0 is due when the last pass's last frame has had its time on screen
         started_monotonic = max(time.monotonic(), self._next_pass_at or 0.0)
+        if self._next_pass_at is None and self.camera.is_file and not self.replay:  # its first pass: out of step
+            started_monotonic += self.camera.start_offset_s  # with the other files (config.py)
         index, media_t = 0, None
         while not self.stop_event.is_set():
             self.busy_since = time.monotonic()

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=20.0, help="per camera count")
     bench.add_argument("--daemons", type=int, default=1, help="share each run's cameras among this many daemon "
                        "processes (one store server, an instance per group of tills)")
+    bench.add_argument("--phases", choices=["spread", "in-step"], default="spread",
+                       help="the cameras' frames evenly out of step, as independent tills' clocks are (default), or "
+                            "all at once, a burst at every tick (the worst case)")
     bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the model timings")
     bench.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="daemon config for the run, e.g. models.age_threads=1 (TOML values)")
@@ -503,7 +506,8 @@ def cmd_bench(args) -> int:
         _training_imports()  # the random-init ResNet50 and the Keras figures need the train extra
     try:
         run_bench(BenchOptions(args.model, args.keras, Path(video).resolve(), cameras, args.fps, args.seconds, args.rounds,
-                               args.out, config, model_speed=not args.skip_model_speed, daemons=args.daemons),
+                               args.out, config, model_speed=not args.skip_model_speed, daemons=args.daemons,
+                               phases=args.phases),
                   args.data)
     except BenchError as exc:
         raise UserError(str(exc)) from None

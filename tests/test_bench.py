@@ -22,9 +22,11 @@ def test_bench_measures_model_pipeline_and_cameras(tmp_path, carphone_clip):
     scratch = Path(tempfile.gettempdir())
     before = set(scratch.glob("tillsight-bench-*"))
     result = tillsight("bench", "--model", "light", "--video", str(carphone_clip), "--cameras", "1,2",
-                       "--seconds", "4", "--rounds", "1", "--out", str(out), timeout=300)
+                       "--seconds", "4", "--rounds", "1", "--phases", "in-step", "--out", str(out), timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "bench.json").read_text())
+    assert [row["phases"] for row in report["cameras"]] == ["in-step"] * 2 and "2 camera(s) at 10 fps for 4 s in step (" \
+        in result.stdout
     assert set(report["model_speed"]) == {"ORT fp32"}  # the light tier ships one precision, no Keras
     assert all(v > 0 for v in report["model_speed"]["ORT fp32"].values())
     one = report["one_camera"]
@@ -49,7 +51,8 @@ def test_a_run_can_share_its_cameras_among_several_daemons(tmp_path, carphone_cl
                        "--seconds", "4", "--skip-model-speed", "--out", str(out), timeout=300)
     assert result.returncode == 0, result.stderr
     row = json.loads((out / "bench.json").read_text())["cameras"][0]
-    assert row["cameras"] == 3 and row["daemons"] == 2 and "3 camera(s) at 10 fps for 4 s in 2 daemons" in result.stdout
+    assert row["cameras"] == 3 and row["daemons"] == 2 and "3 camera(s) at 10 fps for 4 s in 2 daemons (" in result.stdout
+    assert row["phases"] == "spread"  # the cameras' frames out of step, as independent tills' (--phases in-step)
     assert row["detector_provider"] == row["provider"] == "CPUExecutionProvider" and "detector on CPU" in result.stdout
     assert row["frames"] > 3 * 10 and row["alerts"] >= 2 and row["keeps_up"]  # every camera's frames, both daemons'
     assert row["batch_sizes"]["available"] and row["batch_sizes"]["calls"] > 0

@@ -158,6 +158,30 @@ def test_a_file_as_a_live_camera_plays_at_its_own_rate_and_loops_without_reconne
     assert gaps.max() < 1.5 / rate + 0.05  # evenly spaced, no reconnect pause at the loop
 
 
+def test_files_standing_in_for_cameras_can_start_out_of_step(carphone_clip):
+    """Files started together pass their frames in step, a burst at every tick that real cameras, each on its own
+    clock, meet only by chance; `start_offset_s` puts one out of step (the bench spreads its cameras over a frame
+    interval). Only for a file: a real camera runs on its own clock."""
+    from edge.config import ConfigError, parse_config
+    firsts = {}
+    for offset in (0.0, 0.25):
+        frames: queue.Queue = queue.Queue(maxsize=1000)
+        stop = threading.Event()
+        reader = CameraReader(CameraConfig(id="c", source=str(carphone_clip), fps_limit=10, start_offset_s=offset),
+                              frames, stop)
+        started = time.time()
+        reader.start()
+        firsts[offset] = frames.get(timeout=10).timestamp - started
+        time.sleep(1.0)
+        stop.set()
+        reader.join(5)
+        received = [frames.get_nowait() for _ in range(frames.qsize())]
+        assert 8 <= len(received) <= 11  # then paced at 10 frames/s as ever
+    assert 0.2 <= firsts[0.25] - firsts[0.0] <= 0.35, firsts
+    with pytest.raises(ConfigError, match="start_offset_s is for a video file standing in for a camera"):
+        parse_config({"store_id": "s", "cameras": [{"id": "c", "source": 0, "start_offset_s": 0.1}]})
+
+
 # ---------------------------------------------------------------- the picture: live, frozen, blank
 
 
