@@ -22,7 +22,7 @@ make the daemon publish into its own alert or status topics, and may not end in
 a level the daemons read (check, transaction, status).
 
 An answer is made only from a frame captured at most `FRESH_FRAME_S` (plus one
-frame interval of the camera's `fps_limit`) ago: while
+frame interval: the camera's `fps_limit`'s, or the gap its frames come at) ago: while
 the camera gives none (a hung stream that has not failed yet, a pipeline far
 behind) a check waits for one until its deadline, then is answered
 `camera_fault` ("no frame for N s"), never from an older picture.
@@ -56,8 +56,10 @@ MAX_PENDING = 256
 # (`fps_limit`) and the pipeline is well under a frame behind, so a live camera's latest frame is 0.2-0.4 s old;
 # a customer steps up to or away from the till in about a second. Older, the picture may show someone who has
 # gone (or nobody where someone stands now): the check waits for a newer frame until its deadline.
-FRESH_FRAME_S = 1.0  # plus the camera's own frame interval (1 / fps_limit): at 1 frame/s a live camera's latest
-# frame is up to 1 s old plus the pipeline's time, and such a camera was answered camera_fault now and then
+FRESH_FRAME_S = 1.0  # plus the camera's own frame interval (1 / fps_limit, or the gap its frames come at): at 1
+# frame/s a live camera's latest frame is up to 1 s old plus the pipeline's time, and such a camera was answered
+# camera_fault now and then
+MAX_FRAME_INTERVAL_S = 5.0  # a camera sending fewer than a frame in 5 s is broken, not slow: no older frame counts
 STOPPING = "daemon stopping"
 TEXT = r"^[\x21-\x7e]{1,128}$"  # printable ASCII, no spaces: ids travel on into logs and messages
 MAX_REPLY_TOPIC = 256
@@ -158,9 +160,12 @@ class DeskStats:
 
 
 def fresh_s(pipeline) -> float:
-    """The oldest a camera's frame may be for an answer: FRESH_FRAME_S plus its frame interval, where it has one."""
+    """The oldest a camera's frame may be for an answer: FRESH_FRAME_S plus its frame interval: 1 / fps_limit, or
+    the gap its frames really come at (a camera sending 1 frame/s by itself, fps_limit unset), at most
+    MAX_FRAME_INTERVAL_S."""
     fps_limit = getattr(getattr(pipeline, "camera", None), "fps_limit", None)
-    return FRESH_FRAME_S + (1.0 / fps_limit if fps_limit else 0.0)
+    observed = getattr(pipeline, "frame_interval_s", None) or 0.0
+    return FRESH_FRAME_S + max(1.0 / fps_limit if fps_limit else 0.0, min(observed, MAX_FRAME_INTERVAL_S))
 
 
 class PosDesk(threading.Thread):

@@ -271,6 +271,52 @@ def test_a_camera_at_one_frame_a_second_is_answered_from_its_latest_frame():
         assert body["decision"] == decision, (fps_limit, body)
 
 
+def test_a_camera_slow_by_itself_is_answered_from_its_latest_frame():
+    """A camera that sends a frame every 1.2 s by itself (a slow stream, fps_limit unset) has no fps_limit to say
+    so: the pipeline measures its frames' gaps (the median of the latest, so that one hang does not count), and
+    the desk allows that gap on top of the 1 s (at most 5 s). Real pipeline, real detector, blank frames."""
+    import queue as queues
+    from edge.capture import Frame
+    from edge.config import parse_config
+    from edge.policy import build_policy
+    from edge.service import CameraPipeline, build_detector
+
+    class Quiet:
+        def publish_estimate(self, *args, **kwargs):
+            pass
+
+    config = parse_config({"store_id": "s", "cameras": [{"id": "till-1", "source": 0, "fps_limit": None}]})
+    detector = build_detector(config.models)
+
+    def pipeline_fed(gaps: list[float]):
+        pipeline = CameraPipeline(config.cameras[0], config, queues.Queue(), detector, None, Quiet(),
+                                  threading.Event(), build_policy(config.policy, {}))
+        now = time.time()
+        times = [now - 1.5 - sum(gaps[i:]) for i in range(len(gaps))] + [now - 1.5]  # the last is 1.5 s old
+        for index, at in enumerate(times):
+            pipeline._process(Frame("till-1", index, at, np.zeros((120, 160, 3), np.uint8)))
+        return pipeline
+
+    for gaps, decision, interval in (([1.2, 1.2, 1.2], "no_face", 1.2),  # 1.5 s old: within 1 s + 1.2 s
+                                     ([1.2, 30.0, 1.2], "no_face", 1.2),  # a hang between: still 1.2
+                                     ([0.2, 0.2, 0.2], "camera_fault", 0.2)):  # 5 frames/s: over 1 s + 0.2 s
+        pipeline = pipeline_fed(gaps)
+        assert pipeline.frame_interval_s == pytest.approx(interval, abs=1e-3)
+        desk, replies = desk_with(pipeline, deadline_s=0.3)
+        check(desk, {"reply_to": REPLY})
+        [(_, body, _)] = wait_for(replies)
+        desk.close()
+        assert body["decision"] == decision, (gaps, body)
+    pipeline = pipeline_fed([9.0, 9.0])  # broken, not slow: at most 1 s + 5 s
+    for age_s, decision in ((5.5, "no_face"), (6.5, "camera_fault")):
+        pipeline.view = TillView("till-1", time.time() - age_s, ())
+        desk, replies = desk_with(pipeline, deadline_s=0.3)
+        check(desk, {"reply_to": REPLY})
+        [(_, body, _)] = wait_for(replies)
+        desk.close()
+        assert body["decision"] == decision, (age_s, body)
+
+
 def test_an_answer_never_comes_from_an_old_frame():
     """A hung stream (connected, no frames) is not yet a camera fault: the last frame stays the latest. A check
     waits for a frame at most FRESH_FRAME_S old until its deadline, then is camera_fault: never an answer from the
