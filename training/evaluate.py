@@ -94,7 +94,8 @@ def evaluate(model: str | Path | None, data_dir: Path, labels_csv: Path | None, 
     reports = [_report(m, faces, predicted, data_dir, split, len(labels), challenge_age)
                for m, faces, predicted in zip(models, face_sets, predictions)]
     report = reports[0]
-    report["copies_of_training_left_out"] = len(copies)  # validation's and test's together
+    # this split's copies only: `copies` holds validation's and test's together
+    report["copies_of_training_left_out"] = sum(split_of(name, val_fraction, test_fraction) == split for name in copies)
     if len(reports) > 1:
         report["compared_with"] = reports[1]
         report["agreement"] = agreement(face_sets, predictions)
