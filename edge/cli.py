@@ -310,13 +310,17 @@ def cmd_config_check(args) -> int:
 def cmd_run(args) -> int:
     import threading
 
-    from edge.config import load_config
+    from edge.config import ConfigError, load_config
     from edge.logs import setup_logging
     from edge.outbox import OutboxInUse
     from edge.publish import publish_start_failure
     from edge.runtime import ModelError
     from edge.service import Service, daemon_id
-    config = load_config(args.config)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _say_config_refused(args.config, exc)
+        raise
     setup_logging(config.logging.level, config.logging.format)
     reload_asked = threading.Event()
     signal.signal(signal.SIGHUP, lambda *_: reload_asked.set())  # systemctl reload; before the models load
@@ -350,6 +354,24 @@ def cmd_run(args) -> int:
         raise UserError(f"{service.publisher.unacknowledged()} messages were not acknowledged by the broker{why} "
                         f"before exit, and there is no outbox on disk to keep them (outbox.path)")
     return 0
+
+
+def _say_config_refused(path: Path, exc) -> None:
+    """A daemon refused at start by its config says so on its status topic where the config's store, daemon id
+    and [mqtt] are valid on their own: `failed`, with the keys at fault (not their values: a stream URL's
+    password must not reach the broker), so the store's monitoring sees why the till is not watched (a systemd
+    unit does not restart after exit 2), where it saw only the `offline` of the last stop."""
+    from edge.config import refused_config
+    from edge.publish import publish_start_failure
+    from edge.service import daemon_id_of
+    refused = refused_config(path)
+    if refused is None:
+        return
+    keys = list(dict.fromkeys(problem.split(": ", 1)[0] for problem in exc.problems))
+    shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+    publish_start_failure(refused.mqtt, refused.store_id, daemon_id_of(refused.daemon_id),
+                          f"config refused ({len(exc.problems)} problem{'s' if len(exc.problems) > 1 else ''}: "
+                          f"{shown}): `tillsight config check` on the till says what is wrong", refused.cameras)
 
 
 def _config_reloadable(path: Path, service) -> bool:

@@ -14,6 +14,7 @@ import ssl
 import stat
 import time
 import tomllib
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -984,6 +985,16 @@ def _mode(path: Path | None) -> int:
 def load_config(path: Path | str, cameras: list[dict] | None = None) -> Config:
     """Read and validate a config file; `cameras` replaces its cameras (replay)."""
     path = Path(path)
+    data = read_document(path)
+    if cameras is not None:
+        data["cameras"] = cameras
+    config = parse_config(data, path.parent)
+    config._file = path
+    return config
+
+
+def read_document(path: Path) -> dict:
+    """A config file's TOML document, not yet validated (ConfigError: not a readable TOML file)."""
     try:
         _regular_file(path)  # before opening: a FIFO blocks open() until a writer comes, for ever
         with path.open("rb") as file:
@@ -1008,11 +1019,39 @@ def load_config(path: Path | str, cameras: list[dict] | None = None) -> Config:
         raise ConfigError([f"{path}: not valid TOML: {str(exc).split(':')[0]}"]) from None
     except RecursionError:
         raise ConfigError([f"{path}: nested too deeply"]) from None
-    if cameras is not None:
-        data["cameras"] = cameras
-    config = parse_config(data, path.parent)
-    config._file = path
-    return config
+    return data
+
+
+class _Identity(BaseModel):
+    """The part of a config a daemon needs to say on its status topic that it was refused."""
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+    store_id: Annotated[str, Field(pattern=NAME)]
+    daemon_id: Annotated[str, Field(pattern=NAME), AfterValidator(not_reserved)] | None = None
+    mqtt: MqttConfig = MqttConfig()
+
+
+@dataclass(frozen=True)
+class RefusedConfig:
+    """Who a refused config's daemon is and where it publishes, so that the store's monitoring sees why it is
+    not running (edge/cli.py); cameras: the ids it names that are valid."""
+    mqtt: MqttConfig
+    store_id: str
+    daemon_id: str | None  # None: the default (the host name, -instance under tillsight@)
+    cameras: list[str]
+
+
+def refused_config(path: Path) -> RefusedConfig | None:
+    """A refused config's store, daemon id and [mqtt], where they are valid on their own; else None (its problem
+    is in them, or it is no TOML document: nothing can be told over MQTT)."""
+    try:
+        data = _resolve_paths(read_document(Path(path)), Path(path).parent)
+        identity = _Identity.model_validate(data)
+    except (ConfigError, ValidationError, RecursionError, TypeError):
+        return None
+    cameras = data.get("cameras") if isinstance(data.get("cameras"), list) else []
+    ids = [c["id"] for c in cameras if isinstance(c, dict) and isinstance(c.get("id"), str)
+           and re.fullmatch(NAME, c["id"]) and c["id"] != RESERVED_ID]
+    return RefusedConfig(identity.mqtt, identity.store_id, identity.daemon_id, list(dict.fromkeys(ids)))
 
 
 def _regular_file(path: Path) -> None:

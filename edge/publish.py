@@ -538,7 +538,7 @@ def publish_start_failure(cfg: MqttConfig, store_id: str, daemon_id: str, proble
     """A daemon refused at start (a missing or corrupt model) says why in its retained status, `failed` with the
     one-line reason, so the store's monitoring (`tillsight status`) sees why a till is not watched, where it
     saw only the `offline` of its last stop, and a POS's check to one of its `cameras` is told why it got no
-    answer. True once the broker has it; a broker away costs `timeout_s`."""
+    answer. True once the broker has it; a broker that does not answer costs up to `timeout_s`."""
     try:
         publisher = Publisher(cfg, store_id, daemon_id)
     except (OSError, ValueError, UserError) as exc:  # a password file or TLS key it cannot read now (ssl.SSLError too)
@@ -549,7 +549,9 @@ def publish_start_failure(cfg: MqttConfig, store_id: str, daemon_id: str, proble
                               "cameras": {camera: {"state": "not_started"} for camera in cameras}})
     publisher.start()
     deadline = time.monotonic() + timeout_s
-    while publisher.delivered + publisher.denied == 0 and time.monotonic() < deadline:
+    # a broker away (refused, unreachable, or refusing our login) is not waited for: the start's line is said now
+    while publisher.delivered + publisher.denied == 0 and publisher.connection_error is None \
+            and time.monotonic() < deadline:
         time.sleep(0.02)
     publisher.client.disconnect()  # a clean disconnect: the will (offline) is not sent
     publisher.client.loop_stop()

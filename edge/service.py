@@ -670,11 +670,16 @@ def outbox_path(config: Config, replay: bool) -> Path | None:
 
 
 def daemon_id(config: Config) -> str:
+    return daemon_id_of(config.daemon_id)
+
+
+def daemon_id_of(configured: str | None) -> str:
     """The config's daemon_id, or by default the host name, and on a store server the systemd instance
     (tillsight@NAME sets TILLSIGHT_INSTANCE, deploy/tillsight-instance.conf), so that its daemons never publish
     as one."""
-    if config.daemon_id:
-        return config.daemon_id
+    if configured:
+        return configured
+
     def named(text: str) -> str:
         return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)
     instance = os.environ.get("TILLSIGHT_INSTANCE", "")

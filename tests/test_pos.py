@@ -711,6 +711,41 @@ def test_a_daemon_refused_at_start_says_failed_and_why_on_its_status_topic(broke
     assert time.monotonic() - started < 15
 
 
+def test_a_daemon_refused_by_its_config_says_failed_and_which_keys(broker, tmp_path, carphone_clip):
+    """A config error stops the daemon with exit 2 (its unit does not restart): where the store, daemon id and
+    [mqtt] are valid, its retained status says `failed` and names the keys at fault, never their values (a
+    stream's password stays off the broker); with [mqtt] itself wrong nothing can be said there, the exit is the
+    same."""
+    secret = "rtsp://admin:hunter2@10.0.0.9/stream"
+    cameras = [{"id": "till-7", "source": str(carphone_clip), "fps_limit": -1},
+               {"id": "till-8", "source": secret, "size": "big"}]
+    mqtt_section = {"host": "127.0.0.1", "port": broker.port}
+    config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc-9", mqtt=mqtt_section,
+                          cameras=cameras)
+    result = tillsight("run", "--config", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    store = ["--port", str(broker.port), "--store", "store-1", "--wait", "0.3"]
+    body = json.loads(tillsight("status", *store, "--json").stdout)["till-pc-9"]
+    [problem] = body["problems"]
+    assert (body["state"], body["cameras"]) == ("failed", {"till-7": {"state": "not_started"},
+                                                           "till-8": {"state": "not_started"}}), body
+    assert problem == ("config refused (2 problems: cameras.0.fps_limit, cameras.1.size): `tillsight config check` "
+                       "on the till says what is wrong"), problem
+    assert "hunter2" not in json.dumps(body)
+    broken = write_config(tmp_path / "broken.toml", store_id="store-1", daemon_id="till-pc-10",
+                          mqtt={**mqtt_section, "qos": 7}, cameras=cameras[:1])
+    result = tillsight("run", "--config", str(broken))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "till-pc-10" not in json.loads(tillsight("status", *store, "--json").stdout)
+    assert tillsight("status", *store, "--forget", "till-pc-9").returncode == 0
+    away = write_config(tmp_path / "away.toml", store_id="store-1", daemon_id="till-pc-9",
+                        mqtt={"host": "127.0.0.1", "port": 9}, cameras=cameras)
+    started = time.monotonic()
+    result = tillsight("run", "--config", str(away))
+    assert result.returncode == 2 and result.stderr.splitlines()[0].startswith("cameras.0.fps_limit: "), result.stderr
+    assert time.monotonic() - started < 15  # the report is not waited for (a refused connection: at once)
+
+
 def test_pos_cli_check_and_its_one_line_errors(daemon, broker):
     _, _, config = daemon
     result = tillsight("pos", "--config", str(config), "check", "--camera", "till-1", "--item", "alcohol")
