@@ -596,16 +596,16 @@ def _terminal(args):
     from edge.pos_terminal import Terminal
     host, port, store, prefix, mqtt = args.host, args.port, args.store, args.prefix, None
     if args.config is not None:
-        from edge.config import load_config
-        config = load_config(args.config)
+        # only the store and [mqtt] of it: a camera's or a model's problem must not keep the operator from
+        # looking, nor the daemon's password file, unreadable to them, from logging in as another user
+        from edge.config import read_identity
+        config = read_identity(args.config, drop_password_file=args.username is not None)
         mqtt = config.mqtt.model_dump(mode="json", exclude_none=True)
         host, port, prefix, store = config.mqtt.host, config.mqtt.port, config.mqtt.topic_prefix, store or config.store_id
     if not store:
         raise UserError("--store (or --config) is needed: topics live under <prefix>/<store>/", EXIT_USAGE)
     credentials = {key: str(value) for key, value in (("username", args.username),
                                                        ("password_file", args.password_file)) if value is not None}
-    if args.username is not None and mqtt:  # another user: never with the config user's password
-        mqtt.pop("password_file", None)
     mqtt_config = _check_broker_options(host, port, store, prefix, {**(mqtt or {}), **credentials})
     return Terminal(host, port, f"{prefix}/{store}", mqtt_config=mqtt_config if mqtt or credentials else None)
 

@@ -1023,7 +1023,7 @@ def read_document(path: Path) -> dict:
 
 
 class _Identity(BaseModel):
-    """The part of a config a daemon needs to say on its status topic that it was refused."""
+    """The part of a config that says who a daemon is and where it publishes."""
     model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
     store_id: Annotated[str, Field(pattern=NAME)]
     daemon_id: Annotated[str, Field(pattern=NAME), AfterValidator(not_reserved)] | None = None
@@ -1031,27 +1031,41 @@ class _Identity(BaseModel):
 
 
 @dataclass(frozen=True)
-class RefusedConfig:
-    """Who a refused config's daemon is and where it publishes, so that the store's monitoring sees why it is
-    not running (edge/cli.py); cameras: the ids it names that are valid."""
+class Identity:
+    """Who a config's daemon is and where it publishes, valid whatever else the config gets wrong: what the
+    terminal tools need (`status`, `pos`), and what a daemon refused by its config needs to say so."""
     mqtt: MqttConfig
     store_id: str
     daemon_id: str | None  # None: the default (the host name, -instance under tillsight@)
-    cameras: list[str]
+    cameras: list[str]  # the camera ids it names that are valid
 
 
-def refused_config(path: Path) -> RefusedConfig | None:
-    """A refused config's store, daemon id and [mqtt], where they are valid on their own; else None (its problem
-    is in them, or it is no TOML document: nothing can be told over MQTT)."""
+def read_identity(path: Path, drop_password_file: bool = False) -> Identity:
+    """A config's store, daemon id and [mqtt] (`drop_password_file`: its password file left out, for another
+    user's login); ConfigError with their problems only."""
+    data = read_document(Path(path))
+    if drop_password_file and isinstance(data.get("mqtt"), dict):
+        data["mqtt"] = {key: value for key, value in data["mqtt"].items() if key != "password_file"}
+    data = _resolve_paths(data, Path(path).parent)
     try:
-        data = _resolve_paths(read_document(Path(path)), Path(path).parent)
         identity = _Identity.model_validate(data)
-    except (ConfigError, ValidationError, RecursionError, TypeError):
-        return None
+    except ValidationError as exc:
+        raise ConfigError(problems_from(exc)) from None
+    except RecursionError:
+        raise ConfigError(["(top level): nested too deeply"]) from None
     cameras = data.get("cameras") if isinstance(data.get("cameras"), list) else []
     ids = [c["id"] for c in cameras if isinstance(c, dict) and isinstance(c.get("id"), str)
            and re.fullmatch(NAME, c["id"]) and c["id"] != RESERVED_ID]
-    return RefusedConfig(identity.mqtt, identity.store_id, identity.daemon_id, list(dict.fromkeys(ids)))
+    return Identity(identity.mqtt, identity.store_id, identity.daemon_id, list(dict.fromkeys(ids)))
+
+
+def refused_config(path: Path) -> Identity | None:
+    """A refused config's identity where it is valid on its own; None where its problem is in it, or it is no
+    TOML document (nothing can be told over MQTT then)."""
+    try:
+        return read_identity(path)
+    except ConfigError:
+        return None
 
 
 def _regular_file(path: Path) -> None:

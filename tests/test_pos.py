@@ -746,6 +746,33 @@ def test_a_daemon_refused_by_its_config_says_failed_and_which_keys(broker, tmp_p
     assert time.monotonic() - started < 15  # the report is not waited for (a refused connection: at once)
 
 
+def test_the_terminal_tools_read_only_the_store_and_mqtt_of_a_config(broker, tmp_path):
+    """`status --config` on a till whose config has a camera wrong (what an operator looks at then) reaches the
+    broker; with `--username`, the daemon's password file is never read: one its user alone may read kept another
+    user's login out (run as root without its power to read any file, setpriv, on a mode 000 file)."""
+    import os
+    import shutil
+    password = tmp_path / "daemon-password"
+    password.write_text("secret\n")
+    password.chmod(0o000)
+    (tmp_path / "pos-password").write_text("pos\n")
+    config = write_config(tmp_path / "c.toml", store_id="store-1", cameras=[{"id": "a", "source": 0, "fps_limit": -1}],
+                          mqtt={"host": "127.0.0.1", "port": broker.port})
+    nobody = "tillsight: error: no daemon has published a status under tillsight/store-1/ (is the store id right?)"
+    assert one_line_error(tillsight("status", "--config", str(config), "--wait", "0.3"), 1) == nobody
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to read as a user without the file's permission")
+    config = write_config(tmp_path / "c.toml", store_id="store-1", cameras=[{"id": "a", "source": 0}],
+                          mqtt={"host": "127.0.0.1", "port": broker.port, "username": "tillsight",
+                                "password_file": str(password)})
+    unprivileged = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--", sys.executable, "-m", "edge",
+                    "status", "--config", str(config), "--wait", "0.3"]
+    run = lambda *extra: subprocess.run(unprivileged + list(extra), capture_output=True, text=True,  # noqa: E731
+                                        cwd=REPO, timeout=120)
+    assert one_line_error(run(), 2) == "mqtt.password_file: cannot be read (Permission denied)"
+    assert one_line_error(run("--username", "pos", "--password-file", str(tmp_path / "pos-password")), 1) == nobody
+
+
 def test_pos_cli_check_and_its_one_line_errors(daemon, broker):
     _, _, config = daemon
     result = tillsight("pos", "--config", str(config), "check", "--camera", "till-1", "--item", "alcohol")
