@@ -229,6 +229,8 @@ PICTURE_LOOKS = 0.5  # a face is the still face seen there before only if it loo
 PICTURE_KNOWN_LOOKS = 0.23
 PICTURE_WEAK_S = 1.0
 PICTURE_WEAK_FRAMES = 3  # ... or within this many weak frames in a row: at 1-2 frames/s a second is one or two
+PICTURE_WEAK_FRAMES_S = 3.0  # ... those within this long of the full one (3 frames at 1 frame/s): a picture
+# unseen for an hour (covered) must not swallow a look-alike customer's first frames
 PICTURE_CENTRE = 0.1  # its centre within this share of its width of where it was first seen
 PICTURE_WIDTH = 0.2  # and its width within this share
 PICTURE_AWAY = 0.1  # a still face whose look-alike was seen elsewhere in more than this share of frames has moved
@@ -262,14 +264,16 @@ class StillFace:
 
     def shows(self, face: Face, signature: Signature, now: float) -> str | None:
         """Whether this known picture is `face`: "alike" (in its place within PICTURE_SLACK, and alike), "weakly" (in
-        its place, as alike as a track's own face must be, and seen alike within PICTURE_WEAK_S or
-        PICTURE_WEAK_FRAMES), else None."""
+        its place, as alike as a track's own face must be, and seen alike within PICTURE_WEAK_S, or
+        PICTURE_WEAK_FRAMES within PICTURE_WEAK_FRAMES_S), else None."""
         if not holds_place(self.box, face.box, PICTURE_SLACK):
             return None
         if self.signature.is_alike(signature, PICTURE_LOOKS):
             return "alike"
         alike_at = self.since if self.alike_at is None else self.alike_at
-        recent = 0 <= now - alike_at <= PICTURE_WEAK_S or self.weak < PICTURE_WEAK_FRAMES
+        since_alike = now - alike_at
+        recent = 0 <= since_alike <= PICTURE_WEAK_S or (self.weak < PICTURE_WEAK_FRAMES
+                                                          and 0 <= since_alike <= PICTURE_WEAK_FRAMES_S)
         if recent and holds_place(self.box, face.box) and self.signature.is_alike(signature, PICTURE_KNOWN_LOOKS):
             return "weakly"
         return None

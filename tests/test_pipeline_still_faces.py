@@ -153,3 +153,6 @@ def test_a_known_pictures_weak_likeness_holds_a_second_or_three_frames_after_a_f
                 picture.seen(looks(0.3), t, alike=how == "alike")
         assert answers == ["weakly"] * weak_frames + [None] * (9 - weak_frames), (fps, answers)
         assert picture.shows(face, looks(1.0), 10 / fps) == "alike"  # a full likeness is the picture at any time
+    # the frames rule is no licence for ever: a picture fully seen an hour ago (covered since) takes no weak frame
+    picture = StillFace(box, looks(1.0), since=0.0, last_seen=0.0)
+    assert [picture.shows(face, looks(0.3), t) for t in (3.0, 3.1, 3600.0)] == ["weakly", None, None]
