@@ -10,10 +10,12 @@ import hashlib
 import ipaddress
 import os
 import re
+import socket
 import ssl
 import stat
 import time
 import tomllib
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -608,21 +610,33 @@ TEXT_CONTROLS = frozenset(b"\t\n\r\f\x1b")  # the control bytes text has (tabs, 
 
 
 def _is_text(head: bytes) -> bool:
-    """UTF-8 without NUL bytes (a cut multi-byte character at the end allowed), or text in any 8-bit encoding (no
-    control bytes but TEXT_CONTROLS: Latin-1 notes passed for damage and were set aside): a config, a log, notes.
-    SQLite pages, zeros and random damage are not (a tenth of random bytes are controls)."""
+    """Text in any encoding: UTF-8 (a cut multi-byte character at the end allowed), UTF-16 with its byte order mark,
+    or any 8-bit encoding (no control bytes but TEXT_CONTROLS) that is mostly ASCII (Latin-1 notes) or has the
+    variety of letters (cp1251, ISO-8859-7 notes): a config, a log, notes. SQLite pages, zeros and random damage are
+    not (a tenth of random bytes are controls), nor erased flash (0xFF) or a fill of one high byte: the outbox sets
+    that damage aside and the daemon serves on, where refused here it would stop for good (exit 2)."""
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        try:
+            decoded = head[2:len(head) - len(head) % 2].decode("utf-16-le" if head[0] == 0xFF else "utf-16-be")
+        except UnicodeDecodeError:  # a cut surrogate pair at the end
+            decoded = head[2:len(head) - len(head) % 2 - 2].decode("utf-16-le" if head[0] == 0xFF else "utf-16-be",
+                                                                     errors="replace")
+        return all(ch.isprintable() or ch in "\t\n\r\f" for ch in decoded)
     if b"\0" in head:
         return False
-    printable = sum(0x20 <= byte < 0x7f or byte in TEXT_CONTROLS for byte in head)
-    # text in any language is mostly ASCII (spaces, digits, punctuation); erased flash (0xFF) or a fill of one
-    # high byte is damage, which the outbox sets aside and the daemon serves on (refused here: exit 2, for good)
-    if 2 * printable >= len(head) and all(byte >= 0x20 and byte != 0x7f or byte in TEXT_CONTROLS for byte in head):
-        return True
+    if all(byte >= 0x20 and byte != 0x7f or byte in TEXT_CONTROLS for byte in head):
+        printable = sum(0x20 <= byte < 0x7f or byte in TEXT_CONTROLS for byte in head)
+        commonest = max(Counter(head).values())
+        if 2 * printable >= len(head) or (len(set(head)) >= TEXT_MIN_BYTE_VALUES and 2 * commonest < len(head)):
+            return True
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as exc:
         return exc.start >= len(head) - 3 and exc.reason == "unexpected end of data"
     return True
+
+
+TEXT_MIN_BYTE_VALUES = 8  # 8-bit text that is mostly not ASCII has at least this many letters; a fill has one or two
 
 
 class MetricsConfig(Strict):

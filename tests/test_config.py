@@ -446,6 +446,13 @@ def test_an_outbox_path_that_is_someone_elses_file_is_refused(tmp_path):
     latin1.write_bytes("Kasse 3: Kühlschrank defekt, Größe prüfen\r\n\tBestellung für Müller\n".encode("latin-1"))
     assert problems(base(outbox={"path": str(latin1)}))[0].startswith(
         f"outbox.path: {str(latin1)!r} is an existing text file, not an SQLite database")
+    # notes mostly not ASCII (Cyrillic, Greek) and UTF-16 (a Windows editor's "Unicode"): moved away as damage too
+    russian = "Касса 3: холодильник сломан, проверить размер.\r\n\tЗаказ для Миллера: молоко, хлеб.\n"
+    for name, data in (("cp1251.txt", russian.encode("cp1251")), ("utf16.txt", russian.encode("utf-16")),
+                       ("greek.txt", "Ταμείο 3: το ψυγείο χάλασε, έλεγχος μεγέθους\n".encode("iso-8859-7"))):
+        (tmp_path / name).write_bytes(data)
+        assert problems(base(outbox={"path": str(tmp_path / name)}))[0].startswith(
+            f"outbox.path: {str(tmp_path / name)!r} is an existing text file, not an SQLite database"), name
     empty, database = tmp_path / "empty.sqlite3", tmp_path / "db.sqlite3"
     empty.write_bytes(b"")
     sqlite3.connect(database).execute("create table t (x)").connection.close()
@@ -455,7 +462,9 @@ def test_an_outbox_path_that_is_someone_elses_file_is_refused(tmp_path):
     zeros.write_bytes(bytes(8192))
     damaged.write_bytes(os.urandom(8192))
     erased.write_bytes(b"\xff" * 8192)  # erased flash, a torn write on an SD card: no control byte, yet no text
-    for path in (empty, database, tmp_path / "new.sqlite3", zeros, damaged, erased):
+    torn = tmp_path / "torn.sqlite3"  # erased flash with a few high bytes written
+    torn.write_bytes(b"\xff" * 4000 + bytes(range(0x80, 0xe0)) + b"\xff" * 4000)
+    for path in (empty, database, tmp_path / "new.sqlite3", zeros, damaged, erased, torn):
         assert parse_config(base(outbox={"path": str(path)})).outbox.path == path
 
 
