@@ -881,16 +881,32 @@ def stream_key(source: str | int) -> str | None:
                        if not SECRET_PARAM.search(name) and not LOGIN_PARAM.fullmatch(name))
         scheme = parts.scheme.lower()
         port = parts.port or DEFAULT_PORTS.get(scheme)  # rtsp://h/x and rtsp://h:554/x are one stream
-        return f"{scheme}://{(parts.hostname or '').lower()}:{port}{parts.path}?{urlencode(query)}"
+        return f"{scheme}://{(parts.hostname or '').lower()}:{port}{parts.path or '/'}?{urlencode(query)}"
     except ValueError:
         return None
 
 
+def is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def stream_fingerprint(source: str | int) -> str | None:
     """What a daemon's status says of a camera's network stream, so that another daemon with the same stream under
-    another camera id finds it (edge/peers.py): a hash of its stream_key, no address or password in clear."""
+    another camera id finds it (edge/peers.py): a hash of its stream_key, no address or password in clear. A
+    loopback address (a restreamer on the till PC itself) is this machine's own: its host name goes into the hash,
+    so that two till PCs each reading rtsp://127.0.0.1:8554/cam are not one stream (a store server's instances
+    still are)."""
     key = stream_key(source)
-    return None if key is None else hashlib.sha256(key.encode()).hexdigest()[:16]
+    if key is None:
+        return None
+    if is_loopback(urlsplit(str(source)).hostname or ""):
+        key += "@" + socket.gethostname()
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def repeated_streams(config: Config) -> list[str]:

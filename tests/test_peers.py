@@ -286,3 +286,23 @@ def test_two_daemons_under_one_configured_client_id_say_so_once_and_recover(tmp_
     assert len(said) == 1 and said[0]["level"] == "error" and said[0]["reason"] == taken
     lost = [line for line in lines if line["msg"] == "MQTT broker unreachable, retrying"]
     assert len(lost) <= 2, lost  # the first drops, before the pattern was clear; none after
+
+
+def test_a_loopback_stream_is_the_machines_own(monkeypatch):
+    """Two till PCs, each reading its own camera through a restreamer on itself (rtsp://127.0.0.1:8554/cam), show
+    two streams, not one: a loopback address's fingerprint holds the host name (a store server's instances, one
+    host, still match). A trailing '/' alone is no other stream."""
+    import socket
+
+    from edge.config import stream_fingerprint
+    for source in ("rtsp://127.0.0.1:8554/cam", "rtsp://localhost:8554/cam", "rtsp://[::1]:8554/cam",
+                   "rtsp://127.0.1.1:8554/cam"):
+        monkeypatch.setattr(socket, "gethostname", lambda: "till-pc-1")
+        first, again = stream_fingerprint(source), stream_fingerprint(source.replace("rtsp", "RTSP"))
+        monkeypatch.setattr(socket, "gethostname", lambda: "till-pc-2")
+        assert first == again != stream_fingerprint(source), source
+    monkeypatch.setattr(socket, "gethostname", lambda: "till-pc-1")
+    remote = stream_fingerprint("rtsp://10.1.2.3:8554/cam")
+    monkeypatch.setattr(socket, "gethostname", lambda: "till-pc-2")
+    assert stream_fingerprint("rtsp://10.1.2.3:8554/cam") == remote  # a camera on the network is everyone's
+    assert stream_fingerprint("http://10.1.2.3") == stream_fingerprint("http://10.1.2.3/")
