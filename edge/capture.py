@@ -2,7 +2,8 @@
 
 Live sources (a USB device index, an RTSP or HTTP stream) are read as fast
 as they deliver, so that OpenCV's buffer never holds stale frames; frames are
-passed on at most `fps_limit` per second, and when the pipeline falls behind
+passed on at most `fps_limit` per second on average (a camera at that very rate
+keeps every frame, jitter and all: FramePacer), and when the pipeline falls behind
 the oldest waiting frame is dropped (a till wants the newest face, not a
 backlog). When a source fails or ends, the reader reconnects with
 exponential backoff. In replay mode a file is read frame by frame with no
@@ -221,6 +222,32 @@ def video_after(capture: cv2.VideoCapture, frames_read: int, total: int) -> bool
     return False
 
 
+# A live camera's frames come with jitter: one at its own rate, fps_limit's, had each frame a hair early dropped
+# (half of them, with the old rule "at least 1 / fps_limit since the last one passed"). A frame passes from
+# this share of a frame interval before it is due; the due times keep the average at fps_limit.
+PACING_SLACK = 0.25
+REPLAY_SLACK = 0.001  # media times have no jitter, only rounding (a 30 fps file's 6th frame at 0.19999 s)
+
+
+class FramePacer:
+    """Which frames pass at most `fps_limit` a second, by their times (monotonic; media time in replay, which has
+    no jitter: REPLAY_SLACK there)."""
+
+    def __init__(self, fps_limit: float, slack: float):
+        self.interval = 1.0 / fps_limit
+        self.slack = slack * self.interval
+        self.due: float | None = None  # when the next frame is due
+
+    def passes(self, tick: float) -> bool:
+        if self.due is not None and tick < self.due - self.slack:
+            return False
+        # from the due time, not the frame's, so that early and late frames average out; after a gap (the camera
+        # or the pipeline stalled), from this frame: no burst to catch up
+        late = self.due is None or tick - self.due >= self.interval
+        self.due = tick + self.interval if late else self.due + self.interval
+        return True
+
+
 class CameraReader(threading.Thread):
     def __init__(self, camera: CameraConfig, frames: queue.Queue, stop: threading.Event,
                  replay: bool = False, realtime: bool = False):
@@ -240,7 +267,7 @@ class CameraReader(threading.Thread):
         # Pacing outlives a pass over a file standing in for a camera (each loop is a reopen): kept per pass, a
         # file shorter than a frame at fps_limit passed on the first frame of every loop, and a one-frame file
         # was decoded flat out (thousands of frames a second).
-        self._last_emitted: float | None = None  # monotonic (media time in replay): NTP may step the wall clock back
+        self.pacer = FramePacer(camera.fps_limit, REPLAY_SLACK if replay else PACING_SLACK) if camera.fps_limit else None
         self._next_pass_at: float | None = None  # monotonic: when a looping file's next pass starts
         # monotonic time the current open or read began (None between them), for the watchdog: a USB camera whose
         # firmware hangs blocks a V4L2 read for ever (streams time out by themselves, OPEN_TIMEOUT_MS)
@@ -366,9 +393,8 @@ class CameraReader(threading.Thread):
             now = started + media_t if media_t is not None and self.replay else self.clock()
             tick = now if self.replay else time.monotonic()
             index += 1
-            if self.fps_limit and self._last_emitted is not None and tick - self._last_emitted < 0.999 / self.fps_limit:
+            if self.pacer is not None and not self.pacer.passes(tick):
                 continue
-            self._last_emitted = tick
             if self.picture is not None and self._check_picture(image, tick) == FROZEN:
                 if self._reopen_frozen_at is None or time.monotonic() >= self._reopen_frozen_at:
                     return FROZEN

@@ -514,3 +514,44 @@ def test_a_looping_file_shorter_than_a_frame_keeps_to_fps_limit_and_its_own_rate
     assert 3 <= len(times) <= rate * 1.5 + 2, len(times)  # at most the rate (a loaded machine may pass on fewer)
     assert np.median(np.diff(times)) > 0.9 / rate  # the median: one frame late to a busy machine's core and the
     # next comes sooner, as the pacing catches up
+
+
+# ---------------------------------------------------------------- pacing: fps_limit against a camera's own rate
+
+
+def test_pacing_keeps_every_frame_of_a_camera_at_its_own_rate_despite_jitter():
+    """A camera sending fps_limit frames a second (an IP camera set to 5 fps, the default limit) has jitter: with
+    the rule "1 / fps_limit since the last one passed", each frame a hair early was dropped. The due times take a
+    quarter of an interval of slack and keep the average at fps_limit."""
+    from edge.capture import PACING_SLACK, FramePacer
+    rng = np.random.default_rng(7)
+    jittered = np.arange(200) * 0.2 + rng.uniform(-0.02, 0.02, 200)  # 5 fps, +-20 ms
+    pacer = FramePacer(5.0, PACING_SLACK)
+    assert all(pacer.passes(t) for t in jittered)
+    pacer = FramePacer(5.0, PACING_SLACK)  # a 30 fps camera: 5 a second, none early in a row
+    passed = [t for t in np.arange(300) / 30 + rng.uniform(0, 0.004, 300) if pacer.passes(t)]
+    assert len(passed) in (50, 51) and min(np.diff(passed)) >= 0.15 - 1e-9
+    pacer = FramePacer(5.0, PACING_SLACK)  # after a stall the frames resume at the rate: no burst to catch up
+    passed = [t for t in np.concatenate([[0.0], 3 + np.arange(60) / 30]) if pacer.passes(t)]
+    assert passed[:2] == [0.0, 3.0] and min(np.diff(passed[1:])) >= 0.15 - 1e-9 and len(passed) in (11, 12), passed
+    pacer = FramePacer(5.0, 0.001)  # replay's media times: the 6th frame of 30 fps, rounded below 0.2, passes
+    assert [t for t in (0.0, 0.1, 0.19999, 0.3, 0.39999) if pacer.passes(t)] == [0.0, 0.19999, 0.39999]
+
+
+def test_a_live_file_at_fps_limit_passes_on_every_frame(tmp_path):
+    """A file at 5 fps standing in for a camera at fps_limit 5: its frames come on a sleeping thread's time, a
+    hair early or late, and each is passed on (a third were dropped)."""
+    clip = tmp_path / "five.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 48))
+    for i in range(50):
+        writer.write(np.full((48, 64, 3), (i * 5) % 250, np.uint8))
+    writer.release()
+    received: queue.Queue = queue.Queue(maxsize=1000)
+    stop = threading.Event()
+    reader = CameraReader(CameraConfig(id="c", source=str(clip), fps_limit=5, picture_check_s=0), received, stop)
+    reader.start()
+    time.sleep(4.1)
+    stop.set()
+    reader.join(5)
+    indices = [received.get_nowait().index for _ in range(received.qsize())]
+    assert indices == list(range(len(indices))) and len(indices) >= 19, indices  # none skipped
