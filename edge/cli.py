@@ -650,7 +650,9 @@ def cmd_status(args) -> int:
     for daemon in expected:  # a new instance refused before it could say anything is otherwise simply not there
         by_daemon.setdefault(daemon, {"daemon": daemon, "state": "missing",
                                       "problems": ["never published a status: not started, or refused at start "
-                                                   "before it could say why (its journal says)"]})
+                                                   "before it could say why (its journal says)"
+                                                   + ("" if statuses else f"; and no daemon at all under "
+                                                      f"{terminal.base}/: is the store id right?")]})
     bodies = [by_daemon[daemon] for daemon in sorted(by_daemon)]
     now = time.time()
     if args.json:  # the daemons' own bodies, and where one can no longer be believed, why ("stale")

@@ -474,6 +474,7 @@ def test_an_instance_given_another_daemons_outbox_says_failed_and_a_second_start
         lines = {line.split()[0]: line for line in expect.stdout.splitlines()}
         assert expect.returncode == 1 and sorted(lines) == ["tills-a", "tills-b", "tills-c"], expect.stdout
         assert lines["tills-c"].split()[1] == "missing" and "never published a status" in lines["tills-c"]
+        assert "store id" not in lines["tills-c"]  # others did, under this store
         assert one_line_error(tillsight("status", *store[:-1], "--expect", "tills-a,a/b"), 2) == (
             "tillsight: error: --expect 'a/b': a daemon id is 1 to 64 letters, digits, '_' or '-'")
         stop_daemon(first)  # a clean stop: offline, and its cameras no longer said online (they were, and counted)
@@ -760,6 +761,9 @@ def test_the_terminal_tools_read_only_the_store_and_mqtt_of_a_config(broker, tmp
                           mqtt={"host": "127.0.0.1", "port": broker.port})
     nobody = "tillsight: error: no daemon has published a status under tillsight/store-1/ (is the store id right?)"
     assert one_line_error(tillsight("status", "--config", str(config), "--wait", "0.3"), 1) == nobody
+    expect = tillsight("status", "--config", str(config), "--wait", "0.3", "--expect", "tills-a")  # nor here
+    assert expect.returncode == 1 and expect.stdout.split()[:2] == ["tills-a", "missing"], expect.stdout
+    assert expect.stdout.rstrip().endswith("and no daemon at all under tillsight/store-1/: is the store id right?")
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to read as a user without the file's permission")
     config = write_config(tmp_path / "c.toml", store_id="store-1", cameras=[{"id": "a", "source": 0}],
