@@ -317,7 +317,7 @@ def cmd_run(args) -> int:
     from edge.runtime import ModelError
     from edge.service import Service, daemon_id
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, models_at_load=True)  # a missing model: "model not found", exit 1
     except ConfigError as exc:
         _say_config_refused(args.config, exc)
         raise

@@ -486,8 +486,8 @@ class ModelsConfig(Strict):
 
     @field_validator("detector")
     @classmethod
-    def model_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not _is_file(value, "model file"):
+    def model_exists(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is not None and not _is_file(value, "model file") and not _missing_at_load(value, info):
             raise ValueError(_not_a_file(value, "model file"))
         return value
 
@@ -503,10 +503,18 @@ class ModelsConfig(Strict):
 
     @field_validator("age_model")
     @classmethod
-    def tier_or_file(cls, value: str) -> str:
-        if value not in TIERS and not _is_file(value, "model file"):
+    def tier_or_file(cls, value: str, info: ValidationInfo) -> str:
+        if value not in TIERS and not _is_file(value, "model file") and not _missing_at_load(value, info):
             raise ValueError(f"{value!r} is neither a tier ({', '.join(TIERS)}) nor an existing model file")
         return value
+
+
+def _missing_at_load(path: str | Path, info: ValidationInfo) -> bool:
+    """A model file that is not there (nothing at all at its path), where the daemon's start is told it by loading
+    its models (`run`): a missing model is a start failure to retry (a model fetch or a mount still under way),
+    said as `failed` with "model not found", not a config error that systemd never restarts. `config check` and a
+    reload's check still refuse it."""
+    return bool(info.context and info.context.get("models_at_load")) and not _exists(str(path))
 
 
 class PolicyConfig(Strict):
@@ -834,12 +842,12 @@ def problems_from(exc: ValidationError) -> list[str]:
     return list(lines)
 
 
-def parse_config(data: dict, base_dir: Path | None = None) -> Config:
+def parse_config(data: dict, base_dir: Path | None = None, models_at_load: bool = False) -> Config:
     """Validate a TOML document; relative paths are taken from base_dir."""
     if base_dir is not None:
         data = _resolve_paths(data, base_dir)
     try:
-        config = Config.model_validate(data)
+        config = Config.model_validate(data, context={"models_at_load": models_at_load})
     except ValidationError as exc:
         raise ConfigError(problems_from(exc)) from None
     except RecursionError:
@@ -1012,13 +1020,14 @@ def _mode(path: Path | None) -> int:
         return 0
 
 
-def load_config(path: Path | str, cameras: list[dict] | None = None) -> Config:
-    """Read and validate a config file; `cameras` replaces its cameras (replay)."""
+def load_config(path: Path | str, cameras: list[dict] | None = None, models_at_load: bool = False) -> Config:
+    """Read and validate a config file; `cameras` replaces its cameras (replay); `models_at_load`: a model file
+    that is not there is left for loading to say (`run`: a start failure, retried; _missing_at_load)."""
     path = Path(path)
     data = read_document(path)
     if cameras is not None:
         data["cameras"] = cameras
-    config = parse_config(data, path.parent)
+    config = parse_config(data, path.parent, models_at_load)
     config._file = path
     return config
 
