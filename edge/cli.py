@@ -149,10 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     broker_args = argparse.ArgumentParser(add_help=False)
     broker_args.add_argument("--config", type=Path,
                              help="a daemon's config: broker (with its credentials and TLS), store and topic prefix")
-    broker_args.add_argument("--host", default="localhost")
-    broker_args.add_argument("--port", type=int, default=1883)
+    broker_args.add_argument("--host", help="the broker (default: the config's, else localhost)")
+    broker_args.add_argument("--port", type=int, help="its port (default: the config's, else 1883)")
     broker_args.add_argument("--store", help="store id (default: the config's)")
-    broker_args.add_argument("--prefix", default="tillsight", help="topic prefix")
+    broker_args.add_argument("--prefix", help="topic prefix (default: the config's, else tillsight)")
     broker_args.add_argument("--username", help="the broker's user (instead of the config's): e.g. the POS's, which "
                                                 "may read what the daemon's may not under the shipped ACL")
     broker_args.add_argument("--password-file", type=Path,
@@ -594,14 +594,18 @@ def _bench_model_only(args) -> int:
 def _terminal(args):
     """A terminal on the store's topics: the broker from --config (with its credentials and TLS) or --host."""
     from edge.pos_terminal import Terminal
-    host, port, store, prefix, mqtt = args.host, args.port, args.store, args.prefix, None
+    # given options win over the config's (they were silently ignored beside --config)
+    given = lambda value, default: default if value is None else value  # noqa: E731
+    host, port, store, prefix, mqtt = given(args.host, "localhost"), given(args.port, 1883), args.store, \
+        given(args.prefix, "tillsight"), None
     if args.config is not None:
         # only the store and [mqtt] of it: a camera's or a model's problem must not keep the operator from
         # looking, nor the daemon's password file, unreadable to them, from logging in as another user
         from edge.config import read_identity
         config = read_identity(args.config, drop_password_file=args.username is not None)
         mqtt = config.mqtt.model_dump(mode="json", exclude_none=True)
-        host, port, prefix, store = config.mqtt.host, config.mqtt.port, config.mqtt.topic_prefix, store or config.store_id
+        host, port = given(args.host, config.mqtt.host), given(args.port, config.mqtt.port)
+        prefix, store = given(args.prefix, config.mqtt.topic_prefix), store or config.store_id
     if not store:
         raise UserError("--store (or --config) is needed: topics live under <prefix>/<store>/", EXIT_USAGE)
     credentials = {key: str(value) for key, value in (("username", args.username),

@@ -780,6 +780,12 @@ def test_the_terminal_tools_read_only_the_store_and_mqtt_of_a_config(broker, tmp
                           mqtt={"host": "127.0.0.1", "port": broker.port})
     nobody = "tillsight: error: no daemon has published a status under tillsight/store-1/ (is the store id right?)"
     assert one_line_error(tillsight("status", "--config", str(config), "--wait", "0.3"), 1) == nobody
+    # --host, --port and --prefix beside --config win over the config's (they were ignored without a word)
+    away = one_line_error(tillsight("status", "--config", str(config), "--port", "9", "--wait", "0.3"), 1)
+    assert "127.0.0.1:9" in away, away
+    assert one_line_error(tillsight("status", "--config", str(config), "--prefix", "acme/ts", "--wait", "0.3"), 1) \
+        == nobody.replace("tillsight/store-1/", "acme/ts/store-1/")
+    assert one_line_error(tillsight("status", "--config", str(config), "--port", "0"), 2).startswith("tillsight: error: --port")
     expect = tillsight("status", "--config", str(config), "--wait", "0.3", "--expect", "tills-a")  # nor here
     assert expect.returncode == 1 and expect.stdout.split()[:2] == ["tills-a", "missing"], expect.stdout
     assert expect.stdout.rstrip().endswith("and no daemon at all under tillsight/store-1/: is the store id right?")
