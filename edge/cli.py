@@ -407,7 +407,7 @@ def _config_reloadable(path: Path, service) -> bool:
 
 
 def replay_config(video: Path, config_path: Path | None, fps: float | None, camera_id: str | None = None):
-    from edge.config import is_v4l_device, load_config, parse_config
+    from edge.config import ConfigError, is_v4l_device, load_config, parse_config
     camera = {"id": "replay", "source": str(video.resolve()), "fps_limit": fps}
     if is_v4l_device(camera["source"]):
         raise UserError(f"{video} is a camera: replay reads a recorded video file (`tillsight run` serves cameras)",
@@ -423,9 +423,13 @@ def replay_config(video: Path, config_path: Path | None, fps: float | None, came
         # are no file's)
         camera = {**cameras[camera_id].model_dump(exclude={"source", "size", "pixel_format"}), **camera,
                   "id": camera_id, "fps_limit": cameras[camera_id].fps_limit if fps is None else fps}
-    if config_path is None:
-        return parse_config({"store_id": "replay", "cameras": [camera]})
-    return load_config(config_path, cameras=[camera])
+    try:
+        if config_path is None:
+            return parse_config({"store_id": "replay", "cameras": [camera]})
+        return load_config(config_path, cameras=[camera])
+    except ConfigError as exc:  # the recording is the command line's, not a config key's
+        raise ConfigError([f"VIDEO: {p.removeprefix('cameras.0.source: ').split(' (a USB camera')[0]}" if p.startswith(
+            "cameras.0.source: ") else p for p in exc.problems]) from None
 
 
 def cmd_replay(args) -> int:

@@ -114,6 +114,16 @@ def _not_a_video_file(text: str) -> str:
     return f"video file {text!r} not found (a USB camera is an index or its /dev/v4l/by-id/ path, a stream an rtsp:// or http:// URL)"
 
 
+def _is_still_image(path: str) -> bool:
+    """A JPEG or PNG (by its first bytes, whatever its name): FFmpeg opens one as a one-frame video, which the daemon
+    then refuses at every reconnect (edge/capture.py); `config check --live` passed it."""
+    import cv2
+    try:
+        return bool(cv2.haveImageReader(path))
+    except cv2.error:
+        return False
+
+
 def _not_a_file(path: str | Path, what: str = "file") -> str:
     """Why a path that is no regular file is refused: "not found" for a folder or a FIFO sent people looking for
     a file that is there."""
@@ -289,6 +299,8 @@ class CameraConfig(Strict):
             raise ValueError("empty: give a device index, a stream URL or a video file path")
         if not _is_file(value, "video file"):
             raise ValueError(_not_a_video_file(value))
+        if _is_still_image(value):
+            raise ValueError(f"{value!r} is a still image, not a video (`tillsight predict` ages the faces in a photo)")
         return value
 
     @field_validator("size", mode="before")

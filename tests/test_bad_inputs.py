@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 from edge.contract import build_constant_age_model, contract_metadata
 from test_cli import one_line_error
 from test_integration import replay_config
-from tskit import tillsight
+from tskit import tillsight, write_config
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +59,18 @@ def test_a_photo_given_as_the_video_is_one_line_not_a_one_frame_replay(suffix, t
     photo = tmp_path / f"till{suffix}"  # .mp4: a JPEG under a video's name is found out all the same
     photo.write_bytes(cv2.imencode(".png" if suffix == ".png" else ".jpg", cv2.imread(str(two_people_photo)))[1].tobytes())
     config = replay_config(tmp_path, broker.port, age_models[40])
-    line = one_line_error(tillsight("replay", str(photo), "--config", str(config), timeout=60))
-    assert line == (f"tillsight: error: camera replay: {photo} is a still image, not a video "
-                    "(`tillsight predict` ages the faces in a photo)")
+    line = one_line_error(tillsight("replay", str(photo), "--config", str(config), timeout=60), code=2)
+    assert line == (f"VIDEO: '{photo}' is a still image, not a video (`tillsight predict` ages the faces in a photo)")
+    # a config naming it as a camera: refused by config check (--live opened it as a one-frame video and said OK)
+    camera = write_config(tmp_path / "photo.toml", store_id="s", cameras=[{"id": "till-1", "source": str(photo)}])
+    assert one_line_error(tillsight("config", "check", str(camera)), code=2) == (
+        f"cameras.0.source: '{photo}' is a still image, not a video (`tillsight predict` ages the faces in a photo)")
 
 
 def test_a_folder_as_the_video_is_a_config_problem(tmp_path, broker, age_models):
     config = replay_config(tmp_path, broker.port, age_models[40])
     line = one_line_error(tillsight("replay", str(tmp_path), "--config", str(config), timeout=60), code=2)
-    assert line == f"cameras.0.source: '{tmp_path}' is a folder, not a video file"
+    assert line == f"VIDEO: '{tmp_path}' is a folder, not a video file"  # the command line's, not a config key
 
 
 @pytest.mark.parametrize("options, line", [

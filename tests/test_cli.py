@@ -78,8 +78,7 @@ def test_run_with_a_bad_config_exits_2(tmp_path):
 
 def test_replay_of_a_missing_video(tmp_path, carphone_clip):
     line = one_line_error(tillsight("replay", str(tmp_path / "nope.mp4")), code=2)
-    assert line == f"cameras.0.source: video file '{tmp_path / 'nope.mp4'}' not found " \
-                   "(a USB camera is an index or its /dev/v4l/by-id/ path, a stream an rtsp:// or http:// URL)"
+    assert line == f"VIDEO: video file '{tmp_path / 'nope.mp4'}' not found"  # the command line's, not a config key
     config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "till-1", "source": 0},
                                                                       {"id": "till-2", "source": 1}])
     # usage errors, exit 2 (were 1)
