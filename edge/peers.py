@@ -66,13 +66,24 @@ def belief_left(body: dict, now: float) -> float | None:
     said_at = iso_seconds(body["time"]) if isinstance(body.get("time"), str) else None
     if body.get("state") in NOT_RUNNING or said_at is None:
         return None
-    return SILENT_INTERVALS * _interval(body.get("status_interval_s")) + CLOCK_SLACK_S - (now - said_at)
+    # a time ahead of ours is taken as now: a till PC's clock an hour ahead must not have it believed an hour on
+    return SILENT_INTERVALS * _interval(body.get("status_interval_s")) + CLOCK_SLACK_S - (now - min(said_at, now))
 
 
 def stale(body: dict, now: float) -> str | None:
     """Why a retained status of a running daemon (not `offline`, not `failed`) can no longer be believed, or
     None. A daemon that died without its will (the broker was down, or restarted from its store, when it went)
-    or hung leaves its last `online` retained for ever; a live one renews it every `status_interval_s`."""
+    or hung leaves its last `online` retained for ever; a live one renews it every `status_interval_s`. A status
+    stamped ahead of this clock, or with no readable time, cannot tell how long its daemon has been silent: one
+    from a daemon that died with its clock an hour ahead said online for that hour (a year 9999 one for ever)."""
+    if body.get("state") in NOT_RUNNING:
+        return None
+    said_at = iso_seconds(body["time"]) if isinstance(body.get("time"), str) else None
+    if said_at is None:
+        return "its status has no readable time: how long the daemon has been silent cannot be told"
+    if said_at - now > CLOCK_SLACK_S:
+        return (f"stamped {said_at - now:.0f} s ahead of this machine's clock: a clock is wrong, and how long the "
+                "daemon has been silent cannot be told")
     left = belief_left(body, now)
     if left is None or left >= 0:
         return None

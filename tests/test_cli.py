@@ -156,8 +156,8 @@ def test_demo_pos_survives_hostile_payloads(payload, expected):
      "t/s/pc/status  STATUS pc               offline   -           -                                         -  -"),
     ("t/s/pc/status", {"daemon": "pc", "state": "online", "store_open": False, "problems": [],
                        "cameras": {"till-1": {"state": "online", "picture": "blank"}}},
-     "t/s/pc/status  STATUS pc               online    0/1 cameras -                                         -  "
-     "store closed"),
+     "t/s/pc/status  STATUS pc               stale     0/1 cameras -                                         -  "
+     "its status has no readable time: how long the daemon has been silent cannot be told"),
     ("t/s/pc/status", {"daemon": "pc", "state": "offline", "store_open": False, "problems": []},  # said then
      "t/s/pc/status  STATUS pc               offline   -           -                                         -  -"),
 ])
@@ -167,6 +167,14 @@ def test_pos_watch_says_statuses_and_analytics_in_a_line(topic, payload, expecte
 
     from edge.pos_terminal import describe
     assert describe(topic, json.dumps(payload).encode()) == expected
+
+
+def test_a_closed_stores_status_says_so():
+    from edge.pos_terminal import describe_status
+    body = {"daemon": "pc", "state": "online", "store_open": False, "problems": [], "time": "2026-11-27T08:00:00Z",
+            "cameras": {"till-1": {"state": "online", "picture": "blank"}}}
+    assert describe_status(body, 1795766405.0) == (
+        "pc               online    0/1 cameras -                                   5 s ago  store closed")
 
 
 class _RunningService:

@@ -570,13 +570,20 @@ def test_a_retained_status_is_stale_after_three_intervals_and_a_minute_for_the_c
     assert stale(status(150, state="degraded"), now) is None and stale(status(151), now) == (
         "silent for 151 s where it sends a status every 30 s: the daemon hung, or went while the broker was down, "
         "or a clock is wrong")
-    assert stale(status(-3600), now) is None  # a clock ahead: a status from the future is no sign of a hung daemon
+    assert stale(status(-60), now) is None  # a clock a minute ahead: within the slack for the clocks
+    from edge.peers import belief_left  # another daemon believes it as said now, not for the hour it is ahead
+    assert belief_left(status(-3600), now) == belief_left(status(0), now) == 3 * 30 + 60
+    # an hour ahead: how long it has been silent cannot be told (a daemon that died so said online for an hour)
+    assert stale(status(-3600), now) == ("stamped 3600 s ahead of this machine's clock: a clock is wrong, and how "
+                                         "long the daemon has been silent cannot be told")
     assert stale(status(10_000, state="offline"), now) is None  # a daemon that said it went: not stale, offline
     assert stale(status(64, status_interval_s=1), now) is not None and stale(status(62, status_interval_s=1), now) is None
     for odd in (True, "30", -1, 0, 1e9, None):  # not a sane interval: the default (30 s)
         assert stale(status(151, status_interval_s=odd), now) is not None, odd
         assert stale(status(149, status_interval_s=odd), now) is None, odd
-    assert stale({"state": "online", "time": "yesterday"}, now) is None and stale({"state": "online"}, now) is None
+    for timeless in ({"state": "online", "time": "yesterday"}, {"state": "online", "time": 5}, {"state": "online"}):
+        assert stale(timeless, now) == "its status has no readable time: how long the daemon has been silent " \
+                                       "cannot be told", timeless
 
 
 def test_status_lists_the_stores_daemons_and_exits_1_unless_all_are_online(daemon, broker):
