@@ -242,7 +242,10 @@ class Publisher:
         """Log each new connection problem once (retries every 2 s would flood the journal)."""
         if reason != self.connection_error:
             if reason is not None:
-                log.log(self.problem_level, "MQTT broker unreachable, retrying", extra={"host": self.cfg.host, "port": self.cfg.port,
+                # a login or client id refused is no network fault: the headline says which it is
+                headline = "MQTT broker refused the connection, retrying" if reason.startswith("broker refused") \
+                    else "MQTT broker unreachable, retrying"
+                log.log(self.problem_level, headline, extra={"host": self.cfg.host, "port": self.cfg.port,
                                                                       "reason": reason})
             self.connection_error = reason
             if self.on_change is not None:

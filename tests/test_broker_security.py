@@ -128,6 +128,28 @@ def test_each_misconfiguration_is_one_clear_line(tmp_path, pki, age_models, hami
     assert line.startswith("tillsight: error: MQTT broker at 127.0.0.1:") and expected in line, line
 
 
+def test_a_refused_login_is_logged_as_a_refusal_not_as_unreachable(tmp_path, pki, age_models, caplog):
+    """The daemon's log line for a wrong password said "MQTT broker unreachable": the broker answered, and refused."""
+    import logging
+
+    from edge.config import load_config
+    from edge.publish import Publisher
+    with secure_broker(pki) as broker:
+        config = load_config(config_file(tmp_path, pki, broker.port, age_models[40], password="wrong-password",
+                                         camera=str(age_models[40])))  # any file: no camera is opened here
+        publisher = Publisher(config.mqtt, "store-1", "till-pc")
+        with caplog.at_level(logging.WARNING, logger="edge.publish"):
+            publisher.start()
+            deadline = time.monotonic() + 20
+            while publisher.connection_error is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            publisher.client.disconnect()
+            publisher.client.loop_stop()
+    said = [(r.getMessage(), r.reason) for r in caplog.records if r.name == "edge.publish"]
+    assert said == [("MQTT broker refused the connection, retrying",
+                     "broker refused the connection: Not authorized (check mqtt.username and mqtt.password_file)")]
+
+
 def test_a_password_file_that_is_no_text_is_one_line_for_the_daemon_and_the_tools(tmp_path, pki, age_models,
                                                                                    hamilton_clip):
     """Read when the connection is made (it may have changed since the check): bytes that are no UTF-8 text are
