@@ -637,7 +637,7 @@ def _check_broker_options(host: str, port: int, store: str, prefix: str, mqtt: d
 def cmd_status(args) -> int:
     import time
 
-    from edge.peers import stale
+    from edge.peers import MISSING, stale
     from edge.pos_terminal import PosError, describe_status
     if not 0 <= args.wait <= 60:
         raise UserError(f"--wait {args.wait:g}: seconds from 0 to 60", EXIT_USAGE)
@@ -656,7 +656,7 @@ def cmd_status(args) -> int:
         raise UserError(f"no daemon has published a status under {terminal.base}/ (is the store id right?)")
     by_daemon = {topic.split("/")[-2]: body for topic, body in statuses.items()}  # <prefix>/<store>/<daemon>/status
     for daemon in expected:  # a new instance refused before it could say anything is otherwise simply not there
-        by_daemon.setdefault(daemon, {"daemon": daemon, "state": "missing",
+        by_daemon.setdefault(daemon, {"daemon": daemon, "state": MISSING,
                                       "problems": ["never published a status: not started, or refused at start "
                                                    "before it could say why (its journal says)"
                                                    + ("" if statuses else f"; and no daemon at all under "
@@ -717,7 +717,13 @@ def cmd_pos(args) -> int:
                 terminal.transaction(args.camera, args.event, args.id)
                 print(f"transaction {args.id}: {args.event} sent to {args.camera}")
             else:
-                terminal.watch(lambda line: print(line, flush=True), args.seconds)
+                shown = []
+                terminal.watch(lambda line: (shown.append(1), print(line, flush=True)), args.seconds)
+                if not shown and args.config is not None and args.username is None:
+                    # mosquitto takes a subscription its ACL denies and then sends nothing: say why that may be
+                    print(f"tillsight: nothing received in {args.seconds:g} s; under the shipped ACL a daemon's user "
+                          "(the config's) may not read alerts and estimates: add --username pos --password-file FILE",
+                          file=sys.stderr)
         finally:
             terminal.close()
     except PosError as exc:

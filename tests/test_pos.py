@@ -793,6 +793,15 @@ def test_the_terminal_tools_read_only_the_store_and_mqtt_of_a_config(broker, tmp
     assert one_line_error(tillsight("status", "--config", str(config), "--prefix", "acme/ts", "--wait", "0.3"), 1) \
         == nobody.replace("tillsight/store-1/", "acme/ts/store-1/")
     assert one_line_error(tillsight("status", "--config", str(config), "--port", "0"), 2).startswith("tillsight: error: --port")
+    # `pos watch` that saw nothing with a daemon's config says the ACL may be why (mosquitto takes a subscription
+    # it denies, and sends nothing)
+    quiet = tillsight("pos", "--config", str(config), "watch", "--seconds", "0.5")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr.strip() == (
+        "tillsight: nothing received in 0.5 s; under the shipped ACL a daemon's user (the config's) may not read "
+        "alerts and estimates: add --username pos --password-file FILE"), quiet.stderr
+    as_pos = tillsight("pos", "--config", str(config), "--username", "pos", "--password-file",
+                       str(tmp_path / "pos-password"), "watch", "--seconds", "0.5")
+    assert (as_pos.returncode, as_pos.stdout, as_pos.stderr) == (0, "", "")
     expect = tillsight("status", "--config", str(config), "--wait", "0.3", "--expect", "tills-a")  # nor here
     assert expect.returncode == 1 and expect.stdout.split()[:2] == ["tills-a", "missing"], expect.stdout
     assert expect.stdout.rstrip().endswith("and no daemon at all under tillsight/store-1/: is the store id right?")
