@@ -714,8 +714,8 @@ def cmd_pos(args) -> int:
                     raise UserError(printable(f"the daemon refused the check: {answer.get('error')}"))
                 print(json.dumps(answer))
             elif args.pos_command == "transaction":
-                terminal.transaction(args.camera, args.event, args.id)
-                print(f"transaction {args.id}: {args.event} sent to {args.camera}")
+                terminal.transaction(args.camera, args.event, args.id, refusal_wait_s=1.0)
+                print(f"transaction {args.id}: {args.event} sent to {args.camera} (no refusal within 1 s)")
             else:
                 shown = []
                 terminal.watch(lambda line: (shown.append(1), print(line, flush=True)), args.seconds)

@@ -182,31 +182,47 @@ class Terminal:
                            "tillsight), or it publishes its status again")
         self.send(topic, None, retain=True)
 
-    def transaction(self, camera: str, event: str, transaction: str) -> None:
-        self.send(f"{self.base}/{camera}/transaction", {"event": event, "transaction": transaction})
+    def transaction(self, camera: str, event: str, transaction: str, refusal_wait_s: float = 0.0) -> None:
+        """Send a transaction event; PosError if the daemon refuses it within `refusal_wait_s` (an `end` of a
+        transaction that is not the open one: the daemon answers only a refusal, to a Response Topic)."""
+        refused = self._ask(f"{self.base}/{camera}/transaction", {"event": event, "transaction": transaction},
+                            refusal_wait_s)
+        if refused is not None:
+            error = refused.get("error") if isinstance(refused, dict) else None
+            raise PosError(printable(f"the daemon refused the transaction {event}: {error or 'no reason given'}"))
 
     def check(self, camera: str, item: str | None, timeout_s: float, deadline_s: float | None = None) -> dict:
         """Ask the daemon whether the customer at `camera` should be challenged; the answer, as a dict."""
+        body = {"item": item, **({"deadline_s": deadline_s} if deadline_s else {})}
+        sent = time.monotonic()
+        answer = self._ask(f"{self.base}/{camera}/check", {k: v for k, v in body.items() if v is not None}, timeout_s)
+        if answer is None:
+            raise PosError(self.unanswered(camera, timeout_s))
+        return {**answer, "round_trip_ms": round(1000 * (time.monotonic() - sent), 1)}
+
+    def _ask(self, topic: str, body: dict, wait_s: float):
+        """Send `body` with this terminal's Response Topic and a fresh Correlation Data; the reply's JSON (or {}
+        for one that is not JSON) if one comes within `wait_s`, else None."""
         correlation = secrets.token_bytes(8)
-        answered: list[dict] = []
+        replies: list = []
         done = threading.Event()
 
         def on_message(msg) -> None:
             if msg.topic == self.reply_topic and getattr(msg.properties, "CorrelationData", None) == correlation:
-                answered.append(json.loads(msg.payload))
+                try:
+                    replies.append(json.loads(msg.payload))
+                except (ValueError, RecursionError):
+                    replies.append({})
                 done.set()
 
-        self.on_message = on_message
-        self.subscribe([self.reply_topic])
+        if wait_s > 0:
+            self.on_message = on_message
+            self.subscribe([self.reply_topic])
         properties = Properties(PacketTypes.PUBLISH)
         properties.ResponseTopic = self.reply_topic
         properties.CorrelationData = correlation
-        body = {"item": item, **({"deadline_s": deadline_s} if deadline_s else {})}
-        sent = time.monotonic()
-        self.send(f"{self.base}/{camera}/check", {k: v for k, v in body.items() if v is not None}, properties)
-        if not done.wait(timeout_s):
-            raise PosError(self.unanswered(camera, timeout_s))
-        return {**answered[0], "round_trip_ms": round(1000 * (time.monotonic() - sent), 1)}
+        self.send(topic, body, properties)
+        return replies[0] if wait_s > 0 and done.wait(wait_s) else None
 
     def unanswered(self, camera: str, timeout_s: float) -> str:
         """The line for a check no daemon answered, with why where the daemons' retained statuses tell: the

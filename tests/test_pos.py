@@ -536,6 +536,19 @@ def test_mqtt311_clients_use_reply_to_and_request_id_in_the_payload(daemon, brok
     assert (answer["request_id"], answer["item"], answer["decision"]) == ("R-77", "tobacco", "no_challenge")
 
 
+def test_pos_transaction_says_when_the_daemon_refuses_it(daemon, broker):
+    """`tillsight pos transaction end` of a transaction that is not the open one said "sent", exit 0, while the
+    daemon ignored it: the terminal now asks for a reply, which the daemon sends only to refuse."""
+    pos = ["pos", "--port", str(broker.port), "--store", "store-1", "transaction"]
+    started = tillsight(*pos, "start", "--camera", "till-1", "--id", "T-9")
+    assert (started.returncode, started.stdout.strip()) == (0, "transaction T-9: start sent to till-1 (no refusal "
+                                                                "within 1 s)"), started.stderr
+    assert one_line_error(tillsight(*pos, "end", "--camera", "till-1", "--id", "T-8")) == (
+        "tillsight: error: the daemon refused the transaction end: transaction T-8 is not the one open at camera "
+        "till-1 (T-9)")
+    assert tillsight(*pos, "end", "--camera", "till-1", "--id", "T-9").returncode == 0
+
+
 def test_a_customer_never_spans_two_transactions(daemon, broker):
     sub = Subscriber(broker.port, f"{BASE}/till-1/estimate")
     bands = Subscriber(broker.port, f"{BASE}/till-1/analytics/transaction")
