@@ -156,8 +156,8 @@ def check_metrics(config: Config) -> CheckResult | None:
         try:
             probe.bind(address)
         except OSError as exc:
-            return CheckResult("metrics", False, f"{address[0]}:{address[1]} cannot be served: {exc.strerror or exc}")
-    return CheckResult("metrics", True, f"{address[0]}:{address[1]} free")
+            return CheckResult("metrics port", False, f"{address[0]}:{address[1]} cannot be served: {exc.strerror or exc}")
+    return CheckResult("metrics port", True, f"{address[0]}:{address[1]} free")
 
 
 def run_checks(config: Config, now: float | None = None) -> Iterator[CheckResult]:

@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="daemons that must be there: one that never published a status (not started, or refused "
                              "before it could say) is listed 'missing', and the exit is 1")
     status.add_argument("--forget", metavar="DAEMON",
-                        help="clear the retained status of a daemon gone for good (it must say offline); needs "
-                             "credentials that may write status topics (a daemon's --config)")
+                        help="clear the retained status of a daemon gone for good (it must say offline or failed, "
+                             "or be stale); needs credentials that may write status topics (a daemon's --config)")
     status.set_defaults(handler=cmd_status)
 
     pos = commands.add_parser("pos", parents=[broker_args],
@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     pos_check = pos_commands.add_parser("check", help="ask for a decision about the customer at a till now")
     pos_check.add_argument("--camera", required=True)
     pos_check.add_argument("--item", help="what was scanned, e.g. alcohol")
-    pos_check.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for the answer")
+    pos_check.add_argument("--timeout", type=float, default=15.0,
+                           help="seconds to wait for the answer (15; a real POS waits its deadline_s + 1 s)")
     pos_check.add_argument("--deadline", type=float, help="seconds the daemon may wait for a face (<= 10)")
     pos_check.set_defaults(handler=cmd_pos)
     pos_tx = pos_commands.add_parser("transaction", help="tell the daemon a transaction starts or ends")
@@ -676,6 +677,9 @@ def _expected_daemons(text: str | None) -> list[str]:
     import re
 
     from edge.config import NAME
+    if text is not None and not text.strip(" ,"):  # an empty variable in a monitoring check: not "expect none"
+        raise UserError(f"--expect {text!r}: no daemon id in it (give DAEMON[,DAEMON...], or leave --expect out)",
+                        EXIT_USAGE)
     names = [name.strip() for name in (text or "").split(",") if name.strip()]
     bad = next((name for name in names if not re.fullmatch(NAME, name)), None)
     if bad is not None:

@@ -179,7 +179,7 @@ class Terminal:
             raise PosError(f"no retained status of daemon {daemon!r} under {self.base}/")
         if status.get("state") not in NOT_RUNNING and stale(status, time.time()) is None:
             raise PosError(f"daemon {daemon} says it is {status.get('state')}: stop it first (systemctl stop "
-                           "tillsight), or it publishes its status again")
+                           "tillsight, or tillsight@NAME on a store server), or it publishes its status again")
         self.send(topic, None, retain=True)
 
     def transaction(self, camera: str, event: str, transaction: str, refusal_wait_s: float = 0.0) -> None:

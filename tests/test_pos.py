@@ -477,6 +477,10 @@ def test_an_instance_given_another_daemons_outbox_says_failed_and_a_second_start
         assert "store id" not in lines["tills-c"]  # others did, under this store
         assert one_line_error(tillsight("status", *store[:-1], "--expect", "tills-a,a/b"), 2) == (
             "tillsight: error: --expect 'a/b': a daemon id is 1 to 64 letters, digits, '_' or '-'")
+        for empty in ("", ",", " , "):  # an empty variable in a monitoring check would have expected nobody
+            assert one_line_error(tillsight("status", *store[:-1], "--expect", empty), 2) == (
+                f"tillsight: error: --expect {empty!r}: no daemon id in it (give DAEMON[,DAEMON...], or leave "
+                "--expect out)")
         stop_daemon(first)  # a clean stop: offline, and its cameras no longer said online (they were, and counted)
         body = json.loads(tillsight("status", *store).stdout)["tills-a"]
         assert (body["state"], body["cameras"]["till-1"]["state"]) == ("offline", "stopped")
@@ -624,8 +628,8 @@ def test_status_lists_the_stores_daemons_and_exits_1_unless_all_are_online(daemo
     # a daemon gone for good is forgotten; a running one, or one never seen, is not
     store = ["--port", str(broker.port), "--store", "store-1", "--wait", "0.3"]
     line = one_line_error(tillsight("status", *store, "--forget", "till-pc"))
-    assert line == ("tillsight: error: daemon till-pc says it is online: stop it first (systemctl stop tillsight), "
-                    "or it publishes its status again")
+    assert line == ("tillsight: error: daemon till-pc says it is online: stop it first (systemctl stop tillsight, "
+                    "or tillsight@NAME on a store server), or it publishes its status again")
     line = one_line_error(tillsight("status", *store, "--forget", "till-pc-9"))
     assert line == "tillsight: error: no retained status of daemon 'till-pc-9' under tillsight/store-1/"
     result = tillsight("status", *store, "--forget", "till-pc-2")
