@@ -425,10 +425,12 @@ class MqttConfig(Strict):
             raise ValueError(_not_a_file(value))
         if value is not None:  # as the TLS files are: `config check` as the daemon's user must catch what `run` would
             try:
-                with open(value, "rb"):
-                    pass
+                with open(value, "rb") as file:
+                    head = file.read(4096)
             except OSError as exc:
                 raise ValueError(f"cannot be read ({exc.strerror or exc})") from None
+            if not head.strip():  # the broker then says only "Not authorized", at every connection
+                raise ValueError(f"{str(value)!r} is empty: it must hold the broker user's password")
         return value
 
     @model_validator(mode="after")

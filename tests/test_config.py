@@ -176,6 +176,14 @@ def test_missing_keys_and_files():
     ]
 
 
+def test_an_empty_password_file_is_a_problem(tmp_path):
+    """It passed the check; the broker then said only "Not authorized", at every connection."""
+    for text in ("", "\n  \n"):
+        (tmp_path / "password").write_text(text)
+        assert problems(base(mqtt={"username": "tillsight", "password_file": str(tmp_path / "password")})) == [
+            f"mqtt.password_file: '{tmp_path / 'password'}' is empty: it must hold the broker user's password"]
+
+
 def test_age_model_is_a_tier_or_a_file_relative_to_the_config(tmp_path):
     (tmp_path / "mine.onnx").write_bytes(b"")
     cameras = [{"id": "a", "source": 0}]
