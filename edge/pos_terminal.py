@@ -83,6 +83,8 @@ def _describe_status(body: dict, now: float) -> str:
     state, problems = ("stale", [old] + problems) if old is not None else (body.get("state"), problems)
     if body.get("store_open") is False and old is None and body.get("state") not in NOT_RUNNING:  # said then
         problems = ["store closed"] + problems
+    if body.get("state") == "offline" and problems:  # its last words, not what is wrong now
+        problems = [f"when it stopped: {problems[0]}"] + problems[1:]
     return (f"{str(body.get('daemon')):<16} {str(state):<9} "
             f"{f'{live}/{len(cameras)} cameras' if cameras else '-':<11} {served:<32} {age:>10}  "
             + ("; ".join(str(p) for p in problems) or "-"))

@@ -169,6 +169,12 @@ def test_pos_watch_says_statuses_and_analytics_in_a_line(topic, payload, expecte
     assert describe(topic, json.dumps(payload).encode()) == expected
 
 
+def test_an_offline_daemons_problems_are_its_last_words():
+    from edge.pos_terminal import describe_status
+    body = {"daemon": "pc", "state": "offline", "problems": ["camera till-1 reconnecting", "outbox in memory only"]}
+    assert describe_status(body, 0.0).endswith("-  when it stopped: camera till-1 reconnecting; outbox in memory only")
+
+
 def test_a_closed_stores_status_says_so():
     from edge.pos_terminal import describe_status
     body = {"daemon": "pc", "state": "online", "store_open": False, "problems": [], "time": "2026-11-27T08:00:00Z",
