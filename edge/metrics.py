@@ -102,7 +102,7 @@ class Metrics:
         # bound once: every frame
         self._stages = [self.frame_stage.labels(stage) for stage in FRAME_STAGES + (FRAME_TOTAL,)]
         self.mqtt_ack = Histogram("tillsight_mqtt_ack_seconds", "Time from handing a QoS 1 message to the MQTT "
-                                  "client to the broker's acknowledgement", registry=self.registry,
+                                  "client to the broker's acknowledgement, on one connection (outages left out)", registry=self.registry,
                                   buckets=LATENCY_BUCKETS + (5, 10, 30, 60))
         self.server = None
 

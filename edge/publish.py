@@ -152,7 +152,9 @@ class Publisher:
         self.on_change = None  # () -> None: the connection's state changed (the service re-publishes status)
         self.problem_level = logging.ERROR  # a replay says it in its one closing line instead
         # mid -> (outbox key, topic, monotonic ns when handed to paho), not yet acknowledged
-        self._pending: dict[int, tuple[int | None, str, int]] = {}
+        # mid -> (outbox key, topic, when handed to paho, the connection it was sent on: None while disconnected)
+        self._pending: dict[int, tuple[int | None, str, int, int | None]] = {}
+        self._connection = 0  # counts the connections made: an ack on another than the send's is no latency
         self.on_ack = None  # (seconds from handing a QoS 1 message to paho to its PUBACK) -> None: the metrics
         self._denied_topics: set[str] = set()  # logged once each
         # acks that raced ahead of publish() returning its mid: mid -> (reason code, monotonic ns when it came)
@@ -273,6 +275,7 @@ class Publisher:
             log.info("MQTT connected", extra={"host": self.cfg.host, "port": self.cfg.port})
         self._connected_at = time.monotonic()
         no_delay(client)
+        self._connection += 1
         self.connected.set()
         self._socket_error = None
         self._problem(None)
@@ -456,7 +459,8 @@ class Publisher:
             if early is not None and early[1] < asked_at:
                 early = None
             if qos > 0 and early is None:  # queued even while disconnected (rc NO_CONN): sent on reconnect
-                self._pending[info.mid] = (key, topic, asked_at)
+                self._pending[info.mid] = (key, topic, asked_at,
+                                           self._connection if self.connected.is_set() else None)
         if qos > 0 and early is not None:
             self._resent = True  # a PUBACK read before publish() returned: paho's re-send is behind it too
             if self.on_ack is not None:
@@ -474,11 +478,13 @@ class Publisher:
                             : EARLY_ACKS_KEPT // 2]:
                         del self._acked_early[old]
                 return
-            key, topic, asked_at = self._pending.pop(mid)
+            key, topic, asked_at, connection = self._pending.pop(mid)
             # a PUBACK (a QoS 0 message's call comes when it is written, in paho's re-send too), which paho reads
             # only once it has handled CONNACK, re-send included: what is held back may follow (send_held())
             self._resent = True
-        if self.on_ack is not None:
+        # the broker's time to acknowledge, not an outage's: a message queued while disconnected, or re-sent on a
+        # new connection, is left out of the histogram
+        if self.on_ack is not None and connection is not None and connection == self._connection:
             self.on_ack((time.monotonic_ns() - asked_at) / 1e9)
         self._acknowledged(topic, key, reason_code)
 

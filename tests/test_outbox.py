@@ -498,3 +498,28 @@ def test_a_daemon_killed_outright_sends_its_interval_in_progress_at_the_next_sta
     assert own["bands"]["35-44"] in (0, 1)  # the second run saw the customer again, or not yet: never the first's
     assert json.loads(kept.read_text()) == {}  # the clean stop sent its interval itself
     assert "analytics intervals the previous run left open sent as partial" in (tmp_path / "second.log").read_text()
+
+
+def test_the_ack_histogram_times_the_broker_not_an_outage(tmp_path):
+    """tillsight_mqtt_ack_seconds is the broker's time to acknowledge: a message queued while the broker was away
+    was timed until its PUBACK after the reconnect, and the dashboard's p99 showed the outage."""
+    needs_broker()
+    with LocalBroker() as broker:
+        publisher = connected_publisher(broker.port, Outbox(tmp_path / "outbox.sqlite3"))
+        timed: list[float] = []
+        publisher.on_ack = timed.append
+        publisher.publish_transaction_band("till-1", "T-0", "25-34")
+        assert wait_until(lambda: publisher.unacknowledged() == 0 and timed, 10)
+        before = len(timed)
+        broker.stop()
+        assert wait_until(lambda: not publisher.connected.is_set(), 15)
+        for n in range(1, 4):
+            publisher.publish_transaction_band("till-1", f"T-{n}", "25-34")
+        time.sleep(1.0)  # the outage: a second at least
+        broker.start()
+        assert wait_until(lambda: publisher.send_held() or publisher.unacknowledged() == 0, 30)
+        after = len(timed)  # (the status that says it is back, sent on the new connection, is timed)
+        publisher.publish_transaction_band("till-1", "T-4", "25-34")
+        assert wait_until(lambda: publisher.unacknowledged() == 0 and len(timed) == after + 1, 10), timed
+        assert publisher.stop({"state": "online"})
+    assert after - before <= 1 and max(timed) < 1.0, timed  # the three of the outage are not timed
