@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import ipaddress
 import os
@@ -825,11 +826,34 @@ def _where(loc: tuple) -> str:
     return ".".join(parts) or "(top level)"
 
 
+def _close_key(loc: tuple) -> str | None:
+    """The key of the schema at `loc`'s table that an unknown key was most likely meant to be (fps_limt,
+    [[camera]], [model]), or None."""
+    model: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(str(part))
+        model = _model_in(field.annotation) if field is not None else None
+    if model is None or not isinstance(loc[-1], str):
+        return None
+    near = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.75)
+    return near[0] if near else None
+
+
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The config table a field holds (itself, or in a list or an Optional), or None for a plain value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for m in map(_model_in, get_args(annotation)) if m is not None), None)
+
+
 def _message(error: dict) -> str:
     msg = error["msg"]
     msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
     if error["type"] == "extra_forbidden":
-        return "unknown key"
+        near = _close_key(error["loc"])
+        return f"unknown key (did you mean {near}?)" if near else "unknown key"
     if error["type"] == "missing":
         return "required key is missing"
     if error["type"] == "string_pattern_mismatch" and error["ctx"]["pattern"] == NAME:

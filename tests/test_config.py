@@ -176,6 +176,19 @@ def test_missing_keys_and_files():
     ]
 
 
+def test_an_unknown_key_near_a_known_one_names_it(tmp_path):
+    """A typo (fps_limt), a table in the singular ([[camera]], [model]): the key it was most likely meant to be."""
+    text = ('store_id = "s"\n[model]\nage_model = "light"\n[[cameras]]\nid = "a"\nsource = 0\nfps_limt = 5\n'
+            '[mqtt]\nhots = "x"\n[mqtt.tls]\nca_fil = "x"\n[tracking]\nbanana = 1\n')
+    (tmp_path / "c.toml").write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "c.toml")
+    assert sorted(caught.value.problems) == [
+        "cameras.0.fps_limt: unknown key (did you mean fps_limit?)", "model: unknown key (did you mean models?)",
+        "mqtt.hots: unknown key (did you mean host?)", "mqtt.tls.ca_fil: unknown key (did you mean ca_file?)",
+        "tracking.banana: unknown key"]
+
+
 def test_an_empty_password_file_is_a_problem(tmp_path):
     """It passed the check; the broker then said only "Not authorized", at every connection."""
     for text in ("", "\n  \n"):
