@@ -27,6 +27,7 @@ frozen. Frozen frames are not passed on: they would age whoever stood there.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -226,6 +227,7 @@ def video_after(capture: cv2.VideoCapture, frames_read: int, total: int) -> bool
 # (half of them, with the old rule "at least 1 / fps_limit since the last one passed"). A frame passes from
 # this share of a frame interval before it is due; the due times keep the average at fps_limit.
 PACING_SLACK = 0.25
+FRAME_GAPS_KEPT = 9  # a camera's latest frame gaps, for its frame interval (CameraPipeline.frame_interval_s)
 REPLAY_SLACK = 0.001  # media times have no jitter, only rounding (a 30 fps file's 6th frame at 0.19999 s)
 
 
@@ -268,6 +270,11 @@ class CameraReader(threading.Thread):
         # file shorter than a frame at fps_limit passed on the first frame of every loop, and a one-frame file
         # was decoded flat out (thousands of frames a second).
         self.pacer = FramePacer(camera.fps_limit, REPLAY_SLACK if replay else PACING_SLACK) if camera.fps_limit else None
+        # the gaps between the latest frames passed on (its frame interval as it really comes, whatever the camera
+        # or fps_limit makes it: the POS desk's bound on a frame's age), measured here, where a slow pipeline
+        # downstream (its queue drops the oldest) cannot pass its own slowness off as the camera's
+        self.frame_gaps: collections.deque[float] = collections.deque(maxlen=FRAME_GAPS_KEPT)
+        self._last_put: float | None = None
         self._next_pass_at: float | None = None  # monotonic: when a looping file's next pass starts
         # monotonic time the current open or read began (None between them), for the watchdog: a USB camera whose
         # firmware hangs blocks a V4L2 read for ever (streams time out by themselves, OPEN_TIMEOUT_MS)
@@ -400,6 +407,9 @@ class CameraReader(threading.Thread):
                     return FROZEN
                 continue  # still frozen after a reopen: watched, so that a change is seen at once; not passed on
             self.status.frames += 1
+            if self._last_put is not None:
+                self.frame_gaps.append(tick - self._last_put)
+            self._last_put = tick
             self._put(Frame(self.camera.id, index - 1, now, image))
         return "ended"
 

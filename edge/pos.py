@@ -161,11 +161,11 @@ class DeskStats:
 
 def fresh_s(pipeline) -> float:
     """The oldest a camera's frame may be for an answer: FRESH_FRAME_S plus its frame interval: 1 / fps_limit, or
-    the gap its frames really come at (a camera sending 1 frame/s by itself, fps_limit unset), at most
-    MAX_FRAME_INTERVAL_S."""
+    the gap its reader passes frames on at (a camera sending 1 frame/s by itself, fps_limit unset), the larger,
+    at most MAX_FRAME_INTERVAL_S."""
     fps_limit = getattr(getattr(pipeline, "camera", None), "fps_limit", None)
     observed = getattr(pipeline, "frame_interval_s", None) or 0.0
-    return FRESH_FRAME_S + max(1.0 / fps_limit if fps_limit else 0.0, min(observed, MAX_FRAME_INTERVAL_S))
+    return FRESH_FRAME_S + min(max(1.0 / fps_limit if fps_limit else 0.0, observed), MAX_FRAME_INTERVAL_S)
 
 
 class PosDesk(threading.Thread):

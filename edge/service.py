@@ -6,7 +6,6 @@ All pipelines share one detector session and one `AgeBatcher`.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import queue
@@ -16,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -47,7 +46,6 @@ STALL_AFTER_S = 15.0  # a pipeline or an age-network call without progress this 
 # a till PC's clock after boot). Tracks, the inference budget and analytics intervals measure time
 # between frames; across a step they would wait until the clock caught up.
 CLOCK_STEP_S = 1.0
-FRAME_GAPS_KEPT = 9  # a camera's latest frame gaps, for its frame interval (frame_interval_s)
 # No wall clock that was ever set reads earlier than this: it is before this version was written. A PC
 # whose clock battery is dead boots into 2000 or 1970 until NTP sets it, or for good without NTP.
 EARLIEST_PLAUSIBLE_TIME = 1767225600.0  # 2026-01-01T00:00:00Z
@@ -118,17 +116,18 @@ class CameraPipeline(threading.Thread):
         self.finished = threading.Event()
         self.beat = time.monotonic()  # last sign of life of this thread (the watchdog's progress check)
         self.last_frame_time: float | None = None
-        # the latest gaps between this camera's frames (capture times), for how old a live camera's latest
-        # frame may be (edge/pos.py, fresh_s): a camera sending 1 frame/s by itself has no fps_limit to say so
-        self._frame_gaps: collections.deque[float] = collections.deque(maxlen=FRAME_GAPS_KEPT)
+        # its reader's latest frame gaps (set by the service), for how old a live camera's latest frame may be
+        # (edge/pos.py, fresh_s): a camera sending 1 frame/s by itself has no fps_limit to say so
+        self.frame_gaps: Sequence[float] = ()
         self.clock_steps = 0
         self.clock = time.time  # the wall clock, as the camera reader's (tests step both)
 
     @property
     def frame_interval_s(self) -> float | None:
-        """The median gap between this camera's latest frames (None before the second): its frame interval as it
-        really comes, whatever the camera or the fps_limit makes it. The median, so that one hang does not count."""
-        gaps = list(self._frame_gaps)
+        """The median gap between the latest frames its reader passed on (None before the second): its frame
+        interval as it really comes, whatever the camera or the fps_limit makes it. The median, so that one hang
+        does not count."""
+        gaps = list(self.frame_gaps)
         return statistics.median(gaps) if gaps else None
 
     def mark_transaction(self, event: str, transaction: str) -> None:
@@ -206,8 +205,6 @@ class CameraPipeline(threading.Thread):
         queued = None if self.replay else max(0.0, self.clock() - frame.timestamp)  # a replay's times are the video's
         if self.last_frame_time is not None and frame.timestamp < self.last_frame_time - CLOCK_STEP_S:
             self._clock_stepped_back(frame.timestamp)
-        elif self.last_frame_time is not None:
-            self._frame_gaps.append(frame.timestamp - self.last_frame_time)
         self.last_frame_time = frame.timestamp
         self._apply_transactions(frame.timestamp)
         self._count(frame.timestamp)
@@ -399,6 +396,7 @@ class Service:
             pipeline.camera_fault = lambda reader=reader: camera_fault(reader)
             pipeline.store_open = self.store_open
             pipeline.camera_status = reader.status
+            pipeline.frame_gaps = reader.frame_gaps
             pipeline.open_intervals = self.open_intervals
         self.desk = None
         self.notifier = SystemdNotifier.from_env() if not replay else SystemdNotifier()
