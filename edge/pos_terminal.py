@@ -76,8 +76,9 @@ def _describe_status(body: dict, now: float) -> str:
                and c.get("picture") in (None, "live"))
     model = body.get("age_model") if isinstance(body.get("age_model"), dict) else {}
     served = " ".join(str(model[k]) for k in ("tier", "variant", "provider") if model.get(k)) or "-"
-    age = f"{now - iso_seconds(body['time']):.0f} s ago" if isinstance(body.get("time"), str) and iso_seconds(body["time"]) \
-        else "-"
+    said_at = iso_seconds(body["time"]) if isinstance(body.get("time"), str) else None
+    age = "-" if said_at is None else f"{now - said_at:.0f} s ago" if now - said_at > -1 else \
+        f"{said_at - now:.0f} s ahead"  # its clock, or this one, is wrong
     problems = body.get("problems") if isinstance(body.get("problems"), list) else []
     old = stale(body, now)
     state, problems = ("stale", [old] + problems) if old is not None else (body.get("state"), problems)
@@ -203,18 +204,24 @@ class Terminal:
         return {**answer, "round_trip_ms": round(1000 * (time.monotonic() - sent), 1)}
 
     def _ask(self, topic: str, body: dict, wait_s: float):
-        """Send `body` with this terminal's Response Topic and a fresh Correlation Data; the reply's JSON (or {}
-        for one that is not JSON) if one comes within `wait_s`, else None."""
-        correlation = secrets.token_bytes(8)
+        """Send `body` with this terminal's reply topic, both ways (MQTT 5 Response Topic and Correlation Data, and
+        `reply_to` and `request_id` in the payload, for a daemon set to MQTT 3.1.1, which never sees properties);
+        the reply's JSON (or {} for one that is not JSON) if one comes within `wait_s`, else None."""
+        correlation, request_id = secrets.token_bytes(8), secrets.token_hex(8)
+        body = {**body, "request_id": request_id, "reply_to": self.reply_topic}
         replies: list = []
         done = threading.Event()
 
         def on_message(msg) -> None:
-            if msg.topic == self.reply_topic and getattr(msg.properties, "CorrelationData", None) == correlation:
-                try:
-                    replies.append(json.loads(msg.payload))
-                except (ValueError, RecursionError):
-                    replies.append({})
+            if msg.topic != self.reply_topic:
+                return
+            try:
+                reply = json.loads(msg.payload)
+            except (ValueError, RecursionError):
+                reply = {}
+            if getattr(msg.properties, "CorrelationData", None) == correlation or \
+                    isinstance(reply, dict) and reply.get("request_id") == request_id:
+                replies.append(reply)
                 done.set()
 
         if wait_s > 0:

@@ -175,6 +175,12 @@ def test_an_offline_daemons_problems_are_its_last_words():
     assert describe_status(body, 0.0).endswith("-  when it stopped: camera till-1 reconnecting; outbox in memory only")
 
 
+def test_a_status_stamped_ahead_says_so():
+    from edge.pos_terminal import describe_status
+    body = {"daemon": "pc", "state": "online", "time": "2026-11-27T09:00:00Z"}
+    assert "  3595 s ahead  stamped 3595 s ahead of this machine's clock" in describe_status(body, 1795766405.0)
+
+
 def test_a_closed_stores_status_says_so():
     from edge.pos_terminal import describe_status
     body = {"daemon": "pc", "state": "online", "store_open": False, "problems": [], "time": "2026-11-27T08:00:00Z",

@@ -8,7 +8,7 @@ import json
 import paho.mqtt.client as mqtt
 import pytest
 
-from tskit import Subscriber, start_daemon, stop_daemon, write_config
+from tskit import Subscriber, start_daemon, stop_daemon, tillsight, write_config
 
 BASE = "tillsight/store-1"
 
@@ -39,6 +39,14 @@ def test_a_starting_daemon_ignores_retained_pos_messages_and_its_status_gives_th
         pos.publish(f"{BASE}/till-1/check", json.dumps({"item": "alcohol", "request_id": "NEW-1", "reply_to": reply}),
                     qos=1).wait_for_publish(5)
         assert replies.wait_for(lambda s: any(b["request_id"] == "NEW-1" for b in s.json("/reply")), 10)
+        # the terminal POS is answered by a daemon of either protocol (reply_to and request_id in the payload too:
+        # a 3.1.1 daemon never sees a Response Topic), its check and a transaction's refusal alike
+        terminal = ["pos", "--port", str(broker.port), "--store", "store-1"]
+        asked = tillsight(*terminal, "check", "--camera", "till-1", "--timeout", "10")
+        assert asked.returncode == 0 and json.loads(asked.stdout)["camera"] == "till-1", asked.stderr
+        refused = tillsight(*terminal, "transaction", "end", "--camera", "till-1", "--id", "T-NOPE")
+        assert refused.returncode == 1 and refused.stderr.startswith(
+            "tillsight: error: the daemon refused the transaction end: transaction T-NOPE is not the one open"), refused
     finally:
         stop_daemon(process)
         pos.loop_stop()
@@ -47,7 +55,7 @@ def test_a_starting_daemon_ignores_retained_pos_messages_and_its_status_gives_th
     assert [b["request_id"] for b in replies.json("/reply")] == ["NEW-1"]
     assert all(b["transaction"] is None for b in seen.json("/till-1/estimate"))
     status = [b for b in seen.json("/till-pc/status") if "pos" in b][-1]
-    assert status["pos"]["rejected"] == 2 and status["pos"]["transactions"] == 0, status["pos"]
+    assert status["pos"]["rejected"] == 3 and status["pos"]["transactions"] == 0, status["pos"]  # and T-NOPE
     assert status["pos"]["deadline_s"] == 2.0
     said = [json.loads(line)["msg"] for line in log.read_text().splitlines() if line.startswith("{")]
     assert said.count("POS messages must be published with retain=false") == 2
