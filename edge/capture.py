@@ -243,10 +243,11 @@ class FramePacer:
     def passes(self, tick: float) -> bool:
         if self.due is not None and tick < self.due - self.slack:
             return False
-        # from the due time, not the frame's, so that early and late frames average out; after a gap (the camera
-        # or the pipeline stalled), from this frame: no burst to catch up
-        late = self.due is None or tick - self.due >= self.interval
-        self.due = tick + self.interval if late else self.due + self.interval
+        # from the due time, so that a frame early by up to the slack still passes; but at least an interval after
+        # this frame: after a late one (a stall, a gap) no burst to catch up, and never two within an interval
+        # less the slack
+        after_this = tick + self.interval
+        self.due = after_this if self.due is None else max(self.due + self.interval, after_this)
         return True
 
 

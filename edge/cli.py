@@ -677,10 +677,10 @@ def _expected_daemons(text: str | None) -> list[str]:
     import re
 
     from edge.config import NAME
-    if text is not None and not text.strip(" ,"):  # an empty variable in a monitoring check: not "expect none"
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    if text is not None and not names:  # an empty variable in a monitoring check: not "expect none"
         raise UserError(f"--expect {text!r}: no daemon id in it (give DAEMON[,DAEMON...], or leave --expect out)",
                         EXIT_USAGE)
-    names = [name.strip() for name in (text or "").split(",") if name.strip()]
     bad = next((name for name in names if not re.fullmatch(NAME, name)), None)
     if bad is not None:
         raise UserError(f"--expect {bad!r}: a daemon id is 1 to 64 letters, digits, '_' or '-'", EXIT_USAGE)

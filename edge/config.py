@@ -16,6 +16,7 @@ import ssl
 import stat
 import time
 import tomllib
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -120,9 +121,17 @@ def _is_still_image(path: str) -> bool:
     then refuses at every reconnect (edge/capture.py); `config check --live` passed it."""
     import cv2
     try:
-        return bool(cv2.haveImageReader(path))
+        if not cv2.haveImageReader(path):
+            return False
     except cv2.error:
         return False
+    # a raw MJPEG recording (JPEGs one after another, as an IP camera's stream copied to a file) starts like a
+    # photo too, and is a video: a still image is a file with no second frame
+    capture = cv2.VideoCapture(path)
+    try:
+        return not (capture.read()[0] and capture.read()[0])
+    finally:
+        capture.release()
 
 
 def _not_a_file(path: str | Path, what: str = "file") -> str:
@@ -529,7 +538,9 @@ def _missing_at_load(path: str | Path, info: ValidationInfo) -> bool:
     its models (`run`): a missing model is a start failure to retry (a model fetch or a mount still under way),
     said as `failed` with "model not found", not a config error that systemd never restarts. `config check` and a
     reload's check still refuse it."""
-    return bool(info.context and info.context.get("models_at_load")) and not _exists(str(path))
+    # an .onnx file only: a misspelt tier ("resnet-50") is a config error, not a file still on its way
+    return bool(info.context and info.context.get("models_at_load")) and Path(str(path)).suffix.lower() == ".onnx" \
+        and not _exists(str(path))
 
 
 class PolicyConfig(Strict):
@@ -644,7 +655,9 @@ def _is_text(head: bytes) -> bool:
         except UnicodeDecodeError:  # a cut surrogate pair at the end
             decoded = head[2:len(head) - len(head) % 2 - 2].decode("utf-16-le" if head[0] == 0xFF else "utf-16-be",
                                                                      errors="replace")
-        return all(ch.isprintable() or ch in "\t\n\r\f" for ch in decoded)
+        # spaces (no-break, ideographic), separators and format characters (soft hyphen, bidi marks) are text too
+        return all(ch.isprintable() or ch in "\t\n\r\f" or unicodedata.category(ch) in ("Zs", "Zl", "Zp", "Cf")
+                   for ch in decoded)
     if b"\0" in head:
         return False
     if all(byte >= 0x20 and byte != 0x7f or byte in TEXT_CONTROLS for byte in head):
@@ -933,12 +946,14 @@ def stream_key(source: str | int) -> str | None:
 
 
 def is_loopback(host: str) -> bool:
+    """This machine's own address: a loopback one, or 0.0.0.0 (which a connection takes for this machine)."""
     if host.lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    return address.is_loopback or address.is_unspecified
 
 
 def stream_fingerprint(source: str | int) -> str | None:

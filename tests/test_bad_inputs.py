@@ -67,6 +67,17 @@ def test_a_photo_given_as_the_video_is_one_line_not_a_one_frame_replay(suffix, t
         f"cameras.0.source: '{photo}' is a still image, not a video (`tillsight predict` ages the faces in a photo)")
 
 
+def test_a_raw_mjpeg_recording_is_a_video_not_a_photo(tmp_path):
+    """JPEGs one after another (an IP camera's MJPEG stream copied to a file) start like a photo, and are a video."""
+    import cv2
+    recording = tmp_path / "till.mjpeg"
+    recording.write_bytes(b"".join(cv2.imencode(".jpg", np.full((48, 64, 3), 20 * i, np.uint8))[1].tobytes()
+                                   for i in range(10)))
+    camera = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "till-1", "source": str(recording)}])
+    result = tillsight("config", "check", str(camera))
+    assert result.returncode == 0, result.stderr
+
+
 def test_a_folder_as_the_video_is_a_config_problem(tmp_path, broker, age_models):
     config = replay_config(tmp_path, broker.port, age_models[40])
     line = one_line_error(tillsight("replay", str(tmp_path), "--config", str(config), timeout=60), code=2)

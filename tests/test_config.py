@@ -469,7 +469,9 @@ def test_an_outbox_path_that_is_someone_elses_file_is_refused(tmp_path):
         f"outbox.path: {str(latin1)!r} is an existing text file, not an SQLite database")
     # notes mostly not ASCII (Cyrillic, Greek) and UTF-16 (a Windows editor's "Unicode"): moved away as damage too
     russian = "Касса 3: холодильник сломан, проверить размер.\r\n\tЗаказ для Миллера: молоко, хлеб.\n"
+    french = "Caisse 3\u00a0: frigo en panne\u00a0! Vérifier\u00ad la taille\u3000\n"  # no-break, soft hyphen
     for name, data in (("cp1251.txt", russian.encode("cp1251")), ("utf16.txt", russian.encode("utf-16")),
+                       ("utf16-fr.txt", french.encode("utf-16")),
                        ("greek.txt", "Ταμείο 3: το ψυγείο χάλασε, έλεγχος μεγέθους\n".encode("iso-8859-7"))):
         (tmp_path / name).write_bytes(data)
         assert problems(base(outbox={"path": str(tmp_path / name)}))[0].startswith(

@@ -488,7 +488,7 @@ def test_an_instance_given_another_daemons_outbox_says_failed_and_a_second_start
         assert "store id" not in lines["tills-c"]  # others did, under this store
         assert one_line_error(tillsight("status", *store[:-1], "--expect", "tills-a,a/b"), 2) == (
             "tillsight: error: --expect 'a/b': a daemon id is 1 to 64 letters, digits, '_' or '-'")
-        for empty in ("", ",", " , "):  # an empty variable in a monitoring check would have expected nobody
+        for empty in ("", ",", " , ", "\t", "\n"):  # an empty variable in a monitoring check expected nobody
             assert one_line_error(tillsight("status", *store[:-1], "--expect", empty), 2) == (
                 f"tillsight: error: --expect {empty!r}: no daemon id in it (give DAEMON[,DAEMON...], or leave "
                 "--expect out)")
@@ -764,6 +764,11 @@ def test_a_missing_model_file_is_a_start_failure_to_retry_not_a_config_error(bro
         assert (body["state"], body["problems"]) == ("failed", [line.removeprefix("tillsight: error: ")])
         assert one_line_error(tillsight("config", "check", str(config)), 2).startswith(f"models.{key}: ")
     assert tillsight("status", *store[:-1], "--forget", "till-pc-11").returncode == 0
+    # a misspelt tier is no file on its way: a config error (exit 2, not restarted)
+    typo = write_config(tmp_path / "typo.toml", store_id="store-1", daemon_id="till-pc-11",
+                        models={"age_model": "resnet-50"}, mqtt={"host": "127.0.0.1", "port": 9},
+                        cameras=[{"id": "till-7", "source": str(carphone_clip)}])
+    assert one_line_error(tillsight("run", "--config", str(typo)), 2).startswith("models.age_model: ")
 
 
 def test_a_daemon_refused_by_its_config_says_failed_and_which_keys(broker, tmp_path, carphone_clip):
@@ -1209,8 +1214,9 @@ def test_network_text_reaches_the_terminal_shown_not_acted_on(broker):
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     try:
-        client.publish(f"{BASE}/evil/status", json.dumps({"daemon": hostile, "state": "online",
-                                                          "problems": [hostile]}), qos=1, retain=True).wait_for_publish(5)
+        client.publish(f"{BASE}/evil/status", json.dumps({"daemon": hostile, "state": "online", "problems": [hostile],
+                                                          "time": datetime.now(timezone.utc).isoformat()}),
+                       qos=1, retain=True).wait_for_publish(5)
         watch = subprocess.Popen([sys.executable, "-m", "edge", "pos", "--port", str(broker.port), "--store", "store-1",
                                   "watch", "--seconds", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(2.5)  # the watcher has subscribed
