@@ -316,7 +316,8 @@ def cmd_run(args) -> int:
     from edge.outbox import OutboxInUse
     from edge.publish import publish_start_failure
     from edge.runtime import ModelError
-    from edge.service import Service, daemon_id
+    from edge.service import Service, daemon_id, keep_frames_private
+    keep_frames_private()  # before a frame is read, or a file written
     try:
         config = load_config(args.config, models_at_load=True)  # a missing model: "model not found", exit 1
     except ConfigError as exc:

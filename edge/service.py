@@ -642,6 +642,28 @@ class Service:
         return totals.__dict__
 
 
+def keep_frames_private() -> None:
+    """No camera frame may reach the disk, nor another process: a core dump holds every frame in memory (the unit's
+    watchdog restarts with SIGABRT, which dumps core where systemd-coredump or apport listens: 510 MB of them, whole
+    frames byte for byte, 2026-11-27 privacy review), so none is written (RLIMIT_CORE 0, the unit's LimitCORE=0 too)
+    and the process is not dumpable (PR_SET_DUMPABLE 0: no core even so, and no ptrace or /proc/PID/mem by another
+    process of the same user). What the daemon writes (the outbox, the analytics kept across restarts) is its user's
+    alone (umask 077, as the unit's UMask= does) when it runs by hand or in a container too."""
+    import ctypes
+    import resource
+    os.umask(0o077)
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE) failed")
+    except (OSError, ValueError, AttributeError) as exc:  # not Linux, or a sandbox that refuses it: said, run on
+        log.warning("core dumps could not be turned off: a crash could write camera frames to disk",
+                    extra={"error": str(exc)})
+
+
+PR_SET_DUMPABLE = 4  # linux/prctl.h
+
+
 def close_at_exec() -> None:
     """Mark every descriptor but stdin, stdout and stderr to close at the reload's exec: the new program opens what it
     needs itself. Python's own and FFmpeg's files and sockets close at exec already, but OpenCV's V4L2 backend opens

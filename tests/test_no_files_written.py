@@ -74,3 +74,42 @@ def test_with_an_outbox_configured_it_is_the_only_file_written(tmp_path, broker,
     assert '"alerts": 1' in result.stdout  # the alert went through the outbox (and left it: the file is empty)
     import sqlite3
     assert sqlite3.connect(outbox).execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
+
+
+def test_a_running_daemon_dumps_no_core_and_writes_its_files_for_itself_alone(tmp_path, broker, age_models,
+                                                                               carphone_clip):
+    """A core dump holds every camera frame in memory: the watchdog's SIGABRT wrote 510 MB of them where a core
+    handler listens (2026-11-27 privacy review). The daemon sets RLIMIT_CORE 0 and is not dumpable (no ptrace or
+    /proc/PID/mem by another process of its user), and what it writes is its user's alone when run by hand too."""
+    import os
+    import stat
+    import time
+    from pathlib import Path
+
+    from tskit import start_daemon, stop_daemon
+    config = write_config(tmp_path / "c.toml", store_id="s", daemon_id="till-pc", status_interval_s=1,
+                          cameras=[{"id": "till-1", "source": str(carphone_clip)}],
+                          mqtt={"host": "127.0.0.1", "port": broker.port}, models={"age_model": str(age_models[40])},
+                          outbox={"path": str(tmp_path / "state" / "outbox.sqlite3")})
+    (tmp_path / "state").mkdir()
+    previous = os.umask(0o022)  # a shell's usual: the daemon's files would be readable by every user
+    try:
+        daemon = start_daemon(config, tmp_path / "daemon.log")
+    finally:
+        os.umask(previous)
+    try:
+        deadline = time.monotonic() + 40
+        while not (tmp_path / "state" / "outbox.sqlite3").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        limits = Path(f"/proc/{daemon.pid}/limits").read_text()
+        [core] = [line for line in limits.splitlines() if line.startswith("Max core file size")]
+        assert core.split()[4:6] == ["0", "0"], core
+        probe = subprocess.run([sys.executable, "-c", "import ctypes, os; from edge.service import keep_frames_private; "
+                                "keep_frames_private(); print(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0), oct(os.umask(0)))"],
+                               cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert probe.stdout.split() == ["0", "0o77"], probe  # PR_GET_DUMPABLE: 0
+    finally:
+        stop_daemon(daemon)
+    written = [path for path in (tmp_path / "state").iterdir()]
+    assert written and all(stat.S_IMODE(path.stat().st_mode) & 0o077 == 0 for path in written), \
+        [(path.name, oct(path.stat().st_mode)) for path in written]
