@@ -498,6 +498,29 @@ def _histogram(texts: list[str], metric: str, label: str | None) -> dict | None:
             "p99_ms": None if p99 == float("inf") else round(1000 * p99, 1)}
 
 
+WORKDIR_PREFIX = "tillsight-bench-"
+
+
+def remove_stale_workdirs() -> None:
+    """The work folders of earlier benches that were killed before their cleanup (SIGKILL, the OOM killer): they hold
+    copies of the video, which may be a till's recording of customers."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        try:
+            os.kill(int((folder / "pid").read_text()), 0)
+            continue  # its bench still runs
+        except PermissionError:
+            continue  # another user's bench still runs
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):  # no pid yet: one made a moment ago is left to its bench
+            try:
+                if time.time() - folder.stat().st_mtime < 60:
+                    continue
+            except OSError:
+                continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def staggered_copies(video: Path, count: int, workdir: Path) -> list[Path]:
     """The clip `count` times, each starting a different way into it: independent tills do not see
     their customers arrive in the same frame (the same clip in step would make every burst coincide)."""
@@ -627,7 +650,9 @@ def run_bench(opts: BenchOptions, data: Path) -> dict:
         _print_speed(report["model_speed"])
     served = _merge({"models": {"age_variant": served_variant(onnx_path)}}, opts.config)
     report["served_variant"] = served["models"]["age_variant"]
-    workdir = Path(tempfile.mkdtemp(prefix="tillsight-bench-"))  # the clip's copies, configs, daemons' logs
+    remove_stale_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))  # the clip's copies (0700), configs, daemons' logs
+    (workdir / "pid").write_text(str(os.getpid()))
     try:
         with LocalBroker() as broker:
             report["one_camera"] = pipeline_stages(opts.video, model, broker, served)

@@ -168,3 +168,26 @@ def test_the_camera_runs_measure_from_the_daemons_first_status_and_a_daemon_that
     finally:
         running.kill()
         running.communicate()
+
+
+def test_a_killed_benchs_copies_of_its_video_are_removed_by_the_next(tmp_path, monkeypatch):
+    """The bench copies its video (maybe a till's recording of customers) into a temporary folder, removed at its
+    end; one killed before (SIGKILL, the OOM killer) left them. The next bench removes the folders of benches that
+    no longer run, and leaves a running one's, and one made a moment ago."""
+    import os
+    import subprocess
+    import tempfile
+
+    from edge.bench import WORKDIR_PREFIX, remove_stale_workdirs
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    folders = {name: tmp_path / f"{WORKDIR_PREFIX}{name}" for name in ("killed", "running", "new", "old")}
+    for name, folder in folders.items():
+        folder.mkdir()
+        (folder / "camera-1-of-2.mp4").write_bytes(b"frames")
+    (folders["killed"] / "pid").write_text(str(gone.pid))
+    (folders["running"] / "pid").write_text(str(os.getpid()))
+    os.utime(folders["old"], (0, 0))  # no pid file, and long ago: killed while it started
+    remove_stale_workdirs()
+    assert sorted(f.name for f in tmp_path.iterdir()) == [f"{WORKDIR_PREFIX}new", f"{WORKDIR_PREFIX}running"]
