@@ -17,9 +17,10 @@ bounded inbox, at most `MAX_PENDING` checks waiting per camera, a worker thread
 that answers, and rate-limited warnings. A retained message is ignored (it would
 be acted on again at every start of the daemon). A bad request that names a
 valid reply topic gets an error reply, with the request's own ids where they are
-valid. Reply topics must lie under `<prefix>/<store>/pos/`, so a request cannot
-make the daemon publish into its own alert or status topics, and may not end in
-a level the daemons read (check, transaction, status).
+valid. Reply topics must lie under `<prefix>/<store>/pos/`, two levels deep at
+least, so a request cannot make the daemon publish into its own alert or status
+topics (nor `…/pos/alert`, a camera called pos's to a `+/alert` subscriber), and
+may not end in a level the daemons read (check, transaction, status).
 
 An answer is made only from a frame captured at most `FRESH_FRAME_S` (plus one
 frame interval: the camera's `fps_limit`'s, or the gap its frames come at) ago: while
@@ -258,9 +259,14 @@ class PosDesk(threading.Thread):
             self._queue(Refusal(reply_to, error_payload(kind, camera_id, why, echo), correlation), reply_to)
 
     def valid_reply_topic(self, topic: str) -> bool:
+        """Under <prefix>/<store>/pos/, two levels deep at least (a terminal's own, then its reply), none empty: one
+        level deep, `.../pos/alert` is the alert topic of a camera called pos to every subscriber of `+/alert`
+        and the bridge to HQ (2026-11-27 privacy review: a check's answer, age and track, planted there); never
+        ending in a level the daemons read."""
+        levels = topic.removeprefix(f"{self.base}/pos/").split("/")
         return (topic.startswith(f"{self.base}/pos/") and len(topic) <= MAX_REPLY_TOPIC
                 and not any(c in topic for c in "+#\0") and topic.isprintable()
-                and topic.rsplit("/", 1)[1] not in READ_LEVELS)
+                and len(levels) >= 2 and all(levels) and levels[-1] not in READ_LEVELS)
 
     # ------------------------------------------------------------ on the desk's own thread
 

@@ -163,14 +163,16 @@ def test_replies_only_go_under_the_pos_topics_and_unknown_cameras_are_refused():
     desk, replies = desk_with(Till(CustomerView(1, 40.0, 2.0, 4, (0, 0, 50, 50))))
     check(desk, {"reply_to": f"{BASE}/till-1/alert"})  # would forge an alert
     check(desk, {"reply_to": f"{BASE}/pos/#"})
-    for level in ("check", "transaction", "status", "x/check", "x/transaction"):  # read by the daemons themselves
+    for level in ("check", "transaction", "status", "x/check", "x/transaction",  # read by the daemons themselves
+                  "alert", "estimate", "analytics", "x",  # one level: a camera called pos's events (+/alert)
+                  "x//reply", "x/"):  # an empty level
         check(desk, {"reply_to": f"{BASE}/pos/{level}"})
         check(desk, {"reply_to": f"{BASE}/pos/{level}"}, camera="till-9")  # nor an error reply
     check(desk, {"reply_to": REPLY}, camera="till-9")
     time.sleep(0.3)
     desk.close()
     assert [(t, b["decision"], b["error"]) for t, b, _ in replies] == [(REPLY, "error", "unknown camera 'till-9'")]
-    assert desk.stats.rejected == 13 and desk.stats.answered == 0
+    assert desk.stats.rejected == 25 and desk.stats.answered == 0
     assert desk.valid_reply_topic(f"{BASE}/pos/lane-3/checks") and desk.valid_reply_topic(f"{BASE}/pos/check/reply")
 
 
