@@ -18,6 +18,7 @@ store broker's ACL lets only daemons write there: deploy/README.md).
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import threading
 import time
@@ -93,6 +94,15 @@ def stale(body: dict, now: float) -> str | None:
             "s: the daemon hung, or went while the broker was down, or a clock is wrong")
 
 
+DAEMON_LEVEL = re.compile(r"[A-Za-z0-9_-]{1,64}")  # edge.config.NAME, a daemon_id's rule
+NAMED_AT_MOST = 3  # peers named in one problem line: a flood of made-up ones must not bloat the status
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:NAMED_AT_MOST]) + (f" and {len(names) - NAMED_AT_MOST} more" if len(names) > NAMED_AT_MOST
+                                               else "")
+
+
 class PeerStatus(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
     state: Annotated[str, Field(max_length=32)]
@@ -141,6 +151,11 @@ class Peers:
 
     def _see(self, topic: str, payload: bytes, retained: bool) -> None:
         daemon_id = topic[len(self.status_base) + 1:].rpartition("/")[0]
+        # a daemon id by the config's own rule: a made-up status under a 60,000-character level went into this
+        # daemon's problems and status, over the broker's packet limit, and the broker dropped its every connection
+        if not DAEMON_LEVEL.fullmatch(daemon_id):
+            raise ValueError(f"{daemon_id[:64]!r}… is no daemon id" if len(daemon_id) > 64 else
+                             f"{daemon_id!r} is no daemon id")
         if len(payload) > MAX_STATUS_BYTES:
             raise ValueError(f"{len(payload)} bytes")
         if not payload:
@@ -196,12 +211,12 @@ class Peers:
         others = sorted({p.daemon_id + (" (another instance)" if p.daemon_id == self.daemon_id else "")
                          for p in peers if camera_id in p.cameras})
         if others:
-            return f"also served by daemon {', '.join(others)}: each camera id belongs to one daemon"
+            return f"also served by daemon {_some(others)}: each camera id belongs to one daemon"
         stream = self.streams.get(camera_id)
-        shared = sorted({f"{p.daemon_id}'s {p.streams[stream]}" for p in peers if stream in p.streams})
+        shared = sorted({f"{p.daemon_id}'s {p.streams[stream][:64]}" for p in peers if stream in p.streams})
         if stream is None or not shared:
             return None
-        return (f"shows the same stream as daemon {', '.join(shared)}: two tills would be answered about one "
+        return (f"shows the same stream as daemon {_some(shared)}: two tills would be answered about one "
                 "till's customer")
 
     def problems(self) -> list[str]:
