@@ -168,7 +168,9 @@ def _path_test(test, text: str | Path, what: str) -> bool:
 
 
 # Query parameters that carry a camera's credentials (MJPEG cameras: ...video.cgi?user=admin&pwd=...)
-SECRET_PARAM = re.compile(r"pass|pwd|secret|token|key|auth|sig", re.IGNORECASE)
+# what names a secret in a stream URL's query, or in its path as IP cameras put it (rtsp://h/user=admin&password=…
+# XMEye, ?loginuse=&loginpas= Foscam, ?u=&p=, ?pw=, ?psw=): its value is never shown
+SECRET_PARAM = re.compile(r"pass|pas$|pwd|psw|secret|token|key|auth|sig|cred|^pw$|^p$", re.IGNORECASE)
 
 
 DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443, "rtmp": 1935}
@@ -189,9 +191,18 @@ def redact_url(url: str) -> str:
         if query and any(SECRET_PARAM.search(name) for name, _ in parse_qsl(query, keep_blank_values=True)):
             query = urlencode([(name, "***" if SECRET_PARAM.search(name) else value)
                                for name, value in parse_qsl(query, keep_blank_values=True)], safe="*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        path = "/".join(_secrets_hidden(segment) for segment in parts.path.split("/"))
+        return urlunsplit((parts.scheme, netloc, path, query, parts.fragment))
     except ValueError:  # not even a URL's shape: nothing of it is shown
         return "<stream URL>"
+
+
+def _secrets_hidden(segment: str) -> str:
+    """A path segment of name=value pairs (joined by & or ;) with each secret's value as ***."""
+    if "=" not in segment:
+        return segment
+    return re.sub(r"([^&;=]+)=([^&;]*)", lambda m: f"{m.group(1)}=***" if SECRET_PARAM.search(m.group(1)) else m.group(0),
+                  segment)
 
 
 def has_secret(url: str) -> bool:

@@ -297,6 +297,13 @@ def test_a_camera_password_is_shown_as_stars_and_a_config_holding_one_must_not_b
         "http://cam/videostream.cgi?user=admin&pwd=***&rate=0"
     assert redact_url("rtsps://u:p@[::1]:322/a?token=abc") == "rtsps://u:***@[::1]:322/a?token=***"
     assert redact_url("rtsp://a:b@c@host/x") == "rtsp://a:***@host/x"  # an @ in the password
+    # as IP cameras take them in the path (XMEye, Dahua) and under other names (Foscam, and short ones): the
+    # status reached HQ with "cannot open source 'rtsp://10.0.0.5:554/user=admin&password=XmEyE-S3cret…'"
+    assert redact_url("rtsp://10.0.0.5:554/user=admin&password=XmEyE-S3cret&channel=1&stream=0.sdp") == \
+        "rtsp://10.0.0.5:554/user=admin&password=***&channel=1&stream=0.sdp"
+    assert redact_url("http://cam/videostream.cgi?loginuse=admin&loginpas=S3cret") == \
+        "http://cam/videostream.cgi?loginuse=admin&loginpas=***"
+    assert redact_url("rtsp://h/x?pw=a&psw=b&u=c&p=d&credentials=e") == "rtsp://h/x?pw=***&psw=***&u=c&p=***&credentials=***"
     for plain in ("rtsp://admin@cam/x", "http://cam/video.mjpg", "rtsp://10.0.0.5/live?channel=1"):
         assert redact_url(plain) == plain
     line = one_line_error(tillsight("config", "check", str(write_config(
