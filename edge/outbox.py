@@ -30,6 +30,7 @@ disk.
 from __future__ import annotations
 
 import fcntl
+import glob
 import logging
 import os
 import sqlite3
@@ -41,6 +42,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+CORRUPT_KEPT_S = 7 * 86_400  # a corrupt file set aside is kept this long for a person to look at, then removed
+WAL_TRUNCATE_EVERY_S = 30.0  # at most this often an empty outbox's write-ahead log is cut to nothing (an fsync)
 SCHEMA = """CREATE TABLE IF NOT EXISTS outbox (
     key INTEGER PRIMARY KEY AUTOINCREMENT,
     created REAL NOT NULL,
@@ -90,8 +93,10 @@ class Outbox:
         self.set_aside: dict | None = None  # a corrupt file moved away at start: {"file", "recovered"}
         self._lock_fd: int | None = None
         self._closed = False
+        self._truncated_at = float("-inf")  # monotonic time of the last write-ahead log truncation
         if path is not None:
             self._claim(path, owner)
+            _forget_old_corrupt(path)
             self._open(path)
 
     def _claim(self, path: Path, owner: str | None) -> None:
@@ -131,6 +136,7 @@ class Outbox:
                     raise sqlite3.DatabaseError(f"integrity check failed: {check}")
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
+                db.execute("PRAGMA secure_delete=ON")  # a message acknowledged is overwritten, not left in free pages
                 db.execute(SCHEMA)
                 rows = db.execute("SELECT key, created, topic, payload, qos, retain FROM outbox ORDER BY key").fetchall()
             except BaseException:
@@ -201,6 +207,7 @@ class Outbox:
             try:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
+                db.execute("PRAGMA secure_delete=ON")
                 db.execute(SCHEMA)
                 db.execute("BEGIN")
                 db.execute("DELETE FROM outbox")  # rows acknowledged meanwhile could not be deleted then
@@ -237,6 +244,12 @@ class Outbox:
             chunk = keys[start : start + 500]
             self._write(f"DELETE FROM outbox WHERE key IN ({','.join('?' * len(chunk))})", tuple(chunk))
         self._pragma("synchronous=FULL")  # every add: on disk before it is published
+        # The write-ahead log keeps every message written since its last reset, acknowledged or not (197 estimates
+        # with their transaction ids after a kill -9, 2026-11-27 privacy review): once nothing waits, it is folded
+        # into the file (whose deleted rows secure_delete zeroed) and cut to nothing, at most every 30 s.
+        if not self._rows and time.monotonic() - self._truncated_at >= WAL_TRUNCATE_EVERY_S:
+            self._truncated_at = time.monotonic()
+            self._pragma("wal_checkpoint(TRUNCATE)")
 
     def _pragma(self, setting: str) -> None:
         if self._db is not None:
@@ -306,6 +319,18 @@ class Outbox:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
+
+
+def _forget_old_corrupt(path: Path) -> None:
+    """The corrupt files set aside more than CORRUPT_KEPT_S ago: their messages (per-person records) are long past
+    delivering (outbox.max_age_s), and a file kept for ever is a record kept for ever."""
+    for aside in path.parent.glob(f"{glob.escape(path.name)}.corrupt-*"):
+        try:
+            if time.time() - aside.stat().st_mtime > CORRUPT_KEPT_S:
+                aside.unlink()
+                log.info("an outbox file set aside as corrupt long ago removed", extra={"file": str(aside)})
+        except OSError:
+            pass
 
 
 def _corrupt(error: BaseException) -> bool:
