@@ -25,7 +25,7 @@ OUTAGE_S = 30.0  # how long HQ is down (the issue's figure)
 DURING_OUTAGE = 60  # messages published while HQ is down, spread over the outage
 BEFORE_OUTAGE = 20
 DELIVERY_S = 15.0  # after HQ is back: the bridge retries at most 10 s apart (restart_timeout 2 10)
-TOPIC = "tillsight/store-0042/till-1/alert"
+TOPIC = "tillsight/store-0042/till-1/analytics"  # what the shipped file bridges (not alerts: personal)
 
 
 STORE = "store-0042"  # the shipped file's store, and its identity at HQ
@@ -152,11 +152,17 @@ def test_hq_is_told_when_a_stores_link_goes_down_and_comes_back_and_the_store_sp
     try:
         assert consumer.wait_for(lambda c: link_states(c) == [b"1"], 5), link_states(consumer)  # retained
         # a daemon configured with another store's id: the bridge forwards it, HQ's ACL drops it
-        for topic in ("tillsight/store-0099/till-1/alert", TOPIC):
+        for topic in ("tillsight/store-0099/till-1/analytics", TOPIC):
             daemon.publish(topic, json.dumps({"seq": 0}), qos=1).wait_for_publish(5)
         assert consumer.wait_for(lambda c: c.json(TOPIC), 10)
         time.sleep(0.5)
-        assert not consumer.json("store-0099/till-1/alert"), "HQ took a message for another store"
+        assert not consumer.json("store-0099/till-1/analytics"), "HQ took a message for another store"
+        # per-person records stay in the store: a customer's age, face box and receipt id (privacy review)
+        for kind in ("alert", "estimate", "analytics/transaction"):
+            daemon.publish(f"tillsight/{STORE}/till-1/{kind}", json.dumps({"seq": 1}), qos=1).wait_for_publish(5)
+        daemon.publish(TOPIC, json.dumps({"seq": 2}), qos=1).wait_for_publish(5)
+        assert consumer.wait_for(lambda c: len(c.json(TOPIC)) == 2, 10)  # after them, in order
+        assert [t for t, _, _ in consumer.messages if "/till-1/" in t and not t.endswith("/analytics")] == []
 
         store.process.kill()  # a power cut in the store, or its broker killed: the bridge's will at HQ
         store.process.wait()
