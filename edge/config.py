@@ -937,7 +937,7 @@ def too_few_samples_kept(config: Config) -> list[str]:
 def config_warnings(config: Config) -> list[str]:
     """What `config check` and the daemon's start warn of, a line each: the daemon runs, but should not so."""
     return (exposed_secrets(config) + unstable_devices(config) + repeated_streams(config) + absent_devices(config)
-            + hours_in_utc(config))
+            + hours_in_utc(config) + weak_anonymity(config))
 
 
 def stream_key(source: str | int) -> str | None:
@@ -995,6 +995,29 @@ def repeated_streams(config: Config) -> list[str]:
                          f"({camera.shown_source}) twice: both tills would be answered about one till's customer")
         first.setdefault(key, index)
     return found
+
+
+MIN_ANONYMOUS_K = 5  # analytics.k below it: a published count can single a customer out
+MIN_ANONYMOUS_INTERVAL_S = 300  # analytics.interval_s below it: a count per interval is near a customer per message
+
+
+def weak_anonymity(config: Config) -> list[str]:
+    """Analytics settings that make the store's statistics records of people (2026-11-27 privacy review: k = 1,
+    1 s intervals and per-transaction messages passed without a word)."""
+    analytics = config.analytics
+    if not analytics.enabled:
+        return []
+    said = []
+    if analytics.k < MIN_ANONYMOUS_K:
+        said.append(f"analytics.k: {analytics.k}: a band of fewer than {MIN_ANONYMOUS_K} customers can single one "
+                    "out (with the till's own records)")
+    if analytics.interval_s < MIN_ANONYMOUS_INTERVAL_S:
+        said.append(f"analytics.interval_s: {analytics.interval_s:g} s: intervals this short count a customer or "
+                    f"two each; {MIN_ANONYMOUS_INTERVAL_S} s or more keeps them statistics")
+    if analytics.per_transaction:
+        said.append("analytics.per_transaction: each purchase's age band is personal data once joined with the POS's "
+                    "records: a lawful basis, a notice at the till and a retention limit (README, privacy note)")
+    return said
 
 
 def hours_in_utc(config: Config) -> list[str]:

@@ -576,3 +576,15 @@ def test_one_stream_named_by_two_cameras_is_a_warning(tmp_path):
     assert (checked.returncode, checked.stderr.strip()) == (0, (
         "warning: cameras.0.source, cameras.2.source: the same stream (rtsp://10.1.2.3:554/stream1) twice: both "
         "tills would be answered about one till's customer")), checked.stderr
+
+
+def test_analytics_that_single_customers_out_are_warned_of(tmp_path):
+    """k = 1, one-second intervals and per-transaction messages passed `config check` without a word (2026-11-27
+    privacy review): each is a warning now (the store may have its reasons: a lawful basis, a notice)."""
+    config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "a", "source": 0}],
+                          analytics={"k": 1, "interval_s": 1, "per_transaction": True})
+    result = tillsight("config", "check", str(config))
+    assert result.returncode == 0 and [line.split(":")[1] for line in result.stderr.splitlines()] == [
+        " analytics.k", " analytics.interval_s", " analytics.per_transaction"], result.stderr
+    quiet = write_config(tmp_path / "d.toml", store_id="s", cameras=[{"id": "a", "source": 0}])
+    assert tillsight("config", "check", str(quiet)).stderr == ""
