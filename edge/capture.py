@@ -147,6 +147,8 @@ def missing_device(camera: CameraConfig) -> str | None:
     """Why a camera named by its device path cannot be opened now, or None."""
     if is_v4l_device(camera.source) and device_index(camera.source) is None:
         return f"{camera.source} is not there (the camera is unplugged, or its USB port or hub lost power)"
+    if camera.is_file and not os.path.exists(str(camera.source)):  # moved or deleted since the start
+        return f"video file {camera.shown_source!r} not found"
     return None
 
 

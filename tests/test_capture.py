@@ -555,3 +555,24 @@ def test_a_live_file_at_fps_limit_passes_on_every_frame(tmp_path):
     reader.join(5)
     indices = [received.get_nowait().index for _ in range(received.qsize())]
     assert indices == list(range(len(indices))) and len(indices) >= 19, indices  # none skipped
+
+
+def test_a_video_file_deleted_while_it_stands_in_for_a_camera_is_said_not_found(tmp_path):
+    """At its next pass the file cannot be opened: "not found", as `config check` says, not "cannot open source"."""
+    clip = tmp_path / "till.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
+    for i in range(10):
+        writer.write(np.full((48, 64, 3), 20 * i, np.uint8))
+    writer.release()
+    stop = threading.Event()
+    reader = CameraReader(CameraConfig(id="c", source=str(clip), fps_limit=5, picture_check_s=0),
+                          queue.Queue(maxsize=2), stop)
+    reader.start()
+    time.sleep(0.3)
+    clip.unlink()
+    deadline = time.monotonic() + 10
+    while reader.status.last_error is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    reader.join(5)
+    assert reader.status.last_error == f"video file {str(clip)!r} not found", reader.status.last_error
