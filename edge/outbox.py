@@ -94,6 +94,7 @@ class Outbox:
         self._lock_fd: int | None = None
         self._closed = False
         self._truncated_at = float("-inf")  # monotonic time of the last write-ahead log truncation
+        self._wal_holds_done = False  # acknowledged messages may be in the write-ahead log (tidy())
         if path is not None:
             self._claim(path, owner)
             _forget_old_corrupt(path)
@@ -169,6 +170,7 @@ class Outbox:
                 source = Path(f"{path}{suffix}")
                 if source.exists():
                     source.rename(f"{aside}{suffix}")
+                    os.utime(f"{aside}{suffix}")  # its week (CORRUPT_KEPT_S) runs from now, not its last write
         except OSError as exc:
             self._to_memory(f"cannot use {path}: {error}; and cannot move it aside: {exc}")
             return
@@ -244,12 +246,32 @@ class Outbox:
             chunk = keys[start : start + 500]
             self._write(f"DELETE FROM outbox WHERE key IN ({','.join('?' * len(chunk))})", tuple(chunk))
         self._pragma("synchronous=FULL")  # every add: on disk before it is published
-        # The write-ahead log keeps every message written since its last reset, acknowledged or not (197 estimates
-        # with their transaction ids after a kill -9, 2026-11-27 privacy review): once nothing waits, it is folded
-        # into the file (whose deleted rows secure_delete zeroed) and cut to nothing, at most every 30 s.
-        if not self._rows and time.monotonic() - self._truncated_at >= WAL_TRUNCATE_EVERY_S:
+        self._wal_holds_done = True
+
+    def tidy(self) -> None:
+        """Called every tick by the service (its own thread, not paho's). The write-ahead log keeps every message
+        written since its last reset, acknowledged or not (197 estimates with their transaction ids after a kill -9,
+        2026-11-27 privacy review): once nothing waits, it is folded into the file (whose deleted rows
+        secure_delete zeroed) and cut to nothing, at most every WAL_TRUNCATE_EVERY_S, so an acknowledged message
+        is gone from the disk within that. A reader holding the file (a backup tool) is not waited for: the next
+        tick tries again; a failure is no reason to leave the disk (the messages are safe either way)."""
+        if not self._wal_holds_done or time.monotonic() - self._truncated_at < WAL_TRUNCATE_EVERY_S:
+            return
+        with self._lock:
+            if self._db is None or self._rows:
+                return
             self._truncated_at = time.monotonic()
-            self._pragma("wal_checkpoint(TRUNCATE)")
+            try:
+                self._db.execute("PRAGMA busy_timeout=0")
+                busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                self._wal_holds_done = bool(busy)
+            except sqlite3.Error as exc:
+                log.debug("outbox write-ahead log not truncated", extra={"reason": str(exc)})
+            finally:
+                try:
+                    self._db.execute("PRAGMA busy_timeout=5000")
+                except sqlite3.Error:
+                    pass
 
     def _pragma(self, setting: str) -> None:
         if self._db is not None:

@@ -588,6 +588,7 @@ class Service:
                 break
             self.stop_event.wait(0.1)
             self.publisher.send_held()  # what paho's full queue held back in the outbox, once it has room
+            self.outbox.tidy()  # acknowledged messages off the disk
             key = self._state_key()
             if key != last_key:
                 # new problems are logged (a replay reports in its closing line instead); ones from the start,
