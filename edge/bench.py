@@ -505,20 +505,13 @@ def remove_stale_workdirs() -> None:
     """The work folders of earlier benches that were killed before their cleanup (SIGKILL, the OOM killer): they hold
     copies of the video, which may be a till's recording of customers."""
     for folder in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
-        try:
+        try:  # a bench's own work folder has its pid in it: any other folder (a user's --out) is not ours
             os.kill(int((folder / "pid").read_text()), 0)
             continue  # its bench still runs
-        except PermissionError:
-            continue  # another user's bench still runs
         except ProcessLookupError:
-            pass
-        except (OSError, ValueError):  # no pid yet: one made a moment ago is left to its bench
-            try:
-                if time.time() - folder.stat().st_mtime < 60:
-                    continue
-            except OSError:
-                continue
-        shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
+        except (OSError, ValueError):  # not a work folder, another user's bench still running, or no pid yet
+            continue
 
 
 def staggered_copies(video: Path, count: int, workdir: Path) -> list[Path]:

@@ -182,12 +182,12 @@ def test_a_killed_benchs_copies_of_its_video_are_removed_by_the_next(tmp_path, m
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.Popen(["true"])
     gone.wait()
-    folders = {name: tmp_path / f"{WORKDIR_PREFIX}{name}" for name in ("killed", "running", "new", "old")}
+    folders = {name: tmp_path / f"{WORKDIR_PREFIX}{name}" for name in ("killed", "running", "new", "h100")}
     for name, folder in folders.items():
         folder.mkdir()
         (folder / "camera-1-of-2.mp4").write_bytes(b"frames")
     (folders["killed"] / "pid").write_text(str(gone.pid))
     (folders["running"] / "pid").write_text(str(os.getpid()))
-    os.utime(folders["old"], (0, 0))  # no pid file, and long ago: killed while it started
+    os.utime(folders["h100"], (0, 0))  # a user's `--out /tmp/tillsight-bench-h100`, long ago: no pid, not ours
     remove_stale_workdirs()
-    assert sorted(f.name for f in tmp_path.iterdir()) == [f"{WORKDIR_PREFIX}new", f"{WORKDIR_PREFIX}running"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == [f"{WORKDIR_PREFIX}{name}" for name in ("h100", "new", "running")]
