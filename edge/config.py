@@ -170,11 +170,22 @@ def _path_test(test, text: str | Path, what: str) -> bool:
 # Query parameters that carry a camera's credentials (MJPEG cameras: ...video.cgi?user=admin&pwd=...)
 # what names a secret in a stream URL's query, or in its path as IP cameras put it (rtsp://h/user=admin&password=…
 # XMEye, ?loginuse=&loginpas= Foscam, ?u=&p=, ?pw=, ?psw=): its value is never shown
-SECRET_PARAM = re.compile(r"pass|pas$|pwd|psw|secret|token|key|auth|sig|cred|^pw$|^p$", re.IGNORECASE)
+SECRET_PARAM = re.compile(r"pass|pas$|pwd|psw|secret|token|api_?key|^key$|auth|^sig$|signature|cred|^pw$|^p$",
+                          re.IGNORECASE)  # long ones anywhere in a name, short ones whole (signal=, keyframe= are not)
+
+
+def _not_the_stream(name: str) -> bool:
+    """A parameter that says who logs in, not which stream: a secret or a login. `p` is shown as *** but stays in
+    the stream's identity: as often a stream selector (?p=1, ?p=2) as a password, and two streams taken for one
+    would make both tills degraded."""
+    return (bool(SECRET_PARAM.search(name)) and name.lower() != "p") or bool(LOGIN_PARAM.fullmatch(name))
+# name=value pairs in a path segment, as IP cameras take them: joined by &, ; or _ (XMEye:
+# /user=admin_password=…_channel=1_stream=0.sdp); a value runs to the next pair
+PATH_PAIR = re.compile(r"(^|[&;_])([A-Za-z][A-Za-z0-9]*)=(.*?)(?=[&;_][A-Za-z][A-Za-z0-9]*=|$)")
 
 
 DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "http": 80, "https": 443, "rtmp": 1935}
-LOGIN_PARAM = re.compile(r"(?i)user(name)?|login|account|usr")  # who logs in: not which stream
+LOGIN_PARAM = re.compile(r"(?i)user(name)?|login|loginuse|account|usr|u")  # who logs in (fullmatch): not which stream
 
 
 def redact_url(url: str) -> str:
@@ -198,11 +209,20 @@ def redact_url(url: str) -> str:
 
 
 def _secrets_hidden(segment: str) -> str:
-    """A path segment of name=value pairs (joined by & or ;) with each secret's value as ***."""
+    """A path segment of name=value pairs with each secret's value as ***."""
     if "=" not in segment:
         return segment
-    return re.sub(r"([^&;=]+)=([^&;]*)", lambda m: f"{m.group(1)}=***" if SECRET_PARAM.search(m.group(1)) else m.group(0),
-                  segment)
+    return PATH_PAIR.sub(lambda m: f"{m.group(1)}{m.group(2)}=***" if SECRET_PARAM.search(m.group(2)) else m.group(0),
+                         segment)
+
+
+def _logins_left_out(segment: str) -> str:
+    """A path segment without its secret and login pairs: one camera under two logins is one stream."""
+    pairs = list(PATH_PAIR.finditer(segment))
+    if not pairs:
+        return segment
+    kept = [f"{m.group(2)}={m.group(3)}" for m in pairs if not _not_the_stream(m.group(2))]
+    return segment[:pairs[0].start()] + "&".join(kept)
 
 
 def has_secret(url: str) -> bool:
@@ -948,10 +968,11 @@ def stream_key(source: str | int) -> str | None:
     try:
         parts = urlsplit(source)
         query = sorted((name, value) for name, value in parse_qsl(parts.query, keep_blank_values=True)
-                       if not SECRET_PARAM.search(name) and not LOGIN_PARAM.fullmatch(name))
+                       if not _not_the_stream(name))
         scheme = parts.scheme.lower()
         port = parts.port or DEFAULT_PORTS.get(scheme)  # rtsp://h/x and rtsp://h:554/x are one stream
-        return f"{scheme}://{(parts.hostname or '').lower()}:{port}{parts.path or '/'}?{urlencode(query)}"
+        path = "/".join(_logins_left_out(segment) for segment in (parts.path or "/").split("/"))
+        return f"{scheme}://{(parts.hostname or '').lower()}:{port}{path}?{urlencode(query)}"
     except ValueError:
         return None
 

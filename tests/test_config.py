@@ -304,6 +304,15 @@ def test_a_camera_password_is_shown_as_stars_and_a_config_holding_one_must_not_b
     assert redact_url("http://cam/videostream.cgi?loginuse=admin&loginpas=S3cret") == \
         "http://cam/videostream.cgi?loginuse=admin&loginpas=***"
     assert redact_url("rtsp://h/x?pw=a&psw=b&u=c&p=d&credentials=e") == "rtsp://h/x?pw=***&psw=***&u=c&p=***&credentials=***"
+    assert redact_url("rtsp://10.0.0.5:554/user=admin_password=hunter2_channel=1_stream=0.sdp") == \
+        "rtsp://10.0.0.5:554/user=admin_password=***_channel=1_stream=0.sdp"  # XMEye's own form, joined by _
+    assert redact_url("http://h/v.mjpg?camera=1&signal=5&keyframe=2&api_key=z") == \
+        "http://h/v.mjpg?camera=1&signal=5&keyframe=2&api_key=***"  # short names whole: signal is no sig
+    # the stream's fingerprint (in every status, bridged to HQ) holds no login: its hash would give the password
+    from edge.config import stream_key
+    assert "hunter2" not in stream_key("rtsp://10.0.0.5:554/user=admin_password=hunter2_channel=1_stream=0.sdp")
+    assert stream_key("rtsp://h/user=admin&password=a&channel=1") == stream_key("rtsp://h/user=viewer&password=b&channel=1")
+    assert stream_key("http://h/v?p=1") != stream_key("http://h/v?p=2")  # p: as often a stream selector
     for plain in ("rtsp://admin@cam/x", "http://cam/video.mjpg", "rtsp://10.0.0.5/live?channel=1"):
         assert redact_url(plain) == plain
     line = one_line_error(tillsight("config", "check", str(write_config(
