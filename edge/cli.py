@@ -317,13 +317,13 @@ def cmd_run(args) -> int:
     from edge.publish import publish_start_failure
     from edge.runtime import ModelError
     from edge.service import Service, daemon_id, keep_frames_private
-    keep_frames_private()  # before a frame is read, or a file written
     try:
         config = load_config(args.config, models_at_load=True)  # a missing model: "model not found", exit 1
     except ConfigError as exc:
         _say_config_refused(args.config, exc)
         raise
     setup_logging(config.logging.level, config.logging.format)
+    keep_frames_private()  # before a frame is read, or a file written (after the logging: its warning is one)
     reload_asked = threading.Event()
     signal.signal(signal.SIGHUP, lambda *_: reload_asked.set())  # systemctl reload; before the models load
     try:

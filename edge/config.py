@@ -1026,18 +1026,18 @@ def weak_anonymity(config: Config) -> list[str]:
     """Analytics settings that make the store's statistics records of people (2026-11-27 privacy review: k = 1,
     1 s intervals and per-transaction messages passed without a word)."""
     analytics = config.analytics
-    if not analytics.enabled:
-        return []
     said = []
+    if analytics.per_transaction:  # published whether the interval counts are on or not
+        said.append("analytics.per_transaction: each purchase's age band is personal data once joined with the POS's "
+                    "records: a lawful basis, a notice at the till and a retention limit (README, privacy note)")
+    if not analytics.enabled:
+        return said
     if analytics.k < MIN_ANONYMOUS_K:
         said.append(f"analytics.k: {analytics.k}: a band of fewer than {MIN_ANONYMOUS_K} customers can single one "
                     "out (with the till's own records)")
     if analytics.interval_s < MIN_ANONYMOUS_INTERVAL_S:
         said.append(f"analytics.interval_s: {analytics.interval_s:g} s: intervals this short count a customer or "
                     f"two each; {MIN_ANONYMOUS_INTERVAL_S} s or more keeps them statistics")
-    if analytics.per_transaction:
-        said.append("analytics.per_transaction: each purchase's age band is personal data once joined with the POS's "
-                    "records: a lawful basis, a notice at the till and a retention limit (README, privacy note)")
     return said
 
 

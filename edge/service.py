@@ -701,8 +701,8 @@ def daemon_id_of(configured: str | None) -> str:
     if configured:
         return configured
 
-    def named(text: str) -> str:
-        return "".join(c if c.isalnum() or c in "-_" else "-" for c in text)
+    def named(text: str) -> str:  # ASCII alone: other daemons take only a daemon_id's characters for one
+        return "".join(c if c.isascii() and c.isalnum() or c in "-_" else "-" for c in text)
     instance = os.environ.get("TILLSIGHT_INSTANCE", "")
     suffix = named(f"-{instance}")[:64] if instance else ""
     name = named(socket.gethostname())[: 64 - len(suffix)] + suffix  # too long: the host name gives way

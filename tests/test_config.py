@@ -594,6 +594,10 @@ def test_analytics_that_single_customers_out_are_warned_of(tmp_path):
                           analytics={"k": 1, "interval_s": 1, "per_transaction": True})
     result = tillsight("config", "check", str(config))
     assert result.returncode == 0 and [line.split(":")[1] for line in result.stderr.splitlines()] == [
-        " analytics.k", " analytics.interval_s", " analytics.per_transaction"], result.stderr
+        " analytics.per_transaction", " analytics.k", " analytics.interval_s"], result.stderr
+    off = write_config(tmp_path / "e.toml", store_id="s", cameras=[{"id": "a", "source": 0}],
+                       analytics={"enabled": False, "k": 1, "per_transaction": True})  # the counts off: still sent
+    assert [line.split(":")[1] for line in tillsight("config", "check", str(off)).stderr.splitlines()] == [
+        " analytics.per_transaction"]
     quiet = write_config(tmp_path / "d.toml", store_id="s", cameras=[{"id": "a", "source": 0}])
     assert tillsight("config", "check", str(quiet)).stderr == ""

@@ -117,6 +117,8 @@ def test_a_store_servers_instances_get_daemon_ids_of_their_own(monkeypatch):
     monkeypatch.setattr(socket, "gethostname", lambda: "")
     monkeypatch.setenv("TILLSIGHT_INSTANCE", "")
     assert _hostname_id() == "tillsight"
+    monkeypatch.setattr(socket, "gethostname", lambda: "kassé-2")  # ASCII alone: other daemons read it as an id
+    assert _hostname_id() == "kass--2" and edge.peers.DAEMON_LEVEL.fullmatch(_hostname_id())
 
 
 def test_a_peer_silent_for_three_of_its_intervals_is_gone(monkeypatch):
