@@ -261,7 +261,7 @@ class PosDesk(threading.Thread):
     def valid_reply_topic(self, topic: str) -> bool:
         """Under <prefix>/<store>/pos/, two levels deep at least (a terminal's own, then its reply), none empty: one
         level deep, `.../pos/alert` is the alert topic of a camera called pos to every subscriber of `+/alert`
-        and the bridge to HQ (2026-11-27 privacy review: a check's answer, age and track, planted there); never
+        (the POS; HQ where alerts are bridged: 2026-11-27 privacy review, a check's answer planted there); never
         ending in a level the daemons read."""
         levels = topic.removeprefix(f"{self.base}/pos/").split("/")
         return (topic.startswith(f"{self.base}/pos/") and len(topic) <= MAX_REPLY_TOPIC
