@@ -272,7 +272,8 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
     daemons > 1: the cameras shared among that many daemon processes on the same broker (and GPU), as a store
     server runs one instance per group of tills; the figures are the group's (sums, or over all the messages)."""
     from edge.broker import free_port
-    latencies: dict[str, list[float]] = {"alert": [], "estimate": []}
+    # per kind: (the frame's capture time, its latency in s, the camera), so that only the measuring window's count
+    latencies: dict[str, list[tuple[float, float, str]]] = {"alert": [], "estimate": []}
     statuses: dict[str, list[dict]] = {}  # by daemon
 
     def on_message(topic: str, body: dict, received: float) -> None:
@@ -280,7 +281,8 @@ def cameras_at_fps(video: Path, model: str, cameras: int, fps: float, seconds: f
             statuses.setdefault(str(body.get("daemon")), []).append({**body, "received": received})
         elif "frame_time" in body and (topic.endswith("/alert") or not body.get("final")):
             kind = "alert" if topic.endswith("/alert") else "estimate"
-            latencies[kind].append(received - datetime.fromisoformat(body["frame_time"].replace("Z", "+00:00")).timestamp())
+            captured = datetime.fromisoformat(body["frame_time"].replace("Z", "+00:00")).timestamp()
+            latencies[kind].append((captured, received - captured, str(body.get("camera"))))
 
     sources = staggered_copies(video, cameras, workdir)
     daemons = max(1, min(daemons, cameras))
@@ -334,15 +336,25 @@ def _measure(procs: list[subprocess.Popen], logs: list[Path], statuses: dict[str
     started = time.monotonic()
     settle = min(3.0, seconds / 4)  # the first frames: not the steady state
     time.sleep(settle)
+    # The measuring window, from here to the stop. Only what happened in it counts: frames captured in it (a
+    # daemon online early ran while the others still loaded and warmed their models up on the same GPU, and
+    # the stop's last frames wait on it), statuses received in it, and the stage histograms' growth in it.
+    window_start = time.time()
     cpu_start = [cpu_sample(daemon.pid) for daemon in procs]
+    scraped_start = _scrape_all(all_settings)
     time.sleep(seconds - settle)
+    window_end = time.time()
     cpu = _cpu_of_all([cpu_use(start, cpu_sample(daemon.pid)) for start, daemon in zip(cpu_start, procs)])
     gpu = sampler.window(started + settle, time.monotonic()) if sampler is not None else None
-    scraped = [scrape_metrics(settings["metrics"]) if settings["metrics"].get("enabled") else
-               (None, "metrics disabled by --set") for settings in all_settings]
+    scraped = _scrape_all(all_settings)
     batches = _batches_of_all([batch_sizes(text) if text is not None else {"available": False, "reason": reason}
                                for text, reason in scraped])
-    stages = frame_stages([text for text, _ in scraped if text is not None])
+    texts = [(text, before) for (text, _), (before, _) in zip(scraped, scraped_start) if text is not None]
+    stages = frame_stages([text for text, _ in texts], before=[before for _, before in texts if before is not None])
+    stalls = daemon_stalls([text for text, _ in texts], before=[before for _, before in texts if before is not None])
+    in_window = {kind: [(at, lat, camera) for at, lat, camera in values if window_start <= at <= window_end]
+                 for kind, values in latencies.items()}
+    statuses = {daemon: [s for s in history if s["received"] <= window_end] for daemon, history in statuses.items()}
     memory = [_memory_mb(daemon.pid) for daemon in procs]
     peak_rss, rss = (None if any(m[i] is None for m in memory) else round(sum(m[i] for m in memory), 1)
                      for i in (0, 1))
@@ -377,16 +389,37 @@ def _measure(procs: list[subprocess.Popen], logs: list[Path], statuses: dict[str
         "cameras": cameras, "fps": fps, "seconds": seconds, "start_s": start_s, "frames": frames, "dropped": dropped,
         "lag_start_s": start_lag, "lag_end_s": end_lag,
         "keeps_up": bool(lags) and dropped <= 0.01 * max(frames, 1) and end_lag < max(0.5, 2 * (start_lag or 0)),
-        "alert_p50_ms": _pct(latencies["alert"], 50), "alert_p99_ms": _pct(latencies["alert"], 99),
-        "estimate_p50_ms": _pct(latencies["estimate"], 50), "estimate_p99_ms": _pct(latencies["estimate"], 99),
-        "alerts": len(latencies["alert"]), "age_calls_per_s": total("calls_per_s"),
+        "alert_p50_ms": _pct(_lat(in_window["alert"]), 50), "alert_p99_ms": _pct(_lat(in_window["alert"]), 99),
+        "estimate_p50_ms": _pct(_lat(in_window["estimate"]), 50),
+        "estimate_p99_ms": _pct(_lat(in_window["estimate"]), 99),
+        "alerts": len(in_window["alert"]),
+        # what every run before 2026-11-27 (session 23) reported: all of them, the start and the stop too
+        "alert_p99_whole_run_ms": _pct(_lat(latencies["alert"]), 99), "alerts_whole_run": len(latencies["alert"]),
+        "slowest_alerts": _slowest(in_window["alert"], window_start),
+        "age_calls_per_s": total("calls_per_s"),
         "age_faces_per_s": total("faces_per_s"), "peak_rss_mb": peak_rss,
         "rss_mb": rss,  # at the end: what a long-running daemon holds (the peak includes loading the models)
         "provider": lasts[0].get("provider"), "variant": lasts[0].get("age_model", {}).get("variant"),
         "detector_provider": lasts[0].get("detector_provider"),
         "problems": sorted({p for online in by_daemon for s in online for p in s.get("problems", [])}),
-        "batch_sizes": batches, "frame_stages": stages, "cpu": cpu, **({"gpu": gpu} if gpu is not None else {}),
+        "batch_sizes": batches, "frame_stages": stages, "stalls": stalls, "cpu": cpu, **({"gpu": gpu} if gpu is not None else {}),
     }
+
+
+def _scrape_all(all_settings: list[dict]) -> list[tuple[str | None, str | None]]:
+    return [scrape_metrics(settings["metrics"]) if settings["metrics"].get("enabled") else
+            (None, "metrics disabled by --set") for settings in all_settings]
+
+
+def _lat(samples: list[tuple[float, float, str]]) -> list[float]:
+    return [latency for _, latency, _ in samples]
+
+
+def _slowest(samples: list[tuple[float, float, str]], window_start: float, count: int = 5) -> list[dict]:
+    """The slowest messages of the window, with when (s into it) and which camera: several cameras at one moment
+    are a stall of the whole daemon (the interpreter, the GPU, the disk), one camera again and again its own."""
+    return [{"at_s": round(at - window_start, 2), "ms": round(1000 * latency, 1), "camera": camera}
+            for at, latency, camera in sorted(samples, key=lambda s: -s[1])[:count]]
 
 
 def _cpu_of_all(uses: list[dict]) -> dict:
@@ -455,30 +488,39 @@ def batch_sizes(text: str) -> dict:
             "mean_call_ms": round(1000 * seconds / calls, 2) if calls and seconds is not None else None}
 
 
-def frame_stages(texts: list[str]) -> dict:
+def frame_stages(texts: list[str], before: list[str] | None = None) -> dict:
     """Where a frame's time goes in the camera pipelines of one or more daemons (their metrics' texts, the
     histogram tillsight_frame_stage_seconds added up): per stage (edge/metrics.py, FRAME_STAGES, then "total")
     the frames that passed it, the mean and the p99 in ms (p99: the upper edge of the bucket it falls in, so
     "at most"); then "mqtt_ack", the broker's time to acknowledge a message (tillsight_mqtt_ack_seconds), with
-    "messages" for "frames"."""
+    "messages" for "frames". `before`: the same daemons' scrapes at the start of a window, taken off (the
+    histograms count from the daemon's start: the window's share alone)."""
     from edge.metrics import FRAME_STAGES, FRAME_TOTAL
     stages = {}
     for stage in FRAME_STAGES + (FRAME_TOTAL,):
-        summary = _histogram(texts, "tillsight_frame_stage_seconds", f'stage="{stage}"')
+        summary = _histogram(texts, "tillsight_frame_stage_seconds", f'stage="{stage}"', before)
         if summary is not None:
             stages[stage] = summary
-    ack = _histogram(texts, "tillsight_mqtt_ack_seconds", None)
+    ack = _histogram(texts, "tillsight_mqtt_ack_seconds", None, before)
     if ack is not None:
         stages["mqtt_ack"] = {"messages": ack.pop("frames"), **ack}
     return stages
 
 
-def _histogram(texts: list[str], metric: str, label: str | None) -> dict | None:
+def daemon_stalls(texts: list[str], before: list[str] | None = None) -> dict:
+    """What stops a whole daemon (edge/metrics.py): its garbage collections ("pauses"), with mean, p99 and max
+    (bucket edges: "at most") in ms."""
+    summary = _histogram(texts, "tillsight_gc_pause_seconds", None, before)
+    return {} if summary is None else {"gc": {"pauses": summary.pop("frames"), **summary}}
+
+
+def _histogram(texts: list[str], metric: str, label: str | None, before: list[str] | None = None) -> dict | None:
     """One histogram added up over several scrapes (one label's series, e.g. 'stage="detect"', or the
-    unlabelled one): count as "frames", mean and p99 (the upper edge of its bucket) in ms; None when empty."""
+    unlabelled one), less the scrapes `before` (earlier ones of the same daemons): count as "frames", mean and
+    p99 (the upper edge of its bucket) in ms; None when empty."""
     buckets: dict[float, float] = {}
     total_s = 0.0
-    for text in texts:
+    for sign, text in [(1, t) for t in texts] + [(-1, t) for t in before or []]:
         for line in text.splitlines():
             if not line.startswith(f"{metric}_") or (label is not None and label not in line):
                 continue
@@ -486,16 +528,18 @@ def _histogram(texts: list[str], metric: str, label: str | None) -> dict | None:
             if name.startswith(f"{metric}_bucket"):
                 le = name.split('le="', 1)[1].split('"', 1)[0]
                 edge = float("inf") if le == "+Inf" else float(le)
-                buckets[edge] = buckets.get(edge, 0.0) + float(value)
+                buckets[edge] = buckets.get(edge, 0.0) + sign * float(value)
             elif name.startswith(f"{metric}_sum"):
-                total_s += float(value)
+                total_s += sign * float(value)
     cumulative = sorted(buckets.items())
     count = int(cumulative[-1][1]) if cumulative else 0
     if not count:
         return None
     p99 = next(edge for edge, seen in cumulative if seen >= 0.99 * count)
+    top = next(edge for edge, seen in cumulative if seen >= count)
     return {"frames": count, "mean_ms": round(1000 * total_s / count, 2),
-            "p99_ms": None if p99 == float("inf") else round(1000 * p99, 1)}
+            "p99_ms": None if p99 == float("inf") else round(1000 * p99, 1),
+            "max_ms": None if top == float("inf") else round(1000 * top, 1)}
 
 
 WORKDIR_PREFIX = "tillsight-bench-"
@@ -693,7 +737,9 @@ def _print_cameras_row(row: dict) -> None:
           f"(online {row.get('start_s')} s after start): "
           f"{'keeps up' if row['keeps_up'] else 'FALLS BEHIND'}; lag {row['lag_start_s']} -> {row['lag_end_s']} s, "
           f"dropped {row['dropped']}/{row['frames']}; frame->alert p50 {row['alert_p50_ms']} p99 {row['alert_p99_ms']} ms "
-          f"({row['alerts']} alerts); frame->estimate p50 {row['estimate_p50_ms']} p99 {row['estimate_p99_ms']} ms; "
+          f"({row['alerts']} alerts" + (f"; whole run, start and stop too: p99 {row['alert_p99_whole_run_ms']} ms"
+                                        if row.get("alert_p99_whole_run_ms") is not None else "") +
+          f"); frame->estimate p50 {row['estimate_p50_ms']} p99 {row['estimate_p99_ms']} ms; "
           f"age network {row['age_faces_per_s']} faces/s; RSS {row['rss_mb']} MB (peak {row['peak_rss_mb']})", flush=True)
     sizes, gpu = row.get("batch_sizes") or {}, row.get("gpu") or {}
     print(f"    age model on {row.get('provider')} ({row.get('variant')}), detector on {row.get('detector_provider')}; "
@@ -708,6 +754,14 @@ def _print_cameras_row(row: dict) -> None:
             f"{stage.replace('mqtt_ack', 'MQTT ack')} {v['mean_ms']} / {v['p99_ms'] if v['p99_ms'] is not None else '>max'}"
             + (f" ({v['frames']} frames)" if stage == "age" else "") for stage, v in row["frame_stages"].items()),
             flush=True)
+    stalls = row.get("stalls") or {}
+    if stalls:
+        gc_ = stalls["gc"]
+        print(f"    garbage collections (every thread stops), ms: {gc_['pauses']} pauses, mean {gc_['mean_ms']}, "
+              f"p99 {gc_['p99_ms']}, worst {gc_['max_ms']}", flush=True)
+    if row.get("slowest_alerts"):
+        print("    slowest alerts (s into the window, ms, camera): " + ", ".join(
+            f"{a['at_s']} s {a['ms']} ms {a['camera']}" for a in row["slowest_alerts"]), flush=True)
     cpu = row.get("cpu") or {}
     if cpu.get("available"):
         print(f"    CPU: the daemon {cpu['daemon_cores']} cores, the machine {cpu['machine_busy_pct']} % busy "

@@ -139,14 +139,56 @@ def test_frame_stages_are_read_from_the_metrics_of_every_daemon():
         texts.append(text)
     stages = frame_stages(texts)
     assert list(stages) == ["queued", "detect", "track", "age", "judge", "total", "mqtt_ack"]
-    assert stages["queued"] == {"frames": 100, "mean_ms": round((99 * 1 + 300) / 100, 2), "p99_ms": 1.0}
-    assert stages["detect"] == {"frames": 200, "mean_ms": 5.0, "p99_ms": 10.0}  # 4 and 6 ms: the 5-10 ms bucket
+    assert stages["queued"] == {"frames": 100, "mean_ms": round((99 * 1 + 300) / 100, 2), "p99_ms": 1.0, "max_ms": 300.0}
+    assert stages["detect"] == {"frames": 200, "mean_ms": 5.0, "p99_ms": 10.0, "max_ms": 10.0}  # 4, 6 ms: 5-10 ms
     assert stages["age"]["frames"] == 101 and stages["age"]["p99_ms"] == 10.0  # only the frames that asked ages
     # the whole, live frames only; 5.6 ms falls in the 5-10 ms bucket, one frame in 100 at 335 ms is the p99's edge
-    assert stages["total"] == {"frames": 100, "mean_ms": round((99 * 5.6 + 335) / 100, 2), "p99_ms": 10.0}
+    assert stages["total"] == {"frames": 100, "mean_ms": round((99 * 5.6 + 335) / 100, 2), "p99_ms": 10.0,
+                               "max_ms": 500.0}
     # the broker's acks of both daemons: 4 in 200 at 35 ms put the p99 in the 30-40 ms bucket (finer than 20-50)
-    assert stages["mqtt_ack"] == {"messages": 200, "mean_ms": round((196 * 1 + 4 * 35) / 200, 2), "p99_ms": 40.0}
+    assert stages["mqtt_ack"] == {"messages": 200, "mean_ms": round((196 * 1 + 4 * 35) / 200, 2), "p99_ms": 40.0,
+                                  "max_ms": 40.0}
     assert frame_stages([]) == {} and scrape_metrics({"port": free_port()})[0] is None
+
+
+def test_a_window_of_the_metrics_and_the_daemons_collections():
+    """The bench counts what happened between two scrapes (the histograms count from the daemon's start: its
+    models' warm-up and first frames are not the steady state), and what stops a whole daemon: its garbage
+    collections (issue 10's tail)."""
+    import gc
+    from edge.bench import daemon_stalls, frame_stages, scrape_metrics
+    from edge.broker import free_port
+    from edge.metrics import Metrics
+
+    class Service:
+        def metrics_snapshot(self):
+            return {"cameras": {}}
+
+    metrics, port = Metrics(Service()), free_port()
+    assert metrics.serve("127.0.0.1", port) is None
+    metrics.time_collections()
+    try:
+        for _ in range(10):  # the start: slow frames, before the window
+            metrics.observe_frame((0.5, 0.2, 0.001, None, 0.001, 0.7))
+        gc.collect()
+        before, _ = scrape_metrics({"host": "127.0.0.1", "port": port})
+        for _ in range(100):
+            metrics.observe_frame((0.001, 0.004, 0.0003, None, 0.0002, 0.006))
+        gc.collect()
+        gc.collect(0)
+        after, _ = scrape_metrics({"host": "127.0.0.1", "port": port})
+    finally:
+        metrics.close()
+    assert gc.callbacks.count(metrics._on_gc) == 0  # closed: no more timing
+    assert frame_stages([after])["total"]["frames"] == 110 and frame_stages([after])["total"]["p99_ms"] == 1000.0
+    window = frame_stages([after], before=[before])
+    assert window["total"] == {"frames": 100, "mean_ms": 6.0, "p99_ms": 10.0, "max_ms": 10.0}
+    assert window["detect"]["max_ms"] == 5.0 and "mqtt_ack" not in window
+    stalls = daemon_stalls([after], before=[before])
+    assert stalls["gc"]["pauses"] >= 2  # the window's two (and any the scrape itself set off), not the one before
+    assert daemon_stalls([after])["gc"]["pauses"] >= stalls["gc"]["pauses"] + 1
+    assert 'generation="2"' in after and 'generation="0"' in after
+    assert daemon_stalls([]) == {}
 
 
 def test_gpu_sampler_without_nvml_says_why():

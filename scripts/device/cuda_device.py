@@ -31,10 +31,10 @@ then VERB:
     recheck   the daemon's CUDA options and warm-up (after the first run): scripts/device/cuda_agree.py (CUDA
               against the CPU, in years), a model-only sweep of the options, end to end at 1-32 cameras;
               $OUT/agree.json, $OUT/speed2/, $OUT/e2e2/ and logs
-    tail      where the frame->alert p99 goes (2026-11-27: 60-80 ms from 8 cameras in any layout, p50 14): one
-              daemon at 1 and 8 cameras (their frames spread over a frame interval), 8 in step (as every run before
-              had them), 32 in four daemons, 30 / 30 / 20 s a count, each row's stage line with `total` (capture to
-              judged) and `MQTT ack`; $OUT/tail-1daemon/, $OUT/tail-in-step/, $OUT/tail-4daemons/ and tail.log
+    tail      where the frame->alert p99 goes (session 23, H200: 27.7 ms at 8 cameras a daemon, 243 at 16, 61-133
+              at 32 in four daemons): this disk's fsync cost (benchmarks/outbox.py), then one daemon at 8 and 16
+              cameras, 32 in four daemons, 30 s a count, each row with its stage line (`total`, `MQTT ack`), the
+              daemons' stalls and its slowest alerts; $OUT/tail-1daemon/, $OUT/tail-4daemons/ and tail.log
     env       print the environment the benchmarks run with (to paste into a shell)
 
 Arguments after `--` are added to the tillsight bench command line of the verb.
@@ -98,13 +98,15 @@ E2E_CPU_DETECTOR = ["--skip-model-speed", "--cameras", "24,32", "--fps", "10", "
 # binary carried among the wheels; scripts/device/gil_summary.py): is it the tracking, the detector's Python, MQTT?
 GIL_PROFILE = ["--skip-model-speed", "--cameras", "24", "--fps", "10", "--seconds", "20"]
 GIL_RATE = 100
-# 2026-11-27: every layout kept up to 32 cameras, the p50 13-19 ms, the p99 60-80 ms from 8 cameras whether a daemon
-# had 4 or 8: is the tail in the daemon (`total`, capture to judged) or the MQTT leg (`MQTT ack`), and which stage?
-TAIL = ["--skip-model-speed", "--cameras", "1,8", "--fps", "10", "--seconds", "30"]
-# the bench spreads its cameras' frames over a frame interval since 2026-11-27 (as independent tills' clocks are);
-# every run before had them in step, a burst at each tick (2 cores here, 6 cameras: p99 34-47 ms in step, 30-35 spread)
-TAIL_IN_STEP = ["--skip-model-speed", "--cameras", "8", "--fps", "10", "--seconds", "30", "--phases", "in-step"]
-TAIL_FOUR_DAEMONS = ["--skip-model-speed", "--cameras", "32", "--daemons", "4", "--fps", "10", "--seconds", "20"]
+# Session 23 (H200): 8 cameras a daemon, spread, met the 30 ms p99 (27.7); 8 in step did not (120.6); 16 in one daemon
+# had a stall (p99 242.7, every stage's p99 and the MQTT ack's with it); 32 in four daemons 61-133 ms with every
+# daemon's own `total` p99 at most 30 ms. Since then the bench counts only its measuring window (no start, no stop),
+# prints the daemons' garbage collections and the slowest alerts with when and which camera,
+# and the outbox commits in groups (a slow disk's fsync had every camera wait in line): first this disk's fsync
+# cost (the outbox's own benchmark, in the folder the bench's daemons write to), then the same layouts again.
+DISK = ["benchmarks/outbox.py", "--messages", "500"]
+TAIL = ["--skip-model-speed", "--cameras", "8,16", "--fps", "10", "--seconds", "30"]
+TAIL_FOUR_DAEMONS = ["--skip-model-speed", "--cameras", "32", "--daemons", "4", "--fps", "10", "--seconds", "30"]
 
 
 def say(text: str) -> None:
@@ -297,9 +299,9 @@ def bench(verb: str, extra: list[str]) -> None:
             log=OUT / "speed2.log", check=False)
         run(tool + E2E_RECHECK + ["--model", str(MODEL), "--video", str(video), "--out", str(OUT / "e2e2")] + extra,
             log=OUT / "e2e2.log", check=False)
-    elif verb == "tail":  # $OUT: 7 files
-        for name, args in (("tail-1daemon", TAIL), ("tail-in-step", TAIL_IN_STEP),
-                           ("tail-4daemons", TAIL_FOUR_DAEMONS)):
+    elif verb == "tail":  # $OUT: 5 files
+        run([sys.executable] + DISK, log=OUT / "tail.log", check=False)
+        for name, args in (("tail-1daemon", TAIL), ("tail-4daemons", TAIL_FOUR_DAEMONS)):
             run(tool + args + ["--model", str(MODEL), "--video", str(video), "--out", str(OUT / name)] + extra,
                 log=OUT / "tail.log", check=False)
     elif verb == "e2e":
