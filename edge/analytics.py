@@ -148,13 +148,19 @@ class OpenIntervals:
 
     SAVE_EVERY_S = 10.0
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, write_on_save: bool = True):
         self.path = path
+        # False: save() keeps the change in memory and flush() writes it (the daemon's tick, every 0.1 s, and its
+        # stop), so that a camera's thread never waits for the file's two fsyncs (issue 10: on a disk whose fsync
+        # took 20 ms, a customer leaving held that camera's next frame 40 ms and more)
+        self.write_on_save = write_on_save
         self._intervals: dict[str, dict] = {}  # camera -> AgeBandCounter.state()
         self._written: dict[str, tuple] = {}  # camera -> (started, counts) last written
         self._written_at = 0.0  # monotonic
         self._failing = False
+        self._dirty = False  # changed since the last write began
         self._lock = threading.Lock()
+        self._file_lock = threading.Lock()  # the one writer
 
     def take_left(self, max_age_s: float, now: float | None = None, send=None) -> list[dict]:
         """The messages of the intervals the previous run left open, each given to `send` (into the outbox) before
@@ -189,14 +195,37 @@ class OpenIntervals:
             else:
                 self._intervals[camera_id] = state
                 changed = self._written.get(camera_id) != (state["started"], state["counts"])
-            if changed or (self._intervals and time.monotonic() - self._written_at >= self.SAVE_EVERY_S):
-                self._write()
+            if not (changed or (self._intervals and time.monotonic() - self._written_at >= self.SAVE_EVERY_S)):
+                return
+            self._dirty = True
+        if self.write_on_save:
+            self.flush()
 
-    def _write(self) -> None:
+    def flush(self) -> None:
+        """Write the intervals while they changed since the last write. One thread writes (two fsyncs), outside
+        the lock every camera's frame takes: a camera that finds a write under way goes on, and the writer writes
+        again for it (the lock is released under `_lock` only with nothing left to write). Written under the
+        cameras' lock, a slow disk's fsyncs held every camera up (issue 10)."""
+        while self._file_lock.acquire(blocking=False):
+            with self._lock:
+                if not self._dirty:
+                    self._file_lock.release()
+                    return
+                self._dirty = False
+                text = json.dumps(self._intervals)
+                written = {camera: (state["started"], dict(state["counts"])) for camera, state in self._intervals.items()}
+            try:
+                if self._write(text):
+                    with self._lock:
+                        self._written, self._written_at = written, time.monotonic()
+            finally:
+                self._file_lock.release()
+
+    def _write(self, text: str) -> bool:
         partial = self.path.with_name(self.path.name + ".partial")
         try:
             with open(partial, "w") as file:
-                json.dump(self._intervals, file)
+                file.write(text)
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(partial, self.path)
@@ -210,9 +239,8 @@ class OpenIntervals:
                 log.warning("analytics intervals in progress cannot be saved: a crash now would lose their counts",
                             extra={"file": str(self.path), "error": exc.strerror or str(exc)})
             self._failing = True
-            return
+            return False
         if self._failing:
             log.info("analytics intervals in progress saved again", extra={"file": str(self.path)})
         self._failing = False
-        self._written = {camera: (state["started"], dict(state["counts"])) for camera, state in self._intervals.items()}
-        self._written_at = time.monotonic()
+        return True

@@ -43,6 +43,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import paho.mqtt.client as mqtt
@@ -145,6 +146,7 @@ class Publisher:
         self.status_topic = f"{self.base}/{daemon_id}/status"
         self.connected = threading.Event()
         self.outbox = outbox if outbox is not None else Outbox(None, cfg.max_queued_messages)
+        self._frame = threading.local()  # a camera thread's messages of one frame (frame_batch)
         self.dropped = 0  # paho's queue full
         self.denied = 0  # publishes the broker refused (ACL): never delivered
         self.delivered = 0
@@ -391,8 +393,33 @@ class Publisher:
                     self._send(topic, payload, qos, retain, properties, None)
                 else:
                     self._held.append((None, properties, (topic, payload, qos, retain)))
+        elif getattr(self._frame, "messages", None) is not None:  # inside frame_batch: synced together at its end
+            self._frame.messages.append((self.outbox.add(topic, payload, qos, retain, sync=False), topic, payload,
+                                         qos, retain, properties))
         else:
             self._submit(self.outbox.add(topic, payload, qos, retain), topic, payload, qos, retain, properties)
+
+    @contextmanager
+    def frame_batch(self):
+        """The event messages a camera thread publishes in the block (one frame's alerts and estimates) go on
+        disk in one commit at its end, then to paho in order: each waits one fsync, not one per message before
+        it (a frame with two customers had four in a row: 20 ms and more on a slow disk, issue 10). An alert waits
+        for the rest of its frame's messages (a millisecond), not for a commit of its own: sending it first cost
+        its frame a second fsync, and 6 cameras' p99 on a 20 ms-fsync disk went from 51-55 to 79 ms."""
+        self._frame.messages = messages = []
+        try:
+            yield
+        finally:
+            self._frame.messages = None
+            self._hand_on(messages)
+
+    def _hand_on(self, messages: list) -> None:
+        """A frame batch's messages so far: on disk, then to paho in order; the list emptied."""
+        if messages:
+            self.outbox.sync(messages[-1][0])
+            for key, topic, payload, qos, retain, properties in messages:
+                self._submit(key, topic, payload, qos, retain, properties)
+            messages.clear()
 
     def _submit(self, key: int, topic: str, payload: bytes, qos: int, retain: bool, properties) -> None:
         """A message kept in the outbox: to paho, after any it holds back; held back itself if paho is full or

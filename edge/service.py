@@ -240,9 +240,12 @@ class CameraPipeline(threading.Thread):
         if chosen:
             self._age(frame, chosen)
         aged = time.perf_counter()
-        for track in self.tracker.tracks:
-            self._judge(track, frame.timestamp)
-        self._finish_tracks(ended, frame.timestamp)
+        with self.publisher.frame_batch():  # the frame's messages: one commit to the outbox, then in order to paho
+            for track in self.tracker.tracks:
+                self._judge(track, frame.timestamp)
+            counted = self._finish_tracks(ended, frame.timestamp, save=False)
+        if counted:  # after the frame's messages are on their way: its fsyncs are not the alert's wait
+            self._save_interval(frame.timestamp)
         self.view = TillView(self.camera.id, frame.timestamp, tuple(_customer_view(t) for t in tracks),
                              self.transaction)
         if not self.replay:  # a replay's frame times are the video's, not the wall clock's
@@ -291,9 +294,11 @@ class CameraPipeline(threading.Thread):
             self.stats.estimates += 1
             self.publisher.publish_estimate(estimate, False, now, self.transaction)
 
-    def _finish_tracks(self, ended: list[Track], now: float | None) -> None:
+    def _finish_tracks(self, ended: list[Track], now: float | None, save: bool = True) -> bool:
         """Publish the final estimate of customers who left; `now`: the capture time of the frame (or the
-        wall clock) on which they were found gone, None at the end of a replay (their last frame is used)."""
+        wall clock) on which they were found gone, None at the end of a replay (their last frame is used).
+        True if any was counted into the analytics interval (save=False: the caller saves it)."""
+        counted = False
         for track in ended:
             if len(track.ages) < self.config.policy.min_samples:
                 continue  # a glimpse, not a customer
@@ -305,7 +310,10 @@ class CameraPipeline(threading.Thread):
             # the store's hours when the person was last there: while closed, the faces are staff
             if self.counter is not None and self.store_open(track.last_seen):
                 self.counter.add(final.age, track.last_seen)
-                self._save_interval(track.last_seen if now is None else now)
+                counted = True
+                if save:
+                    self._save_interval(track.last_seen if now is None else now)
+        return counted
 
 
 def camera_fault(reader: CameraReader) -> str | None:
@@ -390,7 +398,8 @@ class Service:
             self.pipelines.append(CameraPipeline(camera, config, frames, self.detector, self.batcher, self.publisher,
                                                  self.stop_event, self.policy, replay))
         # a daemon killed outright sends its intervals in progress at its next start (edge/analytics.py)
-        self.open_intervals = OpenIntervals(Path(f"{self.outbox.path}.analytics.json")) \
+        # written by the tick and the stop (flush), never by a camera's thread
+        self.open_intervals = OpenIntervals(Path(f"{self.outbox.path}.analytics.json"), write_on_save=False) \
             if not replay and self.outbox.path is not None and config.analytics.enabled else None
         for reader, pipeline in zip(self.readers, self.pipelines):
             pipeline.camera_fault = lambda reader=reader: camera_fault(reader)
@@ -561,6 +570,7 @@ class Service:
     def start(self) -> None:
         if self.metrics is not None:
             self.metrics_problem = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
+            self.metrics.time_collections()
         self.publisher.publish_status(self.status())  # sent by on_connect once the broker is there
         # what that status said: the status loop compares with it, so a camera that comes online before the loop
         # runs (a busy machine) is said at once, not at the next status interval
@@ -589,6 +599,8 @@ class Service:
             self.stop_event.wait(0.1)
             self.publisher.send_held()  # what paho's full queue held back in the outbox, once it has room
             self.outbox.tidy()  # acknowledged messages off the disk
+            if self.open_intervals is not None:
+                self.open_intervals.flush()  # the cameras' intervals in progress, when they changed
             key = self._state_key()
             if key != last_key:
                 # new problems are logged (a replay reports in its closing line instead); ones from the start,
@@ -623,6 +635,8 @@ class Service:
         stuck = [thread.name for thread in self.readers + self.pipelines if thread.is_alive()]
         if stuck:  # what they publish from now on comes after the outbox closed, and is said lost then
             log.error(f"threads did not stop within {THREADS_STOP_S:g} s", extra={"threads": stuck})
+        if self.open_intervals is not None:
+            self.open_intervals.flush()  # the partial intervals just sent are closed on disk too
         self.batcher.close()
         if self.desk is not None:
             self.desk.close()

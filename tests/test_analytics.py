@@ -205,3 +205,34 @@ def test_an_interval_that_cannot_be_saved_is_one_warning_and_counting_goes_on(tm
     assert [r.getMessage() for r in caplog.records] == [
         "analytics intervals in progress cannot be saved: a crash now would lose their counts"]
     assert counter.flush(1800.0)["bands"] == {"0-17": 0, "18+": 3}
+
+
+def test_a_cameras_save_does_not_wait_for_another_cameras_write_and_is_written_after_it(tmp_path, monkeypatch):
+    """The intervals file is written with two fsyncs: under the lock every camera's frame takes, a slow disk held
+    every camera up (issue 10). One camera writes; another that changes its interval meanwhile goes on at once,
+    and the writer writes again for it, so the file ends with both."""
+    import threading
+    import time
+
+    path = tmp_path / "outbox.sqlite3.analytics.json"
+    intervals = OpenIntervals(path)
+    writing, real_write = threading.Event(), OpenIntervals._write
+
+    def slow_write(self, text):
+        writing.set()
+        time.sleep(0.5)  # a slow disk's fsyncs
+        return real_write(self, text)
+
+    monkeypatch.setattr(OpenIntervals, "_write", slow_write)
+    first = AgeBandCounter("till-1", [18, 25], interval_s=900, k=1, utc_offset_s=lambda t: 0.0)
+    second = AgeBandCounter("till-2", [18, 25], interval_s=900, k=1, utc_offset_s=lambda t: 0.0)
+    first.add(40, now=1000.0)
+    second.add(20, now=1000.0)
+    writer = threading.Thread(target=intervals.save, args=("till-1", first.state(1000.0)))
+    writer.start()
+    assert writing.wait(5)
+    started = time.monotonic()
+    intervals.save("till-2", second.state(1000.0))
+    assert time.monotonic() - started < 0.2  # did not wait for till-1's write
+    writer.join()
+    assert set(json.loads(path.read_text())) == {"till-1", "till-2"}  # written again, for till-2

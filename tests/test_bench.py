@@ -37,7 +37,10 @@ def test_bench_measures_model_pipeline_and_cameras(tmp_path, carphone_clip):
     for row in report["cameras"]:
         assert 0 < row["cpu"]["daemon_cores"] <= row["cpu"]["cores"] + 0.2 and 0 < row["cpu"]["machine_busy_pct"] <= 100
         assert row["start_s"] > 0  # measured from the first status with cameras, not from the daemon's start
-        assert row["frames"] > 0 and row["peak_rss_mb"] >= row["rss_mb"] > 50 and row["alerts"] >= 1 and row["alert_p99_ms"] > 0
+        assert row["frames"] > 0 and row["peak_rss_mb"] >= row["rss_mb"] > 50
+        # the clip's one customer is alerted on once, near the start: in the measuring window or just before it
+        assert row["alerts_whole_run"] >= 1 and row["alert_p99_whole_run_ms"] > 0 and row["alerts"] <= row["alerts_whole_run"]
+        assert (row["alert_p99_ms"] > 0) if row["alerts"] else row["alert_p99_ms"] is None
     assert (out / "bench.png").stat().st_size > 10_000
     assert "age model alone, faces/s" in result.stdout and "keeps up" in result.stdout
     assert set(scratch.glob("tillsight-bench-*")) == before  # the clip's copies and the daemons' logs removed
@@ -54,7 +57,7 @@ def test_a_run_can_share_its_cameras_among_several_daemons(tmp_path, carphone_cl
     assert row["cameras"] == 3 and row["daemons"] == 2 and "3 camera(s) at 10 fps for 4 s in 2 daemons (" in result.stdout
     assert row["phases"] == "spread"  # the cameras' frames out of step, as independent tills' (--phases in-step)
     assert row["detector_provider"] == row["provider"] == "CPUExecutionProvider" and "detector on CPU" in result.stdout
-    assert row["frames"] > 3 * 10 and row["alerts"] >= 2 and row["keeps_up"]  # every camera's frames, both daemons'
+    assert row["frames"] > 3 * 10 and row["alerts_whole_run"] >= 2 and row["keeps_up"]  # every camera's, both daemons'
     assert row["batch_sizes"]["available"] and row["batch_sizes"]["calls"] > 0
     stages = row["frame_stages"]  # both daemons' frames, from their metrics
     assert stages["detect"]["frames"] >= 0.9 * row["frames"] and stages["queued"]["frames"] == stages["detect"]["frames"]
@@ -191,3 +194,27 @@ def test_a_killed_benchs_copies_of_its_video_are_removed_by_the_next(tmp_path, m
     os.utime(folders["h100"], (0, 0))  # a user's `--out /tmp/tillsight-bench-h100`, long ago: no pid, not ours
     remove_stale_workdirs()
     assert sorted(f.name for f in tmp_path.iterdir()) == [f"{WORKDIR_PREFIX}{name}" for name in ("h100", "new", "running")]
+
+
+def test_on_a_slow_disk_every_alert_waits_for_its_fsync(tmp_path, hamilton_clip):
+    """benchmarks/slow_disk.py (issue 10) runs the daemon with every fsync slowed down. A message is on disk before
+    it is published, so no alert can come sooner than one fsync after its frame (how much later is the benchmark's
+    to say: README, the outbox on a slow disk). Needs a C compiler for the delay library (this project's machines
+    have gcc)."""
+    import shutil
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler (cc): benchmarks/slow_disk.py builds its fsync delay library with it")
+    from tskit import REPO
+    out = tmp_path / "slow-disk"
+    done = subprocess.run([sys.executable, "benchmarks/slow_disk.py", "--cameras", "2", "--seconds", "10",
+                           "--delays-ms", "0,25", "--rounds", "1", "--video", str(hamilton_clip), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((out / "slow_disk.json").read_text())["summary"]["this tree"]
+    fast, slow = summary["0"], summary["25"]
+    assert fast["alerts"] >= 3 and slow["alerts"] >= 3, summary
+    assert slow["alert_p50_ms"] >= 25.0  # the fsync before every alert: none skips the disk
+    assert (out / "slow_disk.png").stat().st_size > 10_000 and "fsync +25 ms" in done.stdout
+    bad = subprocess.run([sys.executable, "benchmarks/slow_disk.py", "--delays-ms", "five"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.strip() == "slow_disk: error: --delays-ms 'five': numbers, comma-separated"

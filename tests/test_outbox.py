@@ -582,3 +582,81 @@ def test_a_corrupt_file_set_aside_is_removed_after_a_week(tmp_path):
     Outbox(path).close()  # the next start (a reload)
     assert len([f for f in tmp_path.iterdir() if f.name.startswith("outbox.sqlite3.corrupt-2026") and
                 f.name != recent.name]) == 1
+
+
+def test_messages_added_together_share_a_commit_and_acknowledgements_never_wait_for_the_disk(tmp_path, monkeypatch):
+    """Group commit (issue 10): on a disk whose fsync takes 5 ms, one fsync a message under the lock every camera
+    added under put every camera behind the disk (frame->alert p99 58 ms against 31, 6 cameras). Each add still
+    returns only once its row is committed; the rows added while a commit runs go in the next one together; and
+    the broker's acknowledgements (paho's thread) never wait for a commit: the service's tick deletes their rows."""
+    import threading
+
+    commits: list[int] = []
+    slow_commit = Outbox._commit
+
+    def commit(self, rows, deletes):
+        if rows:
+            commits.append(len(rows))
+            time.sleep(0.02)  # a slow disk's fsync
+        slow_commit(self, rows, deletes)
+
+    monkeypatch.setattr(Outbox, "_commit", commit)
+    path = tmp_path / "outbox.sqlite3"
+    box = Outbox(path)
+    keys: list[int] = []
+
+    def camera(n: int) -> None:
+        for i in range(10):
+            key = box.add(f"t/{n}/{i}", b"{}", 1)
+            assert box._written_upto >= key  # on disk when add returns
+            keys.append(key)
+
+    threads = [threading.Thread(target=camera, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(commits) == 80 and len(commits) < 80 and max(commits) >= 3  # grouped: fewer fsyncs than messages
+    assert sorted(keys) == list(range(1, 81))
+
+    in_commit = threading.Thread(target=box.add, args=("t/slow", b"{}", 1))
+    monkeypatch.setattr(time, "sleep", lambda s, real=time.sleep: real(0.5))  # the next commit: half a second
+    in_commit.start()
+    while not box._disk_lock.locked():
+        pass
+    started = time.monotonic()
+    for key in keys[:40]:
+        box.done(key)  # paho's thread, at the broker's acks, while that commit holds the disk
+    assert time.monotonic() - started < 0.2
+    in_commit.join()
+    box.tidy()  # the service's tick: the acknowledged rows off the disk
+    box.close()
+    again = Outbox(path)
+    assert len(again.backlog()) == 41 and [r.topic for r in again.backlog()][-1] == "t/slow"
+    again.close()
+
+
+def test_a_frames_messages_go_to_disk_in_one_commit_then_to_paho_in_order(tmp_path, monkeypatch):
+    """A camera's frame with two customers published four messages, each waiting its own fsync before the next:
+    in a frame batch they are committed together, and handed to paho in the order they were published."""
+    commits: list[int] = []
+    real_commit = Outbox._commit
+    monkeypatch.setattr(Outbox, "_commit", lambda self, rows, deletes: (commits.append(len(rows)) if rows else None,
+                                                                        real_commit(self, rows, deletes))[1])
+    box = Outbox(tmp_path / "outbox.sqlite3")
+    publisher = Publisher(MqttConfig(host="127.0.0.1", port=1), "s", "till-pc", box)  # never connected: paho queues
+    sent: list[str] = []  # handed on (to paho, or behind what it holds back while it is not connected)
+    real_submit = publisher._submit
+    monkeypatch.setattr(publisher, "_submit", lambda key, topic, *rest: (sent.append(topic),
+                                                                          real_submit(key, topic, *rest))[1])
+    estimate = TrackEstimate("till-1", 1, 17.0, 2.0, 5, 0.0, 1.0, (0, 0, 10, 10), 0.9)
+    with publisher.frame_batch():
+        publisher.publish_alert(estimate, Policy(), 1.0)
+        publisher.publish_estimate(estimate, False, 1.0)
+        publisher.publish_estimate(estimate, True, 1.0)
+        assert sent == [] and commits == []  # nothing on its way before the frame's commit
+    assert commits == [3] and sent == ["tillsight/s/till-1/alert"] + ["tillsight/s/till-1/estimate"] * 2
+    publisher.publish_estimate(estimate, False, 2.0)  # outside a frame batch: at once
+    assert commits == [3, 1] and len(sent) == 4
+    assert [r.topic for r in box.backlog()] == sent  # all kept until the broker has them
+    box.close()
