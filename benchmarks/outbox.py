@@ -1,5 +1,5 @@
 """What the durable outbox costs per message: add (its commit: INSERT + fsync) and done (at the broker's ack: in
-memory, its DELETE with the service's next tick, here after each add), on this disk, against the outbox in memory, measured in the same
+memory, its DELETE with the next commit or the service's tick, here the tick after each add), on this disk, against the outbox in memory, measured in the same
 run. One thread; what many cameras' threads gain from group commit: benchmarks/slow_disk.py.
 
     python benchmarks/outbox.py [--messages 2000] [--dir /var/lib/tillsight]

@@ -7,7 +7,7 @@ restart) would lose them. The outbox is an SQLite database in WAL mode (the stan
 is committed before the message goes to paho and deleted once the broker acknowledges it. Rows added
 while a commit runs go into the next one together (group commit: one fsync for all the cameras'
 messages of the moment, and a camera's frame publishes its messages as one batch), and the deletes go
-with the service's next tick (0.1 s), without an fsync of their own: a power cut or
+with the next commit or the service's next tick (0.1 s), never with an fsync of their own: a power cut or
 a kill may bring back a delivered message, never lose one. On start, the rows left by the previous run
 are published again, oldest first, before anything new.
 
@@ -94,7 +94,7 @@ class Outbox:
         # others wait there for theirs. One fsync a message, under the lock every thread added under, put every
         # camera behind the disk: 6 cameras on a disk whose fsync takes 5 ms (an SD card, a busy server's disk:
         # 20 ms and more) had frame->alert p99 58 ms against 31 (issue 10). Acknowledgements never wait for the
-        # disk: the service's next tick deletes their rows (tidy(), every 0.1 s), not a camera's thread.
+        # disk: their rows go with the next commit, or the service's next tick deletes them (tidy(), every 0.1 s).
         # Whoever touches `_db` holds `_disk_lock`; `_disk_lock` is always taken before `_lock`, never after.
         self._lock = threading.Lock()
         self._disk_lock = threading.Lock()
@@ -312,8 +312,10 @@ class Outbox:
                     return  # a commit that took this row
                 rows = list(self._unwritten.values())
                 self._unwritten.clear()
+                # the acknowledged rows too, in the same transaction: on a busy disk the tick rarely finds it free
+                deletes, self._undeleted = self._undeleted, []
                 upto = self._next_key - 1
-            self._commit(rows, [])  # the acknowledged rows: the service's tick deletes them (tidy)
+            self._commit(rows, deletes)
             if self._db is not None:
                 self._written_upto = upto
 
@@ -361,7 +363,7 @@ class Outbox:
             key = self._next_key
             self._next_key = key + 1
             self._rows[key] = row = Queued(key, created, topic, payload, qos, retain)
-            if self._db is not None:
+            if self._db is not None and not self._closed:
                 self._unwritten[key] = row
             if len(self._rows) > self.max_messages:
                 oldest = list(self._rows)[: len(self._rows) - self.max_messages]
@@ -406,7 +408,8 @@ class Outbox:
     def close(self) -> None:
         with self._disk_lock:
             with self._lock:
-                rows = list(self._unwritten.values())  # an add racing the close: kept for the next start
+                self._closed = True  # an add from now on is said lost, not left waiting for a commit that never comes
+                rows = list(self._unwritten.values())  # an add that came before: kept for the next start
                 self._unwritten.clear()
                 deletes, self._undeleted = self._undeleted, []
             self._commit(rows, deletes)

@@ -588,7 +588,8 @@ def test_messages_added_together_share_a_commit_and_acknowledgements_never_wait_
     """Group commit (issue 10): on a disk whose fsync takes 5 ms, one fsync a message under the lock every camera
     added under put every camera behind the disk (frame->alert p99 58 ms against 31, 6 cameras). Each add still
     returns only once its row is committed; the rows added while a commit runs go in the next one together; and
-    the broker's acknowledgements (paho's thread) never wait for a commit: the service's tick deletes their rows."""
+    the broker's acknowledgements (paho's thread) never wait for a commit: their rows go with the next one (or the
+    service's tick)."""
     import threading
 
     commits: list[int] = []
@@ -659,4 +660,62 @@ def test_a_frames_messages_go_to_disk_in_one_commit_then_to_paho_in_order(tmp_pa
     publisher.publish_estimate(estimate, False, 2.0)  # outside a frame batch: at once
     assert commits == [3, 1] and len(sent) == 4
     assert [r.topic for r in box.backlog()] == sent  # all kept until the broker has them
+    box.close()
+
+
+def test_acknowledged_rows_go_with_the_next_commit_and_an_add_during_the_close_is_said_lost(tmp_path, caplog):
+    """(Review of the group commit.) On a busy disk the tick seldom finds the disk free: the acknowledged rows go
+    with the next add's commit as well, not only with the tick's. And an add that comes while the outbox closes is
+    said lost, not left believing it is on disk."""
+    import sqlite3
+    import threading
+    path = tmp_path / "outbox.sqlite3"
+    box = Outbox(path)
+    keys = [box.add(f"t/{i}", b"{}", 1) for i in range(5)]
+    for key in keys:
+        box.done(key)  # no tick (tidy) runs
+    box.add("t/next", b"{}", 1)
+    with sqlite3.connect(path) as reader:
+        assert [t for (t,) in reader.execute("SELECT topic FROM outbox")] == ["t/next"]
+    closing, late = threading.Event(), []
+    real_commit = Outbox._commit
+
+    def slow_commit(self, rows, deletes):  # the close's own commit, long enough for an add to come in
+        closing.set()
+        time.sleep(0.3)
+        real_commit(self, rows, deletes)
+
+    Outbox._commit = slow_commit
+    try:
+        closer = threading.Thread(target=box.close)
+        closer.start()
+        assert closing.wait(5)
+        with caplog.at_level("ERROR", logger="edge.outbox"):
+            late.append(box.add("t/late", b"{}", 1))
+        closer.join()
+    finally:
+        Outbox._commit = real_commit
+    assert "a message came after the outbox closed: lost" in caplog.text
+    again = Outbox(path)
+    assert [r.topic for r in again.backlog()] == ["t/next"]
+    again.close()
+
+
+def test_a_frame_batch_inside_another_and_qos0_estimates_keep_the_frames_order(tmp_path, monkeypatch):
+    """(Review of the frame batch.) A batch inside a batch sends nothing of its own before the outer one ends, and
+    with `mqtt.qos = 0` the estimates (kept nowhere) still go after the alert published before them."""
+    box = Outbox(tmp_path / "outbox.sqlite3")
+    publisher = Publisher(MqttConfig(host="127.0.0.1", port=1, qos=0), "s", "till-pc", box)
+    order: list[str] = []
+    monkeypatch.setattr(publisher, "_submit", lambda key, topic, *rest: order.append(topic))
+    monkeypatch.setattr(publisher, "_send", lambda topic, *rest: order.append(topic) or True)
+    estimate = TrackEstimate("till-1", 1, 17.0, 2.0, 5, 0.0, 1.0, (0, 0, 10, 10), 0.9)
+    with publisher.frame_batch():
+        publisher.publish_alert(estimate, Policy(), 1.0)
+        with publisher.frame_batch():
+            publisher.publish_estimate(estimate, False, 1.0)  # QoS 0
+        publisher.publish_estimate(estimate, True, 1.0)
+        assert order == []
+    assert order == ["tillsight/s/till-1/alert"] + ["tillsight/s/till-1/estimate"] * 2
+    assert [r.topic for r in box.backlog()] == ["tillsight/s/till-1/alert"]  # QoS 0: not kept
     box.close()
