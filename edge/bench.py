@@ -349,11 +349,9 @@ def _measure(procs: list[subprocess.Popen], logs: list[Path], statuses: dict[str
     scraped = _scrape_all(all_settings)
     batches = _batches_of_all([batch_sizes(text) if text is not None else {"available": False, "reason": reason}
                                for text, reason in scraped])
-    texts = [(text, before) for (text, _), (before, _) in zip(scraped, scraped_start) if text is not None]
-    stages = frame_stages([text for text, _ in texts], before=[before for _, before in texts if before is not None])
-    stalls = daemon_stalls([text for text, _ in texts], before=[before for _, before in texts if before is not None])
-    in_window = {kind: [(at, lat, camera) for at, lat, camera in values if window_start <= at <= window_end]
-                 for kind, values in latencies.items()}
+    texts, befores = window_scrapes(scraped, scraped_start)
+    stages = frame_stages(texts, before=befores)
+    stalls = daemon_stalls(texts, before=befores)
     statuses = {daemon: [s for s in history if s["received"] <= window_end] for daemon, history in statuses.items()}
     memory = [_memory_mb(daemon.pid) for daemon in procs]
     peak_rss, rss = (None if any(m[i] is None for m in memory) else round(sum(m[i] for m in memory), 1)
@@ -368,6 +366,10 @@ def _measure(procs: list[subprocess.Popen], logs: list[Path], statuses: dict[str
             daemon.wait()
         if daemon.returncode not in (0, -signal.SIGTERM):
             raise BenchError(f"the daemon failed with {cameras} cameras: {_last_line(log_path)}")
+    # only now: the window's last frames' messages (the slowest, as often as not) have arrived; the stop's own
+    # frames were captured after the window and stay out
+    in_window = {kind: [(at, lat, camera) for at, lat, camera in values if window_start <= at <= window_end]
+                 for kind, values in latencies.items()}
     # "degraded" statuses count too: the cameras' figures are there, and the problems are reported (a GPU that
     # did not load makes the daemon degraded, and is what a GPU benchmark most needs to say)
     by_daemon = [[s for s in history if _online(s)] for history in statuses.values()]
@@ -404,6 +406,14 @@ def _measure(procs: list[subprocess.Popen], logs: list[Path], statuses: dict[str
         "problems": sorted({p for online in by_daemon for s in online for p in s.get("problems", [])}),
         "batch_sizes": batches, "frame_stages": stages, "stalls": stalls, "cpu": cpu, **({"gpu": gpu} if gpu is not None else {}),
     }
+
+
+def window_scrapes(end: list[tuple[str | None, str | None]],
+                   start: list[tuple[str | None, str | None]]) -> tuple[list[str], list[str]]:
+    """The daemons' metrics at the window's end and at its start, for those whose both scrapes were read: one
+    without its first would add its whole run, its warm-up too, to the window's figures."""
+    pairs = [(text, before) for (text, _), (before, _) in zip(end, start) if text is not None and before is not None]
+    return [text for text, _ in pairs], [before for _, before in pairs]
 
 
 def _scrape_all(all_settings: list[dict]) -> list[tuple[str | None, str | None]]:

@@ -113,6 +113,9 @@ class Metrics:
         self.gc_pause = Histogram("tillsight_gc_pause_seconds", "Python garbage collections: each one stops every "
                                   "thread of the daemon", ["generation"], registry=self.registry,
                                   buckets=LATENCY_BUCKETS)
+        # one child a generation, made here: the callback (inside a collection, on any thread) never takes the
+        # parent's lock, which a scrape may hold when an allocation of its own sets a collection off
+        self._gc_generations = [self.gc_pause.labels(str(generation)) for generation in range(3)]
         self._gc_started: float | None = None
         self.server = None
 
@@ -120,7 +123,9 @@ class Metrics:
         if phase == "start":
             self._gc_started = time.perf_counter()
         elif self._gc_started is not None:
-            self.gc_pause.labels(str(info.get("generation"))).observe(time.perf_counter() - self._gc_started)
+            generation = info.get("generation")
+            if generation in (0, 1, 2):
+                self._gc_generations[generation].observe(time.perf_counter() - self._gc_started)
             self._gc_started = None
 
     def time_collections(self) -> None:
