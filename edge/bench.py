@@ -389,6 +389,8 @@ def _measure(procs: list[subprocess.Popen], logs: list[Path], statuses: dict[str
         else None  # noqa: E731
     return {
         "cameras": cameras, "fps": fps, "seconds": seconds, "start_s": start_s, "frames": frames, "dropped": dropped,
+        # the measuring window's length: the stage figures and the alerts are its; "frames" is each camera's whole run
+        "window_s": round(window_end - window_start, 2),
         "lag_start_s": start_lag, "lag_end_s": end_lag,
         "keeps_up": bool(lags) and dropped <= 0.01 * max(frames, 1) and end_lag < max(0.5, 2 * (start_lag or 0)),
         "alert_p50_ms": _pct(_lat(in_window["alert"]), 50), "alert_p99_ms": _pct(_lat(in_window["alert"]), 99),
