@@ -87,7 +87,9 @@ def test_bench_of_the_shipped_resnet50_that_ships_as_int8_alone(tmp_path, carpho
     report = json.loads((out / "bench.json").read_text())
     assert report["model"] == "resnet50 (age.onnx)" and report["served_variant"] == "int8"
     assert set(report["model_speed"]) == {"ORT int8"} and all(v > 0 for v in report["model_speed"]["ORT int8"].values())
-    assert report["one_camera"]["budget"]["tracks"] == 1 and report["cameras"][0]["alerts"] >= 1
+    # the customer's alert comes about 2.7 s in, near the 3 s window's end: counted over the whole run, as a
+    # slower machine may capture that frame after the window closes
+    assert report["one_camera"]["budget"]["tracks"] == 1 and report["cameras"][0]["alerts_whole_run"] >= 1
     speed = tmp_path / "speed-out"
     result = tillsight("bench", "--model-only", "--batches", "1", "--point-seconds", "0.05", "--modes", "plain",
                        "--out", str(speed), timeout=120)
