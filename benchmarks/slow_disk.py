@@ -75,7 +75,9 @@ def one_point(tree: Path, library: Path, delay_ms: float, args, out: Path) -> di
     return {"alert_p50_ms": row["alert_p50_ms"], "alert_p99_ms": row["alert_p99_ms"], "alerts": row["alerts"],
             "dropped": row["dropped"], "judge_p99_ms": (stages.get("judge") or {}).get("p99_ms"),
             "total_p99_ms": (stages.get("total") or {}).get("p99_ms"),
-            "ack_p99_ms": (stages.get("mqtt_ack") or {}).get("p99_ms")}
+            "ack_p99_ms": (stages.get("mqtt_ack") or {}).get("p99_ms"),
+            # the daemon's own view of its disk (None from a tree before the metric)
+            "commit_p99_ms": (row.get("outbox_commits") or {}).get("p99_ms")}
 
 
 def median(values: list) -> float | None:
@@ -119,7 +121,7 @@ def main() -> None:
                     points[name][delay].append(point)
                     print(f"round {round_no + 1}, {name}, fsync +{delay:g} ms: frame->alert p50 {point['alert_p50_ms']}"
                           f" p99 {point['alert_p99_ms']} ms, judge p99 {point['judge_p99_ms']}, MQTT ack p99 "
-                          f"{point['ack_p99_ms']}, dropped {point['dropped']}", flush=True)
+                          f"{point['ack_p99_ms']}, outbox commit p99 {point['commit_p99_ms']}, dropped {point['dropped']}", flush=True)
     summary = {name: {f"{d:g}": {key: median([p[key] for p in runs]) for key in runs[0]} for d, runs in by_delay.items()}
                for name, by_delay in points.items()}
     print(f"\n{args.cameras} cameras at 10 fps, {args.seconds:g} s a point, median of {args.rounds} rounds "
@@ -130,7 +132,8 @@ def main() -> None:
             ratio = f"{figures['alert_p99_ms'] / base:.2f}x" if base and figures["alert_p99_ms"] else "-"
             print(f"  {name:>9}, fsync +{delay:>3} ms: frame->alert p50 {figures['alert_p50_ms']:>6} p99 "
                   f"{figures['alert_p99_ms']:>6} ({ratio}), judge p99 {figures['judge_p99_ms']}, total p99 "
-                  f"{figures['total_p99_ms']}, MQTT ack p99 {figures['ack_p99_ms']}, dropped {figures['dropped']}")
+                  f"{figures['total_p99_ms']}, MQTT ack p99 {figures['ack_p99_ms']}, outbox commit p99 "
+                  f"{figures['commit_p99_ms']}, dropped {figures['dropped']}")
     (args.out / "slow_disk.json").write_text(json.dumps({"cameras": args.cameras, "seconds": args.seconds,
                                                          "rounds": args.rounds, "summary": summary,
                                                          "points": {n: {f"{d:g}": r for d, r in b.items()}

@@ -352,6 +352,7 @@ def _measure(procs: list[subprocess.Popen], logs: list[Path], statuses: dict[str
     texts, befores = window_scrapes(scraped, scraped_start)
     stages = frame_stages(texts, before=befores)
     stalls = daemon_stalls(texts, before=befores)
+    commits = outbox_commits(texts, before=befores)
     statuses = {daemon: [s for s in history if s["received"] <= window_end] for daemon, history in statuses.items()}
     memory = [_memory_mb(daemon.pid) for daemon in procs]
     peak_rss, rss = (None if any(m[i] is None for m in memory) else round(sum(m[i] for m in memory), 1)
@@ -406,7 +407,7 @@ def _measure(procs: list[subprocess.Popen], logs: list[Path], statuses: dict[str
         "provider": lasts[0].get("provider"), "variant": lasts[0].get("age_model", {}).get("variant"),
         "detector_provider": lasts[0].get("detector_provider"),
         "problems": sorted({p for online in by_daemon for s in online for p in s.get("problems", [])}),
-        "batch_sizes": batches, "frame_stages": stages, "stalls": stalls, "cpu": cpu, **({"gpu": gpu} if gpu is not None else {}),
+        "batch_sizes": batches, "frame_stages": stages, "stalls": stalls, "outbox_commits": commits, "cpu": cpu, **({"gpu": gpu} if gpu is not None else {}),
     }
 
 
@@ -524,6 +525,13 @@ def daemon_stalls(texts: list[str], before: list[str] | None = None) -> dict:
     (bucket edges: "at most") in ms."""
     summary = _histogram(texts, "tillsight_gc_pause_seconds", None, before)
     return {} if summary is None else {"gc": {"pauses": summary.pop("frames"), **summary}}
+
+
+def outbox_commits(texts: list[str], before: list[str] | None = None) -> dict | None:
+    """The daemons' commits of messages to their outbox (edge/outbox.py): each ends in an fsync, and an alert
+    is published only after its own; "commits", mean, p99 and max (bucket edges: "at most") in ms."""
+    summary = _histogram(texts, "tillsight_outbox_commit_seconds", 'kind="messages"', before)
+    return None if summary is None else {"commits": summary.pop("frames"), **summary}
 
 
 def _histogram(texts: list[str], metric: str, label: str | None, before: list[str] | None = None) -> dict | None:
@@ -771,6 +779,10 @@ def _print_cameras_row(row: dict) -> None:
         gc_ = stalls["gc"]
         print(f"    garbage collections (every thread stops), ms: {gc_['pauses']} pauses, mean {gc_['mean_ms']}, "
               f"p99 {gc_['p99_ms']}, worst {gc_['max_ms']}", flush=True)
+    commits = row.get("outbox_commits")
+    if commits:
+        print(f"    outbox commits (an fsync each; every alert waits for one), ms: {commits['commits']} commits, "
+              f"mean {commits['mean_ms']}, p99 {commits['p99_ms']}, worst {commits['max_ms']}", flush=True)
     if row.get("slowest_alerts"):
         print("    slowest alerts (s into the window, ms, camera): " + ", ".join(
             f"{a['at_s']} s {a['ms']} ms {a['camera']}" for a in row["slowest_alerts"]), flush=True)

@@ -109,6 +109,10 @@ class Outbox:
         self._closed = False
         self._truncated_at = float("-inf")  # monotonic time of the last write-ahead log truncation
         self._wal_holds_done = False  # acknowledged messages may be in the write-ahead log (tidy())
+        # (kind, seconds) -> None, after each commit that wrote: "messages" (rows added, an fsync: what an alert
+        # waits for before it is published) or "deletes" (acknowledged rows out, no fsync). The metrics: a till
+        # PC's slow disk is in every alert's path, and this is where it shows.
+        self.on_commit = None
         if path is not None:
             self._claim(path, owner)
             _forget_old_corrupt(path)
@@ -267,11 +271,13 @@ class Outbox:
         db = self._db
         if db is None or not (rows or deletes):
             return
+        started = time.perf_counter()
         try:
             if len(rows) == 1 and not deletes:  # a till's usual message alone: one statement, as few hand-overs
                 row = rows[0]                   # of the interpreter lock as a camera's thread can make
                 db.execute("INSERT INTO outbox (key, created, topic, payload, qos, retain) VALUES (?, ?, ?, ?, ?, ?)",
                            (row.key, row.created, row.topic, row.payload, row.qos, int(row.retain)))
+                self._committed("messages", started)
                 return
             if not rows:
                 db.execute("PRAGMA synchronous=NORMAL")
@@ -297,6 +303,11 @@ class Outbox:
             return
         if deletes:
             self._wal_holds_done = True
+        self._committed("messages" if rows else "deletes", started)
+
+    def _committed(self, kind: str, started: float) -> None:
+        if self.on_commit is not None:
+            self.on_commit(kind, time.perf_counter() - started)
 
     def _sync(self, key: int) -> None:
         """Wait until row `key` is committed: by this thread, with every row added meanwhile, or by the thread

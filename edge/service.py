@@ -417,6 +417,7 @@ class Service:
             for pipeline in self.pipelines:
                 pipeline.on_frame = self.metrics.observe_frame
             self.publisher.on_ack = self.metrics.observe_ack
+            self.outbox.on_commit = self.metrics.observe_commit
         # a replay is a one-off over a recording, not a till's daemon: no roll call of the store's daemons
         self.peers = None if replay else Peers(self.daemon_id, self.publisher.instance, self.publisher.base,
                                                [c.id for c in config.cameras], self.streams)

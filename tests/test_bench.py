@@ -221,6 +221,8 @@ def test_on_a_slow_disk_every_alert_waits_for_its_fsync(tmp_path, hamilton_clip)
     fast, slow = summary["0"], summary["25"]
     assert fast["alerts"] >= 3 and slow["alerts"] >= 3, summary
     assert slow["alert_p50_ms"] >= 25.0  # the fsync before every alert: none skips the disk
+    # and the daemon's metrics see the slow disk (tillsight_outbox_commit_seconds; p99: its bucket's upper edge)
+    assert fast["commit_p99_ms"] is not None and slow["commit_p99_ms"] >= 30.0, summary
     assert (out / "slow_disk.png").stat().st_size > 10_000 and "fsync +25 ms" in done.stdout
     bad = subprocess.run([sys.executable, "benchmarks/slow_disk.py", "--delays-ms", "five"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)

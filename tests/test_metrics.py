@@ -114,7 +114,7 @@ def test_the_dashboard_asks_only_for_metrics_the_daemon_serves():
     served = {f"tillsight_camera_{name}" + ("_total" if counter else "") for name, _, counter in CAMERA_SERIES}
     served |= {f"tillsight_{name}" + ("_total" if counter else "") for name, _, counter in DAEMON_SERIES}
     served |= {f"tillsight_{h}_{part}" for h in ("age_network_seconds", "age_batch_faces", "frame_stage_seconds",
-                                                 "mqtt_ack_seconds") for part in ("bucket", "sum", "count")}
+                                                 "mqtt_ack_seconds", "outbox_commit_seconds", "gc_pause_seconds") for part in ("bucket", "sum", "count")}
     dashboard = json.loads(DASHBOARD.read_text())
     asked = {name for panel in dashboard["panels"] for target in panel.get("targets", [])
              for name in re.findall(r"tillsight_[a-z_]+", target["expr"])}

@@ -65,6 +65,29 @@ def test_only_acknowledgements_skip_the_fsync_and_every_add_is_synced(tmp_path):
     assert [row.topic for row in Outbox(tmp_path / "outbox.sqlite3").backlog()] == ["t/3"]
 
 
+def test_every_commit_is_timed_by_kind_for_the_metrics(tmp_path):
+    """tillsight_outbox_commit_seconds: the commits that write messages (an fsync each, what an alert waits for)
+    apart from those that only delete acknowledged rows; a failed write is no commit."""
+    box = Outbox(tmp_path / "outbox.sqlite3")
+    commits = []
+    box.on_commit = lambda kind, seconds: commits.append((kind, seconds))
+    first = box.add("t/1", b"{}", 1)
+    assert [kind for kind, _ in commits] == ["messages"] and commits[0][1] > 0
+    second, third = box.add("t/2", b"{}", 1, sync=False), box.add("t/3", b"{}", 1, sync=False)
+    box.sync(third)  # both in one commit
+    assert [kind for kind, _ in commits] == ["messages"] * 2
+    for key in (first, second, third):
+        box.done(key)
+    box.tidy()
+    assert [kind for kind, _ in commits] == ["messages", "messages", "deletes"] and all(s > 0 for _, s in commits)
+    box.tidy()  # nothing to delete: no commit
+    assert len(commits) == 3
+    box._db.close()  # the file gone from under it: the add stays in memory, and no commit is timed
+    box.add("t/4", b"{}", 1)
+    assert len(commits) == 3 and box.state == "memory"
+    box.close()
+
+
 def test_a_message_after_the_outbox_closed_is_said_lost(tmp_path, caplog):
     outbox = Outbox(tmp_path / "outbox.sqlite3")
     outbox.close()

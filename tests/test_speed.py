@@ -189,6 +189,8 @@ def test_a_window_of_the_metrics_and_the_daemons_collections():
     assert daemon_stalls([after])["gc"]["pauses"] >= stalls["gc"]["pauses"] + 1
     assert 'generation="2"' in after and 'generation="0"' in after
     assert daemon_stalls([]) == {}
+    from edge.bench import outbox_commits
+    assert outbox_commits([after]) is None  # no outbox commits observed
     # two daemons, the second's first scrape not read: left out, not added whole to the window
     from edge.bench import window_scrapes
     texts, befores = window_scrapes([(after, None), (after, None)], [(before, None), (None, "timed out")])
