@@ -21,13 +21,12 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from baseline_tree import add_arguments, copy_baseline, finish_plot, median, trees_to_measure
 
 SHIM = r"""
 #define _GNU_SOURCE
@@ -80,40 +79,21 @@ def one_point(tree: Path, library: Path, delay_ms: float, args, out: Path) -> di
             "commit_p99_ms": (row.get("outbox_commits") or {}).get("p99_ms")}
 
 
-def median(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(statistics.median(values), 1) if values else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--delays-ms", default="0,5,20", help="added to every fsync, comma-separated")
-    parser.add_argument("--cameras", type=int, default=6)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--model", default="light")
-    parser.add_argument("--video", type=Path, help="default: the bench's")
-    parser.add_argument("--baseline-tree", type=Path, help="another tillsight checkout, measured alongside")
-    parser.add_argument("--out", type=Path, default=Path("bench-out/slow-disk"))
+    add_arguments(parser, cameras=6, seconds=20.0, out="bench-out/slow-disk")
     args = parser.parse_args()
     try:
         delays = [float(d) for d in args.delays_ms.split(",")]
     except ValueError:
         sys.exit(f"slow_disk: error: --delays-ms {args.delays_ms!r}: numbers, comma-separated")
-    trees = {"this tree": REPO}
-    if args.baseline_tree is not None:
-        if not (args.baseline_tree / "edge" / "__init__.py").is_file():
-            sys.exit(f"slow_disk: error: --baseline-tree {args.baseline_tree}: not a tillsight checkout")
-        trees = {"baseline": args.baseline_tree.resolve(), **trees}
+    trees = trees_to_measure(args.baseline_tree, "slow_disk")
     args.out.mkdir(parents=True, exist_ok=True)
     points: dict[str, dict[float, list[dict]]] = {name: {d: [] for d in delays} for name in trees}
     with tempfile.TemporaryDirectory(prefix="tillsight-slow-disk-") as folder:
         library = build_shim(Path(folder))
-        if "baseline" in trees:  # its daemon, this tree's bench
-            copy = Path(folder) / "baseline"
-            shutil.copytree(trees["baseline"] / "edge", copy / "edge", ignore=shutil.ignore_patterns("__pycache__"))
-            shutil.copy2(REPO / "edge" / "bench.py", copy / "edge" / "bench.py")
-            trees["baseline"] = copy
+        copy_baseline(trees, Path(folder))  # its daemon, this tree's bench
         for round_no in range(args.rounds):
             for name, tree in trees.items():
                 for delay in delays:
@@ -154,10 +134,8 @@ def plot(summary: dict, delays: list[float], args) -> None:
     axis.axhline(30, color="grey", linewidth=0.8, linestyle=":", label="issue 10's p99 target")
     axis.set_xlabel("added to every fsync (ms)")
     axis.set_ylabel("ms")
-    axis.set_title(f"{args.cameras} cameras at 10 fps on a slow disk (median of {args.rounds} rounds)")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(args.out / "slow_disk.png", dpi=110)
+    finish_plot(figure, axis, f"{args.cameras} cameras at 10 fps on a slow disk (median of {args.rounds} rounds)",
+                args.out / "slow_disk.png")
 
 
 if __name__ == "__main__":

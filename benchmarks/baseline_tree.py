@@ -1,0 +1,56 @@
+"""What the benchmarks that measure this checkout against another in the same run share (slow_disk.py, gil.py):
+the trees to measure, the baseline's copy, the medians of the rounds, the plot's last touches."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cameras: int, seconds: float, out: str) -> None:
+    """The arguments of a run of the daemon under `tillsight bench`, rounds of it, a baseline and the output."""
+    parser.add_argument("--cameras", type=int, default=cameras)
+    parser.add_argument("--seconds", type=float, default=seconds)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--model", default="light")
+    parser.add_argument("--video", type=Path, help="default: the bench's")
+    parser.add_argument("--baseline-tree", type=Path, help="another tillsight checkout, measured alongside")
+    parser.add_argument("--out", type=Path, default=Path(out))
+
+
+def trees_to_measure(baseline: Path | None, program: str) -> dict[str, Path]:
+    """{"baseline": its checkout (if given), "this tree": this one}; a folder that is no checkout: one line, exit 1."""
+    if baseline is None:
+        return {"this tree": REPO}
+    if not (baseline / "edge" / "__init__.py").is_file():
+        sys.exit(f"{program}: error: --baseline-tree {baseline}: not a tillsight checkout")
+    return {"baseline": baseline.resolve(), "this tree": REPO}
+
+
+def copy_baseline(trees: dict[str, Path], folder: Path) -> None:
+    """The baseline's daemon with this tree's bench (the same window and figures), in `folder`: `trees` then
+    points there."""
+    if "baseline" not in trees:
+        return
+    copy = folder / "baseline"
+    shutil.copytree(trees["baseline"] / "edge", copy / "edge", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO / "edge" / "bench.py", copy / "edge" / "bench.py")
+    trees["baseline"] = copy
+
+
+def median(values: list, digits: int = 1) -> float | None:
+    """The median of the rounds' figures that were measured (None: none was)."""
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), digits) if values else None
+
+
+def finish_plot(figure, axis, title: str, path: Path) -> None:
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)

@@ -1,0 +1,212 @@
+"""What the daemon's Python costs each frame under the interpreter lock (the GIL), by stage, against a baseline
+tree measured in the same run (issue 10).
+
+    python benchmarks/gil.py [--cameras 4] [--seconds 25] [--rounds 2] [--baseline-tree DIR] [--out bench-out/gil]
+
+Every camera of a daemon runs its pipeline in a thread of one process, and only one thread at a time runs Python.
+The native work (decoding, the networks, resizing) lets go of the lock; the Python around it does not. So the
+milliseconds of Python a frame needs bound the cameras one daemon can serve: at 10 fps, 1000 / (10 x ms) cameras
+hold the lock all the time, and well before that the threads queue for it, every camera's frames late together
+(16 cameras in one daemon on the H100 in session 23: every stage's p99 and the broker's acks rose at once).
+
+Each point is `tillsight bench --skip-model-speed` (the light model unless --model, 10 fps) with py-spy sampling its
+daemon from outside (`py-spy record --gil --nonblocking`: only the thread that holds the lock is sampled, and the
+daemon is never paused), from a few seconds after it starts to before its stop. The share of samples is the share
+of time the lock was held; divided by the frames in that time (cameras x fps x seconds, when the daemon keeps up),
+the lock's milliseconds a frame. Each sample is charged to the innermost of the daemon's own modules in its stack
+(edge/detect.py: the detector's Python and the numpy it calls), else to paho-mqtt's network thread, else "other".
+py-spy needs to read the daemon's memory (ptrace: root, or kernel.yama.ptrace_scope 0). --baseline-tree: another
+checkout of tillsight (`git worktree add /tmp/before HEAD~3`): its daemon, measured by this tree's bench, in the
+same rounds, alternating. Writes gil.json and gil.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from baseline_tree import add_arguments, copy_baseline, finish_plot, median, trees_to_measure
+SAMPLE_RATE_HZ = 250
+WARM_UP_S = 5.0  # from the daemon's process appearing: its models loaded, the bench's settle passed
+EDGE_MODULE = re.compile(r"\((?:.*/)?edge/(\w+)\.py:\d+\)$")
+
+
+class GilError(Exception):
+    """One line for the user."""
+
+
+def py_spy() -> str:
+    found = shutil.which("py-spy") or (str(Path(sys.executable).parent / "py-spy")
+                                       if (Path(sys.executable).parent / "py-spy").is_file() else None)
+    if found is None:
+        raise GilError("py-spy not found: pip install py-spy (the dev extra has it)")
+    return found
+
+
+def daemon_of(bench: subprocess.Popen, timeout_s: float = 60.0) -> int:
+    """The pid of the daemon the bench started (`python -m edge run --config ...`, its child)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if bench.poll() is not None:
+            raise GilError(f"the bench ended before its daemon started: {_last_line(bench)}")
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                command = (entry / "cmdline").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue  # ended meanwhile
+            if parent == bench.pid and b"run" in command and b"edge" in command:
+                return int(entry.name)
+        time.sleep(0.2)
+    raise GilError(f"no daemon started by the bench within {timeout_s:g} s")
+
+
+def _last_line(process: subprocess.Popen) -> str:
+    _, err = process.communicate(timeout=30)
+    return (err.strip().splitlines() or ["no output"])[-1]
+
+
+def charge(stack: list[str]) -> str:
+    """The stage a sample's stack is charged to: the innermost of the daemon's own modules."""
+    for frame in reversed(stack):
+        found = EDGE_MODULE.search(frame)
+        if found:
+            return f"edge/{found.group(1)}.py"
+    return "paho-mqtt (network thread)" if any("paho/" in frame for frame in stack) else "other"
+
+
+def read_samples(raw: Path) -> tuple[int, Counter, Counter]:
+    """py-spy's raw output ("process;frame;...;innermost count" a line): samples, by stage, by function (each
+    function once a sample, wherever in its stack: inclusive)."""
+    total, stages, functions = 0, Counter(), Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames, n = stack.split(";")[1:], int(count)
+        total += n
+        stages[charge(frames)] += n
+        for function in {re.sub(r":\d+\)$", ")", frame) for frame in frames}:
+            functions[function] += n
+    return total, stages, functions
+
+
+def one_point(tree: Path, args, folder: Path) -> dict:
+    out, raw = folder / "bench-out", folder / "gil.txt"
+    raw.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "edge", "bench", "--skip-model-speed", "--model", args.model,
+               "--cameras", str(args.cameras), "--seconds", str(args.seconds), "--fps", "10", "--out", str(out)]
+    if args.video:
+        command += ["--video", str(args.video)]
+    bench = subprocess.Popen(command, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        daemon = daemon_of(bench)
+        time.sleep(WARM_UP_S)
+        duration = args.seconds - WARM_UP_S - 1  # ends before the bench stops its daemon
+        spy = subprocess.run([py_spy(), "record", "--gil", "--nonblocking", "--rate", str(SAMPLE_RATE_HZ),
+                              "--duration", str(int(duration)), "--format", "raw", "--output", str(raw),
+                              "--pid", str(daemon)], capture_output=True, text=True)
+        if spy.returncode != 0 or not raw.is_file():
+            raise GilError("py-spy could not sample the daemon (it needs ptrace: root, or kernel.yama.ptrace_scope "
+                           f"0): {(spy.stderr.strip().splitlines() or ['no output'])[-1]}")
+        if bench.wait(timeout=args.seconds + 120) != 0:
+            raise GilError(f"the bench failed ({tree}): {_last_line(bench)}")
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    row = json.loads((out / "bench.json").read_text())["cameras"][0]
+    samples, stages, functions = read_samples(raw)
+    seconds = int(duration)
+    frames = args.cameras * 10 * seconds
+    per_frame = lambda n: round(1000 * n / SAMPLE_RATE_HZ / frames, 3)  # noqa: E731
+    return {"held_pct": round(100 * samples / (SAMPLE_RATE_HZ * seconds), 1), "ms_per_frame": per_frame(samples),
+            "stages_ms_per_frame": {stage: per_frame(n) for stage, n in stages.most_common()},
+            "top_functions_ms_per_frame": {f: per_frame(n) for f, n in functions.most_common(15)},
+            "keeps_up": row["keeps_up"], "alert_p99_ms": row["alert_p99_ms"], "samples": samples}
+
+
+def summarise(runs: list[dict]) -> dict:
+    stages = sorted({stage for run in runs for stage in run["stages_ms_per_frame"]})
+    return {"held_pct": median([r["held_pct"] for r in runs]),
+            "ms_per_frame": median([r["ms_per_frame"] for r in runs], 3),
+            "stages_ms_per_frame": {s: median([r["stages_ms_per_frame"].get(s, 0.0) for r in runs], 3) for s in stages},
+            "alert_p99_ms": median([r["alert_p99_ms"] for r in runs]), "keeps_up": all(r["keeps_up"] for r in runs)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser, cameras=4, seconds=25.0, out="bench-out/gil")
+    args = parser.parse_args()
+    if args.seconds < WARM_UP_S + 4:
+        sys.exit(f"gil: error: --seconds {args.seconds:g}: at least {WARM_UP_S + 4:g} (the first {WARM_UP_S:g} "
+                 "are not sampled)")
+    trees = trees_to_measure(args.baseline_tree, "gil")
+    args.out.mkdir(parents=True, exist_ok=True)
+    points: dict[str, list[dict]] = {name: [] for name in trees}
+    try:
+        py_spy()
+        with tempfile.TemporaryDirectory(prefix="tillsight-gil-") as folder:
+            copy_baseline(trees, Path(folder))  # its daemon, this tree's bench
+            for round_no in range(args.rounds):
+                for name, tree in trees.items():
+                    point = one_point(tree, args, Path(folder))
+                    points[name].append(point)
+                    print(f"round {round_no + 1}, {name}: the lock held {point['held_pct']} % of the time, "
+                          f"{point['ms_per_frame']} ms a frame; frame->alert p99 {point['alert_p99_ms']} ms"
+                          + ("" if point["keeps_up"] else " (did not keep up)"), flush=True)
+    except GilError as exc:
+        sys.exit(f"gil: error: {exc}")
+    summary = {name: summarise(runs) for name, runs in points.items()}
+    print(f"\n{args.cameras} cameras at 10 fps, median of {args.rounds} rounds: the GIL's ms a frame, by stage "
+          "(ratio: against the baseline)")
+    base = summary.get("baseline", {}).get("ms_per_frame")
+    for name, figures in summary.items():
+        ratio = f" ({figures['ms_per_frame'] / base:.2f}x)" if base and name != "baseline" else ""
+        ceiling = round(1000 / (10 * figures["ms_per_frame"])) if figures["ms_per_frame"] else None
+        print(f"  {name:>9}: {figures['ms_per_frame']} ms a frame{ratio}, held {figures['held_pct']} % "
+              f"(all the time at about {ceiling} cameras); frame->alert p99 {figures['alert_p99_ms']} ms")
+        print("             " + ", ".join(f"{stage} {ms}" for stage, ms in
+                                          sorted(figures["stages_ms_per_frame"].items(), key=lambda kv: -kv[1])))
+    last = points["this tree"][-1]["top_functions_ms_per_frame"]
+    print("  this tree's top functions (inclusive, last round), ms a frame: "
+          + ", ".join(f"{f} {ms}" for f, ms in list(last.items())[:10]))
+    (args.out / "gil.json").write_text(json.dumps({"cameras": args.cameras, "seconds": args.seconds,
+                                                   "rounds": args.rounds, "summary": summary, "points": points},
+                                                  indent=1))
+    plot(summary, args)
+    print(f"wrote {args.out / 'gil.json'} and {args.out / 'gil.png'}")
+
+
+def plot(summary: dict, args) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    stages = sorted({s for f in summary.values() for s in f["stages_ms_per_frame"]},
+                    key=lambda s: -max(f["stages_ms_per_frame"].get(s, 0.0) for f in summary.values()))
+    figure, axis = plt.subplots(figsize=(8, 0.35 * len(stages) * len(summary) + 1.5))
+    height = 0.8 / len(summary)
+    for k, (name, figures) in enumerate(summary.items()):
+        axis.barh([i + k * height for i in range(len(stages))],
+                  [figures["stages_ms_per_frame"].get(s, 0.0) for s in stages], height,
+                  label=f"{name}: {figures['ms_per_frame']} ms a frame in all")
+    axis.set_yticks([i + height * (len(summary) - 1) / 2 for i in range(len(stages))], stages)
+    axis.invert_yaxis()
+    axis.set_xlabel("ms a frame holding the interpreter lock")
+    finish_plot(figure, axis, f"{args.cameras} cameras at 10 fps, median of {args.rounds} rounds", args.out / "gil.png")
+
+
+if __name__ == "__main__":
+    main()
