@@ -61,12 +61,12 @@ BLANK_STD = 4.0
 
 def picture_detail(image: np.ndarray) -> float:
     """The grey-level standard deviation of a 32x24 thumbnail: under BLANK_STD a picture shows nothing."""
-    # every k-th pixel, still 64 or more per thumbnail pixel to average the noise away: 0.4 ms on 1080p
-    # where the whole frame took 3.7
-    step = max(1, image.shape[1] // 256)
-    thumbnail = cv2.cvtColor(cv2.resize(image[::step, ::step], (32, 24), interpolation=cv2.INTER_AREA),
-                             cv2.COLOR_BGR2GRAY)
-    return float(thumbnail.std())
+    # 256x192 pixels sampled (nearest), 64 per thumbnail pixel to average the noise away, then averaged: 0.15 ms
+    # on 640x480 to 1080p, where every 2nd pixel by numpy's strided slice (a copy before OpenCV can read it) took
+    # 0.4-0.9 ms and the whole frame by INTER_AREA 3.7 ms on 1080p; every frame of every camera comes through here
+    sampled = image if image.shape[1] <= 256 else cv2.resize(image, (256, 192), interpolation=cv2.INTER_NEAREST)
+    thumbnail = cv2.cvtColor(cv2.resize(sampled, (32, 24), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2GRAY)
+    return float(cv2.meanStdDev(thumbnail)[1][0, 0])
 
 
 class PictureCheck:

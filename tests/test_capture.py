@@ -233,6 +233,18 @@ def test_a_covered_lens_and_a_no_signal_screen_are_blank_a_dark_scene_is_not(car
     assert set(picture_states(dark, after_s=1.0)) == {LIVE}
 
 
+@pytest.mark.parametrize("size", [(640, 480), (1920, 1080)])
+def test_blank_and_dark_at_a_till_cameras_size(carphone_clip, size):
+    """Frames wider than 256 pixels are sampled (nearest) to 256x192 before the thumbnail is averaged: the same
+    answers as at the clip's own size, a covered lens blank and a dimmed scene live."""
+    rng = np.random.default_rng(1)
+    width, height = size
+    covered = [np.clip(rng.normal(6, 3, (height, width, 3)), 0, 255).astype(np.uint8) for _ in range(12)]
+    dark = [cv2.resize((image * 0.25).astype(np.uint8), size) for image in video_frames(carphone_clip)[:12]]
+    assert picture_states(covered, after_s=1.0) == [LIVE] * 10 + [BLANK] * 2
+    assert set(picture_states(dark, after_s=1.0)) == {LIVE}
+
+
 def test_a_frozen_camera_is_reopened_at_once_then_watched_never_waited_out_blind(carphone_clip):
     """A network camera whose picture stops changing (a hung stream, or an encoder that repeats a still scene
     to the bit): reopened at once, then read on while still frozen, so that the next customer is passed on
