@@ -21,7 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.logs import printable
-from edge.peers import NOT_RUNNING, iso_seconds, stale
+from edge.peers import DAEMON_LEVEL, NOT_RUNNING, iso_seconds, stale
 
 
 def describe(topic: str, payload: bytes) -> str:
@@ -124,7 +124,11 @@ class Terminal:
         from edge.publish import mqtt_client
         self.base = base  # <prefix>/<store>
         self.terminal_id = terminal_id or f"terminal-{secrets.token_hex(3)}"
-        self.reply_topic = f"{base}/pos/{self.terminal_id}/reply"
+        # under a login that is a topic level (a till's own POS login, named as its camera: deploy/mosquitto-store.acl)
+        # the answers come under that login's level, the one place under pos/ the shipped ACL lets it read
+        login = getattr(mqtt_config, "username", None)
+        own = f"{login}/" if login and DAEMON_LEVEL.fullmatch(login) else ""  # a topic level's rule
+        self.reply_topic = f"{base}/pos/{own}{self.terminal_id}/reply"
         client_id = f"tillsight-pos-{self.terminal_id}"
         self.client = mqtt_client(mqtt_config, client_id, protocol="5") if mqtt_config is not None else \
             mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)

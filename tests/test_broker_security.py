@@ -45,6 +45,8 @@ def pki(tmp_path_factory) -> Path:
                 "-out", f"{name}.pem", "-days", days, "-extfile", "san.ext", cwd=d)
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(d / "passwords"), "tillsight", PASSWORD], check=True)
     subprocess.run(["mosquitto_passwd", "-b", str(d / "passwords"), "pos", "pos-secret"], check=True)
+    for till in ("till-1", "till-2"):  # a till's own POS login, named as its camera (deploy/mosquitto-store.acl)
+        subprocess.run(["mosquitto_passwd", "-b", str(d / "passwords"), till, f"{till}-secret"], check=True)
     for name, text in (("mqtt-password", PASSWORD), ("wrong-password", "guess")):
         (d / name).write_text(text + "\n")
         (d / name).chmod(0o600)  # as deploy/README installs it; readable by others is a warning line at start
@@ -319,3 +321,66 @@ def test_the_shipped_store_acl_lets_daemon_and_pos_talk_and_the_pos_speak_for_no
         2, "tillsight: error: --password-file: password_file is set but username is not")
     # the fake status never reached the daemon: no conflict
     assert statuses.returncode == 0 and statuses.stdout.split()[:2] == ["till-pc", "online"], statuses.stdout
+
+
+def test_a_tills_own_pos_login_asks_and_reads_for_its_own_till_only(tmp_path, pki, age_models, hamilton_clip):
+    """The shipped ACL's per-till logins: the POS of till-2 cannot ask about till-1 (a check or a transaction
+    there), nor read till-1's alerts, estimates or answers; till-1's own POS can, from `tillsight pos` too (its
+    reply topic under pos/till-1/)."""
+    from edge.config import MqttConfig
+    from edge.pos_terminal import PosError, Terminal
+    from edge.publish import mqtt_client
+    acl = (REPO / "deploy" / "mosquitto-store.acl").read_text().replace("store-0042", "store-1")
+    logins = {}
+    for till in ("till-1", "till-2"):
+        (tmp_path / f"{till}-password").write_text(f"{till}-secret\n")
+        logins[till] = MqttConfig.model_validate({"host": "127.0.0.1", "port": 1, "username": till,
+                                                  "password_file": str(tmp_path / f"{till}-password"),
+                                                  "tls": {"ca_file": str(pki / "ca.pem")}})
+    with secure_broker(pki, acl=acl) as broker:
+        config = config_file(tmp_path, pki, broker.port, age_models[16], camera=str(hamilton_clip))
+        daemon = subprocess.Popen([sys.executable, "-m", "edge", "run", "--config", str(config)], cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        read: dict[str, list[str]] = {"till-1": [], "till-2": []}  # topics each till's POS was delivered
+        readers = []
+        for till, login in logins.items():
+            reader = mqtt_client(login, f"{till}-reader", protocol="5")
+            reader.on_message = lambda c, u, msg, till=till: read[till].append(msg.topic)
+            reader.connect("127.0.0.1", broker.port)
+            reader.subscribe([("tillsight/store-1/+/alert", 1), ("tillsight/store-1/+/estimate", 1),
+                              ("tillsight/store-1/pos/#", 1)])
+            reader.loop_start()
+            readers.append(reader)
+        try:
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline and "tillsight/store-1/till-1/alert" not in read["till-1"]:
+                time.sleep(0.2)
+            other = Terminal("127.0.0.1", broker.port, "tillsight/store-1", "lane-2", mqtt_config=logins["till-2"])
+            try:
+                with pytest.raises(PosError) as refused_check:
+                    other.check("till-1", "alcohol", timeout_s=3)
+                with pytest.raises(PosError) as refused_transaction:
+                    other.transaction("till-1", "start", "T-9")
+            finally:
+                other.close()
+            own = Terminal("127.0.0.1", broker.port, "tillsight/store-1", "lane-1", mqtt_config=logins["till-1"])
+            try:
+                answer = own.check("till-1", "alcohol", timeout_s=10)
+            finally:
+                own.close()
+            cli = tillsight("pos", "--config", str(config), "--username", "till-1", "--password-file",
+                            str(tmp_path / "till-1-password"), "check", "--camera", "till-1", "--timeout", "10")
+            time.sleep(0.5)
+        finally:
+            for reader in readers:
+                reader.loop_stop()
+            daemon.terminate()
+            daemon.wait(30)
+    assert str(refused_check.value) == "the MQTT broker refused tillsight/store-1/till-1/check: Not authorized"
+    assert "Not authorized" in str(refused_transaction.value)
+    assert answer["camera"] == "till-1" and answer["decision"] != "error"
+    assert cli.returncode == 0 and json.loads(cli.stdout)["camera"] == "till-1", cli.stderr
+    mine = set(read["till-1"])
+    assert {"tillsight/store-1/till-1/alert", "tillsight/store-1/till-1/estimate",
+            "tillsight/store-1/pos/till-1/lane-1/reply"} <= mine, mine
+    assert read["till-2"] == []  # none of till-1's events, nor its answers
