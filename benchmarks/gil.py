@@ -7,15 +7,16 @@ Every camera of a daemon runs its pipeline in a thread of one process, and only 
 The native work (decoding, the networks, resizing) lets go of the lock; the Python around it does not. So the
 milliseconds of Python a frame needs bound the cameras one daemon can serve: at 10 fps, 1000 / (10 x ms) cameras
 hold the lock all the time, and well before that the threads queue for it, every camera's frames late together
-(16 cameras in one daemon on the H100 in session 23: every stage's p99 and the broker's acks rose at once).
+(16 cameras in one daemon on the H200 in session 23: every stage's p99 and the broker's acks rose at once).
 
 Each point is `tillsight bench --skip-model-speed` (the light model unless --model, 10 fps) with py-spy sampling its
 daemon from outside (`py-spy record --gil --nonblocking`: only the thread that holds the lock is sampled, and the
-daemon is never paused), from a few seconds after it starts to before its stop. The share of samples is the share
-of time the lock was held; divided by the frames in that time (cameras x fps x seconds, when the daemon keeps up),
-the lock's milliseconds a frame. Each sample is charged to the innermost of the daemon's own modules in its stack
-(edge/detect.py: the detector's Python and the numpy it calls), else to paho-mqtt's network thread, else "other".
-py-spy needs to read the daemon's memory (ptrace: root, or kernel.yama.ptrace_scope 0). --baseline-tree: another
+daemon is never paused), from 2 s after its first frames (its models loaded) to 2 s before the bench stops it. The
+share of samples is the share of time the lock was held; divided by the frames the daemon's metrics counted in
+that time, the lock's milliseconds a frame. Each sample is charged to the innermost of the daemon's own modules in
+its stack (edge/detect.py: the detector's Python and the numpy it calls), else to paho-mqtt's network thread, else
+"other". py-spy reads the daemon's memory, which the daemon makes undumpable (no core file holds a face): it needs
+CAP_SYS_PTRACE, i.e. root. --baseline-tree: another
 checkout of tillsight (`git worktree add /tmp/before HEAD~3`): its daemon, measured by this tree's bench, in the
 same rounds, alternating. Writes gil.json and gil.png to --out.
 """
@@ -27,16 +28,20 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections import Counter
 from pathlib import Path
 
-from baseline_tree import add_arguments, copy_baseline, finish_plot, median, trees_to_measure
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # also under -P
+from baseline_tree import add_arguments, copy_baseline, finish_plot, median, trees_to_measure  # noqa: E402
+from edge.bench import frame_stages, scrape_metrics  # noqa: E402
 SAMPLE_RATE_HZ = 250
-WARM_UP_S = 5.0  # from the daemon's process appearing: its models loaded, the bench's settle passed
+SETTLE_S = 2.0  # from the daemon's first frames: the first seconds are not the steady state
 EDGE_MODULE = re.compile(r"\((?:.*/)?edge/(\w+)\.py:\d+\)$")
 
 
@@ -52,29 +57,63 @@ def py_spy() -> str:
     return found
 
 
-def daemon_of(bench: subprocess.Popen, timeout_s: float = 60.0) -> int:
-    """The pid of the daemon the bench started (`python -m edge run --config ...`, its child)."""
+def daemon_of(bench: subprocess.Popen, timeout_s: float = 60.0) -> tuple[int, dict]:
+    """The daemon the bench started (`python -m edge run --config FILE`, its child): its pid, and its config's
+    [metrics] (the bench turns them on)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if bench.poll() is not None:
-            raise GilError(f"the bench ended before its daemon started: {_last_line(bench)}")
+            raise GilError("the bench ended before its daemon started")
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
                 parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                command = (entry / "cmdline").read_bytes().split(b"\0")
+                command = [part.decode() for part in (entry / "cmdline").read_bytes().split(b"\0")]
             except (OSError, IndexError, ValueError):
                 continue  # ended meanwhile
-            if parent == bench.pid and b"run" in command and b"edge" in command:
-                return int(entry.name)
+            if parent == bench.pid and "run" in command and "--config" in command:
+                config = tomllib.loads(Path(command[command.index("--config") + 1]).read_text())
+                return int(entry.name), config["metrics"]
         time.sleep(0.2)
     raise GilError(f"no daemon started by the bench within {timeout_s:g} s")
 
 
-def _last_line(process: subprocess.Popen) -> str:
-    _, err = process.communicate(timeout=30)
-    return (err.strip().splitlines() or ["no output"])[-1]
+def frames_done(metrics: dict) -> tuple[str, int] | None:
+    """The daemon's metrics now, and the frames it has detected faces in so far (None: not served yet)."""
+    text, _ = scrape_metrics(metrics)
+    if text is None:
+        return None
+    return text, (frame_stages([text]).get("detect") or {}).get("frames", 0)
+
+
+def wait_for_frames(bench: subprocess.Popen, metrics: dict, timeout_s: float = 120.0) -> None:
+    """Until the daemon analyses frames: loading its models (10 s and more on a GPU) is not the steady state."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if bench.poll() is not None:
+            raise GilError("the bench ended before its daemon analysed a frame")
+        done = frames_done(metrics)
+        if done is not None and done[1] > 0:
+            return
+        time.sleep(0.5)
+    raise GilError(f"the daemon analysed no frame within {timeout_s:g} s")
+
+
+def stop(bench: subprocess.Popen) -> None:
+    """The bench interrupted (its own clean-up stops its daemon and broker and removes its copies of the clip),
+    then anything of its process group left, killed."""
+    if bench.poll() is None:
+        bench.send_signal(signal.SIGINT)
+        try:
+            bench.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(bench.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    bench.wait()
 
 
 def charge(stack: list[str]) -> str:
@@ -87,14 +126,15 @@ def charge(stack: list[str]) -> str:
 
 
 def read_samples(raw: Path) -> tuple[int, Counter, Counter]:
-    """py-spy's raw output ("process;frame;...;innermost count" a line): samples, by stage, by function (each
-    function once a sample, wherever in its stack: inclusive)."""
+    """py-spy's raw output ("frame;...;innermost count" a line, outermost first; a "process ..." element first
+    where py-spy names the process): samples, by stage, by function (each function once a sample, wherever in
+    its stack: inclusive)."""
     total, stages, functions = 0, Counter(), Counter()
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        frames, n = stack.split(";")[1:], int(count)
+        frames, n = [f for f in stack.split(";") if not f.startswith("process ")], int(count)
         total += n
         stages[charge(frames)] += n
         for function in {re.sub(r":\d+\)$", ")", frame) for frame in frames}:
@@ -109,33 +149,37 @@ def one_point(tree: Path, args, folder: Path) -> dict:
                "--cameras", str(args.cameras), "--seconds", str(args.seconds), "--fps", "10", "--out", str(out)]
     if args.video:
         command += ["--video", str(args.video)]
+    # a session of its own: whatever it started goes with it if this run fails
     bench = subprocess.Popen(command, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        daemon = daemon_of(bench)
-        time.sleep(WARM_UP_S)
-        duration = args.seconds - WARM_UP_S - 1  # ends before the bench stops its daemon
+        daemon, metrics = daemon_of(bench)
+        wait_for_frames(bench, metrics)
+        time.sleep(SETTLE_S)
+        seconds = int(args.seconds - SETTLE_S - 2)  # ends before the bench stops its daemon
+        before = frames_done(metrics)
         spy = subprocess.run([py_spy(), "record", "--gil", "--nonblocking", "--rate", str(SAMPLE_RATE_HZ),
-                              "--duration", str(int(duration)), "--format", "raw", "--output", str(raw),
+                              "--duration", str(seconds), "--format", "raw", "--output", str(raw),
                               "--pid", str(daemon)], capture_output=True, text=True)
+        after = frames_done(metrics)
         if spy.returncode != 0 or not raw.is_file():
-            raise GilError("py-spy could not sample the daemon (it needs ptrace: root, or kernel.yama.ptrace_scope "
-                           f"0): {(spy.stderr.strip().splitlines() or ['no output'])[-1]}")
-        if bench.wait(timeout=args.seconds + 120) != 0:
-            raise GilError(f"the bench failed ({tree}): {_last_line(bench)}")
+            raise GilError("py-spy could not sample the daemon (the daemon makes itself undumpable: py-spy needs "
+                           f"CAP_SYS_PTRACE, i.e. root): {(spy.stderr.strip().splitlines() or ['no output'])[-1]}")
+        if before is None or after is None or after[1] <= before[1]:
+            raise GilError("the daemon's metrics counted no frame while it was sampled")
+        _, err = bench.communicate(timeout=args.seconds + 120)
+        if bench.returncode != 0:
+            raise GilError(f"the bench failed ({tree}): {(err.strip().splitlines() or ['no output'])[-1]}")
     finally:
-        if bench.poll() is None:
-            bench.kill()
-            bench.wait()
+        stop(bench)
     row = json.loads((out / "bench.json").read_text())["cameras"][0]
     samples, stages, functions = read_samples(raw)
-    seconds = int(duration)
-    frames = args.cameras * 10 * seconds
+    frames = after[1] - before[1]  # detected while sampled: every frame is
     per_frame = lambda n: round(1000 * n / SAMPLE_RATE_HZ / frames, 3)  # noqa: E731
     return {"held_pct": round(100 * samples / (SAMPLE_RATE_HZ * seconds), 1), "ms_per_frame": per_frame(samples),
             "stages_ms_per_frame": {stage: per_frame(n) for stage, n in stages.most_common()},
             "top_functions_ms_per_frame": {f: per_frame(n) for f, n in functions.most_common(15)},
-            "keeps_up": row["keeps_up"], "alert_p99_ms": row["alert_p99_ms"], "samples": samples}
+            "frames": frames, "keeps_up": row["keeps_up"], "alert_p99_ms": row["alert_p99_ms"], "samples": samples}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -150,9 +194,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser, cameras=4, seconds=25.0, out="bench-out/gil")
     args = parser.parse_args()
-    if args.seconds < WARM_UP_S + 4:
-        sys.exit(f"gil: error: --seconds {args.seconds:g}: at least {WARM_UP_S + 4:g} (the first {WARM_UP_S:g} "
-                 "are not sampled)")
+    if args.seconds < SETTLE_S + 5:
+        sys.exit(f"gil: error: --seconds {args.seconds:g}: at least {SETTLE_S + 5:g} (the first {SETTLE_S:g} and "
+                 "the last 2 are not sampled)")
     trees = trees_to_measure(args.baseline_tree, "gil")
     args.out.mkdir(parents=True, exist_ok=True)
     points: dict[str, list[dict]] = {name: [] for name in trees}

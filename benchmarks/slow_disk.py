@@ -26,7 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from baseline_tree import add_arguments, copy_baseline, finish_plot, median, trees_to_measure
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under -P
+from baseline_tree import add_arguments, copy_baseline, finish_plot, median, trees_to_measure  # noqa: E402
 
 SHIM = r"""
 #define _GNU_SOURCE

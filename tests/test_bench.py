@@ -233,11 +233,12 @@ def test_on_a_slow_disk_every_alert_waits_for_its_fsync(tmp_path, hamilton_clip)
 def test_the_gil_benchmark_charges_the_daemons_python_to_its_stages(tmp_path, carphone_clip):
     """benchmarks/gil.py (issue 10): py-spy samples a bench's daemon for the thread that holds the interpreter
     lock; the share of time it is held, and its milliseconds a frame by stage module. py-spy reads the daemon's
-    memory (ptrace): a machine that forbids it is said so, in one line, and only then is this skipped."""
+    memory, which needs CAP_SYS_PTRACE (root: CI's case): without it the benchmark says so in one line, and only
+    then is this skipped."""
     from tskit import REPO
     out = tmp_path / "gil"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run([sys.executable, "benchmarks/gil.py", "--cameras", "2", "--seconds", "11", "--rounds", "1",
+    done = subprocess.run([sys.executable, "benchmarks/gil.py", "--cameras", "2", "--seconds", "14", "--rounds", "1",
                            "--video", str(carphone_clip), "--out", str(out)], cwd=REPO, capture_output=True,
                           text=True, timeout=300, env=env)
     if done.returncode != 0 and "py-spy could not sample the daemon" in done.stderr:
@@ -245,12 +246,13 @@ def test_the_gil_benchmark_charges_the_daemons_python_to_its_stages(tmp_path, ca
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((out / "gil.json").read_text())["summary"]["this tree"]
     stages = summary["stages_ms_per_frame"]
-    # every frame is detected and tracked in Python around the native calls; the lock is held some of the time
-    assert 0 < summary["held_pct"] < 100 and summary["ms_per_frame"] > 0
-    assert stages["edge/detect.py"] > 0 and stages["edge/service.py"] > 0
+    # every frame is detected in Python around the native calls; the lock is held some of the time
+    point = json.loads((out / "gil.json").read_text())["points"]["this tree"][0]
+    assert 0 < summary["held_pct"] < 100 and summary["ms_per_frame"] > 0 and stages.get("edge/detect.py", 0) > 0
+    assert 0.8 * 2 * 10 * 10 <= point["frames"] <= 2 * 10 * 12  # the daemon's own count over the 10 s sampled
     assert abs(sum(stages.values()) - summary["ms_per_frame"]) <= 0.01 * len(stages) + 0.01
     assert (out / "gil.png").stat().st_size > 10_000 and "ms a frame" in done.stdout
     bad = subprocess.run([sys.executable, "benchmarks/gil.py", "--seconds", "3"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip() == \
-        "gil: error: --seconds 3: at least 9 (the first 5 are not sampled)"
+        "gil: error: --seconds 3: at least 7 (the first 2 and the last 2 are not sampled)"
