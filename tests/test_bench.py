@@ -244,7 +244,9 @@ def test_the_gil_benchmark_charges_the_daemons_python_to_its_stages(tmp_path, ca
     if done.returncode != 0 and "py-spy could not sample the daemon" in done.stderr:
         pytest.skip(done.stderr.strip())
     assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads((out / "gil.json").read_text())["summary"]["this tree"]
+    report = json.loads((out / "gil.json").read_text())
+    summary = report["summary"]["this tree"]
+    assert report["video"] == str(carphone_clip.resolve())  # the clip every tree replays, said
     stages = summary["stages_ms_per_frame"]
     # every frame is detected in Python around the native calls; the lock is held some of the time
     point = json.loads((out / "gil.json").read_text())["points"]["this tree"][0]
