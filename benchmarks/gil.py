@@ -57,9 +57,9 @@ def py_spy() -> str:
     return found
 
 
-def daemon_of(bench: subprocess.Popen, timeout_s: float = 60.0) -> tuple[int, dict]:
+def daemon_of(bench: subprocess.Popen, timeout_s: float = 900.0) -> tuple[int, dict]:
     """The daemon the bench started (`python -m edge run --config FILE`, its child): its pid, and its config's
-    [metrics] (the bench turns them on)."""
+    [metrics] (the bench turns them on). Before it, the bench replays the clip flat out: minutes for a long one."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if bench.poll() is not None:
@@ -150,36 +150,43 @@ def one_point(tree: Path, args, folder: Path) -> dict:
     if args.video:
         command += ["--video", str(args.video)]
     # a session of its own: whatever it started goes with it if this run fails
+    # (SIGINT as by default: a shell that starts this in the background ignores it, and so would the bench)
     bench = subprocess.Popen(command, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         daemon, metrics = daemon_of(bench)
         wait_for_frames(bench, metrics)
         time.sleep(SETTLE_S)
         seconds = int(args.seconds - SETTLE_S - 2)  # ends before the bench stops its daemon
-        before = frames_done(metrics)
+        before, scraped_at = frames_done(metrics), time.monotonic()
         spy = subprocess.run([py_spy(), "record", "--gil", "--nonblocking", "--rate", str(SAMPLE_RATE_HZ),
                               "--duration", str(seconds), "--format", "raw", "--output", str(raw),
                               "--pid", str(daemon)], capture_output=True, text=True)
-        after = frames_done(metrics)
+        after, scraped_s = frames_done(metrics), time.monotonic() - scraped_at
         if spy.returncode != 0 or not raw.is_file():
             raise GilError("py-spy could not sample the daemon (the daemon makes itself undumpable: py-spy needs "
                            f"CAP_SYS_PTRACE, i.e. root): {(spy.stderr.strip().splitlines() or ['no output'])[-1]}")
         if before is None or after is None or after[1] <= before[1]:
             raise GilError("the daemon's metrics counted no frame while it was sampled")
-        _, err = bench.communicate(timeout=args.seconds + 120)
-        if bench.returncode != 0:
-            raise GilError(f"the bench failed ({tree}): {(err.strip().splitlines() or ['no output'])[-1]}")
+        try:
+            returncode = bench.wait(timeout=args.seconds + 120)
+        except subprocess.TimeoutExpired:
+            raise GilError(f"the bench did not end within {args.seconds + 120:g} s of its daemon's start") from None
+        if returncode != 0:
+            raise GilError(f"the bench failed ({tree}), exit {returncode}: run it alone to see why")
     finally:
         stop(bench)
     row = json.loads((out / "bench.json").read_text())["cameras"][0]
     samples, stages, functions = read_samples(raw)
-    frames = after[1] - before[1]  # detected while sampled: every frame is
+    # detected between the two scrapes (every frame is), scaled to the seconds sampled: the scrapes also take in
+    # py-spy's start and its writing out
+    frames = (after[1] - before[1]) * seconds / max(scraped_s, seconds)
     per_frame = lambda n: round(1000 * n / SAMPLE_RATE_HZ / frames, 3)  # noqa: E731
     return {"held_pct": round(100 * samples / (SAMPLE_RATE_HZ * seconds), 1), "ms_per_frame": per_frame(samples),
             "stages_ms_per_frame": {stage: per_frame(n) for stage, n in stages.most_common()},
             "top_functions_ms_per_frame": {f: per_frame(n) for f, n in functions.most_common(15)},
-            "frames": frames, "keeps_up": row["keeps_up"], "alert_p99_ms": row["alert_p99_ms"], "samples": samples}
+            "frames": round(frames), "keeps_up": row["keeps_up"], "alert_p99_ms": row["alert_p99_ms"], "samples": samples}
 
 
 def summarise(runs: list[dict]) -> dict:

@@ -957,7 +957,17 @@ def too_few_samples_kept(config: Config) -> list[str]:
 def config_warnings(config: Config) -> list[str]:
     """What `config check` and the daemon's start warn of, a line each: the daemon runs, but should not so."""
     return (exposed_secrets(config) + unstable_devices(config) + repeated_streams(config) + absent_devices(config)
-            + hours_in_utc(config) + weak_anonymity(config))
+            + hours_in_utc(config) + weak_anonymity(config) + cameras_named_as_the_login(config))
+
+
+def cameras_named_as_the_login(config: Config) -> list[str]:
+    """A camera whose id is the daemon's own MQTT login: under the store ACL's per-till logins
+    (deploy/mosquitto-store.acl, a login named as its till's camera) the daemons' login could then ask checks
+    and send transactions as that till's POS."""
+    login = config.mqtt.username
+    return [f"cameras.{index}.id: {camera.id!r} is the daemon's MQTT login (mqtt.username): under the store ACL's "
+            "per-till logins that login would also be that till's POS; name the camera otherwise"
+            for index, camera in enumerate(config.cameras) if login is not None and camera.id == login]
 
 
 def stream_key(source: str | int) -> str | None:

@@ -4,8 +4,9 @@
     tillsight pos check --camera till-1 --item alcohol
     tillsight pos transaction start --camera till-1 --id T-1001
 
-An age check is an MQTT 5 request: Response Topic `<prefix>/<store>/pos/<terminal>/reply` and a
-random Correlation Data, matched on the way back.
+An age check is an MQTT 5 request: Response Topic `<prefix>/<store>/pos/<terminal>/reply` (logged in as
+U, `<prefix>/<store>/pos/U/<terminal>/reply`: deploy/mosquitto-store.acl's per-till logins) and a random
+Correlation Data, matched on the way back.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from paho.mqtt.properties import Properties
 
 from edge.logs import printable
 from edge.peers import DAEMON_LEVEL, NOT_RUNNING, iso_seconds, stale
+from edge.pos import MAX_REPLY_TOPIC
 
 
 def describe(topic: str, payload: bytes) -> str:
@@ -129,6 +131,9 @@ class Terminal:
         login = getattr(mqtt_config, "username", None)
         own = f"{login}/" if login and DAEMON_LEVEL.fullmatch(login) else ""  # a topic level's rule
         self.reply_topic = f"{base}/pos/{own}{self.terminal_id}/reply"
+        if len(self.reply_topic) > MAX_REPLY_TOPIC:  # the daemon would drop every check unanswered
+            raise PosError(f"the reply topic {self.reply_topic[:60]}... is longer than the daemon takes "
+                           f"({MAX_REPLY_TOPIC} characters): a shorter topic prefix, store id or login")
         client_id = f"tillsight-pos-{self.terminal_id}"
         self.client = mqtt_client(mqtt_config, client_id, protocol="5") if mqtt_config is not None else \
             mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)

@@ -587,6 +587,20 @@ def test_one_stream_named_by_two_cameras_is_a_warning(tmp_path):
         "tills would be answered about one till's customer")), checked.stderr
 
 
+def test_a_camera_named_as_the_daemons_mqtt_login_is_a_warning(tmp_path):
+    """deploy/mosquitto-store.acl's per-till logins are named as their cameras: a camera called as the daemons'
+    own login would make that login its POS too."""
+    (tmp_path / "password").write_text("secret\n")
+    (tmp_path / "password").chmod(0o600)
+    config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "till-1", "source": "rtsp://10.1.2.3/a"},
+                                                                      {"id": "tillsight", "source": "rtsp://10.1.2.4/a"}],
+                          mqtt={"username": "tillsight", "password_file": str(tmp_path / "password")})
+    checked = tillsight("config", "check", str(config))
+    assert (checked.returncode, checked.stderr.strip()) == (0, (
+        "warning: cameras.1.id: 'tillsight' is the daemon's MQTT login (mqtt.username): under the store ACL's "
+        "per-till logins that login would also be that till's POS; name the camera otherwise")), checked.stderr
+
+
 def test_analytics_that_single_customers_out_are_warned_of(tmp_path):
     """k = 1, one-second intervals and per-transaction messages passed `config check` without a word (2026-11-27
     privacy review): each is a warning now (the store may have its reasons: a lawful basis, a notice)."""

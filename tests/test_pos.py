@@ -1232,3 +1232,14 @@ def test_network_text_reaches_the_terminal_shown_not_acted_on(broker):
         f"{BASE}/till-1/alert  ASK FOR ID: track {shown} looks 16 (challenge None)"
     record = logging.LogRecord("edge.pos", logging.WARNING, "", 0, "check refused: %s", (hostile,), None)
     assert TextFormatter().format(record) == f"warning edge.pos: check refused: {shown}"
+
+
+def test_a_terminal_whose_reply_topic_the_daemon_would_drop_is_refused_before_it_connects():
+    """Logged in as U, a terminal's answers come under pos/U/ (the store ACL's per-till logins): a long topic
+    prefix, store id and login could pass the daemon's 256 characters, and every check would go unanswered."""
+    from edge.config import MqttConfig
+    from edge.pos_terminal import PosError, Terminal
+    login = MqttConfig.model_validate({"host": "127.0.0.1", "port": 1, "username": "u" * 64})
+    with pytest.raises(PosError) as refused:
+        Terminal("127.0.0.1", 1, "p" * 120 + "/" + "s" * 64, "lane-1", mqtt_config=login)  # port 1: never reached
+    assert "is longer than the daemon takes (256 characters)" in str(refused.value)
