@@ -1,5 +1,5 @@
 """What the benchmarks that measure this checkout against another in the same run share (slow_disk.py, gil.py):
-the trees to measure, the baseline's copy, the medians of the rounds, the plot's last touches."""
+the trees to measure and their order in each round, the baseline's copy, the medians of the rounds, the plot's last touches."""
 
 from __future__ import annotations
 
@@ -46,6 +46,14 @@ def trees_to_measure(baseline: Path | None, program: str) -> dict[str, Path]:
     if not (baseline / "edge" / "__init__.py").is_file():
         sys.exit(f"{program}: error: --baseline-tree {baseline}: not a tillsight checkout")
     return {"baseline": baseline.resolve(), "this tree": REPO}
+
+
+def round_order(trees: dict[str, Path], round_no: int) -> list[tuple[str, Path]]:
+    """The trees in the order round `round_no` (from 0) measures them: A B, then B A, and so on (ABBA), so that a
+    machine warming up or slowing down over the run (caches, a neighbour's load, the disk's writeback) is charged to
+    both trees alike, not always to the one measured first."""
+    order = list(trees.items())
+    return order if round_no % 2 == 0 else order[::-1]
 
 
 def copy_baseline(trees: dict[str, Path], folder: Path) -> None:

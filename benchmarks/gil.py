@@ -18,7 +18,7 @@ its stack (edge/detect.py: the detector's Python and the numpy it calls), else t
 "other". py-spy reads the daemon's memory, which the daemon makes undumpable (no core file holds a face): it needs
 CAP_SYS_PTRACE, i.e. root. --baseline-tree: another
 checkout of tillsight (`git worktree add /tmp/before HEAD~3`): its daemon, measured by this tree's bench, in the
-same rounds, alternating. Writes gil.json and gil.png to --out.
+same rounds, alternating (A B, then B A: ABBA). Writes gil.json and gil.png to --out.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from collections import Counter
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # also under -P
-from baseline_tree import add_arguments, bench_video, copy_baseline, finish_plot, median, trees_to_measure  # noqa: E402
+from baseline_tree import (add_arguments, bench_video, copy_baseline, finish_plot, median,  # noqa: E402
+                           round_order, trees_to_measure)
 from edge.bench import frame_stages, scrape_metrics  # noqa: E402
 SAMPLE_RATE_HZ = 250
 SETTLE_S = 2.0  # from the daemon's first frames: the first seconds are not the steady state
@@ -213,7 +214,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="tillsight-gil-") as folder:
             copy_baseline(trees, Path(folder))  # its daemon, this tree's bench
             for round_no in range(args.rounds):
-                for name, tree in trees.items():
+                for name, tree in round_order(trees, round_no):
                     point = one_point(tree, args, Path(folder))
                     points[name].append(point)
                     print(f"round {round_no + 1}, {name}: the lock held {point['held_pct']} % of the time, "

@@ -11,7 +11,7 @@ small LD_PRELOAD library compiled here (needs `cc`; Linux with glibc). Each poin
 --skip-model-speed` at 10 fps (the light model unless --model); the p99s are the median over the rounds, and each
 delay's ratio is against delay 0 of the same tree. --baseline-tree: another checkout of tillsight (e.g. `git
 worktree add /tmp/before HEAD~3`): its daemon, measured by this tree's bench (the same window and figures) in
-the same rounds, alternating, so that a change is compared on the same machine at the same time. Writes
+the same rounds, alternating (A B, then B A), so that a change is compared on the same machine at the same time. Writes
 slow_disk.json and slow_disk.png to --out.
 """
 
@@ -27,7 +27,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under -P
-from baseline_tree import add_arguments, bench_video, copy_baseline, finish_plot, median, trees_to_measure  # noqa: E402
+from baseline_tree import (add_arguments, bench_video, copy_baseline, finish_plot, median,  # noqa: E402
+                           round_order, trees_to_measure)
 
 SHIM = r"""
 #define _GNU_SOURCE
@@ -97,7 +98,7 @@ def main() -> None:
         library = build_shim(Path(folder))
         copy_baseline(trees, Path(folder))  # its daemon, this tree's bench
         for round_no in range(args.rounds):
-            for name, tree in trees.items():
+            for name, tree in round_order(trees, round_no):
                 for delay in delays:
                     point = one_point(tree, library, delay, args, Path(folder) / "out")
                     points[name][delay].append(point)

@@ -258,3 +258,14 @@ def test_the_gil_benchmark_charges_the_daemons_python_to_its_stages(tmp_path, ca
                          text=True, timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip() == \
         "gil: error: --seconds 3: at least 7 (the first 2 and the last 2 are not sampled)"
+
+
+def test_the_benchmarks_against_a_baseline_measure_the_trees_in_abba_order():
+    """Round 1 measures the baseline first, round 2 this tree first: a machine slowing down over the run (the
+    page cache filling, a neighbour's load) is charged to both trees alike, not always to the second."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from baseline_tree import round_order
+    trees = {"baseline": Path("/before"), "this tree": Path("/after")}
+    order = [[name for name, _ in round_order(trees, n)] for n in range(4)]
+    assert order == [["baseline", "this tree"], ["this tree", "baseline"]] * 2
+    assert [name for name, _ in round_order({"this tree": Path("/after")}, 1)] == ["this tree"]
