@@ -501,6 +501,7 @@ MAX_BENCH_CAMERAS = 64  # a reader thread and a decoder each; the 16-core GPU ma
 
 def cmd_bench(args) -> int:
     import tomllib
+    _bench_imports(keras_needed=args.keras is not None)  # before minutes of measuring, not at the plot
     if args.model_only:
         return _bench_model_only(args)
     from edge.bench import BenchError, BenchOptions, run_bench
@@ -530,8 +531,6 @@ def cmd_bench(args) -> int:
     video = args.video or (hamilton if hamilton.is_file() else bundled_clip())
     if video is None or not Path(video).is_file():
         raise UserError(f"video not found: {video} (--video FILE)", EXIT_USAGE)
-    if args.model == "auto" or args.keras:
-        _training_imports()  # the random-init ResNet50 and the Keras figures need the train extra
     try:
         run_bench(BenchOptions(args.model, args.keras, Path(video).resolve(), cameras, args.fps, args.seconds, args.rounds,
                                args.out, config, model_speed=not args.skip_model_speed, daemons=args.daemons,
@@ -768,7 +767,20 @@ def _training_imports(keras_needed: bool = True):
         for module in ("matplotlib", "rich") + (("keras",) if keras_needed else ()):
             quiet_import(module)
     except ImportError as exc:
-        raise UserError(f"this command needs the train extra ({exc.name} missing): pip install 'tillsight[train,dev]'")
+        raise UserError(f"this command needs the train extra ({exc.name} missing): pip install 'tillsight[train]'")
+
+
+def _bench_imports(keras_needed: bool) -> None:
+    """What `tillsight bench` needs beyond the daemon's install: matplotlib for its plots, Keras for --keras (the
+    random-init ResNet50, where none ships and none is cached, says it needs the train extra itself)."""
+    if keras_needed:
+        _training_imports()
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("tillsight bench writes its figures as a plot too and needs matplotlib: "
+                        "pip install 'tillsight[bench]'") from None
 
 
 def _data_errors():
