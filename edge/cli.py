@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -777,7 +778,7 @@ def _bench_imports(keras_needed: bool) -> None:
         _training_imports()
         return
     try:
-        import matplotlib  # noqa: F401
+        importlib.import_module("matplotlib")
     except ImportError:
         raise UserError("tillsight bench writes its figures as a plot too and needs matplotlib: "
                         "pip install 'tillsight[bench]'") from None
