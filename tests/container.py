@@ -1,7 +1,7 @@
 """A systemd booted in a container over a throw-away overlay of this machine's own file system, with tillsight
 installed as deploy/README.md says: for tests/test_systemd_boot.py and benchmarks/sandbox.py.
 
-`systemd-nspawn` (Debian package systemd-container, which `make mosquitto` installs) boots it; whatever the boot
+`systemd-nspawn` (Debian package systemd-container, which `make test` installs) boots it; whatever the boot
 and the install write (the user, /etc/systemd/system, /var/lib/tillsight, the journal) lands in a tmpfs and is gone
 afterwards. The container shares the host's network, so a daemon in it reaches a broker started here. One
 difference from a till PC: /opt/tillsight/.venv is Debian's python3 with this checkout's environment on its path
@@ -45,7 +45,7 @@ def boot_problem() -> str | None:
     if os.geteuid() != 0:
         return "booting a container needs root"
     if NSPAWN is None:
-        return "systemd-nspawn is absent (Debian package systemd-container; make mosquitto installs it)"
+        return "systemd-nspawn is absent (Debian package systemd-container; make test installs it)"
     if "overlay" not in Path("/proc/filesystems").read_text():
         return "this kernel has no overlayfs"
     if not DEBIAN_PYTHON.exists():

@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edge.broker import LocalBroker, find_mosquitto
-from tskit import REPO, Subscriber
+from tskit import REPO, Subscriber, absent
 
 pytestmark = pytest.mark.broker
 
@@ -84,7 +84,7 @@ def wait_for_bridge(store_port: int, timeout: float = 10) -> None:
 @pytest.fixture
 def brokers(tmp_path):
     if find_mosquitto() is None or shutil.which("mosquitto_passwd") is None:
-        pytest.skip("mosquitto and mosquitto_passwd are not installed (make test installs the Debian package)")
+        absent("mosquitto and mosquitto_passwd are not installed (make test installs the Debian package)")
     hq = hq_broker(tmp_path)
     with hq:
         with LocalBroker(extra_config=store_bridge_config(hq.port), persistence=True) as store:

@@ -19,11 +19,14 @@ from pathlib import Path
 import pytest
 
 from edge.broker import LocalBroker, find_mosquitto, free_port
-from tskit import REPO, Subscriber, tillsight
+from tskit import REPO, Subscriber, absent, tillsight
 
-pytestmark = pytest.mark.skipif(find_mosquitto() is None or shutil.which("openssl") is None
-                                or shutil.which("mosquitto_passwd") is None,
-                                reason="mosquitto, mosquitto_passwd and openssl are needed (make test installs them)")
+
+
+@pytest.fixture(autouse=True)
+def tools():
+    if find_mosquitto() is None or shutil.which("openssl") is None or shutil.which("mosquitto_passwd") is None:
+        absent("mosquitto, mosquitto_passwd and openssl are needed (make test installs them)")
 PASSWORD = "correct horse battery staple"
 
 

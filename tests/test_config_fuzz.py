@@ -25,7 +25,7 @@ import pytest
 
 from edge.cli import main
 from edge.config import Config, ConfigError, parse_config
-from tskit import tillsight
+from tskit import absent, tillsight
 
 SEED = int(os.environ.get("TILLSIGHT_FUZZ_SEED", "1189"))
 COUNT = 1200
@@ -57,7 +57,7 @@ def openssl(*args: str, cwd: Path) -> None:
 def certs(tmp_path_factory) -> dict[str, Path]:
     """A self-signed certificate and its key (also the CA), another key, and an expired certificate."""
     if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
+        absent("the openssl command is not installed (make test installs it)")
     folder = tmp_path_factory.mktemp("certs")
     for name in ("self", "other"):
         openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",

@@ -5,9 +5,8 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
-from tskit import REPO, write_config
+from tskit import REPO, absent, write_config
 
 WRITE_FLAGS = re.compile(r"O_WRONLY|O_RDWR|O_CREAT|O_TRUNC")
 WRITE_CALLS = ("creat", "mkdir", "mkdirat", "rename", "renameat", "renameat2", "link", "linkat",
@@ -33,6 +32,8 @@ def written_paths(trace: str) -> list[str]:
 
 def traced_replay(tmp_path, config, video) -> tuple[subprocess.CompletedProcess, set[str]]:
     """Replay under strace: (the result, the paths it wrote)."""
+    if shutil.which("strace") is None:
+        absent("strace is not installed (make test installs it)")
     trace = tmp_path / "trace.txt"
     result = subprocess.run(
         ["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=" + ",".join(("open", "openat") + WRITE_CALLS),
@@ -44,7 +45,6 @@ def traced_replay(tmp_path, config, video) -> tuple[subprocess.CompletedProcess,
                     if not p.endswith(".pyc") and "__pycache__" not in p and p not in ("/dev/null", "/dev/tty")}
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (make test installs it)")
 def test_replay_writes_no_file(tmp_path, broker, age_models, carphone_clip):
     config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "x", "source": 0}],
                           mqtt={"host": "127.0.0.1", "port": broker.port},
@@ -62,7 +62,6 @@ def test_the_trace_parser_sees_writes():
     assert written_paths(trace) == ["/tmp/x.jpg", "/tmp/d"]
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (make test installs it)")
 def test_with_an_outbox_configured_it_is_the_only_file_written(tmp_path, broker, age_models, carphone_clip):
     outbox = tmp_path / "state" / "outbox.sqlite3"
     outbox.parent.mkdir()

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import onnx
@@ -199,12 +200,16 @@ def test_a_window_of_the_metrics_and_the_daemons_collections():
 
 
 def test_gpu_sampler_without_nvml_says_why():
+    """Without NVML (this machine: no pynvml or no driver) the window says why; with it, which GPU it sampled."""
     from edge.gpu import GpuSampler
     sampler = GpuSampler()
     with sampler:
+        time.sleep(0.3 if sampler.available else 0)  # a few samples at its 0.1 s interval
         window = sampler.window()
-    if not sampler.available:  # this machine: no pynvml or no driver
+    if not sampler.available:
         assert window == {"available": False, "reason": sampler.reason} and sampler.reason
+    else:
+        assert window["available"] is True and window["gpu"] and window["samples"] >= 1 and sampler.reason is None
 
 
 def test_bench_models_from_the_shipped_int8_answer_as_the_daemon_serves_it(tmp_path, two_people_photo):

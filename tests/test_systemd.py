@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from edge.notify import SystemdNotifier, WatchdogFeeder, stalled_parts, watchdog_timeout_s
-from tskit import REPO, write_config
+from tskit import REPO, absent, write_config
 
 UNIT = REPO / "deploy" / "tillsight.service"
 GPU_DROP_IN = REPO / "deploy" / "tillsight-gpu.conf"
@@ -220,7 +220,7 @@ def test_a_failing_check_counts_as_a_stall(notify_socket):
 def systemd_analyze() -> str:
     found = shutil.which("systemd-analyze")
     if found is None:
-        pytest.skip("systemd-analyze is absent (Debian package 'systemd'; make mosquitto installs it)")
+        absent("systemd-analyze is absent (Debian package 'systemd'; make test installs it)")
     return found
 
 

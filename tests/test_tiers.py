@@ -19,7 +19,7 @@ from edge.runtime import ModelError
 from edge.tiers import (LIGHT_MODEL_NAME, LIGHT_SOURCE_DIR, SHIPPED_AGE_MODEL, AgeModelChoice, light_model_path,
                         resolve_age_model)
 from test_cli import one_line_error
-from tskit import tillsight, write_config
+from tskit import absent, tillsight, write_config
 from training.data import copies_of_training, iter_image_bytes, read_labels, select, split_of
 
 
@@ -27,7 +27,7 @@ from training.data import copies_of_training, iter_image_bytes, read_labels, sel
 def light_model() -> Path:
     path = light_model_path()
     if not path.is_file():
-        pytest.skip(f"light model absent from {path.parent}: `make test` fetches it (tillsight models fetch light)")
+        absent(f"light model absent from {path.parent}: `make test` fetches it (tillsight models fetch light)")
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -10,8 +11,22 @@ import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _set(name: str) -> bool:
+    return os.environ.get(name, "").lower() not in ("", "0", "false")
+
+
+def absent(reason: str, make_installs: bool = True):
+    """What a test needs is not here: skipped with the reason when pytest is run by hand; a failure where it must be
+    there, so that a skip never passes off what was not tested: under CI (every tool, extra and ../shared), and
+    under `make test` (TILLSIGHT_TESTS_STRICT) for what it installs (`make_installs`; not ../shared)."""
+    if _set("CI") or (make_installs and _set("TILLSIGHT_TESTS_STRICT")):
+        pytest.fail(f"{reason} (a failure here, not a skip: {'CI' if _set('CI') else 'make test'} provides it)")
+    pytest.skip(reason)
 
 
 class Subscriber:

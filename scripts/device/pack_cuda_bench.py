@@ -125,7 +125,7 @@ def mosquitto_bundle() -> Path:
         return target
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     if not Path(binary).is_file():
-        raise SystemExit("mosquitto not found here: apt-get install mosquitto (make mosquitto)")
+        raise SystemExit("mosquitto not found here: apt-get install mosquitto (make debs)")
     libs = []
     for line in subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout.splitlines():
         parts = line.split()
