@@ -171,7 +171,8 @@ def served_variant(onnx_path: Path) -> str:
     CUDA really serves (a probe session of the small detector): a GPU build whose CUDA does not load would
     otherwise have the daemon run fp16, the slowest of all, on the CPU."""
     from edge.detect import DEFAULT_VARIANT, VARIANTS as DETECTORS
-    from edge.runtime import CPU, ModelError, open_session
+    from edge.errors import ModelError
+    from edge.runtime import CPU, open_session
     try:
         on_gpu = open_session(DETECTORS[DEFAULT_VARIANT].onnx_path, ["cuda", "cpu"],
                               "GPU probe").get_providers()[0] != CPU

@@ -22,9 +22,9 @@ import numpy as np
 
 from edge.capture import BLANK_STD, missing_device, open_camera, picture_detail, size_mismatch
 from edge.config import CameraConfig, Config, OpeningHours
+from edge.errors import ModelError
 from edge.policy import build_policy
 from edge.publish import utc_iso
-from edge.runtime import ModelError
 from edge.service import build_age_model, build_detector, clock_problem
 from edge.track import outside_regions
 

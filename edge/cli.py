@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from edge.config import ConfigError
     from edge.outbox import OutboxInUse
-    from edge.runtime import ModelError
+    from edge.errors import ModelError
     try:
         from edge.runtime import check_single_onnxruntime
         check_single_onnxruntime()
@@ -316,7 +316,7 @@ def cmd_run(args) -> int:
     from edge.logs import setup_logging
     from edge.outbox import OutboxInUse
     from edge.publish import publish_start_failure
-    from edge.runtime import ModelError
+    from edge.errors import ModelError
     from edge.service import Service, daemon_id, keep_frames_private
     try:
         config = load_config(args.config, models_at_load=True)  # a missing model: "model not found", exit 1
@@ -484,7 +484,8 @@ def cmd_models_fetch(args) -> int:
 
 
 def cmd_models_list(args) -> int:
-    from edge.runtime import CPU, ModelError, resolve_providers
+    from edge.errors import ModelError
+    from edge.runtime import CPU, resolve_providers
     from edge.tiers import TIERS, pick_variant, resolve_age_model
     # the file that loads, as AgeModel.load picks it under the default providers (the tier's age.onnx is seldom it)
     on_gpu = resolve_providers(None)[:1] != [CPU]

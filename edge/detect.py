@@ -176,7 +176,7 @@ def check_contract(session, variant: BlazeFaceVariant, path: Path) -> None:
     """The model's inputs and outputs are those of the configured BlazeFace variant: ModelError (one line) if
     not. Another file (an age model, another variant's detector) would fail in the first frame's decode with an
     IndexError or a shape error: at start, in `config check --models` and in a reload's model check alike."""
-    from edge.runtime import ModelError
+    from edge.errors import ModelError
     size, anchors = variant.input_size, len(generate_anchors(variant))
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if len(inputs) != 1 or inputs[0].type != "tensor(float)" or not _shape_fits(inputs[0].shape, (None, size, size, 3)):

@@ -1,4 +1,4 @@
-"""The error every command reports as one line and an exit status, never a traceback."""
+"""The errors every command reports as one line and an exit status, never a traceback."""
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 
@@ -9,3 +9,8 @@ class UserError(Exception):
     def __init__(self, message: str, code: int = EXIT_FAILURE):
         super().__init__(message)
         self.code = code
+
+
+class ModelError(Exception):
+    """A model file that is missing, corrupt or breaks the contract (raised by the stages that load or judge with
+    one: edge/runtime.py, edge/infer.py, edge/policy.py)."""

@@ -22,8 +22,9 @@ import numpy as np
 import onnxruntime as ort
 
 from edge.contract import SPREAD_OUTPUT, AgeModelInfo, ContractError, read_contract
-from edge.runtime import CPU, Fallback, ModelError, is_weights_only_int8, open_session, provider_fallback, \
-    resolve_providers, session_options
+from edge.errors import ModelError
+from edge.runtime import CPU, Fallback, is_weights_only_int8, open_session, provider_fallback, resolve_providers, \
+    session_options
 from edge.tiers import AgeModelChoice, pick_variant, resolve_age_model
 from edge.types import AgeEstimate
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from edge.risk import ResidualTable
+from edge.errors import ModelError
+from edge.risk import KEY_RESIDUALS, ResidualTable
 from edge.types import Decision, TillView, TrackEstimate
 
 
@@ -50,8 +51,6 @@ class Policy:
 
 def build_policy(config, model_metadata: dict) -> Policy:
     """The configured policy, with the age model's residual table; risk mode needs one (one-line error)."""
-    from edge.runtime import ModelError
-    from edge.risk import KEY_RESIDUALS
     residuals = ResidualTable.from_metadata(model_metadata)
     if config.mode == "risk" and residuals is None:
         carried = " (its table cannot be used: no rows, an empty row, or a value that is no number)" \

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from edge.errors import ModelError
+
 log = logging.getLogger(__name__)
 
 PROVIDER_ALIASES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider",
@@ -35,10 +37,6 @@ class Fallback:
     def text(self) -> str:
         """Logged once at start; the status topic's `provider_fallback` (and problem, if it is one)."""
         return f"{self.reasons}; running on {self.serving}"
-
-
-class ModelError(Exception):
-    """A model file that is missing, corrupt or breaks the contract."""
 
 
 def check_single_onnxruntime() -> None:

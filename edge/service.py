@@ -1,4 +1,4 @@
-"""The service: wires capture -> detect -> crop -> batched age -> track -> policy -> publish.
+"""The service: wires capture -> detect -> track (and the inference budget) -> crop -> batched age -> policy -> publish.
 
 Per camera: a reader thread (edge.capture) and a pipeline thread (here).
 All pipelines share one detector session and one `AgeBatcher`.

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.contract import SPREAD_OUTPUT, contract_metadata
-from edge.runtime import ModelError
+from edge.errors import ModelError
 
 SHIPPED_AGE_MODEL = Path(__file__).parent / "models" / "age.onnx"
 TIERS = ("auto", "resnet50", "light")

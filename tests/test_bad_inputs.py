@@ -267,9 +267,9 @@ def test_a_residual_table_that_cannot_answer_is_no_table(table):
     """NaN said "never under age" (alerts silently off in risk mode), no rows an IndexError in the pipeline: risk
     mode now refuses such a model in one line, as one without a table."""
     from edge.config import PolicyConfig
+    from edge.errors import ModelError
     from edge.policy import build_policy
     from edge.risk import KEY_RESIDUALS, ResidualTable
-    from edge.runtime import ModelError
     assert ResidualTable.from_metadata({KEY_RESIDUALS: table}) is None
     with pytest.raises(ModelError, match=r'needs an age model that carries its measured errors \(its table cannot be used'):
         build_policy(PolicyConfig(mode="risk"), {KEY_RESIDUALS: table})

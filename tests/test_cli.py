@@ -10,7 +10,8 @@ from importlib import metadata
 
 import pytest
 
-from edge.runtime import ModelError, check_single_onnxruntime
+from edge.errors import ModelError
+from edge.runtime import check_single_onnxruntime
 from tskit import REPO, tillsight, write_config
 
 

@@ -140,7 +140,7 @@ def detector_graph(input_shape, outputs: dict) -> bytes:
 def test_a_detector_of_another_variant_is_one_model_error():
     """A ValueError traceback at start, in `config check --models` and, through the reload's model check, one that
     ended the running daemon."""
-    from edge.runtime import ModelError
+    from edge.errors import ModelError
     shipped = VARIANTS["full_range"].onnx_path
     with pytest.raises(ModelError) as caught:
         FaceDetector(shipped, "short_range")
@@ -150,7 +150,7 @@ def test_a_detector_of_another_variant_is_one_model_error():
 
 def test_a_detector_with_a_rank_1_output_is_one_model_error(tmp_path):
     """outputs[0].shape[1] was an IndexError."""
-    from edge.runtime import ModelError
+    from edge.errors import ModelError
     model = tmp_path / "flat.onnx"
     model.write_bytes(detector_graph([1, 192, 192, 3], {"age": [1]}))
     with pytest.raises(ModelError, match=r"its outputs are \[1\], not BlazeFace's boxes \[1, N, 16\] and scores"):
@@ -158,7 +158,7 @@ def test_a_detector_with_a_rank_1_output_is_one_model_error(tmp_path):
 
 
 def test_a_detector_with_other_anchors_is_one_model_error(tmp_path):
-    from edge.runtime import ModelError
+    from edge.errors import ModelError
     model = tmp_path / "anchors.onnx"
     model.write_bytes(detector_graph([1, 192, 192, 3], {"boxes": [1, 896, 16], "scores": [1, 896, 1]}))
     with pytest.raises(ModelError) as caught:

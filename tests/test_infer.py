@@ -10,8 +10,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from edge.contract import build_constant_age_model, contract_metadata
+from edge.errors import ModelError
 from edge.infer import AgeBatcher, AgeModel
-from edge.runtime import ModelError
 
 
 def test_constant_model_answers_its_age_for_every_crop(age_models):

@@ -124,7 +124,7 @@ def test_the_detector_can_have_providers_of_its_own(tmp_path, age_models):
     """On a store server the detector can run on the cores and leave the GPU to the age model (on the H100, one
     CUDA detector session shared by 16 camera threads served half the frames 16 CPU sessions did: issue 10)."""
     from edge.config import parse_config
-    from edge.runtime import ModelError
+    from edge.errors import ModelError
     from edge.service import Service
 
     def service(**models):

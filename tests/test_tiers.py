@@ -14,8 +14,8 @@ import onnxruntime as ort
 import pytest
 
 from edge.detect import FaceDetector, detect_in_photo
+from edge.errors import ModelError
 from edge.infer import AgeModel
-from edge.runtime import ModelError
 from edge.tiers import (LIGHT_MODEL_NAME, LIGHT_SOURCE_DIR, SHIPPED_AGE_MODEL, AgeModelChoice, light_model_path,
                         resolve_age_model)
 from test_cli import one_line_error
