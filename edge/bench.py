@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -71,6 +73,9 @@ class BenchOptions:
     # "spread": the cameras' frames evenly out of step (start_offset_s), as independent tills' clocks are; "in-step":
     # all together, a burst at every tick (the bench's only way until 2026-11-27, and a worst case)
     phases: str = "spread"
+    # the train extra's loader of a .keras checkpoint, for the Keras figures: given by the CLI, the entry point
+    # (edge's stages never import training or export); None without the train extra or where nothing needs it
+    load_keras: Callable[[Path], Any] | None = None
 
 
 # ------------------------------------------------------------------ the model
@@ -114,17 +119,16 @@ def bench_model_path(model: str, data: Path) -> Path:
     cached = model_dir() / "bench-resnet50-random" / "onnx" / "age.onnx"
     if cached.is_file():
         return cached
-    try:
-        from training import quiet_import
-        quiet_import("keras")
-    except ImportError:
+    if importlib.util.find_spec("keras") is None:  # made by `tillsight train` and `export`, in child processes
         raise BenchError(f"no ResNet50 ships and none is cached ({cached}); making the random-init one needs the "
-                         f"train extra, or name an ONNX file: --model FILE") from None
+                         f"train extra, or name an ONNX file: --model FILE")
     return random_resnet50(data)[0]
 
 
-def model_speed(onnx_path: Path, keras_path: Path | None, rounds: int, threads: int) -> dict:
-    """faces/s per engine and batch, interleaved; {engine: {batch: faces_per_s}}."""
+def model_speed(onnx_path: Path, keras_path: Path | None, rounds: int, threads: int,
+                load_keras: Callable[[Path], Any] | None = None) -> dict:
+    """faces/s per engine and batch, interleaved; {engine: {batch: faces_per_s}}. Keras too where there is a
+    checkpoint and its loader (BenchOptions.load_keras)."""
     from edge.infer import AgeModel
     models = {variant: AgeModel(variant_of(onnx_path, variant), ["cpu"], variant=variant, threads=threads)
               for variant in VARIANTS if variant_of(onnx_path, variant).is_file()}
@@ -132,11 +136,10 @@ def model_speed(onnx_path: Path, keras_path: Path | None, rounds: int, threads: 
         raise BenchError(f"age model not found: {onnx_path}")
     engines = {f"ORT {variant}": model.predict for variant, model in models.items()}
     size = next(iter(models.values())).info.input_size
-    if keras_path is not None:
-        keras_model = _load_keras(keras_path)
-        if keras_model is not None:
-            engines = {"Keras": lambda crops: keras_model.predict(crops.astype(np.float32), batch_size=len(crops),
-                                                                  verbose=0), **engines}
+    if keras_path is not None and load_keras is not None:
+        keras_model = load_keras(keras_path)
+        engines = {"Keras": lambda crops: keras_model.predict(crops.astype(np.float32), batch_size=len(crops),
+                                                              verbose=0), **engines}
     rng = np.random.default_rng(0)
     batches = {b: rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8) for b in BATCHES}
     timings: dict[str, dict[int, list[float]]] = {e: {b: [] for b in BATCHES} for e in engines}
@@ -152,17 +155,6 @@ def model_speed(onnx_path: Path, keras_path: Path | None, rounds: int, threads: 
                     engine(crops)
                 timings[name][batch].append(calls * batch / (time.perf_counter() - started))
     return {name: {b: round(float(np.median(v)), 1) for b, v in per.items()} for name, per in timings.items()}
-
-
-def _load_keras(path: Path):
-    """The checkpoint through export's loader (custom layers registered, float32), or None without the train extra."""
-    try:
-        from export.age import ExportError, load_checkpoint
-        return load_checkpoint(path)
-    except ImportError:
-        return None
-    except ExportError as exc:
-        raise BenchError(str(exc)) from None
 
 
 def served_variant(onnx_path: Path) -> str:
@@ -703,7 +695,8 @@ def run_bench(opts: BenchOptions, data: Path) -> dict:
     report = {"machine": f"{os.cpu_count()} cores" + (f", {sampler.name}" if sampler.name else ""), "model": label,
               "video": str(opts.video)}
     print(f"age model: {label}; clip: {opts.video.name}", flush=True)
-    report["model_speed"] = model_speed(onnx_path, keras, opts.rounds, threads) if opts.model_speed else {}
+    report["model_speed"] = model_speed(onnx_path, keras, opts.rounds, threads, opts.load_keras) \
+        if opts.model_speed else {}
     if report["model_speed"]:
         _print_speed(report["model_speed"])
     served = _merge({"models": {"age_variant": served_variant(onnx_path)}}, opts.config)

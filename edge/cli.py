@@ -536,7 +536,7 @@ def cmd_bench(args) -> int:
     try:
         run_bench(BenchOptions(args.model, args.keras, Path(video).resolve(), cameras, args.fps, args.seconds, args.rounds,
                                args.out, config, model_speed=not args.skip_model_speed, daemons=args.daemons,
-                               phases=args.phases),
+                               phases=args.phases, load_keras=_keras_loader(args)),
                   args.data)
     except BenchError as exc:
         raise UserError(str(exc)) from None
@@ -770,6 +770,26 @@ def _training_imports(keras_needed: bool = True):
             quiet_import(module)
     except ImportError as exc:
         raise UserError(f"this command needs the train extra ({exc.name} missing): pip install 'tillsight[train]'")
+
+
+def _keras_loader(args):
+    """export's loader of a .keras checkpoint (custom layers registered, float32) for the bench's Keras figures:
+    with --keras, or for the random-init ResNet50 made where none ships, when the train extra is there."""
+    from edge.bench import BenchError
+    from edge.tiers import resnet50_ships
+    if args.keras is None and (args.model != "auto" or resnet50_ships()):
+        return None
+    try:
+        from export.age import ExportError, load_checkpoint
+    except ImportError:
+        return None
+
+    def load(path: Path):
+        try:
+            return load_checkpoint(path)
+        except ExportError as exc:
+            raise BenchError(str(exc)) from None
+    return load
 
 
 def _bench_imports(keras_needed: bool) -> None:

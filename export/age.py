@@ -61,10 +61,23 @@ def load_checkpoint(path: Path):
     except Exception as exc:
         raise ExportError(f"checkpoint {path} cannot be loaded: {str(exc).strip().splitlines()[0][:200]}") from None
     model = _as_float32(model, keras)
-    shape = tuple(model.input.shape[1:])
-    if len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3:
-        raise ExportError(f"checkpoint {path} is not an age model: input shape {shape}, expected (S, S, 3)")
-    return model
+    try:
+        inputs, outputs = model.inputs, model.outputs
+    except (AttributeError, ValueError):  # a Sequential saved before it was built has no input
+        inputs, outputs = [], []
+    shape = tuple(inputs[0].shape[1:]) if len(inputs) == 1 else None
+    if shape is None or len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3:
+        found = f"input shape {shape}" if shape is not None else f"{len(inputs) or 'no defined'} inputs"
+        raise ExportError(f"checkpoint {path} is not an age model: {found}, expected one of shape (S, S, 3)")
+    from training.model import MAX_AGE
+    ages = tuple(outputs[0].shape[1:]) if len(outputs) == 1 else None
+    if ages not in ((), (1,), (MAX_AGE + 1,)):  # the contract's age [N] or [N, 1], or the distribution head's
+        found = f"output shape {ages}" if ages is not None else f"{len(outputs)} outputs"
+        raise ExportError(f"checkpoint {path} is not an age model: {found}, expected one age a face (N, 1) or "
+                          f"the distribution head's (N, {MAX_AGE + 1})")
+    # a Sequential model loaded from a file has no `input` to build the serving model on: the same layers, as a
+    # functional model
+    return keras.Model(inputs[0], outputs[0], name=model.name) if isinstance(model, keras.Sequential) else model
 
 
 def _as_float32(model, keras):

@@ -252,6 +252,34 @@ def test_ship_with_a_work_file_or_a_corrupt_run_json_is_one_line(tmp_path):
     assert taken.read_text() == "someone's file"
 
 
+@pytest.mark.filterwarnings("ignore:You are saving a model that has not yet been built")
+def test_a_checkpoint_that_is_no_age_model_is_one_line_before_anything_is_written(tmp_path):
+    """A Sequential saved before it was built had no `input` (AttributeError, a traceback); one with two outputs,
+    or ten numbers a face, was exported into an ONNX file that every daemon then refused (the contract's age is
+    [N] or [N, 1]). A built Sequential is exported as the same layers."""
+    from export.age import ExportError, load_checkpoint
+    from training import quiet_import
+    keras = quiet_import("keras")
+    face = keras.Input((32, 32, 3))
+    pooled = keras.layers.GlobalAveragePooling2D()(face)
+    foreign = {"unbuilt": (keras.Sequential([keras.layers.Dense(1)]), "no defined inputs"),
+               "two_outputs": (keras.Model(face, [keras.layers.Dense(1)(pooled), keras.layers.Dense(1)(pooled)]),
+                               "2 outputs"),
+               "ten_numbers": (keras.Model(face, keras.layers.Dense(10)(pooled)), r"output shape \(10,\)")}
+    for name, (model, found) in foreign.items():
+        model.save(tmp_path / f"{name}.keras")
+        with pytest.raises(ExportError, match=f"{name}.keras is not an age model: {found}, expected"):
+            load_checkpoint(tmp_path / f"{name}.keras")
+    built = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)])
+    built.save(tmp_path / "sequential.keras")
+    loaded = load_checkpoint(tmp_path / "sequential.keras")
+    assert tuple(loaded.input.shape) == (None, 32, 32, 3) and tuple(loaded.output.shape) == (None, 1)
+    line = one_line_error(tillsight("export", str(tmp_path / "ten_numbers.keras"), "--crop-margin", "0.2",
+                                    "--out", str(tmp_path / "out"), timeout=120))
+    assert line.startswith("tillsight: error: checkpoint ") and "output shape (10,)" in line
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
 def test_ship_refuses_a_work_file_itself():
     """ship() unlinked <work>/ship.json first: NotADirectoryError."""
     from pathlib import Path

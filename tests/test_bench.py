@@ -287,3 +287,28 @@ def test_the_benchmarks_against_a_baseline_measure_the_trees_in_abba_order():
     order = [[name for name, _ in round_order(trees, n)] for n in range(4)]
     assert order == [["baseline", "this tree"], ["this tree", "baseline"]] * 2
     assert [name for name, _ in round_order({"this tree": Path("/after")}, 1)] == ["this tree"]
+
+
+def test_the_keras_figures_come_through_the_loader_the_cli_gives(tmp_path):
+    """edge/bench.py never imports export: `tillsight bench --keras` hands it export's checkpoint loader, whose
+    refusal of a file that is no age model is one line (BenchError)."""
+    import argparse
+
+    from edge.bench import model_speed
+    from edge.cli import _keras_loader
+    from edge.contract import build_constant_age_model
+    from training import quiet_import
+    keras = quiet_import("keras")
+    onnx = tmp_path / "age.onnx"
+    onnx.write_bytes(build_constant_age_model(30, input_size=32))
+    checkpoint = tmp_path / "tiny.keras"
+    keras.Sequential([keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1)]
+                     ).save(checkpoint)
+    load = _keras_loader(argparse.Namespace(keras=checkpoint, model=str(onnx)))
+    speed = model_speed(onnx, checkpoint, rounds=1, threads=1, load_keras=load)
+    assert set(speed) == {"Keras", "ORT fp32"} and all(v > 0 for figures in speed.values() for v in figures.values())
+    assert _keras_loader(argparse.Namespace(keras=None, model=str(onnx))) is None  # nothing to load: no train extra
+    not_an_age_model = tmp_path / "flat.keras"
+    keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)]).save(not_an_age_model)
+    with pytest.raises(BenchError, match=r"is not an age model: input shape \(8,\)"):
+        load(not_an_age_model)

@@ -60,3 +60,12 @@ def test_the_cycle_finder_finds_one():
 def test_only_the_entry_point_imports_the_command_line():
     imports = module_imports()
     assert sorted(m for m, targets in imports.items() if "edge.cli" in targets) == ["edge.__main__"]
+
+
+def test_the_edge_stages_never_import_training_or_export():
+    """The daemon's install has no TensorFlow: of edge's modules only the entry point (cli.py, which dispatches
+    the train extra's commands) may import training or export; the bench is given export's checkpoint loader."""
+    imports = module_imports()
+    reaching = sorted(module for module, targets in imports.items() if module.startswith("edge.")
+                      and any(t.split(".")[0] in ("training", "export") for t in targets))
+    assert reaching == ["edge.cli"]
