@@ -203,13 +203,13 @@ class _RunningService:
 
 def test_a_reload_onto_a_detector_of_another_variant_keeps_the_daemon_running(tmp_path, age_models, caplog):
     """The model check's ValueError (detector_variant not the file's) ended the running daemon on SIGHUP."""
-    from edge.cli import _config_reloadable
+    from edge.daemon import config_reloadable
     from edge.detect import VARIANTS
     config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "a", "source": 0}],
                           models={"detector": str(VARIANTS["full_range"].onnx_path), "detector_variant": "short_range",
                                   "age_model": str(age_models[40])})
     service = _RunningService()
-    assert _config_reloadable(config, service) is False
+    assert config_reloadable(config, service) is False
     assert service.said[0].startswith("config not reloaded: face detector: FAILED: face detector ")
     assert "config not reloaded: its models would not load" in caplog.text
     line = one_line_error(tillsight("config", "check", "--models", str(config), timeout=120))
