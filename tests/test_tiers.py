@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -220,9 +221,17 @@ def test_eval_compares_two_models_on_the_same_faces(tmp_path, light_model, utkfa
     copies = copies_of_training(utkface, everyone, 0.1, 0.1)  # a training photo's copy is no validation face
     in_val = sum(split_of(name, 0.1, 0.1) == "val" for name in copies)  # the test split's are not this split's
     assert report["copies_of_training_left_out"] == in_val > 0 and in_val < len(copies)
-    scored = select([l for l in everyone if split_of(l.file_name, 0.1) == "val" and l.file_name not in copies], 40)
-    if other["n_scored"] == len(scored):
-        assert other["mae"] == pytest.approx(np.mean([abs(labels[l.file_name] - 30) for l in scored]), abs=1e-3)
+    selected = {l.file_name for l in select([l for l in everyone if split_of(l.file_name, 0.1) == "val"
+                                             and l.file_name not in copies], 40)}
+    with (tmp_path / "eval" / "predictions.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert {r["file_name"] for r in rows} <= selected and all(float(r["real_age"]) == labels[r["file_name"]] for r in rows)
+    constant = [labels[r["file_name"]] for r in rows if r["compared_age"]]  # the faces the compared model scored
+    assert len(constant) == other["n_scored"] and all(float(r["compared_age"]) == pytest.approx(30) for r in rows
+                                                       if r["compared_age"])
+    assert other["mae"] == pytest.approx(np.mean([abs(age - 30) for age in constant]), abs=1e-3)
+    light = [abs(labels[r["file_name"]] - float(r["age"])) for r in rows if r["age"]]
+    assert len(light) == report["n_scored"] and report["mae"] == pytest.approx(np.mean(light), abs=2e-3)
     assert report["mae"] < other["mae"]  # a real age model beats answering 30
     assert (tmp_path / "eval" / "error_by_band.png").stat().st_size > 10_000
     table = tillsight(*common)

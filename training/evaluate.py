@@ -7,6 +7,7 @@ over the other.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from pathlib import Path
@@ -127,7 +128,22 @@ def evaluate(model: str | Path | None, data_dir: Path, labels_csv: Path | None, 
         plot_predicted_vs_true(face_sets[0].ages, predictions[0], out / "predicted_vs_true.png")
         plot_operating_points(report["operating_points"], out / "operating_points.png")
         (out / "eval.json").write_text(json.dumps(report, indent=2))
+        write_predictions(face_sets, predictions, out / "predictions.csv")
     return report
+
+
+def write_predictions(face_sets: list[FaceSet], predictions: list[np.ndarray], path: Path) -> None:
+    """A row per face scored: file_name, real_age, age (and compared_age with --compare; empty where that model's
+    crop found no face): every figure of the report can be recomputed, and the worst faces looked at."""
+    rows: dict[str, list[str]] = {}
+    for column, (faces, predicted) in enumerate(zip(face_sets, predictions)):
+        for label, age in zip(faces.labels, predicted):
+            row = rows.setdefault(label.file_name, [label.file_name, f"{label.age:g}"] + [""] * len(face_sets))
+            row[2 + column] = f"{age:.3f}"
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["file_name", "real_age", "age", "compared_age"][:2 + len(face_sets)])
+        writer.writerows(rows.values())
 
 
 def split_labels(labels: list[Label], split: str, val_fraction: float, test_fraction: float,
