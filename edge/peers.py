@@ -138,8 +138,8 @@ class Peers:
         self._lock = threading.Lock()
 
     @property
-    def subscription(self) -> tuple[str, int]:
-        return f"{self.status_base}/+/status", 1
+    def subscription(self) -> str:
+        return f"{self.status_base}/+/status"
 
     def see(self, topic: str, payload: bytes, retained: bool) -> None:
         """One status message from the broker; never raises (it runs on paho's network thread)."""

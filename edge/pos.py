@@ -192,12 +192,12 @@ class PosDesk(threading.Thread):
         self.open_transactions: dict[str, str | None] = {}  # camera id -> the POS's open transaction there
 
     @property
-    def subscriptions(self) -> list[tuple[str, int]]:
+    def subscriptions(self) -> list[str]:
         # its own cameras' topics only: with a wildcard, every other daemon of the store (the instances of a store
         # server, the next till's PC) answered each check for a camera it does not serve, "unknown camera", ahead
         # of the real answer (2026-11-27 review); a check for a camera nobody serves gets no answer, and
         # `tillsight pos check` says why from the statuses
-        return [(f"{self.base}/{camera}/{kind}", 1) for camera in self.cameras for kind in ("transaction", "check")]
+        return [f"{self.base}/{camera}/{kind}" for camera in self.cameras for kind in ("transaction", "check")]
 
     # ------------------------------------------------------------ on the network thread: check, queue
 

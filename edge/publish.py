@@ -69,6 +69,12 @@ EARLY_ACKS_KEPT = 1024  # acks of QoS 0 messages pile up here (nothing claims th
 # The largest packet the daemon's listener takes: a status (MAX_STATUS_BYTES) with its topic and properties. The
 # POS's checks and transactions are refused over 16 KB (edge/pos.py) anyway, but only once read.
 LISTENER_MAX_PACKET = MAX_STATUS_BYTES + 16 * 1024
+# The listener subscribes at QoS 0. At QoS 1 mosquitto (2.0.11) lost an in-flight slot of the subscriber at each
+# message it dropped as too large for it (LISTENER_MAX_PACKET): 20 of them (its max_inflight_messages) and the
+# daemon heard no check, transaction or status again while it said online (2026-11-27 review). QoS 0 holds nothing
+# in flight, and loses nothing QoS 1 kept: the listener's session ends with its connection either way, and a POS's
+# QoS 1 publish is still acknowledged by the broker.
+LISTENER_QOS = 0
 
 
 def utc_iso(timestamp: float | None = None) -> str:
@@ -173,7 +179,7 @@ class Publisher:
         self._full_said = False  # "MQTT queue full" was logged: "has room again" follows once it is over
         self._status_refused = False  # the latest status found paho full: sent again by send_held()
         self._status: dict = {"state": "online"}
-        self.subscriptions: list[tuple[str, int]] = []  # set before start(); renewed on every connect
+        self.subscriptions: list[str] = []  # topics, set before start(); subscribed again on every connect
         self.on_message = None  # (topic, payload, properties, retained) -> None, for the subscriptions
         self.on_status = None  # (topic, payload, retained) -> None: the store's daemons' statuses, if subscribed
         # one per process unless configured: two daemons under one client id would have the broker drop each
@@ -233,7 +239,7 @@ class Publisher:
     def _on_listener_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             return  # the main connection logs the broker's refusal
-        client.subscribe(self.subscriptions)
+        client.subscribe([(topic, LISTENER_QOS) for topic in self.subscriptions])
 
     def _on_listener_message(self, client, userdata, msg) -> None:
         if msg.topic.endswith("/status"):  # the POS's topics end in /check or /transaction
