@@ -16,8 +16,6 @@ import ssl
 import stat
 import time
 import tomllib
-import unicodedata
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -641,13 +639,16 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 def _not_someone_elses_file(path: Path) -> None:
-    """The outbox takes an existing file that does not open as SQLite for a corrupt outbox and renames it away:
-    a path that names another file (the config itself, a log, notes) would lose it. Those are text, so a text
-    file is refused; anything else that is not SQLite (zeros after a power cut, a torn write) is a damaged outbox,
-    which the outbox sets aside at start with one error line while the daemon serves on: refused here, the till
-    would stop, and stay stopped (a config error is exit 2, which systemd does not restart). A device (/dev/null),
-    FIFO or /proc file is never one. A file this user cannot read is the service user's outbox (UMask=0077):
-    an operator's `config check` does not judge it."""
+    """The outbox takes an existing file that does not open as SQLite for a corrupt outbox, renames it away and
+    deletes it a week later: a path that names another file (the config itself, a log, notes, a photo, a model)
+    would lose it. So an existing file must be an SQLite database, or have been an outbox: the outbox's lock file
+    `<path>.lock` beside it, which it creates before the database and never removes. Such a file that no longer
+    reads as SQLite (zeros after a power cut, a torn write) is a damaged outbox, which the outbox sets aside at
+    start with one error line while the daemon serves on: refused here, the till would stop, and stay stopped (a
+    config error is exit 2, which systemd does not restart). Until 2026-11-27 only text was refused, and a photo
+    named by mistake was set aside and deleted a week later. A device (/dev/null), FIFO or /proc file is never
+    one. A file this user cannot read is the service user's outbox (UMask=0077): an operator's `config check` does
+    not judge it."""
     try:
         if str(path.resolve()).startswith(("/proc/", "/sys/")):
             raise ValueError(f"{str(path)!r} is in a kernel file system (/proc, /sys): name a file on disk, e.g. "
@@ -658,52 +659,16 @@ def _not_someone_elses_file(path: Path) -> None:
             raise ValueError(f"{str(path)!r} is not a regular file (a device, FIFO or /proc file): name a new "
                              "file, e.g. /var/lib/tillsight/outbox.sqlite3")
         with path.open("rb") as file:
-            head = file.read(TEXT_SNIFF_BYTES)
+            head = file.read(len(SQLITE_HEADER))
     except PermissionError:
         return
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symbolic link loop (resolve)
         raise ValueError(f"{str(path)!r} cannot be checked ({getattr(exc, 'strerror', None) or exc})") from None
-    if head and not head.startswith(SQLITE_HEADER) and _is_text(head):
-        raise ValueError(f"{str(path)!r} is an existing text file, not an SQLite database: the outbox would move "
-                         "it away as corrupt; name a new file, e.g. outbox.sqlite3")
-
-
-TEXT_SNIFF_BYTES = 4096
-
-
-TEXT_CONTROLS = frozenset(b"\t\n\r\f\x1b")  # the control bytes text has (tabs, lines, pages, a log's colours)
-
-
-def _is_text(head: bytes) -> bool:
-    """Text in any encoding: UTF-8 (a cut multi-byte character at the end allowed), UTF-16 with its byte order mark,
-    or any 8-bit encoding (no control bytes but TEXT_CONTROLS) that is mostly ASCII (Latin-1 notes) or has the
-    variety of letters (cp1251, ISO-8859-7 notes): a config, a log, notes. SQLite pages, zeros and random damage are
-    not (a tenth of random bytes are controls), nor erased flash (0xFF) or a fill of one high byte: the outbox sets
-    that damage aside and the daemon serves on, where refused here it would stop for good (exit 2)."""
-    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        try:
-            decoded = head[2:len(head) - len(head) % 2].decode("utf-16-le" if head[0] == 0xFF else "utf-16-be")
-        except UnicodeDecodeError:  # a cut surrogate pair at the end
-            decoded = head[2:len(head) - len(head) % 2 - 2].decode("utf-16-le" if head[0] == 0xFF else "utf-16-be",
-                                                                     errors="replace")
-        # spaces (no-break, ideographic), separators and format characters (soft hyphen, bidi marks) are text too
-        return all(ch.isprintable() or ch in "\t\n\r\f" or unicodedata.category(ch) in ("Zs", "Zl", "Zp", "Cf")
-                   for ch in decoded)
-    if b"\0" in head:
-        return False
-    if all(byte >= 0x20 and byte != 0x7f or byte in TEXT_CONTROLS for byte in head):
-        printable = sum(0x20 <= byte < 0x7f or byte in TEXT_CONTROLS for byte in head)
-        commonest = max(Counter(head).values())
-        if 2 * printable >= len(head) or (len(set(head)) >= TEXT_MIN_BYTE_VALUES and 2 * commonest < len(head)):
-            return True
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return exc.start >= len(head) - 3 and exc.reason == "unexpected end of data"
-    return True
-
-
-TEXT_MIN_BYTE_VALUES = 8  # 8-bit text that is mostly not ASCII has at least this many letters; a fill has one or two
+    if not head or head.startswith(SQLITE_HEADER) or Path(f"{path}.lock").exists():
+        return
+    raise ValueError(f"{str(path)!r} is an existing file, not an SQLite database (nor an outbox: no "
+                     f"{path.name}.lock beside it): the outbox would move it away as corrupt; name a new file, e.g. "
+                     "outbox.sqlite3")
 
 
 class MetricsConfig(Strict):

@@ -461,15 +461,16 @@ def test_a_detector_variant_that_does_not_ship_needs_its_file():
 
 
 def test_an_outbox_path_that_is_someone_elses_file_is_refused(tmp_path):
-    """The outbox moves a file it cannot open as SQLite away as "corrupt": a path naming the config itself, or any
-    other file, lost it. A device, FIFO or /proc file is no database either."""
+    """The outbox moves a file it cannot open as SQLite away as "corrupt", and deletes it a week later: a path
+    naming the config itself, notes, or a photo lost it (until 2026-11-27 only text was refused). A device, FIFO
+    or /proc file is no database either."""
     import os
     import sqlite3
     mine = tmp_path / "notes.txt"
     mine.write_text("the store's own notes")
-    assert problems(base(outbox={"path": str(mine)})) == [
-        f"outbox.path: {str(mine)!r} is an existing text file, not an SQLite database: the outbox would move it "
-        "away as corrupt; name a new file, e.g. outbox.sqlite3"]
+    refusal = "is an existing file, not an SQLite database (nor an outbox: no {}.lock beside it): the outbox " \
+              "would move it away as corrupt; name a new file, e.g. outbox.sqlite3"
+    assert problems(base(outbox={"path": str(mine)})) == [f"outbox.path: {str(mine)!r} {refusal.format('notes.txt')}"]
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     for path in ("/dev/null", str(fifo)):
@@ -479,31 +480,30 @@ def test_an_outbox_path_that_is_someone_elses_file_is_refused(tmp_path):
     assert problems(base(outbox={"path": "/proc/self/outbox"}))[0].startswith(
         "outbox.path: '/proc/self/outbox' is in a kernel file system (/proc, /sys)")
     assert mine.read_text() == "the store's own notes"
-    latin1 = tmp_path / "notizen.txt"  # text in another encoding than UTF-8 passed for damage and was set aside
-    latin1.write_bytes("Kasse 3: Kühlschrank defekt, Größe prüfen\r\n\tBestellung für Müller\n".encode("latin-1"))
-    assert problems(base(outbox={"path": str(latin1)}))[0].startswith(
-        f"outbox.path: {str(latin1)!r} is an existing text file, not an SQLite database")
-    # notes mostly not ASCII (Cyrillic, Greek) and UTF-16 (a Windows editor's "Unicode"): moved away as damage too
+    # someone's files of any kind: notes in other encodings, a photo, a model, an archive, random bytes
     russian = "Касса 3: холодильник сломан, проверить размер.\r\n\tЗаказ для Миллера: молоко, хлеб.\n"
-    french = "Caisse 3\u00a0: frigo en panne\u00a0! Vérifier\u00ad la taille\u3000\n"  # no-break, soft hyphen
-    for name, data in (("cp1251.txt", russian.encode("cp1251")), ("utf16.txt", russian.encode("utf-16")),
-                       ("utf16-fr.txt", french.encode("utf-16")),
-                       ("greek.txt", "Ταμείο 3: το ψυγείο χάλασε, έλεγχος μεγέθους\n".encode("iso-8859-7"))):
+    foreign = {"notizen.txt": "Kasse 3: Kühlschrank defekt\r\n".encode("latin-1"), "cp1251.txt": russian.encode("cp1251"),
+               "utf16.txt": russian.encode("utf-16"), "photo.jpg": b"\xff\xd8\xff\xe0\x00\x10JFIF" + os.urandom(4000),
+               "age.onnx": b"\x08\x08\x12\x07tf2onnx" + os.urandom(4000), "backup.zip": b"PK\x03\x04" + os.urandom(4000),
+               "random.bin": os.urandom(8192), "zeros.bin": bytes(8192)}
+    for name, data in foreign.items():
         (tmp_path / name).write_bytes(data)
-        assert problems(base(outbox={"path": str(tmp_path / name)}))[0].startswith(
-            f"outbox.path: {str(tmp_path / name)!r} is an existing text file, not an SQLite database"), name
+        assert problems(base(outbox={"path": str(tmp_path / name)})) == [
+            f"outbox.path: {str(tmp_path / name)!r} {refusal.format(name)}"], name
+        assert (tmp_path / name).read_bytes() == data
     empty, database = tmp_path / "empty.sqlite3", tmp_path / "db.sqlite3"
     empty.write_bytes(b"")
     sqlite3.connect(database).execute("create table t (x)").connection.close()
-    # a damaged outbox (zeros after a power cut, random damage) is the outbox's to set aside at start, serving on:
-    # refused here, the till stopped for good (exit 2 is not restarted)
+    # a damaged outbox (zeros after a power cut, random damage), its lock file beside it as the outbox leaves it,
+    # is the outbox's to set aside at start, serving on: refused here, the till stopped for good (exit 2 is not
+    # restarted)
     zeros, damaged, erased = tmp_path / "zeros.sqlite3", tmp_path / "damaged.sqlite3", tmp_path / "erased.sqlite3"
     zeros.write_bytes(bytes(8192))
     damaged.write_bytes(os.urandom(8192))
-    erased.write_bytes(b"\xff" * 8192)  # erased flash, a torn write on an SD card: no control byte, yet no text
-    torn = tmp_path / "torn.sqlite3"  # erased flash with a few high bytes written
-    torn.write_bytes(b"\xff" * 4000 + bytes(range(0x80, 0xe0)) + b"\xff" * 4000)
-    for path in (empty, database, tmp_path / "new.sqlite3", zeros, damaged, erased, torn):
+    erased.write_bytes(b"\xff" * 8192)  # erased flash, a torn write on an SD card
+    for path in (zeros, damaged, erased):
+        Path(f"{path}.lock").write_bytes(b"till-pc\ntill-1\n")
+    for path in (empty, database, tmp_path / "new.sqlite3", zeros, damaged, erased):
         assert parse_config(base(outbox={"path": str(path)})).outbox.path == path
 
 

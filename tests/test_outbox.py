@@ -393,9 +393,11 @@ def test_broker_down_daemon_killed_and_restarted_then_broker_back_loses_no_alert
 def test_a_corrupt_outbox_file_gives_one_line_and_the_daemon_serves_on_from_a_new_file(
         tmp_path, broker, subscriber, age_models, hamilton_clip):
     outbox = tmp_path / "outbox.sqlite3"
-    # damaged from its first byte (zeros: a power cut, a torn write): the config check passes it to the outbox,
-    # which sets it aside; a refusal would stop the till for good (exit 2 is not restarted)
+    # damaged from its first byte (zeros: a power cut, a torn write), its lock file beside it as the outbox leaves
+    # it: the config check passes it to the outbox, which sets it aside; a refusal would stop the till for good
+    # (exit 2 is not restarted)
     outbox.write_bytes(bytes(8192))
+    Path(f"{outbox}.lock").write_bytes(b"till-pc\ntill-1\n")
     daemon = start_daemon(daemon_config(tmp_path, broker.port, hamilton_clip, age_models[16], outbox))
     try:
         assert subscriber.wait_for(lambda s: len(s.json("till-1/alert")) >= 1, 60)
