@@ -164,17 +164,27 @@ class AgeModel:
             if padded > len(chunk):
                 chunk = np.concatenate([chunk, np.zeros((padded - len(chunk),) + chunk.shape[1:], chunk.dtype)])
             outputs = self._run(chunk)
-            ages = np.asarray(outputs[0], np.float32).reshape(len(chunk), -1)
-            if ages.shape[1] != 1:
-                raise ModelError(f"age model {self.path} answered {ages.shape[1]} values per face, not one age")
             n = min(step, len(crops) - start)  # the faces of this chunk; the rest is padding
-            ages = ages[:n, 0]
+            ages = self._one_per_face(outputs[0], len(chunk), "age")[:n]
             if not np.isfinite(ages).all():  # a broken model must not pass for a room of adults
                 raise ModelError(f"age model {self.path} answered NaN or infinity for an age")
-            spreads = np.asarray(outputs[1], np.float32).reshape(len(chunk), -1)[:, 0] if len(outputs) > 1 else None
+            spreads = self._one_per_face(outputs[1], len(chunk), SPREAD_OUTPUT)[:n] if len(outputs) > 1 else None
             for i in range(n):
                 results.append(AgeEstimate(float(ages[i]), None if spreads is None else float(spreads[i])))
         return results
+
+    def _one_per_face(self, output, faces: int, what: str) -> np.ndarray:
+        """An output as one value per face of the call: the contract's [N] or [N, 1]. Any other length (one row for
+        a whole batch, ten numbers a face) is the model's fault, said in one line (numpy's reshape error was a
+        traceback in predict and eval)."""
+        values = np.asarray(output, np.float32).reshape(-1)
+        if len(values) != faces:
+            if len(values) % faces == 0:
+                raise ModelError(f"age model {self.path} answered {len(values) // faces} values per face, "
+                                 f"not one {what}")
+            raise ModelError(f"age model {self.path} answered an {what} output of length {len(values)} for {faces} "
+                             f"faces, not one {what} per face")
+        return values
 
 
 def fp16_at_load(choice: AgeModelChoice, variant: str, on_gpu: bool) -> bool:

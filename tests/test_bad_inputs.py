@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 
 from edge.contract import build_constant_age_model, contract_metadata
 from test_cli import one_line_error
+from test_infer import model_answering
 from test_integration import replay_config
 from tskit import tillsight, write_config
 
@@ -198,6 +199,20 @@ def test_a_model_that_answers_nan_is_loud_not_a_room_of_adults(tmp_path, broker,
     config = replay_config(tmp_path, broker.port, model)
     line = one_line_error(tillsight("replay", str(carphone_clip), "--config", str(config), timeout=60))
     assert line.startswith("tillsight: error: age model failed on ") and "answered NaN or infinity" in line
+
+
+BROKEN_ANSWERS = {  # model_answering's arguments, and the end of the line predict says
+    "one age for two faces": ((30, None, ("age",)),
+                              "answered an age output of length 1 for 2 faces, not one age per face"),
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN_ANSWERS)
+def test_a_model_that_answers_what_no_age_model_does_is_one_line_in_predict(broken, tmp_path, two_people_photo):
+    arguments, said = BROKEN_ANSWERS[broken]
+    model = model_answering(tmp_path / "age.onnx", *arguments)
+    line = one_line_error(tillsight("predict", str(two_people_photo), "--age-model", str(model), timeout=60))
+    assert line == f"tillsight: error: age model {model} {said}"
 
 
 @pytest.mark.parametrize("arguments, line", [

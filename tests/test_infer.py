@@ -53,6 +53,39 @@ def test_age_depends_on_the_crop_and_spread_output_is_read(tmp_path):
     assert [e.spread for e in estimates] == pytest.approx([1, 5])
 
 
+def model_answering(path: Path, age: float, spread: float | None = None, one_row: tuple[str, ...] = ()) -> Path:
+    """A contract-following model that answers `age` (and `spread` as age_spread) for every crop, as a broken
+    model would: any value, NaN included; the outputs named in `one_row` answer one value for the whole batch."""
+    nodes = [helper.make_node("ReduceMean", ["crops"], ["mean"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("Mul", ["mean", "zero"], ["nothing"]),  # [N]: the answers depend on the crops
+             helper.make_node("ReduceMean", ["nothing"], ["one_row"], axes=[0], keepdims=1)]  # [1]
+    outputs, constants = [], [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])]
+    for name, value in (("age", age), ("age_spread", spread)):
+        if value is not None:
+            shape = "one_row" if name in one_row else "nothing"
+            nodes.append(helper.make_node("Add", [shape, f"{name}_value"], [name]))
+            constants.append(helper.make_tensor(f"{name}_value", TensorProto.FLOAT, [], [value]))
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N"]))
+    graph = helper.make_graph(nodes, "answering", [helper.make_tensor_value_info(
+        "crops", TensorProto.FLOAT, ["N", 64, 64, 3])], outputs, constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    for key, value in contract_metadata(64, 0.4).items():
+        model.metadata_props.add(key=key, value=value)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("one_row, output", [(("age",), "age"), (("age_spread",), "age_spread")])
+def test_an_output_of_one_row_for_a_batch_is_a_model_error_not_a_reshape_traceback(tmp_path, one_row, output):
+    """numpy's `cannot reshape array` reached predict and eval as a traceback (the daemon's batcher caught it)."""
+    model = AgeModel(model_answering(tmp_path / "age.onnx", 30, 5, one_row))
+    assert [(e.age, e.spread) for e in model.predict(np.zeros((1, 64, 64, 3), np.uint8))] == [(30, 5)]
+    with pytest.raises(ModelError, match=rf"^age model \S+ answered an {output} output of length 1 for 2 faces, "
+                                         rf"not one {output} per face$"):
+        model.predict(np.zeros((2, 64, 64, 3), np.uint8))
+
+
 def test_missing_corrupt_and_contract_breaking_models_are_one_line_errors(tmp_path):
     with pytest.raises(ModelError, match=r"^age model not found: "):
         AgeModel(tmp_path / "absent.onnx")
