@@ -30,6 +30,13 @@ from edge.types import AgeEstimate
 
 log = logging.getLogger(__name__)
 
+# The ages, in years, a working age model can answer. A regression head is not clamped: a little under 0 for a baby
+# or over 100 for an odd crop does happen and is served (the policy judges it as any estimate). No one is older than
+# about 120, so past these bounds, with a wide margin on both sides, the answer comes from a broken model (a diverged
+# training, wrong weights, an overflow): 1e30 would pass for an adult, -1e30 make everyone a minor. Such an answer
+# fails the call as NaN does.
+HUMAN_AGES = (-50.0, 250.0)
+
 
 class AgeModel:
     """An ONNX age model that follows `edge.contract`."""
@@ -166,8 +173,7 @@ class AgeModel:
             outputs = self._run(chunk)
             n = min(step, len(crops) - start)  # the faces of this chunk; the rest is padding
             ages = self._one_per_face(outputs[0], len(chunk), "age")[:n]
-            if not np.isfinite(ages).all():  # a broken model must not pass for a room of adults
-                raise ModelError(f"age model {self.path} answered NaN or infinity for an age")
+            self._check_ages(ages)
             spreads = self._one_per_face(outputs[1], len(chunk), SPREAD_OUTPUT)[:n] if len(outputs) > 1 else None
             for i in range(n):
                 results.append(AgeEstimate(float(ages[i]), None if spreads is None else float(spreads[i])))
@@ -185,6 +191,16 @@ class AgeModel:
             raise ModelError(f"age model {self.path} answered an {what} output of length {len(values)} for {faces} "
                              f"faces, not one {what} per face")
         return values
+
+    def _check_ages(self, ages: np.ndarray) -> None:
+        """A broken model must not pass for a room of adults (NaN, 1e30) nor make everyone a minor (-1e30)."""
+        if not np.isfinite(ages).all():
+            raise ModelError(f"age model {self.path} answered NaN or infinity for an age")
+        low, high = HUMAN_AGES
+        absurd = ages[(ages < low) | (ages > high)]
+        if len(absurd):
+            raise ModelError(f"age model {self.path} answered {absurd[0]:g} years for an age, outside the "
+                             f"[{low:g}, {high:g}] of any working age model")
 
 
 def fp16_at_load(choice: AgeModelChoice, variant: str, on_gpu: bool) -> bool:

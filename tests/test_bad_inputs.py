@@ -204,6 +204,8 @@ def test_a_model_that_answers_nan_is_loud_not_a_room_of_adults(tmp_path, broker,
 BROKEN_ANSWERS = {  # model_answering's arguments, and the end of the line predict says
     "one age for two faces": ((30, None, ("age",)),
                               "answered an age output of length 1 for 2 faces, not one age per face"),
+    "1e30 years": ((1e30,), "answered 1e+30 years for an age, outside the [-50, 250] of any working age model"),
+    "-1e30 years": ((-1e30,), "answered -1e+30 years for an age, outside the [-50, 250] of any working age model"),
 }
 
 
@@ -213,6 +215,18 @@ def test_a_model_that_answers_what_no_age_model_does_is_one_line_in_predict(brok
     model = model_answering(tmp_path / "age.onnx", *arguments)
     line = one_line_error(tillsight("predict", str(two_people_photo), "--age-model", str(model), timeout=60))
     assert line == f"tillsight: error: age model {model} {said}"
+
+
+def test_a_model_that_answers_1e30_years_fails_the_model_check_and_the_replay_as_nan_does(tmp_path, broker,
+                                                                                         carphone_clip):
+    """It passed `config check --models`, and a replay published `"age": 1e+30`: an adult to every policy."""
+    model = model_answering(tmp_path / "age.onnx", 1e30)
+    config = replay_config(tmp_path, broker.port, model)
+    result = tillsight("config", "check", "--models", str(config), timeout=120)
+    assert one_line_error(result) == "tillsight: error: 1 of 2 model checks failed, first the age model"
+    assert f"age model: FAILED: age model {model} answered 1e+30 years for an age" in result.stdout
+    line = one_line_error(tillsight("replay", str(carphone_clip), "--config", str(config), timeout=60))
+    assert line.startswith("tillsight: error: age model failed on ") and "answered 1e+30 years" in line
 
 
 @pytest.mark.parametrize("arguments, line", [

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 import threading
@@ -84,6 +85,22 @@ def test_an_output_of_one_row_for_a_batch_is_a_model_error_not_a_reshape_traceba
     with pytest.raises(ModelError, match=rf"^age model \S+ answered an {output} output of length 1 for 2 faces, "
                                          rf"not one {output} per face$"):
         model.predict(np.zeros((2, 64, 64, 3), np.uint8))
+
+
+@pytest.mark.parametrize("age", [1e30, -1e30, 250.5, -50.5])
+def test_an_age_no_working_model_answers_is_a_model_error_as_nan_is(tmp_path, age):
+    """1e30 was served as an adult, -1e30 as a minor, without a complaint from predict, replay or the model check."""
+    model = AgeModel(model_answering(tmp_path / "age.onnx", age))
+    with pytest.raises(ModelError, match=rf"^age model \S+ answered {re.escape(f'{age:g}')} years for an age, "
+                                         r"outside the \[-50, 250\] of any working age model$"):
+        model.predict(np.zeros((3, 64, 64, 3), np.uint8))
+
+
+@pytest.mark.parametrize("age", [-3.5, 0, 121, -50, 250])
+def test_an_odd_but_possible_age_is_served(tmp_path, age):
+    """A regression head is not clamped: a baby a little under 0, an odd crop over 100."""
+    model = AgeModel(model_answering(tmp_path / "age.onnx", age))
+    assert [e.age for e in model.predict(np.zeros((2, 64, 64, 3), np.uint8))] == [age, age]
 
 
 def test_missing_corrupt_and_contract_breaking_models_are_one_line_errors(tmp_path):
