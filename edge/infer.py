@@ -175,6 +175,9 @@ class AgeModel:
             ages = self._one_per_face(outputs[0], len(chunk), "age")[:n]
             self._check_ages(ages)
             spreads = self._one_per_face(outputs[1], len(chunk), SPREAD_OUTPUT)[:n] if len(outputs) > 1 else None
+            # a broken head, as a NaN age is (and predict printed `"spread": NaN`, which is no JSON)
+            if spreads is not None and not np.isfinite(spreads).all():
+                raise ModelError(f"age model {self.path} answered NaN or infinity for an {SPREAD_OUTPUT}")
             for i in range(n):
                 results.append(AgeEstimate(float(ages[i]), None if spreads is None else float(spreads[i])))
         return results

@@ -206,6 +206,7 @@ BROKEN_ANSWERS = {  # model_answering's arguments, and the end of the line predi
                               "answered an age output of length 1 for 2 faces, not one age per face"),
     "1e30 years": ((1e30,), "answered 1e+30 years for an age, outside the [-50, 250] of any working age model"),
     "-1e30 years": ((-1e30,), "answered -1e+30 years for an age, outside the [-50, 250] of any working age model"),
+    "a NaN spread": ((30, float("nan")), "answered NaN or infinity for an age_spread"),  # was "spread": NaN, no JSON
 }
 
 
