@@ -783,7 +783,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     _training_imports(keras_needed=False)
-    from training.evaluate import evaluate, print_eval
+    from training.evaluate import evaluate, nothing_scored, print_eval
     if not args.data.is_dir():
         raise UserError(f"data folder not found: {args.data}", EXIT_USAGE)
     _check_ranges(val_fraction=(args.val_fraction, 0.001, 0.999), limit=(args.limit, 1, 10**9),
@@ -798,6 +798,9 @@ def cmd_eval(args) -> int:
         print(json.dumps(report))
     else:
         print_eval(report)
+    problem = nothing_scored(report)
+    if problem:  # the report shows it too; the exit tells a script, as data inspect's does
+        raise UserError(problem)
     return 0
 
 

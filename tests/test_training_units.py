@@ -1,5 +1,6 @@
 """Data, split and metric rules of training/ (no Keras needed)."""
 
+import json
 import shutil
 
 import cv2
@@ -216,6 +217,24 @@ def test_inspect_of_a_folder_without_a_usable_face_reports_and_fails(tmp_path):
     result = tillsight("data", "inspect", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"))
     assert (result.returncode, result.stderr.strip()) == (2, f"tillsight: error: data folder not found: "
                                                              f"{tmp_path / 'nowhere'}")
+
+
+def test_eval_that_scored_no_face_reports_and_fails_and_writes_no_residual_model(tmp_path, age_models):
+    """A wrong --data folder, labels for other files or an empty split exited 0, and --residuals-into silently
+    wrote nothing."""
+    from tskit import tillsight
+    (tmp_path / "labels.csv").write_text("file_name,real_age\na.jpg,20\nb.jpg,30\n")
+    risky = tmp_path / "risky.onnx"
+    common = ("eval", "--model", str(age_models[40]), "--data", str(tmp_path), "--residuals-into", str(risky))
+    result = tillsight(*common, "--json")
+    assert result.returncode == 1 and json.loads(result.stdout)["n_scored"] == 0, result.stderr
+    assert result.stderr.strip() == f"tillsight: error: no face to evaluate in {tmp_path} (--split all: 2 labelled " \
+                                    "images): 2 missing, 0 unreadable, 0 with no face found"
+    result = tillsight(*common, "--split", "test", "--test-fraction", "0")
+    assert result.returncode == 1 and "0 scored" in result.stdout, result.stderr
+    assert result.stderr.strip() == f"tillsight: error: no face to evaluate in {tmp_path} (--split test: 0 labelled " \
+                                    "images): 0 missing, 0 unreadable, 0 with no face found"
+    assert not risky.exists()
 
 
 def test_the_validation_mae_is_per_face_when_the_last_batch_is_short():

@@ -209,11 +209,22 @@ def _report(model: AgeModel, faces: FaceSet, predicted: np.ndarray, data_dir: Pa
         "split": split,
         "n": n,
         "n_no_face": len(faces.no_face),
-        "n_unreadable": len(faces.unreadable) + len(faces.missing),
+        "n_unreadable": len(faces.unreadable) + len(faces.missing),  # the missing ones too, as ever
+        "n_missing": len(faces.missing),
         "n_scored": len(faces.labels),
         **age_metrics(faces.ages, predicted, challenge_age,
                       [l.gender for l in faces.labels], [l.race for l in faces.labels], GENDERS, RACES),
     }
+
+
+def nothing_scored(report: dict) -> str | None:
+    """Why no face was scored (a wrong --data folder, labels for other files, an empty split), in one line; None
+    if some were: a report of no face has no figure, and --residuals-into wrote nothing."""
+    if report["n_scored"]:
+        return None
+    return (f"no face to evaluate in {report['data']} (--split {report['split']}: {report['n']} labelled images): "
+            f"{report['n_missing']} missing, {report['n_unreadable'] - report['n_missing']} unreadable, "
+            f"{report['n_no_face']} with no face found")
 
 
 def _name(report: dict) -> str:
