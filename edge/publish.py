@@ -156,6 +156,7 @@ class Publisher:
         self.dropped = 0  # paho's queue full
         self.denied = 0  # publishes the broker refused (ACL): never delivered
         self.delivered = 0
+        self.kept_on_disk = 0  # set by stop(): messages not acknowledged, left in the outbox file for the next start
         self.connection_error: str | None = None  # why the broker cannot be reached now; None when connected
         self.on_change = None  # () -> None: the connection's state changed (the service re-publishes status)
         self.problem_level = logging.ERROR  # a replay says it in its one closing line instead
@@ -555,9 +556,11 @@ class Publisher:
             time.sleep(0.02)
         return True
 
-    def stop(self, final_status: dict, timeout_s: float = 10.0) -> bool:
-        """Clean shutdown: retained 'offline' status, wait for acks, disconnect. True if nothing is lost:
-        all acknowledged, or what is not waits in the outbox on disk for the next start."""
+    def stop(self, final_status: dict, timeout_s: float = 10.0, disk_is_delivery: bool = True) -> bool:
+        """Clean shutdown: retained 'offline' status, wait for acks, disconnect. True if nothing is lost: all
+        acknowledged, or what is not waits in the outbox on disk for the next start (the daemon's view); with
+        `disk_is_delivery` False (a replay, which promises every message acknowledged), only if all were
+        acknowledged, after waiting `timeout_s` for them. `kept_on_disk` then counts what waits on disk."""
         # its cameras are no longer watched: "stopped", not the "online" of the moment before (the status stays
         # retained until the next start, and `tillsight status` counted them live); an ended replay stays "ended"
         cameras = final_status.get("cameras")
@@ -565,18 +568,18 @@ class Publisher:
                    else info for camera, info in cameras.items()} if isinstance(cameras, dict) else cameras
         self.publish_status({**final_status, "state": "offline",
                              **({"cameras": stopped} if stopped is not None else {})})
-        # With the broker away and the messages safe on disk, waiting would only delay the stop.
-        safe_on_disk = not self.connected.is_set() and self.outbox.state == "disk"
+        # With the broker away and the messages safe on disk, waiting would only delay the daemon's stop.
+        safe_on_disk = disk_is_delivery and not self.connected.is_set() and self.outbox.state == "disk"
         delivered = self.wait_for_delivery(0.5 if safe_on_disk else timeout_s)
         self.client.disconnect()
         self.client.loop_stop()
         if self.listener is not None:
             self.listener.disconnect()
             self.listener.loop_stop()
-        kept = self.outbox.depth()
+        self.kept_on_disk = self.outbox.depth() if self.outbox.state == "disk" else 0
         self.outbox.close()
-        if not delivered and self.outbox.state == "disk" and kept:
-            log.warning("messages kept in the outbox for the next start", extra={"messages": kept,
+        if not delivered and self.kept_on_disk and disk_is_delivery:
+            log.warning("messages kept in the outbox for the next start", extra={"messages": self.kept_on_disk,
                                                                               "path": str(self.outbox.path)})
             return True
         return delivered

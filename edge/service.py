@@ -641,7 +641,8 @@ class Service:
         self.batcher.close()
         if self.desk is not None:
             self.desk.close()
-        delivered = self.publisher.stop(self.status(), delivery_timeout_s)
+        # to the daemon a message on disk is safe (sent at its next start); a replay promises every one acknowledged
+        delivered = self.publisher.stop(self.status(), delivery_timeout_s, disk_is_delivery=not self.replay)
         if self.metrics is not None:
             self.metrics.close()
         if reloading:
@@ -757,8 +758,10 @@ def run_replay(config, realtime: bool = False, ack_timeout: float = 30.0, on_sta
                         f"(not authorised: check the broker's ACL for this user's topics)")
     if not delivered:
         why = f": {publisher.connection_error}" if publisher.connection_error else ""
+        kept = f" ({publisher.kept_on_disk} kept in the outbox {publisher.outbox.path} for the next start)" \
+            if publisher.kept_on_disk else ""
         raise UserError(f"MQTT broker at {mqtt.host}:{mqtt.port}{why}; {publisher.unacknowledged()} messages "
-                        f"not acknowledged within {ack_timeout:g} s")
+                        f"not acknowledged within {ack_timeout:g} s{kept}")
     return {**{k: v for k, v in stats.items() if k != "errors"}, "seconds": round(seconds, 3),
             "fps": round(stats["frames"] / seconds, 1) if seconds else None,
             "provider": service.age_model.providers[0], "age_model": service.age_model.tier,

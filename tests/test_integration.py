@@ -155,6 +155,26 @@ def test_replay_with_no_broker_fails_in_one_line_instead_of_losing_messages(tmp_
         and "messages not acknowledged" in lines[0]
 
 
+def test_replay_with_no_broker_and_an_outbox_file_waits_and_fails_saying_what_it_kept(tmp_path, age_models,
+                                                                                        carphone_clip):
+    """With `[outbox] path` it exited 0 after 0.5 s, the --ack-timeout cut short: the daemon's stop, to which a
+    message on disk is safe. A replay promises every message acknowledged."""
+    from edge.outbox import Outbox
+    port, outbox = free_port(), tmp_path / "outbox.sqlite3"
+    config = replay_config(tmp_path, port, age_models[40], outbox={"path": str(outbox)})
+    started = time.monotonic()
+    result = tillsight("replay", str(carphone_clip), "--config", str(config), "--ack-timeout", "2")
+    assert time.monotonic() - started > 2  # the timeout waited in full
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    said = re.fullmatch(rf"tillsight: error: MQTT broker at 127.0.0.1:{port}: connection refused .*; (\d+) messages "
+                        rf"not acknowledged within 2 s \((\d+) kept in the outbox {re.escape(str(outbox))} for the "
+                        r"next start\)", lines[0])
+    assert said and int(said[1]) == int(said[2]) > 0, lines[0]
+    assert Outbox(outbox).depth() == int(said[2])
+
+
 def test_corrupt_video_is_one_line(tmp_path, broker, age_models):
     video = tmp_path / "broken.mp4"
     video.write_bytes(os.urandom(4096))

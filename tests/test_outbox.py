@@ -279,6 +279,23 @@ def test_an_alert_is_never_taken_as_acknowledged_by_the_ack_of_a_qos0_estimate_u
         publisher.stop({"state": "online"}, timeout_s=0.5)
 
 
+@pytest.mark.parametrize("disk_is_delivery", [True, False])
+def test_a_stop_with_the_broker_away_waits_for_it_only_where_the_disk_is_no_delivery(tmp_path, disk_is_delivery):
+    """The daemon's stop: what waits on disk is safe, sent at the next start, so the broker is not waited for. A
+    replay's (disk_is_delivery False) waits its timeout and is no success: it exited 0 after 0.5 s."""
+    from edge.broker import free_port
+    path = tmp_path / "outbox.sqlite3"
+    publisher = Publisher(MqttConfig(host="127.0.0.1", port=free_port()), "store-1", "till-pc", Outbox(path))
+    publisher.start()
+    estimate = TrackEstimate("till-1", 1, 16.0, 2.0, 5, time.time(), time.time(), (0, 0, 50, 50), 0.9)
+    publisher.publish_alert(estimate, Policy(), time.time())
+    started = time.monotonic()
+    assert publisher.stop({"state": "online"}, timeout_s=2, disk_is_delivery=disk_is_delivery) is disk_is_delivery
+    waited = time.monotonic() - started
+    assert waited < 1.5 if disk_is_delivery else waited >= 2
+    assert publisher.kept_on_disk >= 1 and Outbox(path).depth() == publisher.kept_on_disk
+
+
 # ---------------------------------------------------------------- the daemon, a broker that goes away
 
 def needs_broker():
