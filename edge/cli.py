@@ -351,21 +351,20 @@ def cmd_replay(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import cv2
     import numpy as np
     from edge.config import ModelsConfig, load_config
-    from edge.detect import detect_in_photo
+    from edge.detect import detect_in_photo, read_photo
     from edge.service import build_age_model, build_detector
     models = load_config(args.config).models if args.config else ModelsConfig()
     detector = build_detector(models)
     age_model = build_age_model(models, args.age_model)
     failures = 0
     for path in args.images:
-        if path.exists() and not path.is_file():  # a FIFO would block imread for ever; a folder says nothing
+        if path.exists() and not path.is_file():  # a FIFO would block the read for ever; a folder says nothing
             print(f"tillsight: error: cannot read image {path}: not a regular file", file=sys.stderr)
             failures += 1
             continue
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        image = read_photo(path)
         if image is None:
             print(f"tillsight: error: cannot read image {path}", file=sys.stderr)
             failures += 1

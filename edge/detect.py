@@ -283,6 +283,29 @@ def detect_framed(detector: FaceDetector, image_bgr: np.ndarray) -> list[Face]:
     return faces
 
 
+MAX_PHOTO_BYTES = 1 << 28  # a larger file is no photo (a video given by mistake): not read into memory
+
+
+def decode_photo(encoded: bytes) -> np.ndarray | None:
+    """A photo's BGR pixels; None where its bytes are no image OpenCV reads, as for a header that claims more pixels
+    than OpenCV's limit (2^30: a PNG's 60000x60000), where imdecode raised cv2.error."""
+    try:
+        return cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
+
+
+def read_photo(path: Path) -> np.ndarray | None:
+    """A photo file's BGR pixels; None where it cannot be read or decoded. Python reads the file, not cv2.imread:
+    OpenCV's bindings crash the process (a segfault) on a file name that is not UTF-8."""
+    try:
+        if path.stat().st_size > MAX_PHOTO_BYTES:
+            return None
+        return decode_photo(path.read_bytes())
+    except OSError:
+        return None
+
+
 def detect_in_photo(detector: FaceDetector, image_bgr: np.ndarray, same_face_iou: float = 0.3) -> list[Face]:
     """Faces at any scale in a still photo: as it is (small faces) and framed (close-ups)."""
     faces = detector(image_bgr)

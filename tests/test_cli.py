@@ -41,6 +41,15 @@ def test_predict_reports_an_unreadable_image_and_goes_on(tmp_path, two_people_ph
     assert len(result.stdout.splitlines()) == 1  # the good image was still done
 
 
+def test_predict_takes_an_image_over_opencvs_pixel_limit_for_unreadable(tmp_path, two_people_photo, age_models):
+    from tskit import oversized_png
+    huge = tmp_path / "huge.png"  # its header claims 60000x60000 pixels: imread raised cv2.error, a traceback
+    huge.write_bytes(oversized_png())
+    result = tillsight("predict", str(huge), str(two_people_photo), "--age-model", str(age_models[40]))
+    assert one_line_error(result) == f"tillsight: error: cannot read image {huge}"
+    assert len(result.stdout.splitlines()) == 1  # the good image was still done
+
+
 def test_missing_age_model(tmp_path, two_people_photo):
     result = tillsight("predict", str(two_people_photo), "--age-model", str(tmp_path / "none.onnx"))
     assert one_line_error(result) == f"tillsight: error: age model not found: {tmp_path / 'none.onnx'}"

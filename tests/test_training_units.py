@@ -98,6 +98,20 @@ def test_loose_image_folder_lists_missing_unreadable_and_faceless(tmp_path, two_
     assert (faces.missing, faces.unreadable, faces.no_face) == (["gone.jpg"], ["broken.jpg"], ["wall.png"])
 
 
+def test_an_image_over_opencvs_pixel_limit_is_unreadable_not_a_traceback(tmp_path):
+    """A PNG header claiming 60000x60000 pixels: cv2.imdecode raised cv2.error through data inspect, train, eval
+    and ship."""
+    from tskit import oversized_png, tillsight
+    (tmp_path / "huge.png").write_bytes(oversized_png())
+    faces = load_faces(tmp_path, [Label("huge.png", 30)], 48, 0.3, progress=False)
+    assert (faces.labels, faces.unreadable) == ([], ["huge.png"])
+    (tmp_path / "labels.csv").write_text("file_name,real_age\nhuge.png,30\n")
+    result = tillsight("data", "inspect", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == f"tillsight: error: no face to train on in {tmp_path}: 0 missing, 1 unreadable, " \
+                                    "0 with no face found"
+
+
 def test_out_of_range_training_options_are_one_line(tmp_path):
     from tskit import tillsight
     result = tillsight("train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--val-fraction", "2")

@@ -278,3 +278,14 @@ def write_faulty_clip(source: Path, path: Path, live_s: float, blank_s: float = 
         writer.write(image)
     writer.release()
     return path
+
+
+def oversized_png(width: int = 60_000, height: int = 60_000) -> bytes:
+    """A 70-byte PNG whose header claims more pixels than OpenCV decodes (2^30): its decoders raised cv2.error."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")

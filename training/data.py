@@ -31,11 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import cv2
 import numpy as np
 
 from edge.crop import crop_face
-from edge.detect import FaceDetector, detect_framed
+from edge.detect import FaceDetector, decode_photo, detect_framed
 from edge.types import Face
 
 PARALLEL_FROM = 500  # photos: fewer are detected in this process
@@ -211,7 +210,7 @@ def load_face_sets(data_dir: Path, labels: list[Label], croppers: list[Callable[
                                                 len(by_name), progress):
         seen.add(name)
         if image is None:
-            image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+            image = decode_photo(encoded)
         if image is None:
             unreadable.append(name)
             continue
@@ -233,7 +232,7 @@ def _detected(data_dir: Path, wanted: set[str], detector: FaceDetector | None, w
     if workers <= 1:
         detector = detector or FaceDetector(min_face_px=0)
         for name, encoded in images:
-            image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+            image = decode_photo(encoded)
             yield name, encoded, image, None if image is None else detect_portrait_face(detector, image)
         return
     stop = threading.Event()
@@ -277,7 +276,7 @@ def _detect_encoded(item: tuple[str, bytes]) -> tuple[str, bytes, Face | None]:
     if _worker_failure is not None:
         raise DataError(f"the face detector could not start in a worker process: {_worker_failure}")
     name, encoded = item
-    image = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+    image = decode_photo(encoded)
     return name, encoded, None if image is None else detect_portrait_face(_worker_detector, image)
 
 
