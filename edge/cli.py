@@ -430,12 +430,14 @@ def cmd_bench(args) -> int:
                   daemons=(args.daemons, 1, 16))
     if not all(1 <= count <= MAX_BENCH_CAMERAS for count in cameras):
         raise UserError(f"--cameras {args.cameras}: each count from 1 to {MAX_BENCH_CAMERAS}", EXIT_USAGE)
-    from edge.config import parse_config
+    from edge.config import not_utf8_name, parse_config
     parse_config({"store_id": "check", "cameras": [{"id": "c", "source": 0}], **config})  # bad --set: one line each
     hamilton = Path("../shared/media/short_hamilton_clip.mp4")
     video = args.video or (hamilton if hamilton.is_file() else bundled_clip())
     if video is None or not Path(video).is_file():
         raise UserError(f"video not found: {video} (--video FILE)", EXIT_USAGE)
+    if not_utf8_name(video):  # before the broker and work folder, which OpenCV's crash left behind
+        raise UserError(f"--video {not_utf8_name(video)}", EXIT_USAGE)
     try:
         run_bench(BenchOptions(args.model, args.keras, Path(video).resolve(), cameras, args.fps, args.seconds, args.rounds,
                                args.out, config, model_speed=not args.skip_model_speed, daemons=args.daemons,

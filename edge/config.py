@@ -114,6 +114,17 @@ def _not_a_video_file(text: str) -> str:
     return f"video file {text!r} not found (a USB camera is an index or its /dev/v4l/by-id/ path, a stream an rtsp:// or http:// URL)"
 
 
+def not_utf8_name(path: str | Path) -> str | None:
+    """Why OpenCV must not be given this path, else None: a name that is not UTF-8 (Latin-1 bytes, as an old Windows
+    machine or a camera's SD card writes them) reaches Python with surrogates, on which OpenCV's bindings crash the
+    process (a segfault, exit 139: `config check`, `replay` and `bench` died so, the bench leaving its broker)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{str(path)!r}: the name is not UTF-8 (OpenCV cannot open it): rename it"
+    return None
+
+
 def _is_still_image(path: str) -> bool:
     """A JPEG or PNG (by its first bytes, whatever its name): FFmpeg opens one as a one-frame video, which the daemon
     then refuses at every reconnect (edge/capture.py); `config check --live` passed it."""
@@ -338,6 +349,8 @@ class CameraConfig(Strict):
             raise ValueError("empty: give a device index, a stream URL or a video file path")
         if not _is_file(value, "video file"):
             raise ValueError(_not_a_video_file(value))
+        if not_utf8_name(value):  # before _is_still_image: OpenCV's first look at the file
+            raise ValueError(not_utf8_name(value))
         if _is_still_image(value):
             raise ValueError(f"{value!r} is a still image, not a video (`tillsight predict` ages the faces in a photo)")
         return value

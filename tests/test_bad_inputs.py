@@ -4,6 +4,8 @@ test_integration.test_corrupt_video_is_one_line; a corrupt face detector: test_c
 
 from __future__ import annotations
 
+import json
+import os
 import random
 
 import numpy as np
@@ -83,6 +85,36 @@ def test_a_folder_as_the_video_is_a_config_problem(tmp_path, broker, age_models)
     config = replay_config(tmp_path, broker.port, age_models[40])
     line = one_line_error(tillsight("replay", str(tmp_path), "--config", str(config), timeout=60), code=2)
     assert line == f"VIDEO: '{tmp_path}' is a folder, not a video file"  # the command line's, not a config key
+
+
+def not_utf8(folder, name: bytes):
+    """A path whose last name is Latin-1 bytes (as an old Windows machine writes 'caisse\xe9'), as Python gives it."""
+    return folder / os.fsdecode(name)
+
+
+def test_a_video_name_that_is_not_utf8_is_one_line_where_opencv_crashed(tmp_path, carphone_clip):
+    """OpenCV's bindings segfault (exit 139) on such a name: in config check, replay, and bench (which left its
+    broker and temporary folder behind)."""
+    folder = not_utf8(tmp_path, b"caisse\xe9")  # a config's relative source is its folder's: a config check's path
+    folder.mkdir()
+    video = folder / "till.mp4"
+    video.write_bytes(carphone_clip.read_bytes())
+    why = f"{str(video)!r}: the name is not UTF-8 (OpenCV cannot open it): rename it"
+    config = write_config(folder / "c.toml", store_id="s", cameras=[{"id": "till-1", "source": "till.mp4"}])
+    assert one_line_error(tillsight("config", "check", str(config)), code=2) == f"cameras.0.source: {why}"
+    assert one_line_error(tillsight("replay", str(video)), code=2) == f"VIDEO: {why}"
+    result = tillsight("bench", "--video", str(video), "--skip-model-speed", "--out", str(tmp_path / "out"))
+    assert one_line_error(result, code=2) == f"tillsight: error: --video {why}"
+
+
+def test_predict_reads_a_photo_whose_name_is_not_utf8(tmp_path, two_people_photo, age_models):
+    """Read by Python, not by OpenCV (which segfaulted on the name): the photo is answered as any other."""
+    photo = not_utf8(tmp_path, b"client\xe9.jpg")
+    photo.write_bytes(two_people_photo.read_bytes())
+    result = tillsight("predict", str(photo), "--age-model", str(age_models[40]))
+    assert result.returncode == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert body["image"] == str(photo) and len(body["faces"]) == 2
 
 
 @pytest.mark.parametrize("options, line", [
