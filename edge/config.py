@@ -478,11 +478,11 @@ class MqttConfig(Strict):
         if value is not None:  # as the TLS files are: `config check` as the daemon's user must catch what `run` would
             try:
                 with open(value, "rb") as file:
-                    head = file.read(4096)
+                    held = file.read(PASSWORD_FILE_READ)
             except OSError as exc:
                 raise ValueError(f"cannot be read ({exc.strerror or exc})") from None
-            if not head.strip():  # the broker then says only "Not authorized", at every connection
-                raise ValueError(f"{str(value)!r} is empty: it must hold the broker user's password")
+            if password_problem(held):
+                raise ValueError(f"{str(value)!r} {password_problem(held)}")
         return value
 
     @model_validator(mode="after")
@@ -490,6 +490,26 @@ class MqttConfig(Strict):
         if self.password_file is not None and self.username is None:
             raise ValueError("password_file is set but username is not")
         return self
+
+
+MAX_PASSWORD_BYTES = 65_535  # MQTT's limit: paho's network thread died on a longer one (struct.error), MQTT silent
+PASSWORD_FILE_READ = 1 << 20  # enough to tell a file too long for a password (a certificate bundle), never all of it
+
+
+def password_problem(held: bytes) -> str | None:
+    """Why a password file's bytes are no password a broker can be sent, else None. The password is the whole file
+    stripped: a second line (a certificate, "user" then "password") would be sent as part of it, and the broker
+    would say only "Not authorized", at every connection."""
+    password = held.strip()
+    if not password:
+        return "is empty: it must hold the broker user's password"
+    if len(password) > MAX_PASSWORD_BYTES:
+        return (f"holds more than {MAX_PASSWORD_BYTES:,} bytes, MQTT's limit for a password (a certificate bundle?): "
+                "name the file that holds the password alone")
+    lines = len([line for line in password.splitlines() if line.strip()])
+    if lines > 1:
+        return f"holds {lines} lines: a password file holds the password alone, on one line"
+    return None
 
 
 def _host_name(host: str) -> None:

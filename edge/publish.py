@@ -51,7 +51,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge import __version__
-from edge.config import MqttConfig
+from edge.config import PASSWORD_FILE_READ, MqttConfig, password_problem
 from edge.errors import UserError
 from edge.outbox import Outbox
 from edge.peers import MAX_STATUS_BYTES, new_instance
@@ -625,9 +625,14 @@ def mqtt_client(cfg: MqttConfig, client_id: str, protocol: str | None = None) ->
 
 
 def read_password(path) -> str:
-    """The broker password, from its file now (it may have been replaced since the config was checked)."""
+    """The broker password, from its file now (it may have been replaced since the config was checked): by the
+    config's rules (an empty, too long or several-line file is refused), never handed to paho to fail in its thread."""
     try:
-        return path.read_text(encoding="utf-8").strip()
+        with open(path, "rb") as file:
+            held = file.read(PASSWORD_FILE_READ)
+        if password_problem(held):
+            raise UserError(f"mqtt.password_file {path} {password_problem(held)}")
+        return held.decode("utf-8").strip()
     except OSError as exc:
         raise UserError(f"mqtt.password_file {path} cannot be read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:

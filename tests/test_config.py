@@ -197,6 +197,44 @@ def test_an_empty_password_file_is_a_problem(tmp_path):
             f"mqtt.password_file: '{tmp_path / 'password'}' is empty: it must hold the broker user's password"]
 
 
+TOO_LONG = "mqtt.password_file: {path!r} holds more than 65,535 bytes, MQTT's limit for a password (a certificate " \
+           "bundle?): name the file that holds the password alone"
+
+
+def test_a_password_file_too_long_for_mqtt_or_of_several_lines_is_a_problem(tmp_path):
+    """Over 65,535 bytes (a certificate bundle named by mistake) it passed the check, and paho's network thread then
+    died on it (struct.error) in run, replay, status and config check --live; a second line was sent as part of the
+    password, which the broker refused with only "Not authorized"."""
+    password = tmp_path / "password"
+    for held, problem in ((b"x" * 65_536, TOO_LONG.format(path=str(password))),
+                          (b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+                           f"mqtt.password_file: {str(password)!r} holds 3 lines: a password file holds the password "
+                           "alone, on one line")):
+        password.write_bytes(held)
+        assert problems(base(mqtt={"username": "tillsight", "password_file": str(password)})) == [problem]
+    for held in (b"x" * 65_535, b"\n  secret \r\n\n"):  # the longest MQTT takes; one line among blank ones
+        password.write_bytes(held)
+        parse_config(base(mqtt={"username": "tillsight", "password_file": str(password)}))
+    password.write_bytes(b"x" * 100_000)
+    line = one_line_error(tillsight("status", "--store", "s", "--username", "pos", "--password-file", str(password)), 2)
+    assert line == "tillsight: error: " + TOO_LONG.format(path=str(password)).replace("mqtt.password_file", "--password-file")
+
+
+def test_a_password_file_grown_too_long_since_the_check_is_refused_when_read(tmp_path):
+    """Read again at each connection: paho must never be handed a password it fails on in its own thread."""
+    from edge.errors import UserError
+    from edge.publish import mqtt_client
+    password = tmp_path / "password"
+    password.write_text("secret\n")
+    config = parse_config(base(mqtt={"username": "tillsight", "password_file": str(password)}))
+    assert mqtt_client(config.mqtt, "c")._password == b"secret"
+    password.write_bytes(b"x" * 70_000)
+    with pytest.raises(UserError) as caught:
+        mqtt_client(config.mqtt, "c")
+    assert str(caught.value) == TOO_LONG.format(path=str(password)).replace(f"password_file: {str(password)!r}",
+                                                                             f"password_file {password}")
+
+
 def test_age_model_is_a_tier_or_a_file_relative_to_the_config(tmp_path):
     (tmp_path / "mine.onnx").write_bytes(b"")
     cameras = [{"id": "a", "source": 0}]
