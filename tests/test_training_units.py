@@ -25,6 +25,14 @@ def test_labels_parse_optional_columns_and_reject_bad_rows(tmp_path):
         read_labels(tmp_path / "absent.csv")
 
 
+def test_labels_saved_by_excel_as_csv_utf8_are_read(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte order mark, which was read into the first column's name: "missing
+    column(s) file_name"."""
+    path = tmp_path / "labels.csv"
+    path.write_bytes("file_name,real_age\r\nZoë.jpg,23\r\n".encode("utf-8-sig"))
+    assert read_labels(path) == [Label("Zoë.jpg", 23.0, None, None)]
+
+
 def test_split_is_deterministic_and_near_the_fraction():
     names = [f"{i}_0_0_2017.jpg" for i in range(4000)]
     splits = [split_of(n, 0.2) for n in names]

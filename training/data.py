@@ -77,7 +77,7 @@ def read_labels(path: Path) -> list[Label]:
 
 def _read_rows(path: Path) -> list[Label]:
     labels = []
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(handle)
         missing = {"file_name", "real_age"} - set(reader.fieldnames or [])
         if missing:
