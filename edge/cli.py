@@ -539,6 +539,7 @@ def _check_broker_options(host: str, port: int, store: str, prefix: str, mqtt: d
                   "mqtt.username": "--username", "mqtt.password_file": "--password-file",
                   "mqtt": "--password-file"}  # without a user
         key, _, problem = exc.problems[0].partition(": ")
+        problem = problem.replace("mqtt.port", "--port")  # a --host with its port in it: the hint is an option's
         raise UserError(f"{option.get(key, key)}: {problem}", EXIT_USAGE) from None
 
 

@@ -514,12 +514,17 @@ def password_problem(held: bytes) -> str | None:
 
 def _host_name(host: str) -> None:
     """A host name the resolver takes: paho and `config check --live` encode it with IDNA, which raised
-    UnicodeError (in paho's thread, a traceback) for an empty label ("a..b") or one over 63 characters."""
+    UnicodeError (in paho's thread, a traceback) for an empty label ("a..b") or one over 63 characters. A URL
+    ("mqtt://broker:1883") or host:port passed, and was then looked up whole, never found, at every connection."""
     try:
-        ipaddress.ip_address(host)
+        ipaddress.ip_address(host)  # an IPv6 address has colons, and is no host:port
         return
     except ValueError:
         pass
+    if "://" in host:
+        raise ValueError("a host name or address, not a URL: put the port in mqtt.port")
+    if ":" in host:
+        raise ValueError("a host name or address, without a port: put the port in mqtt.port")
     try:
         host.encode("idna")
     except UnicodeError:

@@ -552,7 +552,19 @@ def test_a_host_name_the_resolver_refuses_is_a_config_problem(host):
     assert "is not a host name: dot-separated labels of 1 to 63 characters" in problems(base(mqtt={"host": host}))[0]
 
 
-@pytest.mark.parametrize("host", ["localhost", "broker.local.", "10.0.0.5", "::1", "fe80::1", "bücher.example"])
+@pytest.mark.parametrize("host, problem", [
+    ("mqtt://broker.local:1883", "not a URL"), ("mqtts://10.0.0.5", "not a URL"),
+    ("broker.local:1883", "without a port"), ("10.0.0.5:8883", "without a port")])
+def test_a_host_given_as_a_url_or_with_its_port_is_a_config_problem(host, problem):
+    """It passed the check, and the daemon then looked the whole text up as a name at every connection."""
+    assert problems(base(mqtt={"host": host})) == [f"mqtt.host: a host name or address, {problem}: put the port in "
+                                                   "mqtt.port"]
+    line = one_line_error(tillsight("status", "--host", host, "--store", "s", "--wait", "0"), code=2)
+    assert line == f"tillsight: error: --host: a host name or address, {problem}: put the port in --port"
+
+
+@pytest.mark.parametrize("host", ["localhost", "broker.local.", "10.0.0.5", "::1", "fe80::1", "fe80::1%eth0",
+                                  "bücher.example"])
 def test_host_names_and_addresses_pass(host):
     assert parse_config(base(mqtt={"host": host})).mqtt.host == host
 
