@@ -389,7 +389,8 @@ def cmd_models_fetch(args) -> int:
 def cmd_models_list(args) -> int:
     from edge.errors import ModelError
     from edge.runtime import CPU, resolve_providers
-    from edge.tiers import TIERS, pick_variant, resolve_age_model
+    from edge.tiers import TIERS, model_dir, pick_variant, resolve_age_model
+    model_dir()  # a TILLSIGHT_MODEL_DIR that cannot be used: one error line, not a row of the listing that exits 0
     # the file that loads, as AgeModel.load picks it under the default providers (the tier's age.onnx is seldom it)
     on_gpu = resolve_providers(None)[:1] != [CPU]
     for tier in TIERS:

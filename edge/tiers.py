@@ -97,6 +97,19 @@ def resnet50_ships() -> bool:
 
 
 def model_dir() -> Path:
+    """The model cache; ModelError (one line) where it names no folder a file can be looked up in."""
+    folder = _model_dir_setting()
+    try:
+        light_model_path(folder).exists()
+    except OSError as exc:  # a name too long (ENAMETOOLONG), a folder this user may not enter: a traceback later
+        given = os.environ.get("TILLSIGHT_MODEL_DIR")
+        where = f"TILLSIGHT_MODEL_DIR={given[:80]!r}{'…' if len(given) > 80 else ''}:" if given else \
+            f"the model cache {folder}"
+        raise ModelError(f"{where} cannot be used ({exc.strerror or exc})") from None
+    return folder
+
+
+def _model_dir_setting() -> Path:
     if os.environ.get("TILLSIGHT_MODEL_DIR"):
         try:
             return Path(os.environ["TILLSIGHT_MODEL_DIR"]).expanduser()

@@ -252,6 +252,15 @@ def test_models_list_names_the_file_that_loads_and_a_bad_model_dir_is_one_line()
                                       "'nosuchuser-ts' to expand it")
 
 
+def test_a_model_dir_whose_name_is_too_long_is_one_line(tmp_path):
+    """ENAMETOOLONG: an OSError traceback from `models list` (and every command looking for the light model)."""
+    env = {**os.environ, "TILLSIGHT_MODEL_DIR": str(tmp_path / ("m" * 300))}
+    shown = repr(env["TILLSIGHT_MODEL_DIR"][:80]) + "…"
+    for command in (["models", "list"], ["models", "fetch", "light"]):
+        assert one_line_error(tillsight(*command, env=env)) == (f"tillsight: error: TILLSIGHT_MODEL_DIR={shown}: "
+                                                                "cannot be used (File name too long)")
+
+
 @pytest.mark.parametrize("arguments, line", [
     (["--video", "nonexist.mp4"], "--video: video file 'nonexist.mp4' not found"),
     (["--age-model", "heavy"], "--age-model: 'heavy' is neither a tier (auto, resnet50, light) nor an existing model file"),
