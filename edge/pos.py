@@ -53,6 +53,14 @@ MAX_CORRELATION = 1024
 # Checks waiting at one camera (each for a face, up to its deadline); beyond, refused at once with an error
 # reply: a flood on one till's topic cannot grow memory, nor delay the other tills' answers.
 MAX_PENDING = 256
+# Error replies a camera's topics may cost (refused messages, checks over MAX_PENDING): a token bucket of this many
+# a second, up to ERROR_REPLY_BURST at once. Every error reply goes out at QoS 1 on the daemon's one connection,
+# in line with the alerts and estimates: a flood of refused checks answered one by one (23,000 in 5 s) delayed
+# every till's alerts by seconds, growing, and their answers past their deadlines (2026-11-27 review). A POS that
+# makes a mistake gets its error; a flood gets a few, and the rest is counted (`errors_unsent`).
+ERROR_REPLIES_PER_S = 5.0
+ERROR_REPLY_BURST = 20
+OTHER_TOPICS = ""  # the budget of refusals about cameras this daemon does not serve
 # The oldest frame an answer may come from, in seconds since its capture. A till camera runs at 5 frames/s
 # (`fps_limit`) and the pipeline is well under a frame behind, so a live camera's latest frame is 0.2-0.4 s old;
 # a customer steps up to or away from the till in about a second. Older, the picture may show someone who has
@@ -136,6 +144,7 @@ class Refusal:
     reply_to: str
     body: dict
     correlation: bytes | None
+    camera_id: str  # whose error-reply budget it costs: a camera of this daemon, else OTHER_TOPICS
 
 
 @dataclass
@@ -158,6 +167,22 @@ class DeskStats:
     rejected: int = 0
     dropped: int = 0  # inbox full
     overloaded: int = 0  # checks refused: MAX_PENDING already waiting at their camera
+    errors_unsent: int = 0  # error replies not sent: over their camera's ERROR_REPLIES_PER_S (a flood)
+
+
+class ReplyBudget:
+    """A token bucket per camera: whether one more error reply may go out now (ERROR_REPLIES_PER_S)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # camera -> (tokens, when counted); its cameras, and ""
+
+    def spend(self, camera_id: str) -> bool:
+        now = self.clock()
+        tokens, then = self._buckets.get(camera_id, (ERROR_REPLY_BURST, now))
+        tokens = min(ERROR_REPLY_BURST, tokens + (now - then) * ERROR_REPLIES_PER_S)
+        self._buckets[camera_id] = (tokens - 1, now) if tokens >= 1 else (tokens, now)
+        return tokens >= 1
 
 
 def fresh_s(pipeline) -> float:
@@ -185,6 +210,7 @@ class PosDesk(threading.Thread):
         self.camera_fault = camera_fault  # camera id -> why its picture cannot be trusted now, or None
         self.policy, self.deadline_s = policy, deadline_s
         self.stats = DeskStats()
+        self.error_budget = ReplyBudget()  # used on the desk's thread only
         self.inbox: queue.Queue = queue.Queue(maxsize=inbox_size)
         self.stop_event = threading.Event()
         self.warn = RateLimitedLog(log)
@@ -256,7 +282,8 @@ class PosDesk(threading.Thread):
         self.warn.warning("rejected", "POS message rejected", kind=kind[:32], error=why[:200])
         if reply_to and self.valid_reply_topic(reply_to):
             # answered from the desk's thread: the MQTT thread only checks and queues
-            self._queue(Refusal(reply_to, error_payload(kind, camera_id, why, echo), correlation), reply_to)
+            budget = camera_id if camera_id in self.cameras else OTHER_TOPICS
+            self._queue(Refusal(reply_to, error_payload(kind, camera_id, why, echo), correlation, budget), reply_to)
 
     def valid_reply_topic(self, topic: str) -> bool:
         """Under <prefix>/<store>/pos/, two levels deep at least (a terminal's own, then its reply), none empty: one
@@ -296,7 +323,7 @@ class PosDesk(threading.Thread):
 
     def _take(self, item: Inbound | Refusal) -> None:
         if isinstance(item, Refusal):
-            self.reply(item.reply_to, item.body, item.correlation)
+            self._error_reply(item.camera_id, item.reply_to, item.body, item.correlation)
             return
         if isinstance(item.message, TransactionEvent):
             self._transaction(item)
@@ -313,12 +340,23 @@ class PosDesk(threading.Thread):
             self.warn.warning("overloaded", "too many pending checks: check refused", camera=item.camera_id,
                               pending=len(waiting))
             echo = Echo(item.request_id, item.message.item)
-            self.reply(item.reply_to, error_payload("check", item.camera_id, f"too many pending checks at camera "
-                                                    f"{item.camera_id} ({MAX_PENDING})", echo), item.correlation)
+            self._error_reply(item.camera_id, item.reply_to, error_payload(
+                "check", item.camera_id, f"too many pending checks at camera {item.camera_id} ({MAX_PENDING})", echo),
+                item.correlation)
             return
         deadline = item.received + (item.message.deadline_s or self.deadline_s)
         waiting.append(PendingCheck(item.camera_id, item.message, item.reply_to, item.correlation, item.received,
                                     deadline))
+
+    def _error_reply(self, camera_id: str, reply_to: str, body: dict, correlation: bytes | None) -> None:
+        """An error reply, if the camera's budget allows it (ERROR_REPLIES_PER_S); else counted, and said in the
+        rate-limited log."""
+        if self.error_budget.spend(camera_id):
+            self.reply(reply_to, body, correlation)
+            return
+        self.stats.errors_unsent += 1
+        self.warn.warning("errors_unsent", "error replies over their camera's rate not sent (a flood)",
+                          camera=camera_id[:64] or "(not served here)")
 
     def _transaction(self, item: Inbound) -> None:
         """A transaction event: to the camera's pipeline, unless it is an `end` of a transaction that is not the
@@ -332,8 +370,8 @@ class PosDesk(threading.Thread):
                               camera=camera_id, transaction=transaction, open=open_now)
             if item.reply_to and self.valid_reply_topic(item.reply_to):
                 why = f"transaction {transaction} is not the one open at camera {camera_id} ({open_now or 'none'})"
-                self.reply(item.reply_to, error_payload("transaction", camera_id, why,
-                                                        Echo(item.request_id, None, transaction)), item.correlation)
+                self._error_reply(camera_id, item.reply_to, error_payload(
+                    "transaction", camera_id, why, Echo(item.request_id, None, transaction)), item.correlation)
             return
         if event == "start" and open_now is not None:
             if open_now == transaction:

@@ -387,6 +387,37 @@ def test_correlation_data_and_pending_checks_are_bounded():
     assert len(replies) == MAX_PENDING + 3
 
 
+def test_error_replies_are_rationed_per_camera_so_a_flood_cannot_delay_the_other_tills():
+    """Every refused message that named a reply topic was answered, at QoS 1 on the daemon's one connection with
+    the alerts: 23,000 in 5 s delayed every till's alerts by seconds (2026-11-27 review). Now a camera's topics
+    cost at most ERROR_REPLY_BURST at once and ERROR_REPLIES_PER_S after; another till's errors still go."""
+    from edge.pos import ERROR_REPLIES_PER_S, ERROR_REPLY_BURST
+    replies: list[tuple[str, dict, bytes | None]] = []
+    desk = PosDesk(BASE, {"till-1": Till(), "till-2": Till()}, lambda t, b, c: replies.append((t, b, c)),
+                   Policy(challenge_age=25, min_samples=3), deadline_s=0.3)
+    desk.start()
+    try:
+        for camera in ("till-1", "till-9"):  # a flood on a till's topic, and on a camera nobody here serves
+            for _ in range(300):
+                desk.receive(f"{BASE}/{camera}/check", b'{"reply_to": "%s", "deadline_s": "soon"}' % REPLY.encode())
+        for _ in range(3):
+            check(desk, {"reply_to": REPLY, "deadline_s": -1}, camera="till-2")
+        wait_for(replies, 2 * ERROR_REPLY_BURST + 3)
+        time.sleep(0.2)
+        by_camera = {c: sum(b["camera"] == c for _, b, _ in replies) for c in ("till-1", "till-9", "till-2")}
+        # the burst, and what the bucket refilled while the flood was read (well under a second here)
+        assert ERROR_REPLY_BURST <= by_camera["till-1"] <= ERROR_REPLY_BURST + 2 * ERROR_REPLIES_PER_S
+        assert ERROR_REPLY_BURST <= by_camera["till-9"] <= ERROR_REPLY_BURST + 2 * ERROR_REPLIES_PER_S
+        assert by_camera["till-2"] == 3 and desk.stats.errors_unsent == 600 - by_camera["till-1"] - by_camera["till-9"]
+        assert desk.stats.rejected == 603
+        time.sleep(1.0)  # the bucket refills: a POS's next mistake is answered
+        before = len(replies)
+        check(desk, {"reply_to": REPLY, "deadline_s": -1})
+        assert len(wait_for(replies, before + 1)) == before + 1
+    finally:
+        desk.close()
+
+
 def test_an_end_of_another_transaction_is_ignored_and_answers_carry_the_open_transaction(caplog):
     till = Till()
     desk, replies = desk_with(till, deadline_s=0.2, camera_fault={"till-1": None}.get)
@@ -1016,6 +1047,9 @@ def test_hostile_input_and_floods_do_not_stop_the_daemon(daemon, broker):
     assert answer["decision"] == "no_challenge"
     errors = replies.json("/pos/fuzz/reply")
     assert errors and all(b["decision"] == "error" for b in errors)
+    # rationed: till-1's and the unserved camera's budgets over the ~25 s of the flood, not one an error
+    from edge.pos import ERROR_REPLIES_PER_S, ERROR_REPLY_BURST
+    assert len(errors) <= 2 * (ERROR_REPLY_BURST + ERROR_REPLIES_PER_S * (time.time() - flood_started)), len(errors)
     assert _rss_mb(process.pid) - rss_before < 150
     log_lines = log_path.read_text().splitlines()
     assert len(log_lines) < 200, len(log_lines)  # rate-limited, not one line per bad payload
