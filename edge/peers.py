@@ -169,15 +169,18 @@ class Peers:
         if daemon_id == self.daemon_id and retained:
             return  # on our own topic a retained status can be this daemon's previous run: only live ones count
         key = status.instance or topic
-        cameras = frozenset(status.cameras or ())
+        # of what it lists, only our own cameras and streams are kept, all a conflict is about: a made-up status of
+        # our till-1 and 1,200 other cameras held ~475 KB a peer, and MAX_PEERS of them gigabytes, far past the
+        # unit's MemoryMax (2026-11-27 review)
+        ours = set(self.streams.values())
+        cameras = frozenset(camera for camera in status.cameras or () if camera in self.cameras)
         streams = {info["stream"]: str(camera)[:128] for camera, info in (status.cameras or {}).items()
-                   if isinstance(info, dict) and isinstance(info.get("stream"), str) and len(info["stream"]) <= 64}
+                   if isinstance(info, dict) and info.get("stream") in ours}
         with self._lock:
             if status.state in NOT_RUNNING:
                 self._peers.pop(key, None)
                 copy_went = daemon_id == self.daemon_id
-            elif daemon_id != self.daemon_id and not cameras & self.cameras and \
-                    not streams.keys() & set(self.streams.values()):
+            elif daemon_id != self.daemon_id and not cameras and not streams:
                 # only a copy of us or a daemon with one of our cameras is a problem: the others are not remembered,
                 # so made-up statuses of a long interval can never crowd a real conflict out of the bound below
                 self._peers.pop(key, None)

@@ -327,3 +327,21 @@ def test_a_status_under_no_daemon_id_is_ignored_and_a_problem_names_few(caplog):
     [problem] = watch.problems()
     assert problem == ("camera till-1 also served by daemon tills-0, tills-1, tills-2 and 2 more: each camera id "
                        "belongs to one daemon")
+
+
+def test_a_peer_is_remembered_by_our_cameras_and_streams_only():
+    """A made-up status naming our till-1 among 1,200 other cameras, each with a stream, was kept whole: ~475 KB a
+    peer, and the bound of MAX_PEERS a few gigabytes, past the unit's MemoryMax (2026-11-27 review)."""
+    from edge.config import stream_fingerprint
+    mine = stream_fingerprint("rtsp://10.1.2.3:554/stream1")
+    watch = Peers("till-pc", "mine", BASE, ["till-1", "till-2"], {"till-2": mine})
+    listed = {f"made-up-{n}": {"state": "online", "stream": f"{n:016x}"} for n in range(1200)}
+    listed |= {"till-1": {"state": "online"}, "lane-7": {"state": "online", "stream": mine}}
+    watch.see(f"{BASE}/other/status", json.dumps({"schema": 1, "state": "online", "instance": "x",
+                                                  "cameras": listed}).encode(), retained=False)
+    [peer] = watch._current()
+    assert peer.cameras == {"till-1"} and peer.streams == {mine: "lane-7"}
+    assert watch.problems() == [
+        "camera till-1 also served by daemon other: each camera id belongs to one daemon",
+        "camera till-2 shows the same stream as daemon other's lane-7: two tills would be answered about one till's "
+        "customer"]
