@@ -280,20 +280,23 @@ class PosDesk(threading.Thread):
                 echo: Echo) -> None:
         self.stats.rejected += 1
         self.warn.warning("rejected", "POS message rejected", kind=kind[:32], error=why[:200])
-        if reply_to and self.valid_reply_topic(reply_to):
+        if reply_to and self.valid_reply_topic(reply_to, camera_id):
             # answered from the desk's thread: the MQTT thread only checks and queues
             budget = camera_id if camera_id in self.cameras else OTHER_TOPICS
             self._queue(Refusal(reply_to, error_payload(kind, camera_id, why, echo), correlation, budget), reply_to)
 
-    def valid_reply_topic(self, topic: str) -> bool:
+    def valid_reply_topic(self, topic: str, camera_id: str | None = None) -> bool:
         """Under <prefix>/<store>/pos/, two levels deep at least (a terminal's own, then its reply), none empty: one
         level deep, `.../pos/alert` is the alert topic of a camera called pos to every subscriber of `+/alert`
         (the POS; HQ where alerts are bridged: 2026-11-27 privacy review, a check's answer planted there); never
-        ending in a level the daemons read."""
+        ending in a level the daemons read. Not under another of this daemon's tills (`pos/till-2/...`, where the
+        store ACL's per-till patterns let till-2's own POS login read): till-1's login, which may ask about till-1
+        only, had the daemon, which may write all of `pos/`, answer into till-2's terminal (2026-11-27 review)."""
         levels = topic.removeprefix(f"{self.base}/pos/").split("/")
         return (topic.startswith(f"{self.base}/pos/") and len(topic) <= MAX_REPLY_TOPIC
                 and not any(c in topic for c in "+#\0") and topic.isprintable()
-                and len(levels) >= 2 and all(levels) and levels[-1] not in READ_LEVELS)
+                and len(levels) >= 2 and all(levels) and levels[-1] not in READ_LEVELS
+                and (levels[0] not in self.cameras or levels[0] == camera_id))
 
     # ------------------------------------------------------------ on the desk's own thread
 
@@ -329,7 +332,7 @@ class PosDesk(threading.Thread):
             self._transaction(item)
             return
         self.stats.requests += 1
-        if not item.reply_to or not self.valid_reply_topic(item.reply_to):
+        if not item.reply_to or not self.valid_reply_topic(item.reply_to, item.camera_id):
             self.stats.rejected += 1
             self.warn.warning("reply_topic", "age check without a usable reply topic",
                               reply_to=(item.reply_to or "")[:200], allowed=f"{self.base}/pos/...")
@@ -368,7 +371,7 @@ class PosDesk(threading.Thread):
             self.stats.rejected += 1
             self.warn.warning("transaction_end", "transaction end ignored: not the open transaction",
                               camera=camera_id, transaction=transaction, open=open_now)
-            if item.reply_to and self.valid_reply_topic(item.reply_to):
+            if item.reply_to and self.valid_reply_topic(item.reply_to, camera_id):
                 why = f"transaction {transaction} is not the one open at camera {camera_id} ({open_now or 'none'})"
                 self._error_reply(camera_id, item.reply_to, error_payload(
                     "transaction", camera_id, why, Echo(item.request_id, None, transaction)), item.correlation)

@@ -176,6 +176,28 @@ def test_replies_only_go_under_the_pos_topics_and_unknown_cameras_are_refused():
     assert desk.valid_reply_topic(f"{BASE}/pos/lane-3/checks") and desk.valid_reply_topic(f"{BASE}/pos/check/reply")
 
 
+def test_a_check_about_one_till_is_never_answered_under_another_tills_pos_login():
+    """The store ACL lets a till's own POS login (named as its camera) ask about that till only and read answers
+    under pos/<its name>/ only; the daemon writes all of pos/. So till-1's login could have till-1's answer (with
+    its own ids) delivered into till-2's terminal: refused, as is an error reply there."""
+    replies: list[tuple[str, dict, bytes | None]] = []
+    seen = Till(CustomerView(1, 40.0, 2.0, 4, (0, 0, 50, 50)))
+    desk = PosDesk(BASE, {"till-1": seen, "till-2": Till()}, lambda t, b, c: replies.append((t, b, c)),
+                   Policy(challenge_age=25, min_samples=3), deadline_s=0.3)
+    desk.start()
+    try:
+        check(desk, {"reply_to": f"{BASE}/pos/till-2/terminal/reply", "request_id": "forged"})
+        check(desk, {"reply_to": f"{BASE}/pos/till-2/terminal/reply", "deadline_s": -1})  # nor its error
+        check(desk, {"reply_to": f"{BASE}/pos/till-1/terminal/reply", "request_id": "own"})
+        check(desk, {"reply_to": f"{BASE}/pos/lane-9/reply", "request_id": "shared"})  # a level no till of ours
+        wait_for(replies, 2)
+        time.sleep(0.2)
+    finally:
+        desk.close()
+    assert sorted((t.split("/")[3], b["request_id"]) for t, b, _ in replies) == [("lane-9", "shared"), ("till-1", "own")]
+    assert desk.stats.rejected == 2
+
+
 def test_a_desk_subscribes_to_its_own_cameras_topics_only():
     """Every daemon of a store on one broker: a wildcard had each answer "unknown camera" for the others' tills."""
     desk, _ = desk_with(Till())
