@@ -66,11 +66,13 @@ SHORT_SESSION_S = 5.0
 SHORT_SESSIONS = 3
 SCHEMA = 1
 EARLY_ACKS_KEPT = 1024  # acks of QoS 0 messages pile up here (nothing claims them): the bound
-# The largest packet the daemon's listener takes: a status (MAX_STATUS_BYTES) with its topic and properties. The
-# POS's checks and transactions are refused over 16 KB (edge/pos.py) anyway, but only once read.
-LISTENER_MAX_PACKET = MAX_STATUS_BYTES + 16 * 1024
-# The listener subscribes at QoS 0. At QoS 1 mosquitto (2.0.11) lost an in-flight slot of the subscriber at each
-# message it dropped as too large for it (LISTENER_MAX_PACKET): 20 of them (its max_inflight_messages) and the
+# The largest packet each listening connection takes (MQTT 5; the broker drops a larger one for it): a status
+# (MAX_STATUS_BYTES) with its topic and properties; the POS's checks and transactions are refused over 16 KB
+# (edge/pos.py MAX_PAYLOAD), and up to four times that still arrive, to be refused unread with an error reply.
+STATUS_MAX_PACKET = MAX_STATUS_BYTES + 16 * 1024
+POS_MAX_PACKET = 64 * 1024
+# The listeners subscribe at QoS 0. At QoS 1 mosquitto (2.0.11) lost an in-flight slot of the subscriber at each
+# message it dropped as too large for it (*_MAX_PACKET): 20 of them (its max_inflight_messages) and the
 # daemon heard no check, transaction or status again while it said online (2026-11-27 review). QoS 0 holds nothing
 # in flight, and loses nothing QoS 1 kept: the listener's session ends with its connection either way, and a POS's
 # QoS 1 publish is still acknowledged by the broker.
@@ -180,9 +182,10 @@ class Publisher:
         self._full_said = False  # "MQTT queue full" was logged: "has room again" follows once it is over
         self._status_refused = False  # the latest status found paho full: sent again by send_held()
         self._status: dict = {"state": "online"}
-        self.subscriptions: list[str] = []  # topics, set before start(); subscribed again on every connect
+        self.subscriptions: list[str] = []  # the POS's topics, set before start(); subscribed again on every connect
         self.on_message = None  # (topic, payload, properties, retained) -> None, for the subscriptions
-        self.on_status = None  # (topic, payload, retained) -> None: the store's daemons' statuses, if subscribed
+        self.status_subscription: str | None = None  # the store's daemons' statuses, set before start()
+        self.on_status = None  # (topic, payload, retained) -> None, for them
         # one per process unless configured: two daemons under one client id would have the broker drop each
         # in turn as the other reconnects (a cloned till PC), and neither would hear the other's status
         self.client_id = self.cfg.client_id or f"tillsight-{self.daemon_id}-{self.instance[:8]}"
@@ -197,8 +200,11 @@ class Publisher:
         self._short_sessions = 0  # connections in a row the broker dropped soon after accepting them
         self.taken_over: str | None = None  # why the connection seems taken over by another client, while it is
         # What the POS sends arrives on a connection of its own: a flood there (tested: 25 MB of 256 KB
-        # payloads) queues in front of nothing the daemon publishes, so alerts and their acks keep moving.
-        self.listener: mqtt.Client | None = None
+        # payloads) queues in front of nothing the daemon publishes, so alerts and their acks keep moving. The
+        # statuses of the store's daemons on another: each is parsed whole (up to 256 KB) on its connection's
+        # thread, and a flood of them (anyone who may write a status topic) delayed every check queued behind it
+        # by seconds (2026-11-27 review).
+        self.listeners: list[mqtt.Client] = []
 
     def _make_client(self, client_id: str) -> mqtt.Client:
         client = mqtt_client(self.cfg, client_id)
@@ -220,34 +226,36 @@ class Publisher:
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         self.client.loop_start()
         if self.subscriptions:
-            self.listener = self._make_client(f"{self.client_id}-pos")
-            self.listener.on_connect = self._on_listener_connect
-            self.listener.on_message = self._on_listener_message
-            self.listener.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s,
-                                        properties=self._listener_limits())
-            self.listener.loop_start()
+            self._listen("pos", self.subscriptions, POS_MAX_PACKET, lambda client, userdata, msg: self.on_message(
+                msg.topic, msg.payload, getattr(msg, "properties", None), bool(msg.retain)))
+        if self.status_subscription is not None:
+            self._listen("peers", [self.status_subscription], STATUS_MAX_PACKET,
+                         lambda client, userdata, msg: self.on_status(msg.topic, msg.payload, bool(msg.retain)))
 
-    def _listener_limits(self) -> Properties | None:
+    def _listen(self, role: str, topics: list[str], max_packet: int, on_message) -> None:
+        """A connection that only subscribes (client id `<ours>-<role>`), its messages to `on_message` on its own
+        network thread."""
+        listener = self._make_client(f"{self.client_id}-{role}")
+
+        def subscribe(client, userdata, flags, reason_code, properties) -> None:
+            if not reason_code.is_failure:  # the main connection logs the broker's refusal
+                client.subscribe([(topic, LISTENER_QOS) for topic in topics])
+        listener.on_connect = subscribe
+        listener.on_message = on_message
+        listener.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s,
+                               properties=self._listener_limits(max_packet))
+        listener.loop_start()
+        self.listeners.append(listener)
+
+    def _listener_limits(self, max_packet: int) -> Properties | None:
         """MQTT 5: the broker is told the largest packet the listener takes, and drops a larger one for it, so a
         hostile 100 MB payload on a POS topic never reaches the daemon's memory (paho reads a packet whole before
         anyone can look at its size). MQTT 3.1.1 has no such field: the broker's own `max_packet_size` is all."""
         if self.cfg.protocol != "5":
             return None
         limits = Properties(PacketTypes.CONNECT)
-        limits.MaximumPacketSize = LISTENER_MAX_PACKET
+        limits.MaximumPacketSize = max_packet
         return limits
-
-    def _on_listener_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            return  # the main connection logs the broker's refusal
-        client.subscribe([(topic, LISTENER_QOS) for topic in self.subscriptions])
-
-    def _on_listener_message(self, client, userdata, msg) -> None:
-        if msg.topic.endswith("/status"):  # the POS's topics end in /check or /transaction
-            if self.on_status is not None:
-                self.on_status(msg.topic, msg.payload, bool(msg.retain))
-        elif self.on_message is not None:
-            self.on_message(msg.topic, msg.payload, getattr(msg, "properties", None), bool(msg.retain))
 
     def _problem(self, reason: str | None) -> None:
         """Log each new connection problem once (retries every 2 s would flood the journal)."""
@@ -573,9 +581,9 @@ class Publisher:
         delivered = self.wait_for_delivery(0.5 if safe_on_disk else timeout_s)
         self.client.disconnect()
         self.client.loop_stop()
-        if self.listener is not None:
-            self.listener.disconnect()
-            self.listener.loop_stop()
+        for listener in self.listeners:
+            listener.disconnect()
+            listener.loop_stop()
         self.kept_on_disk = self.outbox.depth() if self.outbox.state == "disk" else 0
         self.outbox.close()
         if not delivered and self.kept_on_disk and disk_is_delivery:

@@ -422,14 +422,14 @@ class Service:
         self.peers = None if replay else Peers(self.daemon_id, self.publisher.instance, self.publisher.base,
                                                [c.id for c in config.cameras], self.streams)
         if self.peers is not None:
-            self.publisher.subscriptions = [self.peers.subscription]
+            self.publisher.status_subscription = self.peers.subscription
             self.publisher.on_status = self.peers.see
             self.peers.on_change = self.status_due.set
         if config.pos.enabled:
             self.desk = PosDesk(self.publisher.base, {p.camera.id: p for p in self.pipelines},
                                 self.publisher.publish_reply, self.policy, config.pos.deadline_s,
                                 camera_fault=self.camera_fault)
-            self.publisher.subscriptions = self.desk.subscriptions + self.publisher.subscriptions
+            self.publisher.subscriptions = self.desk.subscriptions
             self.publisher.on_message = self.desk.receive
 
     def camera_fault(self, camera_id: str) -> str | None:

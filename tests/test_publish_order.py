@@ -275,3 +275,37 @@ def test_answers_to_the_pos_made_during_a_reconnect_keep_their_order(tmp_path, b
         publisher.stop({"state": "online"}, timeout_s=2)
         relay.close()
         pos.close()
+
+
+def test_statuses_and_the_pos_arrive_on_connections_of_their_own(tmp_path, broker):
+    """Each status of the store's daemons is parsed whole (up to 256 KB) on the thread of the connection it came
+    on: a flood of them delayed every POS check queued behind it by seconds (2026-11-27 review). The POS's topics
+    have a connection of their own, which also takes no packet over 64 KB (MQTT 5), where statuses need 256 KB."""
+    import paho.mqtt.client as mqtt
+
+    publisher = Publisher(MqttConfig(host="127.0.0.1", port=broker.port, keepalive_s=5), "store-1", "till-pc",
+                          Outbox(None))
+    heard: dict[str, tuple[str, int]] = {}
+    publisher.subscriptions = ["tillsight/store-1/till-1/check"]
+    publisher.on_message = lambda topic, payload, properties, retained: heard.setdefault(
+        "pos", (threading.current_thread().name, len(payload)))
+    publisher.status_subscription = "tillsight/store-1/+/status"
+    publisher.on_status = lambda topic, payload, retained: topic.endswith("/other/status") and heard.setdefault(
+        "status", (threading.current_thread().name, len(payload)))  # not its own
+    publisher.start()
+    try:
+        assert wait_until(lambda: publisher.connected.is_set(), 10)
+        time.sleep(0.5)  # the listeners' subscriptions
+        sender = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="sender", protocol=mqtt.MQTTv5)
+        sender.connect("127.0.0.1", broker.port)
+        sender.loop_start()
+        sender.publish("tillsight/store-1/till-1/check", b" " * 100_000, qos=1).wait_for_publish(5)  # over 64 KB
+        sender.publish("tillsight/store-1/other/status", b" " * 200_000, qos=1).wait_for_publish(5)
+        sender.publish("tillsight/store-1/till-1/check", b"{}", qos=1).wait_for_publish(5)
+        assert wait_until(lambda: len(heard) == 2, 10), heard
+        sender.loop_stop()
+        sender.disconnect()
+    finally:
+        publisher.stop({"state": "online"}, timeout_s=2)
+    assert heard["pos"][1] == 2 and heard["status"][1] == 200_000  # the 100 KB check dropped by the broker
+    assert heard["pos"][0] != heard["status"][0]  # two network threads
