@@ -577,8 +577,8 @@ def cmd_status(args) -> int:
         print(json.dumps({daemon: {**body, **({"stale": stale(body, now)} if stale(body, now) else {})}
                           for daemon, body in sorted(by_daemon.items())}))
     else:
-        for body in bodies:
-            print(describe_status(body, now))
+        for daemon in sorted(by_daemon):  # named by its topic: a body may say no daemon, or another's
+            print(describe_status({**by_daemon[daemon], "daemon": daemon}, now))
     return 0 if all(body.get("state") == "online" and stale(body, now) is None for body in bodies) else 1
 
 

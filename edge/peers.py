@@ -40,6 +40,7 @@ MAX_PEERS = 10_000  # daemons remembered at once: a store has tens; anyone who m
 # with the reason). Neither renews its status, so neither goes stale, and neither serves a camera.
 NOT_RUNNING = ("offline", "failed")
 MISSING = "missing"  # `tillsight status --expect`: an expected daemon that never published a status
+UNREADABLE = "unreadable"  # `tillsight status`: a daemon's retained status is no JSON object
 # A retained status is stamped by its daemon's clock and read by this machine's: a store's machines keep time
 # by NTP, but one that lost it drifts, so a status is called stale only when it is this much later than its
 # daemon's silent intervals allow.
@@ -78,7 +79,7 @@ def stale(body: dict, now: float) -> str | None:
     or hung leaves its last `online` retained for ever; a live one renews it every `status_interval_s`. A status
     stamped ahead of this clock, or with no readable time, cannot tell how long its daemon has been silent: one
     from a daemon that died with its clock an hour ahead said online for that hour (a year 9999 one for ever)."""
-    if body.get("state") in NOT_RUNNING or body.get("state") == MISSING:
+    if body.get("state") in NOT_RUNNING or body.get("state") in (MISSING, UNREADABLE):
         return None
     said_at = iso_seconds(body["time"]) if isinstance(body.get("time"), str) else None
     if said_at is None:

@@ -22,7 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.logs import printable
-from edge.peers import DAEMON_LEVEL, NOT_RUNNING, iso_seconds, stale
+from edge.peers import DAEMON_LEVEL, NOT_RUNNING, UNREADABLE, iso_seconds, stale
 from edge.pos import MAX_REPLY_TOPIC
 
 
@@ -184,12 +184,13 @@ class Terminal:
     def forget(self, daemon: str, wait_s: float = 1.0) -> None:
         """Clear the retained status of a daemon that is gone for good (decommissioned, renamed), so `status`
         stops listing it; refused while its last word is not `offline` (or `failed`: refused at start), unless
-        that word is stale (a daemon gone without its will): a running daemon would publish it again."""
+        that word is stale (a daemon gone without its will) or unreadable: a running daemon would publish it
+        again."""
         topic = f"{self.base}/{daemon}/status"
         status = self.statuses(wait_s).get(topic)
         if status is None:
             raise PosError(f"no retained status of daemon {daemon!r} under {self.base}/")
-        if status.get("state") not in NOT_RUNNING and stale(status, time.time()) is None:
+        if status.get("state") not in (*NOT_RUNNING, UNREADABLE) and stale(status, time.time()) is None:
             raise PosError(f"daemon {daemon} says it is {status.get('state')}: stop it first (systemctl stop "
                            "tillsight, or tillsight@NAME on a store server), or it publishes its status again")
         self.send(topic, None, retain=True)
@@ -270,19 +271,21 @@ class Terminal:
         return printable(f"{said}: its daemon {daemon} {why}")
 
     def statuses(self, wait_s: float = 1.0) -> dict[str, dict]:
-        """The store's daemons' latest statuses (retained on the broker), by daemon topic; what is not JSON is
-        left out."""
+        """The store's daemons' latest statuses (retained on the broker), by daemon topic. One that is no JSON
+        object is said as `unreadable` (left out, a daemon's garbled status looked like no daemon at all); an empty
+        one is a status cleared (`--forget`)."""
         found: dict[str, dict] = {}
 
         def on_message(msg) -> None:
-            try:
-                body = json.loads(msg.payload) if msg.payload else None
-            except (ValueError, RecursionError):
-                return
-            if isinstance(body, dict):
-                found[msg.topic] = body
-            else:
+            if not msg.payload:
                 found.pop(msg.topic, None)
+                return
+            try:
+                body = json.loads(msg.payload)
+            except (ValueError, RecursionError):
+                body = None
+            found[msg.topic] = body if isinstance(body, dict) else {
+                "state": UNREADABLE, "problems": [f"its status is no JSON object ({len(msg.payload)} bytes)"]}
 
         self.on_message = on_message
         self.subscribe([f"{self.base}/+/status"])

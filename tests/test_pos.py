@@ -729,6 +729,27 @@ def test_status_lists_the_stores_daemons_and_exits_1_unless_all_are_online(daemo
         hung.loop_stop()
 
 
+def test_status_names_each_daemon_by_its_topic_and_says_an_unreadable_status(broker):
+    """A retained status that is no JSON object was left out, as if no daemon were there (and could not be
+    forgotten); a body without "daemon" was listed as `None`."""
+    writer = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="writer")
+    writer.connect("127.0.0.1", broker.port)
+    writer.loop_start()
+    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
+    writer.publish(f"{BASE}/till-pc-7/status", b"\xffgarbage", qos=1, retain=True).wait_for_publish(5)
+    writer.publish(f"{BASE}/till-pc-8/status", json.dumps({"state": "online", "status_interval_s": 10, "time": now,
+                                                           "problems": []}), qos=1, retain=True).wait_for_publish(5)
+    writer.loop_stop()
+    store = ["--port", str(broker.port), "--store", "store-1", "--wait", "0.3"]
+    result = tillsight("status", *store)
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1 and [line.split()[:2] for line in lines] == [["till-pc-7", "unreadable"],
+                                                                             ["till-pc-8", "online"]], result.stdout
+    assert lines[0].endswith("its status is no JSON object (8 bytes)")
+    assert tillsight("status", *store, "--forget", "till-pc-7").returncode == 0
+    assert [line.split()[:2] for line in tillsight("status", *store).stdout.splitlines()] == [["till-pc-8", "online"]]
+
+
 def test_a_daemon_refused_at_start_says_failed_and_why_on_its_status_topic(broker, tmp_path, carphone_clip):
     """A corrupt model stops the daemon at start with one line; the store's monitoring sees the same line in the
     daemon's retained status (`failed`), not the `offline` of its last stop. `failed` is never stale (it is not
