@@ -470,6 +470,14 @@ class MqttConfig(Strict):
             _host_name(value)
         return value
 
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def protocol_as_text(cls, value):
+        # `protocol = 5`, a number in TOML, was refused as "input should be '5' or '3.1.1'", which reads as the same
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ValueError(f"{value!r} is a number: write it as text, protocol = \"5\" (or \"3.1.1\")")
+        return value
+
     @field_validator("password_file")
     @classmethod
     def password_exists(cls, value: Path | None) -> Path | None:

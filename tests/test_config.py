@@ -665,3 +665,10 @@ def test_analytics_that_single_customers_out_are_warned_of(tmp_path):
         " analytics.per_transaction"]
     quiet = write_config(tmp_path / "d.toml", store_id="s", cameras=[{"id": "a", "source": 0}])
     assert tillsight("config", "check", str(quiet)).stderr == ""
+
+
+def test_an_mqtt_protocol_written_as_a_number_says_to_quote_it():
+    """`protocol = 5` was refused as "input should be '5' or '3.1.1'", which reads as what was written."""
+    assert problems(base(mqtt={"protocol": 5})) == ['mqtt.protocol: 5 is a number: write it as text, protocol = "5" '
+                                                    '(or "3.1.1")']
+    assert parse_config(base(mqtt={"protocol": "3.1.1"})).mqtt.protocol == "3.1.1"
