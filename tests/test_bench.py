@@ -312,3 +312,28 @@ def test_the_keras_figures_come_through_the_loader_the_cli_gives(tmp_path):
     keras.Sequential([keras.Input((8,)), keras.layers.Dense(1)]).save(not_an_age_model)
     with pytest.raises(BenchError, match=r"is not an age model: input shape \(8,\)"):
         load(not_an_age_model)
+
+
+def test_the_pos_flood_benchmark_times_checks_under_each_flood(tmp_path, carphone_clip):
+    """benchmarks/pos_flood.py: a till's checks while the broker floods the daemon; each flood runs, the checks
+    are answered, and what the daemon and broker spent is measured."""
+    out = tmp_path / "pos-flood"
+    done = subprocess.run([sys.executable, "-P", "benchmarks/pos_flood.py", "--seconds", "2", "--video",
+                           str(carphone_clip), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "pos_flood.json").read_text())
+    for kind in ("statuses", "big-checks", "refused"):
+        figures = report["summary"]["this tree"][kind]
+        assert figures["flood_messages"] > 50 and figures["daemon_cpu_s"] > 0 and figures["broker_cpu_s"] > 0, kind
+        assert figures["quiet"]["checks"] >= 3 and figures["quiet"]["unanswered"] == 0, kind
+        assert figures["flood"]["checks"] >= 1, kind
+    from edge.pos import ERROR_REPLY_BURST
+    # the refused flood draws error replies, rationed; the others none
+    assert 1 <= report["summary"]["this tree"]["refused"]["error_replies"] <= 4 * ERROR_REPLY_BURST
+    assert report["summary"]["this tree"]["statuses"]["error_replies"] == 0
+    assert (out / "pos_flood.png").stat().st_size > 10_000 and "statuses" in done.stdout
+    bad = subprocess.run([sys.executable, "-P", "benchmarks/pos_flood.py", "--floods", "rain"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.strip() == \
+        "pos_flood: error: --floods 'rain': comma-separated, of statuses, big-checks, refused"
