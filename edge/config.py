@@ -659,6 +659,10 @@ class PosConfig(Strict):
     deadline_s: Annotated[float, Field(gt=0, le=10)] = 2.0  # an age check waits at most this for a face
     # this many transactions in a row without a face seen at their till: the camera is aimed away (0: never said)
     faceless_transactions: Annotated[int, Field(ge=0, le=1000)] = 5
+    # every reply topic under pos/<the camera asked about>/: for a store whose tills' POS have logins of their own
+    # (deploy/mosquitto-store.acl's per-till patterns), where the daemon, which may write all of pos/, must not
+    # answer till-1's login into till-2's terminal (a till PC's daemon does not know the other tills' ids)
+    replies_under_camera: bool = False
 
 
 class OutboxConfig(Strict):

@@ -176,7 +176,7 @@ class Peers:
         ours = set(self.streams.values())
         cameras = frozenset(camera for camera in status.cameras or () if camera in self.cameras)
         streams = {info["stream"]: str(camera)[:128] for camera, info in (status.cameras or {}).items()
-                   if isinstance(info, dict) and info.get("stream") in ours}
+                   if isinstance(info, dict) and isinstance(info.get("stream"), str) and info["stream"] in ours}
         with self._lock:
             if status.state in NOT_RUNNING:
                 self._peers.pop(key, None)

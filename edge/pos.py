@@ -202,13 +202,15 @@ class PosDesk(threading.Thread):
 
     def __init__(self, base: str, cameras: dict, reply: Callable[[str, dict, bytes | None], None],
                  policy: Policy, deadline_s: float, inbox_size: int = 1000,
-                 camera_fault: Callable[[str], str | None] = lambda camera_id: None):
+                 camera_fault: Callable[[str], str | None] = lambda camera_id: None,
+                 replies_under_camera: bool = False):
         super().__init__(name="pos-desk", daemon=True)
         self.base = base  # <prefix>/<store>
         self.cameras = cameras
         self.reply = reply
         self.camera_fault = camera_fault  # camera id -> why its picture cannot be trusted now, or None
         self.policy, self.deadline_s = policy, deadline_s
+        self.replies_under_camera = replies_under_camera  # [pos] replies_under_camera
         self.stats = DeskStats()
         self.error_budget = ReplyBudget()  # used on the desk's thread only
         self.inbox: queue.Queue = queue.Queue(maxsize=inbox_size)
@@ -291,12 +293,15 @@ class PosDesk(threading.Thread):
         (the POS; HQ where alerts are bridged: 2026-11-27 privacy review, a check's answer planted there); never
         ending in a level the daemons read. Not under another of this daemon's tills (`pos/till-2/...`, where the
         store ACL's per-till patterns let till-2's own POS login read): till-1's login, which may ask about till-1
-        only, had the daemon, which may write all of `pos/`, answer into till-2's terminal (2026-11-27 review)."""
+        only, had the daemon, which may write all of `pos/`, answer into till-2's terminal (2026-11-27 review).
+        With `replies_under_camera`, only under the camera asked about: a till PC's daemon does not know the ids
+        of the tills other daemons serve."""
         levels = topic.removeprefix(f"{self.base}/pos/").split("/")
         return (topic.startswith(f"{self.base}/pos/") and len(topic) <= MAX_REPLY_TOPIC
                 and not any(c in topic for c in "+#\0") and topic.isprintable()
                 and len(levels) >= 2 and all(levels) and levels[-1] not in READ_LEVELS
-                and (levels[0] not in self.cameras or levels[0] == camera_id))
+                and (levels[0] == camera_id if self.replies_under_camera
+                     else levels[0] not in self.cameras or levels[0] == camera_id))
 
     # ------------------------------------------------------------ on the desk's own thread
 

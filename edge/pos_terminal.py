@@ -247,7 +247,9 @@ class Terminal:
         """The line for a check no daemon answered, with why where the daemons' retained statuses tell: the
         camera's daemon stopped, refused at start (its reason), or silent; or no daemon has that camera."""
         said = f"no answer from the daemon for camera {camera} within {timeout_s:g} s"
-        bodies, now = list(self.statuses(0.5).values()), time.time()
+        # each named by its topic (<prefix>/<store>/<daemon>/status): a body may say no daemon, or another's
+        bodies = [{**body, "daemon": topic.split("/")[-2]} for topic, body in self.statuses(0.5).items()]
+        now = time.time()
         serving = [body for body in bodies if isinstance(body.get("cameras"), dict) and camera in body["cameras"]]
         if not serving:  # a will says offline without the cameras: name the daemons that are not running
             down = sorted(str(b.get("daemon")) for b in bodies if b.get("state") in NOT_RUNNING or stale(b, now))

@@ -225,10 +225,10 @@ class Publisher:
         # connect_async + loop_start: the daemon runs (and queues) while the broker is down.
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
         self.client.loop_start()
-        if self.subscriptions:
+        if self.subscriptions and self.on_message is not None:
             self._listen("pos", self.subscriptions, POS_MAX_PACKET, lambda client, userdata, msg: self.on_message(
                 msg.topic, msg.payload, getattr(msg, "properties", None), bool(msg.retain)))
-        if self.status_subscription is not None:
+        if self.status_subscription is not None and self.on_status is not None:
             self._listen("peers", [self.status_subscription], STATUS_MAX_PACKET,
                          lambda client, userdata, msg: self.on_status(msg.topic, msg.payload, bool(msg.retain)))
 

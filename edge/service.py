@@ -428,7 +428,7 @@ class Service:
         if config.pos.enabled:
             self.desk = PosDesk(self.publisher.base, {p.camera.id: p for p in self.pipelines},
                                 self.publisher.publish_reply, self.policy, config.pos.deadline_s,
-                                camera_fault=self.camera_fault)
+                                camera_fault=self.camera_fault, replies_under_camera=config.pos.replies_under_camera)
             self.publisher.subscriptions = self.desk.subscriptions
             self.publisher.on_message = self.desk.receive
 

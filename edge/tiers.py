@@ -100,7 +100,9 @@ def model_dir() -> Path:
     """The model cache; ModelError (one line) where it names no folder a file can be looked up in."""
     folder = _model_dir_setting()
     try:
-        light_model_path(folder).exists()
+        os.stat(light_model_path(folder))
+    except FileNotFoundError:
+        pass  # not fetched yet: said where it is needed
     except OSError as exc:  # a name too long (ENAMETOOLONG), a folder this user may not enter: a traceback later
         given = os.environ.get("TILLSIGHT_MODEL_DIR")
         where = f"TILLSIGHT_MODEL_DIR={given[:80]!r}{'…' if len(given) > 80 else ''}:" if given else \

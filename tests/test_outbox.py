@@ -292,7 +292,8 @@ def test_a_stop_with_the_broker_away_waits_for_it_only_where_the_disk_is_no_deli
     started = time.monotonic()
     assert publisher.stop({"state": "online"}, timeout_s=2, disk_is_delivery=disk_is_delivery) is disk_is_delivery
     waited = time.monotonic() - started
-    assert waited < 1.5 if disk_is_delivery else waited >= 2
+    # (paho's loop_stop joins its reconnect sleep, up to 1 s more on a loaded machine)
+    assert waited < 1.9 if disk_is_delivery else waited >= 2
     assert publisher.kept_on_disk >= 1 and Outbox(path).depth() == publisher.kept_on_disk
 
 

@@ -336,7 +336,8 @@ def test_a_peer_is_remembered_by_our_cameras_and_streams_only():
     mine = stream_fingerprint("rtsp://10.1.2.3:554/stream1")
     watch = Peers("till-pc", "mine", BASE, ["till-1", "till-2"], {"till-2": mine})
     listed = {f"made-up-{n}": {"state": "online", "stream": f"{n:016x}"} for n in range(1200)}
-    listed |= {"till-1": {"state": "online"}, "lane-7": {"state": "online", "stream": mine}}
+    listed |= {"till-1": {"state": "online", "stream": [1]},  # not a string: no stream, still our camera
+               "lane-7": {"state": "online", "stream": mine}}
     watch.see(f"{BASE}/other/status", json.dumps({"schema": 1, "state": "online", "instance": "x",
                                                   "cameras": listed}).encode(), retained=False)
     [peer] = watch._current()

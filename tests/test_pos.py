@@ -196,6 +196,20 @@ def test_a_check_about_one_till_is_never_answered_under_another_tills_pos_login(
         desk.close()
     assert sorted((t.split("/")[3], b["request_id"]) for t, b, _ in replies) == [("lane-9", "shared"), ("till-1", "own")]
     assert desk.stats.rejected == 2
+    # a till PC's daemon serves till-1 alone and knows no till-2: with [pos] replies_under_camera, a reply goes
+    # under pos/till-1/ or nowhere
+    replies.clear()
+    desk = PosDesk(BASE, {"till-1": seen}, lambda t, b, c: replies.append((t, b, c)),
+                   Policy(challenge_age=25, min_samples=3), deadline_s=0.3, replies_under_camera=True)
+    desk.start()
+    try:
+        for level in ("till-2/terminal", "lane-9", "till-1/terminal"):
+            check(desk, {"reply_to": f"{BASE}/pos/{level}/reply", "request_id": level.split("/")[0]})
+        wait_for(replies, 1)
+        time.sleep(0.2)
+    finally:
+        desk.close()
+    assert [b["request_id"] for _, b, _ in replies] == ["till-1"] and desk.stats.rejected == 2
 
 
 def test_a_desk_subscribes_to_its_own_cameras_topics_only():
@@ -1312,7 +1326,9 @@ def test_network_text_reaches_the_terminal_shown_not_acted_on(broker):
     finally:
         client.loop_stop()
     status = tillsight("status", "--port", str(broker.port), "--store", "store-1", "--wait", "0.3")
-    assert status.returncode == 0 and "\x1b" not in status.stdout and status.stdout.count(shown) == 2, status
+    # the daemon named by its topic level, the problem shown escaped
+    assert status.returncode == 0 and "\x1b" not in status.stdout and status.stdout.count(shown) == 1, status
+    assert status.stdout.startswith("evil ")
     assert watch.returncode == 0 and not errors and watched.strip() == \
         f"{BASE}/till-1/alert  ASK FOR ID: track {shown} looks 16 (challenge None)"
     record = logging.LogRecord("edge.pos", logging.WARNING, "", 0, "check refused: %s", (hostile,), None)

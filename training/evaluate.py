@@ -133,8 +133,9 @@ def evaluate(model: str | Path | None, data_dir: Path, labels_csv: Path | None, 
 
 
 def write_predictions(face_sets: list[FaceSet], predictions: list[np.ndarray], path: Path) -> None:
-    """A row per face scored: file_name, real_age, age (and compared_age with --compare; empty where that model's
-    crop found no face): every figure of the report can be recomputed, and the worst faces looked at."""
+    """A row per face scored: file_name, real_age, age (and compared_age with --compare; both models are given
+    the same detected faces, so a cell is empty only should one have scored a face the other did not): every
+    figure of the report can be recomputed, and the worst faces looked at."""
     rows: dict[str, list[str]] = {}
     for column, (faces, predicted) in enumerate(zip(face_sets, predictions)):
         for label, age in zip(faces.labels, predicted):
