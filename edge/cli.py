@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edge import __version__
 
-from edge.errors import EXIT_FAILURE, EXIT_USAGE, UserError
+from edge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tillsight: error: {exc}", file=sys.stderr)
         return getattr(exc, "code", EXIT_FAILURE)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def _check_out_folder(args) -> None:

@@ -1,6 +1,7 @@
 """The errors every command reports as one line and an exit status, never a traceback."""
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 class UserError(Exception):

@@ -24,7 +24,7 @@ from edge.budget import wants_age
 from edge.capture import BLANK, END_OF_STREAM, FROZEN, LIVE, CameraReader
 from edge.config import RESERVED_ID, CameraConfig, Config, ModelsConfig, config_warnings, stream_fingerprint
 from edge.detect import FaceDetector
-from edge.errors import UserError
+from edge.errors import EXIT_INTERRUPTED, UserError
 from edge.infer import AgeBatcher, AgeModel
 from edge.metrics import Metrics
 from edge.notify import SystemdNotifier, WatchdogFeeder, stalled_parts
@@ -621,9 +621,11 @@ class Service:
                 self.publisher.publish_status(self.status())
                 self.notifier.status(self.summary())
 
-    def stop(self, delivery_timeout_s: float = 10.0, reloading: bool = False) -> bool:
+    def stop(self, delivery_timeout_s: float = 10.0, reloading: bool = False, disk_is_delivery: bool | None = None) \
+            -> bool:
         """Stop threads, publish the retained offline status, wait for acks. True if all delivered.
-        `reloading`: systemd is told a reload, not a stop (the caller execs the daemon again)."""
+        `reloading`: systemd is told a reload, not a stop (the caller execs the daemon again). `disk_is_delivery`:
+        whether a message kept in the outbox on disk counts as delivered (by default the daemon's yes, a replay's no)."""
         if reloading:
             self.notifier.reloading("reloading the config: restarting in place")
         else:
@@ -642,7 +644,9 @@ class Service:
         if self.desk is not None:
             self.desk.close()
         # to the daemon a message on disk is safe (sent at its next start); a replay promises every one acknowledged
-        delivered = self.publisher.stop(self.status(), delivery_timeout_s, disk_is_delivery=not self.replay)
+        if disk_is_delivery is None:
+            disk_is_delivery = not self.replay
+        delivered = self.publisher.stop(self.status(), delivery_timeout_s, disk_is_delivery=disk_is_delivery)
         if self.metrics is not None:
             self.metrics.close()
         if reloading:
@@ -726,6 +730,25 @@ def daemon_id_of(configured: str | None) -> str:
     return "tillsight-pos" if name == RESERVED_ID else name  # a till PC called pos: not the POS's reply topics
 
 
+def _interrupted(service: Service, ack_timeout: float) -> UserError:
+    """A replay stopped by Ctrl-C, and what became of its messages. With an outbox on disk it stops at once (the
+    rest waits there for the next start; it waited the whole --ack-timeout with the broker away); without one it
+    waits up to --ack-timeout for the broker's acks, as the daemon does, and a second Ctrl-C gives them up."""
+    publisher = service.publisher
+    try:
+        service.stop(ack_timeout, disk_is_delivery=True)
+    except KeyboardInterrupt:
+        return UserError(f"interrupted twice: {publisher.unacknowledged()} messages the broker had not acknowledged "
+                         f"are lost", EXIT_INTERRUPTED)
+    if publisher.kept_on_disk:
+        return UserError(f"interrupted: {publisher.kept_on_disk} messages kept in the outbox {publisher.outbox.path} "
+                         f"for the next start", EXIT_INTERRUPTED)
+    if publisher.unacknowledged():
+        return UserError(f"interrupted: {publisher.unacknowledged()} messages not acknowledged within "
+                         f"{ack_timeout:g} s are lost", EXIT_INTERRUPTED)
+    return UserError("interrupted: every message published so far was acknowledged", EXIT_INTERRUPTED)
+
+
 def run_replay(config, realtime: bool = False, ack_timeout: float = 30.0, on_start=None) -> dict:
     """Replay the config's (file) cameras to the end; raise UserError if anything was lost.
 
@@ -738,8 +761,7 @@ def run_replay(config, realtime: bool = False, ack_timeout: float = 30.0, on_sta
     try:
         service.run_until_stopped()
     except KeyboardInterrupt:
-        service.stop(ack_timeout)
-        raise
+        raise _interrupted(service, ack_timeout) from None
     seconds = time.perf_counter() - started
     delivered = service.stop(ack_timeout)
     stats = service.stats()

@@ -175,6 +175,46 @@ def test_replay_with_no_broker_and_an_outbox_file_waits_and_fails_saying_what_it
     assert Outbox(outbox).depth() == int(said[2])
 
 
+def _interrupt_replay(config, clip, ack_timeout: int) -> tuple[subprocess.CompletedProcess, float]:
+    replay = subprocess.Popen([sys.executable, "-m", "edge", "replay", str(clip), "--config", str(config), "--realtime",
+                               "--ack-timeout", str(ack_timeout)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)  # models loaded, the 9 s clip playing at its own pace, its status and estimates published
+        assert replay.poll() is None, replay.stderr.read()
+        replay.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        out, err = replay.communicate(timeout=ack_timeout + 30)
+        return subprocess.CompletedProcess(replay.args, replay.returncode, out, err), time.monotonic() - started
+    finally:
+        replay.kill()
+        replay.wait()
+
+
+def test_ctrl_c_in_a_replay_with_an_outbox_stops_at_once_saying_what_it_kept(tmp_path, age_models, hamilton_clip):
+    """It waited the whole --ack-timeout for a broker that was away, then exited 130 in silence, though every
+    message was safe on disk for the next start."""
+    from edge.outbox import Outbox
+    port, outbox = free_port(), tmp_path / "outbox.sqlite3"
+    config = replay_config(tmp_path, port, age_models[40], outbox={"path": str(outbox)})
+    result, stop_s = _interrupt_replay(config, hamilton_clip, ack_timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert stop_s < 60  # THREADS_STOP_S and the half second the outbox's stop waits, not the 120 s
+    last = result.stderr.strip().splitlines()[-1]
+    said = re.fullmatch(rf"tillsight: error: interrupted: (\d+) messages kept in the outbox {re.escape(str(outbox))} "
+                        r"for the next start", last)
+    assert said and int(said[1]) > 0 and "Traceback" not in result.stderr, result.stderr
+    assert Outbox(outbox).depth() == int(said[1])
+
+
+def test_ctrl_c_in_a_replay_with_its_broker_up_says_everything_was_acknowledged(tmp_path, broker, age_models,
+                                                                                   hamilton_clip):
+    config = replay_config(tmp_path, broker.port, age_models[40])
+    result, _ = _interrupt_replay(config, hamilton_clip, ack_timeout=30)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip() == "tillsight: error: interrupted: every message published so far was acknowledged"
+
+
 def test_corrupt_video_is_one_line(tmp_path, broker, age_models):
     video = tmp_path / "broken.mp4"
     video.write_bytes(os.urandom(4096))
