@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -54,6 +55,9 @@ def load_checkpoint(path: Path):
     import training.model  # noqa: F401  registers tillsight's custom layers and losses
     if not path.is_file():
         raise ExportError(f"checkpoint not found: {path}")
+    if path.suffix == ".keras" and not zipfile.is_zipfile(path):  # Keras says "File not found" of a file it found
+        raise ExportError(f"checkpoint {path} is damaged or no Keras checkpoint: a .keras file is a zip archive, "
+                          f"this is not one")
     from training import silenced_stderr
     try:
         with silenced_stderr():  # TensorFlow's first op probes CUDA and prints cuInit failures on CPU machines

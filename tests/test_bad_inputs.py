@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import zipfile
 
 import numpy as np
 import pytest
@@ -340,6 +341,21 @@ def test_a_checkpoint_that_is_no_age_model_is_one_line_before_anything_is_writte
                                     "--out", str(tmp_path / "out"), timeout=120))
     assert line.startswith("tillsight: error: checkpoint ") and "output shape (10,)" in line
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_a_keras_checkpoint_that_is_no_zip_archive_is_said_damaged_not_missing(tmp_path):
+    """Keras said "File not found: filepath=..." of a text file or a truncated download named .keras."""
+    from export.age import ExportError, load_checkpoint
+    text, truncated = tmp_path / "notes.keras", tmp_path / "truncated.keras"
+    text.write_text("not a model\n")
+    with zipfile.ZipFile(tmp_path / "whole.zip", "w") as archive:
+        archive.writestr("config.json", "{}" * 4000)
+    truncated.write_bytes((tmp_path / "whole.zip").read_bytes()[:3000])
+    for checkpoint in (text, truncated):
+        with pytest.raises(ExportError) as caught:
+            load_checkpoint(checkpoint)
+        assert str(caught.value) == f"checkpoint {checkpoint} is damaged or no Keras checkpoint: a .keras file is a " \
+                                    f"zip archive, this is not one"
 
 
 def test_ship_refuses_a_work_file_itself():
