@@ -162,7 +162,7 @@ def served_variant(onnx_path: Path) -> str:
     (int8 on a CPU, fp16 on a GPU), also for the random-init stand-in given as a file. The GPU's only where
     CUDA really serves (a probe session of the small detector): a GPU build whose CUDA does not load would
     otherwise have the daemon run fp16, the slowest of all, on the CPU."""
-    from edge.detect import DEFAULT_VARIANT, VARIANTS as DETECTORS
+    from edge.catalog import DEFAULT_VARIANT, VARIANTS as DETECTORS
     from edge.errors import ModelError
     from edge.runtime import CPU, open_session
     try:

@@ -810,7 +810,7 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     if args.target != "detector":
         return cmd_export_age(args)
-    from edge.detect import VARIANTS
+    from edge.catalog import VARIANTS
     if args.variant not in VARIANTS:
         raise UserError(f"unknown detector variant {args.variant!r} (choose from {', '.join(VARIANTS)})", EXIT_USAGE)
     from export.detector import ExportError, export_detector

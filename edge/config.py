@@ -27,8 +27,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError, ValidationInfo,
                       field_validator, model_validator)
 
-from edge.detect import DEFAULT_VARIANT, VARIANTS
-from edge.tiers import TIERS
+from edge.catalog import DEFAULT_VARIANT, TIERS, VARIANTS
 URL_SCHEMES = ("rtsp", "rtsps", "http", "https")
 NAME = r"^[A-Za-z0-9_-]{1,64}$"  # ids become MQTT topic levels: no '/', '+', '#'
 # <prefix>/<store>/pos/... is where POS clients take their answers: a camera or daemon named pos would have its

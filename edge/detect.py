@@ -15,35 +15,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edge.catalog import DEFAULT_VARIANT, VARIANTS, BlazeFaceVariant
 from edge.runtime import CPU, open_session, provider_fallback, session_options
 from edge.types import Face
 
-MODELS_DIR = Path(__file__).parent / "models"
-
-
-@dataclass(frozen=True)
-class BlazeFaceVariant:
-    """Anchor layout of one BlazeFace model (MediaPipe's ssd_anchors options)."""
-
-    name: str
-    tflite_name: str
-    input_size: int
-    strides: tuple[int, ...]
-    anchors_per_cell: tuple[int, ...]  # per distinct stride, in order
-
-    @property
-    def onnx_path(self) -> Path:
-        return MODELS_DIR / f"blazeface_{self.name}.onnx"
-
-
-# From mediapipe/modules/face_detection/*.pbtxt. The full-range model has one
-# dense stride-4 layer (48x48 anchors), made for faces further from the camera.
-VARIANTS = {
-    "short_range": BlazeFaceVariant("short_range", "face_detection_short_range.tflite", 128, (8, 16), (2, 6)),
-    "full_range": BlazeFaceVariant("full_range", "face_detection_full_range.tflite", 192, (4,), (1,)),
-    "back": BlazeFaceVariant("back", "face_detection_back.tflite", 256, (16, 32), (2, 6)),
-}
-DEFAULT_VARIANT = "full_range"
 
 # MediaPipe clips logits at +-100; 80 keeps exp() finite in float32.
 _RAW_SCORE_LIMIT = 80.0

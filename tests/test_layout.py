@@ -69,3 +69,15 @@ def test_the_edge_stages_never_import_training_or_export():
     reaching = sorted(module for module, targets in imports.items() if module.startswith("edge.")
                       and any(t.split(".")[0] in ("training", "export") for t in targets))
     assert reaching == ["edge.cli"]
+
+
+def test_the_config_schema_loads_no_runtime():
+    """config.py named the detector variants and age tiers through detect.py and tiers.py, and so loaded OpenCV,
+    NumPy and ONNX Runtime: 0.4 s of every `tillsight config check`, `status` and `pos`. It names them from
+    catalog.py, which imports none of them."""
+    import subprocess
+    import sys
+    loaded = subprocess.run([sys.executable, "-c", "import sys, edge.config; "
+                             "print(sorted({'cv2', 'numpy', 'onnxruntime', 'onnx'} & set(sys.modules)))"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
