@@ -20,6 +20,8 @@ from edge.service import Service, daemon_id, daemon_id_of, keep_frames_private
 
 log = logging.getLogger(__name__)
 
+DAEMON_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # stop, stop, reload
+
 
 def run_daemon(config_path: Path) -> int:
     """`tillsight run`: the service until SIGTERM or SIGINT; at SIGHUP, a restart in place on the changed config if
@@ -47,18 +49,38 @@ def run_daemon(config_path: Path) -> int:
         if exc.holder is not None and exc.holder[0] != daemon_id(config) and not set(exc.holder[1:]) & set(cameras):
             publish_start_failure(config.mqtt, config.store_id, daemon_id(config), str(exc), cameras)
         raise
-    signal.signal(signal.SIGTERM, lambda *_: service.stop_event.set())
-    signal.signal(signal.SIGINT, lambda *_: service.stop_event.set())
+    stop_asked = threading.Event()  # apart from the service's stop_event, which its stop() sets for a reload too
+
+    def stop(*_) -> None:
+        stop_asked.set()
+        service.stop_event.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)  # blocked across a reload's exec: now handled
     service.start()
-    while True:
+    while not stop_asked.is_set():
         service.run_until_stopped(until=reload_asked)
-        if not reload_asked.is_set():
+        if stop_asked.is_set() or not reload_asked.is_set():
             break
         reload_asked.clear()
-        if config_reloadable(config_path, service):
-            service.stop(reloading=True)  # a clean stop: what is not delivered waits in the outbox on disk
+        # the check loads and runs both models, seconds: a SIGTERM meanwhile is a stop, not a restart on the new
+        # config (systemd waited TimeoutStopSec for the daemon it had restarted, then killed it)
+        if config_reloadable(config_path, service) and not stop_asked.is_set():
+            log.info("config reloaded: restarting in place")
+            delivered = service.stop(reloading=True)  # a clean stop: what is not delivered waits in the outbox
+            if stop_asked.is_set():  # asked during that stop: it was the last one
+                return exit_status(service, delivered)
+            # a stop asked from here until the new program's handlers are in place (its imports and models take
+            # seconds) is kept pending, not the default SIGTERM's death without an offline status
+            signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
             os.execv(sys.executable, [sys.executable, "-m", "edge", "run", "--config", str(config_path)])
-    if not service.stop():  # what is not acknowledged and not on disk is lost: say so
+    return exit_status(service, service.stop())
+
+
+def exit_status(service: Service, delivered: bool) -> int:
+    """0, or what was lost said in one line: the messages not acknowledged and not on disk."""
+    if not delivered:
         why = f" ({service.publisher.connection_error})" if service.publisher.connection_error else ""
         raise UserError(f"{service.publisher.unacknowledged()} messages were not acknowledged by the broker{why} "
                         f"before exit, and there is no outbox on disk to keep them (outbox.path)")
@@ -103,5 +125,4 @@ def config_reloadable(path: Path, service: Service) -> bool:
                   "(set [outbox] path, or reload once the broker is back)",
                   extra={"messages": service.publisher.unacknowledged()})
         return False
-    log.info("config reloaded: restarting in place")
     return True

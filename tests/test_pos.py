@@ -1303,6 +1303,41 @@ def test_sighup_reloads_a_good_config_in_place_and_keeps_running_on_a_bad_one(tm
         "config reloaded: restarting in place"]
 
 
+@pytest.mark.parametrize("stop_when", ["with the reload", "during its check", "as it restarts"])
+def test_a_stop_asked_during_a_reload_stops_the_daemon_cleanly(tmp_path, broker, carphone_clip, stop_when):
+    """`systemctl stop` while a reload's check loads the shipped model (seconds): the daemon ran on, restarted in
+    place on the new config, and systemd waited its TimeoutStopSec for it, then killed it. One asked as it
+    restarts, before the new program's handlers were in place, killed it with no offline status (exit -15)."""
+    config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=1,
+                          cameras=[{"id": "till-1", "source": str(carphone_clip), "fps_limit": 10}],
+                          mqtt={"host": "127.0.0.1", "port": broker.port},
+                          models={"age_model": "resnet50"}, logging={"level": "info"})
+    status = Subscriber(broker.port, f"{BASE}/till-pc/status")
+    log = tmp_path / "daemon.log"
+    process = start_daemon(config, log)
+    try:
+        assert status.wait_for(lambda s: any(m["state"] == "online" for m in s.json("/status")), 60), log.read_text()
+        process.send_signal(signal.SIGHUP)
+        if stop_when == "during its check":
+            time.sleep(0.3)  # the check loads and runs the 24 MB int8 ResNet50: over a second here
+        elif stop_when == "as it restarts":  # the new program loads its models, its handlers not yet in place
+            def restarted() -> bool:
+                _, said, after = log.read_text().partition("config reloaded: restarting in place")
+                return bool(said) and '"model loaded"' in after
+            deadline = time.monotonic() + 60
+            while not restarted() and time.monotonic() < deadline:
+                time.sleep(0.005)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, log.read_text()[-2000:]
+        assert status.wait_for(lambda s: s.json("/status")[-1]["state"] == "offline", 10)
+    finally:
+        stop_daemon(process)
+        status.close()
+    if stop_when != "as it restarts":  # never run again on the config
+        assert len({m["instance"] for m in status.json("/status")}) == 1
+        assert "config reloaded: restarting in place" not in log.read_text()
+
+
 def test_network_text_reaches_the_terminal_shown_not_acted_on(broker):
     """Anyone may publish on an open broker: a status or an alert carrying ESC sequences retitled the operator's
     terminal and cleared the screen when `status` or `pos watch` printed it; a CR overwrote the line."""
