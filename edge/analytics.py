@@ -74,6 +74,11 @@ class AgeBandCounter:
     # made from it (edge/publish.py), so a re-send after a crash repeats the id, while the same clock slot counted
     # again over other customers (the wall clock stepped back) is another interval, with another id
     opening: str | None = None
+    # The end of the last whole interval sent, None once counting stopped (partial). A customer is counted when the
+    # till finds them gone, lost_after_s after their last face: on the frame that sent 08:00-08:15, or later, one
+    # last seen at 08:14:59 reopened 08:00-08:15, and it was sent a second time, over that customer alone. Now
+    # they are counted in the interval in progress (08:15-08:30), and no slot is sent twice.
+    sent_until: float | None = None
     # Slots are aligned in local time: an hourly interval in a UTC+5:30 store runs 09:00-10:00 there, a daily
     # one from local midnight. A summer-time change makes the slot it falls in an hour longer or shorter.
     utc_offset_s: Callable[[float], float] = local_utc_offset_s
@@ -104,6 +109,7 @@ class AgeBandCounter:
         self.started, self.slot, self.counts, self.fault_s, self.closed_s = None, None, {}, 0.0, 0.0
         self.opening = None
         self.joined = partial
+        self.sent_until = None if partial else end  # counting that starts again (a clock step back) starts afresh
         return message
 
     def state(self, now: float) -> dict | None:
@@ -126,6 +132,8 @@ class AgeBandCounter:
 
     def _open(self, now: float) -> None:
         if self.started is None:
+            if self.sent_until is not None:  # a customer found gone after their interval was sent
+                now = max(now, self.sent_until)
             offset = self.utc_offset_s(now)
             self.slot = math.floor((now + offset) / self.interval_s) * self.interval_s - offset
             self.started = now if self.joined else self.slot

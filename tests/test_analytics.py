@@ -82,6 +82,31 @@ def test_intervals_are_aligned_to_the_stores_local_clock():
     assert daily.due(utc(2026, 11, 26, 13, 0)) is False  # flushed; nothing open
 
 
+def test_a_customer_found_gone_after_their_interval_was_sent_is_counted_in_the_next_and_no_slot_is_sent_twice():
+    """The pipeline's order (edge/service.py): a frame first sends the interval that has ended, then ends the tracks
+    of customers gone from it, each counted at their last face. One last seen just before the boundary reopened the
+    interval just sent, and the next frame sent 00:15-00:30 again, whole, over that customer alone (2026 review)."""
+    counter = AgeBandCounter("till-1", [25], interval_s=900, k=1, utc_offset_s=lambda t: 0.0, joined=False)
+    sent = []
+
+    def frame(now: float, gone_last_seen: tuple[float, ...] = ()) -> None:
+        counter.open(now)
+        if counter.due(now):
+            sent.append(counter.flush(now))
+        for last_seen in gone_last_seen:
+            counter.add(40, last_seen)
+
+    frame(900.0)
+    frame(1000.0, gone_last_seen=(998.0,))
+    frame(1800.1, gone_last_seen=(1799.0,))  # sends 00:15-00:30, and finds a customer last seen in it gone
+    frame(1801.5, gone_last_seen=(1799.9,))  # lost_after_s (1.5) after their last face: a later frame
+    frame(2700.0)
+    assert [(m["interval_start"], m["interval_end"], m["partial"], m["bands"]) for m in sent] == [
+        (900.0, 1800.0, False, {"0-24": 0, "25+": 1}), (1800.0, 2700.0, False, {"0-24": 0, "25+": 2})]
+    counter.add(40, 2699.0)  # on a quiet camera's tick as well
+    assert counter.flush(2750.0, partial=True)["interval_start"] == 2700.0
+
+
 def test_band_edges_must_increase():
     with pytest.raises(ConfigError) as caught:
         parse_config({"store_id": "s", "cameras": [{"id": "c", "source": 0}], "analytics": {"bands": [25, 18]}})
@@ -185,7 +210,10 @@ def test_a_slot_counted_again_after_the_clock_stepped_back_is_another_interval_w
     publisher = Publisher(MqttConfig(host="127.0.0.1", port=1), "store-1", "till-pc", outbox)  # never connected
     counter = AgeBandCounter("till-1", [18, 25], interval_s=900, k=1, utc_offset_s=lambda t: 0.0)
     for first_pass, age in ((True, 16.0), (False, 40.0)):
-        counter.open(900.0 if first_pass else 900.5)  # 00:15 (after the step back, the slot begins again)
+        if not first_pass:  # the step back: the pipeline sends the interval so far as partial, then counts afresh
+            counter.open(1800.1)
+            counter.flush(1800.1, partial=True)
+        counter.open(900.0)  # 00:15 (after the step back, the slot begins again)
         counter.add(age, 1200.0)
         publisher.publish_analytics(counter.flush(1800.0))  # 00:30: the whole slot, twice
     bodies = [json.loads(row.payload) for row in outbox.backlog()]
