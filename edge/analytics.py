@@ -44,6 +44,39 @@ def local_utc_offset_s(t: float) -> float:
     return float(time.localtime(t).tm_gmtoff)
 
 
+def slot_at(t: float, interval_s: float, utc_offset_s: Callable[[float], float]) -> tuple[float, float]:
+    """The clock-aligned interval slot time t falls in, (start, end) in UTC seconds: from one multiple of
+    `interval_s` on the local clock (counted from local midnight for one that divides a day) to the next.
+
+    A slot ends where the local clock first reads the next multiple, not `interval_s` after its start: the slot a
+    summer-time change falls in is that much longer or shorter, and each slot ends where the next one begins.
+    (Its end as start + interval_s overlapped the next daily slot, by 22 hours in the autumn and one in the
+    spring.) Where the clock goes back, a slot whose end the first pass already read runs on to the
+    end of the second: with 15-minute slots in London, 01:45 BST to 02:00 GMT, 75 minutes. Where it jumps ahead,
+    the local times skipped have no slot, and one ending in them ends at the jump."""
+    wall = t + utc_offset_s(t)
+    mark = math.floor(wall / interval_s) * interval_s
+    while _first_instant_reading(mark + interval_s, utc_offset_s) <= t:  # the clock went back: read on the first pass
+        mark += interval_s
+    return _first_instant_reading(mark, utc_offset_s), _first_instant_reading(mark + interval_s, utc_offset_s)
+
+
+def _first_instant_reading(wall: float, utc_offset_s: Callable[[float], float]) -> float:
+    """The first time (UTC seconds) at which the local clock reads `wall` (local seconds) or later: of a local
+    time read twice (the clock went back), the first; of one skipped (it jumped ahead), the jump itself."""
+    # a clock changes at most once within a day of any time: the offsets before and after such a change
+    before, after = utc_offset_s(wall - 86_400), utc_offset_s(wall + 86_400)
+    readings = [wall - offset for offset in {before, after} if utc_offset_s(wall - offset) == offset]
+    if readings:
+        return min(readings)
+    # skipped: the jump lies between the readings by the offset after it and before it; found to the second
+    low, high = math.floor(wall - after), math.ceil(wall - before)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if middle + utc_offset_s(middle) >= wall else (middle, high)
+    return float(high)
+
+
 def band_names(edges: list[int]) -> list[str]:
     """[18, 25, 35] -> ['0-17', '18-24', '25-34', '35+']."""
     bounds = [0] + list(edges)
@@ -66,6 +99,7 @@ class AgeBandCounter:
     k: int
     started: float | None = None  # when the interval in progress began to be counted
     slot: float | None = None  # the clock-aligned start of the interval in progress (08:00, 08:15, ...)
+    slot_end: float | None = None  # where the local clock reads its next multiple of interval_s (slot_at)
     joined: bool = True  # the next interval opened begins where counting (re)started, not at its slot
     counts: dict[str, int] = field(default_factory=dict)
     fault_s: float = 0.0  # seconds of the interval in progress during which the camera could not see
@@ -93,21 +127,21 @@ class AgeBandCounter:
         self.counts[band] = self.counts.get(band, 0) + 1
 
     def due(self, now: float) -> bool:
-        return self.slot is not None and now >= self.slot + self.interval_s
+        return self.slot_end is not None and now >= self.slot_end
 
     def flush(self, now: float, partial: bool = False) -> dict | None:
         """The interval's message (None if none is open), and a fresh interval. `partial`: counting stops
         here (the daemon stops, the clock stepped back), and the next interval begins where it starts again."""
         if self.started is None:
             return None
-        end = now if partial else self.slot + self.interval_s
+        end = now if partial else self.slot_end
         bands = {name: _published(self.counts.get(name, 0), self.k) for name in band_names(self.edges)}
         message = {"camera": self.camera_id, "interval_start": self.started, "interval_end": end,
                    "bands": bands, "k": self.k, "partial": partial or self.started > self.slot,
                    "camera_fault_s": round(self.fault_s, 1), "store_closed_s": round(self.closed_s, 1),
                    "opening": self.opening}
-        self.started, self.slot, self.counts, self.fault_s, self.closed_s = None, None, {}, 0.0, 0.0
-        self.opening = None
+        self.started, self.slot, self.slot_end, self.counts = None, None, None, {}
+        self.fault_s, self.closed_s, self.opening = 0.0, 0.0, None
         self.joined = partial
         self.sent_until = None if partial else end  # counting that starts again (a clock step back) starts afresh
         return message
@@ -134,8 +168,7 @@ class AgeBandCounter:
         if self.started is None:
             if self.sent_until is not None:  # a customer found gone after their interval was sent
                 now = max(now, self.sent_until)
-            offset = self.utc_offset_s(now)
-            self.slot = math.floor((now + offset) / self.interval_s) * self.interval_s - offset
+            self.slot, self.slot_end = slot_at(now, self.interval_s, self.utc_offset_s)
             self.started = now if self.joined else self.slot
             self.joined = False
             self.opening = uuid.uuid4().hex

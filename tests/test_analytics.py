@@ -107,6 +107,64 @@ def test_a_customer_found_gone_after_their_interval_was_sent_is_counted_in_the_n
     assert counter.flush(2750.0, partial=True)["interval_start"] == 2700.0
 
 
+def zone_offset(zone_name: str):
+    """A real time zone's UTC offset, whatever the machine's own zone."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+    zone = ZoneInfo(zone_name)
+    return lambda t: datetime.fromtimestamp(t, zone).utcoffset().total_seconds()
+
+
+def slots_sent(zone_name: str, interval_s: float, first_day: str, days: int) -> list[tuple[str, str, float]]:
+    """The intervals a camera sends from local midnight of `first_day` on, ticking every 20 s: (start and end on the
+    local clock, hours)."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+    zone = ZoneInfo(zone_name)
+    start = datetime.fromisoformat(first_day).replace(tzinfo=zone).timestamp()
+    counter = AgeBandCounter("till-1", [18], interval_s, k=1, utc_offset_s=zone_offset(zone_name), joined=False)
+    local = lambda t: datetime.fromtimestamp(t, zone).strftime("%m-%d %H:%M %Z")  # noqa: E731
+    sent = []
+    for tick in range(int(days * 86_400 / 20) + 1):
+        now = start + tick * 20
+        counter.open(now)
+        if counter.due(now):
+            sent.append(counter.flush(now))
+    assert all(not m["partial"] for m in sent)
+    assert all(a["interval_end"] == b["interval_start"] for a, b in zip(sent, sent[1:])), "a gap or an overlap"
+    assert sent[0]["interval_start"] == start
+    return [(local(m["interval_start"]), local(m["interval_end"]), (m["interval_end"] - m["interval_start"]) / 3600)
+            for m in sent]
+
+
+@pytest.mark.parametrize("zone_name, spring, autumn", [("Europe/London", "2026-03-28", "2026-10-24"),
+                                                       ("America/New_York", "2026-03-07", "2026-10-31")])
+def test_daily_intervals_across_summer_time_changes_run_midnight_to_midnight_and_tile(zone_name, spring, autumn):
+    """A daily slot ended 24 hours after its start while the next began at local midnight: in London's autumn
+    10-25 00:00 BST -> 10-25 23:00 GMT, then 10-25 01:00 BST -> 10-26 00:00 GMT, overlapping by 22 hours (2026
+    review). The day of a change is 23 or 25 hours long."""
+    for first_day, change_hours in ((spring, 23.0), (autumn, 25.0)):
+        sent = slots_sent(zone_name, 86_400, first_day, days=4)[:3]
+        assert [hours for _, _, hours in sent] == [24.0, change_hours, 24.0], sent
+        assert all(start[6:11] == end[6:11] == "00:00" for start, end, _ in sent), sent
+
+
+def test_hourly_and_shorter_intervals_across_summer_time_changes_tile():
+    """Where the clock goes back, the slot whose end the first pass read runs on to the end of the second; where
+    it jumps ahead, the local times skipped have no slot. Lord Howe Island moves its clock by 30 minutes."""
+    def lengths(zone_name, interval_s, first_day):
+        return sorted({hours for _, _, hours in slots_sent(zone_name, interval_s, first_day, days=2)})
+
+    assert lengths("Europe/London", 3600, "2026-10-25") == [1.0, 2.0]  # 01:00 BST -> 02:00 GMT
+    assert lengths("Europe/London", 3600, "2026-03-29") == [1.0]  # the clock never reads 01:00-02:00
+    assert lengths("Europe/London", 900, "2026-10-25") == [0.25, 1.25]  # 01:45 BST -> 02:00 GMT
+    assert lengths("America/New_York", 7200, "2026-11-01") == [2.0, 3.0]
+    assert lengths("America/New_York", 7200, "2026-03-08") == [1.0, 2.0]  # 02:00-04:00 begins at 03:00
+    assert lengths("Australia/Lord_Howe", 3600, "2026-04-05") == [1.0, 1.5]  # 02:00 back to 01:30
+    assert lengths("Australia/Lord_Howe", 3600, "2026-10-04") == [0.5, 1.0]  # 02:00 on to 02:30
+    assert lengths("Australia/Lord_Howe", 900, "2026-10-04") == [0.25]
+
+
 def test_band_edges_must_increase():
     with pytest.raises(ConfigError) as caught:
         parse_config({"store_id": "s", "cameras": [{"id": "c", "source": 0}], "analytics": {"bands": [25, 18]}})
