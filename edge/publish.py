@@ -271,6 +271,9 @@ class Publisher:
                 self.on_change()
 
     def _on_connect_fail(self, client, userdata) -> None:
+        # the broker was away: drops before it are its restarts, not another client under our id (a broker
+        # restarted every few seconds was said to be a takeover), which the broker takes over from at once
+        self._short_sessions = 0
         # paho calls this inside its `except OSError:`, so the exception is still at hand
         self._problem(connect_failure(sys.exc_info()[1]))
 

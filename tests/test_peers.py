@@ -290,6 +290,36 @@ def test_two_daemons_under_one_configured_client_id_say_so_once_and_recover(tmp_
     assert len(lost) <= 2, lost  # the first drops, before the pattern was clear; none after
 
 
+@pytest.mark.broker
+def test_a_broker_restarted_again_and_again_is_no_takeover(tmp_path, age_models, carphone_clip):
+    """A broker up a second or two at a time (a crash loop, a flapping link to it) dropped the daemon's connection
+    within 5 s of accepting it, three times in a row: said as another client under the daemon's id, at error. A
+    takeover's broker accepts the next connection at once; a restarting one is away in between."""
+    from edge.broker import LocalBroker
+    with LocalBroker() as broker:
+        config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=1,
+                              cameras=[{"id": "till-1", "source": str(carphone_clip), "fps_limit": 10}],
+                              mqtt={"host": "127.0.0.1", "port": broker.port},
+                              models={"age_model": str(age_models[40])}, logging={"level": "info"})
+        log = tmp_path / "daemon.log"
+        daemon = start_daemon(config, log)
+        try:
+            for restart in range(1, 5):
+                deadline = time.monotonic() + 40
+                while log.read_text().count('"MQTT connected"') < restart and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert log.read_text().count('"MQTT connected"') == restart, log.read_text()[-2000:]
+                time.sleep(1.0)
+                broker.stop()
+                time.sleep(1.5)  # away: the daemon's next attempt is refused
+                broker.start()
+            assert daemon.poll() is None
+        finally:
+            stop_daemon(daemon)
+    said = [line["msg"] for line in log_lines(log)]
+    assert said.count("MQTT connected") >= 4 and "MQTT connection taken over" not in said
+
+
 def test_a_loopback_stream_is_the_machines_own(monkeypatch):
     """Two till PCs, each reading its own camera through a restreamer on itself (rtsp://127.0.0.1:8554/cam), show
     two streams, not one: a loopback address's fingerprint holds the host name (a store server's instances, one
