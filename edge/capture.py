@@ -32,6 +32,7 @@ import logging
 import os
 import queue
 import re
+import sys
 import threading
 import time
 from typing import Callable
@@ -146,10 +147,23 @@ def device_index(path: str) -> int | None:
     return int(match[1]) if match and os.path.exists(target) else None
 
 
+def unplugged_index(source: int | str) -> str | None:
+    """The device node of a USB camera named by its index, where that node is not there now (Linux: OpenCV's
+    V4L2 opens index N as /dev/videoN); None otherwise."""
+    if not isinstance(source, int) or isinstance(source, bool) or not sys.platform.startswith("linux"):
+        return None
+    node = f"/dev/video{source}"
+    return None if os.path.exists(node) else node
+
+
 def missing_device(camera: CameraConfig) -> str | None:
     """Why a camera named by its device path cannot be opened now, or None."""
     if is_v4l_device(camera.source) and device_index(camera.source) is None:
         return f"{camera.source} is not there (the camera is unplugged, or its USB port or hub lost power)"
+    node = unplugged_index(camera.source)
+    if node is not None:
+        return f"USB camera {camera.source}: {node} is not there (no such camera, or it is unplugged, or its USB " \
+               "port or hub lost power)"
     if camera.is_file and not os.path.exists(str(camera.source)):  # moved or deleted since the start
         return f"video file {camera.shown_source!r} not found"
     return None

@@ -698,9 +698,9 @@ def test_the_live_check_says_a_camera_that_shows_nothing(tmp_path, carphone_clip
                           FaceDetector())
     assert ", 1 face(s) in view at [" in result.line() and "], 1 in ignore_regions (" in result.line()
 
-    result = check_camera(CameraConfig(id="usb", source=63))  # no /dev/video63 here, or it is busy
-    assert result.line() == ("camera usb: FAILED: cannot open source '63' (no such device, or another process reads "
-                             "it: a device has one reader, so stop the tillsight service first)")
+    result = check_camera(CameraConfig(id="usb", source=63))  # no /dev/video63 here: it said "cannot open source '63'"
+    assert result.line() == ("camera usb: FAILED: USB camera 63: /dev/video63 is not there (no such camera, or it is "
+                             "unplugged, or its USB port or hub lost power)")
     result = check_camera(CameraConfig(id="usb", source="/dev/v4l/by-id/usb-Nothing_Here_0000-video-index0"))
     assert result.line() == ("camera usb: FAILED: /dev/v4l/by-id/usb-Nothing_Here_0000-video-index0 is not there (the "
                              "camera is unplugged, or its USB port or hub lost power)")
