@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edge import __version__
 
-from edge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, UserError
+from edge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, ModelError, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +19,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from edge.config import ConfigError
     from edge.outbox import OutboxInUse
-    from edge.errors import ModelError
     try:
         from edge.runtime import check_single_onnxruntime
         check_single_onnxruntime()
@@ -289,10 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tier_warnings(config) -> list[str]:
+    """An age-model tier not in this user's model cache (`light` not fetched): the daemon would be refused at start,
+    where `config check` said OK. A warning, not a problem: the unit's cache (TILLSIGHT_MODEL_DIR) may be another."""
+    from edge.catalog import TIERS
+    from edge.tiers import resolve_age_model
+    if config.models.age_model not in TIERS:
+        return []  # a file: the schema checked it is there
+    try:
+        resolve_age_model(config.models.age_model)
+    except ModelError as exc:
+        return [f"models.age_model: {exc}"]
+    return []
+
+
 def cmd_config_check(args) -> int:
     from edge.config import config_warnings, load_config
     config = load_config(args.file)  # raises ConfigError with every problem
-    for line in config_warnings(config):
+    for line in config_warnings(config) + tier_warnings(config):
         print(f"warning: {line}", file=sys.stderr)
     print(f"{args.file}: OK")
     if args.live or args.models:
@@ -387,7 +400,7 @@ def cmd_models_fetch(args) -> int:
 
 
 def cmd_models_list(args) -> int:
-    from edge.errors import ModelError
+
     from edge.runtime import CPU, resolve_providers
     from edge.tiers import TIERS, model_dir, pick_variant, resolve_age_model
     model_dir()  # a TILLSIGHT_MODEL_DIR that cannot be used: one error line, not a row of the listing that exits 0

