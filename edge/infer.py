@@ -160,11 +160,13 @@ class AgeModel:
                 from None
 
     def predict(self, crops: np.ndarray) -> list[AgeEstimate]:
-        """crops: uint8 or float [N, S, S, 3] RGB."""
+        """crops: uint8 or float [N, S, S, 3] RGB. ImplausibleAges (a ModelError) if the model's answer for any
+        face is no age (NaN, 1e30, a NaN spread): the others' estimates go with it."""
         if len(crops) == 0:
             return []
         step = self.batch_sizes[-1] if self.batch_sizes else len(crops)
-        results: list[AgeEstimate] = []
+        results: list[AgeEstimate | None] = []
+        first_problem = None
         for start in range(0, len(crops), step):
             chunk = self._as_input(crops[start : start + step])
             padded = self._padded(len(chunk))  # a fixed-batch model's size, or a warmed-up one on a GPU
@@ -173,14 +175,15 @@ class AgeModel:
             outputs = self._run(chunk)
             n = min(step, len(crops) - start)  # the faces of this chunk; the rest is padding
             ages = self._one_per_face(outputs[0], len(chunk), "age")[:n]
-            self._check_ages(ages)
             spreads = self._one_per_face(outputs[1], len(chunk), SPREAD_OUTPUT)[:n] if len(outputs) > 1 else None
-            # a broken head, as a NaN age is (and predict printed `"spread": NaN`, which is no JSON)
-            if spreads is not None and not np.isfinite(spreads).all():
-                raise ModelError(f"age model {self.path} answered NaN or infinity for an {SPREAD_OUTPUT}")
             for i in range(n):
-                results.append(AgeEstimate(float(ages[i]), None if spreads is None else float(spreads[i])))
-        return results
+                problem = self._implausible(float(ages[i]), None if spreads is None else float(spreads[i]))
+                first_problem = first_problem or problem
+                results.append(None if problem else
+                               AgeEstimate(float(ages[i]), None if spreads is None else float(spreads[i])))
+        if first_problem is not None:
+            raise ImplausibleAges(first_problem, results)
+        return results  # type: ignore[return-value]  (no None: none was implausible)
 
     def _one_per_face(self, output, faces: int, what: str) -> np.ndarray:
         """An output as one value per face of the call: the contract's [N] or [N, 1]. Any other length (one row for
@@ -195,15 +198,28 @@ class AgeModel:
                              f"faces, not one {what} per face")
         return values
 
-    def _check_ages(self, ages: np.ndarray) -> None:
-        """A broken model must not pass for a room of adults (NaN, 1e30) nor make everyone a minor (-1e30)."""
-        if not np.isfinite(ages).all():
-            raise ModelError(f"age model {self.path} answered NaN or infinity for an age")
+    def _implausible(self, age: float, spread: float | None) -> str | None:
+        """Why one face's answer is no age, or None. A broken model must not pass for a room of adults (NaN, 1e30)
+        nor make everyone a minor (-1e30); a NaN spread is a broken head too (predict printed `"spread": NaN`,
+        which is no JSON)."""
         low, high = HUMAN_AGES
-        absurd = ages[(ages < low) | (ages > high)]
-        if len(absurd):
-            raise ModelError(f"age model {self.path} answered {absurd[0]:g} years for an age, outside the "
-                             f"[{low:g}, {high:g}] of any working age model")
+        if not np.isfinite(age):
+            return f"age model {self.path} answered NaN or infinity for an age"
+        if not low <= age <= high:
+            return f"age model {self.path} answered {age:g} years for an age, outside the [{low:g}, {high:g}] of " \
+                   "any working age model"
+        if spread is not None and not np.isfinite(spread):
+            return f"age model {self.path} answered NaN or infinity for an {SPREAD_OUTPUT}"
+        return None
+
+
+class ImplausibleAges(ModelError):
+    """The model's answer for some faces of a call is no age; `estimates` holds the call's others (None for
+    those), so that one absurd answer fails only the frames it came from, not every camera's in the batch."""
+
+    def __init__(self, message: str, estimates: list[AgeEstimate | None]):
+        super().__init__(message)
+        self.estimates = estimates
 
 
 def fp16_at_load(choice: AgeModelChoice, variant: str, on_gpu: bool) -> bool:
@@ -332,21 +348,18 @@ class AgeBatcher:
             crops = np.concatenate([r.crops for r in batch])
             self.stats.busy_since = started = time.monotonic()
             try:
-                estimates = [e for s in range(0, len(crops), self.max_batch)
-                             for e in self.model.predict(crops[s : s + self.max_batch])]
+                estimates, implausible = self._predict(crops)
             except Exception as exc:  # a failing model must not hang the cameras waiting on it
-                message = (str(exc).splitlines() or [repr(exc)])[0][:300]
-                if self.stats.failing is None:  # once per bout of failures, not per frame
-                    log.log(self.problem_level, "age inference failing", extra={"error": message})
-                self.stats.errors += 1
-                self.stats.failing = message
+                self._failed(exc)
                 for r in batch:
                     r.future.set_exception(exc)
                 continue
             finally:
                 self.stats.busy_since = None
                 self.stats.last_seconds = time.monotonic() - started
-            if self.stats.failing is not None:
+            if implausible is not None:
+                self._failed(implausible)
+            elif self.stats.failing is not None:
                 log.warning("age inference works again", extra={"errors": self.stats.errors})
                 self.stats.failing = None
             if self.on_call is not None:
@@ -356,5 +369,29 @@ class AgeBatcher:
             self.stats.max_batch_seen = max(self.stats.max_batch_seen, min(len(crops), self.max_batch))
             start = 0
             for r in batch:
-                r.future.set_result(estimates[start : start + len(r.crops)])
+                mine = estimates[start : start + len(r.crops)]
+                if None in mine:  # only the frames with a face the model answered no age for
+                    r.future.set_exception(implausible)
+                else:
+                    r.future.set_result(mine)
                 start += len(r.crops)
+
+    def _predict(self, crops: np.ndarray) -> tuple[list[AgeEstimate | None], ImplausibleAges | None]:
+        """Every crop's estimate, in calls of at most max_batch; None for those the model answered no age for,
+        with the first such answer's error."""
+        estimates: list[AgeEstimate | None] = []
+        implausible = None
+        for start in range(0, len(crops), self.max_batch):
+            try:
+                estimates += self.model.predict(crops[start : start + self.max_batch])
+            except ImplausibleAges as exc:
+                estimates += exc.estimates
+                implausible = implausible or exc
+        return estimates, implausible
+
+    def _failed(self, exc: Exception) -> None:
+        message = (str(exc).splitlines() or [repr(exc)])[0][:300]
+        if self.stats.failing is None:  # once per bout of failures, not per frame
+            log.log(self.problem_level, "age inference failing", extra={"error": message})
+        self.stats.errors += 1
+        self.stats.failing = message

@@ -54,6 +54,16 @@ def test_age_depends_on_the_crop_and_spread_output_is_read(tmp_path):
     assert [e.spread for e in estimates] == pytest.approx([1, 5])
 
 
+def saved_with_contract(graph, path: Path) -> Path:
+    """A graph of 64-px crops saved as a contract-following age model."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    for key, value in contract_metadata(64, 0.4).items():
+        model.metadata_props.add(key=key, value=value)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
 def model_answering(path: Path, age: float, spread: float | None = None, one_row: tuple[str, ...] = ()) -> Path:
     """A contract-following model that answers `age` (and `spread` as age_spread) for every crop, as a broken
     model would: any value, NaN included; the outputs named in `one_row` answer one value for the whole batch."""
@@ -69,12 +79,7 @@ def model_answering(path: Path, age: float, spread: float | None = None, one_row
             outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N"]))
     graph = helper.make_graph(nodes, "answering", [helper.make_tensor_value_info(
         "crops", TensorProto.FLOAT, ["N", 64, 64, 3])], outputs, constants)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    for key, value in contract_metadata(64, 0.4).items():
-        model.metadata_props.add(key=key, value=value)
-    path.write_bytes(model.SerializeToString())
-    return path
+    return saved_with_contract(graph, path)
 
 
 @pytest.mark.parametrize("one_row, output", [(("age",), "age"), (("age_spread",), "age_spread")])
@@ -140,6 +145,39 @@ def test_batcher_gathers_crops_from_several_cameras_into_one_call(age_models):
     # all four cameras waited together: the batch closed when every producer had a request in,
     # well before the 500 ms deadline, in one session call of 8 crops
     assert batcher.stats.calls == 1 and batcher.stats.max_batch_seen == 8
+
+
+def model_ageing_brightness(path: Path, years_per_level: float) -> Path:
+    """A contract-following model whose age is a crop's mean pixel times `years_per_level`: a black crop 0 years,
+    a white one whatever is absurd."""
+    nodes = [helper.make_node("ReduceMean", ["crops"], ["mean"], axes=[1, 2, 3], keepdims=0),
+             helper.make_node("Mul", ["mean", "scale"], ["age"])]
+    graph = helper.make_graph(nodes, "brightness", [helper.make_tensor_value_info("crops", TensorProto.FLOAT,
+                                                                                   ["N", 64, 64, 3])],
+                              [helper.make_tensor_value_info("age", TensorProto.FLOAT, ["N"])],
+                              [helper.make_tensor("scale", TensorProto.FLOAT, [], [years_per_level])])
+    return saved_with_contract(graph, path)
+
+
+def test_an_absurd_age_for_one_face_fails_only_its_own_frame_not_the_other_cameras_in_the_batch(tmp_path):
+    """The check of ages against HUMAN_AGES failed the whole call: one camera's odd crop took every camera's
+    estimates of that batch with it."""
+    model = AgeModel(model_ageing_brightness(tmp_path / "brightness.onnx", 10.0))  # white: 2550 years
+    batcher = AgeBatcher(model, max_batch=32, max_wait_ms=2000, producers=3)
+    black, white = np.zeros((1, 64, 64, 3), np.uint8), np.full((1, 64, 64, 3), 255, np.uint8)
+    futures = [batcher.submit(np.concatenate([black, black])), batcher.submit(np.concatenate([black, white])),
+               batcher.submit(black)]
+    assert [e.age for e in futures[0].result(timeout=10)] == [0.0, 0.0]
+    with pytest.raises(ModelError, match=r"answered 2550 years for an age, outside the \[-50, 250\]"):
+        futures[1].result(timeout=10)
+    assert [e.age for e in futures[2].result(timeout=10)] == [0.0]
+    assert batcher.stats.calls == 1 and batcher.stats.errors == 1  # one call for the three, said as a failure
+    assert batcher.stats.failing.startswith(f"age model {model.path} answered 2550 years")
+    assert [e.age for e in batcher.submit(black).result(timeout=10)] == [0.0]
+    batcher.close()
+    assert batcher.stats.failing is None  # a clean call: it works again
+    with pytest.raises(ModelError, match="answered 2550 years"):  # predict and eval: a model error, as before
+        model.predict(white)
 
 
 def test_by_default_a_lone_face_is_not_kept_waiting_and_what_queues_during_a_call_is_the_next_batch(age_models):
