@@ -6,6 +6,8 @@ import json
 import logging
 import re
 import sys
+import threading
+import time
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -56,7 +58,6 @@ class RateLimitedLog:
         self._windows: dict[str, tuple[float, int, int]] = {}  # key -> (window start, logged, held back)
 
     def warning(self, key: str, message: str, **fields) -> bool:
-        import time
         now = time.monotonic()
         start, logged, held = self._windows.get(key, (now, 0, 0))
         if now - start >= self.window_s:
@@ -67,3 +68,34 @@ class RateLimitedLog:
         self._windows[key] = (start, logged + 1, 0)
         self.logger.warning(message, extra={**fields, **({"suppressed_before": held} if held else {})})
         return True
+
+
+class SummarizedLog:
+    """One event that may come at every message (an outbox at its bound drops one at each add): the first is said
+    at once, then at most one line every `every_s`, with how many came since the line before (`since_last_line`)
+    and the fields of the latest, so a daemon at a bound for days writes a line a minute, not one a message.
+
+    `flush()`, from a periodic tick, says what a burst that has stopped left uncounted in the journal."""
+
+    def __init__(self, logger: logging.Logger, message: str, every_s: float = 60.0):
+        self.logger, self.message, self.every_s = logger, message, every_s
+        self._lock = threading.Lock()  # counted from several threads (the cameras', paho's)
+        self._since_last_line = 0
+        self._said_at: float | None = None  # monotonic time of the last line; None: never said
+        self._level = logging.WARNING
+        self._fields: dict = {}
+
+    def count(self, level: int, events: int = 1, **fields) -> None:
+        with self._lock:
+            self._since_last_line += events
+            self._level, self._fields = level, fields
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if not self._since_last_line or (self._said_at is not None and now - self._said_at < self.every_s):
+                return
+            events, self._since_last_line, self._said_at = self._since_last_line, 0, now
+            level, fields = self._level, self._fields
+        self.logger.log(level, self.message, extra={**fields, "since_last_line": events})
