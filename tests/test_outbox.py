@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -607,6 +608,40 @@ def test_the_ack_histogram_times_the_broker_not_an_outage(tmp_path):
         assert wait_until(lambda: publisher.unacknowledged() == 0 and len(timed) == after + 1, 10), timed
         assert publisher.stop({"state": "online"})
     assert after - before <= 1 and max(timed) < 1.0, timed  # the three of the outage are not timed
+
+
+@contextmanager
+def outage_before_a_pos(tmp_path, **bounds):
+    """A POS whose session the broker keeps (persistence) and a publisher with an outbox of `bounds`; the broker
+    stopped once everything was acknowledged, and the publisher's first try to reconnect failed, so new messages
+    are held back in the outbox (before that try, paho queues them itself). Yields (broker, publisher, what the POS
+    got: the transactions); on leaving, the publisher stops and anything more would have come."""
+    needs_broker()
+    with LocalBroker(persistence=True) as broker:
+        pos = Subscriber(broker.port, "tillsight/store-1/till-1/analytics/transaction", persistent_id="pos-1")
+        publisher = connected_publisher(broker.port, Outbox(tmp_path / "outbox.sqlite3", **bounds))
+        assert wait_until(lambda: publisher.unacknowledged() == 0, 10)
+        broker.stop()
+        assert wait_until(lambda: "refused" in (publisher.connection_error or ""), 15), publisher.connection_error
+        yield broker, publisher, lambda: [b["transaction"] for b in pos.json("/analytics/transaction")]
+        assert publisher.stop({"state": "online"})
+        time.sleep(0.5)
+        pos.close()
+
+
+def test_messages_the_outbox_dropped_leave_the_held_back_queue_and_are_not_counted_unacknowledged(tmp_path):
+    """Broker down, outbox bound 1,000, 200,000 messages: the held-back queue kept all 200,000 (21 MB) while the
+    outbox kept 1,000, and unacknowledged() (in the status, the reload check and the exit line) said 200,000. Now
+    it says what is still to be delivered, and the broker's return delivers exactly that."""
+    with outage_before_a_pos(tmp_path, max_messages=100) as (broker, publisher, delivered):
+        for n in range(1000):
+            publisher.publish_transaction_band("till-1", f"T-{n}", "25-34")
+        waiting = publisher.unacknowledged()
+        assert (waiting, publisher.outbox.depth(), publisher.outbox.dropped) == (100, 100, 900)
+        assert len(publisher._held) <= 100
+        broker.start()
+        assert wait_until(lambda: publisher.send_held() or len(delivered()) >= waiting, 30), len(delivered())
+    assert delivered() == [f"T-{n}" for n in range(900, 1000)]
 
 
 def test_an_acknowledged_message_does_not_stay_on_disk(tmp_path, monkeypatch):
