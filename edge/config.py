@@ -670,7 +670,7 @@ class OutboxConfig(Strict):
     # memory only (a replay writes no file unless this is set)
     path: Path | None = None
     max_messages: Annotated[int, Field(ge=100, le=10_000_000)] = 100_000
-    max_age_s: Annotated[float, Field(gt=0, le=30 * 86_400)] = 86_400.0  # older messages are dropped at start
+    max_age_s: Annotated[float, Field(gt=0, le=30 * 86_400)] = 86_400.0  # older messages are dropped, never sent
 
     @field_validator("path")
     @classmethod

@@ -486,7 +486,7 @@ class Publisher:
 
     def _forget_dropped_held(self) -> None:
         """Under _held_lock: the held-back messages at the front whose outbox rows are gone (dropped over its
-        bound) leave the queue now, not at the reconnect: through a long outage the queue otherwise
+        bound, or too old) leave the queue now, not at the reconnect: through a long outage the queue otherwise
         kept an entry for every message made (200,000 of them at an outbox bound of 1,000: 21 MB), and
         unacknowledged() counted them as still to be delivered. The outbox drops its oldest rows first, so the
         ones gone are at the front; answers held there (no row: they go at the reconnect) stay, in their order."""

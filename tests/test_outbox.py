@@ -150,6 +150,31 @@ def test_an_outbox_at_its_bound_drops_its_oldest_without_copying_the_queue_and_s
         assert db.execute("SELECT payload FROM outbox ORDER BY key LIMIT 1").fetchone() == (b"2000",)  # the oldest went
 
 
+def test_messages_too_old_are_dropped_while_the_outbox_runs_not_only_at_its_start(tmp_path, monkeypatch, caplog):
+    """Only the start dropped rows older than max_age_s: a daemon up for weeks through a 3-day outage sent 3-day-old
+    alerts at the broker's return and kept those per-person records past max_age_s. A row found too old when it
+    is about to be sent (get()) is dropped then; the service's tick drops the rest, at most once a minute."""
+    import edge.outbox
+
+    path = tmp_path / "outbox.sqlite3"
+    box = Outbox(path, max_age_s=1.0)
+    old = [box.add("t/old", b"%d" % n, 1) for n in range(5)]
+    time.sleep(1.05)
+    fresh = [box.add("t/fresh", b"%d" % n, 1) for n in range(3)]
+    box.tidy()  # not a minute since the start's sweep: nothing swept yet
+    assert box.depth() == 8
+    assert box.get(old[0]) is None and box.get(fresh[0]) is not None  # too old to send: dropped there and then
+    monkeypatch.setattr(edge.outbox, "EXPIRED_SWEEP_EVERY_S", 0.0)  # the minute has passed
+    box.tidy()
+    assert [row.key for row in box.backlog()] == fresh and box.status()["dropped"] == 5
+    with sqlite3.connect(path) as db:  # gone from the file too
+        assert [key for key, in db.execute("SELECT key FROM outbox ORDER BY key")] == fresh
+    said = [(r.since_last_line, r.dropped) for r in caplog.records
+            if r.getMessage() == "outbox: messages too old to send dropped"]
+    assert said == [(1, 1)]  # the sweep's 4 wait for the line a minute from now
+    box.close()
+
+
 def test_a_corrupt_file_is_set_aside_and_the_outbox_goes_on_on_disk(tmp_path, caplog):
     path = tmp_path / "outbox.sqlite3"
     path.write_bytes(b"this is not an SQLite database" * 100)
@@ -643,6 +668,22 @@ def test_messages_the_outbox_dropped_leave_the_held_back_queue_and_are_not_count
         assert wait_until(lambda: publisher.send_held() or len(delivered()) >= waiting, 30), len(delivered())
     assert delivered() == [f"T-{n}" for n in range(900, 1000)]
 
+
+def test_a_message_held_back_through_an_outage_longer_than_max_age_is_never_sent(tmp_path):
+    """A message held back in the outbox through an outage longer than max_age_s was sent at the broker's return
+    (a 3-day-old alert, on the till's screen): it is dropped instead, and what came since goes."""
+    with outage_before_a_pos(tmp_path, max_age_s=2.0) as (broker, publisher, delivered):
+        for n in range(5):
+            publisher.publish_transaction_band("till-1", f"old-{n}", "25-34")
+        time.sleep(2.2)  # longer than max_age_s
+        delivered_before = publisher.delivered
+        broker.start()
+        # its status, sent on the new connection, is acknowledged: paho's re-send is over and what is held may go
+        assert wait_until(lambda: publisher.delivered > delivered_before, 30)
+        for n in range(3):
+            publisher.publish_transaction_band("till-1", f"new-{n}", "25-34")
+        assert wait_until(lambda: publisher.send_held() or len(delivered()) >= 3, 30), delivered()
+    assert delivered() == ["new-0", "new-1", "new-2"] and publisher.outbox.dropped == 5
 
 def test_an_acknowledged_message_does_not_stay_on_disk(tmp_path, monkeypatch):
     """The write-ahead log kept every message written since its last reset, acknowledged or not (197 estimates with
