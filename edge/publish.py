@@ -28,7 +28,9 @@ PUBACK on a connection is read after that re-send, so it is the sign to go on.
 Delivery problems are never silent: a refused connection (wrong password, bad
 certificate) is one log line per distinct reason and shows in `problem()`; a
 publish the broker refuses (an ACL denial: MQTT 5 PUBACK reason code >= 0x80)
-is counted in `denied`, logged, and never counted as delivered.
+is counted in `denied`, logged (a topic once while it is among the last
+DENIED_TOPICS_KEPT refused, and at most a line a minute), and never counted as
+delivered.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
@@ -53,6 +55,7 @@ from paho.mqtt.properties import Properties
 from edge import __version__
 from edge.config import PASSWORD_FILE_READ, MqttConfig, password_problem
 from edge.errors import UserError
+from edge.logs import SummarizedLog
 from edge.outbox import Outbox
 from edge.peers import MAX_STATUS_BYTES, new_instance
 from edge.types import TrackEstimate
@@ -66,6 +69,9 @@ SHORT_SESSION_S = 5.0
 SHORT_SESSIONS = 3
 SCHEMA = 1
 EARLY_ACKS_KEPT = 1024  # acks of QoS 0 messages pile up here (nothing claims them): the bound
+# the topics whose refusal by the broker was said, the latest: a POS's reply topics may all differ (one a check),
+# and a set of each one refused grew by an entry and a log line at every check an ACL refused
+DENIED_TOPICS_KEPT = 256
 # The largest packet each listening connection takes (MQTT 5; the broker drops a larger one for it): a status
 # (MAX_STATUS_BYTES) with its topic and properties; the POS's checks and transactions are refused over 16 KB
 # (edge/pos.py MAX_PAYLOAD), and up to four times that still arrive, to be refused unread with an error reply.
@@ -167,7 +173,8 @@ class Publisher:
         self._pending: dict[int, tuple[int | None, str, int, int | None]] = {}
         self._connection = 0  # counts the connections made: an ack on another than the send's is no latency
         self.on_ack = None  # (seconds from handing a QoS 1 message to paho to its PUBACK) -> None: the metrics
-        self._denied_topics: set[str] = set()  # logged once each
+        self._denied_topics: OrderedDict[str, None] = OrderedDict()  # the latest refused, oldest first: said once each
+        self._denied_log = SummarizedLog(log, "MQTT broker refused a message (ACL?)")
         # acks that raced ahead of publish() returning its mid: mid -> (reason code, monotonic ns when it came)
         self._acked_early: dict[int, tuple[object, int]] = {}
         self._lock = threading.Lock()
@@ -507,6 +514,7 @@ class Publisher:
         if self._held:
             with self._held_lock:
                 self._send_held()
+        self._denied_log.flush()
         if self._status_refused:
             self._status_refused = False
             self.publish_status(self._status)
@@ -560,14 +568,23 @@ class Publisher:
     def _acknowledged(self, topic: str, key: int | None, reason_code) -> None:
         if getattr(reason_code, "is_failure", False):  # MQTT 5: e.g. 0x87 Not authorized (an ACL)
             self.denied += 1
-            if topic not in self._denied_topics:  # once per topic; `denied` counts them all
-                self._denied_topics.add(topic)
-                log.log(self.problem_level, "MQTT broker refused a message (ACL?)",
-                        extra={"topic": topic, "reason": str(reason_code), "denied": self.denied})
+            self._refusal_said(topic, reason_code)
         else:
             self.delivered += 1
         if key is not None:  # delivered, or refused for good: resending would not help
             self.outbox.done(key)
+
+    def _refusal_said(self, topic: str, reason_code) -> None:
+        """A topic refused for the first time (among the latest DENIED_TOPICS_KEPT) is counted into a line said
+        at most once a minute; `denied` counts every refusal."""
+        with self._lock:  # paho's thread, and a camera's for an ack that came before publish() returned
+            if topic in self._denied_topics:
+                self._denied_topics.move_to_end(topic)
+                return
+            self._denied_topics[topic] = None
+            if len(self._denied_topics) > DENIED_TOPICS_KEPT:
+                self._denied_topics.popitem(last=False)
+        self._denied_log.count(self.problem_level, topic=topic, reason=str(reason_code), denied=self.denied)
 
     def unacknowledged(self) -> int:
         """QoS>0 messages the broker has not acknowledged: with paho, or held back in the outbox."""

@@ -685,6 +685,36 @@ def test_a_message_held_back_through_an_outage_longer_than_max_age_is_never_sent
         assert wait_until(lambda: publisher.send_held() or len(delivered()) >= 3, 30), delivered()
     assert delivered() == ["new-0", "new-1", "new-2"] and publisher.outbox.dropped == 5
 
+def test_the_topics_the_broker_refuses_are_remembered_and_said_within_bounds(tmp_path, caplog):
+    """Each reply topic the broker's ACL refused stayed in a set for ever, with an error line each: a POS whose
+    every check names its own reply topic grew both without end. The latest DENIED_TOPICS_KEPT are remembered
+    (one of them refused again is not said again), and the new ones are said in one line a minute at most, with
+    the count since; `denied` counts every refusal."""
+    needs_broker()
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite tillsight/#\n")  # anonymous clients: the POS's reply topics are refused
+    with LocalBroker(extra_config=f"acl_file {acl}") as broker:
+        publisher = connected_publisher(broker.port, Outbox(None))
+        assert wait_until(lambda: publisher.unacknowledged() == 0, 10)  # its status: what is held may go
+        checks = 400  # more than are remembered
+        for n in range(checks):
+            publisher.publish_reply(f"pos/till-1/reply/{n}", {"answer": n}, b"%d" % n)
+        assert wait_until(lambda: publisher.denied == checks, 30), publisher.denied
+        refused = lambda: [r for r in caplog.records if r.getMessage() == "MQTT broker refused a message (ACL?)"]  # noqa: E731
+        assert len(refused()) == 1, len(refused())
+        assert (refused()[0].topic, refused()[0].since_last_line) == ("pos/till-1/reply/0", 1)
+        from edge.publish import DENIED_TOPICS_KEPT
+        assert len(publisher._denied_topics) == DENIED_TOPICS_KEPT < checks
+        publisher._denied_log.every_s = 0.0  # its minute is over: the service's tick says what came since
+        publisher.send_held()
+        assert [(r.since_last_line, r.denied) for r in refused()] == [(1, 1), (checks - 1, checks)]
+        publisher.publish_reply(f"pos/till-1/reply/{checks - 1}", {"answer": "again"}, None)  # a recent one again
+        assert wait_until(lambda: publisher.denied == checks + 1, 10)
+        publisher.send_held()
+        assert len(refused()) == 2
+        publisher.stop({"state": "online"}, timeout_s=2)
+
+
 def test_an_acknowledged_message_does_not_stay_on_disk(tmp_path, monkeypatch):
     """The write-ahead log kept every message written since its last reset, acknowledged or not (197 estimates with
     their transaction ids after a kill -9, 2026-11-27 privacy review), and a deleted row's bytes stayed in the
