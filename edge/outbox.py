@@ -175,7 +175,7 @@ class Outbox:
             if _corrupt(exc) and salvaged is None:
                 self._replace_corrupt(path, exc)
             else:
-                self._to_memory(f"cannot use {path}: {exc}")
+                self._to_memory(f"cannot use {path}: {exc}{_not_writable(path)}")
             return
         self._db = db
         self.state, self.reason = "disk", None
@@ -492,6 +492,16 @@ class Outbox:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
+
+
+def _not_writable(path: Path) -> str:
+    """Why SQLite's "unable to open database file" (or "attempt to write a readonly database"), if it is this
+    process's permissions: said with the setting to change, where the line named neither."""
+    for target, what in ((path, "the file"), (path.parent, "its folder")):
+        if target.exists() and not os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
+            return f" ({what} {target} is not writable by uid {os.geteuid()}: change its owner or mode, or " \
+                   "outbox.path)"
+    return ""
 
 
 def _forget_old_corrupt(path: Path) -> None:

@@ -909,3 +909,24 @@ def test_a_frame_batch_inside_another_and_qos0_estimates_keep_the_frames_order(t
     assert order == ["tillsight/s/till-1/alert"] + ["tillsight/s/till-1/estimate"] * 2
     assert [r.topic for r in box.backlog()] == ["tillsight/s/till-1/alert"]  # QoS 0: not kept
     box.close()
+
+
+def test_an_outbox_folder_the_daemon_may_not_write_in_is_said_with_the_setting(tmp_path):
+    """SQLite's "unable to open database file" was all the line said: neither permissions nor outbox.path."""
+    import os
+    import shutil
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    # root writes anywhere: as root, without the capability that lets it (as the service's own user would be)
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search",
+            "--inh-caps=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    if drop and shutil.which("setpriv") is None:
+        absent("setpriv (util-linux) is not installed")
+    script = ("import sys; from pathlib import Path; from edge.outbox import Outbox; "
+              "outbox = Outbox(Path(sys.argv[1])); print(outbox.state); print(outbox.reason)")
+    result = subprocess.run(drop + [sys.executable, "-c", script, str(folder / "outbox.sqlite3")], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines() == [
+        "memory", f"cannot use {folder / 'outbox.sqlite3'}: unable to open database file (its folder {folder} is not "
+                  f"writable by uid {os.geteuid()}: change its owner or mode, or outbox.path)"], result.stderr
