@@ -5,6 +5,7 @@ import json
 import re
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -175,12 +176,16 @@ def test_replay_with_no_broker_and_an_outbox_file_waits_and_fails_saying_what_it
     assert Outbox(outbox).depth() == int(said[2])
 
 
-def _interrupt_replay(config, clip, ack_timeout: int) -> tuple[subprocess.CompletedProcess, float]:
+def _interrupt_replay(config, clip, ack_timeout: int, playing) -> tuple[subprocess.CompletedProcess, float]:
+    """Ctrl-C once `playing()` says the replay publishes (its models loaded: the 9 s clip plays at its own pace)."""
     replay = subprocess.Popen([sys.executable, "-m", "edge", "replay", str(clip), "--config", str(config), "--realtime",
                                "--ack-timeout", str(ack_timeout)], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(4)  # models loaded, the 9 s clip playing at its own pace, its status and estimates published
+        deadline = time.monotonic() + 60
+        while not playing() and time.monotonic() < deadline and replay.poll() is None:
+            time.sleep(0.1)
+        time.sleep(0.5)
         assert replay.poll() is None, replay.stderr.read()
         replay.send_signal(signal.SIGINT)
         started = time.monotonic()
@@ -197,7 +202,15 @@ def test_ctrl_c_in_a_replay_with_an_outbox_stops_at_once_saying_what_it_kept(tmp
     from edge.outbox import Outbox
     port, outbox = free_port(), tmp_path / "outbox.sqlite3"
     config = replay_config(tmp_path, port, age_models[40], outbox={"path": str(outbox)})
-    result, stop_s = _interrupt_replay(config, hamilton_clip, ack_timeout=120)
+
+    def queued() -> bool:  # the status it starts with, at least, kept on disk (a reader beside the writer: WAL)
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{outbox}?mode=ro", uri=True)) as db:
+                return db.execute("SELECT count(*) FROM outbox").fetchone()[0] > 0
+        except sqlite3.Error:
+            return False
+
+    result, stop_s = _interrupt_replay(config, hamilton_clip, ack_timeout=120, playing=queued)
     assert result.returncode == 130, result.stderr
     assert stop_s < 60  # THREADS_STOP_S and the half second the outbox's stop waits, not the 120 s
     last = result.stderr.strip().splitlines()[-1]
@@ -210,7 +223,12 @@ def test_ctrl_c_in_a_replay_with_an_outbox_stops_at_once_saying_what_it_kept(tmp
 def test_ctrl_c_in_a_replay_with_its_broker_up_says_everything_was_acknowledged(tmp_path, broker, age_models,
                                                                                    hamilton_clip):
     config = replay_config(tmp_path, broker.port, age_models[40])
-    result, _ = _interrupt_replay(config, hamilton_clip, ack_timeout=30)
+    status = Subscriber(broker.port, "tillsight/store-1/+/status")
+    try:
+        result, _ = _interrupt_replay(config, hamilton_clip, ack_timeout=30,
+                                      playing=lambda: any(m["state"] == "online" for m in status.json("/status")))
+    finally:
+        status.close()
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip() == "tillsight: error: interrupted: every message published so far was acknowledged"
 
