@@ -582,6 +582,7 @@ def cmd_status(args) -> int:
         by_daemon.setdefault(daemon, {"daemon": daemon, "state": MISSING,
                                       "problems": ["never published a status: not started, or refused at start "
                                                    "before it could say why (its journal says)"
+                                                   + _instance_hint(daemon, by_daemon)
                                                    + ("" if statuses else f"; and no daemon at all under "
                                                       f"{terminal.base}/: is the store id right?")]})
     bodies = [by_daemon[daemon] for daemon in sorted(by_daemon)]
@@ -593,6 +594,17 @@ def cmd_status(args) -> int:
         for daemon in sorted(by_daemon):  # named by its topic: a body may say no daemon, or another's
             print(describe_status({**by_daemon[daemon], "daemon": daemon}, now))
     return 0 if all(body.get("state") == "online" and stale(body, now) is None for body in bodies) else 1
+
+
+def _instance_hint(expected: str, by_daemon: dict) -> str:
+    """An expected id that is a systemd instance's name (`tills-a`) where the store has `HOST-tills-a`: the
+    instance publishes as the latter (edge/service.py, daemon_id_of). Said, not matched: a suffix taken for the
+    daemon would let another server's `tills-a` pass the check of one that never started."""
+    named = sorted(daemon for daemon in by_daemon if daemon.endswith(f"-{expected}"))
+    if not named:
+        return ""
+    return (f"; the store has {', '.join(named)}: a systemd instance without a daemon_id publishes as "
+            f"HOST-NAME, expect that id")
 
 
 def _expected_daemons(text: str | None) -> list[str]:

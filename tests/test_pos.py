@@ -571,6 +571,32 @@ def test_an_instance_given_another_daemons_outbox_says_failed_and_a_second_start
         tillsight("status", "--port", str(broker.port), "--store", "store-1", "--forget", "tills-b")
 
 
+def test_expect_takes_ids_whole_and_names_the_instance_id_an_instance_name_stands_for(broker):
+    """On a store server `tillsight@tills-a` publishes as HOST-tills-a: README's `--expect tills-a` never passed
+    (missing, exit 1, with vm-tills-a online) and said nothing of why (2026-11-28 review). Ids stay matched whole
+    (another server's tills-a must not pass for this one's); the missing line names the id to expect."""
+    from edge.publish import utc_iso
+    publisher = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="vm-tills-a")
+    publisher.connect("127.0.0.1", broker.port)
+    publisher.loop_start()
+    body = {"daemon": "vm-tills-a", "state": "online", "time": utc_iso(), "status_interval_s": 30, "cameras": {}}
+    publisher.publish("tillsight/store-1/vm-tills-a/status", json.dumps(body), qos=1, retain=True).wait_for_publish(5)
+    try:
+        store = ["--port", str(broker.port), "--store", "store-1", "--wait", "0.3"]
+        named = tillsight("status", *store, "--expect", "tills-a")
+        lines = {line.split()[0]: line for line in named.stdout.splitlines()}
+        assert named.returncode == 1 and sorted(lines) == ["tills-a", "vm-tills-a"], named.stdout
+        assert lines["tills-a"].split()[1] == "missing" and lines["tills-a"].endswith(
+            "; the store has vm-tills-a: a systemd instance without a daemon_id publishes as HOST-NAME, expect that "
+            "id"), lines["tills-a"]
+        whole = tillsight("status", *store, "--expect", "vm-tills-a")
+        assert whole.returncode == 0 and whole.stdout.split()[:2] == ["vm-tills-a", "online"], whole.stdout
+    finally:
+        publisher.publish("tillsight/store-1/vm-tills-a/status", b"", qos=1, retain=True).wait_for_publish(5)
+        publisher.loop_stop()
+        publisher.disconnect()
+
+
 @pytest.fixture
 def daemon(tmp_path, broker, age_models, carphone_clip):
     """`tillsight run` with the carphone clip as a live camera (an adult, answering 40), logs to a file."""
