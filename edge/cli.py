@@ -25,14 +25,32 @@ def main(argv: list[str] | None = None) -> int:
         _check_out_folder(args)
         return args.handler(args) or 0
     except ConfigError as exc:
-        for line in exc.problems:
-            print(line, file=sys.stderr)
+        if _says_errors_in_json(args):
+            _say_json_error("config refused", problems=exc.problems)
+        else:
+            for line in exc.problems:
+                print(line, file=sys.stderr)
         return EXIT_USAGE
     except (ModelError, UserError, OutboxInUse) as exc:
-        print(f"tillsight: error: {exc}", file=sys.stderr)
+        if _says_errors_in_json(args):
+            _say_json_error(str(exc))
+        else:
+            print(f"tillsight: error: {exc}", file=sys.stderr)
         return getattr(exc, "code", EXIT_FAILURE)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _says_errors_in_json(args) -> bool:
+    """`run` under `[logging] format = "json"` (the default): its journal is read by a log pipeline, and its last
+    line, why it stopped, is the one the pipeline needs most. Every other command speaks to a person."""
+    from edge.config import log_format_of
+    return args.command == "run" and log_format_of(args.config) == "json"
+
+
+def _say_json_error(message: str, **fields) -> None:
+    from edge.logs import json_error_line
+    print(json_error_line("edge.cli", message, **fields), file=sys.stderr)
 
 
 def _check_out_folder(args) -> None:

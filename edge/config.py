@@ -1193,6 +1193,17 @@ def read_document(path: Path) -> dict:
     return data
 
 
+def log_format_of(path: Path) -> str:
+    """The `[logging] format` a config asks for, read even from a config refused for anything else; the default
+    ("json") where it names none or cannot be read: what `run` says its last words in."""
+    try:
+        logging_section = read_document(Path(path)).get("logging")
+    except ConfigError:
+        return LoggingConfig().format
+    chosen = logging_section.get("format") if isinstance(logging_section, dict) else None
+    return chosen if chosen in ("json", "text") else LoggingConfig().format
+
+
 class _Identity(BaseModel):
     """The part of a config that says who a daemon is and where it publishes."""
     model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)

@@ -33,6 +33,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(body, default=str)
 
 
+def json_error_line(logger: str, message: str, **fields) -> str:
+    """An error said outside logging (a command's last words) as the JSON log lines say theirs."""
+    record = logging.LogRecord(logger, logging.ERROR, "", 0, message, (), None)
+    record.__dict__.update(fields)
+    return JsonFormatter().format(record)
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         extras = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD and v is not None)

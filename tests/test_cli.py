@@ -12,7 +12,7 @@ import pytest
 
 from edge.errors import ModelError
 from edge.runtime import check_single_onnxruntime
-from tskit import REPO, tillsight, write_config
+from tskit import REPO, run_error, tillsight, write_config
 
 
 def one_line_error(result, code=1) -> str:
@@ -81,9 +81,30 @@ def test_corrupt_detector_in_config(tmp_path, age_models, carphone_clip):
 
 def test_run_with_a_bad_config_exits_2(tmp_path):
     config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "a", "source": "rtsp//x"}])
-    line = one_line_error(tillsight("run", "--config", str(config)), code=2)
+    [line] = run_error(tillsight("run", "--config", str(config)), 2)["problems"]
     # relative paths are taken from the config file's folder, and the message says where it looked
     assert line.startswith(f"cameras.0.source: video file '{tmp_path / 'rtsp/x'}' not found")
+
+
+def test_run_says_why_it_stopped_in_its_log_format(tmp_path):
+    """deploy/README: under `[logging] format = "json"` every journal line is JSON; `run`'s last line, why it
+    stopped, was plain text, the one line a log pipeline most needs and could not parse (2026-11-28 review).
+    It is a JSON log line now, shaped as the others; `format = "text"` and the other commands stay plain."""
+    refused = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "a", "source": 0, "fps_limit": -1}])
+    record = run_error(tillsight("run", "--config", str(refused)), 2)
+    assert (record["msg"], len(record["problems"])) == ("config refused", 1), record
+    assert record["problems"][0].startswith("cameras.0.fps_limit: "), record
+    missing = tmp_path / "nowhere.toml"  # no config to read a format from: the default's
+    assert run_error(tillsight("run", "--config", str(missing)), 2)["problems"] == [
+        f"{missing}: config file not found"]
+    model = write_config(tmp_path / "m.toml", store_id="s", cameras=[{"id": "a", "source": 0}],
+                         models={"age_model": str(tmp_path / "gone.onnx")}, mqtt={"host": "127.0.0.1", "port": 9})
+    assert run_error(tillsight("run", "--config", str(model)), 1)["msg"] == (
+        f"age model not found: {tmp_path / 'gone.onnx'}")
+    as_text = write_config(tmp_path / "t.toml", store_id="s", cameras=[{"id": "a", "source": 0, "fps_limit": -1}],
+                           logging={"format": "text"})
+    assert one_line_error(tillsight("run", "--config", str(as_text)), 2).startswith("cameras.0.fps_limit: ")
+    assert one_line_error(tillsight("config", "check", str(refused)), 2).startswith("cameras.0.fps_limit: ")
 
 
 def test_replay_of_a_missing_video(tmp_path, carphone_clip):

@@ -104,6 +104,16 @@ def tillsight(*args: str, timeout: float = 240, python: str = sys.executable, **
                           timeout=timeout, cwd=kwargs.pop("cwd", REPO), **kwargs)
 
 
+def run_error(result: subprocess.CompletedProcess, code: int) -> dict:
+    """`run`'s last words under `[logging] format = "json"` (the default): a JSON log line at level error, as its
+    log lines are, after them; where it was a plain line a log pipeline could not parse it."""
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    record = json.loads(lines[-1])
+    assert (record["level"], record["logger"]) == ("error", "edge.cli") and {"time", "msg"} <= set(record), record
+    return record
+
+
 def clear_of_a_day_boundary(needed_s: float = 180.0) -> None:
     """Wait out local midnight if it is less than `needed_s` away: a test that counts customers in a daily
     analytics interval (aligned in local time, edge/analytics.py) must not see that interval end under it."""
