@@ -8,6 +8,7 @@ import re
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -23,9 +24,16 @@ def printable(text: str) -> str:
                            else f"\\u{ord(m.group()):04x}", text)
 
 
+def utc_iso(timestamp: float) -> str:
+    """ISO 8601 in UTC to the millisecond, `Z`: the MQTT payloads' times (edge.publish), so that a log line and
+    the message it is about read alike on a till whose clock is set to local time."""
+    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        body = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
+        body = {"time": utc_iso(record.created), "level": record.levelname.lower(),
                 "logger": record.name, "msg": record.getMessage()}
         body.update({k: v for k, v in vars(record).items() if k not in _STANDARD and v is not None})
         if record.exc_info:

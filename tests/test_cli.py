@@ -107,6 +107,25 @@ def test_run_says_why_it_stopped_in_its_log_format(tmp_path):
     assert one_line_error(tillsight("config", "check", str(refused)), 2).startswith("cameras.0.fps_limit: ")
 
 
+def test_log_times_are_utc_to_the_millisecond_as_the_payloads_times(tmp_path):
+    """Log lines said local time to the second with no offset ("2026-11-28T05:50:07" under TZ=Asia/Kolkata)
+    where the MQTT payloads say UTC to the millisecond with Z: a log line could not be matched to its message."""
+    import logging
+    import time
+    from datetime import datetime
+
+    from edge.logs import JsonFormatter
+    from edge.publish import utc_iso
+    record = logging.LogRecord("edge.x", logging.INFO, "", 0, "hello", (), None)
+    record.created = 1795844407.4129  # 2026-11-28T05:40:07.412 UTC
+    assert json.loads(JsonFormatter().format(record))["time"] == "2026-11-28T05:40:07.412Z" == utc_iso(record.created)
+    config = write_config(tmp_path / "c.toml", store_id="s", cameras=[{"id": "a", "source": 0, "fps_limit": -1}])
+    before = time.time()
+    said = run_error(tillsight("run", "--config", str(config), env={**os.environ, "TZ": "Asia/Kolkata"}), 2)["time"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", said), said
+    assert before - 1 <= datetime.fromisoformat(said.replace("Z", "+00:00")).timestamp() <= time.time() + 1, said
+
+
 def test_replay_of_a_missing_video(tmp_path, carphone_clip):
     line = one_line_error(tillsight("replay", str(tmp_path / "nope.mp4")), code=2)
     assert line == f"VIDEO: video file '{tmp_path / 'nope.mp4'}' not found"  # the command line's, not a config key
