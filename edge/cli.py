@@ -11,7 +11,7 @@ from pathlib import Path
 
 from edge import __version__
 
-from edge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, ModelError, UserError
+from edge.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_READER_GONE, EXIT_USAGE, ModelError, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,15 @@ def main(argv: list[str] | None = None) -> int:
         from edge.runtime import check_single_onnxruntime
         check_single_onnxruntime()
         _check_out_folder(args)
-        return args.handler(args) or 0
+        code = args.handler(args) or 0
+        sys.stdout.flush()  # a reader gone is found here, not in the interpreter's last flush (a traceback there)
+        return code
+    except BrokenPipeError:
+        if not _stdout_reader_gone():  # another pipe or socket: not this
+            raise
+        # Python's recipe (signal docs, "Note on SIGPIPE"): stdout onto /dev/null, where the last flush cannot fail
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_READER_GONE
     except ConfigError as exc:
         if _says_errors_in_json(args):
             _say_json_error("config refused", problems=exc.problems)
@@ -39,6 +47,17 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(exc, "code", EXIT_FAILURE)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+
+
+def _stdout_reader_gone() -> bool:
+    """stdout is a pipe whose reader went (`tillsight status --json | head`): the pipe's write end polls POLLERR."""
+    import select
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # stdout closed, or no file
+        return False
 
 
 def _says_errors_in_json(args) -> bool:

@@ -2,6 +2,9 @@
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+# 128 + SIGPIPE, as a shell reports `cat` whose reader went (`| head`): a pipeline's own convention, and apart
+# from 1, which `status` says for a daemon not online
+EXIT_READER_GONE = 141
 
 
 class UserError(Exception):

@@ -295,14 +295,24 @@ class Terminal:
         return dict(found)
 
     def watch(self, print_line, seconds: float | None = None) -> None:
+        """`print_line` each message until `seconds` have passed; an output that can no longer be written
+        (`| head` gone) ends the watch with its error, raised here: in the client's thread it was a traceback,
+        and the watch went on for ever printing nothing."""
         seen = RecentIds()
+        write_failed: list[OSError] = []
 
         def on_message(msg) -> None:
-            if not seen.repeated(msg.payload):  # QoS 1 is at least once: a re-sent message is shown once
+            if write_failed or seen.repeated(msg.payload):  # QoS 1 is at least once: a re-sent one is shown once
+                return
+            try:
                 print_line(describe(msg.topic, msg.payload))
+            except OSError as exc:
+                write_failed.append(exc)
 
         self.on_message = on_message
         self.subscribe([f"{self.base}/+/alert", f"{self.base}/+/estimate", f"{self.base}/pos/#"])
         deadline = None if seconds is None else time.monotonic() + seconds
         while deadline is None or time.monotonic() < deadline:
+            if write_failed:
+                raise write_failed[0]
             time.sleep(0.1)

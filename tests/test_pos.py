@@ -594,6 +594,47 @@ def test_expect_takes_ids_whole_and_names_the_instance_id_an_instance_name_stand
         publisher.disconnect()
 
 
+def test_a_reader_gone_ends_status_and_pos_watch_with_141_not_a_traceback(broker):
+    """`tillsight status --json | head` and `tillsight pos ... watch | head` ended in a BrokenPipeError traceback
+    (watch's in the client's thread, after which it ran on for ever printing nothing). Now they end at once with
+    no word, exit 141 as a shell reports `cat` whose reader went: not status's 1, "a daemon is not online"."""
+    from edge.publish import utc_iso
+    flood = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="flood")
+    flood.connect("127.0.0.1", broker.port)
+    flood.loop_start()
+    body = {"daemon": "till-pc-1", "state": "online", "time": utc_iso(), "status_interval_s": 30, "problems": []}
+    flood.publish(f"{BASE}/till-pc-1/status", json.dumps(body), qos=1, retain=True).wait_for_publish(5)
+    broker_options = ["--port", str(broker.port), "--store", "store-1"]
+
+    def piped(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "edge", *args], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        status = piped("status", *broker_options, "--json", "--wait", "0.3")
+        status.stdout.close()  # the reader went before a word was written
+        assert (status.wait(60), status.stderr.read()) == (141, "")
+        watch = piped("pos", *broker_options, "watch")  # no --seconds: until its reader goes
+        watch_ended = threading.Event()
+
+        def estimates_until_the_watch_ends() -> None:  # it subscribes after it starts: none is sent before
+            for seq in range(3000):
+                if watch_ended.wait(0.01):
+                    return
+                flood.publish(f"{BASE}/till-1/estimate", json.dumps({"seq": seq}), qos=1)
+        threading.Thread(target=estimates_until_the_watch_ends, daemon=True).start()
+        try:
+            assert watch.stdout.readline().startswith(f"{BASE}/till-1/estimate")
+            watch.stdout.close()
+            assert (watch.wait(30), watch.stderr.read()) == (141, "")
+        finally:
+            watch_ended.set()
+            watch.kill()
+    finally:
+        flood.publish(f"{BASE}/till-pc-1/status", b"", qos=1, retain=True).wait_for_publish(5)
+        flood.loop_stop()
+        flood.disconnect()
+
+
 @pytest.fixture
 def daemon(tmp_path, broker, age_models, carphone_clip):
     """`tillsight run` with the carphone clip as a live camera (an adult, answering 40), logs to a file."""
