@@ -156,7 +156,8 @@ def check_metrics(config: Config) -> CheckResult | None:
         try:
             probe.bind(address)
         except OSError as exc:
-            return CheckResult("metrics port", False, f"{address[0]}:{address[1]} cannot be served: {exc.strerror or exc}")
+            from edge.metrics import unservable
+            return CheckResult("metrics port", False, unservable(*address, exc))
     return CheckResult("metrics port", True, f"{address[0]}:{address[1]} free")
 
 

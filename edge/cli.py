@@ -574,7 +574,19 @@ def _terminal(args):
     credentials = {key: str(value) for key, value in (("username", args.username),
                                                        ("password_file", args.password_file)) if value is not None}
     mqtt_config = _check_broker_options(host, port, store, prefix, {**(mqtt or {}), **credentials})
-    return Terminal(host, port, f"{prefix}/{store}", mqtt_config=mqtt_config if mqtt or credentials else None)
+    return Terminal(host, port, f"{prefix}/{store}", mqtt_config=mqtt_config if mqtt or credentials else None,
+                    settings=_broker_settings(args))
+
+
+def _broker_settings(args):
+    """The option or config key each of the broker's settings came from, for a connection problem to name: a
+    config's key names nothing to fix where an option was given, or where there is no config."""
+    from edge.pos_terminal import BrokerSettings
+    from_config = args.config is not None
+    return BrokerSettings(
+        host="mqtt.host" if from_config and args.host is None else "--host",
+        login="mqtt.username and mqtt.password_file" if from_config and args.username is None
+        else "--username and --password-file")
 
 
 def _check_broker_options(host: str, port: int, store: str, prefix: str, mqtt: dict):

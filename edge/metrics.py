@@ -13,6 +13,7 @@ service, so the stages keep pointing one way. deploy/grafana-dashboard.json show
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import time
@@ -162,7 +163,7 @@ class Metrics:
         try:
             self.server, _ = start_http_server(port, addr=host, registry=self.registry)
         except OSError as exc:
-            reason = f"metrics endpoint {host}:{port} not served: {exc.strerror or exc}"
+            reason = unservable(host, port, exc)
             log.error(reason)
             return reason
         log.info("metrics endpoint", extra={"url": f"http://{host}:{port}/metrics"})
@@ -174,3 +175,10 @@ class Metrics:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+
+
+def unservable(host: str, port: int, exc: OSError) -> str:
+    """Why the endpoint cannot be served, naming the setting to change: the daemon's error line and its
+    status, and `config check --live`'s, alike."""
+    setting = "metrics.port" if exc.errno in (errno.EADDRINUSE, errno.EACCES) else "metrics.host"
+    return f"metrics endpoint {host}:{port} cannot be served: {exc.strerror or exc} (check {setting})"

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -119,10 +121,33 @@ class RecentIds:
         return False
 
 
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where the broker's host and login came from (a config's keys, or command-line options): what a
+    connection problem names to fix."""
+    host: str = "mqtt.host"
+    login: str = "mqtt.username and mqtt.password_file"
+
+
+def connection_problem(host: str, port: int, exc: OSError, settings: BrokerSettings) -> str:
+    """A connection attempt that failed, in `run`'s words (edge.publish.connect_failure), naming the setting."""
+    from edge.publish import connect_failure
+    hint = f" (check {settings.host})" if isinstance(exc, socket.gaierror) else ""
+    return f"MQTT broker at {host}:{port}: {connect_failure(exc)}{hint}"
+
+
+def refusal_problem(host: str, port: int, reason, settings: BrokerSettings) -> str:
+    """A CONNACK refusal in `run`'s words (edge.publish, on_connect), naming the login's settings."""
+    login = str(reason) in ("Not authorized", "Bad user name or password")
+    return (f"MQTT broker at {host}:{port}: broker refused the connection: {reason}"
+            + (f" (check {settings.login})" if login else ""))
+
+
 class Terminal:
-    def __init__(self, host: str, port: int, base: str, terminal_id: str | None = None, mqtt_config=None):
+    def __init__(self, host: str, port: int, base: str, terminal_id: str | None = None, mqtt_config=None,
+                 settings: BrokerSettings = BrokerSettings()):
         """`mqtt_config`: the daemon's [mqtt] (credentials and TLS for a secured broker); always MQTT 5 here,
-        for the answers' correlation data."""
+        for the answers' correlation data. `settings`: what a connection problem names to fix."""
         from edge.publish import mqtt_client
         self.base = base  # <prefix>/<store>
         self.terminal_id = terminal_id or f"terminal-{secrets.token_hex(3)}"
@@ -147,14 +172,15 @@ class Terminal:
         try:
             self.client.connect(host, port, keepalive=30)
         except OSError as exc:
-            raise PosError(f"cannot reach the MQTT broker at {host}:{port}: {exc.strerror or exc}") from None
+            raise PosError(connection_problem(host, port, exc, settings)) from None
         from edge.publish import no_delay
         no_delay(self.client)
         self.client.loop_start()
         if not connected.wait(5) or answered[0].is_failure:
             self.close()
-            reason = answered[0] if answered else "no answer within 5 s"
-            raise PosError(f"the MQTT broker at {host}:{port} refused the connection: {reason}")
+            if not answered:
+                raise PosError(f"MQTT broker at {host}:{port}: no answer to the connection within 5 s")
+            raise PosError(refusal_problem(host, port, answered[0], settings))
 
     def subscribe(self, topics: list[str]) -> None:
         self._subscribed.clear()

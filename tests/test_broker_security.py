@@ -236,13 +236,21 @@ def test_the_terminal_tools_use_the_configs_credentials_and_tls(tmp_path, pki, a
             wrong = config_file(tmp_path / "other", pki, broker.port, age_models[40], password="wrong-password",
                                 camera=str(hamilton_clip))
             refused = tillsight("status", "--config", str(wrong))
+            (tmp_path / "wrong-password").write_text("wrong-password\n")
+            refused_as = tillsight("status", "--config", str(config), "--username", "pos", "--password-file",
+                                   str(tmp_path / "wrong-password"))
         finally:
             daemon.terminate()
             daemon.wait(30)
     assert result.returncode == 0 and result.stdout.split()[:2] == ["till-pc", "online"], result
     assert check.returncode == 0 and json.loads(check.stdout)["camera"] == "till-1", check
+    # run's words, naming what to fix: the config's keys, or the options given instead (status said neither)
     assert refused.returncode == 1 and refused.stderr.strip() == (
-        f"tillsight: error: the MQTT broker at 127.0.0.1:{broker.port} refused the connection: Not authorized")
+        f"tillsight: error: MQTT broker at 127.0.0.1:{broker.port}: broker refused the connection: Not authorized "
+        "(check mqtt.username and mqtt.password_file)")
+    assert refused_as.returncode == 1 and refused_as.stderr.strip() == (
+        f"tillsight: error: MQTT broker at 127.0.0.1:{broker.port}: broker refused the connection: Not authorized "
+        "(check --username and --password-file)")
 
 
 def test_the_shipped_store_acl_lets_daemon_and_pos_talk_and_the_pos_speak_for_no_daemon(tmp_path, pki, age_models,

@@ -660,9 +660,11 @@ def test_a_live_config_check_tries_the_camera_broker_and_models_a_line_each(tmp_
     assert one_line_error(result) == "tillsight: error: 4 of 6 live checks failed, first the age model"
     failed = [line for line in result.stdout.splitlines() if "FAILED" in line]
     assert [line.split(": FAILED: ")[0] for line in failed] == ["age model", "broker", "camera till-1", "metrics port"]
-    assert failed[3] == f"metrics port: FAILED: 127.0.0.1:{broker.port} cannot be served: Address already in use"
+    assert failed[3] == (f"metrics port: FAILED: metrics endpoint 127.0.0.1:{broker.port} cannot be served: Address "
+                         "already in use (check metrics.port)")  # the daemon's words
     assert failed[0].startswith(f"age model: FAILED: age model {corrupt} cannot be loaded: ")
-    assert failed[1:3] == [f"broker: FAILED: cannot reach the MQTT broker at 127.0.0.1:{broker_port}: Connection refused",
+    assert failed[1:3] == [f"broker: FAILED: MQTT broker at 127.0.0.1:{broker_port}: connection refused (is the broker "
+                          "running, on this port?)",  # the daemon's words
                           f"camera till-1: FAILED: cannot open source 'http://127.0.0.1:{camera_port}/video.mjpg'"]
 
 

@@ -104,7 +104,8 @@ def test_a_metrics_port_in_use_is_one_line_and_a_status_problem(tmp_path, broker
         finally:
             daemon.kill()
     assert status["state"] == "degraded"
-    assert any(f"metrics endpoint 127.0.0.1:{port} not served" in p for p in status["problems"])
+    assert f"metrics endpoint 127.0.0.1:{port} cannot be served: Address already in use (check metrics.port)" in \
+        status["problems"], status["problems"]
     assert len([line for line in err.splitlines() if "metrics endpoint" in line and "\"error\"" in line]) == 1
     assert daemon.returncode == 0, err
 

@@ -1016,7 +1016,18 @@ def test_pos_cli_check_and_its_one_line_errors(daemon, broker):
     assert line == ("tillsight: error: no answer from the daemon for camera till-1 within 1 s: no daemon under "
                     "tillsight/other-store/ has camera till-1 in its status (is the camera id right?)")
     line = one_line_error(tillsight("pos", "--port", "9", "--store", "s", "check", "--camera", "x"))
-    assert line.startswith("tillsight: error: cannot reach the MQTT broker at localhost:9")
+    assert line == "tillsight: error: MQTT broker at localhost:9: connection refused (is the broker running, on this port?)"
+    # a host not found names what to fix: the config's key, or the option given (status and pos said neither)
+    nowhere = write_config(config.with_name("nowhere.toml"), store_id="s", cameras=[{"id": "x", "source": 0}],
+                           mqtt={"host": "no-such-broker.invalid", "port": 9})
+    for broker_options, setting in ((["--config", str(nowhere)], "mqtt.host"),
+                                    (["--host", "no-such-broker.invalid", "--port", "9", "--store", "s"], "--host"),
+                                    (["--config", str(config), "--host", "no-such-broker.invalid", "--port", "9"],
+                                     "--host")):
+        for command, subcommand in (("status", []), ("pos", ["watch"])):
+            line = one_line_error(tillsight(command, *broker_options, *subcommand))
+            assert re.fullmatch(r"tillsight: error: MQTT broker at no-such-broker\.invalid:9: host name not found "
+                                rf"\(.*\) \(check {setting}\)", line), line
 
 
 def test_a_blank_then_frozen_camera_is_reported_and_checks_get_camera_fault(tmp_path, broker, age_models, carphone_clip):
