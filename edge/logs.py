@@ -24,10 +24,10 @@ def printable(text: str) -> str:
                            else f"\\u{ord(m.group()):04x}", text)
 
 
-def utc_iso(timestamp: float) -> str:
-    """ISO 8601 in UTC to the millisecond, `Z`: the MQTT payloads' times (edge.publish), so that a log line and
-    the message it is about read alike on a till whose clock is set to local time."""
-    moment = datetime.fromtimestamp(timestamp, timezone.utc)
+def utc_iso(timestamp: float | None = None) -> str:
+    """ISO 8601 in UTC to the millisecond, `Z` (now, without `timestamp`): the MQTT payloads' times and the log
+    lines', so that a log line and the message it is about read alike on a till whose clock is set to local time."""
+    moment = datetime.fromtimestamp(time.time() if timestamp is None else timestamp, timezone.utc)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 

@@ -46,7 +46,6 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from contextlib import contextmanager
-from datetime import datetime, timezone
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -55,7 +54,7 @@ from paho.mqtt.properties import Properties
 from edge import __version__
 from edge.config import PASSWORD_FILE_READ, MqttConfig, password_problem
 from edge.errors import UserError
-from edge.logs import SummarizedLog
+from edge.logs import SummarizedLog, utc_iso
 from edge.outbox import Outbox
 from edge.peers import MAX_STATUS_BYTES, new_instance
 from edge.types import TrackEstimate
@@ -83,11 +82,6 @@ POS_MAX_PACKET = 64 * 1024
 # in flight, and loses nothing QoS 1 kept: the listener's session ends with its connection either way, and a POS's
 # QoS 1 publish is still acknowledged by the broker.
 LISTENER_QOS = 0
-
-
-def utc_iso(timestamp: float | None = None) -> str:
-    moment = datetime.fromtimestamp(time.time() if timestamp is None else timestamp, timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def estimate_payload(store_id: str, est: TrackEstimate, final: bool, frame_time: float,
@@ -282,7 +276,8 @@ class Publisher:
         # restarted every few seconds was said to be a takeover), which the broker takes over from at once
         self._short_sessions = 0
         # paho calls this inside its `except OSError:`, so the exception is still at hand
-        self._problem(connect_failure(sys.exc_info()[1]))
+        failure = sys.exc_info()[1]
+        self._problem(connect_failure(failure) + (" (check mqtt.host)" if isinstance(failure, socket.gaierror) else ""))
 
     def _on_pre_connect(self, client, userdata) -> None:
         """Before paho opens a socket (each attempt): from here until a PUBACK on the new connection, event messages

@@ -156,6 +156,18 @@ def test_replay_with_no_broker_fails_in_one_line_instead_of_losing_messages(tmp_
         and "messages not acknowledged" in lines[0]
 
 
+def test_replay_to_a_broker_host_not_found_names_mqtt_host(tmp_path, age_models, carphone_clip):
+    """status and pos named the setting to fix for a host not found; run and replay did not."""
+    config = write_config(tmp_path / "replay.toml", store_id="store-1", daemon_id="till-pc",
+                          cameras=[{"id": "unused", "source": 0}], mqtt={"host": "no-such-broker.invalid", "port": 9},
+                          models={"age_model": str(age_models[40])}, logging={"level": "warning"})
+    result = tillsight("replay", str(carphone_clip), "--config", str(config), "--ack-timeout", "1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.fullmatch(r"tillsight: error: MQTT broker at no-such-broker\.invalid:9: host name not found \(.*\) "
+                        r"\(check mqtt\.host\); \d+ messages not acknowledged within 1 s",
+                        result.stderr.strip().splitlines()[-1]), result.stderr
+
+
 def test_replay_with_no_broker_and_an_outbox_file_waits_and_fails_saying_what_it_kept(tmp_path, age_models,
                                                                                         carphone_clip):
     """With `[outbox] path` it exited 0 after 0.5 s, the --ack-timeout cut short: the daemon's stop, to which a
