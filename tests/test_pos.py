@@ -366,6 +366,50 @@ def test_a_camera_slow_by_itself_is_answered_from_its_latest_frame(tmp_path):
     assert (decision(5.5), decision(6.5)) == ("no_face", "camera_fault")
 
 
+def test_a_face_missed_for_a_frame_is_still_at_the_till_for_the_checks(age_models, two_people_photo):
+    """Two people at the till, one face not found in the latest frame (turned away, behind the other): the view
+    held the faces of that frame alone, and a check was answered no_challenge about the one left, where
+    several_faces was due (a child beside a parent)."""
+    import queue
+
+    import cv2
+
+    from edge.config import parse_config
+    from edge.detect import FaceDetector
+    from edge.infer import AgeBatcher, AgeModel
+    from edge.outbox import Outbox
+    from edge.policy import build_policy, decide
+    from edge.publish import Publisher
+    from edge.service import CameraPipeline
+    from edge.types import Frame
+
+    config = parse_config({"store_id": "s", "cameras": [{"id": "till-1", "source": 0, "picture_check_s": 0}],
+                           "mqtt": {"host": "127.0.0.1", "port": 9}})
+    detector, batcher = FaceDetector(), AgeBatcher(AgeModel(age_models[40]), producers=1)
+    both = cv2.imread(str(two_people_photo))
+    faces = detector(both)
+    assert len(faces) == 2
+    one = both.copy()
+    x0, y0, x1, y1 = (int(v) for v in faces[1].box)
+    one[max(0, y0 - 20):y1 + 20, max(0, x0 - 20):x1 + 20] = 128  # the second face hidden
+    assert len(detector(one)) == 1
+    policy = build_policy(config.policy, {})
+    pipeline = CameraPipeline(config.cameras[0], config, queue.Queue(), detector, batcher,
+                              Publisher(config.mqtt, "s", "till-pc", Outbox(None)), threading.Event(), policy)
+    start = time.time()
+    try:
+        for index in range(4):  # both faces aged min_samples times
+            pipeline._process(Frame("till-1", index, start + 0.2 * index, both))
+        assert decide(pipeline.view, policy, at_deadline=False).decision == "several_faces"
+        pipeline._process(Frame("till-1", 4, start + 0.8, one))
+        assert len(pipeline.view.customers) == 2
+        assert decide(pipeline.view, policy, at_deadline=False).decision == "several_faces"
+        pipeline._process(Frame("till-1", 5, start + 0.8 + config.tracking.lost_after_s + 0.1, one))
+        assert len(pipeline.view.customers) == 1  # gone for lost_after_s: no longer at the till
+    finally:
+        batcher.close()
+
+
 def test_an_answer_never_comes_from_an_old_frame():
     """A hung stream (connected, no frames) is not yet a camera fault: the last frame stays the latest. A check
     waits for a frame at most FRESH_FRAME_S old until its deadline, then is camera_fault: never an answer from the
