@@ -246,11 +246,10 @@ class CameraPipeline(threading.Thread):
             counted = self._finish_tracks(ended, frame.timestamp, save=False)
         if counted:  # after the frame's messages are on their way: its fsyncs are not the alert's wait
             self._save_interval(frame.timestamp)
-        # every customer the tracker still holds, not only the faces found in this frame: a child whose face the
-        # detector missed for a frame (turned away, behind a parent) left the check answered about the parent alone,
-        # no_challenge; a track is held lost_after_s after its last face, then the till is empty to the checks
-        self.view = TillView(self.camera.id, frame.timestamp, tuple(_customer_view(t) for t in self.tracker.tracks),
-                             self.transaction)
+        # not only the faces found in this frame: a child whose face the detector missed for a frame (turned away)
+        # left the check answered about the parent alone, no_challenge
+        self.view = TillView(self.camera.id, frame.timestamp,
+                             tuple(_customer_view(t) for t in self.tracker.at_the_till(tracks)), self.transaction)
         if not self.replay:  # a replay's frame times are the video's, not the wall clock's
             self.lag_s = self.clock() - frame.timestamp
         if self.on_frame is not None:
