@@ -399,10 +399,9 @@ class PosDesk(threading.Thread):
             view: TillView | None = pipeline.view
             stop = getattr(pipeline, "stop_event", None)
             fault = STOPPING if closing or (stop is not None and stop.is_set()) else self.camera_fault(camera_id)
-            # a frozen, blank or lost picture: what it shows says nothing of who is there; an old one neither
-            unseen = None if fault is not None or (view is not None and wall - view.frame_time <= fresh_s(pipeline)) \
-                else "no frame from the camera yet" if view is None else \
-                f"no frame for {wall - view.frame_time:.1f} s (a hung camera stream, or the daemon far behind)"
+            # a frozen, blank or lost picture: what it shows says nothing of who is there
+            transaction = self.open_transactions.get(camera_id)
+            unseen = None if fault is not None else why_unseen(view, transaction, wall, fresh_s(pipeline))
             decided: dict[bool, Decision | None] = {}
             still = []
             for check in waiting:
@@ -420,9 +419,24 @@ class PosDesk(threading.Thread):
                     still.append(check)
                     continue
                 self.stats.answered += 1
-                self.reply(check.reply_to, answer_payload(check, decision, self.policy, now, reason,
-                                                          self.open_transactions.get(camera_id)), check.correlation)
+                self.reply(check.reply_to, answer_payload(check, decision, self.policy, now, reason, transaction),
+                           check.correlation)
             waiting[:] = still
+
+
+def why_unseen(view: TillView | None, transaction: str | None, wall: float, fresh_s: float) -> str | None:
+    """Why the latest frame cannot answer a check (it waits for a newer one, until its deadline), or None. An old
+    frame says nothing of who is there now; nor one from before the till's transaction began or ended: its
+    customers' tracks end at the boundary, which the pipeline applies before its next frame (a check right after
+    a start was answered about the last sale's customer)."""
+    if view is None:
+        return "no frame from the camera yet"
+    if wall - view.frame_time > fresh_s:
+        return f"no frame for {wall - view.frame_time:.1f} s (a hung camera stream, or the daemon far behind)"
+    if view.transaction != transaction:
+        boundary = f"transaction {transaction} began" if transaction else f"transaction {view.transaction} ended"
+        return f"no frame since {boundary} (a hung camera stream, or the daemon far behind)"
+    return None
 
 
 def answer_payload(check: PendingCheck, decision: Decision, policy: Policy, now: float,

@@ -47,7 +47,10 @@ class Till:
     def view(self) -> TillView | None:
         if self.last_frame == "never":
             return None
-        return TillView("till-1", time.time() if self.last_frame is None else self.last_frame, self.customers)
+        # the pipeline applies a transaction's start or end before its next frame
+        transaction = self.transactions[-1][1] if self.transactions and self.transactions[-1][0] == "start" else None
+        return TillView("till-1", time.time() if self.last_frame is None else self.last_frame, self.customers,
+                        transaction)
 
     def mark_transaction(self, event, transaction):
         self.transactions.append((event, transaction))
@@ -408,6 +411,45 @@ def test_a_face_missed_for_a_frame_is_still_at_the_till_for_the_checks(age_model
         assert len(pipeline.view.customers) == 1  # gone for lost_after_s: no longer at the till
     finally:
         batcher.close()
+
+
+class LaggingTill(Till):
+    """A pipeline whose next frame has not come since the desk marked a transaction: its view is still the last
+    sale's, until `next_frame(customers)`."""
+
+    def __init__(self, *customers: CustomerView):
+        super().__init__(*customers)
+        self.applied = 0
+
+    @property
+    def view(self) -> TillView | None:
+        applied = self.transactions[:self.applied]
+        transaction = applied[-1][1] if applied and applied[-1][0] == "start" else None
+        return TillView("till-1", time.time(), self.customers, transaction)
+
+    def next_frame(self, *customers: CustomerView) -> None:
+        self.customers, self.applied = customers, len(self.transactions)
+
+
+def test_a_check_right_after_a_transaction_starts_waits_for_a_frame_of_it():
+    """The pipeline ends the tracks at a transaction's start before its next frame; the desk answered a check sent
+    right after the start from the view before it: about the last sale's customer, an adult, for the minor now."""
+    last_customer, minor = CustomerView(7, 40.0, 1.0, 5, (0, 0, 50, 50)), CustomerView(8, 16.0, 1.0, 3, (0, 0, 50, 50))
+    till = LaggingTill(last_customer)
+    desk, replies = desk_with(till, deadline_s=2)
+    desk.receive(f"{BASE}/till-1/transaction", b'{"event": "start", "transaction": "T-2"}')
+    check(desk, {"reply_to": REPLY})
+    time.sleep(0.3)
+    assert replies == []  # no answer from the last sale's picture
+    till.next_frame(minor)
+    [(_, body, _)] = wait_for(replies)
+    assert (body["decision"], body["track"], body["transaction"]) == ("challenge", 8, "T-2")
+    desk.receive(f"{BASE}/till-1/transaction", b'{"event": "end", "transaction": "T-2"}')
+    check(desk, {"reply_to": REPLY, "deadline_s": 0.3})  # and no frame comes: a camera fault, said why
+    [_, (_, body, _)] = wait_for(replies, 2)
+    desk.close()
+    assert (body["decision"], body["camera_fault"], body["transaction"]) == (
+        "camera_fault", "no frame since transaction T-2 ended (a hung camera stream, or the daemon far behind)", None)
 
 
 def test_an_answer_never_comes_from_an_old_frame():
