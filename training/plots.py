@@ -111,7 +111,8 @@ def plot_operating_points(points: dict, out: Path) -> None:
         ax.plot([100 * p["adults_challenged"] for p in rows], [100 * p["minors_flagged"] for p in rows], fmt,
                 markersize=3, label=label)
     for p in points["challenge_age"]:
-        if p["setting"] == 25 and p["minors_flagged"] is not None:
+        # a split of minors alone (or adults alone) has no point to mark: one share of the two is None
+        if p["setting"] == 25 and p["minors_flagged"] is not None and p["adults_challenged"] is not None:
             ax.annotate("Challenge 25", (100 * p["adults_challenged"], 100 * p["minors_flagged"]), fontsize=8,
                         textcoords="offset points", xytext=(6, -10))
     ax.set_xlabel("adults 25+ challenged (%)")

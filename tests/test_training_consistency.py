@@ -1,0 +1,54 @@
+"""A run, its export and its evaluation stay with the data and the model they came from: a moved data folder, a
+fixed labels.csv, an export folder used before or a split of minors alone must not change them silently.
+
+Tiny on purpose: a handful of UTKFace faces, written at test time into a temporary loose folder (nothing from
+../shared is kept), 32 px, one epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from training.data import iter_image_bytes, read_labels
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def utkface_photos(utkface) -> dict[str, tuple[float, bytes]]:
+    """Ten minors (13-17) and fourteen adults (25+) from the UTKFace pool: name -> (age, JPEG bytes)."""
+    labels = read_labels(utkface / "labels.csv")
+    minors = [l for l in labels if 13 <= l.age <= 17][:10]
+    adults = [l for l in labels if 25 <= l.age <= 60][::500][:14]
+    ages = {l.file_name: l.age for l in minors + adults}
+    return {name: (ages[name], data) for name, data in iter_image_bytes(utkface, set(ages))}
+
+
+def write_folder(folder: Path, photos: dict[str, tuple[float, bytes]], names=None) -> Path:
+    """A loose data folder: the photos under images/ and their labels.csv."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    names = sorted(photos) if names is None else names
+    with (folder / "labels.csv").open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["file_name", "real_age"])
+        for name in names:
+            age, data = photos[name]
+            writer.writerow([name, f"{age:g}"])
+            (folder / "images" / name).write_bytes(data)
+    return folder
+
+
+def test_eval_of_minors_alone_writes_its_report_and_plots(tmp_path, utkface_photos, age_models):
+    """No adult 25+ in the split: the Challenge 25 point has no share of adults to plot (a TypeError before
+    eval.json and predictions.csv were written; `ship` evaluates so too)."""
+    from training.evaluate import evaluate
+    minors = [name for name, (age, _) in utkface_photos.items() if age < 18][:4]
+    data = write_folder(tmp_path / "minors", utkface_photos, minors)
+    out = tmp_path / "eval"
+    report = evaluate(age_models[16], data, None, limit=4, out=out, progress=False)
+    assert report["n_scored"] >= 1 and report["challenge25"]["adults_25plus_challenged"] is None
+    for name in ("eval.json", "predictions.csv", "operating_points.png"):
+        assert (out / name).is_file(), name
