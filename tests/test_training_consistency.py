@@ -8,6 +8,7 @@ Tiny on purpose: a handful of UTKFace faces, written at test time into a tempora
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,34 @@ def test_eval_of_minors_alone_writes_its_report_and_plots(tmp_path, utkface_phot
     assert report["n_scored"] >= 1 and report["challenge25"]["adults_25plus_challenged"] is None
     for name in ("eval.json", "predictions.csv", "operating_points.png"):
         assert (out / name).is_file(), name
+
+
+def name_in(split: str, stem: str, val_fraction: float, test_fraction: float = 0.0) -> str:
+    """A file name that falls in `split` by the run's hash rule."""
+    from training.data import split_of
+    return next(f"{stem}-{i}.jpg" for i in range(1000) if split_of(f"{stem}-{i}.jpg", val_fraction, test_fraction) == split)
+
+
+def tiny_run_options(data: Path, out: Path, **changes):
+    from training.train import TrainOptions
+    return TrainOptions(**{**dict(data=str(data), out=str(out), input_size=32, batch_size=4, epochs=1, val_fraction=0.3,
+                                  test_fraction=0.0, workers=1, mixed_precision="off"), **changes})
+
+
+def test_a_resumed_run_keeps_its_validation_set_when_the_data_folder_has_moved(tmp_path, utkface_photos):
+    """The copies of training images left out of validation are found in the folder's bytes; on resume the faces
+    come from faces.npz, and a moved folder gave no copies: validation grew under the checkpoint choice."""
+    pytest.importorskip("keras", reason="the train extra is not installed")
+    from training.data import split_of
+    from training.train import train
+    photos = dict(utkface_photos)
+    trained = [name for name in sorted(photos) if split_of(name, 0.3) == "train"][:3]
+    for i, name in enumerate(trained):  # the same picture again under a validation name
+        photos[name_in("val", f"copy{i}", 0.3)] = photos[name]
+    data, run = write_folder(tmp_path / "data", photos), tmp_path / "run"
+    first = train(tiny_run_options(data, run))
+    assert first["split"]["copies_of_training_left_out"] == 3
+    data.rename(tmp_path / "moved")
+    resumed = train(tiny_run_options(data, run, epochs=2), resume=True)
+    assert resumed["epochs_done"] == 2 and resumed["split"] == first["split"]
+    assert json.loads((run / "run.json").read_text())["split"] == first["split"]

@@ -206,6 +206,26 @@ def read_state(state_file: Path) -> dict:
     return state
 
 
+def training_copies(opts: TrainOptions, labels: list[Label], run_dir: Path, resume: bool) -> set[str]:
+    """The validation and test faces left out as copies of training images. Found in the data folder's bytes by a
+    new run, and kept in run.json: a resumed run takes them from there, since its faces come from faces.npz and
+    the folder may have moved since (found again, they were none, and the checkpoint was then chosen on another
+    validation set)."""
+    if not resume:
+        return copies_of_training(Path(opts.data), labels, opts.val_fraction, opts.test_fraction)
+    body = _read_json(run_dir / "run.json", "a run folder holds the run.json train writes first")
+    split = body.get("split") if isinstance(body, dict) and isinstance(body.get("split"), dict) else {}
+    if isinstance(split.get("copies_of_training"), list):
+        return set(map(str, split["copies_of_training"]))
+    # a run.json from before the names were kept: found again, and only if the folder gives the run's count
+    copies = copies_of_training(Path(opts.data), labels, opts.val_fraction, opts.test_fraction)
+    if len(copies) != split.get("copies_of_training_left_out", len(copies)):
+        raise TrainError(f"{opts.data} gives {len(copies)} validation and test copies of training images, the run "
+                         f"left out {split['copies_of_training_left_out']}: resume with the run's data folder where "
+                         "it was (run.json's options.data)")
+    return copies
+
+
 def train(opts: TrainOptions, resume: bool = False) -> dict:
     import keras
 
@@ -230,7 +250,7 @@ def train(opts: TrainOptions, resume: bool = False) -> dict:
     device = configure_devices(opts)
     faces, counts = prepare_faces(opts, run_dir)
     splits = np.array([split_of(l.file_name, opts.val_fraction, opts.test_fraction) for l in faces.labels])
-    copies = copies_of_training(Path(opts.data), faces.labels, opts.val_fraction, opts.test_fraction)
+    copies = training_copies(opts, faces.labels, run_dir, resume)
     splits[[l.file_name in copies for l in faces.labels]] = "copy"  # picks no checkpoint, scores nothing
     train_set, val_set = faces.subset(splits == "train"), faces.subset(splits == "val")
     if len(train_set.labels) == 0 or len(val_set.labels) == 0:
@@ -241,7 +261,7 @@ def train(opts: TrainOptions, resume: bool = False) -> dict:
                      "< val_fraction + test_fraction -> test, else train; a val or test image whose bytes are a "
                      "train image's too is left out",
              "train": len(train_set.labels), "val": len(val_set.labels), "test": int((splits == "test").sum()),
-             "copies_of_training_left_out": len(copies)}
+             "copies_of_training_left_out": len(copies), "copies_of_training": sorted(copies)}
     (run_dir / "run.json").write_text(json.dumps(
         {"options": asdict(opts), "data": counts, "split": split, "device": device, "tillsight": __version__}, indent=2))
 
