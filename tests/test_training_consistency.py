@@ -11,6 +11,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from training.data import iter_image_bytes, read_labels
@@ -84,3 +85,29 @@ def test_a_resumed_run_keeps_its_validation_set_when_the_data_folder_has_moved(t
     resumed = train(tiny_run_options(data, run, epochs=2), resume=True)
     assert resumed["epochs_done"] == 2 and resumed["split"] == first["split"]
     assert json.loads((run / "run.json").read_text())["split"] == first["split"]
+
+
+def test_the_face_cache_is_made_anew_when_the_labels_or_photos_change(tmp_path, utkface_photos):
+    """A run that failed early leaves faces.npz; the same command after labels.csv was fixed (or a photo
+    replaced) trained on the old ages and crops."""
+    from training.train import prepare_faces
+    names = sorted(utkface_photos)[:6]
+    photos = {name: utkface_photos[name] for name in names}
+    wrong = {**photos, names[0]: (99.0, photos[names[0]][1])}
+    data, run = write_folder(tmp_path / "data", wrong), tmp_path / "run"
+    run.mkdir()
+    opts = tiny_run_options(data, run)
+    first, _ = prepare_faces(opts, run)
+    assert dict(zip([l.file_name for l in first.labels], first.ages))[names[0]] == 99.0
+    write_folder(data, photos)  # the age put right
+    fixed, _ = prepare_faces(opts, run)
+    ages = dict(zip([l.file_name for l in fixed.labels], fixed.ages))
+    assert ages[names[0]] == photos[names[0]][0]
+    other = names[1]
+    (data / "images" / other).write_bytes(utkface_photos[sorted(utkface_photos)[-1]][1])  # another photo, same name
+    replaced, _ = prepare_faces(opts, run)
+    index = [l.file_name for l in replaced.labels].index(other)
+    assert not np.array_equal(replaced.crops[index], fixed.crops[index])
+    again, _ = prepare_faces(opts, run)  # nothing changed: the cache
+    assert np.array_equal(again.crops, replaced.crops)
+

@@ -13,6 +13,7 @@ Run folder layout (all written by this command):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -78,15 +79,48 @@ def labels_path(data_dir: Path, labels: str | None) -> Path:
     return Path(labels) if labels else data_dir / "labels.csv"
 
 
-def prepare_faces(opts: TrainOptions, run_dir: Path) -> tuple[FaceSet, dict]:
-    """Crop every labelled face once; later runs and resumes read faces.npz."""
+def data_fingerprint(opts: TrainOptions) -> str:
+    """What the crops are made from: the folder, --labels and --limit, the labels file's sha256, and the size and
+    modification time of the shards, or of each labelled loose image. A run folder reused after the data changed
+    (labels.csv fixed after a run that failed early, photos replaced) makes its faces anew."""
+    data_dir = Path(opts.data)
+    labels_file = labels_path(data_dir, opts.labels)
+    try:
+        labels_sha256 = hashlib.sha256(labels_file.read_bytes()).hexdigest()
+    except OSError:
+        labels_sha256 = None  # read_labels says what is wrong with it
+    images = hashlib.sha256()
+    for path in image_files(data_dir, labels_file if labels_sha256 else None):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        images.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return json.dumps({"data": str(data_dir.resolve()), "labels": opts.labels, "limit": opts.limit,
+                       "labels_sha256": labels_sha256, "images": images.hexdigest()})
+
+
+def image_files(data_dir: Path, labels_file: Path | None) -> list[Path]:
+    """The shards of a folder, or else where its labelled loose images would be (in it, or in images/)."""
+    shards = sorted(data_dir.glob("images-*.tar.gz")) + sorted(data_dir.glob("images-*.tar"))
+    if shards or labels_file is None:
+        return shards
+    try:
+        names = sorted({label.file_name for label in read_labels(labels_file)})
+    except DataError:
+        return []
+    return [folder / name for name in names for folder in (data_dir, data_dir / "images")]
+
+
+def prepare_faces(opts: TrainOptions, run_dir: Path, resume: bool = False) -> tuple[FaceSet, dict]:
+    """Crop every labelled face once; later runs read faces.npz while the data is unchanged, and a resumed run
+    always does: it goes on with the faces it started on, wherever its data folder is now."""
     cache = run_dir / "faces.npz"
-    # what the crops were made from: a run folder reused with other data, labels or --limit makes them anew
-    source = json.dumps({"data": str(Path(opts.data).resolve()), "labels": opts.labels, "limit": opts.limit})
+    source = None if resume else data_fingerprint(opts)
     if cache.is_file():
         stored = np.load(cache, allow_pickle=False)
         if int(stored["input_size"]) == opts.input_size and float(stored["crop_margin"]) == opts.crop_margin \
-                and "source" in stored and str(stored["source"]) == source:
+                and "source" in stored and (resume or str(stored["source"]) == source):
             labels = [Label(str(n), float(a), _none(g), _none(r))
                       for n, a, g, r in zip(stored["names"], stored["ages"], stored["genders"], stored["races"])]
             return FaceSet(stored["crops"], labels), json.loads(str(stored["counts"]))
@@ -99,7 +133,8 @@ def prepare_faces(opts: TrainOptions, run_dir: Path) -> tuple[FaceSet, dict]:
         raise DataError(f"no usable face in {data_dir} ({counts})")
     np.savez(cache, crops=faces.crops, names=[l.file_name for l in faces.labels], ages=faces.ages,
              genders=[_int(l.gender) for l in faces.labels], races=[_int(l.race) for l in faces.labels],
-             input_size=opts.input_size, crop_margin=opts.crop_margin, counts=json.dumps(counts), source=source)
+             input_size=opts.input_size, crop_margin=opts.crop_margin, counts=json.dumps(counts),
+             source=source or data_fingerprint(opts))
     return faces, counts
 
 
@@ -248,7 +283,7 @@ def train(opts: TrainOptions, resume: bool = False) -> dict:
     checkpoints.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(opts.seed)
     device = configure_devices(opts)
-    faces, counts = prepare_faces(opts, run_dir)
+    faces, counts = prepare_faces(opts, run_dir, resume)
     splits = np.array([split_of(l.file_name, opts.val_fraction, opts.test_fraction) for l in faces.labels])
     copies = training_copies(opts, faces.labels, run_dir, resume)
     splits[[l.file_name in copies for l in faces.labels]] = "copy"  # picks no checkpoint, scores nothing
