@@ -111,3 +111,22 @@ def test_the_face_cache_is_made_anew_when_the_labels_or_photos_change(tmp_path, 
     again, _ = prepare_faces(opts, run)  # nothing changed: the cache
     assert np.array_equal(again.crops, replaced.crops)
 
+
+def test_a_file_name_labelled_with_two_ages_is_refused_and_a_repeated_row_read_once(tmp_path, utkface_photos):
+    """The last row of a name won silently: a face trained at whichever age came last."""
+    from tskit import tillsight
+    names = sorted(utkface_photos)[:3]
+    data = write_folder(tmp_path / "data", utkface_photos, names)
+    rows = (data / "labels.csv").read_text().splitlines()
+    (data / "labels.csv").write_text("\n".join(rows + [rows[1], f"{names[1]},71"]) + "\n")
+    result = tillsight("data", "inspect", str(data), "--out", str(tmp_path / "inspect"))
+    age = f"{utkface_photos[names[1]][0]:g}"
+    assert (result.returncode, result.stderr.strip()) == (
+        1, f"tillsight: error: {data / 'labels.csv'}: 1 file name(s) labelled differently on several rows: "
+           f"{names[1]} (lines 3, 6: ages {', '.join(sorted([age, '71'], key=float))}); keep one row each")
+    (data / "labels.csv").write_text("\n".join(rows + [rows[1]]) + "\n")  # the same row twice: no conflict
+    result = tillsight("data", "inspect", str(data), "--out", str(tmp_path / "inspect"))
+    assert result.returncode == 0, result.stderr
+    assert "1 row(s) of the labels file repeat an earlier row as it was: read once" in result.stdout
+    report = json.loads((tmp_path / "inspect" / "report.json").read_text())
+    assert report["labelled"] == 3 and report["repeated_rows_read_once"] == 1

@@ -58,7 +58,13 @@ RACES = {0: "White", 1: "Black", 2: "Asian", 3: "Indian", 4: "Other"}
 
 
 def read_labels(path: Path) -> list[Label]:
-    """Parse labels.csv; a row with a bad age is a DataError naming its line."""
+    """Parse labels.csv; a row with a bad age is a DataError naming its line, a file name given different labels
+    on two rows one naming the first few; a row repeated as it was is read once."""
+    return read_labels_counted(path)[0]
+
+
+def read_labels_counted(path: Path) -> tuple[list[Label], int]:
+    """read_labels, and how many repeated rows it read once (`data inspect` says so)."""
     if not path.is_file():
         raise DataError(f"labels file not found: {path}")
     try:
@@ -72,10 +78,32 @@ def read_labels(path: Path) -> list[Label]:
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if not labels:
         raise DataError(f"{path}: no rows")
-    return labels
+    return once_each(path, labels)
 
 
-def _read_rows(path: Path) -> list[Label]:
+def once_each(path: Path, rows: list[tuple[int, Label]]) -> tuple[list[Label], int]:
+    """One label a file name: the last row of a name won silently, whatever age the first gave it."""
+    lines: dict[str, list[int]] = {}
+    labels: dict[str, set[Label]] = {}
+    for line, label in rows:
+        lines.setdefault(label.file_name, []).append(line)
+        labels.setdefault(label.file_name, set()).add(label)
+    conflicting = [name for name, given in labels.items() if len(given) > 1]
+    if conflicting:
+        shown = "; ".join(f"{name} (lines {', '.join(map(str, lines[name][:4]))}: {_differences(labels[name])})"
+                          for name in conflicting[:3])
+        more = f" and {len(conflicting) - 3} more" if len(conflicting) > 3 else ""
+        raise DataError(f"{path}: {len(conflicting)} file name(s) labelled differently on several rows: "
+                        f"{shown}{more}; keep one row each")
+    return [next(iter(given)) for given in labels.values()], len(rows) - len(labels)
+
+
+def _differences(labels: set[Label]) -> str:
+    ages = sorted({label.age for label in labels})
+    return f"ages {', '.join(f'{a:g}' for a in ages)}" if len(ages) > 1 else f"age {ages[0]:g}, other gender or race"
+
+
+def _read_rows(path: Path) -> list[tuple[int, Label]]:
     labels = []
     with path.open(newline="", encoding="utf-8-sig") as handle:  # Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(handle)
@@ -90,7 +118,8 @@ def _read_rows(path: Path) -> list[Label]:
             # a NUL in a name is no file's (opening it raised ValueError deep in the detection workers)
             if not 0 <= age <= 130 or not row["file_name"] or "\0" in row["file_name"]:
                 raise DataError(f"{path}:{line}: bad row (file_name {row['file_name']!r}, age {age:g})")
-            labels.append(Label(row["file_name"], age, _optional_int(row.get("gender")), _optional_int(row.get("race"))))
+            labels.append((line, Label(row["file_name"], age, _optional_int(row.get("gender")),
+                                       _optional_int(row.get("race")))))
     return labels
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import GENDERS, RACES, load_faces, read_labels, select, split_of
+from training.data import GENDERS, RACES, load_faces, read_labels_counted, select, split_of
 from training.metrics import BANDS, band_of
 
 
@@ -17,7 +17,9 @@ def inspect(data_dir: Path, labels_csv: Path | None, out: Path, limit: int | Non
             test_fraction: float = 0.1) -> dict:
     from training.plots import plot_age_histogram, plot_sample_grid
 
-    labels = select(read_labels(labels_csv or data_dir / "labels.csv"), limit)
+    labels_file = labels_csv or data_dir / "labels.csv"
+    every_label, repeated_rows = read_labels_counted(labels_file)
+    labels = select(every_label, limit)
     faces = load_faces(data_dir, labels, input_size, crop_margin)
     ages = np.array([label.age for label in labels], np.float32)
     out.mkdir(parents=True, exist_ok=True)
@@ -30,6 +32,7 @@ def inspect(data_dir: Path, labels_csv: Path | None, out: Path, limit: int | Non
     report = {
         "data": str(data_dir),
         "labelled": len(labels),
+        "repeated_rows_read_once": repeated_rows,  # the same file name and labels on several rows of labels_file
         "faces": len(faces.labels),
         "missing": faces.missing,
         "unreadable": faces.unreadable,
@@ -57,6 +60,8 @@ def print_report(report: dict) -> None:
     print(f"{report['data']}: {report['labelled']} labelled, {report['faces']} faces cropped, "
           f"{len(report['no_face'])} with no face found, {len(report['unreadable'])} unreadable, "
           f"{len(report['missing'])} missing")
+    if report["repeated_rows_read_once"]:
+        print(f"  {report['repeated_rows_read_once']} row(s) of the labels file repeat an earlier row as it was: read once")
     for kind in ("missing", "unreadable", "no_face"):
         names = report[kind]
         if names:
