@@ -206,6 +206,7 @@ def export_age_model(checkpoint: Path, out_dir: Path, fp16: bool = False, int8: 
         onnx_model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(onnx_model)
     out_dir.mkdir(parents=True, exist_ok=True)
+    clear_earlier_export(out_dir, {name for name, asked in zip(VARIANTS, (fp16, int8)) if asked})
     fp32_path = out_dir / "age.onnx"
     fp32_path.write_bytes(onnx_model.SerializeToString())
 
@@ -230,9 +231,29 @@ def export_age_model(checkpoint: Path, out_dir: Path, fp16: bool = False, int8: 
         report["int8"] = _variant(out_dir / "age_int8.onnx", quantize_int8(fp32_path, calib, out_dir), crops, ages,
                                   onnx_ages)
         report["int8"]["calibration_crops"] = len(calib)
+    report["files"] = {name: file_sha256(out_dir / name) for name in ("age.onnx", *VARIANTS)
+                       if (out_dir / name).is_file()}
     report["seconds"] = round(time.perf_counter() - started, 1)
     (out_dir / "export.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+VARIANTS = ("age_fp16.onnx", "age_int8.onnx")  # beside age.onnx; edge/tiers.py serves them by these names
+
+
+def clear_earlier_export(out_dir: Path, written: set[str]) -> None:
+    """An earlier export's files out of the way: its variants that this export does not write again were left
+    beside the new age.onnx, in no export.json, and served, scored and shipped as this model's. Those to be
+    written again go too, and export.json: an export that fails half way leaves no file of another model."""
+    stale = sorted(p.name for p in out_dir.glob("age_*.onnx") if p.name not in written)
+    for path in [out_dir / "export.json", *(out_dir / name for name in (*stale, *written))]:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise ExportError(f"{path}: an earlier export's file cannot be removed ({exc.strerror or exc})") from None
+    if stale:
+        print(f"{out_dir}: removed {', '.join(stale)} of an earlier export (this one does not write "
+              f"{'it' if len(stale) == 1 else 'them'})")
 
 
 def check_parity(max_abs_diff: float, fp32_path) -> None:

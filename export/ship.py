@@ -163,9 +163,15 @@ def _earlier_export(opts: ShipOptions, onnx_dir: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     names = ("age.onnx", "age_fp16.onnx", SHIPPED_NAME)
-    if report.get("calibration") != str(opts.data) or not all((onnx_dir / name).is_file() for name in names):
+    if not isinstance(report, dict) or report.get("calibration") != str(opts.data) \
+            or not all((onnx_dir / name).is_file() for name in names):
         return None
     if report.get("checkpoint_sha256") != file_sha256(opts.checkpoint):
+        return None
+    # each file the export recorded, as it wrote it: a variant left by another export (or by an export.json
+    # from before the files were recorded) is no part of this one
+    recorded = report.get("files") if isinstance(report.get("files"), dict) else {}
+    if not all(recorded.get(name) == file_sha256(onnx_dir / name) for name in names):
         return None
     print(f"{onnx_dir}: the export of this checkpoint is there already (export.json): reused")
     return report

@@ -130,3 +130,54 @@ def test_a_file_name_labelled_with_two_ages_is_refused_and_a_repeated_row_read_o
     assert "1 row(s) of the labels file repeat an earlier row as it was: read once" in result.stdout
     report = json.loads((tmp_path / "inspect" / "report.json").read_text())
     assert report["labelled"] == 3 and report["repeated_rows_read_once"] == 1
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    """A distribution-head age model of a few thousand weights, 32 px: exports in seconds."""
+    keras = pytest.importorskip("keras", reason="the train extra is not installed")
+    pytest.importorskip("tf2onnx", reason="the train extra is not installed")
+    crops = keras.Input((32, 32, 3))
+    bins = keras.layers.Dense(101, activation="softmax")(keras.layers.GlobalAveragePooling2D()(crops))
+    path = tmp_path / "tiny.keras"
+    keras.Model(crops, bins).save(path)
+    return path
+
+
+def test_an_export_into_an_earlier_exports_folder_leaves_none_of_its_variants(tmp_path, tiny_checkpoint,
+                                                                             utkface_photos):
+    """Exported again without --fp16, the first export's age_fp16.onnx stayed beside the new age.onnx, in no
+    export.json, and was served (edge/tiers.py picks it by name), scored and shipped as the new model's."""
+    from tskit import tillsight
+    calibration, out = write_folder(tmp_path / "faces", utkface_photos), tmp_path / "onnx"
+    common = ("export", str(tiny_checkpoint), "--out", str(out), "--crop-margin", "0", "--calibration", str(calibration))
+    first = tillsight(*common, "--fp16", timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert set(json.loads((out / "export.json").read_text())["files"]) == {"age.onnx", "age_fp16.onnx"}
+    again = tillsight(*common, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{out}: removed age_fp16.onnx of an earlier export (this one does not write it)" in again.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["age.onnx", "export.json"]
+    from export.age import file_sha256
+    assert json.loads((out / "export.json").read_text())["files"] == {"age.onnx": file_sha256(out / "age.onnx")}
+
+
+def test_ship_reuses_an_earlier_export_only_with_each_file_it_recorded(tmp_path):
+    from export.age import file_sha256
+    from export.ship import ShipOptions, _earlier_export
+    checkpoint, onnx_dir = tmp_path / "best.keras", tmp_path / "onnx"
+    checkpoint.write_bytes(b"a checkpoint")
+    onnx_dir.mkdir()
+    names = ("age.onnx", "age_fp16.onnx", "age_int8.onnx")
+    for name in names:
+        (onnx_dir / name).write_bytes(name.encode())
+    opts = ShipOptions(checkpoint=checkpoint, data=tmp_path / "data", work=tmp_path)
+    report = {"calibration": str(opts.data), "checkpoint_sha256": file_sha256(checkpoint),
+              "files": {name: file_sha256(onnx_dir / name) for name in names}}
+    (onnx_dir / "export.json").write_text(json.dumps(report))
+    assert _earlier_export(opts, onnx_dir) == report
+    (onnx_dir / "age_int8.onnx").write_bytes(b"another export's int8")
+    assert _earlier_export(opts, onnx_dir) is None
+    (onnx_dir / "export.json").write_text(json.dumps({**report, "files": None}))  # an export.json of before
+    (onnx_dir / "age_int8.onnx").write_bytes(b"age_int8.onnx")
+    assert _earlier_export(opts, onnx_dir) is None
