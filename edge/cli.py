@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--fp16", action="store_true", help="also write age_fp16.onnx (for GPUs)")
     export.add_argument("--int8", action="store_true", help="also write age_int8.onnx (for CPUs)")
     export.add_argument("--calibration", type=Path, help="face photos to calibrate int8 on")
-    export.add_argument("--crop-margin", type=float, help="when the checkpoint has no run.json beside it")
+    export.add_argument("--crop-margin", type=float, help="only when the checkpoint has no run.json beside it "
+                        "(one that differs from run.json's is refused)")
     export.add_argument("--variant", default="full_range", help="detector variant")
     export.set_defaults(handler=cmd_export)
 
@@ -898,9 +899,11 @@ def cmd_export(args) -> int:
 
 def cmd_export_age(args) -> int:
     _training_imports()
-    from export.age import export_age_model
+    from export.age import MarginError, export_age_model
     try:
         report = export_age_model(Path(args.target), args.out, args.fp16, args.int8, args.calibration, args.crop_margin)
+    except MarginError as exc:
+        raise UserError(str(exc), EXIT_USAGE) from None
     except _data_errors() as exc:
         raise UserError(str(exc)) from None
     fp32 = report["fp32"]

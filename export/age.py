@@ -36,6 +36,10 @@ class ExportError(Exception):
     pass
 
 
+class MarginError(ExportError):
+    """A --crop-margin that is not the run's: a usage error."""
+
+
 def _keras_tensorflow():
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     from training import quiet_import
@@ -115,6 +119,18 @@ def run_info(checkpoint: Path) -> dict:
     return info
 
 
+def trained_margin(checkpoint: Path, info: dict, crop_margin: float | None) -> float:
+    """The crop margin the model was trained at: run.json's. `crop_margin` (--crop-margin) only where there is
+    no run.json; one that differs from it overrode it, and the daemon then cut faces as the model never saw them."""
+    saved = info.get("run.json", {}).get("options", {}).get("crop_margin")
+    if saved is None and crop_margin is None:
+        raise ExportError(f"crop margin unknown: no run.json beside {checkpoint}; pass --crop-margin")
+    if saved is not None and crop_margin is not None and float(crop_margin) != float(saved):
+        raise MarginError(f"--crop-margin {crop_margin:g} differs from {info['run_dir'] / 'run.json'}'s {saved:g}, "
+                          "the margin the model was trained at: leave --crop-margin out")
+    return float(saved if saved is not None else crop_margin)
+
+
 def to_onnx(model, input_size: int):
     keras, tf, tf2onnx = _keras_tensorflow()
     from training.model import serving_model
@@ -187,13 +203,13 @@ def export_age_model(checkpoint: Path, out_dir: Path, fp16: bool = False, int8: 
     import onnx
     if int8 and calibration is None:
         raise ExportError("--int8 needs --calibration DIR (a folder of face photos)")
-    model = load_checkpoint(checkpoint)
-    size = int(model.input.shape[1])
+    if not checkpoint.is_file():
+        raise ExportError(f"checkpoint not found: {checkpoint}")
     info = run_info(checkpoint)
     options = info.get("run.json", {}).get("options", {})
-    margin = crop_margin if crop_margin is not None else options.get("crop_margin")
-    if margin is None:
-        raise ExportError(f"crop margin unknown: no run.json beside {checkpoint}; pass --crop-margin")
+    margin = trained_margin(checkpoint, info, crop_margin)  # before the checkpoint loads (seconds)
+    model = load_checkpoint(checkpoint)
+    size = int(model.input.shape[1])
     started = time.perf_counter()
     serving, onnx_model = to_onnx(model, size)
     val_mae = info.get("state.json", {}).get("best_val_mae")

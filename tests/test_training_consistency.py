@@ -181,3 +181,24 @@ def test_ship_reuses_an_earlier_export_only_with_each_file_it_recorded(tmp_path)
     (onnx_dir / "export.json").write_text(json.dumps({**report, "files": None}))  # an export.json of before
     (onnx_dir / "age_int8.onnx").write_bytes(b"age_int8.onnx")
     assert _earlier_export(opts, onnx_dir) is None
+
+
+def test_export_refuses_a_crop_margin_other_than_the_runs(tmp_path, tiny_checkpoint, utkface_photos):
+    """--crop-margin overrode run.json's margin: the daemon then cut faces at a margin the model never saw."""
+    from tskit import tillsight
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    checkpoint = run / "checkpoints" / "best.keras"
+    tiny_checkpoint.rename(checkpoint)
+    (run / "run.json").write_text(json.dumps({"options": {"crop_margin": 0.1, "data": "faces"}}))
+    calibration, out = write_folder(tmp_path / "faces", utkface_photos), tmp_path / "onnx"
+    common = ("export", str(checkpoint), "--out", str(out), "--calibration", str(calibration))
+    result = tillsight(*common, "--crop-margin", "0.3", timeout=600)
+    assert (result.returncode, result.stderr.strip()) == (
+        2, f"tillsight: error: --crop-margin 0.3 differs from {run / 'run.json'}'s 0.1, the margin the model was "
+           "trained at: leave --crop-margin out")
+    assert not out.exists()
+    for given in (["--crop-margin", "0.1"], []):  # the run's own margin, given or not
+        result = tillsight(*common, *given, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert json.loads((out / "export.json").read_text())["crop_margin"] == 0.1
