@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 # the daemon's own conversion (it makes fp16 from the int8 file at start on a GPU): the benchmark times what it serves
 from edge.precision import (NotWeightsOnlyInt8, dequantize_weights, to_fp16,  # noqa: E402
                             with_whole_reversals_as_gather)
+from edge.contract import AgeModelInfo, ContractError, read_contract  # noqa: E402  the crop the model was trained on
 
 
 def from_shipped(int8_path: Path, out: Path) -> list[Path]:
@@ -51,27 +52,27 @@ def from_shipped(int8_path: Path, out: Path) -> list[Path]:
     return written
 
 
-def _crops(count: int, size: int, source: Path | None) -> tuple[np.ndarray, str]:
-    """Real face crops (the repo's detector on a photo, or on a video's frames), else random pixels."""
+def _crops(count: int, model: AgeModelInfo, source: Path | None) -> tuple[np.ndarray, str]:
+    """Real face crops (the repo's detector on a photo, or on a video's frames), cut as the model's metadata
+    says (its size, margin and eye line: the crop it was trained on, as the daemon cuts it), else random pixels."""
+    size = model.input_size
     random = np.random.default_rng(0).integers(0, 256, (count, size, size, 3)).astype(np.float32)
     if source is None or not source.is_file():
         return random, f"random pixels ({source} not found)"
     try:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
         import cv2
-        from edge.crop import crop_face
         from edge.detect import FaceDetector, detect_in_photo
         detector, crops = FaceDetector(), []
         if source.suffix.lower() in (".jpg", ".jpeg", ".png"):
             image = cv2.imread(str(source))
-            crops = [crop_face(image, f, size, 0.0) for f in detect_in_photo(detector, image)]
+            crops = [model.crop(image, f) for f in detect_in_photo(detector, image)]
         else:
             capture = cv2.VideoCapture(str(source))
             while len(crops) < count:
                 ok, image = capture.read()
                 if not ok:
                     break
-                crops += [crop_face(image, f, size, 0.0) for f in detector(image)]
+                crops += [model.crop(image, f) for f in detector(image)]
         if not crops:
             return random, f"random pixels (no face found in {source.name})"
         found = len(crops)
@@ -90,8 +91,11 @@ def smoke(folder: Path, faces: Path | None, batch: int = 4) -> dict:
         if not path.is_file():
             continue
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        meta = session.get_modelmeta().custom_metadata_map
-        x, source = _crops(batch, int(meta.get("tillsight.input_size", 224)), faces)
+        try:
+            model = read_contract(session)
+        except ContractError as exc:
+            raise SystemExit(f"{path}: {exc}") from None
+        x, source = _crops(batch, model, faces)
         ages = np.ravel(session.run(None, {session.get_inputs()[0].name: x})[0])
         report[name] = {"finite": bool(np.isfinite(ages).all()), "ages": [round(float(a), 2) for a in ages],
                         "crops": source, "providers": session.get_providers()}
