@@ -68,9 +68,10 @@ def tiny_run_options(data: Path, out: Path, **changes):
                                   test_fraction=0.0, workers=1, mixed_precision="off"), **changes})
 
 
-def test_a_resumed_run_keeps_its_validation_set_when_the_data_folder_has_moved(tmp_path, utkface_photos):
+def test_a_resumed_run_keeps_its_validation_set_when_the_data_folder_has_moved(tmp_path, utkface_photos, capsys):
     """The copies of training images left out of validation are found in the folder's bytes; on resume the faces
-    come from faces.npz, and a moved folder gave no copies: validation grew under the checkpoint choice."""
+    come from faces.npz, and a moved folder gave no copies: validation grew under the checkpoint choice. The
+    options the resume is given and ignores (the folder where it is now, another batch size) are said."""
     pytest.importorskip("keras", reason="the train extra is not installed")
     from training.data import split_of
     from training.train import train
@@ -82,8 +83,12 @@ def test_a_resumed_run_keeps_its_validation_set_when_the_data_folder_has_moved(t
     first = train(tiny_run_options(data, run))
     assert first["split"]["copies_of_training_left_out"] == 3
     data.rename(tmp_path / "moved")
-    resumed = train(tiny_run_options(data, run, epochs=2), resume=True)
+    capsys.readouterr()
+    resumed = train(tiny_run_options(tmp_path / "moved", run, epochs=2, batch_size=8), resume=True)
     assert resumed["epochs_done"] == 2 and resumed["split"] == first["split"]
+    assert resumed["options"]["batch_size"] == 4 and resumed["options"]["data"] == str(data)
+    assert f"warning: resuming with the run's own options; ignored: --data {tmp_path / 'moved'} (the run's: {data}), " \
+           "--batch-size 8 (the run's: 4)\n" in capsys.readouterr().err
     assert json.loads((run / "run.json").read_text())["split"] == first["split"]
 
 
@@ -202,3 +207,14 @@ def test_export_refuses_a_crop_margin_other_than_the_runs(tmp_path, tiny_checkpo
         result = tillsight(*common, *given, timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
         assert json.loads((out / "export.json").read_text())["crop_margin"] == 0.1
+
+
+def test_a_resume_names_only_the_options_given_that_differ_from_the_runs():
+    from training.train import TrainOptions, ignored_options
+    saved = {**TrainOptions(data="/data/utk", learning_rate=0.01, epochs=5).__dict__}
+    same = TrainOptions(data="/data/utk", epochs=9, minutes=3.0, workers=2)  # what a resume takes, and defaults
+    assert ignored_options(same, saved) == []
+    given = TrainOptions(data="/data/other", learning_rate=0.02, head="regression")
+    assert ignored_options(given, saved) == ["--data /data/other (the run's: /data/utk)",
+                                             "--head regression (the run's: distribution)",
+                                             "--learning-rate 0.02 (the run's: 0.01)"]

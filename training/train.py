@@ -261,6 +261,30 @@ def training_copies(opts: TrainOptions, labels: list[Label], run_dir: Path, resu
     return copies
 
 
+RESUME_TAKES = ("epochs", "out", "workers", "minutes")  # the options a resumed run takes from its command line
+
+
+def ignored_options(given: TrainOptions, saved: dict) -> list[str]:
+    """The options given to a resume that differ from the run's, which it keeps: those that differ from their
+    default (a default cannot be told from an option not given), and --data, which is always given."""
+    defaults = TrainOptions(data="")
+    ignored = []
+    for name in TrainOptions.__dataclass_fields__:
+        value = getattr(given, name)
+        if name in RESUME_TAKES or name not in saved or (name != "data" and value == getattr(defaults, name)):
+            continue
+        same = Path(value).resolve() == Path(saved[name]).resolve() if name == "data" else value == saved[name]
+        if not same:
+            ignored.append(f"--{name.replace('_', '-')} {value} (the run's: {saved[name]})")
+    return ignored
+
+
+def warn_ignored(given: TrainOptions, saved: dict) -> None:
+    ignored = ignored_options(given, saved)
+    if ignored:  # a resumed run is the run it continues: a changed recipe would be another run under its name
+        print(f"warning: resuming with the run's own options; ignored: {', '.join(ignored)}", file=sys.stderr)
+
+
 def train(opts: TrainOptions, resume: bool = False) -> dict:
     import keras
 
@@ -275,6 +299,7 @@ def train(opts: TrainOptions, resume: bool = False) -> dict:
         if not (checkpoints / "last.keras").is_file() or not state_file.is_file():
             raise TrainError(f"nothing to resume in {run_dir} (no checkpoints/last.keras)")
         saved = saved_options(run_dir)
+        warn_ignored(opts, saved)
         opts = TrainOptions(**{**saved, "epochs": opts.epochs, "out": str(run_dir), "workers": opts.workers,
                                "minutes": opts.minutes if opts.minutes is not None else saved.get("minutes")})
         read_state(state_file)  # before the faces are prepared (minutes): a bad one is said at once
