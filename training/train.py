@@ -1,8 +1,10 @@
 """`tillsight train`: fine-tune ResNet50 for age on a labelled face folder.
 
 Run folder layout (all written by this command):
-    run.json                 options, data and split (written first, read by resume and export)
-    faces.npz                the detected, cropped faces (reused on resume; derived from the data: never commit)
+    run.json                 options, data and split, with the copies of training left out by name (written
+                             first, read by resume and export)
+    faces.npz                the detected, cropped faces (always reused on resume, by a new run only while the
+                             data is unchanged; derived from the data: never commit)
     checkpoints/best.keras   best validation MAE so far (no optimizer state)
     checkpoints/last.keras   the latest checkpoint, optimizer included (resume); written every
                              progress.CHECKPOINT_EVERY_S and at the end, not every epoch: with Adam's
