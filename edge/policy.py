@@ -69,7 +69,8 @@ def decide(view: TillView | None, policy: Policy, at_deadline: bool) -> Decision
     """The answer to an age check about the customer at the till now, or None to wait for more frames.
 
     One customer seen long enough (`min_samples` ages): challenge or not. Nobody: wait, then `no_face`; one
-    face with no age by the deadline: `not_aged`.
+    face with no age by the deadline, or fewer than `min_samples` that would not challenge: `not_aged` (with
+    the ages so far).
     Several people at the till: `several_faces` once each has been seen long enough (the cashier
     decides who is buying; each face's figures go with it). At the deadline: what there is,
     marked incomplete."""
@@ -85,5 +86,8 @@ def decide(view: TillView | None, policy: Policy, at_deadline: bool) -> Decision
         return Decision("several_faces", aged, ready, frame_time)
     if not aged:  # someone is there, but the age model has not aged them (failing, or far behind): never no_face
         return Decision("not_aged", (), False, frame_time)
-    verdict = "challenge" if policy.challenge(aged[0].age) else "no_challenge"
-    return Decision(verdict, aged, ready, frame_time)
+    if policy.challenge(aged[0].age):
+        return Decision("challenge", aged, ready, frame_time)
+    # no_challenge lets the sale go on without the cashier's own judgement: never on fewer than min_samples ages
+    # (one or two, of a customer walking in, answered at the deadline); a challenge needs no more to be safe
+    return Decision("no_challenge" if ready else "not_aged", aged, ready, frame_time)
