@@ -391,7 +391,7 @@ class PosDesk(threading.Thread):
         self.cameras[camera_id].mark_transaction(event, transaction)
 
     def _answer_pending(self, closing: bool = False) -> None:
-        now, wall = time.monotonic(), time.time()
+        now = time.monotonic()
         for camera_id, waiting in list(self._pending.items()):
             if not waiting:
                 continue
@@ -401,7 +401,7 @@ class PosDesk(threading.Thread):
             fault = STOPPING if closing or (stop is not None and stop.is_set()) else self.camera_fault(camera_id)
             # a frozen, blank or lost picture: what it shows says nothing of who is there
             transaction = self.open_transactions.get(camera_id)
-            unseen = None if fault is not None else why_unseen(view, transaction, wall, fresh_s(pipeline))
+            unseen = None if fault is not None else why_unseen(view, transaction, now, fresh_s(pipeline))
             decided: dict[bool, Decision | None] = {}
             still = []
             for check in waiting:
@@ -424,15 +424,16 @@ class PosDesk(threading.Thread):
             waiting[:] = still
 
 
-def why_unseen(view: TillView | None, transaction: str | None, wall: float, fresh_s: float) -> str | None:
+def why_unseen(view: TillView | None, transaction: str | None, now: float, fresh_s: float) -> str | None:
     """Why the latest frame cannot answer a check (it waits for a newer one, until its deadline), or None. An old
-    frame says nothing of who is there now; nor one from before the till's transaction began or ended: its
-    customers' tracks end at the boundary, which the pipeline applies before its next frame (a check right after
-    a start was answered about the last sale's customer)."""
+    frame says nothing of who is there now (`now`: monotonic, as the frame's read_at: by the wall clock, one
+    stepped back an hour as a stream hung made the hung picture fresh); nor one from before the till's
+    transaction began or ended: its customers' tracks end at the boundary, which the pipeline applies before its
+    next frame (a check right after a start was answered about the last sale's customer)."""
     if view is None:
         return "no frame from the camera yet"
-    if wall - view.frame_time > fresh_s:
-        return f"no frame for {wall - view.frame_time:.1f} s (a hung camera stream, or the daemon far behind)"
+    if now - view.read_at > fresh_s:
+        return f"no frame for {now - view.read_at:.1f} s (a hung camera stream, or the daemon far behind)"
     if view.transaction != transaction:
         boundary = f"transaction {transaction} began" if transaction else f"transaction {view.transaction} ended"
         return f"no frame since {boundary} (a hung camera stream, or the daemon far behind)"

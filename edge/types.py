@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,6 +16,7 @@ class Frame:
     index: int
     timestamp: float  # seconds; wall clock for live sources, media time for files
     image: np.ndarray
+    read_at: float = field(default_factory=time.monotonic)  # when it was read, by the clock no one sets
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ class TillView:
     frame_time: float
     customers: tuple[CustomerView, ...]
     transaction: str | None = None
+    # when its frame was read (monotonic): how fresh it is, whatever the wall clock did meanwhile
+    read_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,8 @@ class Till:
             return None
         # the pipeline applies a transaction's start or end before its next frame
         transaction = self.transactions[-1][1] if self.transactions and self.transactions[-1][0] == "start" else None
-        return TillView("till-1", time.time() if self.last_frame is None else self.last_frame, self.customers,
-                        transaction)
+        age_s = 0.0 if self.last_frame is None else time.time() - self.last_frame
+        return TillView("till-1", time.time() - age_s, self.customers, transaction, time.monotonic() - age_s)
 
     def mark_transaction(self, event, transaction):
         self.transactions.append((event, transaction))
@@ -353,7 +353,7 @@ def test_a_camera_slow_by_itself_is_answered_from_its_latest_frame(tmp_path):
                               build_policy(config.policy, {}))
 
     def decision(frame_age_s: float) -> str:
-        pipeline.view = TillView("till-1", time.time() - frame_age_s, ())
+        pipeline.view = TillView("till-1", time.time() - frame_age_s, (), None, time.monotonic() - frame_age_s)
         desk, replies = desk_with(pipeline, deadline_s=0.3)
         check(desk, {"reply_to": REPLY})
         [(_, body, _)] = wait_for(replies)
@@ -456,6 +456,26 @@ def test_a_check_right_after_a_transaction_starts_waits_for_a_frame_of_it():
     desk.close()
     assert (body["decision"], body["camera_fault"], body["transaction"]) == (
         "camera_fault", "no frame since transaction T-2 ended (a hung camera stream, or the daemon far behind)", None)
+
+
+def test_a_wall_clock_stepped_back_as_the_stream_hung_never_makes_the_hung_picture_fresh():
+    """Freshness was judged by the wall clock: stepped back an hour as the stream hung, the last picture read as
+    taken an hour from now, and a check was answered from it at once, about whoever stood there then."""
+    till = Till(CustomerView(7, 40.0, 1.0, 5, (0, 0, 50, 50)))
+    till.last_frame = time.time() - 2.0  # read 2 s ago: hung since
+
+    class SteppedBack(Till):
+        @property
+        def view(self):
+            hung = Till.view.fget(self)
+            return TillView(hung.camera_id, hung.frame_time + 3600, hung.customers, hung.transaction, hung.read_at)
+
+    till.__class__ = SteppedBack
+    desk, replies = desk_with(till, deadline_s=0.3)
+    check(desk, {"reply_to": REPLY})
+    [(_, body, _)] = wait_for(replies)
+    desk.close()
+    assert body["decision"] == "camera_fault" and body["camera_fault"].startswith("no frame for 2."), body
 
 
 def test_an_answer_never_comes_from_an_old_frame():
