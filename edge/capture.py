@@ -119,7 +119,7 @@ class PictureCheck:
     def __init__(self, after_s: float, still_after_s: float | None = None):
         self.after_s = after_s
         self.still_after_s = max(after_s, still_after_s if still_after_s is not None else after_s)
-        self.frozen_after_s = after_s  # the limit that made the picture frozen, for the fault's line
+        self.frozen_why = ""  # what made the picture frozen, for the fault's line
         self._previous: np.ndarray | None = None
         self._reference: np.ndarray | None = None  # the motion_picture of the last frame that moved
         self._changed_at: float | None = None  # when a pixel last changed
@@ -157,17 +157,33 @@ class PictureCheck:
             self._detail_at = now
         judged_by_moves = face_in_view and detailed
         self.changed = has_moved if judged_by_moves else pixels_changed
-        unchanged_s = now - (self._moved_at if judged_by_moves else self._changed_at)
-        limit = self.after_s if face_in_view else self.still_after_s
-        if unchanged_s >= limit:
+        frozen = self._frozen_why(now, face_in_view, judged_by_moves)
+        if frozen is not None:
             if self.state != FROZEN:
-                self.frozen_after_s = limit
+                self.frozen_why = frozen
             self.state = FROZEN
         elif now - self._detail_at >= self.after_s:
             self.state = BLANK
         else:
             self.state = LIVE
         return self.state
+
+    def _frozen_why(self, now: float, face_in_view: bool, judged_by_moves: bool) -> str | None:
+        """Why the picture is frozen now, or None. No pixel changed: for after_s with a face in view, for
+        still_after_s with nobody (an encoder's still scene). Pixels that change but never move (a hung sensor's
+        ticking clock, an encoder re-encoding its last image with noise) with a face in view: for still_after_s
+        too, not after_s, since a face that does not move may still be a customer standing still, or a poster not
+        yet taken for one (tracking.picture_face_s, 60 s: its frames must go on to the pipeline until then)."""
+        unchanged_s = now - self._changed_at
+        if face_in_view and unchanged_s >= self.after_s:
+            return f"the same image for {self.after_s:g} s or more (a hung stream or driver)"
+        if not face_in_view and unchanged_s >= self.still_after_s:
+            return (f"the same image for {self.still_after_s:g} s or more with nobody in view (a hung stream or "
+                    "driver, or a still scene's encoder without keyframes that long)")
+        if judged_by_moves and now - self._moved_at >= self.still_after_s:
+            return (f"nothing moved for {self.still_after_s:g} s or more with a face in view (a hung sensor whose "
+                    "clock ticks on, or an encoder re-encoding its last image)")
+        return None
 
     def interrupted(self) -> None:
         """The source stopped delivering (a reconnect follows). The outage is a connection fault of its own: a
@@ -178,10 +194,7 @@ class PictureCheck:
 
     def fault(self) -> str:
         """One line for a picture that is not live."""
-        return {FROZEN: f"picture frozen: the same image for {self.frozen_after_s:g} s or more"
-                        + (" (a hung stream or driver)" if self.frozen_after_s == self.after_s else
-                           " with nobody in view (a hung stream or driver, or a still scene's encoder "
-                           "without keyframes that long)"),
+        return {FROZEN: f"picture frozen: {self.frozen_why}",
                 BLANK: f"picture blank: no detail for {self.after_s:g} s or more "
                        "(lens covered, camera turned away, no signal)"}.get(self.state, "")
 

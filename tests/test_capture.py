@@ -245,14 +245,19 @@ def with_noise(image: np.ndarray, count: int) -> list[np.ndarray]:
 
 def test_a_stuck_picture_whose_burned_in_clock_ticks_is_frozen():
     """A hung sensor whose on-screen clock goes on ticking shows the customer who stood there when it hung: frozen
-    after picture_check_s, as an identical picture is. Before, any pixel changed was a live picture, and it stayed
-    live for ever (checks answered about whoever stood there)."""
+    once nothing has moved for still_scene_s (an identical picture: after picture_check_s). Before, any pixel
+    changed was a live picture, and it stayed live for ever (checks answered about whoever stood there)."""
     image = stuck_till()
     frames = [with_clock(image, i // 5) for i in range(50)]  # 5 fps, the clock ticking once a second for 10 s
-    assert picture_states(frames, after_s=3.0, fps=5) == [LIVE] * 15 + [FROZEN] * 35
+    assert picture_states(frames, after_s=1.0, fps=5, still_after_s=3.0) == [LIVE] * 15 + [FROZEN] * 35
     # the customer moves (a few pixels across): live again at once
     moved = with_clock(np.roll(image, 4, axis=1), 10)
-    assert picture_states(frames + [moved], after_s=3.0, fps=5)[-1] == LIVE
+    assert picture_states(frames + [moved], after_s=1.0, fps=5, still_after_s=3.0)[-1] == LIVE
+    check = PictureCheck(1.0, 3.0)
+    for i, frame in enumerate(frames[:16]):
+        check.see(frame, i / 5)
+    assert check.fault() == ("picture frozen: nothing moved for 3 s or more with a face in view (a hung sensor "
+                             "whose clock ticks on, or an encoder re-encoding its last image)")
 
 
 @pytest.mark.parametrize("reencoded", [False, True])
@@ -264,7 +269,14 @@ def test_a_stuck_picture_with_re_encoding_noise_is_frozen(reencoded):
     if reencoded:
         frames = [cv2.imdecode(cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 75])[1], cv2.IMREAD_COLOR)
                   for frame in frames]
-    assert picture_states(frames, after_s=3.0, fps=5) == [LIVE] * 15 + [FROZEN] * 10
+    assert picture_states(frames, after_s=1.0, fps=5, still_after_s=3.0) == [LIVE] * 15 + [FROZEN] * 10
+
+
+def test_a_face_that_does_not_move_is_frozen_only_after_still_scene_s():
+    """A customer standing still, or a poster not yet taken for one (tracking.picture_face_s, 60 s: its frames must
+    reach the pipeline till then), under a camera's noise: live for still_scene_s (120 s), not picture_check_s."""
+    frames = with_noise(stuck_till(), 25)
+    assert set(picture_states(frames, after_s=1.0, fps=5, still_after_s=10.0)) == {LIVE}
 
 
 def test_an_empty_till_with_sensor_noise_is_no_still_scene_fault():
@@ -368,7 +380,8 @@ def test_a_hung_camera_whose_clock_ticks_is_reopened_as_a_frozen_one_is(carphone
     ticking = [cv2.imencode(".jpg", with_clock(image, second))[1].tobytes() for second in range(10) for _ in range(20)]
     frames: queue.Queue = queue.Queue(maxsize=10000)
     stop = threading.Event()
-    reader = CameraReader(CameraConfig(id="c", source=camera.url, fps_limit=None, picture_check_s=0.5), frames, stop)
+    reader = CameraReader(CameraConfig(id="c", source=camera.url, fps_limit=None, picture_check_s=0.5,
+                                       still_scene_s=0.5), frames, stop)
     try:
         reader.start()
         assert set(watch_pictures(reader, 1.5)[-5:]) == {("online", LIVE)}
