@@ -66,7 +66,7 @@ def wants_age(track: Track, image_bgr: np.ndarray, face: Face, now: float, cfg: 
               challenge_age: float, min_samples: int) -> bool:
     """Should this face of this track go to the age network now?"""
     samples = len(track.ages)
-    if not cfg.enabled or samples < min_samples:
+    if not cfg.enabled or samples < min_samples or track.doubted():
         return True
     certain = decision_margin(track, challenge_age) > 3
     if samples < cfg.settle_samples and not certain:

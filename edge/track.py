@@ -30,6 +30,14 @@ from edge.types import AgeEstimate, Face, TrackEstimate
 
 MAD_TO_STD = 1.4826  # MAD of a normal distribution times this is its standard deviation
 SIGNATURE_MEMORY = 0.3  # weight of the newest frame in a track's running signature
+# A track's newest ages all this much younger than its earlier ones (years, or 3 of their spreads if more) are
+# another face's: two customers merged into one track, the next one stepping into the last one's spot. Its
+# earlier ages are dropped. Fused over up to 100 ages, a 16-year-old merged into an adult's track was outvoted
+# for 50 s (2026-11-28 review), every check answered no_challenge meanwhile. Younger only: the light model's ages
+# of one man jumped from 30 to 41 as he turned his head (the carphone clip), and dropping a young face's earlier
+# ages for such older ones would wave a minor through; older ages merged into a minor's track are outvoted, safely.
+SWAPPED_YEARS = 10.0
+SWAPPED_SAMPLES = 3
 
 
 @dataclass
@@ -113,6 +121,22 @@ class Track:
     def add_age(self, age: AgeEstimate, timestamp: float) -> None:
         self.ages.append(age.age)
         self.last_sampled = timestamp
+        # 9 earlier ages at least: the spread of fewer is no measure of a noisy model's wobble
+        if len(self.ages) >= 4 * SWAPPED_SAMPLES and self._swapped():
+            newest = list(self.ages)[-SWAPPED_SAMPLES:]
+            self.ages.clear()
+            self.ages.extend(newest)
+
+    def _swapped(self) -> bool:
+        """Whether the newest SWAPPED_SAMPLES ages are all a younger face's (see SWAPPED_YEARS)."""
+        ages = list(self.ages)
+        earlier, spread = fuse_ages(ages[:-SWAPPED_SAMPLES])
+        return all(age < earlier - max(SWAPPED_YEARS, 3 * spread) for age in ages[-SWAPPED_SAMPLES:])
+
+    def doubted(self) -> bool:
+        """Whether its newest age is far from its estimate (SWAPPED_YEARS): perhaps another face's now, to be
+        looked at again at once rather than at the budget's next recheck, a second on."""
+        return len(self.ages) > 1 and abs(self.ages[-1] - self.estimate().age) > SWAPPED_YEARS
 
     def estimate(self) -> TrackEstimate:
         ages = tuple(self.ages)

@@ -75,3 +75,48 @@ def test_poor_faces_give_the_first_decision_then_are_aged_only_when_nothing_bett
 def test_a_disabled_budget_ages_every_frame():
     aged, _ = run(lambda n: 30.0, seconds=1.0, cfg=BudgetConfig(enabled=False))
     assert len(aged) == 30
+
+
+def test_a_minor_merged_into_an_adults_track_is_their_own_age_within_a_second():
+    """One track, an adult for 60 s, then a 16-year-old in it (a merge, the next customer in the last one's spot):
+    fused over up to 100 ages the minor was outvoted for about 50 s, every check answered no_challenge meanwhile.
+    The first age far from the track's is looked at again at once; three all far make it the minor's track."""
+    from edge.policy import Policy, needs_id_check
+    policy = Policy(challenge_age=25, min_samples=3)
+
+    def ages(n: int, t: float) -> float:
+        return (35.0 if t < 60 else 16.0) + (n % 5) - 2  # a model's frame-to-frame wobble
+
+    image, tracker, aged = sharp_frame(), FaceTracker("till"), []
+    minor_at = None
+    for i in range(int(70 * 10)):  # 10 fps
+        t = i / 10
+        [track], _ = tracker.update(t, [frontal()])
+        if wants_age(track, image, frontal(), t, CFG, 25.0, min_samples=3):
+            track.add_age(AgeEstimate(ages(len(track.ages), t)), t)
+            aged.append(t)
+        if t >= 60 and minor_at is None and needs_id_check(track.estimate(), policy):
+            minor_at = t
+    assert minor_at is not None and minor_at - 60 <= 1.5, minor_at  # was about 50 s
+    assert track.estimate().age == pytest.approx(16.0, abs=2.5) and max(track.ages) < 25  # the adult's are gone
+
+
+def test_older_ages_never_drop_a_young_faces_earlier_ones():
+    """The light model's ages of one man jumped 11 years older as he turned his head (the carphone clip): taken for
+    another face, a 19-year-old's track would have been judged on the older ages alone, no_challenge."""
+    tracker = FaceTracker("till")
+    [track], _ = tracker.update(0.0, [frontal()])
+    for i, age in enumerate([19.0] * 12 + [31.0] * 10):
+        track.add_age(AgeEstimate(age), i / 10)
+    assert len(track.ages) == 22 and track.estimate().age < 25
+
+
+def test_an_adults_wobbling_ages_never_pass_for_another_face():
+    """A real model's ages of one face vary frame to frame (blinks, turns): no run of them drops the earlier ones."""
+    rng = np.random.default_rng(1)
+    for wobble in (2.0, 4.0, 8.0):
+        tracker = FaceTracker("till", max_samples=100)
+        [track], _ = tracker.update(0.0, [frontal()])
+        for i in range(2000):
+            track.add_age(AgeEstimate(float(rng.normal(35, wobble))), i / 10)
+            assert len(track.ages) == min(i + 1, 100), (wobble, i)
