@@ -71,7 +71,10 @@ def _stand_in_run(root: Path, data: Path, test_fraction: float) -> tuple[Path, P
     rows["int8"]["calibration_crops"] = 0
     (onnx_dir / "export.json").write_text(json.dumps({"checkpoint": str(checkpoint),
                                                       "checkpoint_sha256": file_sha256(checkpoint),
-                                                      "calibration": str(data), **rows}))
+                                                      "calibration": str(data), **rows,
+                                                      # as an export records what it wrote, for ship to reuse
+                                                      "files": {name: file_sha256(onnx_dir / name) for name in
+                                                                ("age.onnx", "age_fp16.onnx", "age_int8.onnx")}}))
     return checkpoint, work
 
 

@@ -231,8 +231,9 @@ def test_bad_inputs_are_one_line_errors(tmp_path, utkface):
     bad = tmp_path / "bad.keras"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
     result = tillsight("export", str(bad), "--out", str(tmp_path / "o"), "--crop-margin", "0.3")
-    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
-        f"tillsight: error: checkpoint {bad} cannot be loaded: ")
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        f"tillsight: error: checkpoint {bad} is damaged or no Keras checkpoint: a .keras file is a zip archive, this "
+        "is not one")
     result = tillsight("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
     assert (result.returncode, result.stderr.strip()) == (2, f"tillsight: error: data folder not found: {tmp_path / 'nowhere'}")
     result = tillsight("train", "--data", str(utkface), "--out", str(tmp_path / "r"), "--val-fraction", "0.5",
