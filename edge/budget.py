@@ -66,13 +66,15 @@ def wants_age(track: Track, image_bgr: np.ndarray, face: Face, now: float, cfg: 
               challenge_age: float, min_samples: int) -> bool:
     """Should this face of this track go to the age network now?"""
     samples = len(track.ages)
-    if not cfg.enabled or samples < min_samples or track.doubted():
+    if not cfg.enabled or samples < min_samples:
         return True
     certain = decision_margin(track, challenge_age) > 3
     if samples < cfg.settle_samples and not certain:
         return True  # the decision could still flip: every face until it cannot, or settle_samples
     settled = samples >= cfg.settle_samples or samples >= 2 * min_samples
-    due = cfg.recheck_interval_s if settled else 1 / cfg.settle_rate_hz
+    # an age far from the estimate (perhaps another face's now: edge/track.py SWAPPED_YEARS) has the next good face
+    # aged at once, not at the next recheck a second on; a poor one only as ever, at the fallback
+    due = 0.0 if track.doubted() else cfg.recheck_interval_s if settled else 1 / cfg.settle_rate_hz
     since = now - track.last_sampled
     if since < due:
         return False

@@ -120,3 +120,17 @@ def test_an_adults_wobbling_ages_never_pass_for_another_face():
         for i in range(2000):
             track.add_age(AgeEstimate(float(rng.normal(35, wobble))), i / 10)
             assert len(track.ages) == min(i + 1, 100), (wobble, i)
+
+
+def test_a_far_age_has_the_next_good_face_aged_at_once_never_a_poor_one():
+    """An age far from the track's had every following face aged, whatever its quality: poor faces reading
+    younger then dropped a settled adult's ages (a false challenge, and three times the inference)."""
+    blurred = np.full((240, 320, 3), 128, np.uint8)
+    tracker = FaceTracker("till")
+    [track], _ = tracker.update(0.0, [frontal()])
+    for i in range(40):
+        track.add_age(AgeEstimate(35.0 + (i % 3) - 1), i / 10)
+    track.add_age(AgeEstimate(20.0), 4.0)  # a far age, a fallback's poor face
+    poor = [t for t in np.arange(4.1, 5.0, 0.1) if wants_age(track, blurred, frontal(), t, CFG, 25.0, min_samples=3)]
+    good = wants_age(track, sharp_frame(), frontal(), 4.1, CFG, 25.0, min_samples=3)
+    assert poor == [] and good  # the poor faces wait for the fallback; a good one goes at once
