@@ -248,9 +248,12 @@ class CameraPipeline(threading.Thread):
             self._save_interval(frame.timestamp)
         # not only the faces found in this frame: a child whose face the detector missed for a frame (turned away)
         # left the check answered about the parent alone, no_challenge
-        self.view = TillView(self.camera.id, frame.timestamp,
-                             tuple(_customer_view(t) for t in self.tracker.at_the_till(tracks)), self.transaction,
-                             frame.read_at)
+        at_the_till = self.tracker.at_the_till(tracks, self.policy.min_samples)
+        self.view = TillView(self.camera.id, frame.timestamp, tuple(_customer_view(t) for t in at_the_till),
+                             self.transaction,
+                             # a replay's reader waits on the pipeline's queue (a file is read as fast as it goes):
+                             # its frames are as fresh as their turn
+                             time.monotonic() if self.replay else frame.read_at)
         if not self.replay:  # a replay's frame times are the video's, not the wall clock's
             self.lag_s = self.clock() - frame.timestamp
         if self.on_frame is not None:

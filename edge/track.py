@@ -218,13 +218,14 @@ class FaceTracker:
         self.tracks = [t for t in self.tracks if t not in ended]
         return matched, ended
 
-    def at_the_till(self, seen: list[Track]) -> list[Track]:
+    def at_the_till(self, seen: list[Track], min_ages: int) -> list[Track]:
         """The customers a check is about: the tracks of this frame's faces (`seen`), and those held, their face
-        not found for up to lost_after_s (turned away, looking down), where no face of this frame is. A held track
-        overlapping a face found now is that face's person tracked anew (a turn of the head, the next customer in
-        the last one's spot): one person, not two."""
+        not found for up to lost_after_s (turned away, looking down), where no face of this frame is, if aged
+        `min_ages` times (a customer: fewer is a glimpse, a false detection, which would hold checks up). A held
+        track overlapping a face found now is that face's person tracked anew (a turn of the head, the next
+        customer in the last one's spot): one person, not two."""
         found = {id(track) for track in seen}
-        held = [track for track in self.tracks if id(track) not in found
+        held = [track for track in self.tracks if id(track) not in found and len(track.ages) >= min_ages
                 and all(box_iou(track.box, other.box) < self.iou_threshold for other in seen)]
         return list(seen) + held
 

@@ -415,6 +415,13 @@ def test_a_face_missed_for_a_frame_is_still_at_the_till_for_the_checks(age_model
         assert decide(pipeline.view, policy, at_deadline=False).decision == "several_faces"
         pipeline._process(Frame("till-1", 5, start + 0.8 + config.tracking.lost_after_s + 0.1, one))
         assert len(pipeline.view.customers) == 1  # gone for lost_after_s: no longer at the till
+        # a live camera's frame is as fresh as its read; a replay's, whose reader waits on the queue, as its turn
+        read_long_ago = Frame("till-1", 6, start + 3.0, one, time.monotonic() - 5)
+        pipeline._process(read_long_ago)
+        assert pipeline.view.read_at == read_long_ago.read_at
+        pipeline.replay = True
+        pipeline._process(Frame("till-1", 7, start + 3.2, one, time.monotonic() - 5))
+        assert time.monotonic() - pipeline.view.read_at < 1
     finally:
         batcher.close()
 

@@ -306,3 +306,25 @@ def test_is_alike_answers_as_the_similarity_does(two_people_photo):
                 assert a.is_alike(b, least) == (a.similarity(b) >= least)
                 answers[a.similarity(b) >= least] += 1
     assert min(answers.values()) > 50  # both answers were put to the test
+
+
+def test_the_till_holds_a_customer_missed_for_a_frame_but_not_a_glimpse_nor_a_retracked_face():
+    """The checks see a customer whose face was not found in this frame (turned away) while the tracker holds
+    them; not a glimpse (a false detection, aged fewer than min_samples times: it held checks up), nor a held
+    track where a face of this frame is (that face's person tracked anew)."""
+    from collections import deque
+
+    from edge.track import Track
+
+    def face(x: float) -> Face:
+        return Face((x, 0, x + 50, 50), 0.9, (x + 15, 20), (x + 35, 20))
+
+    tracker = FaceTracker("till", min_similarity=None)
+    tracks, _ = tracker.update(0.0, [face(0), face(200), face(400)])  # a parent, a child, a glimpse
+    for track, ages in zip(tracks, (3, 3, 1)):
+        for _ in range(ages):
+            track.add_age(AgeEstimate(30.0), 0.0)
+    seen, _ = tracker.update(0.2, [face(0)])  # the child turned away; the glimpse gone
+    assert [t.track_id for t in tracker.at_the_till(seen, 3)] == [tracks[0].track_id, tracks[1].track_id]
+    anew = Track("till", 99, face(205).box, 0.9, 0.4, 0.4, deque(maxlen=100))  # the child's face on a new track
+    assert [t.track_id for t in tracker.at_the_till(seen + [anew], 3)] == [tracks[0].track_id, 99]
