@@ -81,6 +81,10 @@ class Queued:
     payload: bytes
     qos: int
     retain: bool
+    # monotonic, for a row this run added: its age by the clock no one sets. A wall clock set forward (a till PC
+    # without a clock battery, booted at an old time, then NTP) would make every row just queued look days old,
+    # and the running daemon dropped them all, its alerts too; a previous run's rows have their wall time alone
+    added: float | None = None
 
 
 class Outbox:
@@ -262,13 +266,17 @@ class Outbox:
         up to the first younger one: a sweep costs the rows that expired since the last, where a scan of a
         100,000-row outbox took 32 ms under the lock the cameras add under. A row left behind a younger one by a
         clock step goes when that one does, and is never sent meanwhile (get())."""
-        limit = time.time() - self.max_age_s
         old = []
         for key, row in self._rows.items():
-            if row.created >= limit:
+            if not self._too_old(row):
                 break
             old.append(key)
         self._expire(old)
+
+    def _too_old(self, row: Queued) -> bool:
+        if row.added is not None:
+            return time.monotonic() - row.added > self.max_age_s
+        return row.created < time.time() - self.max_age_s
 
     def _expire(self, keys: list[int]) -> None:
         """Under `_lock` (or alone, at the start): rows too old to send, dropped."""
@@ -425,7 +433,7 @@ class Outbox:
                 log.error("a message came after the outbox closed: lost", extra={"topic": topic[:200]})
             key = self._next_key
             self._next_key = key + 1
-            self._rows[key] = row = Queued(key, created, topic, payload, qos, retain)
+            self._rows[key] = row = Queued(key, created, topic, payload, qos, retain, time.monotonic())
             if self._db is not None and not self._closed:
                 self._unwritten[key] = row
             if len(self._rows) > self.max_messages:
@@ -449,7 +457,7 @@ class Outbox:
         held back through an outage longer than max_age_s is dropped here, never sent)."""
         with self._lock:
             row = self._rows.get(key)
-            if row is not None and row.created < time.time() - self.max_age_s:
+            if row is not None and self._too_old(row):
                 self._expire([key])
                 return None
             return row

@@ -175,6 +175,26 @@ def test_messages_too_old_are_dropped_while_the_outbox_runs_not_only_at_its_star
     box.close()
 
 
+def test_a_wall_clock_set_forward_never_makes_this_runs_messages_too_old(tmp_path, monkeypatch):
+    """A till PC without a clock battery boots at an old time, then NTP sets it days forward: by the wall clock
+    every message just queued was days old, and the running daemon dropped them all, alerts too. A row this run
+    added is aged by the monotonic clock; a previous run's rows, by their wall time at the next start."""
+    import edge.outbox
+
+    path = tmp_path / "outbox.sqlite3"
+    box = Outbox(path, max_age_s=3600.0)
+    keys = [box.add("t/alert", b"%d" % n, 1) for n in range(3)]
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 2 * 86_400)  # NTP: two days on
+    monkeypatch.setattr(edge.outbox, "EXPIRED_SWEEP_EVERY_S", 0.0)
+    box.tidy()
+    assert all(box.get(key) is not None for key in keys) and box.status()["dropped"] == 0
+    box.close()
+    again = Outbox(path, max_age_s=3600.0)  # the next start: by the wall clock, they are two days old now
+    assert again.depth() == 0 and again.status()["dropped"] == 3
+    again.close()
+
+
 def test_a_corrupt_file_is_set_aside_and_the_outbox_goes_on_on_disk(tmp_path, caplog):
     path = tmp_path / "outbox.sqlite3"
     path.write_bytes(b"this is not an SQLite database" * 100)
