@@ -74,7 +74,12 @@ def run_daemon(config_path: Path) -> int:
             # a stop asked from here until the new program's handlers are in place (its imports and models take
             # seconds) is kept pending, not the default SIGTERM's death without an offline status
             signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
-            os.execv(sys.executable, [sys.executable, "-m", "edge", "run", "--config", str(config_path)])
+            try:
+                os.execv(sys.executable, [sys.executable, "-m", "edge", "run", "--config", str(config_path)])
+            except OSError as exc:  # the interpreter gone (a venv replaced under it): stopped; systemd restarts it
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
+                raise UserError(f"reload: cannot run {sys.executable} again ({exc.strerror or exc}); the daemon "
+                                "stopped") from None
     return exit_status(service, service.stop())
 
 

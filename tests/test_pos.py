@@ -1529,6 +1529,40 @@ def test_a_stop_asked_during_a_reload_stops_the_daemon_cleanly(tmp_path, broker,
         assert "config reloaded: restarting in place" not in log.read_text()
 
 
+def test_a_reload_that_cannot_run_the_interpreter_again_stops_in_one_line(tmp_path, broker, age_models,
+                                                                         carphone_clip):
+    """The interpreter gone when a reload runs it again (a venv replaced under the daemon): the OSError of
+    os.execv was a traceback, with the stop and reload signals left blocked."""
+    import os
+    import site
+    import sysconfig
+    interpreter = tmp_path / "bin" / "python3"
+    interpreter.parent.mkdir()
+    interpreter.symlink_to(os.path.realpath(sys.executable))
+    config = write_config(tmp_path / "daemon.toml", store_id="store-1", daemon_id="till-pc", status_interval_s=1,
+                          cameras=[{"id": "till-1", "source": str(carphone_clip), "fps_limit": 10}],
+                          mqtt={"host": "127.0.0.1", "port": broker.port},
+                          models={"age_model": str(age_models[40])}, logging={"level": "info"})
+    status = Subscriber(broker.port, f"{BASE}/till-pc/status")
+    log = tmp_path / "daemon.log"
+    paths = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"], *site.getsitepackages()])
+    with log.open("w") as stderr:
+        process = subprocess.Popen([str(interpreter), "-m", "edge", "run", "--config", str(config)], cwd=REPO,
+                                   stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "PYTHONPATH": paths})
+    try:
+        assert status.wait_for(lambda s: any(m["state"] == "online" for m in s.json("/status")), 60), log.read_text()
+        interpreter.unlink()
+        process.send_signal(signal.SIGHUP)
+        assert process.wait(60) == 1, log.read_text()[-2000:]
+    finally:
+        stop_daemon(process)
+        status.close()
+    last = json.loads(log.read_text().strip().splitlines()[-1])
+    assert last["level"] == "error" and last["msg"] == (f"reload: cannot run {interpreter} again (No such file or "
+                                                        "directory); the daemon stopped")
+    assert "Traceback" not in log.read_text()
+
+
 def test_network_text_reaches_the_terminal_shown_not_acted_on(broker):
     """Anyone may publish on an open broker: a status or an alert carrying ESC sequences retitled the operator's
     terminal and cleared the screen when `status` or `pos watch` printed it; a CR overwrote the line."""
